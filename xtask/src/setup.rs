@@ -1,0 +1,117 @@
+//! `cargo xtask setup`: installs what the build and the tests need. Every check is cheap, so the
+//! whole step is a fast no-op on a machine that already has everything.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::shell;
+
+/// Debian packages: the eBPF toolchain (rustc-web with a precompiled `core` for
+/// bpfel-unknown-none, LLVM 22 for bpf-linker) and the tools the tests drive.
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    "bpftool",
+    "iperf3",
+    "busybox",
+    "python3-venv",
+];
+
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+pub const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// Python packages for the protocol tests, pinned.
+const PYTHON_PACKAGES: &[&str] = &["qemu.qmp==0.0.6", "pytest==8.3.5"];
+
+pub fn run(root: &Path) -> Result<()> {
+    apt_packages()?;
+    bpf_linker()?;
+    python_venv(root)
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    shell::require_root("installing Debian packages")?;
+    shell::step(&format!("installing Debian packages: {}", missing.join(" ")));
+    shell::run(Command::new("apt-get").args(["update", "-q"]))?;
+    shell::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    shell::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_ok_and(|status| status.trim_end().ends_with("install ok installed"))
+}
+
+/// Where `cargo install` puts binaries.
+pub fn cargo_bin_dir() -> PathBuf {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    cargo_home.join("bin")
+}
+
+fn bpf_linker() -> Result<()> {
+    let linker = cargo_bin_dir().join("bpf-linker");
+    let installed = shell::output(Command::new(&linker).arg("--version")).unwrap_or_default();
+    if installed.contains(BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    shell::step(&format!(
+        "installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (compiles from source, a few minutes)"
+    ));
+    let path = format!("{LLVM_PREFIX}/bin:{}", std::env::var("PATH").unwrap_or_default());
+    shell::run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["install", "bpf-linker", "--version"])
+            .arg(format!("={BPF_LINKER_VERSION}"))
+            .args(["--locked", "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("PATH", path),
+    )?;
+    let installed = shell::output(Command::new(&linker).arg("--version"))?;
+    if !installed.contains(BPF_LINKER_VERSION) {
+        bail!("bpf-linker reports {installed:?} after installing {BPF_LINKER_VERSION}");
+    }
+    Ok(())
+}
+
+/// The test virtualenv lives under `target/` so it never touches the system Python.
+pub fn venv_dir(root: &Path) -> PathBuf {
+    root.join("target/pyenv")
+}
+
+pub fn venv_python(root: &Path) -> PathBuf {
+    venv_dir(root).join("bin/python")
+}
+
+fn python_venv(root: &Path) -> Result<()> {
+    let python = venv_python(root);
+    let probe = "import qemu.qmp, pytest; assert pytest.__version__ == '8.3.5'";
+    if shell::succeeds(Command::new(&python).args(["-c", probe])) {
+        return Ok(());
+    }
+    shell::step("creating the Python test environment (qemu.qmp, pytest)");
+    let host_python = ["python3", "/usr/bin/python3"]
+        .into_iter()
+        .find(|p| shell::succeeds(Command::new(p).args(["-m", "venv", "--help"])))
+        .context("no python3 with the venv module")?;
+    shell::run(Command::new(host_python).args(["-m", "venv"]).arg(venv_dir(root)))?;
+    shell::run(Command::new(&python).args(["-m", "pip", "install", "-q"]).args(PYTHON_PACKAGES))
+}
