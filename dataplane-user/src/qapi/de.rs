@@ -309,13 +309,8 @@ impl<'a> de::Deserializer<'a> for Input<'a> {
         visitor: V,
     ) -> Result<V::Value, QapiError> {
         // In keyval form a list of fat strings is written `dnssearch=a,dnssearch=b`.
-        if let (Mode::Keyval, Some(Value::String(s)), ["str"]) = (self.mode, self.value, fields) {
-            let wrapped = Value::Object(Map::from_iter([("str".to_owned(), Value::String(s.clone()))]));
-            let input = Input { value: Some(&wrapped), ..self.clone() };
-            return visitor.visit_map(Members { fields, next: 0, parent: &input }).and_then(|v| {
-                input.check_unexpected(fields)?;
-                Ok(v)
-            });
+        if let (Mode::Keyval, Some(text @ Value::String(_)), ["str"]) = (self.mode, self.value, fields) {
+            return visitor.visit_map(FatString { text: Some(text), parent: &self });
         }
         self.object()?;
         let value = visitor.visit_map(Members { fields, next: 0, parent: &self })?;
@@ -393,6 +388,28 @@ impl<'a> MapAccess<'a> for Members<'_, 'a> {
         let field = self.fields.get(self.next).copied().unwrap_or_default();
         self.next += 1;
         seed.deserialize(self.parent.member(field))
+    }
+}
+
+/// A keyval string standing for `{"str": …}`.
+struct FatString<'p, 'a> {
+    text: Option<&'a Value>,
+    parent: &'p Input<'a>,
+}
+
+impl<'a> MapAccess<'a> for FatString<'_, 'a> {
+    type Error = QapiError;
+
+    fn next_key_seed<K: DeserializeSeed<'a>>(&mut self, seed: K) -> Result<Option<K::Value>, QapiError> {
+        if self.text.is_none() {
+            return Ok(None);
+        }
+        seed.deserialize("str".into_deserializer()).map(Some)
+    }
+
+    fn next_value_seed<S: DeserializeSeed<'a>>(&mut self, seed: S) -> Result<S::Value, QapiError> {
+        let path = self.parent.child_path("str");
+        seed.deserialize(Input { value: self.text.take(), path, mode: self.parent.mode, consumed: &[] })
     }
 }
 
