@@ -1,1 +1,147 @@
-fn main() {}
+//! netdevctl: the client. Commands in QEMU's keyval form, raw JSON, or `events`.
+//!
+//! ```text
+//! netdevctl query-version
+//! netdevctl netdev_add hubport,id=p0,hubid=0
+//! netdevctl set_link p0,up=off
+//! netdevctl x-query-netdevs
+//! netdevctl '{"execute": "query-commands"}'
+//! netdevctl events
+//! ```
+
+use std::{io::Write, process::ExitCode};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use dataplane::{
+    client::QmpClient,
+    config::DEFAULT_QMP_SOCKET,
+    qmp::{commands, server::ListenAddr},
+};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(version, about = "Client for netdevd's QMP control socket")]
+struct Args {
+    /// The daemon's socket: unix:PATH or tcp:IP:PORT.
+    #[arg(long, value_name = "ADDRESS", default_value_t = format!("unix:{DEFAULT_QMP_SOCKET}"))]
+    qmp: String,
+    /// Print the JSON result instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// A command name and its arguments in keyval form, a raw JSON request, or `events`.
+    #[arg(required = true, value_name = "COMMAND")]
+    command: String,
+    #[arg(value_name = "ARGUMENTS")]
+    arguments: Option<String>,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("netdevctl: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
+    let args = Args::parse();
+    let addr: ListenAddr = args.qmp.parse()?;
+    let mut client = QmpClient::connect_negotiated(&addr).with_context(|| format!("cannot reach netdevd at {addr}"))?;
+
+    if args.command == "events" {
+        return follow_events(&mut client, args.json);
+    }
+    let response = if args.command.trim_start().starts_with('{') {
+        let request: Value = serde_json::from_str(&args.command).context("the raw request is not JSON")?;
+        client.request(&request)?
+    } else {
+        let arguments = match &args.arguments {
+            Some(text) => commands::arguments_from_keyval(&args.command, text).map_err(anyhow::Error::msg)?,
+            None => Value::Object(serde_json::Map::new()),
+        };
+        client.request(&serde_json::json!({"execute": args.command, "arguments": arguments}))?
+    };
+
+    if let Some(error) = response.get("error") {
+        if args.json {
+            println!("{response}");
+        } else {
+            eprintln!("{}: {}", error["class"].as_str().unwrap_or("Error"), error["desc"].as_str().unwrap_or_default());
+        }
+        return Ok(ExitCode::from(1));
+    }
+    let result = response.get("return").cloned().unwrap_or(Value::Null);
+    if args.json {
+        println!("{result}");
+    } else {
+        print_readable(&args.command, &result);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn follow_events(client: &mut QmpClient, json: bool) -> Result<ExitCode> {
+    let mut out = std::io::stdout();
+    loop {
+        let event = match client.next_event() {
+            Ok(event) => event,
+            // The daemon went away (after its SHUTDOWN event): nothing more will come.
+            Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(ExitCode::SUCCESS),
+            Err(error) => return Err(error.into()),
+        };
+        if json {
+            writeln!(out, "{event}")?;
+        } else {
+            let seconds = event["timestamp"]["seconds"].as_u64().unwrap_or_default();
+            let micros = event["timestamp"]["microseconds"].as_u64().unwrap_or_default();
+            let name = event["event"].as_str().unwrap_or_default();
+            let data = event.get("data").map(ToString::to_string).unwrap_or_default();
+            writeln!(out, "{seconds}.{micros:06} {name} {data}")?;
+        }
+        out.flush()?;
+    }
+}
+
+fn print_readable(command: &str, result: &Value) {
+    match command {
+        "query-version" => println!(
+            "QEMU {}.{}.{} API ({})",
+            result["qemu"]["major"], result["qemu"]["minor"], result["qemu"]["micro"], result["package"].as_str().unwrap_or_default()
+        ),
+        "query-commands" => {
+            for command in result.as_array().into_iter().flatten() {
+                println!("{}", command["name"].as_str().unwrap_or_default());
+            }
+        }
+        "x-query-netdevs" => print_netdevs(result),
+        _ if result.as_object().is_some_and(serde_json::Map::is_empty) => {}
+        _ => println!("{}", serde_json::to_string_pretty(result).unwrap_or_default()),
+    }
+}
+
+fn print_netdevs(result: &Value) {
+    let rows: Vec<[String; 5]> = result
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            let text = |key: &str| n.get(key).and_then(Value::as_str).unwrap_or("-").to_owned();
+            let link = if n["link-up"].as_bool().unwrap_or(false) { "up" } else { "down" };
+            let hub = n.get("hubid").map_or_else(|| "-".to_owned(), ToString::to_string);
+            [text("id"), text("type"), link.to_owned(), text("peer"), hub]
+        })
+        .collect();
+    let header = ["ID", "TYPE", "LINK", "PEER", "HUB"].map(str::to_owned);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row.iter().zip(widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}

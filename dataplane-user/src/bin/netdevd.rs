@@ -1,1 +1,87 @@
-fn main() {}
+//! netdevd: the daemon. `netdevd [--config FILE] [--qmp unix:PATH,server=on,wait=off]… [--netdev KEYVAL]…`
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use dataplane::{
+    config::{Overrides, Settings},
+    daemon::{Daemon, ShutdownCause},
+    qmp::server::{self, Listener},
+};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(version, about = "QEMU's netdev API over QMP, forwarded in the kernel by eBPF")]
+struct Args {
+    /// Configuration file (default: /etc/netdevd/netdevd.toml if present, else built-in defaults).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// QMP server socket, as QEMU's -qmp: unix:PATH[,server=on,wait=off] or tcp:IP:PORT (repeatable).
+    #[arg(long, value_name = "ADDRESS")]
+    qmp: Vec<String>,
+    /// A netdev to create at start, as QEMU's -netdev: TYPE,id=ID[,KEY=VALUE…] (repeatable).
+    #[arg(long, value_name = "KEYVAL")]
+    netdev: Vec<String>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let overrides = Overrides { config: args.config, qmp: args.qmp, netdevs: args.netdev };
+    let settings = Settings::load(&overrides)?;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("netdevd must run as root: it creates interfaces and loads eBPF programs");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(settings))
+}
+
+async fn run(settings: Settings) -> Result<()> {
+    let daemon = Daemon::new();
+    for netdev in settings.netdevs {
+        let id = netdev.id.clone();
+        if let Err(error) = daemon.add_netdev(netdev) {
+            daemon.tear_down();
+            bail!("-netdev {id}: {error}");
+        }
+    }
+    let mut listeners = Vec::new();
+    for addr in &settings.listen {
+        match Listener::bind(addr).await {
+            Ok(listener) => listeners.push(listener),
+            Err(error) => {
+                daemon.tear_down();
+                return Err(error.into());
+            }
+        }
+        tracing::info!(%addr, "QMP listening");
+    }
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let signals = {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+                _ = hangup.recv() => {}
+            }
+            tracing::info!("signal received, shutting down");
+            daemon.shut_down(ShutdownCause::HostSignal);
+        })
+    };
+
+    server::serve(daemon.clone(), listeners, settings.max_message_bytes).await;
+    signals.abort();
+    daemon.tear_down();
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -12,31 +12,41 @@ pub struct DgramOptions {
 }
 
 impl DgramOptions {
-    /// The local/remote table of `qapi/net.json` and `net/dgram.c: net_init_dgram`.
+    /// The local/remote table of `qapi/net.json`, checked in the order of `net/dgram.c:
+    /// net_init_dgram` (multicast first, then local presence, then the local/remote pairing, then
+    /// the local type) so that each combination gets QEMU's message.
     pub fn validate(&self) -> Result<(), String> {
-        match (&self.remote, &self.local) {
-            (Some(remote), local) if remote.is_ipv4_multicast() => {
-                if let Some(SocketAddress::Inet(inet)) = local
-                    && inet.host.parse::<std::net::Ipv4Addr>().is_err()
-                {
-                    return Err(format!("localaddr '{}' is not a valid IPv4 address", inet.host));
-                }
-                match local {
-                    None | Some(SocketAddress::Inet(_) | SocketAddress::Fd(_)) => Ok(()),
-                    Some(_) => Err("multicast only support inet type".to_owned()),
-                }
+        if let Some(remote) = &self.remote
+            && remote.is_ipv4_multicast()
+        {
+            // `net_dgram_mcast_init`: `local` only gives the interface (inet) or a socket to clone (fd).
+            return match &self.local {
+                None | Some(SocketAddress::Fd(_)) => Ok(()),
+                Some(SocketAddress::Inet(inet)) => match inet.host.parse::<std::net::Ipv4Addr>() {
+                    Ok(_) => Ok(()),
+                    Err(_) => Err(format!("localaddr '{}' is not a valid IPv4 address", inet.host)),
+                },
+                Some(_) => Err("only support inet or fd type for local".to_owned()),
+            };
+        }
+        let Some(local) = &self.local else {
+            return Err("dgram requires local= parameter".to_owned());
+        };
+        match &self.remote {
+            Some(_) if matches!(local, SocketAddress::Fd(_)) => {
+                return Err("don't set remote with local.fd".to_owned());
             }
-            (_, None) => Err("dgram requires local= parameter".to_owned()),
-            (None, Some(SocketAddress::Fd(_))) => Ok(()),
-            (None, Some(SocketAddress::Inet(_) | SocketAddress::Unix(_))) => {
-                Err("type=inet or type=unix requires remote parameter".to_owned())
+            Some(remote) if remote.kind() != local.kind() => {
+                return Err("remote and local types must be the same".to_owned());
             }
-            (_, Some(SocketAddress::Vsock(_))) => Err("only support inet or fd type for local".to_owned()),
-            (Some(_), Some(SocketAddress::Fd(_))) => Err("don't set remote with local.fd".to_owned()),
-            (Some(remote), Some(local)) if remote.kind() != local.kind() => {
-                Err("remote and local types must be the same".to_owned())
+            None if !matches!(local, SocketAddress::Fd(_)) => {
+                return Err("type=inet or type=unix requires remote parameter".to_owned());
             }
-            (Some(SocketAddress::Unix(remote)), Some(SocketAddress::Unix(local))) => {
+            _ => {}
+        }
+        match (local, &self.remote) {
+            (SocketAddress::Inet(_) | SocketAddress::Fd(_), _) => Ok(()),
+            (SocketAddress::Unix(local), Some(SocketAddress::Unix(remote))) => {
                 for path in [&local.path, &remote.path] {
                     if path.len() > UNIX_PATH_MAX {
                         return Err(format!("UNIX socket path '{path}' is too long"));
@@ -44,7 +54,7 @@ impl DgramOptions {
                 }
                 Ok(())
             }
-            (Some(_), Some(_)) => Ok(()),
+            _ => Err("only support inet or fd type for local".to_owned()),
         }
     }
 }

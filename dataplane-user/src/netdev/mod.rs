@@ -35,9 +35,10 @@ pub struct Netdev {
 }
 
 /// QEMU's `NetClientDriver` with each variant's options. On the wire this is a flat union tagged by
-/// `type`; [`qapi::Input`] maps that form onto serde's externally tagged enums.
+/// `type`; [`qapi::Input`] maps that form onto serde's externally tagged enums (the serde name
+/// [`qapi::de::FLAT_UNION`] tells it so).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", rename = "QapiFlatUnion")]
 pub enum NetdevOptions {
     None(NoOptions),
     Nic(nic::NicOptions),

@@ -43,8 +43,9 @@ pub struct FdSocketAddress {
     pub str: String,
 }
 
+/// A flat union on `type` (named [`qapi::de::FLAT_UNION`] for the deserializer).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", rename = "QapiFlatUnion")]
 pub enum SocketAddress {
     Inet(InetSocketAddress),
     Unix(UnixSocketAddress),

@@ -34,23 +34,26 @@ impl SocketOptions {
             parse_ipv4_host_port(connect, false)?;
         }
         if let Some(mcast) = &self.mcast {
+            // `net_socket_mcast_init` checks `localaddr` before `net_socket_mcast_create` checks
+            // that the group is multicast.
             let (ip, _) = parse_ipv4_host_port(mcast, false)?;
+            if let Some(local) = &self.localaddr {
+                local.parse::<Ipv4Addr>().map_err(|_| format!("localaddr '{local}' is not a valid IPv4 address"))?;
+            }
             if !ip.is_multicast() {
                 return Err(format!(
                     "specified mcastaddr {ip} (0x{:08x}) does not contain a multicast address",
                     u32::from(ip)
                 ));
             }
-            if let Some(local) = &self.localaddr {
-                local.parse::<Ipv4Addr>().map_err(|_| format!("localaddr '{local}' is not a valid IPv4 address"))?;
-            }
         }
         if let Some(udp) = &self.udp {
             let Some(local) = &self.localaddr else {
                 return Err("localaddr= is mandatory with udp=".to_owned());
             };
-            parse_ipv4_host_port(udp, false)?;
+            // `net_socket_udp_init` parses the local address first.
             parse_ipv4_host_port(local, true)?;
+            parse_ipv4_host_port(udp, false)?;
         }
         Ok(())
     }

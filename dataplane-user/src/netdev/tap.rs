@@ -95,7 +95,7 @@ impl TapOptions {
             }
         }
         if self.vhost == Some(false) && (self.vhostfd.is_some() || self.vhostfds.is_some()) {
-            return Err("vhostfd=/vhostfds= is not valid without vhost".to_owned());
+            return Err("vhostfd(s)= is not valid without vhost".to_owned());
         }
         Ok(())
     }

@@ -197,11 +197,15 @@ fn parse_network(text: &str) -> Result<(u32, u32), String> {
         }
         Some((addr, mask)) => {
             let addr = parse_v4(addr).ok_or("Failed to parse netmask")?;
-            let mask = if mask.bytes().all(|b| b.is_ascii_digit()) && !mask.is_empty() {
-                let bits: u32 = mask.parse().map_err(|_| "Failed to parse netmask (trailing chars)")?;
-                if !(4..=32).contains(&bits) {
-                    return Err("Invalid netmask provided (must be in range 4-32)".to_owned());
-                }
+            // QEMU reads a prefix length when `strtol` takes the whole text (a sign, then digits;
+            // an empty text reads as 0), and a dotted mask otherwise.
+            let digits = mask.strip_prefix(['+', '-']).unwrap_or(mask);
+            let mask = if digits.bytes().all(|b| b.is_ascii_digit()) && (digits.len() == mask.len() || !digits.is_empty()) {
+                let bits = mask
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|bits| (4..=32).contains(bits))
+                    .ok_or("Invalid netmask provided (must be in range 4-32)")?;
                 u32::MAX << (32 - bits)
             } else {
                 parse_v4(mask).ok_or("Failed to parse netmask (trailing chars)")?
@@ -223,7 +227,8 @@ fn classful_mask(addr: u32) -> u32 {
         16
     } else if addr & 0xffff_0000 == 0xc0a8_0000 {
         16
-    } else if addr & 0xfffe_0000 == 0xc612_0000 {
+    } else if addr & 0xffff_0000 == 0xc612_0000 {
+        // Only 198.18.x.x is tested for, though the mask is /15.
         15
     } else if addr & 0xe000_0000 == 0xe000_0000 {
         24

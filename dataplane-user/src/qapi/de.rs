@@ -22,6 +22,11 @@ pub enum Mode {
 /// The discriminator of QAPI flat unions (`Netdev`, `SocketAddress`).
 pub const UNION_TAG: &str = "type";
 
+/// Serde name (`#[serde(rename = "QapiFlatUnion")]`) that marks an enum as a QAPI flat union: its
+/// input must be an object (`Invalid parameter type for 'addr', expected: object`), whereas any
+/// other enum is a QAPI enum, whose input must be a string.
+pub const FLAT_UNION: &str = "QapiFlatUnion";
+
 /// One node of the input, with its QAPI path (`addr.port`, `dnssearch[0]`) for error messages.
 #[derive(Debug, Clone)]
 pub struct Input<'a> {
@@ -137,16 +142,18 @@ fn parse_c_integer(s: &str) -> Option<i128> {
         Some(rest) => (true, rest),
         None => (false, s.strip_prefix('+').unwrap_or(s)),
     };
-    let magnitude = if let Some(hex) = digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
-        i128::from_str_radix(hex, 16).ok()?
+    let (radix, body) = if let Some(hex) = digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+        (16, hex)
     } else if digits.len() > 1 && digits.starts_with('0') {
-        i128::from_str_radix(&digits[1..], 8).ok()?
+        (8, &digits[1..])
     } else {
-        digits.parse::<i128>().ok()?
+        (10, digits)
     };
-    if digits.is_empty() || digits.starts_with(['+', '-']) {
+    // Digits only: `from_str_radix` would also take a sign after the prefix (`0x-1`, `0+7`).
+    if body.is_empty() || !body.chars().all(|c| c.is_digit(radix)) {
         return None;
     }
+    let magnitude = i128::from_str_radix(body, radix).ok()?;
     Some(if negative { -magnitude } else { magnitude })
 }
 
@@ -320,20 +327,20 @@ impl<'a> de::Deserializer<'a> for Input<'a> {
 
     fn deserialize_enum<V: Visitor<'a>>(
         self,
-        _name: &'static str,
+        name: &'static str,
         variants: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, QapiError> {
-        match self.present()? {
+        match (self.present()?, name == FLAT_UNION) {
             // A QAPI enum: the value names a unit variant.
-            Value::String(s) => {
+            (Value::String(s), false) => {
                 if !variants.contains(&s.as_str()) {
                     return Err(QapiError::BadEnumValue { name: self.path_or_null(), value: s.clone() });
                 }
                 visitor.visit_enum(Variant { tag: s, is_union: false, parent: self })
             }
             // A QAPI flat union: the variant is named by the `type` member of the same object.
-            Value::Object(object) => {
+            (Value::Object(object), true) => {
                 let tag_input = self.member(UNION_TAG);
                 let tag = tag_input.string()?;
                 if !variants.contains(&tag) {
@@ -345,7 +352,8 @@ impl<'a> de::Deserializer<'a> for Input<'a> {
                 debug_assert!(object.contains_key(UNION_TAG));
                 visitor.visit_enum(Variant { tag, is_union: true, parent: self })
             }
-            _ => Err(self.invalid_type("string")),
+            (_, false) => Err(self.invalid_type("string")),
+            (_, true) => Err(self.invalid_type("object")),
         }
     }
 
@@ -540,7 +548,7 @@ mod tests {
     }
 
     #[derive(Debug, Deserialize, PartialEq)]
-    #[serde(rename_all = "kebab-case")]
+    #[serde(rename_all = "kebab-case", rename = "QapiFlatUnion")]
     enum Address {
         Inet(Inner),
         Unix(QapiString),
@@ -604,6 +612,11 @@ mod tests {
             "Parameter 'addr.x' is unexpected"
         );
         assert_eq!(json_err(json!({"hubid": 0, "addr": {"type": "inet", "host": "h", "port": "1", "to": 70000}})), "Parameter 'addr.to' expects uint16_t");
+        // A union must be an object, an enum a string, whatever the value.
+        assert_eq!(json_err(json!({"hubid": 0, "addr": "inet"})), "Invalid parameter type for 'addr', expected: object");
+        assert_eq!(json_err(json!({"hubid": 0, "addr": 1})), "Invalid parameter type for 'addr', expected: object");
+        assert_eq!(json_err(json!({"hubid": 0, "mood": {"type": "sad"}})), "Invalid parameter type for 'mood', expected: string");
+        assert_eq!(json_err(json!({"hubid": 0, "mood": 1})), "Invalid parameter type for 'mood', expected: string");
         let ok = from_json::<Outer>(&json!({"hubid": 0, "addr": {"type": "unix", "str": "p"}})).unwrap();
         assert_eq!(ok.addr, Some(Address::Unix(QapiString { str: "p".into() })));
     }
@@ -630,5 +643,9 @@ mod tests {
         assert_eq!(parse_c_integer(""), None);
         assert_eq!(parse_c_integer("--1"), None);
         assert_eq!(parse_c_integer("1x"), None);
+        assert_eq!(parse_c_integer("0x"), None);
+        assert_eq!(parse_c_integer("0x-1"), None);
+        assert_eq!(parse_c_integer("0+7"), None);
+        assert_eq!(parse_c_integer("08"), None);
     }
 }

@@ -1,0 +1,201 @@
+//! Daemon settings: the configuration file and the command line, merged into one [`Settings`].
+//!
+//! Netdevs reach the daemon by three paths that end in the same parser: `netdev_add` JSON,
+//! `--netdev` in QEMU's keyval syntax, and the configuration file (either form).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{
+    netdev::{Netdev, NetdevError},
+    qmp::server::{DEFAULT_MAX_MESSAGE_BYTES, ListenAddr, ServerError},
+};
+
+/// Read when netdevd is started without `--config`, if it exists.
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/netdevd/netdevd.toml";
+/// The default configuration, also shipped as `config/netdevd.toml`.
+pub const BUILTIN_CONFIG: &str = include_str!("../../config/netdevd.toml");
+/// Where clients look for the daemon by default.
+pub const DEFAULT_QMP_SOCKET: &str = "/run/netdevd/qmp.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error(transparent)]
+    Listen(#[from] ServerError),
+    #[error("netdev '{spec}': {source}")]
+    Netdev {
+        spec: String,
+        #[source]
+        source: NetdevError,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    qmp: QmpSection,
+    #[serde(default)]
+    log: LogSection,
+    #[serde(default)]
+    netdevs: Vec<NetdevSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct QmpSection {
+    #[serde(default = "default_listen")]
+    listen: Vec<String>,
+    #[serde(default = "default_max_message_bytes")]
+    max_message_bytes: usize,
+}
+
+impl Default for QmpSection {
+    fn default() -> Self {
+        Self { listen: default_listen(), max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES }
+    }
+}
+
+fn default_listen() -> Vec<String> {
+    vec![format!("unix:{DEFAULT_QMP_SOCKET},server=on,wait=off")]
+}
+
+const fn default_max_message_bytes() -> usize {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogSection {
+    #[serde(default = "default_level")]
+    level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self { level: default_level() }
+    }
+}
+
+fn default_level() -> String {
+    "info".to_owned()
+}
+
+/// A netdev in the file: a `-netdev` string or a `netdev_add` table.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum NetdevSpec {
+    Keyval(String),
+    Table(toml::Table),
+}
+
+/// Everything the daemon needs to start.
+#[derive(Debug)]
+pub struct Settings {
+    pub listen: Vec<ListenAddr>,
+    pub max_message_bytes: usize,
+    pub log_level: String,
+    /// Created at start, in this order.
+    pub netdevs: Vec<Netdev>,
+}
+
+/// The command-line part of the settings.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub qmp: Vec<String>,
+    pub netdevs: Vec<String>,
+}
+
+impl Settings {
+    /// Reads the configuration file (or the default) and applies the command line.
+    pub fn load(overrides: &Overrides) -> Result<Self, ConfigError> {
+        let (path, text) = match &overrides.config {
+            Some(path) => (path.clone(), read(path)?),
+            None if Path::new(SYSTEM_CONFIG_PATH).exists() => {
+                (PathBuf::from(SYSTEM_CONFIG_PATH), read(Path::new(SYSTEM_CONFIG_PATH))?)
+            }
+            None => (PathBuf::from("<built-in config>"), BUILTIN_CONFIG.to_owned()),
+        };
+        Self::from_toml(&path, &text, overrides)
+    }
+
+    pub fn from_toml(path: &Path, text: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let file: ConfigFile =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.to_owned(), message: e.to_string() })?;
+        let listen_specs = if overrides.qmp.is_empty() { &file.qmp.listen } else { &overrides.qmp };
+        let listen = listen_specs.iter().map(|spec| spec.parse()).collect::<Result<Vec<ListenAddr>, _>>()?;
+        let mut netdevs = Vec::new();
+        for spec in &file.netdevs {
+            netdevs.push(match spec {
+                NetdevSpec::Keyval(text) => parse_keyval(text)?,
+                NetdevSpec::Table(table) => {
+                    let json = serde_json::to_value(table).map_err(|e| ConfigError::Syntax {
+                        path: path.to_owned(),
+                        message: e.to_string(),
+                    })?;
+                    Netdev::from_json(&json).map_err(|source| ConfigError::Netdev { spec: json.to_string(), source })?
+                }
+            });
+        }
+        for text in &overrides.netdevs {
+            netdevs.push(parse_keyval(text)?);
+        }
+        Ok(Self { listen, max_message_bytes: file.qmp.max_message_bytes, log_level: file.log.level, netdevs })
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })
+}
+
+fn parse_keyval(text: &str) -> Result<Netdev, ConfigError> {
+    Netdev::from_keyval(text).map_err(|source| ConfigError::Netdev { spec: text.to_owned(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_config_is_valid() {
+        let settings = Settings::from_toml(Path::new("builtin"), BUILTIN_CONFIG, &Overrides::default()).unwrap();
+        assert_eq!(settings.listen, vec![ListenAddr::Unix(DEFAULT_QMP_SOCKET.into())]);
+        assert!(settings.netdevs.is_empty());
+    }
+
+    #[test]
+    fn three_entry_points_give_the_same_netdev() {
+        let text = r#"netdevs = ["hubport,id=a,hubid=7", { type = "hubport", id = "b", hubid = 7 }]"#;
+        let overrides = Overrides { netdevs: vec!["hubport,id=c,hubid=7".into()], ..Overrides::default() };
+        let settings = Settings::from_toml(Path::new("t"), text, &overrides).unwrap();
+        let json = Netdev::from_json(&serde_json::json!({"type": "hubport", "id": "a", "hubid": 7})).unwrap();
+        assert_eq!(settings.netdevs[0], json);
+        assert_eq!(settings.netdevs[1].options, json.options);
+        assert_eq!(settings.netdevs[2].options, json.options);
+    }
+
+    #[test]
+    fn command_line_listen_overrides_file() {
+        let overrides = Overrides { qmp: vec!["tcp:127.0.0.1:4444".into()], ..Overrides::default() };
+        let settings = Settings::from_toml(Path::new("t"), "", &overrides).unwrap();
+        assert_eq!(settings.listen, vec![ListenAddr::Tcp("127.0.0.1:4444".parse().unwrap())]);
+    }
+
+    #[test]
+    fn errors_name_their_source() {
+        let e = Settings::from_toml(Path::new("t"), "bogus = 1", &Overrides::default()).unwrap_err();
+        assert!(e.to_string().starts_with("t: "), "{e}");
+        let e = Settings::from_toml(Path::new("t"), r#"netdevs = ["hubport,id=x"]"#, &Overrides::default()).unwrap_err();
+        assert_eq!(e.to_string(), "netdev 'hubport,id=x': Parameter 'hubid' is missing");
+    }
+}

@@ -1,0 +1,241 @@
+//! The commands netdevd answers, with their argument types and QEMU's results and errors.
+//!
+//! Extensions that QEMU does not have carry QEMU's `x-` prefix.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    protocol::{self, QmpError},
+    session::Session,
+};
+use crate::{
+    daemon::{Daemon, ShutdownCause},
+    netdev::Netdev,
+    qapi::{self, QapiError},
+    registry::RegistryError,
+};
+
+pub const QMP_CAPABILITIES: &str = "qmp_capabilities";
+
+/// Every command, in the order `query-commands` lists them.
+pub const ALL: &[&str] = &[
+    QMP_CAPABILITIES,
+    "query-version",
+    "query-commands",
+    "netdev_add",
+    "netdev_del",
+    "set_link",
+    "query-rx-filter",
+    "getfd",
+    "closefd",
+    "quit",
+    "x-query-netdevs",
+];
+
+#[must_use]
+pub fn exists(name: &str) -> bool {
+    ALL.contains(&name)
+}
+
+/// The member that a command's first keyval element names when written bare (`netdev_del p0`).
+#[must_use]
+pub fn implied_key(name: &str) -> Option<&'static str> {
+    match name {
+        "netdev_add" => Some("type"),
+        "netdev_del" => Some("id"),
+        "set_link" | "query-rx-filter" => Some("name"),
+        "getfd" | "closefd" => Some("fdname"),
+        _ => None,
+    }
+}
+
+/// Turns keyval text (`hubport,id=p0,hubid=0`) into a command's JSON arguments with the daemon's own
+/// parsers, so the client reports the same errors the daemon would.
+pub fn arguments_from_keyval(name: &str, text: &str) -> Result<Value, String> {
+    match name {
+        "netdev_add" => Netdev::from_keyval(text).map(|n| n.to_json()).map_err(|e| e.to_string()),
+        "set_link" => {
+            let value = qapi::keyval::parse(text, implied_key(name)).map_err(|e| e.to_string())?;
+            let args = SetLinkArgs::deserialize(qapi::Input::root(&value, qapi::Mode::Keyval)).map_err(|e| e.to_string())?;
+            Ok(json!({"name": args.name, "up": args.up}))
+        }
+        _ => qapi::keyval::parse(text, implied_key(name)).map_err(|e| e.to_string()),
+    }
+}
+
+impl From<RegistryError> for QmpError {
+    fn from(error: RegistryError) -> Self {
+        match error {
+            RegistryError::DeviceNotFound { .. } => Self::device_not_found(error.to_string()),
+            _ => Self::generic(error.to_string()),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Capability {
+    Oob,
+}
+
+#[derive(Deserialize)]
+struct CapabilitiesArgs {
+    enable: Option<Vec<Capability>>,
+}
+
+#[derive(Deserialize)]
+struct IdArgs {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct SetLinkArgs {
+    name: String,
+    up: bool,
+}
+
+#[derive(Deserialize)]
+struct RxFilterArgs {
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct FdNameArgs {
+    fdname: String,
+}
+
+#[derive(Deserialize)]
+struct NoArgs {}
+
+/// Runs a command for a session that passed negotiation checks.
+pub async fn execute(daemon: &Daemon, session: &mut Session, name: &str, arguments: &Value) -> Result<Value, QmpError> {
+    let empty = json!({});
+    match name {
+        QMP_CAPABILITIES => {
+            let args: CapabilitiesArgs = qapi::from_json(arguments).map_err(|error| match error {
+                // QEMU names list elements of this argument 'null'.
+                QapiError::BadEnumValue { value, .. } => {
+                    QmpError::generic(format!("Parameter 'null' does not accept value '{value}'"))
+                }
+                other => other.into(),
+            })?;
+            session.negotiate(args.enable.is_some_and(|caps| caps.iter().any(|c| matches!(c, Capability::Oob))));
+            Ok(empty)
+        }
+        "query-version" => {
+            qapi::from_json::<NoArgs>(arguments)?;
+            Ok(protocol::version_info())
+        }
+        "query-commands" => {
+            qapi::from_json::<NoArgs>(arguments)?;
+            Ok(session.available_commands().into_iter().map(|name| json!({"name": name})).collect())
+        }
+        "netdev_add" => {
+            let netdev = Netdev::from_json(arguments).map_err(|e| QmpError::generic(e.to_string()))?;
+            daemon.add_netdev(netdev)?;
+            Ok(empty)
+        }
+        "netdev_del" => {
+            let args: IdArgs = qapi::from_json(arguments)?;
+            daemon.remove_netdev(&args.id)?;
+            Ok(empty)
+        }
+        "set_link" => {
+            let args: SetLinkArgs = qapi::from_json(arguments)?;
+            daemon.set_link(&args.name, args.up)?;
+            Ok(empty)
+        }
+        "query-rx-filter" => {
+            let args: RxFilterArgs = qapi::from_json(arguments)?;
+            match args.name {
+                // No netdev type with a receive filter exists yet, so there is nothing to list.
+                None => Ok(json!([])),
+                Some(name) if daemon.has_netdev(&name) => {
+                    Err(QmpError::generic(format!("net client({name}) isn't a NIC")))
+                }
+                Some(name) => Err(QmpError::generic(format!("invalid net client name: {name}"))),
+            }
+        }
+        "getfd" => {
+            let args: FdNameArgs = qapi::from_json(arguments)?;
+            session.name_fd(&args.fdname)?;
+            Ok(empty)
+        }
+        "closefd" => {
+            let args: FdNameArgs = qapi::from_json(arguments)?;
+            session.close_fd(&args.fdname)?;
+            Ok(empty)
+        }
+        "quit" => {
+            qapi::from_json::<NoArgs>(arguments)?;
+            daemon.shut_down(ShutdownCause::HostQmpQuit);
+            Ok(empty)
+        }
+        "x-query-netdevs" => {
+            qapi::from_json::<NoArgs>(arguments)?;
+            serde_json::to_value(daemon.netdevs()).map_err(|e| QmpError::generic(e.to_string()))
+        }
+        _ => Err(QmpError::command_not_found(format!("The command {name} has not been found"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qmp::session::Transport;
+
+    async fn negotiated() -> (Daemon, Session) {
+        let daemon = Daemon::default();
+        let mut session = Session::new(Transport::Unix);
+        session.negotiate(false);
+        (daemon, session)
+    }
+
+    async fn call(daemon: &Daemon, session: &mut Session, name: &str, args: Value) -> Result<Value, QmpError> {
+        execute(daemon, session, name, &args).await
+    }
+
+    #[tokio::test]
+    async fn netdev_lifecycle_with_qemu_errors() {
+        let (daemon, mut s) = negotiated().await;
+        let add = json!({"type": "hubport", "id": "n0", "hubid": 0});
+        assert_eq!(call(&daemon, &mut s, "netdev_add", add.clone()).await, Ok(json!({})));
+        let dup = call(&daemon, &mut s, "netdev_add", add).await.unwrap_err();
+        assert_eq!((dup.class, dup.desc.as_str()), (protocol::ErrorClass::GenericError, "Duplicate ID 'n0'"));
+        let list = call(&daemon, &mut s, "x-query-netdevs", json!({})).await.unwrap();
+        assert_eq!(list[0]["id"], "n0");
+        assert_eq!(list[0]["hubid"], 0);
+        assert_eq!(call(&daemon, &mut s, "set_link", json!({"name": "n0", "up": false})).await, Ok(json!({})));
+        let list = call(&daemon, &mut s, "x-query-netdevs", json!({})).await.unwrap();
+        assert_eq!(list[0]["link-up"], false);
+        let e = call(&daemon, &mut s, "set_link", json!({"name": "n0", "up": "yes"})).await.unwrap_err();
+        assert_eq!(e.desc, "Invalid parameter type for 'up', expected: boolean");
+        assert_eq!(call(&daemon, &mut s, "netdev_del", json!({"id": "n0"})).await, Ok(json!({})));
+        let gone = call(&daemon, &mut s, "netdev_del", json!({"id": "n0"})).await.unwrap_err();
+        assert_eq!((gone.class, gone.desc.as_str()), (protocol::ErrorClass::DeviceNotFound, "Device 'n0' not found"));
+    }
+
+    #[tokio::test]
+    async fn rx_filter_queries() {
+        let (daemon, mut s) = negotiated().await;
+        assert_eq!(call(&daemon, &mut s, "query-rx-filter", json!({})).await, Ok(json!([])));
+        call(&daemon, &mut s, "netdev_add", json!({"type": "hubport", "id": "u0", "hubid": 1})).await.unwrap();
+        let e = call(&daemon, &mut s, "query-rx-filter", json!({"name": "u0"})).await.unwrap_err();
+        assert_eq!(e.desc, "net client(u0) isn't a NIC");
+        let e = call(&daemon, &mut s, "query-rx-filter", json!({"name": "zz"})).await.unwrap_err();
+        assert_eq!(e.desc, "invalid net client name: zz");
+    }
+
+    #[tokio::test]
+    async fn capabilities_and_unknown_commands() {
+        let daemon = Daemon::default();
+        let mut s = Session::new(Transport::Unix);
+        let e = call(&daemon, &mut s, QMP_CAPABILITIES, json!({"enable": ["foo"]})).await.unwrap_err();
+        assert_eq!(e.desc, "Parameter 'null' does not accept value 'foo'");
+        let e = call(&daemon, &mut s, "nope", json!({})).await.unwrap_err();
+        assert_eq!((e.class, e.desc.as_str()), (protocol::ErrorClass::CommandNotFound, "The command nope has not been found"));
+        let e = call(&daemon, &mut s, "query-version", json!({"x": 1})).await.unwrap_err();
+        assert_eq!(e.desc, "Parameter 'x' is unexpected");
+    }
+}

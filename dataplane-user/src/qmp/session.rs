@@ -1,0 +1,292 @@
+//! One QMP connection's state machine: capabilities negotiation, request validation (QEMU's
+//! `qmp_dispatch_check_obj` order and texts), named file descriptors.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsRawFd, OwnedFd},
+};
+
+use serde_json::{Map, Value};
+
+use super::{
+    commands,
+    protocol::{self, QmpError},
+};
+use crate::daemon::Daemon;
+
+/// Whether fds can arrive on this connection (only unix sockets carry SCM_RIGHTS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Unix,
+    Tcp,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    transport: Transport,
+    negotiated: bool,
+    oob: bool,
+    /// fds received with SCM_RIGHTS and not yet claimed by `getfd`.
+    received_fds: Vec<OwnedFd>,
+    /// `getfd` names; using one in a netdev removes it (QEMU `monitor_fd_param`).
+    named_fds: BTreeMap<String, OwnedFd>,
+}
+
+/// What the connection should do after a request.
+#[derive(Debug, PartialEq)]
+pub struct Outcome {
+    pub response: Value,
+    /// Capabilities negotiation has just completed: start delivering events.
+    pub negotiated_now: bool,
+}
+
+/// The members a request may have.
+const EXECUTE: &str = "execute";
+const EXEC_OOB: &str = "exec-oob";
+const ARGUMENTS: &str = "arguments";
+const ID: &str = "id";
+
+impl Session {
+    #[must_use]
+    pub fn new(transport: Transport) -> Self {
+        Self { transport, negotiated: false, oob: false, received_fds: Vec::new(), named_fds: BTreeMap::new() }
+    }
+
+    #[must_use]
+    pub const fn is_negotiated(&self) -> bool {
+        self.negotiated
+    }
+
+    /// fds that arrived with the last bytes read.
+    pub fn receive_fds(&mut self, fds: impl IntoIterator<Item = OwnedFd>) {
+        self.received_fds.extend(fds);
+    }
+
+    /// Answers a JSON syntax error (no id: the request never parsed).
+    #[must_use]
+    pub fn syntax_error(desc: &str) -> Value {
+        protocol::failure(&QmpError::generic(desc), None)
+    }
+
+    /// Validates and executes one request.
+    pub async fn handle(&mut self, daemon: &Daemon, request: Value) -> Outcome {
+        let Value::Object(request) = request else {
+            return self.outcome(Err(QmpError::generic("QMP input must be a JSON object")), None);
+        };
+        let id = request.get(ID);
+        let (name, arguments) = match self.check_request(&request) {
+            Ok(parts) => parts,
+            Err(error) => return self.outcome(Err(error), id),
+        };
+        let was_negotiated = self.negotiated;
+        let result = self.execute(daemon, name, &arguments).await;
+        let mut outcome = self.outcome(result, id);
+        outcome.negotiated_now = !was_negotiated && self.negotiated;
+        outcome
+    }
+
+    fn outcome(&self, result: Result<Value, QmpError>, id: Option<&Value>) -> Outcome {
+        let response = match result {
+            Ok(value) => protocol::success(value, id),
+            Err(error) => protocol::failure(&error, id),
+        };
+        Outcome { response, negotiated_now: false }
+    }
+
+    /// `qmp_dispatch_check_obj` plus the OOB rules: returns the command name and its arguments.
+    fn check_request<'r>(&self, request: &'r Map<String, Value>) -> Result<(&'r str, Value), QmpError> {
+        for (key, value) in request {
+            match key.as_str() {
+                EXECUTE | EXEC_OOB if key == EXECUTE || self.oob => {
+                    if !value.is_string() {
+                        return Err(QmpError::generic(format!("QMP input member '{key}' must be a string")));
+                    }
+                }
+                ARGUMENTS if !value.is_object() => {
+                    return Err(QmpError::generic("QMP input member 'arguments' must be an object"));
+                }
+                ARGUMENTS | ID => {}
+                _ => return Err(QmpError::generic(format!("QMP input member '{key}' is unexpected"))),
+            }
+        }
+        let execute = request.get(EXECUTE).and_then(Value::as_str);
+        let exec_oob = request.get(EXEC_OOB).and_then(Value::as_str);
+        let name = match (execute, exec_oob) {
+            (Some(_), Some(_)) => return Err(QmpError::generic("QMP input member 'execute' clashes with 'exec-oob'")),
+            (None, None) => return Err(QmpError::generic("QMP input lacks member 'execute'")),
+            (Some(name), None) => name,
+            (None, Some(name)) => {
+                // No netdevd command needs to overtake queued ones.
+                if commands::exists(name) {
+                    return Err(QmpError::generic(format!("The command {name} does not support OOB")));
+                }
+                name
+            }
+        };
+        let arguments = request.get(ARGUMENTS).cloned().unwrap_or_else(|| Value::Object(Map::new()));
+        Ok((name, arguments))
+    }
+
+    async fn execute(&mut self, daemon: &Daemon, name: &str, arguments: &Value) -> Result<Value, QmpError> {
+        if !self.negotiated && name != commands::QMP_CAPABILITIES {
+            return Err(QmpError::command_not_found("Expecting capabilities negotiation with 'qmp_capabilities'"));
+        }
+        if self.negotiated && name == commands::QMP_CAPABILITIES {
+            return Err(QmpError::command_not_found("Capabilities negotiation is already complete, command ignored"));
+        }
+        commands::execute(daemon, self, name, arguments).await
+    }
+
+    /// `qmp_capabilities`: completes negotiation, with OOB if asked for.
+    pub(super) fn negotiate(&mut self, oob: bool) {
+        self.negotiated = true;
+        self.oob = oob;
+    }
+
+    /// The commands this session may run now (`query-commands`).
+    #[must_use]
+    pub fn available_commands(&self) -> Vec<&'static str> {
+        if self.negotiated { commands::ALL.to_vec() } else { vec![commands::QMP_CAPABILITIES] }
+    }
+
+    /// `getfd`: names the fd that came with this request.
+    pub(super) fn name_fd(&mut self, name: &str) -> Result<(), QmpError> {
+        if name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(QmpError::generic("Parameter 'fdname' expects a name not starting with a digit"));
+        }
+        if self.transport == Transport::Tcp {
+            return Err(QmpError::generic("No file descriptor supplied via SCM_RIGHTS"));
+        }
+        let fd = self.received_fds.pop().ok_or_else(|| QmpError::generic("No file descriptor supplied via SCM_RIGHTS"))?;
+        // Extra fds sent with the same message are closed, as QEMU keeps only the last one.
+        self.received_fds.clear();
+        // A name given again replaces (and closes) the older fd.
+        self.named_fds.insert(name.to_owned(), fd);
+        Ok(())
+    }
+
+    /// `closefd`.
+    pub(super) fn close_fd(&mut self, name: &str) -> Result<(), QmpError> {
+        self.named_fds
+            .remove(name)
+            .map(drop)
+            .ok_or_else(|| QmpError::generic(format!("File descriptor named '{name}' not found")))
+    }
+
+    /// Resolves a netdev's fd parameter as `monitor_fd_param` does: a name takes (and removes) a
+    /// `getfd` fd; a number must be an fd open in the daemon.
+    pub fn take_fd(&mut self, param: &str) -> Result<FdParam, QmpError> {
+        if param.starts_with(|c: char| c.is_ascii_digit()) {
+            let number: i32 = param
+                .parse()
+                .map_err(|_| QmpError::generic(format!("Invalid file descriptor number '{param}'")))?;
+            // SAFETY: F_GETFD only queries the descriptor table; a closed number returns EBADF.
+            if unsafe { libc::fcntl(number, libc::F_GETFD) } < 0 {
+                return Err(QmpError::generic(format!("Invalid file descriptor number '{param}'")));
+            }
+            return Ok(FdParam::Inherited(number));
+        }
+        self.named_fds
+            .remove(param)
+            .map(FdParam::Named)
+            .ok_or_else(|| QmpError::generic(format!("File descriptor named '{param}' has not been found")))
+    }
+
+    /// Names of the fds held for this session.
+    pub fn fd_names(&self) -> impl Iterator<Item = (&str, i32)> {
+        self.named_fds.iter().map(|(name, fd)| (name.as_str(), fd.as_raw_fd()))
+    }
+}
+
+/// A resolved fd parameter.
+#[derive(Debug)]
+pub enum FdParam {
+    /// Received with `getfd`; now owned by the caller.
+    Named(OwnedFd),
+    /// A descriptor number the daemon inherited.
+    Inherited(i32),
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    async fn run(session: &mut Session, daemon: &Daemon, request: Value) -> Value {
+        session.handle(daemon, request).await.response
+    }
+
+    fn desc(response: &Value) -> &str {
+        response["error"]["desc"].as_str().unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn negotiation() {
+        let daemon = Daemon::default();
+        let mut session = Session::new(Transport::Unix);
+        let r = run(&mut session, &daemon, json!({"execute": "query-version"})).await;
+        assert_eq!(r["error"]["class"], "CommandNotFound");
+        assert_eq!(desc(&r), "Expecting capabilities negotiation with 'qmp_capabilities'");
+        let outcome = session.handle(&daemon, json!({"execute": "qmp_capabilities", "id": {"a": [1]}})).await;
+        assert_eq!(outcome.response, json!({"return": {}, "id": {"a": [1]}}));
+        assert!(outcome.negotiated_now);
+        let r = run(&mut session, &daemon, json!({"execute": "qmp_capabilities"})).await;
+        assert_eq!(desc(&r), "Capabilities negotiation is already complete, command ignored");
+    }
+
+    #[tokio::test]
+    async fn request_shape_errors() {
+        let daemon = Daemon::default();
+        let mut session = Session::new(Transport::Unix);
+        let cases = [
+            (json!([1]), "QMP input must be a JSON object"),
+            (json!({"execute": 1}), "QMP input member 'execute' must be a string"),
+            (json!({"execute": "x", "arguments": []}), "QMP input member 'arguments' must be an object"),
+            (json!({"arguments": {}}), "QMP input lacks member 'execute'"),
+            (json!({"execute": "x", "bogus": 1}), "QMP input member 'bogus' is unexpected"),
+            (json!({"exec-oob": "x"}), "QMP input member 'exec-oob' is unexpected"),
+        ];
+        for (request, expected) in cases {
+            assert_eq!(desc(&run(&mut session, &daemon, request.clone()).await), expected, "{request}");
+        }
+        // With OOB negotiated, exec-oob is known but no command supports it.
+        run(&mut session, &daemon, json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}})).await;
+        let r = run(&mut session, &daemon, json!({"exec-oob": "query-version", "id": 1})).await;
+        assert_eq!(desc(&r), "The command query-version does not support OOB");
+        assert_eq!(r["id"], 1);
+        let r = run(&mut session, &daemon, json!({"exec-oob": "a", "execute": "b"})).await;
+        assert_eq!(desc(&r), "QMP input member 'execute' clashes with 'exec-oob'");
+    }
+
+    #[tokio::test]
+    async fn getfd_without_fd() {
+        let daemon = Daemon::default();
+        let mut session = Session::new(Transport::Unix);
+        session.negotiate(false);
+        let r = run(&mut session, &daemon, json!({"execute": "getfd", "arguments": {"fdname": "f"}})).await;
+        assert_eq!(desc(&r), "No file descriptor supplied via SCM_RIGHTS");
+        let r = run(&mut session, &daemon, json!({"execute": "getfd", "arguments": {"fdname": "1f"}})).await;
+        assert_eq!(desc(&r), "Parameter 'fdname' expects a name not starting with a digit");
+        let r = run(&mut session, &daemon, json!({"execute": "closefd", "arguments": {"fdname": "f"}})).await;
+        assert_eq!(desc(&r), "File descriptor named 'f' not found");
+        assert_eq!(
+            session.take_fd("nope").unwrap_err().desc,
+            "File descriptor named 'nope' has not been found"
+        );
+    }
+
+    #[tokio::test]
+    async fn getfd_names_received_fd() {
+        let daemon = Daemon::default();
+        let mut session = Session::new(Transport::Unix);
+        session.negotiate(false);
+        let file = std::fs::File::open("/dev/null").unwrap();
+        session.receive_fds([OwnedFd::from(file)]);
+        let r = run(&mut session, &daemon, json!({"execute": "getfd", "arguments": {"fdname": "f"}})).await;
+        assert_eq!(r, json!({"return": {}}));
+        assert_eq!(session.fd_names().count(), 1);
+        assert!(matches!(session.take_fd("f"), Ok(FdParam::Named(_))));
+        assert_eq!(session.fd_names().count(), 0);
+    }
+}

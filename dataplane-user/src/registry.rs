@@ -1,0 +1,261 @@
+//! The netdev graph: every netdev with its link state and its peer, and the hubs their ports form.
+//!
+//! Pure state with QEMU's rules (`net/net.c`, `net/hub.c`); no I/O. The daemon checks a change here
+//! first and applies it to the kernel only once the graph accepts it, so bad input changes nothing.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::netdev::{Netdev, NetdevError, NetdevOptions};
+
+/// An error from a graph operation; `Display` is QEMU's text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Netdev(#[from] NetdevError),
+    /// QEMU's `DeviceNotFound`.
+    #[error("Device '{id}' not found")]
+    DeviceNotFound { id: String },
+    #[error("netdev '{peer}' not found")]
+    PeerNotFound { id: String, peer: String },
+    /// QEMU aborts the whole process here (an assertion); netdevd refuses instead.
+    #[error("netdev '{peer}' is already in use by '{user}'")]
+    PeerInUse { id: String, peer: String, user: String },
+}
+
+/// One netdev and its place in the graph.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub netdev: Netdev,
+    /// `set_link`: a downed netdev neither sends nor receives.
+    pub link_up: bool,
+    /// The netdev this one is peered with (a hubport and its `netdev=`).
+    pub peer: Option<String>,
+}
+
+/// A row of `x-query-netdevs`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct NetdevInfo {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub link_up: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hubid: Option<i32>,
+    /// The `netdev_add` arguments that created it.
+    pub options: Value,
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// In creation order, as QEMU lists clients.
+    entries: Vec<Entry>,
+    /// Hubs exist from their first port on and never go away (QEMU).
+    hubs: BTreeSet<i32>,
+}
+
+/// Which netdev types this build of netdevd can create, and why not the others.
+fn check_available(netdev: &Netdev) -> Result<(), NetdevError> {
+    let id = netdev.id.clone();
+    let kind = netdev.kind();
+    let unavailable = |why: &str| Err(NetdevError::Unavailable { id: id.clone(), kind, why: why.to_owned() });
+    match &netdev.options {
+        NetdevOptions::Hubport(_) => Ok(()),
+        // QEMU refuses these in netdev_add with exactly this error.
+        NetdevOptions::None(_) | NetdevOptions::Nic(_) => Err(NetdevError::NotCompiled { id, kind }),
+        NetdevOptions::Netmap(_) => {
+            unavailable("netmap needs the out-of-tree netmap kernel module and /dev/netmap, which this host does not have")
+        }
+        NetdevOptions::VmnetHost(_) | NetdevOptions::VmnetShared(_) | NetdevOptions::VmnetBridged(_) => {
+            unavailable("vmnet is Apple's vmnet.framework and exists only on macOS")
+        }
+        NetdevOptions::Vde(_) => unavailable("netdevd has no VDE switch support"),
+        NetdevOptions::User(_)
+        | NetdevOptions::Tap(_)
+        | NetdevOptions::L2tpv3(_)
+        | NetdevOptions::Socket(_)
+        | NetdevOptions::Stream(_)
+        | NetdevOptions::Dgram(_)
+        | NetdevOptions::Bridge(_)
+        | NetdevOptions::VhostUser(_)
+        | NetdevOptions::VhostVdpa(_)
+        | NetdevOptions::AfXdp(_)
+        | NetdevOptions::Passt(_) => unavailable("its data path is not implemented in this version of netdevd"),
+    }
+}
+
+impl Registry {
+    #[must_use]
+    pub fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.netdev.id == id)
+    }
+
+    fn get_mut(&mut self, id: &str) -> Option<&mut Entry> {
+        self.entries.iter_mut().find(|e| e.netdev.id == id)
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter()
+    }
+
+    /// Every hub id ever used, ascending.
+    pub fn hubs(&self) -> impl Iterator<Item = i32> + '_ {
+        self.hubs.iter().copied()
+    }
+
+    /// Checks everything `add` would check, without changing the graph.
+    pub fn check_add(&self, netdev: &Netdev) -> Result<(), RegistryError> {
+        if self.get(&netdev.id).is_some() {
+            return Err(NetdevError::DuplicateId { id: netdev.id.clone() }.into());
+        }
+        if let NetdevOptions::None(_) | NetdevOptions::Nic(_) = netdev.options {
+            check_available(netdev)?;
+        }
+        netdev.validate()?;
+        check_available(netdev)?;
+        if let NetdevOptions::Hubport(port) = &netdev.options
+            && let Some(peer) = &port.netdev
+        {
+            let target = self
+                .get(peer)
+                .ok_or_else(|| RegistryError::PeerNotFound { id: netdev.id.clone(), peer: peer.clone() })?;
+            if let Some(user) = &target.peer {
+                return Err(RegistryError::PeerInUse { id: netdev.id.clone(), peer: peer.clone(), user: user.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a netdev, peering a hubport with its `netdev=`.
+    pub fn add(&mut self, netdev: Netdev) -> Result<(), RegistryError> {
+        self.check_add(&netdev)?;
+        let mut peer = None;
+        if let NetdevOptions::Hubport(port) = &netdev.options {
+            self.hubs.insert(port.hubid);
+            if let Some(target) = &port.netdev {
+                if let Some(entry) = self.get_mut(target) {
+                    entry.peer = Some(netdev.id.clone());
+                }
+                peer = Some(target.clone());
+            }
+        }
+        self.entries.push(Entry { netdev, link_up: true, peer });
+        Ok(())
+    }
+
+    /// Removes a netdev; its peer survives unpeered (QEMU `qemu_del_net_client`).
+    pub fn remove(&mut self, id: &str) -> Result<Entry, RegistryError> {
+        let index = self
+            .entries
+            .iter()
+            .position(|e| e.netdev.id == id)
+            .ok_or_else(|| RegistryError::DeviceNotFound { id: id.to_owned() })?;
+        let entry = self.entries.remove(index);
+        if let Some(peer) = &entry.peer
+            && let Some(survivor) = self.get_mut(peer)
+        {
+            survivor.peer = None;
+        }
+        Ok(entry)
+    }
+
+    /// `set_link`: matches any netdev with that name.
+    pub fn set_link(&mut self, id: &str, up: bool) -> Result<(), RegistryError> {
+        let entry = self.get_mut(id).ok_or_else(|| RegistryError::DeviceNotFound { id: id.to_owned() })?;
+        entry.link_up = up;
+        Ok(())
+    }
+
+    #[must_use]
+    pub fn info(&self) -> Vec<NetdevInfo> {
+        self.entries
+            .iter()
+            .map(|entry| NetdevInfo {
+                id: entry.netdev.id.clone(),
+                kind: entry.netdev.kind(),
+                link_up: entry.link_up,
+                peer: entry.peer.clone(),
+                hubid: match &entry.netdev.options {
+                    NetdevOptions::Hubport(port) => Some(port.hubid),
+                    _ => None,
+                },
+                options: entry.netdev.to_json(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hubport(id: &str, hubid: i32, peer: Option<&str>) -> Netdev {
+        let mut text = format!("hubport,id={id},hubid={hubid}");
+        if let Some(peer) = peer {
+            text.push_str(&format!(",netdev={peer}"));
+        }
+        Netdev::from_keyval(&text).expect("valid hubport")
+    }
+
+    #[test]
+    fn duplicate_ids_are_refused() {
+        let mut registry = Registry::default();
+        registry.add(hubport("p0", 0, None)).unwrap();
+        assert_eq!(registry.add(hubport("p0", 1, None)).unwrap_err().to_string(), "Duplicate ID 'p0'");
+        assert_eq!(registry.entries().count(), 1);
+    }
+
+    #[test]
+    fn hubport_peers_and_survivors() {
+        let mut registry = Registry::default();
+        registry.add(hubport("a0", 0, None)).unwrap();
+        registry.add(hubport("b0", 1, Some("a0"))).unwrap();
+        assert_eq!(registry.get("a0").unwrap().peer.as_deref(), Some("b0"));
+        assert_eq!(registry.get("b0").unwrap().peer.as_deref(), Some("a0"));
+        // A peered netdev cannot be given to a second port (QEMU would abort).
+        assert_eq!(
+            registry.add(hubport("c0", 2, Some("a0"))).unwrap_err().to_string(),
+            "netdev 'a0' is already in use by 'b0'"
+        );
+        assert_eq!(registry.add(hubport("c0", 2, Some("zz"))).unwrap_err().to_string(), "netdev 'zz' not found");
+        registry.remove("b0").unwrap();
+        assert_eq!(registry.get("a0").unwrap().peer, None);
+        // Hubs outlive their ports.
+        assert_eq!(registry.hubs().collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn device_not_found() {
+        let mut registry = Registry::default();
+        assert_eq!(registry.remove("x").unwrap_err().to_string(), "Device 'x' not found");
+        assert_eq!(registry.set_link("x", false).unwrap_err().to_string(), "Device 'x' not found");
+    }
+
+    #[test]
+    fn set_link_changes_state() {
+        let mut registry = Registry::default();
+        registry.add(hubport("p", -5, None)).unwrap();
+        registry.set_link("p", false).unwrap();
+        assert!(!registry.info()[0].link_up);
+        assert_eq!(registry.info()[0].hubid, Some(-5));
+    }
+
+    #[test]
+    fn unavailable_types_create_nothing() {
+        let mut registry = Registry::default();
+        let nic = Netdev::from_keyval("nic,id=n0").unwrap();
+        assert_eq!(registry.add(nic).unwrap_err().to_string(), "network backend 'nic' is not compiled into this binary");
+        let vmnet = Netdev::from_keyval("vmnet-bridged,id=v,ifname=en0").unwrap();
+        assert!(registry.add(vmnet).unwrap_err().to_string().contains("only on macOS"));
+        // Validation comes before availability, so users get QEMU's messages first.
+        let dgram = Netdev::from_json(&serde_json::json!({"id": "d", "type": "dgram"})).unwrap();
+        assert_eq!(registry.add(dgram).unwrap_err().to_string(), "dgram requires local= parameter");
+        assert_eq!(registry.entries().count(), 0);
+        assert_eq!(registry.hubs().count(), 0);
+    }
+}
