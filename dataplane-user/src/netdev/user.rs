@@ -223,9 +223,7 @@ fn classful_mask(addr: u32) -> u32 {
         8
     } else if addr & 0xfff0_0000 == 0xac10_0000 {
         12
-    } else if addr & 0xc000_0000 == 0x8000_0000 {
-        16
-    } else if addr & 0xffff_0000 == 0xc0a8_0000 {
+    } else if addr & 0xc000_0000 == 0x8000_0000 || addr & 0xffff_0000 == 0xc0a8_0000 {
         16
     } else if addr & 0xffff_0000 == 0xc612_0000 {
         // Only 198.18.x.x is tested for, though the mask is /15.
