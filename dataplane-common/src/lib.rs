@@ -16,6 +16,8 @@ pub const ABI_VERSION: u32 = 1;
 pub mod maps {
     /// `HashMap<u32 /* ifindex */, PortConfig>`: every interface that is a hub port.
     pub const PORTS: &str = "PORTS";
+    /// `HashMap<i32 /* segment */, HubMembers>`: the ports a frame entering a segment goes to.
+    pub const HUBS: &str = "HUBS";
     /// `DevMapHash<u32 /* ifindex */>`: broadcast targets of the hub program.
     pub const HUB_TARGETS: &str = "HUB_TARGETS";
     /// `PerCpuHashMap<u32 /* ifindex */, PortCounters>`.
@@ -24,6 +26,9 @@ pub mod maps {
 
 /// Program names, as declared by the kernel programs.
 pub mod programs {
+    /// TC program attached to every hub port: floods a frame to the other ports with skb
+    /// redirects, which keep checksum-offload and GSO metadata.
+    pub const HUB_TC: &str = "hub_tc";
     /// XDP program attached to every hub port: floods a received frame to the other ports.
     pub const HUB_INGRESS: &str = "hub_ingress";
     /// Devmap egress program: keeps a broadcast inside the sender's hub.
@@ -32,6 +37,37 @@ pub mod programs {
 
 /// `PortConfig::flags`: the port's link is up (QEMU `set_link ... up=true`).
 pub const PORT_FLAG_LINK_UP: u32 = 1 << 0;
+
+/// Ports in one hub segment at most (a segment is a hub, or hubs joined port to port).
+pub const MAX_HUB_PORTS: usize = 64;
+
+/// `HubMember::flags`: the member's link is up.
+pub const MEMBER_LINK_UP: u32 = 1 << 0;
+/// `HubMember::flags`: deliver by redirecting to the interface's ingress (its hub-facing side is
+/// the daemon's fd, as for a tap in a Linux bridge) rather than transmitting on it.
+pub const MEMBER_DELIVER_INGRESS: u32 = 1 << 1;
+
+/// One destination of a hub segment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct HubMember {
+    pub ifindex: u32,
+    /// `MEMBER_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<HubMember>() == 8);
+
+/// All ports of a hub segment, written whole by the daemon so the kernel always sees a consistent
+/// set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct HubMembers {
+    /// Valid entries at the start of `members`.
+    pub count: u32,
+    pub _reserved: u32,
+    pub members: [HubMember; MAX_HUB_PORTS],
+}
+const _: () = assert!(size_of::<HubMembers>() == 8 + 8 * MAX_HUB_PORTS);
 
 /// Per-port configuration, keyed by ifindex.
 #[repr(C)]
@@ -61,11 +97,13 @@ pub enum DropReason {
     Runt = 1,
     /// The redirect helper refused the frame.
     RedirectFailed = 2,
+    /// No other port of the hub could take the frame.
+    NoDestination = 3,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 3;
-    pub const ALL: [Self; Self::COUNT] = [Self::LinkDown, Self::Runt, Self::RedirectFailed];
+    pub const COUNT: usize = 4;
+    pub const ALL: [Self; Self::COUNT] = [Self::LinkDown, Self::Runt, Self::RedirectFailed, Self::NoDestination];
 
     #[must_use]
     pub const fn name(self) -> &'static str {
@@ -73,6 +111,7 @@ impl DropReason {
             Self::LinkDown => "link-down",
             Self::Runt => "runt",
             Self::RedirectFailed => "redirect-failed",
+            Self::NoDestination => "no-destination",
         }
     }
 }
@@ -109,6 +148,8 @@ mod user {
     unsafe impl aya::Pod for super::PortConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PortCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::HubMembers {}
 }
 
 #[cfg(test)]
@@ -118,10 +159,10 @@ mod tests {
     #[test]
     fn counters_accumulate_every_field() {
         let mut sum = PortCounters::default();
-        let one = PortCounters { rx_packets: 1, rx_bytes: 2, tx_packets: 3, tx_bytes: 4, drops: [5, 6, 7] };
+        let one = PortCounters { rx_packets: 1, rx_bytes: 2, tx_packets: 3, tx_bytes: 4, drops: [5, 6, 7, 8] };
         sum.accumulate(&one);
         sum.accumulate(&one);
-        assert_eq!(sum, PortCounters { rx_packets: 2, rx_bytes: 4, tx_packets: 6, tx_bytes: 8, drops: [10, 12, 14] });
+        assert_eq!(sum, PortCounters { rx_packets: 2, rx_bytes: 4, tx_packets: 6, tx_bytes: 8, drops: [10, 12, 14, 16] });
     }
 
     #[test]

@@ -1,19 +1,27 @@
-//! In-kernel hub: QEMU's `hubport` semantics as XDP programs.
+//! In-kernel hub: QEMU's `hubport` semantics.
 //!
 //! A frame received on a port is flooded to every other port of the same hub and never back to its
-//! source. `hub_ingress` runs on every port's interface and broadcasts into `HUB_TARGETS` with
-//! `BPF_F_EXCLUDE_INGRESS`; `hub_egress`, the devmap program of every target, keeps the copy only if
-//! the target belongs to the sender's hub and its link is up.
+//! source; hubs are isolated from each other.
+//!
+//! * `hub_tc` (TC, the default path): floods with `bpf_clone_redirect` to all destinations but the
+//!   last and `bpf_redirect` to the last, so a two-port hub pays no clone. skb redirects keep
+//!   checksum-offload and GSO metadata, so TCP with default offloads works through the hub.
+//! * `hub_ingress`/`hub_egress` (XDP): a devmap broadcast with `BPF_F_EXCLUDE_INGRESS`, the devmap
+//!   program keeping each copy inside the sender's hub. Faster per frame, but an XDP redirect drops
+//!   checksum and GSO metadata, so it only suits traffic that carries none.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, xdp_action},
-    macros::{map, xdp},
+    bindings::{BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::bpf_redirect,
+    macros::{classifier, map, xdp},
     maps::{DevMapHash, HashMap, PerCpuHashMap},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
-use dataplane_common::{DropReason, PortConfig, PortCounters};
+use dataplane_common::{
+    DropReason, HubMember, HubMembers, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_LINK_UP, PortConfig, PortCounters,
+};
 
 /// Upper bound on hub ports on one host.
 const MAX_PORTS: u32 = 1024;
@@ -21,6 +29,9 @@ const ETH_HEADER_LEN: usize = 14;
 
 #[map(name = "PORTS")]
 static PORTS: HashMap<u32, PortConfig> = HashMap::with_max_entries(MAX_PORTS, 0);
+
+#[map(name = "HUBS")]
+static HUBS: HashMap<i32, HubMembers> = HashMap::with_max_entries(MAX_PORTS, 0);
 
 #[map(name = "HUB_TARGETS")]
 static HUB_TARGETS: DevMapHash = DevMapHash::with_max_entries(MAX_PORTS, 0);
@@ -62,6 +73,72 @@ fn count_drop(ifindex: u32, reason: DropReason) -> u32 {
         }
     }
     xdp_action::XDP_DROP
+}
+
+/// `TC_ACT_SHOT` after counting why.
+#[inline(always)]
+fn tc_drop(ifindex: u32, reason: DropReason) -> i32 {
+    count_drop(ifindex, reason);
+    TC_ACT_SHOT
+}
+
+/// Redirect flags for a destination: transmit on it, or inject as if received on it.
+#[inline(always)]
+const fn redirect_flags(member: &HubMember) -> u64 {
+    if member.flags & MEMBER_DELIVER_INGRESS != 0 { BPF_F_INGRESS as u64 } else { 0 }
+}
+
+#[classifier]
+pub fn hub_tc(ctx: TcContext) -> i32 {
+    // SAFETY: `skb` points at the kernel's `__sk_buff` for this run.
+    let source = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: read-only lookup; the kernel keeps the value alive for the program's run.
+    let Some(port) = (unsafe { PORTS.get(source) }) else {
+        // Not a hub port (any more): leave the frame alone.
+        return TC_ACT_OK;
+    };
+    if !port.link_up() {
+        return tc_drop(source, DropReason::LinkDown);
+    }
+    let len = ctx.len();
+    if (len as usize) < ETH_HEADER_LEN {
+        return tc_drop(source, DropReason::Runt);
+    }
+    count(source, Direction::Rx, u64::from(len));
+    // SAFETY: read-only lookup, as above.
+    let Some(hub) = (unsafe { HUBS.get(port.hub_id) }) else {
+        return tc_drop(source, DropReason::NoDestination);
+    };
+    // Clone to every destination but the last; the last takes the original skb.
+    let mut pending: Option<HubMember> = None;
+    for index in 0..MAX_HUB_PORTS {
+        if index >= hub.count as usize {
+            break;
+        }
+        let Some(member) = hub.members.get(index) else { break };
+        if member.ifindex == source {
+            continue;
+        }
+        if member.flags & MEMBER_LINK_UP == 0 {
+            count_drop(member.ifindex, DropReason::LinkDown);
+            continue;
+        }
+        if let Some(previous) = pending {
+            match ctx.clone_redirect(previous.ifindex, redirect_flags(&previous)) {
+                Ok(()) => count(previous.ifindex, Direction::Tx, u64::from(len)),
+                Err(_) => {
+                    count_drop(previous.ifindex, DropReason::RedirectFailed);
+                }
+            }
+        }
+        pending = Some(*member);
+    }
+    let Some(last) = pending else {
+        return tc_drop(source, DropReason::NoDestination);
+    };
+    count(last.ifindex, Direction::Tx, u64::from(len));
+    // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
+    unsafe { bpf_redirect(last.ifindex, redirect_flags(&last)) as i32 }
 }
 
 #[inline(always)]

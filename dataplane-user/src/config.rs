@@ -106,6 +106,8 @@ pub struct Settings {
     pub log_level: String,
     /// Created at start, in this order.
     pub netdevs: Vec<Netdev>,
+    /// The eBPF object to load instead of the embedded one.
+    pub bpf_object: Option<PathBuf>,
 }
 
 /// The command-line part of the settings.
@@ -114,6 +116,7 @@ pub struct Overrides {
     pub config: Option<PathBuf>,
     pub qmp: Vec<String>,
     pub netdevs: Vec<String>,
+    pub bpf_object: Option<PathBuf>,
 }
 
 impl Settings {
@@ -150,7 +153,13 @@ impl Settings {
         for text in &overrides.netdevs {
             netdevs.push(parse_keyval(text)?);
         }
-        Ok(Self { listen, max_message_bytes: file.qmp.max_message_bytes, log_level: file.log.level, netdevs })
+        Ok(Self {
+            listen,
+            max_message_bytes: file.qmp.max_message_bytes,
+            log_level: file.log.level,
+            netdevs,
+            bpf_object: overrides.bpf_object.clone(),
+        })
     }
 }
 

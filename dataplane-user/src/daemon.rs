@@ -1,17 +1,26 @@
-//! The daemon's shared state: the netdev graph, the event bus and the shutdown signal.
+//! The daemon's shared state: the netdev graph, the port devices, the kernel dataplane, the event
+//! bus and the shutdown signal.
 //!
-//! Every change to the graph goes through here, so that checking (pure, in [`Registry`]) and
-//! applying (kernel state, in later backends) stay in one place and in that order.
+//! Every change goes the same way: check it against the graph (pure), create what it needs
+//! (interfaces), plan the kernel state (pure), apply the difference; on any failure, undo the steps
+//! already taken, so bad input changes nothing.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::{collections::HashMap, sync::Arc};
 
 use bytes::Bytes;
+use dataplane_common::{DropReason, PortCounters};
+use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
+use tokio::sync::{Mutex, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    kernel::{
+        self, Forwarding, KernelError,
+        plan::{self, Device, Plan, PlanError},
+    },
     netdev::Netdev,
+    port::{self, FdSource, PortDevice, PortError, link::Netlink},
     qmp::{codec, protocol},
     registry::{NetdevInfo, Registry, RegistryError},
 };
@@ -34,66 +43,189 @@ impl ShutdownCause {
     }
 }
 
+/// An error of a daemon operation; `Display` is what the QMP client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Port(#[from] PortError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("netdev '{id}' needs the kernel dataplane, which is not loaded")]
+    NoDataplane { id: String },
+}
+
 /// Events queued for one slow client before it starts missing some.
 const EVENT_BACKLOG: usize = 1024;
 
+/// The kernel side: absent in unit tests that only exercise the graph.
+pub struct Kernel {
+    pub forwarding: Box<dyn Forwarding>,
+    pub netlink: Netlink,
+}
+
+struct State {
+    registry: Registry,
+    devices: HashMap<String, PortDevice>,
+    /// What the kernel holds now.
+    plan: Plan,
+    kernel: Option<Kernel>,
+}
+
+impl State {
+    fn device_map(&self) -> HashMap<String, Device> {
+        self.devices.iter().map(|(id, port)| (id.clone(), port.device.clone())).collect()
+    }
+
+    /// Plans the current graph and applies it; on failure the kernel is put back as it was.
+    fn replan(&mut self) -> Result<(), DaemonError> {
+        let next = plan::plan(&self.registry, &self.device_map())?;
+        if next == self.plan {
+            return Ok(());
+        }
+        let Some(kernel) = self.kernel.as_mut() else {
+            let id = next.ports.values().next().map(|p| p.hubport.clone()).unwrap_or_default();
+            return Err(DaemonError::NoDataplane { id });
+        };
+        if let Err(error) = kernel::apply(kernel.forwarding.as_mut(), &self.plan, &next) {
+            if let Err(undo) = kernel::apply(kernel.forwarding.as_mut(), &next, &self.plan) {
+                tracing::error!(%undo, "could not restore the previous kernel state");
+            }
+            return Err(error.into());
+        }
+        self.plan = next;
+        Ok(())
+    }
+}
+
+/// A row of `x-query-netdev-counters`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PortCountersInfo {
+    /// The hub port.
+    pub id: String,
+    /// The netdev whose interface carries it.
+    pub netdev: String,
+    pub ifname: String,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub drops: serde_json::Map<String, Value>,
+}
+
 pub struct Daemon {
-    registry: Mutex<Registry>,
+    state: Mutex<State>,
     /// Encoded event lines, fanned out to every negotiated client.
     events: broadcast::Sender<Bytes>,
     shutdown: CancellationToken,
 }
 
-impl Default for Daemon {
-    fn default() -> Self {
-        Self { registry: Mutex::default(), events: broadcast::channel(EVENT_BACKLOG).0, shutdown: CancellationToken::new() }
-    }
-}
-
 impl Daemon {
+    /// A daemon; without `kernel` only netdevs with no interface can be created.
     #[must_use]
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+    pub fn new(kernel: Option<Kernel>) -> Arc<Self> {
+        Arc::new(Self::with_kernel(kernel))
     }
 
-    fn registry(&self) -> MutexGuard<'_, Registry> {
-        // A panic while holding the lock cannot leave the graph half-changed: every mutation is
-        // checked first and then applied without fallible steps. So a poisoned lock is still sound.
-        self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    #[must_use]
+    pub fn with_kernel(kernel: Option<Kernel>) -> Self {
+        let state = State { registry: Registry::default(), devices: HashMap::new(), plan: Plan::default(), kernel };
+        Self { state: Mutex::new(state), events: broadcast::channel(EVENT_BACKLOG).0, shutdown: CancellationToken::new() }
     }
 
-    /// `netdev_add`: checks against the graph, then creates the netdev.
-    pub fn add_netdev(&self, netdev: Netdev) -> Result<(), RegistryError> {
+    /// `netdev_add`: check, create the interface, join the kernel hub — or change nothing.
+    pub async fn add_netdev(&self, netdev: Netdev, fds: &mut dyn FdSource) -> Result<(), DaemonError> {
+        let mut state = self.state.lock().await;
+        state.registry.check_add(&netdev)?;
         let id = netdev.id.clone();
         let kind = netdev.kind();
-        self.registry().add(netdev)?;
-        tracing::info!(netdev = %id, kind, "netdev added");
+        let device = match state.kernel.as_ref() {
+            Some(kernel) => port::create(&netdev, &kernel.netlink, fds).await?,
+            None if matches!(kind, "tap" | "bridge" | "af-xdp") => return Err(DaemonError::NoDataplane { id }),
+            None => None,
+        };
+        state.registry.add(netdev)?;
+        if let Some(device) = device {
+            state.devices.insert(id.clone(), device);
+        }
+        if let Err(error) = state.replan() {
+            let _ = state.registry.remove(&id);
+            if let (Some(device), Some(kernel)) = (state.devices.remove(&id), state.kernel.as_ref()) {
+                device.destroy(&kernel.netlink).await;
+            }
+            return Err(error);
+        }
+        let ifname = state.devices.get(&id).map(|d| d.device.ifname.clone());
+        tracing::info!(netdev = %id, kind, ifname, "netdev added");
         Ok(())
     }
 
-    /// `netdev_del`.
-    pub fn remove_netdev(&self, id: &str) -> Result<(), RegistryError> {
-        self.registry().remove(id)?;
-        tracing::info!(netdev = %id, "netdev deleted");
+    /// `netdev_del`: leave the hub, then remove what the netdev created.
+    pub async fn remove_netdev(&self, id: &str) -> Result<(), DaemonError> {
+        let mut state = self.state.lock().await;
+        let entry = state.registry.remove(id)?;
+        if let Err(error) = state.replan() {
+            // The netdev is gone from the graph either way; the kernel keeps what failed to go.
+            tracing::error!(netdev = %id, %error, "kernel state not fully updated after netdev_del");
+        }
+        if let Some(device) = state.devices.remove(id)
+            && let Some(kernel) = state.kernel.as_ref()
+        {
+            device.destroy(&kernel.netlink).await;
+        }
+        tracing::info!(netdev = %id, kind = entry.netdev.kind(), "netdev deleted");
         Ok(())
     }
 
-    /// `set_link`.
-    pub fn set_link(&self, id: &str, up: bool) -> Result<(), RegistryError> {
-        self.registry().set_link(id, up)?;
+    /// `set_link`: a map update in the kernel, never a program reload.
+    pub async fn set_link(&self, id: &str, up: bool) -> Result<(), DaemonError> {
+        let mut state = self.state.lock().await;
+        let was_up = state.registry.get(id).is_some_and(|e| e.link_up);
+        state.registry.set_link(id, up)?;
+        if let Err(error) = state.replan() {
+            let _ = state.registry.set_link(id, was_up);
+            return Err(error);
+        }
         tracing::info!(netdev = %id, up, "link state set");
         Ok(())
     }
 
-    #[must_use]
-    pub fn netdevs(&self) -> Vec<NetdevInfo> {
-        self.registry().info()
+    pub async fn netdevs(&self) -> Vec<NetdevInfo> {
+        let state = self.state.lock().await;
+        let mut infos = state.registry.info();
+        for info in &mut infos {
+            if let Some(device) = state.devices.get(&info.id) {
+                info.ifname = Some(device.device.ifname.clone());
+            }
+        }
+        infos
     }
 
     /// Whether `name` is a netdev (for `query-rx-filter`'s "isn't a NIC").
-    #[must_use]
-    pub fn has_netdev(&self, name: &str) -> bool {
-        self.registry().get(name).is_some()
+    pub async fn has_netdev(&self, name: &str) -> bool {
+        self.state.lock().await.registry.get(name).is_some()
+    }
+
+    /// Counters of every kernel port, or of the ports of netdev `id` (a hubport or its netdev).
+    pub async fn counters(&self, id: Option<&str>) -> Result<Vec<PortCountersInfo>, DaemonError> {
+        let state = self.state.lock().await;
+        if let Some(id) = id
+            && state.registry.get(id).is_none()
+        {
+            return Err(RegistryError::DeviceNotFound { id: id.to_owned() }.into());
+        }
+        let Some(kernel) = state.kernel.as_ref() else { return Ok(Vec::new()) };
+        Ok(state
+            .plan
+            .ports
+            .iter()
+            .filter(|(_, port)| id.is_none_or(|id| port.hubport == id || port.netdev == id))
+            .map(|(ifindex, port)| counters_info(port, &kernel.forwarding.counters(*ifindex)))
+            .collect())
     }
 
     /// Sends an event to every client that has completed capabilities negotiation.
@@ -122,13 +254,33 @@ impl Daemon {
         self.shutdown.cancel();
     }
 
-    /// Removes every netdev, newest first, so that peers are released before what they use.
-    pub fn tear_down(&self) {
-        let ids: Vec<String> = self.registry().entries().map(|e| e.netdev.id.clone()).collect();
+    /// Removes every netdev, newest first, so that ports leave their hubs before their netdevs go.
+    pub async fn tear_down(&self) {
+        let ids: Vec<String> = {
+            let state = self.state.lock().await;
+            state.registry.entries().map(|e| e.netdev.id.clone()).collect()
+        };
         for id in ids.iter().rev() {
-            if let Err(error) = self.remove_netdev(id) {
+            if let Err(error) = self.remove_netdev(id).await {
                 tracing::warn!(netdev = %id, %error, "could not remove netdev at shutdown");
             }
         }
+    }
+}
+
+fn counters_info(port: &plan::Port, counters: &PortCounters) -> PortCountersInfo {
+    let drops = DropReason::ALL
+        .iter()
+        .map(|reason| (reason.name().to_owned(), json!(counters.drops[*reason as usize])))
+        .collect();
+    PortCountersInfo {
+        id: port.hubport.clone(),
+        netdev: port.netdev.clone(),
+        ifname: port.ifname.clone(),
+        rx_packets: counters.rx_packets,
+        rx_bytes: counters.rx_bytes,
+        tx_packets: counters.tx_packets,
+        tx_bytes: counters.tx_bytes,
+        drops,
     }
 }

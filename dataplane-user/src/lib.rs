@@ -12,7 +12,9 @@
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod kernel;
 pub mod netdev;
+pub mod port;
 pub mod qapi;
 pub mod qmp;
 pub mod registry;

@@ -47,6 +47,9 @@ pub struct NetdevInfo {
     pub peer: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hubid: Option<i32>,
+    /// The interface the netdev brought, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
     /// The `netdev_add` arguments that created it.
     pub options: Value,
 }
@@ -65,7 +68,7 @@ fn check_available(netdev: &Netdev) -> Result<(), NetdevError> {
     let kind = netdev.kind();
     let unavailable = |why: &str| Err(NetdevError::Unavailable { id: id.clone(), kind, why: why.to_owned() });
     match &netdev.options {
-        NetdevOptions::Hubport(_) => Ok(()),
+        NetdevOptions::Hubport(_) | NetdevOptions::Tap(_) | NetdevOptions::Bridge(_) | NetdevOptions::AfXdp(_) => Ok(()),
         // QEMU refuses these in netdev_add with exactly this error.
         NetdevOptions::None(_) | NetdevOptions::Nic(_) => Err(NetdevError::NotCompiled { id, kind }),
         NetdevOptions::Netmap(_) => {
@@ -76,15 +79,12 @@ fn check_available(netdev: &Netdev) -> Result<(), NetdevError> {
         }
         NetdevOptions::Vde(_) => unavailable("netdevd has no VDE switch support"),
         NetdevOptions::User(_)
-        | NetdevOptions::Tap(_)
         | NetdevOptions::L2tpv3(_)
         | NetdevOptions::Socket(_)
         | NetdevOptions::Stream(_)
         | NetdevOptions::Dgram(_)
-        | NetdevOptions::Bridge(_)
         | NetdevOptions::VhostUser(_)
         | NetdevOptions::VhostVdpa(_)
-        | NetdevOptions::AfXdp(_)
         | NetdevOptions::Passt(_) => unavailable("its data path is not implemented in this version of netdevd"),
     }
 }
@@ -184,6 +184,7 @@ impl Registry {
                     NetdevOptions::Hubport(port) => Some(port.hubid),
                     _ => None,
                 },
+                ifname: None,
                 options: entry.netdev.to_json(),
             })
             .collect()

@@ -6,7 +6,9 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use dataplane::{
     config::{Overrides, Settings},
-    daemon::{Daemon, ShutdownCause},
+    daemon::{Daemon, Kernel, ShutdownCause},
+    kernel::ebpf::{EbpfDataplane, ObjectSource},
+    port::{NoFds, link::Netlink},
     qmp::server::{self, Listener},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -24,11 +26,14 @@ struct Args {
     /// A netdev to create at start, as QEMU's -netdev: TYPE,id=ID[,KEY=VALUE…] (repeatable).
     #[arg(long, value_name = "KEYVAL")]
     netdev: Vec<String>,
+    /// The eBPF object to load instead of the one built into netdevd.
+    #[arg(long, value_name = "FILE")]
+    bpf_object: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let overrides = Overrides { config: args.config, qmp: args.qmp, netdevs: args.netdev };
+    let overrides = Overrides { config: args.config, qmp: args.qmp, netdevs: args.netdev, bpf_object: args.bpf_object };
     let settings = Settings::load(&overrides)?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -43,11 +48,18 @@ fn main() -> Result<()> {
 }
 
 async fn run(settings: Settings) -> Result<()> {
-    let daemon = Daemon::new();
+    let source = match settings.bpf_object.clone() {
+        Some(path) => ObjectSource::File(path),
+        None => ObjectSource::default_source()
+            .context("this netdevd was built without the eBPF object: pass --bpf-object (run cargo xtask build-ebpf)")?,
+    };
+    let forwarding = EbpfDataplane::load(&source)?;
+    let netlink = Netlink::connect().context("cannot open a netlink socket")?;
+    let daemon = Daemon::new(Some(Kernel { forwarding: Box::new(forwarding), netlink }));
     for netdev in settings.netdevs {
         let id = netdev.id.clone();
-        if let Err(error) = daemon.add_netdev(netdev) {
-            daemon.tear_down();
+        if let Err(error) = daemon.add_netdev(netdev, &mut NoFds).await {
+            daemon.tear_down().await;
             bail!("-netdev {id}: {error}");
         }
     }
@@ -56,7 +68,7 @@ async fn run(settings: Settings) -> Result<()> {
         match Listener::bind(addr).await {
             Ok(listener) => listeners.push(listener),
             Err(error) => {
-                daemon.tear_down();
+                daemon.tear_down().await;
                 return Err(error.into());
             }
         }
@@ -81,7 +93,7 @@ async fn run(settings: Settings) -> Result<()> {
 
     server::serve(daemon.clone(), listeners, settings.max_message_bytes).await;
     signals.abort();
-    daemon.tear_down();
+    daemon.tear_down().await;
     tracing::info!("stopped");
     Ok(())
 }

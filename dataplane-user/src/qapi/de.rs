@@ -79,31 +79,51 @@ impl<'a> Input<'a> {
         if self.path.is_empty() { "null".to_owned() } else { self.path.clone() }
     }
 
+    /// The member's own name without its path, as `qapi-visit-core.c` reports bad enum values and
+    /// out-of-range integers (`name ? name : "null"`): `to` for `addr.to`, `null` for a list element.
+    fn bare_name(&self) -> String {
+        match self.path.rsplit('.').next() {
+            Some(last) if !last.is_empty() && !last.ends_with(']') => last.to_owned(),
+            _ => "null".to_owned(),
+        }
+    }
+
     fn present(&self) -> Result<&'a Value, QapiError> {
         self.value.ok_or_else(|| self.missing())
     }
 
+    /// An integer member: read as QEMU's `int64`/`uint64` visitors do, then range-checked for `T`
+    /// as `visit_type_intN`/`visit_type_uintN` do (`type_name` is QEMU's C type, `int32_t`…).
     fn integer<T: TryFrom<i128>>(&self, type_name: &'static str) -> Result<T, QapiError> {
         let value = self.present()?;
+        let unsigned = type_name.starts_with('u');
         let wide: i128 = match (self.mode, value) {
             (Mode::Json, Value::Number(n)) => match (n.as_i64(), n.as_u64()) {
+                // `qobject_input_type_uint64` takes a negative integer modulo 2^64 "for backward
+                // compatibility".
+                (Some(i), _) if unsigned => i128::from(i.cast_unsigned()),
                 (Some(i), _) => i128::from(i),
-                (None, Some(u)) => i128::from(u),
-                // QEMU parses integers beyond 64 bits as doubles, which are not integers.
-                _ => return Err(self.invalid_type("integer")),
+                (None, Some(u)) if unsigned => i128::from(u),
+                // Beyond the 64-bit range of the visitor (QEMU reads such numbers as doubles).
+                _ => return Err(self.not_an_integer(unsigned)),
             },
-            (Mode::Json, _) => return Err(self.invalid_type("integer")),
+            (Mode::Json, _) => return Err(self.not_an_integer(unsigned)),
             (Mode::Keyval, Value::String(s)) => {
-                parse_c_integer(s).ok_or_else(|| self.expects("integer"))?
+                keyval_integer(s, unsigned).ok_or_else(|| self.expects("integer"))?
             }
             (Mode::Keyval, _) => return Err(self.invalid_type("string")),
         };
-        T::try_from(wide).map_err(|_| self.expects(type_name))
+        T::try_from(wide).map_err(|_| QapiError::Expects { name: self.bare_name(), what: type_name })
+    }
+
+    /// JSON that is no integer: `qobject_input_type_int64` reports the type, `…_uint64` the value.
+    fn not_an_integer(&self, unsigned: bool) -> QapiError {
+        if unsigned { self.expects("uint64") } else { self.invalid_type("integer") }
     }
 
     fn size(&self) -> Result<u64, QapiError> {
         match (self.mode, self.present()?) {
-            (Mode::Keyval, Value::String(s)) => parse_size(s).ok_or_else(|| self.expects("a size")),
+            (Mode::Keyval, Value::String(s)) => parse_size(s).ok_or_else(|| self.expects("size")),
             _ => self.integer("uint64_t"),
         }
     }
@@ -155,6 +175,18 @@ fn parse_c_integer(s: &str) -> Option<i128> {
     }
     let magnitude = i128::from_str_radix(body, radix).ok()?;
     Some(if negative { -magnitude } else { magnitude })
+}
+
+/// `qemu_strtoi64`/`qemu_strtou64` (base 0) of a keyval value. Like `strtoull`, the unsigned form
+/// negates a leading minus modulo 2^64 (`-1` is 2^64 - 1).
+fn keyval_integer(s: &str, unsigned: bool) -> Option<i128> {
+    let value = parse_c_integer(s)?;
+    if unsigned {
+        let magnitude = u64::try_from(value.unsigned_abs()).ok()?;
+        Some(i128::from(if value < 0 { magnitude.wrapping_neg() } else { magnitude }))
+    } else {
+        i64::try_from(value).ok().map(i128::from)
+    }
 }
 
 /// `qemu_strtosz`: a byte count with an optional k/M/G/T/P/E suffix (binary multiples).
@@ -225,7 +257,7 @@ impl<'a> de::Deserializer<'a> for Input<'a> {
         match (self.mode, self.present()?) {
             (Mode::Json, Value::Number(n)) => visitor.visit_f64(n.as_f64().unwrap_or(f64::NAN)),
             (Mode::Keyval, Value::String(s)) => {
-                visitor.visit_f64(s.parse().map_err(|_| self.expects("number"))?)
+                visitor.visit_f64(s.parse().map_err(|_| self.invalid_type("number"))?)
             }
             _ => Err(self.invalid_type("number")),
         }
@@ -335,7 +367,7 @@ impl<'a> de::Deserializer<'a> for Input<'a> {
             // A QAPI enum: the value names a unit variant.
             (Value::String(s), false) => {
                 if !variants.contains(&s.as_str()) {
-                    return Err(QapiError::BadEnumValue { name: self.path_or_null(), value: s.clone() });
+                    return Err(QapiError::BadEnumValue { name: self.bare_name(), value: s.clone() });
                 }
                 visitor.visit_enum(Variant { tag: s, is_union: false, parent: self })
             }
@@ -345,7 +377,7 @@ impl<'a> de::Deserializer<'a> for Input<'a> {
                 let tag = tag_input.string()?;
                 if !variants.contains(&tag) {
                     return Err(QapiError::BadEnumValue {
-                        name: tag_input.path_or_null(),
+                        name: tag_input.bare_name(),
                         value: tag.to_owned(),
                     });
                 }
@@ -589,6 +621,13 @@ mod tests {
         assert_eq!(json_err(json!({"hubid": 1.5})), "Invalid parameter type for 'hubid', expected: integer");
         assert_eq!(json_err(json!({"hubid": 2_147_483_648_i64})), "Parameter 'hubid' expects int32_t");
         assert_eq!(from_json::<Outer>(&json!({"hubid": -1})).unwrap().hubid, -1);
+        assert_eq!(json_err(json!({"hubid": u64::MAX})), "Invalid parameter type for 'hubid', expected: integer");
+        // Unsigned members: a non-integer is a bad *value*, a negative one wraps modulo 2^64.
+        let addr = |to: serde_json::Value| json!({"hubid": 0, "addr": {"type": "inet", "host": "h", "port": "1", "to": to}});
+        assert_eq!(json_err(addr(json!("x"))), "Parameter 'addr.to' expects uint64");
+        assert_eq!(json_err(addr(json!(1.5))), "Parameter 'addr.to' expects uint64");
+        assert_eq!(json_err(addr(json!(-1))), "Parameter 'to' expects uint16_t");
+        assert_eq!(from_json::<Outer>(&json!({"hubid": 0, "size": -1})).unwrap().size, Some(Size(u64::MAX)));
     }
 
     #[test]
@@ -605,13 +644,14 @@ mod tests {
     #[test]
     fn flat_unions() {
         assert_eq!(json_err(json!({"hubid": 0, "addr": {}})), "Parameter 'addr.type' is missing");
-        assert_eq!(json_err(json!({"hubid": 0, "addr": {"type": "x"}})), "Parameter 'addr.type' does not accept value 'x'");
+        // Bad enum values and out-of-range integers name the member alone (`qapi-visit-core.c`).
+        assert_eq!(json_err(json!({"hubid": 0, "addr": {"type": "x"}})), "Parameter 'type' does not accept value 'x'");
         assert_eq!(json_err(json!({"hubid": 0, "addr": {"type": "inet", "host": "h"}})), "Parameter 'addr.port' is missing");
         assert_eq!(
             json_err(json!({"hubid": 0, "addr": {"type": "inet", "host": "h", "port": "1", "x": 1}})),
             "Parameter 'addr.x' is unexpected"
         );
-        assert_eq!(json_err(json!({"hubid": 0, "addr": {"type": "inet", "host": "h", "port": "1", "to": 70000}})), "Parameter 'addr.to' expects uint16_t");
+        assert_eq!(json_err(json!({"hubid": 0, "addr": {"type": "inet", "host": "h", "port": "1", "to": 70000}})), "Parameter 'to' expects uint16_t");
         // A union must be an object, an enum a string, whatever the value.
         assert_eq!(json_err(json!({"hubid": 0, "addr": "inet"})), "Invalid parameter type for 'addr', expected: object");
         assert_eq!(json_err(json!({"hubid": 0, "addr": 1})), "Invalid parameter type for 'addr', expected: object");
@@ -633,6 +673,12 @@ mod tests {
         assert_eq!(keyval(json!({"hubid": "x"})).unwrap_err().to_string(), "Parameter 'hubid' expects integer");
         assert_eq!(keyval(json!({"hubid": "1", "flag": "maybe"})).unwrap_err().to_string(), "Parameter 'flag' expects 'on' or 'off'");
         assert_eq!(keyval(json!({"hubid": "99999999999"})).unwrap_err().to_string(), "Parameter 'hubid' expects int32_t");
+        // Beyond 64 bits `qemu_strtoi64` itself fails.
+        assert_eq!(keyval(json!({"hubid": "99999999999999999999"})).unwrap_err().to_string(), "Parameter 'hubid' expects integer");
+        assert_eq!(keyval(json!({"hubid": "0", "size": "1x"})).unwrap_err().to_string(), "Parameter 'size' expects size");
+        assert_eq!(keyval_integer("-1", true), Some(i128::from(u64::MAX)));
+        assert_eq!(keyval_integer("-1", false), Some(-1));
+        assert_eq!(keyval_integer("18446744073709551616", true), None);
     }
 
     #[test]

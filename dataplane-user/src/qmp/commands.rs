@@ -10,7 +10,7 @@ use super::{
     session::Session,
 };
 use crate::{
-    daemon::{Daemon, ShutdownCause},
+    daemon::{Daemon, DaemonError, ShutdownCause},
     netdev::Netdev,
     qapi::{self, QapiError},
     registry::RegistryError,
@@ -31,6 +31,7 @@ pub const ALL: &[&str] = &[
     "closefd",
     "quit",
     "x-query-netdevs",
+    "x-query-netdev-counters",
 ];
 
 #[must_use]
@@ -43,7 +44,7 @@ pub fn exists(name: &str) -> bool {
 pub fn implied_key(name: &str) -> Option<&'static str> {
     match name {
         "netdev_add" => Some("type"),
-        "netdev_del" => Some("id"),
+        "netdev_del" | "x-query-netdev-counters" => Some("id"),
         "set_link" | "query-rx-filter" => Some("name"),
         "getfd" | "closefd" => Some("fdname"),
         _ => None,
@@ -64,10 +65,10 @@ pub fn arguments_from_keyval(name: &str, text: &str) -> Result<Value, String> {
     }
 }
 
-impl From<RegistryError> for QmpError {
-    fn from(error: RegistryError) -> Self {
+impl From<DaemonError> for QmpError {
+    fn from(error: DaemonError) -> Self {
         match error {
-            RegistryError::DeviceNotFound { .. } => Self::device_not_found(error.to_string()),
+            DaemonError::Registry(RegistryError::DeviceNotFound { .. }) => Self::device_not_found(error.to_string()),
             _ => Self::generic(error.to_string()),
         }
     }
@@ -108,6 +109,11 @@ struct FdNameArgs {
 #[derive(Deserialize)]
 struct NoArgs {}
 
+#[derive(Deserialize)]
+struct CountersArgs {
+    id: Option<String>,
+}
+
 /// Runs a command for a session that passed negotiation checks.
 pub async fn execute(daemon: &Daemon, session: &mut Session, name: &str, arguments: &Value) -> Result<Value, QmpError> {
     let empty = json!({});
@@ -133,17 +139,17 @@ pub async fn execute(daemon: &Daemon, session: &mut Session, name: &str, argumen
         }
         "netdev_add" => {
             let netdev = Netdev::from_json(arguments).map_err(|e| QmpError::generic(e.to_string()))?;
-            daemon.add_netdev(netdev)?;
+            daemon.add_netdev(netdev, session).await?;
             Ok(empty)
         }
         "netdev_del" => {
             let args: IdArgs = qapi::from_json(arguments)?;
-            daemon.remove_netdev(&args.id)?;
+            daemon.remove_netdev(&args.id).await?;
             Ok(empty)
         }
         "set_link" => {
             let args: SetLinkArgs = qapi::from_json(arguments)?;
-            daemon.set_link(&args.name, args.up)?;
+            daemon.set_link(&args.name, args.up).await?;
             Ok(empty)
         }
         "query-rx-filter" => {
@@ -151,7 +157,7 @@ pub async fn execute(daemon: &Daemon, session: &mut Session, name: &str, argumen
             match args.name {
                 // No netdev type with a receive filter exists yet, so there is nothing to list.
                 None => Ok(json!([])),
-                Some(name) if daemon.has_netdev(&name) => {
+                Some(name) if daemon.has_netdev(&name).await => {
                     Err(QmpError::generic(format!("net client({name}) isn't a NIC")))
                 }
                 Some(name) => Err(QmpError::generic(format!("invalid net client name: {name}"))),
@@ -174,7 +180,12 @@ pub async fn execute(daemon: &Daemon, session: &mut Session, name: &str, argumen
         }
         "x-query-netdevs" => {
             qapi::from_json::<NoArgs>(arguments)?;
-            serde_json::to_value(daemon.netdevs()).map_err(|e| QmpError::generic(e.to_string()))
+            serde_json::to_value(daemon.netdevs().await).map_err(|e| QmpError::generic(e.to_string()))
+        }
+        "x-query-netdev-counters" => {
+            let args: CountersArgs = qapi::from_json(arguments)?;
+            let counters = daemon.counters(args.id.as_deref()).await?;
+            serde_json::to_value(counters).map_err(|e| QmpError::generic(e.to_string()))
         }
         _ => Err(QmpError::command_not_found(format!("The command {name} has not been found"))),
     }
@@ -186,7 +197,7 @@ mod tests {
     use crate::qmp::session::Transport;
 
     async fn negotiated() -> (Daemon, Session) {
-        let daemon = Daemon::default();
+        let daemon = Daemon::with_kernel(None);
         let mut session = Session::new(Transport::Unix);
         session.negotiate(false);
         (daemon, session)
@@ -229,7 +240,7 @@ mod tests {
 
     #[tokio::test]
     async fn capabilities_and_unknown_commands() {
-        let daemon = Daemon::default();
+        let daemon = Daemon::with_kernel(None);
         let mut s = Session::new(Transport::Unix);
         let e = call(&daemon, &mut s, QMP_CAPABILITIES, json!({"enable": ["foo"]})).await.unwrap_err();
         assert_eq!(e.desc, "Parameter 'null' does not accept value 'foo'");

@@ -198,6 +198,12 @@ impl Session {
     }
 }
 
+impl crate::port::FdSource for Session {
+    fn take_fd(&mut self, param: &str) -> Result<FdParam, QmpError> {
+        Session::take_fd(self, param)
+    }
+}
+
 /// A resolved fd parameter.
 #[derive(Debug)]
 pub enum FdParam {
@@ -223,7 +229,7 @@ mod tests {
 
     #[tokio::test]
     async fn negotiation() {
-        let daemon = Daemon::default();
+        let daemon = Daemon::with_kernel(None);
         let mut session = Session::new(Transport::Unix);
         let r = run(&mut session, &daemon, json!({"execute": "query-version"})).await;
         assert_eq!(r["error"]["class"], "CommandNotFound");
@@ -237,7 +243,7 @@ mod tests {
 
     #[tokio::test]
     async fn request_shape_errors() {
-        let daemon = Daemon::default();
+        let daemon = Daemon::with_kernel(None);
         let mut session = Session::new(Transport::Unix);
         let cases = [
             (json!([1]), "QMP input must be a JSON object"),
@@ -261,7 +267,7 @@ mod tests {
 
     #[tokio::test]
     async fn getfd_without_fd() {
-        let daemon = Daemon::default();
+        let daemon = Daemon::with_kernel(None);
         let mut session = Session::new(Transport::Unix);
         session.negotiate(false);
         let r = run(&mut session, &daemon, json!({"execute": "getfd", "arguments": {"fdname": "f"}})).await;
@@ -278,7 +284,7 @@ mod tests {
 
     #[tokio::test]
     async fn getfd_names_received_fd() {
-        let daemon = Daemon::default();
+        let daemon = Daemon::with_kernel(None);
         let mut session = Session::new(Transport::Unix);
         session.negotiate(false);
         let file = std::fs::File::open("/dev/null").unwrap();

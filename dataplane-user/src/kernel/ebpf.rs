@@ -1,0 +1,147 @@
+//! [`Forwarding`] on the real kernel: the `dataplane-ebpf` object loaded with aya.
+
+use std::collections::HashMap;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues},
+    programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions, tc::SchedClassifierLinkId},
+    util::nr_cpus,
+};
+use dataplane_common::{HubMember, HubMembers, MAX_HUB_PORTS, PortConfig, PortCounters, maps, programs};
+
+use super::{Forwarding, KernelError, plan::Hook};
+
+/// Where the object comes from.
+#[derive(Debug, Clone)]
+pub enum ObjectSource {
+    /// Built into the daemon at compile time.
+    Embedded,
+    File(std::path::PathBuf),
+}
+
+impl ObjectSource {
+    /// The embedded object if this build has one, else nothing.
+    #[must_use]
+    pub fn default_source() -> Option<Self> {
+        cfg!(embedded_bpf).then_some(Self::Embedded)
+    }
+}
+
+#[cfg(embedded_bpf)]
+static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("NETDEVD_BPF_OBJECT_PATH"));
+#[cfg(not(embedded_bpf))]
+static EMBEDDED_OBJECT: &[u8] = &[];
+
+pub struct EbpfDataplane {
+    /// Owns the programs and links; dropping it detaches every port.
+    ebpf: Ebpf,
+    ports: BpfHashMap<MapData, u32, PortConfig>,
+    hubs: BpfHashMap<MapData, i32, HubMembers>,
+    counters: PerCpuHashMap<MapData, u32, PortCounters>,
+    links: HashMap<u32, SchedClassifierLinkId>,
+    cpus: usize,
+}
+
+fn boxed(error: impl std::error::Error + Send + Sync + 'static) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(error)
+}
+
+impl EbpfDataplane {
+    pub fn load(source: &ObjectSource) -> Result<Self, KernelError> {
+        let (name, loaded) = match source {
+            ObjectSource::Embedded => ("<embedded>".to_owned(), EbpfLoader::new().load(EMBEDDED_OBJECT)),
+            ObjectSource::File(path) => (path.display().to_string(), EbpfLoader::new().load_file(path)),
+        };
+        let load_error = |source| KernelError::Load { path: name.clone(), source };
+        let mut ebpf = loaded.map_err(|e| load_error(boxed(e)))?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(programs::HUB_TC)
+            .ok_or_else(|| load_error("the object has no hub_tc program".into()))?
+            .try_into()
+            .map_err(|e| load_error(boxed(e)))?;
+        program.load().map_err(|e| load_error(boxed(e)))?;
+        let mut take = |map: &'static str| {
+            ebpf.take_map(map).ok_or_else(|| load_error(format!("the object has no {map} map").into()))
+        };
+        let ports = BpfHashMap::try_from(take(maps::PORTS)?).map_err(|e| load_error(boxed(e)))?;
+        let hubs = BpfHashMap::try_from(take(maps::HUBS)?).map_err(|e| load_error(boxed(e)))?;
+        let counters = PerCpuHashMap::try_from(take(maps::PORT_COUNTERS)?).map_err(|e| load_error(boxed(e)))?;
+        let cpus = nr_cpus().map_err(|(_, e)| load_error(boxed(e)))?;
+        Ok(Self { ebpf, ports, hubs, counters, links: HashMap::new(), cpus })
+    }
+
+    fn program(&mut self) -> &mut SchedClassifier {
+        // `load` checked that the program exists and has this type.
+        self.ebpf
+            .program_mut(programs::HUB_TC)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+            .expect("hub_tc was checked at load")
+    }
+}
+
+impl Forwarding for EbpfDataplane {
+    fn attach(&mut self, ifindex: u32, ifname: &str, hook: Hook) -> Result<(), KernelError> {
+        let attach_type = match hook {
+            Hook::Ingress => TcAttachType::Ingress,
+            Hook::Egress => TcAttachType::Egress,
+        };
+        // TCX (kernel ≥ 6.6): a link per interface, gone with the interface or the daemon.
+        let link = self
+            .program()
+            .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(|e| KernelError::Attach { ifname: ifname.to_owned(), source: boxed(e) })?;
+        self.links.insert(ifindex, link);
+        Ok(())
+    }
+
+    fn detach(&mut self, ifindex: u32) {
+        if let Some(link) = self.links.remove(&ifindex)
+            && let Err(error) = self.program().detach(link)
+        {
+            // The interface may already be gone, which detaches the link by itself.
+            tracing::debug!(ifindex, %error, "detach");
+        }
+    }
+
+    fn set_port(&mut self, ifindex: u32, config: PortConfig) -> Result<(), KernelError> {
+        if self.counters.get(&ifindex, 0).is_err() {
+            let zeroes = PerCpuValues::try_from(vec![PortCounters::default(); self.cpus])
+                .map_err(|e| KernelError::Map { map: maps::PORT_COUNTERS, source: boxed(e) })?;
+            self.counters
+                .insert(ifindex, zeroes, 0)
+                .map_err(|e| KernelError::Map { map: maps::PORT_COUNTERS, source: boxed(e) })?;
+        }
+        self.ports.insert(ifindex, config, 0).map_err(|e| KernelError::Map { map: maps::PORTS, source: boxed(e) })
+    }
+
+    fn remove_port(&mut self, ifindex: u32) {
+        let _ = self.ports.remove(&ifindex);
+        let _ = self.counters.remove(&ifindex);
+    }
+
+    fn set_segment(&mut self, segment: i32, members: &[HubMember]) -> Result<(), KernelError> {
+        let mut value = HubMembers { count: 0, _reserved: 0, members: [HubMember::default(); MAX_HUB_PORTS] };
+        for (slot, member) in value.members.iter_mut().zip(members) {
+            *slot = *member;
+        }
+        value.count = u32::try_from(members.len().min(MAX_HUB_PORTS)).unwrap_or(0);
+        self.hubs.insert(segment, value, 0).map_err(|e| KernelError::Map { map: maps::HUBS, source: boxed(e) })
+    }
+
+    fn remove_segment(&mut self, segment: i32) {
+        let _ = self.hubs.remove(&segment);
+    }
+
+    fn counters(&self, ifindex: u32) -> PortCounters {
+        self.counters.get(&ifindex, 0).map_or_else(
+            |_| PortCounters::default(),
+            |per_cpu| {
+                per_cpu.iter().fold(PortCounters::default(), |mut sum, cpu| {
+                    sum.accumulate(cpu);
+                    sum
+                })
+            },
+        )
+    }
+}

@@ -1,0 +1,209 @@
+//! The kernel side: the planner ([`plan`]), the interface to the loaded eBPF object
+//! ([`Forwarding`], implemented by [`ebpf::EbpfDataplane`]) and the step that moves the kernel
+//! from one plan to the next ([`apply`]).
+
+pub mod ebpf;
+pub mod plan;
+
+use std::collections::BTreeSet;
+
+use dataplane_common::{HubMember, PortConfig, PortCounters};
+
+use self::plan::{Hook, Plan};
+
+/// An error from the kernel dataplane, naming the interface it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("cannot load the eBPF object {path}")]
+    Load {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot attach the hub program to {ifname}")]
+    Attach {
+        ifname: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot update BPF map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// What the daemon asks of the loaded programs and maps. A fake implements it in tests.
+pub trait Forwarding: Send + Sync {
+    /// Attaches the hub program to `ifindex` at `hook`.
+    fn attach(&mut self, ifindex: u32, ifname: &str, hook: Hook) -> Result<(), KernelError>;
+    /// Detaches it; a vanished interface is not an error.
+    fn detach(&mut self, ifindex: u32);
+    fn set_port(&mut self, ifindex: u32, config: PortConfig) -> Result<(), KernelError>;
+    fn remove_port(&mut self, ifindex: u32);
+    fn set_segment(&mut self, segment: i32, members: &[HubMember]) -> Result<(), KernelError>;
+    fn remove_segment(&mut self, segment: i32);
+    /// Counters of `ifindex` summed over CPUs (zero if it is not a port).
+    fn counters(&self, ifindex: u32) -> PortCounters;
+}
+
+/// Moves the kernel from `old` to `new`. New ports get their map entries before their program, and
+/// leaving ports drop out of every member list before their program goes, so no frame is ever
+/// redirected to a port the kernel does not know.
+pub fn apply(kernel: &mut dyn Forwarding, old: &Plan, new: &Plan) -> Result<(), KernelError> {
+    for (ifindex, port) in &new.ports {
+        if old.ports.get(ifindex).map(plan::Port::config) != Some(port.config()) {
+            kernel.set_port(*ifindex, port.config())?;
+        }
+    }
+    for (segment, members) in &new.segments {
+        if old.segments.get(segment) != Some(members) {
+            kernel.set_segment(*segment, members)?;
+        }
+    }
+    let old_segments: BTreeSet<_> = old.segments.keys().collect();
+    for segment in old_segments {
+        if !new.segments.contains_key(segment) {
+            kernel.remove_segment(*segment);
+        }
+    }
+    for (ifindex, port) in &new.ports {
+        let previous = old.ports.get(ifindex);
+        if previous.map(|p| p.hook) != Some(port.hook) {
+            if previous.is_some() {
+                kernel.detach(*ifindex);
+            }
+            kernel.attach(*ifindex, &port.ifname, port.hook)?;
+        }
+    }
+    for ifindex in old.ports.keys() {
+        if !new.ports.contains_key(ifindex) {
+            kernel.detach(*ifindex);
+            kernel.remove_port(*ifindex);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! An in-memory [`Forwarding`] that records the kernel state it would hold.
+
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[derive(Debug, Default, PartialEq, Eq)]
+    pub struct FakeKernel {
+        pub attached: BTreeMap<u32, Hook>,
+        pub ports: BTreeMap<u32, PortConfig>,
+        pub segments: BTreeMap<i32, Vec<HubMember>>,
+        /// Interfaces whose attach fails.
+        pub broken: BTreeSet<u32>,
+    }
+
+    impl Forwarding for FakeKernel {
+        fn attach(&mut self, ifindex: u32, ifname: &str, hook: Hook) -> Result<(), KernelError> {
+            if self.broken.contains(&ifindex) {
+                return Err(KernelError::Attach { ifname: ifname.to_owned(), source: "broken".into() });
+            }
+            self.attached.insert(ifindex, hook);
+            Ok(())
+        }
+
+        fn detach(&mut self, ifindex: u32) {
+            self.attached.remove(&ifindex);
+        }
+
+        fn set_port(&mut self, ifindex: u32, config: PortConfig) -> Result<(), KernelError> {
+            self.ports.insert(ifindex, config);
+            Ok(())
+        }
+
+        fn remove_port(&mut self, ifindex: u32) {
+            self.ports.remove(&ifindex);
+        }
+
+        fn set_segment(&mut self, segment: i32, members: &[HubMember]) -> Result<(), KernelError> {
+            self.segments.insert(segment, members.to_vec());
+            Ok(())
+        }
+
+        fn remove_segment(&mut self, segment: i32) {
+            self.segments.remove(&segment);
+        }
+
+        fn counters(&self, _ifindex: u32) -> PortCounters {
+            PortCounters::default()
+        }
+    }
+
+    impl FakeKernel {
+        /// The state `plan` should produce from nothing.
+        pub fn holds(&self, plan: &Plan) -> bool {
+            self.ports == plan.ports.iter().map(|(i, p)| (*i, p.config())).collect()
+                && self.attached == plan.ports.iter().map(|(i, p)| (*i, p.hook)).collect()
+                && self.segments == plan.segments
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::{fake::FakeKernel, plan::*, *};
+    use crate::{netdev::Netdev, registry::Registry};
+
+    fn add(registry: &mut Registry, spec: &str) {
+        registry.add(Netdev::from_keyval(spec).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn apply_reaches_every_plan_and_back() {
+        let mut registry = Registry::default();
+        let mut devices = HashMap::new();
+        let mut kernel = FakeKernel::default();
+        let mut current = Plan::default();
+        // (netdev, the interface it brings)
+        type Step<'a> = (&'a str, Option<(&'a str, u32, HubSide)>);
+        let steps: &[Step] = &[
+            ("af-xdp,id=a,ifname=x", Some(("a", 4, HubSide::Interface))),
+            ("hubport,id=pa,hubid=0,netdev=a", None),
+            ("bridge,id=b", Some(("b", 5, HubSide::Fd))),
+            ("hubport,id=pb,hubid=0,netdev=b", None),
+        ];
+        for (spec, device) in steps {
+            add(&mut registry, spec);
+            if let Some((id, ifindex, side)) = device {
+                devices.insert((*id).to_owned(), Device { ifindex: *ifindex, ifname: format!("if{ifindex}"), hub_side: *side });
+            }
+            let next = plan(&registry, &devices).unwrap();
+            apply(&mut kernel, &current, &next).unwrap();
+            assert!(kernel.holds(&next));
+            current = next;
+        }
+        assert_eq!(kernel.attached[&5], Hook::Egress);
+        registry.set_link("pb", false).unwrap();
+        let next = plan(&registry, &devices).unwrap();
+        apply(&mut kernel, &current, &next).unwrap();
+        assert!(kernel.holds(&next));
+        let empty = Plan::default();
+        apply(&mut kernel, &next, &empty).unwrap();
+        assert_eq!(kernel, FakeKernel::default());
+    }
+
+    #[test]
+    fn failed_attach_can_be_rolled_back() {
+        let mut registry = Registry::default();
+        add(&mut registry, "af-xdp,id=a,ifname=x");
+        add(&mut registry, "hubport,id=pa,hubid=3,netdev=a");
+        let devices = HashMap::from([("a".to_owned(), Device { ifindex: 9, ifname: "x".into(), hub_side: HubSide::Interface })]);
+        let mut kernel = FakeKernel { broken: BTreeSet::from([9]), ..FakeKernel::default() };
+        let next = plan(&registry, &devices).unwrap();
+        assert!(apply(&mut kernel, &Plan::default(), &next).is_err());
+        apply(&mut kernel, &next, &Plan::default()).unwrap();
+        assert_eq!(kernel, FakeKernel { broken: BTreeSet::from([9]), ..FakeKernel::default() });
+    }
+}

@@ -1,0 +1,250 @@
+//! The planner: netdev graph → the kernel state that forwards it. Pure; no I/O.
+//!
+//! A hub port whose `netdev=` has an interface becomes a kernel port. Hubs joined port to port
+//! (`hubport,hubid=B,netdev=<a port of hub A>`) flood into each other, so they form one
+//! *segment* and the kernel sees one member list; a downed joining port splits them again.
+
+use std::collections::{BTreeMap, HashMap};
+
+use dataplane_common::{HubMember, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_LINK_UP, PORT_FLAG_LINK_UP, PortConfig};
+
+use crate::{netdev::NetdevOptions, registry::Registry};
+
+/// Which side of an interface faces the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubSide {
+    /// The interface itself (a tap whose fd a VMM holds, a veth, an uplink): frames from it are
+    /// seen at its ingress hook; frames for it are transmitted on it.
+    Interface,
+    /// The daemon's fd (a tap in a Linux bridge): frames from it are seen at its egress hook;
+    /// frames for it are injected at its ingress, as if written to the fd.
+    Fd,
+}
+
+/// The interface a netdev brought with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub ifindex: u32,
+    pub ifname: String,
+    pub hub_side: HubSide,
+}
+
+/// Where the hub program is attached on a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+/// One kernel port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    /// The hubport netdev.
+    pub hubport: String,
+    /// The netdev whose interface this is.
+    pub netdev: String,
+    pub ifname: String,
+    pub segment: i32,
+    pub link_up: bool,
+    pub hook: Hook,
+    pub deliver_ingress: bool,
+}
+
+impl Port {
+    #[must_use]
+    pub const fn config(&self) -> PortConfig {
+        PortConfig { hub_id: self.segment, flags: if self.link_up { PORT_FLAG_LINK_UP } else { 0 } }
+    }
+
+    #[must_use]
+    pub const fn member(&self, ifindex: u32) -> HubMember {
+        let mut flags = 0;
+        if self.link_up {
+            flags |= MEMBER_LINK_UP;
+        }
+        if self.deliver_ingress {
+            flags |= MEMBER_DELIVER_INGRESS;
+        }
+        HubMember { ifindex, flags }
+    }
+}
+
+/// Everything the kernel needs: ports by ifindex, member lists by segment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ports: BTreeMap<u32, Port>,
+    pub segments: BTreeMap<i32, Vec<HubMember>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("hub {hubid} would have more than {MAX_HUB_PORTS} ports with interfaces")]
+    HubFull { hubid: i32 },
+    #[error("interface {ifname} is already a port of hub {hubid} through '{other}'")]
+    InterfaceTwice { ifname: String, hubid: i32, other: String },
+}
+
+/// Union-find over hub ids, smallest id as representative.
+#[derive(Default)]
+struct Segments(HashMap<i32, i32>);
+
+impl Segments {
+    fn find(&mut self, hub: i32) -> i32 {
+        let parent = *self.0.entry(hub).or_insert(hub);
+        if parent == hub {
+            return hub;
+        }
+        let root = self.find(parent);
+        self.0.insert(hub, root);
+        root
+    }
+
+    fn join(&mut self, a: i32, b: i32) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        let (low, high) = if ra < rb { (ra, rb) } else { (rb, ra) };
+        self.0.insert(high, low);
+    }
+}
+
+/// Computes the kernel state for `registry`, given the interfaces of the netdevs that have one.
+pub fn plan(registry: &Registry, devices: &HashMap<String, Device>) -> Result<Plan, PlanError> {
+    let hub_of = |id: &str| match registry.get(id).map(|e| &e.netdev.options) {
+        Some(NetdevOptions::Hubport(port)) => Some(port.hubid),
+        _ => None,
+    };
+    let mut segments = Segments::default();
+    for entry in registry.entries() {
+        let (Some(hub), Some(peer)) = (hub_of(&entry.netdev.id), entry.peer.as_deref()) else { continue };
+        let (Some(peer_hub), Some(peer_entry)) = (hub_of(peer), registry.get(peer)) else { continue };
+        // A downed port cuts the hub-to-hub segment, as in QEMU.
+        if entry.link_up && peer_entry.link_up {
+            segments.join(hub, peer_hub);
+        }
+    }
+
+    let mut plan = Plan::default();
+    for entry in registry.entries() {
+        let Some(hub) = hub_of(&entry.netdev.id) else { continue };
+        let Some(netdev) = entry.peer.as_deref() else { continue };
+        let (Some(device), Some(peer_entry)) = (devices.get(netdev), registry.get(netdev)) else { continue };
+        if let Some(other) = plan.ports.get(&device.ifindex) {
+            return Err(PlanError::InterfaceTwice {
+                ifname: device.ifname.clone(),
+                hubid: hub,
+                other: other.hubport.clone(),
+            });
+        }
+        let port = Port {
+            hubport: entry.netdev.id.clone(),
+            netdev: netdev.to_owned(),
+            ifname: device.ifname.clone(),
+            segment: segments.find(hub),
+            // A downed netdev neither sends nor receives; a downed port cuts its segment.
+            link_up: entry.link_up && peer_entry.link_up,
+            hook: match device.hub_side {
+                HubSide::Interface => Hook::Ingress,
+                HubSide::Fd => Hook::Egress,
+            },
+            deliver_ingress: device.hub_side == HubSide::Fd,
+        };
+        let members = plan.segments.entry(port.segment).or_default();
+        if members.len() >= MAX_HUB_PORTS {
+            return Err(PlanError::HubFull { hubid: hub });
+        }
+        members.push(port.member(device.ifindex));
+        plan.ports.insert(device.ifindex, port);
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netdev::Netdev;
+
+    fn registry(specs: &[&str]) -> Registry {
+        let mut registry = Registry::default();
+        for spec in specs {
+            let netdev = Netdev::from_keyval(spec).expect("valid netdev");
+            registry.add(netdev).expect("netdev accepted");
+        }
+        registry
+    }
+
+    fn device(ifindex: u32, side: HubSide) -> Device {
+        Device { ifindex, ifname: format!("if{ifindex}"), hub_side: side }
+    }
+
+    fn devices(list: &[(&str, u32, HubSide)]) -> HashMap<String, Device> {
+        list.iter().map(|(id, ifindex, side)| ((*id).to_owned(), device(*ifindex, *side))).collect()
+    }
+
+    #[test]
+    fn ports_join_their_hub() {
+        let registry = registry(&[
+            "af-xdp,id=a,ifname=if10",
+            "af-xdp,id=b,ifname=if11",
+            "bridge,id=c",
+            "hubport,id=pa,hubid=0,netdev=a",
+            "hubport,id=pb,hubid=0,netdev=b",
+            "hubport,id=pc,hubid=0,netdev=c",
+            "hubport,id=lonely,hubid=0",
+        ]);
+        let devices =
+            devices(&[("a", 10, HubSide::Interface), ("b", 11, HubSide::Interface), ("c", 12, HubSide::Fd)]);
+        let plan = plan(&registry, &devices).unwrap();
+        assert_eq!(plan.ports.len(), 3);
+        assert_eq!(plan.ports[&12].hook, Hook::Egress);
+        assert!(plan.ports[&12].deliver_ingress);
+        assert_eq!(plan.ports[&10].hook, Hook::Ingress);
+        let members = &plan.segments[&0];
+        assert_eq!(members.iter().map(|m| m.ifindex).collect::<Vec<_>>(), vec![10, 11, 12]);
+        assert_eq!(members[2].flags, MEMBER_LINK_UP | MEMBER_DELIVER_INGRESS);
+    }
+
+    #[test]
+    fn hubs_are_isolated_and_joined_hubs_share_a_segment() {
+        let mut registry = registry(&[
+            "af-xdp,id=a,ifname=x",
+            "af-xdp,id=b,ifname=y",
+            "hubport,id=pa,hubid=5,netdev=a",
+            "hubport,id=pb,hubid=7,netdev=b",
+        ]);
+        let devices = devices(&[("a", 1, HubSide::Interface), ("b", 2, HubSide::Interface)]);
+        let isolated = plan(&registry, &devices).unwrap();
+        assert_eq!(isolated.segments.len(), 2);
+
+        // Join hub 7 to hub 5 through a pair of hub ports.
+        for spec in ["hubport,id=j5,hubid=5", "hubport,id=j7,hubid=7,netdev=j5"] {
+            registry.add(Netdev::from_keyval(spec).unwrap()).unwrap();
+        }
+        let joined = plan(&registry, &devices).unwrap();
+        assert_eq!(joined.segments.len(), 1);
+        assert_eq!(joined.ports[&2].segment, 5);
+
+        // A downed joining port cuts the segment again.
+        registry.set_link("j7", false).unwrap();
+        assert_eq!(plan(&registry, &devices).unwrap(), isolated);
+    }
+
+    #[test]
+    fn link_state_of_port_and_netdev() {
+        let mut registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=pa,hubid=0,netdev=a"]);
+        let devices = devices(&[("a", 3, HubSide::Interface)]);
+        registry.set_link("a", false).unwrap();
+        let plan_down = plan(&registry, &devices).unwrap();
+        assert!(!plan_down.ports[&3].link_up);
+        assert_eq!(plan_down.ports[&3].config().flags, 0);
+        assert_eq!(plan_down.segments[&0][0].flags, 0);
+        registry.set_link("a", true).unwrap();
+        registry.set_link("pa", false).unwrap();
+        assert!(!plan(&registry, &devices).unwrap().ports[&3].link_up);
+    }
+
+    #[test]
+    fn netdevs_without_interface_or_port_plan_nothing() {
+        let registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=p,hubid=0"]);
+        let plan = plan(&registry, &devices(&[("a", 3, HubSide::Interface)])).unwrap();
+        assert_eq!(plan, Plan::default());
+    }
+}

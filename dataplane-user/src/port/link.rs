@@ -1,0 +1,78 @@
+//! Interface operations over rtnetlink: look up, bring up, enslave to a bridge, delete.
+
+use futures::TryStreamExt;
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::{Handle, LinkUnspec};
+
+/// What the daemon needs to know of an interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfoSummary {
+    pub ifindex: u32,
+    pub kind: Option<String>,
+    pub controller: Option<u32>,
+}
+
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a netlink socket in the daemon's network namespace; its task runs on the runtime.
+    pub fn connect() -> std::io::Result<Self> {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// The interface called `name`, if any.
+    pub async fn find(&self, name: &str) -> Result<Option<LinkInfoSummary>, rtnetlink::Error> {
+        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        match links.try_next().await {
+            Ok(Some(message)) => Ok(Some(summarize(&message))),
+            Ok(None) => Ok(None),
+            // The kernel answers ENODEV for an unknown name.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn set_up(&self, ifindex: u32) -> Result<(), rtnetlink::Error> {
+        self.handle.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await
+    }
+
+    pub async fn set_controller(&self, ifindex: u32, bridge: u32) -> Result<(), rtnetlink::Error> {
+        self.handle.link().set(LinkUnspec::new_with_index(ifindex).controller(bridge).build()).execute().await
+    }
+
+    pub async fn delete(&self, ifindex: u32) -> Result<(), rtnetlink::Error> {
+        self.handle.link().del(ifindex).execute().await
+    }
+}
+
+fn summarize(message: &LinkMessage) -> LinkInfoSummary {
+    let mut summary = LinkInfoSummary { ifindex: message.header.index, kind: None, controller: None };
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::Controller(index) => summary.controller = Some(*index),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    if let LinkInfo::Kind(kind) = info {
+                        summary.kind = Some(kind_name(kind));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    summary
+}
+
+fn kind_name(kind: &InfoKind) -> String {
+    match kind {
+        InfoKind::Bridge => "bridge".to_owned(),
+        InfoKind::Veth => "veth".to_owned(),
+        InfoKind::Tun => "tun".to_owned(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}

@@ -1,0 +1,339 @@
+//! Port devices: the interfaces netdevs bring to the hub. A `tap` is created (or adopted from passed
+//! fds), a `bridge` is a tap enslaved to a Linux bridge, an `af-xdp` is an existing interface.
+//! Every resource made here is undone by [`PortDevice::destroy`].
+
+pub mod link;
+pub mod tun;
+
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+    process::Command,
+};
+
+use self::link::Netlink;
+use crate::{
+    kernel::plan::{Device, HubSide},
+    netdev::{Netdev, NetdevOptions, af_xdp::AfXdpOptions, bridge::BridgeOptions, tap::TapOptions},
+    qmp::{protocol::QmpError, session::FdParam},
+};
+
+const VHOST_NET: &str = "/dev/vhost-net";
+
+/// An error while creating a port device; `Display` is QEMU's text where QEMU has one.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    #[error("{0}")]
+    Fd(String),
+    #[error("could not configure /dev/net/tun ({ifname}): {source}")]
+    Tun { id: String, ifname: String, source: io::Error },
+    #[error("could not create tap '{ifname}': an interface with that name already exists")]
+    NameTaken { id: String, ifname: String },
+    #[error("network script {script} failed with status {status}")]
+    Script { id: String, script: String, status: i32 },
+    #[error("bridge helper failed")]
+    Helper { id: String, reason: String },
+    #[error("failed to get ifindex for '{ifname}'")]
+    NoInterface { id: String, ifname: String },
+    #[error("bridge '{bridge}' not found")]
+    NoBridge { id: String, bridge: String },
+    #[error("'{bridge}' is not a bridge")]
+    NotABridge { id: String, bridge: String },
+    #[error("vhost-net requested but could not be initialized: {VHOST_NET} does not exist on this host")]
+    NoVhostNet { id: String },
+    #[error("netlink request for {ifname} failed: {source}")]
+    Netlink { id: String, ifname: String, source: rtnetlink::Error },
+}
+
+/// Where netdev fd parameters (`fd=`, `fds=`) come from: the QMP session, or nothing at start-up.
+pub trait FdSource: Send {
+    fn take_fd(&mut self, param: &str) -> Result<FdParam, QmpError>;
+}
+
+/// Start-up netdevs have no monitor to pass fds through.
+pub struct NoFds;
+
+impl FdSource for NoFds {
+    fn take_fd(&mut self, param: &str) -> Result<FdParam, QmpError> {
+        Err(QmpError::generic(format!("File descriptor named '{param}' has not been found")))
+    }
+}
+
+/// A netdev's interface and what the daemon holds of it.
+#[derive(Debug)]
+pub struct PortDevice {
+    pub device: Device,
+    /// Tap fds the daemon keeps open (passed in, from the helper, or a bridge tap's queue).
+    held_fds: Vec<OwnedFd>,
+    /// The daemon created the interface and deletes it with the netdev.
+    owned: bool,
+    downscript: Option<String>,
+}
+
+impl PortDevice {
+    /// Undoes everything `create` did: downscript, fds, the interface if it is ours.
+    pub async fn destroy(self, netlink: &Netlink) {
+        if let Some(script) = &self.downscript {
+            match Command::new(script).arg(&self.device.ifname).status() {
+                Ok(status) if !status.success() => {
+                    tracing::warn!(script, ifname = %self.device.ifname, %status, "downscript failed");
+                }
+                Err(error) => tracing::warn!(script, %error, "downscript could not run"),
+                Ok(_) => {}
+            }
+        }
+        drop(self.held_fds);
+        if self.owned
+            && let Err(error) = netlink.delete(self.device.ifindex).await
+        {
+            tracing::debug!(ifname = %self.device.ifname, %error, "interface already gone");
+        }
+    }
+}
+
+/// Creates the interface of `netdev`, if its type has one.
+pub async fn create(netdev: &Netdev, netlink: &Netlink, fds: &mut dyn FdSource) -> Result<Option<PortDevice>, PortError> {
+    match &netdev.options {
+        NetdevOptions::Tap(options) => create_tap(&netdev.id, options, netlink, fds).await.map(Some),
+        NetdevOptions::Bridge(options) => create_bridge_tap(&netdev.id, options, netlink).await.map(Some),
+        NetdevOptions::AfXdp(options) => adopt_interface(&netdev.id, options, netlink).await.map(Some),
+        _ => Ok(None),
+    }
+}
+
+async fn ifindex_of(id: &str, ifname: &str, netlink: &Netlink) -> Result<u32, PortError> {
+    netlink
+        .find(ifname)
+        .await
+        .map_err(|source| PortError::Netlink { id: id.to_owned(), ifname: ifname.to_owned(), source })?
+        .map(|link| link.ifindex)
+        .ok_or_else(|| PortError::NoInterface { id: id.to_owned(), ifname: ifname.to_owned() })
+}
+
+/// A passed fd as an owned descriptor (an inherited number is duplicated, so the daemon owns a copy).
+fn owned_fd(param: FdParam) -> Result<OwnedFd, PortError> {
+    match param {
+        FdParam::Named(fd) => Ok(fd),
+        FdParam::Inherited(number) => {
+            // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor that nothing else owns.
+            let copy = unsafe { libc::fcntl(number, libc::F_DUPFD_CLOEXEC, 0) };
+            if copy < 0 {
+                return Err(PortError::Fd(format!("Invalid file descriptor number '{number}'")));
+            }
+            // SAFETY: `copy` was just created by F_DUPFD_CLOEXEC and is owned by nobody else.
+            Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+        }
+    }
+}
+
+async fn create_tap(
+    id: &str,
+    options: &TapOptions,
+    netlink: &Netlink,
+    fds: &mut dyn FdSource,
+) -> Result<PortDevice, PortError> {
+    let wants_vhost = options.vhost == Some(true)
+        || options.vhostforce == Some(true)
+        || options.vhostfd.is_some()
+        || options.vhostfds.is_some();
+    if wants_vhost && !Path::new(VHOST_NET).exists() {
+        return Err(PortError::NoVhostNet { id: id.to_owned() });
+    }
+    let tun_error = |ifname: &str, source| PortError::Tun { id: id.to_owned(), ifname: ifname.to_owned(), source };
+
+    // Passed fds (fd=, fds=) or the bridge helper's fd: the tap exists, the daemon holds it.
+    let passed: Vec<&str> = match (&options.fd, &options.fds) {
+        (Some(fd), _) => vec![fd.as_str()],
+        (None, Some(list)) => crate::netdev::tap::split_fds(list),
+        (None, None) => Vec::new(),
+    };
+    if !passed.is_empty() || options.helper.is_some() {
+        let (held, hub_side) = if options.helper.is_some() {
+            let bridge = options.br.as_deref().unwrap_or(crate::netdev::tap::DEFAULT_BRIDGE);
+            let helper = options.helper.as_deref().unwrap_or(crate::netdev::tap::DEFAULT_HELPER);
+            // The daemon holds the only fd: it is the tap's guest side, facing the hub.
+            (vec![run_bridge_helper(id, helper, bridge)?], HubSide::Fd)
+        } else {
+            let mut held = Vec::with_capacity(passed.len());
+            for name in passed {
+                held.push(owned_fd(fds.take_fd(name).map_err(|e| PortError::Fd(e.desc))?)?);
+            }
+            // The VMM that passed the fds shares their queues: the interface faces the hub.
+            (held, HubSide::Interface)
+        };
+        let ifname = tun::tap_name_of(&held[0]).map_err(|e| tun_error("fd", e))?;
+        if let Some(sndbuf) = options.sndbuf {
+            for fd in &held {
+                tun::set_sndbuf(fd, sndbuf.0).map_err(|e| tun_error(&ifname, e))?;
+            }
+        }
+        let ifindex = ifindex_of(id, &ifname, netlink).await?;
+        set_up(id, &ifname, ifindex, netlink).await?;
+        return Ok(PortDevice {
+            device: Device { ifindex, ifname, hub_side },
+            held_fds: held,
+            owned: false,
+            downscript: None,
+        });
+    }
+
+    if let Some(ifname) = &options.ifname
+        && netlink.find(ifname).await.ok().flatten().is_some()
+    {
+        return Err(PortError::NameTaken { id: id.to_owned(), ifname: ifname.clone() });
+    }
+    let flags = tun::TapFlags {
+        vnet_hdr: options.vnet_hdr.unwrap_or(true),
+        multi_queue: options.queues.is_some_and(|q| q > 1),
+    };
+    let requested = options.ifname.as_deref().unwrap_or("tap%d");
+    let ifname = tun::create_persistent_tap(options.ifname.as_deref(), flags).map_err(|e| tun_error(requested, e))?;
+    let mut device = PortDevice {
+        device: Device { ifindex: 0, ifname: ifname.clone(), hub_side: HubSide::Interface },
+        held_fds: Vec::new(),
+        owned: true,
+        downscript: None,
+    };
+    let prepared = async {
+        device.device.ifindex = ifindex_of(id, &ifname, netlink).await?;
+        set_up(id, &ifname, device.device.ifindex, netlink).await?;
+        if let Some(script) = options.script() {
+            run_script(id, script, &ifname)?;
+        }
+        Ok(())
+    }
+    .await;
+    match prepared {
+        Ok(()) => {
+            device.downscript = options.downscript().map(str::to_owned);
+            Ok(device)
+        }
+        Err(error) => {
+            // Created but not usable: remove it again, so a failed netdev_add leaves nothing.
+            if device.device.ifindex == 0 {
+                device.device.ifindex = ifindex_of(id, &ifname, netlink).await.unwrap_or(0);
+            }
+            device.destroy(netlink).await;
+            Err(error)
+        }
+    }
+}
+
+async fn set_up(id: &str, ifname: &str, ifindex: u32, netlink: &Netlink) -> Result<(), PortError> {
+    netlink
+        .set_up(ifindex)
+        .await
+        .map_err(|source| PortError::Netlink { id: id.to_owned(), ifname: ifname.to_owned(), source })
+}
+
+/// QEMU's `launch_script`: `SCRIPT IFNAME`, failure reported with the raw wait status.
+fn run_script(id: &str, script: &str, ifname: &str) -> Result<(), PortError> {
+    let failed = |status| PortError::Script { id: id.to_owned(), script: script.to_owned(), status };
+    let status = Command::new(script).arg(ifname).status().map_err(|_| failed(256))?;
+    if status.success() {
+        return Ok(());
+    }
+    use std::os::unix::process::ExitStatusExt;
+    Err(failed(status.into_raw()))
+}
+
+/// QEMU's bridge helper protocol: `HELPER --use-vnet --fd=N --br=BR` sends a tap fd back over a
+/// socketpair with SCM_RIGHTS.
+fn run_bridge_helper(id: &str, helper: &str, bridge: &str) -> Result<OwnedFd, PortError> {
+    use nix::sys::socket::{AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, socketpair};
+    let failed = |reason: String| PortError::Helper { id: id.to_owned(), reason };
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::empty())
+        .map_err(|e| failed(e.to_string()))?;
+    let mut command = if helper.contains(' ') {
+        let mut sh = Command::new("/bin/sh");
+        sh.arg("-c").arg(format!("{helper} --use-vnet --fd={} --br={bridge}", theirs.as_raw_fd()));
+        sh
+    } else {
+        let mut direct = Command::new(helper);
+        direct.arg("--use-vnet").arg(format!("--fd={}", theirs.as_raw_fd())).arg(format!("--br={bridge}"));
+        direct
+    };
+    let their_fd = theirs.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls: fcntl clears close-on-exec on
+    // the helper's end of the socketpair so that it survives exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || {
+            let flags = libc::fcntl(their_fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(their_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| failed(e.to_string()))?;
+    drop(theirs);
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut control = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let received = recvmsg::<()>(ours.as_raw_fd(), &mut iov, Some(&mut control), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(|e| failed(e.to_string()))
+        .and_then(|message| {
+            message
+                .cmsgs()
+                .map_err(|e| failed(e.to_string()))?
+                .find_map(|c| match c {
+                    // SAFETY: the kernel installed this descriptor for us; nothing else owns it.
+                    ControlMessageOwned::ScmRights(fds) => fds.first().map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) }),
+                    _ => None,
+                })
+                .ok_or_else(|| failed("the helper sent no fd".to_owned()))
+        });
+    let status = child.wait().map_err(|e| failed(e.to_string()))?;
+    if !status.success() {
+        return Err(failed(format!("exited with {status}")));
+    }
+    received
+}
+
+async fn create_bridge_tap(id: &str, options: &BridgeOptions, netlink: &Netlink) -> Result<PortDevice, PortError> {
+    let bridge = options.bridge();
+    let link = netlink
+        .find(bridge)
+        .await
+        .map_err(|source| PortError::Netlink { id: id.to_owned(), ifname: bridge.to_owned(), source })?
+        .ok_or_else(|| PortError::NoBridge { id: id.to_owned(), bridge: bridge.to_owned() })?;
+    if link.kind.as_deref() != Some("bridge") {
+        return Err(PortError::NotABridge { id: id.to_owned(), bridge: bridge.to_owned() });
+    }
+    let (fd, ifname) = tun::create_tap(None, tun::TapFlags { vnet_hdr: true, multi_queue: false })
+        .map_err(|source| PortError::Tun { id: id.to_owned(), ifname: "tap%d".to_owned(), source })?;
+    let mut device = PortDevice {
+        device: Device { ifindex: 0, ifname: ifname.clone(), hub_side: HubSide::Fd },
+        held_fds: vec![fd],
+        owned: true,
+        downscript: None,
+    };
+    let prepared = async {
+        device.device.ifindex = ifindex_of(id, &ifname, netlink).await?;
+        netlink
+            .set_controller(device.device.ifindex, link.ifindex)
+            .await
+            .map_err(|source| PortError::Netlink { id: id.to_owned(), ifname: ifname.clone(), source })?;
+        set_up(id, &ifname, device.device.ifindex, netlink).await
+    }
+    .await;
+    match prepared {
+        Ok(()) => Ok(device),
+        Err(error) => {
+            device.destroy(netlink).await;
+            Err(error)
+        }
+    }
+}
+
+async fn adopt_interface(id: &str, options: &AfXdpOptions, netlink: &Netlink) -> Result<PortDevice, PortError> {
+    let ifindex = ifindex_of(id, &options.ifname, netlink).await?;
+    Ok(PortDevice {
+        device: Device { ifindex, ifname: options.ifname.clone(), hub_side: HubSide::Interface },
+        held_fds: Vec::new(),
+        owned: false,
+        downscript: None,
+    })
+}

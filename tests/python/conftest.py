@@ -1,0 +1,84 @@
+"""Fixtures: root check, and a fresh netdevd per test on its own unix socket."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+
+from harness import EMPTY_CONFIG, NETDEVCTL_BIN, NETDEVD_BIN, Daemon
+
+
+# --------------------------------------------------------------------------------------------
+# Preconditions
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _preconditions() -> None:
+    """Fail (not skip) when the suite cannot run: netdevd refuses to start without root."""
+    if os.geteuid() != 0:
+        pytest.fail("these tests must run as root: netdevd refuses to start otherwise", pytrace=False)
+    for binary in (NETDEVD_BIN, NETDEVCTL_BIN):
+        if not os.access(binary, os.X_OK):
+            pytest.fail(f"{binary} is missing: run `cargo build --release --bins` first", pytrace=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The daemon
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path (pytest's tmp_path can be too long for sockets)."""
+    path = Path(tempfile.mkdtemp(prefix="netdevd-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def start_daemon(short_tmp: Path) -> Iterator:
+    """Factory: `start_daemon(config=..., args=[...])` starts a netdevd on its own socket.
+
+    At teardown every daemon still running gets SIGTERM (tests that stopped one themselves with
+    `Daemon.terminate()` or `quit` are not signalled again), and each must have exited with 0 and
+    removed its socket file.
+    """
+    daemons: list[Daemon] = []
+
+    def start(config: str = EMPTY_CONFIG, args: Optional[list[str]] = None) -> Daemon:
+        workdir = short_tmp / f"d{len(daemons)}"
+        workdir.mkdir()
+        daemon = Daemon(workdir, config, args or [])
+        try:
+            daemon.wait_ready()
+        except BaseException:
+            daemon.kill()
+            daemon.close_log()
+            raise
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    failures = []
+    for daemon in daemons:
+        try:
+            daemon.stop()
+        except BaseException as error:  # keep stopping the others, then report
+            daemon.kill()
+            failures.append(str(error))
+    if failures:
+        pytest.fail("\n".join(failures), pytrace=False)
+
+
+@pytest.fixture
+def daemon(start_daemon) -> Daemon:
+    """A netdevd with no netdevs on a fresh socket; stopped (and checked) at teardown."""
+    return start_daemon()
+
+

@@ -1,0 +1,208 @@
+"""Helpers for the netdevd tests: the daemon process and two kinds of QMP client.
+
+`RawQmp` speaks the wire protocol over a plain socket (to check bytes, ids and framing);
+`qmp_client` and `run` wrap qemu.qmp's asyncio `QMPClient` for everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import AsyncIterator, Optional
+
+import pytest
+from qemu.qmp import QMPClient
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NETDEVD_BIN = Path(os.environ.get("NETDEVD_BIN", REPO_ROOT / "target/release/netdevd"))
+NETDEVCTL_BIN = Path(os.environ.get("NETDEVCTL_BIN", REPO_ROOT / "target/release/netdevctl"))
+
+#: Upper bound for any single wait in these tests, in seconds.
+TIMEOUT = 5.0
+
+EMPTY_CONFIG = "netdevs = []\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The daemon
+# --------------------------------------------------------------------------------------------
+
+
+class Daemon:
+    """A running netdevd with its socket path, its process and its log."""
+
+    def __init__(self, workdir: Path, config: str, extra_args: list[str]):
+        self.workdir = workdir
+        # A short path: unix socket paths are limited to 108 bytes.
+        self.socket_path = str(workdir / "qmp.sock")
+        self.config_path = workdir / "netdevd.toml"
+        self.config_path.write_text(config)
+        self.log_path = workdir / "netdevd.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [
+                str(NETDEVD_BIN),
+                "--qmp", f"unix:{self.socket_path},server=on,wait=off",
+                "--config", str(self.config_path),
+                *extra_args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+        self.signalled = False
+
+    @property
+    def address(self) -> str:
+        """The socket in netdevctl's `--qmp` syntax."""
+        return f"unix:{self.socket_path}"
+
+    def log(self) -> str:
+        """Everything the daemon printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        """Waits until the socket accepts connections (the daemon greets, then we hang up)."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"netdevd exited with {self.proc.returncode} at start:\n{self.log()}")
+            if os.path.exists(self.socket_path):
+                with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+                    probe.settimeout(TIMEOUT)
+                    probe.connect(self.socket_path)
+                    return
+            time.sleep(0.01)
+        self.kill()
+        pytest.fail(f"netdevd did not create {self.socket_path} within {TIMEOUT} s:\n{self.log()}")
+
+    def terminate(self, sig: int = signal.SIGTERM) -> None:
+        """Sends SIGTERM (or `sig`) once; teardown then only waits and checks the exit."""
+        if not self.signalled and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.signalled = True
+
+    def expect_exit(self) -> None:
+        """The test makes the daemon stop by other means (quit): teardown must not signal it."""
+        self.signalled = True
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        """Waits for the process to exit and returns its exit code."""
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=TIMEOUT)
+
+    def stop(self) -> None:
+        """Stops the daemon (unless a test already did) and checks it shut down cleanly."""
+        try:
+            self.terminate()
+            try:
+                code = self.wait()
+            except subprocess.TimeoutExpired:
+                self.kill()
+                pytest.fail(f"netdevd did not exit within {TIMEOUT} s of SIGTERM:\n{self.log()}")
+            assert code == 0, f"netdevd exited with {code}:\n{self.log()}"
+            assert not os.path.exists(self.socket_path), "netdevd left its socket file behind"
+        finally:
+            self.close_log()
+
+    def close_log(self) -> None:
+        self._log.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Clients
+# --------------------------------------------------------------------------------------------
+
+
+def run(coro, timeout: float = 10.0):
+    """Runs one asyncio test body with an overall time limit."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@contextlib.asynccontextmanager
+async def qmp_client(path: str, name: str = "test") -> AsyncIterator[QMPClient]:
+    """A negotiated qemu.qmp client; a server hang-up at the end is not an error."""
+    client = QMPClient(name)
+    await asyncio.wait_for(client.connect(path), TIMEOUT)
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(EOFError, ConnectionError):
+            await asyncio.wait_for(client.disconnect(), TIMEOUT)
+
+
+class RawQmp:
+    """QMP over a plain socket: every server line must end with CRLF."""
+
+    def __init__(self, path: str, negotiate: bool = False):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(path)
+        self._buf = b""
+        self.greeting = self.recv()
+        if negotiate:
+            assert self.cmd("qmp_capabilities") == {"return": {}}
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "RawQmp":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def recv_line(self) -> Optional[bytes]:
+        """One raw line including its CRLF, or None at end of file."""
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                assert self._buf == b"", f"partial line before EOF: {self._buf!r}"
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        line += b"\n"
+        assert line.endswith(b"\r\n"), f"line does not end with CRLF: {line!r}"
+        return line
+
+    def recv(self) -> dict:
+        line = self.recv_line()
+        assert line is not None, "the daemon closed the connection"
+        line.decode("ascii")  # QMP output is ASCII only
+        return json.loads(line)
+
+    def cmd(self, execute: str, arguments: Optional[dict] = None, **extra) -> dict:
+        """Sends one request (extra members such as id= are added verbatim) and reads the reply."""
+        request: dict = {"execute": execute, **extra}
+        if arguments is not None:
+            request["arguments"] = arguments
+        self.send(json.dumps(request) + "\n")
+        return self.recv()
+
+    def read_until_eof(self) -> list[bytes]:
+        """Every remaining line until the daemon closes the connection."""
+        lines = []
+        while (line := self.recv_line()) is not None:
+            lines.append(line)
+        return lines
+
+
+def assert_error(response: dict, cls: str, desc: str) -> None:
+    """Checks an error response's class and text."""
+    assert "error" in response, response
+    assert response["error"] == {"class": cls, "desc": desc}, response

@@ -1,0 +1,125 @@
+"""Netdevs created at start, from --netdev and from the configuration file."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import pytest
+
+from harness import EMPTY_CONFIG, NETDEVD_BIN, TIMEOUT, Daemon, RawQmp
+
+
+def netdevs(daemon) -> list[dict]:
+    """x-query-netdevs over a fresh connection."""
+    with RawQmp(daemon.socket_path, negotiate=True) as qmp:
+        return qmp.cmd("x-query-netdevs")["return"]
+
+
+def summary(daemon) -> list[tuple]:
+    """(id, type, hubid, peer) of every netdev, in creation order."""
+    return [(n["id"], n["type"], n.get("hubid"), n.get("peer")) for n in netdevs(daemon)]
+
+
+def test_netdev_arguments(start_daemon):
+    """--netdev in QEMU's -netdev syntax, including a peered pair."""
+    daemon = start_daemon(args=["--netdev", "hubport,id=a,hubid=1", "--netdev", "hubport,id=b,hubid=1,netdev=a"])
+    assert summary(daemon) == [("a", "hubport", 1, "b"), ("b", "hubport", 1, "a")]
+    assert all(n["link-up"] for n in netdevs(daemon))
+
+
+def test_config_file_netdevs(start_daemon):
+    """The config file takes keyval strings and netdev_add tables; --netdev adds after them."""
+    config = """
+netdevs = [
+    "hubport,id=k0,hubid=3",
+    { type = "hubport", id = "t0", hubid = 3, netdev = "k0" },
+]
+
+[qmp]
+max-message-bytes = 65536
+"""
+    daemon = start_daemon(config=config, args=["--netdev", "hubport,id=c0,hubid=4"])
+    assert summary(daemon) == [
+        ("k0", "hubport", 3, "t0"),
+        ("t0", "hubport", 3, "k0"),
+        ("c0", "hubport", 4, None),
+    ]
+    # Deleting a netdev created at start works like any other.
+    with RawQmp(daemon.socket_path, negotiate=True) as qmp:
+        assert qmp.cmd("netdev_del", {"id": "t0"}) == {"return": {}}
+    assert summary(daemon) == [("k0", "hubport", 3, None), ("c0", "hubport", 4, None)]
+
+
+def run_failing(short_tmp, config: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Runs netdevd with settings that must make it exit at start."""
+    sock = short_tmp / "qmp.sock"
+    config_path = short_tmp / "netdevd.toml"
+    config_path.write_text(config)
+    result = subprocess.run(
+        [str(NETDEVD_BIN), "--qmp", f"unix:{sock},server=on,wait=off", "--config", str(config_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    assert not sock.exists(), "netdevd left a socket file after failing to start"
+    return result
+
+
+@pytest.mark.parametrize(
+    "netdev_args, message",
+    [
+        (["hubport,id=x"], "Parameter 'hubid' is missing"),
+        (["hubport,hubid=0"], "Parameter 'id' is missing"),
+        (["hubport,id=1bad,hubid=0"], "Parameter 'id' expects an identifier"),
+        (["foo,id=x"], "Parameter 'type' does not accept value 'foo'"),
+        (["hubport,id=x,hubid=x"], "Parameter 'hubid' expects integer"),
+        (["hubport,id=x,hubid=0,bogus=1"], "Parameter 'bogus' is unexpected"),
+        (["hubport,id=x,hubid=0,netdev=nope"], "netdev 'nope' not found"),
+        (["hubport,id=a,hubid=0", "hubport,id=a,hubid=1"], "Duplicate ID 'a'"),
+    ],
+)
+def test_bad_netdev_argument(short_tmp, netdev_args, message):
+    """A bad --netdev stops netdevd at start with QEMU's message on stderr."""
+    args = [arg for netdev in netdev_args for arg in ("--netdev", netdev)]
+    result = run_failing(short_tmp, EMPTY_CONFIG, args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_bad_netdev_in_config(short_tmp):
+    """A bad netdev in the config file stops netdevd at start, naming the problem."""
+    config = 'netdevs = [{ type = "hubport", id = "t0" }]\n'
+    result = run_failing(short_tmp, config, [])
+    assert result.returncode != 0
+    assert "Parameter 'hubid' is missing" in result.stderr, result.stderr
+
+
+def test_stale_socket_is_replaced(short_tmp):
+    """A socket file left by an earlier run does not stop a new daemon."""
+    with socket.socket(socket.AF_UNIX) as old:
+        old.bind(str(short_tmp / "qmp.sock"))  # the file stays after close
+    daemon = Daemon(short_tmp, EMPTY_CONFIG, [])
+    try:
+        daemon.wait_ready()
+        assert netdevs(daemon) == []
+    finally:
+        daemon.stop()
+
+
+def test_file_in_the_way_is_kept(short_tmp):
+    """A regular file where the socket should go is an error, and the file is left alone."""
+    in_the_way = short_tmp / "qmp.sock"
+    in_the_way.write_text("precious")
+    config_path = short_tmp / "netdevd.toml"
+    config_path.write_text(EMPTY_CONFIG)
+    result = subprocess.run(
+        [str(NETDEVD_BIN), "--qmp", f"unix:{in_the_way},server=on,wait=off", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode != 0
+    assert in_the_way.read_text() == "precious"
