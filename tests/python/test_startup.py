@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import subprocess
 
 import pytest
@@ -95,6 +96,12 @@ def test_bad_netdev_in_config(short_tmp):
     result = run_failing(short_tmp, config, [])
     assert result.returncode != 0
     assert "Parameter 'hubid' is missing" in result.stderr, result.stderr
+
+
+def test_socket_is_private(daemon):
+    """The control socket is created with mode 0600."""
+    mode = os.stat(daemon.socket_path).st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
 
 
 def test_stale_socket_is_replaced(short_tmp):

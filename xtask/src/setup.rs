@@ -19,6 +19,7 @@ const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "iproute2",
+    "iputils-ping",
     "bpftool",
     "iperf3",
     "busybox",

@@ -330,6 +330,8 @@ async fn create_bridge_tap(id: &str, options: &BridgeOptions, netlink: &Netlink)
 
 async fn adopt_interface(id: &str, options: &AfXdpOptions, netlink: &Netlink) -> Result<PortDevice, PortError> {
     let ifindex = ifindex_of(id, &options.ifname, netlink).await?;
+    // A port forwards only while its interface is up; it is left up when the netdev goes.
+    set_up(id, &options.ifname, ifindex, netlink).await?;
     Ok(PortDevice {
         device: Device { ifindex, ifname: options.ifname.clone(), hub_side: HubSide::Interface },
         held_fds: Vec::new(),
