@@ -325,6 +325,14 @@ def test_control_characters_are_escaped_like_qemu(daemon):
         ("netdev_add", {**HUBPORT, "id": "a/b"}, "GenericError", "Parameter 'id' expects an identifier"),
         ("netdev_add", {**HUBPORT, "type": "foo"}, "GenericError", "Parameter 'type' does not accept value 'foo'"),
         ("netdev_add", {**HUBPORT, "netdev": "nope"}, "GenericError", "netdev 'nope' not found"),
+        (
+            "netdev_add", {"type": "nic", "id": "x"},
+            "GenericError", "network backend 'nic' is not compiled into this binary",
+        ),
+        (
+            "netdev_add", {"type": "none", "id": "x"},
+            "GenericError", "network backend 'none' is not compiled into this binary",
+        ),
         ("set_link", {"name": "x"}, "GenericError", "Parameter 'up' is missing"),
         (
             "set_link", {"name": "x", "up": "yes"},
@@ -366,17 +374,17 @@ def test_errors_that_need_a_netdev(daemon):
 
 
 def test_unavailable_type_creates_nothing(daemon):
-    """A type whose data path netdevd lacks (tap) fails with GenericError and adds nothing."""
+    """A type netdevd cannot create (vde: no data path) fails with GenericError and adds nothing."""
 
     async def body():
         async with qmp_client(daemon.socket_path) as client:
             await client.execute("netdev_add", HUBPORT)
             before = await client.execute("x-query-netdevs")
-            cls, desc = await expect_error(client, "netdev_add", {"type": "tap", "id": "t0"})
+            cls, desc = await expect_error(client, "netdev_add", {"type": "vde", "id": "v0"})
             assert cls == "GenericError" and desc
             assert await client.execute("x-query-netdevs") == before
             # The id is still free.
-            await expect_error(client, "netdev_del", {"id": "t0"})
+            await expect_error(client, "netdev_del", {"id": "v0"})
 
     run(body())
 
