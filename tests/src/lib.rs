@@ -427,3 +427,274 @@ pub fn test_frame(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
     frame.resize(frame.len().max(60), 0);
     frame
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for namespace-level tests: background processes, ping/iperf3, tcx attachments.
+
+/// A background process killed (and reaped) on drop, so a failing test leaves nothing running.
+pub struct Background {
+    child: Child,
+}
+
+impl Background {
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `timeout` and returns the exit status and stdout (piped); `None` on timeout.
+    pub fn output_within(&mut self, timeout: Duration) -> Option<(std::process::ExitStatus, Vec<u8>)> {
+        let status = self.wait_timeout(timeout)?;
+        let mut stdout = Vec::new();
+        if let Some(mut pipe) = self.child.stdout.take() {
+            let _ = pipe.read_to_end(&mut stdout);
+        }
+        Some((status, stdout))
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Netns {
+    /// Starts a command inside the namespace in the background (stdout piped, stderr discarded).
+    #[must_use]
+    pub fn spawn(&self, program: &str, args: &[&str]) -> Background {
+        let child = self
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Background { child }
+    }
+
+    /// The ifindex of `ifname` in this namespace.
+    #[must_use]
+    pub fn ifindex(&self, ifname: &str) -> Option<u32> {
+        let output = self.exec("ip", &["-j", "link", "show", "dev", ifname]);
+        let links: Value = serde_json::from_slice(&output.stdout).ok()?;
+        links.get(0)?["ifindex"].as_u64().and_then(|i| u32::try_from(i).ok())
+    }
+
+    /// `ip -j link show dev IFNAME` as JSON (`Null` if there is no such interface).
+    #[must_use]
+    pub fn link_json(&self, ifname: &str) -> Value {
+        let output = self.exec("ip", &["-j", "-d", "link", "show", "dev", ifname]);
+        serde_json::from_slice::<Value>(&output.stdout).ok().and_then(|v| v.get(0).cloned()).unwrap_or(Value::Null)
+    }
+
+    /// `ping -c COUNT -i 0.2 -W 2 ADDRESS` from this namespace; whether every reply came.
+    #[must_use]
+    pub fn ping(&self, address: &str, count: u32) -> bool {
+        self.exec("ping", &["-c", &count.to_string(), "-i", "0.2", "-W", "2", "-q", address]).status.success()
+    }
+
+    /// Whether something listens on TCP `port` in this namespace.
+    #[must_use]
+    pub fn listening(&self, port: u16) -> bool {
+        let output = self.exec("ss", &["-Hltn", &format!("sport = :{port}")]);
+        !String::from_utf8_lossy(&output.stdout).trim().is_empty()
+    }
+
+    /// The ids of the programs attached with tcx to `ifname` (ingress, egress) in this namespace.
+    #[must_use]
+    pub fn tcx_programs(&self, ifname: &str) -> (Vec<u32>, Vec<u32>) {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        let name = ifname.to_owned();
+        self.within(move || {
+            let ids = |attach| {
+                SchedClassifier::query_tcx(&name, attach)
+                    .map(|(_, programs)| programs.iter().map(aya::programs::ProgramInfo::id).collect())
+                    .unwrap_or_else(|e| panic!("tcx query on {name}: {e}"))
+            };
+            (ids(TcAttachType::Ingress), ids(TcAttachType::Egress))
+        })
+    }
+
+    /// Every tcx attachment in the namespace: `(ifname, ingress program ids, egress program ids)`
+    /// for each interface that has one.
+    #[must_use]
+    pub fn tcx_attachments(&self) -> Vec<(String, Vec<u32>, Vec<u32>)> {
+        let mut all: Vec<_> = self
+            .links()
+            .into_iter()
+            .filter_map(|ifname| {
+                let (ingress, egress) = self.tcx_programs(&ifname);
+                (!ingress.is_empty() || !egress.is_empty()).then_some((ifname, ingress, egress))
+            })
+            .collect();
+        all.sort();
+        all
+    }
+}
+
+/// Waits until an `iperf3 -s -1` started in `ns` listens (on the default port 5201).
+pub fn iperf3_server(ns: &Netns) -> Background {
+    let server = ns.spawn("iperf3", &["-s", "-1"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ns.listening(5201) {
+        assert!(Instant::now() < deadline, "iperf3 server in {} did not listen within 10 s", ns.name);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+/// Starts `iperf3 -c ADDRESS -t SECONDS -J` (TCP, default options) in `ns` in the background.
+#[must_use]
+pub fn iperf3_client(ns: &Netns, address: &str, seconds: u32) -> Background {
+    ns.spawn("iperf3", &["-c", address, "-t", &seconds.to_string(), "-J", "--connect-timeout", "3000", "--snd-timeout", "3000"])
+}
+
+/// Runs an iperf3 TCP transfer from `client` to the server `address` in `server` and returns the
+/// client's JSON report; panics if it does not finish in time or fails.
+#[must_use]
+pub fn iperf3_transfer(server: &Netns, client: &Netns, address: &str, seconds: u32) -> Value {
+    let _server = iperf3_server(server);
+    let mut run = iperf3_client(client, address, seconds);
+    let (status, stdout) = run
+        .output_within(Duration::from_secs(u64::from(seconds) + 20))
+        .unwrap_or_else(|| panic!("iperf3 client did not finish within {} s", seconds + 20));
+    let report: Value = serde_json::from_slice(&stdout)
+        .unwrap_or_else(|e| panic!("iperf3 -J output is not JSON ({e}): {}", String::from_utf8_lossy(&stdout)));
+    assert!(status.success(), "iperf3 client failed ({status}): {}", report["error"]);
+    report
+}
+
+/// One BPF link as `bpftool link show -j` lists it, with its tcx target read from the kernel
+/// (bpftool before 7.3 prints tcx links as `type 11` without the interface).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcxLink {
+    pub id: u32,
+    pub prog_id: u32,
+    pub ifindex: u32,
+    /// `BPF_TCX_INGRESS` (46) or `BPF_TCX_EGRESS` (47).
+    pub attach_type: u32,
+}
+
+const BPF_LINK_TYPE_TCX: u64 = 11;
+
+/// `bpftool link show -j` run in `ns`, keeping the tcx links. Links are global objects, so this
+/// lists every namespace's; filter by program id to keep one daemon's.
+#[must_use]
+pub fn tcx_links(ns: &Netns) -> Vec<TcxLink> {
+    let output = ns.exec("bpftool", &["link", "show", "-j"]);
+    assert!(output.status.success(), "bpftool link show: {}", String::from_utf8_lossy(&output.stderr));
+    let links: Value = serde_json::from_slice(&output.stdout).expect("bpftool JSON");
+    links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["type"] == json!("tcx") || l["type"].as_u64() == Some(BPF_LINK_TYPE_TCX))
+        .filter_map(|l| {
+            let id = u32::try_from(l["id"].as_u64()?).ok()?;
+            let prog_id = u32::try_from(l["prog_id"].as_u64()?).ok()?;
+            // The link may be gone by now (other tests run in parallel).
+            let (ifindex, attach_type) = tcx_link_target(id)?;
+            Some(TcxLink { id, prog_id, ifindex, attach_type })
+        })
+        .collect()
+}
+
+/// `(ifindex, attach_type)` of tcx link `id`, read with `BPF_LINK_GET_FD_BY_ID` and
+/// `BPF_OBJ_GET_INFO_BY_FD`.
+#[must_use]
+pub fn tcx_link_target(id: u32) -> Option<(u32, u32)> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+    #[repr(C)]
+    struct GetFdById {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = GetFdById { id, next_id: 0, open_flags: 0 };
+    // SAFETY: the bpf syscall reads `size` bytes of the attribute struct it is given.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_LINK_GET_FD_BY_ID, &raw const attr, std::mem::size_of::<GetFdById>())
+    };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: the kernel just created this descriptor for us.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // struct bpf_link_info: type, id, prog_id, then an 8-aligned union whose tcx member is
+    // { ifindex, attach_type }; the rest must stay zeroed.
+    let mut info = [0u64; 32];
+    let attr = GetInfo {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).ok()?,
+        info_len: u32::try_from(std::mem::size_of_val(&info)).ok()?,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `info` is a writable buffer of `info_len` bytes that outlives the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &raw const attr, std::mem::size_of::<GetInfo>())
+    };
+    if rc != 0 {
+        return None;
+    }
+    let low = |word: u64| (word & 0xffff_ffff) as u32;
+    let high = |word: u64| (word >> 32) as u32;
+    (u64::from(low(info[0])) == BPF_LINK_TYPE_TCX).then(|| (low(info[2]), high(info[2])))
+}
+
+impl Daemon {
+    /// The daemon's process id (`ip netns exec` execs it, so the child is the daemon).
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `x-query-netdevs` rows.
+    #[must_use]
+    pub fn netdevs(&self) -> Vec<Value> {
+        let rows = self.execute("x-query-netdevs", json!({})).unwrap_or_else(|e| panic!("x-query-netdevs: {}", e.desc));
+        rows.as_array().cloned().unwrap_or_default()
+    }
+
+    /// The ids listed by `x-query-netdevs`.
+    #[must_use]
+    pub fn netdev_ids(&self) -> Vec<String> {
+        self.netdevs().iter().filter_map(|row| row["id"].as_str().map(str::to_owned)).collect()
+    }
+
+    /// The interface of netdev `id` as `x-query-netdevs` reports it.
+    #[must_use]
+    pub fn ifname_of(&self, id: &str) -> Option<String> {
+        self.netdevs().iter().find(|row| row["id"] == json!(id))?["ifname"].as_str().map(str::to_owned)
+    }
+}
+
+/// Opens (creating if needed) the tap `ifname` in `ns` with TUNSETIFF and returns the queue fd.
+#[must_use]
+pub fn open_tap_fd(ns: &Netns, ifname: &str, vnet_hdr: bool) -> OwnedFd {
+    let vm = TapVm::open(ns, ifname, vnet_hdr);
+    OwnedFd::from(vm.file)
+}
+
+impl TapVm {
+    /// A "VM" on a tap queue fd it already holds (e.g. a copy of one passed to the daemon).
+    #[must_use]
+    pub fn from_fd(fd: OwnedFd, vnet_hdr: bool) -> Self {
+        Self { file: File::from(fd), vnet_hdr }
+    }
+}

@@ -20,6 +20,7 @@ const APT_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "iproute2",
     "iputils-ping",
+    "ethtool",
     "bpftool",
     "iperf3",
     "busybox",

@@ -1,0 +1,83 @@
+//! Benchmark programs for `cargo xtask bench hub`; never part of the daemon.
+//!
+//! * `bench_gen` (XDP, run with `BPF_PROG_TEST_RUN` live frames): transmits every frame on the
+//!   interface in `GEN_TARGET`, our traffic generator.
+//! * `bench_sink` (TC): counts what arrives and drops it, the sink every variant is measured at.
+//! * `bench_ref` (XDP): the ideal-XDP reference, a minimal devmap redirect: to `REF_UNICAST[ingress]`,
+//!   or, in flood mode, to every entry of `REF_FLOOD` but the ingress.
+//! * `bench_pass` (XDP): lets a veth accept redirected frames.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, TC_ACT_SHOT, xdp_action},
+    helpers::bpf_redirect,
+    macros::{classifier, map, xdp},
+    maps::{Array, DevMapHash, PerCpuArray},
+    programs::{TcContext, XdpContext},
+};
+
+/// `[0]`: ifindex the generator transmits on.
+#[map(name = "GEN_TARGET")]
+static GEN_TARGET: Array<u32> = Array::with_max_entries(1, 0);
+
+/// `[0]`: packets, `[1]`: bytes seen by sinks.
+#[map(name = "SINK_COUNT")]
+static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// `[0]`: 0 = unicast mode, 1 = flood mode.
+#[map(name = "REF_MODE")]
+static REF_MODE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Unicast mode: key = ingress ifindex, value = the one destination.
+#[map(name = "REF_UNICAST")]
+static REF_UNICAST: DevMapHash = DevMapHash::with_max_entries(16, 0);
+
+/// Flood mode: every port, keyed by its own ifindex.
+#[map(name = "REF_FLOOD")]
+static REF_FLOOD: DevMapHash = DevMapHash::with_max_entries(16, 0);
+
+#[xdp]
+pub fn bench_gen(_ctx: XdpContext) -> u32 {
+    let Some(target) = GEN_TARGET.get(0) else { return xdp_action::XDP_ABORTED };
+    // SAFETY: `bpf_redirect` takes plain integers.
+    unsafe { bpf_redirect(*target, 0) as u32 }
+}
+
+#[classifier]
+pub fn bench_sink(ctx: TcContext) -> i32 {
+    for (slot, add) in [(0, 1), (1, u64::from(ctx.len()))] {
+        if let Some(counter) = SINK_COUNT.get_ptr_mut(slot) {
+            // SAFETY: a per-CPU slot, written only by this CPU while the program runs.
+            unsafe { *counter += add };
+        }
+    }
+    TC_ACT_SHOT
+}
+
+#[xdp]
+pub fn bench_ref(ctx: XdpContext) -> u32 {
+    let ingress = ctx.ingress_ifindex() as u32;
+    if REF_MODE.get(0).copied().unwrap_or(0) == 1 {
+        let flags = u64::from(BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS);
+        REF_FLOOD.redirect(0, flags).unwrap_or(xdp_action::XDP_DROP)
+    } else {
+        REF_UNICAST.redirect(ingress, 0).unwrap_or(xdp_action::XDP_DROP)
+    }
+}
+
+#[xdp]
+pub fn bench_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never reached at run time.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
