@@ -22,6 +22,9 @@ pub mod maps {
     pub const HUB_TARGETS: &str = "HUB_TARGETS";
     /// `PerCpuHashMap<u32 /* ifindex */, PortCounters>`.
     pub const PORT_COUNTERS: &str = "PORT_COUNTERS";
+    /// `HashMap<u32 /* ifindex */, LearnedMac>`: the source MAC last seen from a port's peer,
+    /// written by the kernel program.
+    pub const LEARNED_MACS: &str = "LEARNED_MACS";
 }
 
 /// Program names, as declared by the kernel programs.
@@ -37,6 +40,20 @@ pub mod programs {
 
 /// `PortConfig::flags`: the port's link is up (QEMU `set_link ... up=true`).
 pub const PORT_FLAG_LINK_UP: u32 = 1 << 0;
+/// `PortConfig::flags`: the hub program runs at the port's TC ingress (where peer delivery is
+/// allowed), not at its egress.
+pub const PORT_FLAG_AT_INGRESS: u32 = 1 << 1;
+/// `PortConfig::flags`: remember the source MAC of frames from this port (see `MEMBER_DELIVER_PEER`).
+pub const PORT_FLAG_LEARN_MAC: u32 = 1 << 2;
+
+/// A MAC address as a map value (padded to 8 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LearnedMac {
+    pub addr: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<LearnedMac>() == 8);
 
 /// Ports in one hub segment at most (a segment is a hub, or hubs joined port to port).
 pub const MAX_HUB_PORTS: usize = 64;
@@ -46,6 +63,12 @@ pub const MEMBER_LINK_UP: u32 = 1 << 0;
 /// `HubMember::flags`: deliver by redirecting to the interface's ingress (its hub-facing side is
 /// the daemon's fd, as for a tap in a Linux bridge) rather than transmitting on it.
 pub const MEMBER_DELIVER_INGRESS: u32 = 1 << 1;
+
+/// `HubMember::flags`: the interface is a veth whose peer is in another namespace. A frame for the
+/// MAC last seen from that peer may go straight to the peer's ingress (`bpf_redirect_peer`),
+/// which saves a hop; anything else (broadcast, multicast, other MACs) is transmitted normally so
+/// the peer's stack classifies it as usual.
+pub const MEMBER_DELIVER_PEER: u32 = 1 << 2;
 
 /// One destination of a hub segment.
 #[repr(C)]
@@ -150,6 +173,8 @@ mod user {
     unsafe impl aya::Pod for super::PortCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::HubMembers {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LearnedMac {}
 }
 
 #[cfg(test)]

@@ -14,13 +14,14 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::bpf_redirect,
+    helpers::{bpf_redirect, bpf_redirect_peer},
     macros::{classifier, map, xdp},
     maps::{DevMapHash, HashMap, PerCpuHashMap},
     programs::{TcContext, XdpContext},
 };
 use dataplane_common::{
-    DropReason, HubMember, HubMembers, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_LINK_UP, PortConfig, PortCounters,
+    DropReason, HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER,
+    MEMBER_LINK_UP, PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PortConfig, PortCounters,
 };
 
 /// Upper bound on hub ports on one host.
@@ -32,6 +33,9 @@ static PORTS: HashMap<u32, PortConfig> = HashMap::with_max_entries(MAX_PORTS, 0)
 
 #[map(name = "HUBS")]
 static HUBS: HashMap<i32, HubMembers> = HashMap::with_max_entries(MAX_PORTS, 0);
+
+#[map(name = "LEARNED_MACS")]
+static LEARNED_MACS: HashMap<u32, LearnedMac> = HashMap::with_max_entries(MAX_PORTS, 0);
 
 #[map(name = "HUB_TARGETS")]
 static HUB_TARGETS: DevMapHash = DevMapHash::with_max_entries(MAX_PORTS, 0);
@@ -105,6 +109,15 @@ pub fn hub_tc(ctx: TcContext) -> i32 {
         return tc_drop(source, DropReason::Runt);
     }
     count(source, Direction::Rx, u64::from(len));
+    // Destination and source MAC.
+    // A constant-size load: the verifier rejects the variable length `load_bytes` would pass.
+    let Ok(addresses) = ctx.load::<[u8; 12]>(0) else {
+        return tc_drop(source, DropReason::Runt);
+    };
+    let (destination, sender) = addresses.split_at(6);
+    if port.flags & PORT_FLAG_LEARN_MAC != 0 {
+        learn(source, sender);
+    }
     // SAFETY: read-only lookup, as above.
     let Some(hub) = (unsafe { HUBS.get(port.hub_id) }) else {
         return tc_drop(source, DropReason::NoDestination);
@@ -137,8 +150,36 @@ pub fn hub_tc(ctx: TcContext) -> i32 {
         return tc_drop(source, DropReason::NoDestination);
     };
     count(last.ifindex, Direction::Tx, u64::from(len));
+    if port.flags & PORT_FLAG_AT_INGRESS != 0 && last.flags & MEMBER_DELIVER_PEER != 0 && is_learned(last.ifindex, destination) {
+        // SAFETY: `bpf_redirect_peer` only records the target in per-CPU state.
+        return unsafe { bpf_redirect_peer(last.ifindex, 0) as i32 };
+    }
     // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
     unsafe { bpf_redirect(last.ifindex, redirect_flags(&last)) as i32 }
+}
+
+/// Records `sender` as the MAC behind `ifindex`, writing only when it changed.
+#[inline(always)]
+fn learn(ifindex: u32, sender: &[u8]) {
+    let mut mac = LearnedMac::default();
+    mac.addr.copy_from_slice(sender);
+    // SAFETY: read-only lookup, as above.
+    if unsafe { LEARNED_MACS.get(ifindex) }.is_some_and(|known| *known == mac) {
+        return;
+    }
+    // A full map only costs the shortcut, never a frame.
+    let _ = LEARNED_MACS.insert(ifindex, mac, 0);
+}
+
+/// Whether `destination` is the unicast MAC last seen from behind `ifindex`: only then may the
+/// frame skip the hop and be classified as addressed to that host.
+#[inline(always)]
+fn is_learned(ifindex: u32, destination: &[u8]) -> bool {
+    if destination.first().is_none_or(|first| first & 1 != 0) {
+        return false;
+    }
+    // SAFETY: read-only lookup, as above.
+    unsafe { LEARNED_MACS.get(ifindex) }.is_some_and(|known| known.addr.as_slice() == destination)
 }
 
 #[inline(always)]

@@ -484,12 +484,15 @@ impl Netns {
         Background { child }
     }
 
-    /// The ifindex of `ifname` in this namespace.
+    /// The ifindex of `ifname` in this namespace, if it exists.
     #[must_use]
     pub fn ifindex(&self, ifname: &str) -> Option<u32> {
         let output = self.exec("ip", &["-j", "link", "show", "dev", ifname]);
+        if !output.status.success() {
+            return None;
+        }
         let links: Value = serde_json::from_slice(&output.stdout).ok()?;
-        links.get(0)?["ifindex"].as_u64().and_then(|i| u32::try_from(i).ok())
+        links.get(0)?.get("ifindex")?.as_u64().and_then(|i| u32::try_from(i).ok())
     }
 
     /// `ip -j link show dev IFNAME` as JSON (`Null` if there is no such interface).
@@ -696,5 +699,55 @@ impl TapVm {
     #[must_use]
     pub fn from_fd(fd: OwnedFd, vnet_hdr: bool) -> Self {
         Self { file: File::from(fd), vnet_hdr }
+    }
+}
+
+// ---- Appended helpers (hub tests) ----
+
+impl TapVm {
+    /// Writes one frame (with a zeroed virtio-net header if the tap has one), returning the error
+    /// instead of panicking: the tap may be going away under the writer.
+    pub fn try_send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        let mut buffer = Vec::with_capacity(VirtioNetHdr::LEN + frame.len());
+        if self.vnet_hdr {
+            buffer.extend_from_slice(&VirtioNetHdr::default().to_bytes());
+        }
+        buffer.extend_from_slice(frame);
+        self.file.write(&buffer).map(|_| ())
+    }
+
+    /// Every packet received within `timeout` (the header stripped if the tap has one).
+    pub fn recv_all(&mut self, timeout: Duration) -> Vec<Vec<u8>> {
+        self.recv_all_raw(timeout)
+            .into_iter()
+            .map(|packet| if self.vnet_hdr { packet[VirtioNetHdr::LEN..].to_vec() } else { packet })
+            .collect()
+    }
+
+    /// Every packet received within `timeout`, header included.
+    pub fn recv_all_raw(&mut self, timeout: Duration) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut packets = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Some(packet) = self.recv_raw(left) else { break };
+            packets.push(packet);
+        }
+        packets
+    }
+
+    /// Frames carrying `marker` (the header stripped), returning as soon as `count` have arrived
+    /// or `timeout` has passed, whichever comes first.
+    pub fn recv_marked_count(&mut self, marker: &[u8], count: usize, timeout: Duration) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut frames = Vec::new();
+        while frames.len() < count {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+            let Some(packet) = self.recv_raw(left) else { break };
+            let frame = if self.vnet_hdr { packet[VirtioNetHdr::LEN..].to_vec() } else { packet };
+            if contains(&frame, marker) {
+                frames.push(frame);
+            }
+        }
+        frames
     }
 }

@@ -1,41 +1,501 @@
 //! Taps on in-kernel hubs, with test processes playing the VMs: they hold the tap queues, write
 //! frames and read what the hub delivers. Needs root.
+//!
+//! Every test runs its own daemon in its own quiet namespace (IPv6 off, no addresses), so the only
+//! frames crossing a hub are the ones the test writes. Frames carry a per-test tag so that what a
+//! "VM" reads can be attributed exactly.
 
-use std::time::Duration;
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use dataplane_tests::{Daemon, Netns, TapVm, test_frame, unique};
+use dataplane_tests::{Daemon, Netns, TapVm, contains, tcx_links, test_frame, unique};
+use serde_json::{Value, json};
 
+/// How long to wait for a frame that should arrive.
 const WAIT: Duration = Duration::from_millis(500);
-const BROADCAST: [u8; 6] = [0xff; 6];
+/// How long to watch for a frame that must not arrive.
+const QUIET: Duration = Duration::from_millis(300);
+/// Reading what is already queued once the hub has settled.
+const DRAIN: Duration = Duration::from_millis(50);
 
-fn mac(n: u8) -> [u8; 6] {
-    [0x52, 0x54, 0x00, 0x12, 0x34, n]
+const BROADCAST: [u8; 6] = [0xff; 6];
+/// An IPv4 multicast MAC (224.0.0.251).
+const MULTICAST: [u8; 6] = [0x01, 0x00, 0x5e, 0x00, 0x00, 0xfb];
+/// A unicast MAC no VM has: QEMU hubs do no learning, so it floods like everything else.
+const UNKNOWN: [u8; 6] = [0x52, 0x54, 0x00, 0x99, 0x99, 0x99];
+
+fn mac(n: usize) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0x12, 0x34, u8::try_from(n).expect("small index")]
 }
 
-/// A switch namespace with netdevd and `count` taps on hub `hubid`, each with a "VM" attached.
-fn hub_of_taps(switch: &Netns, daemon: &Daemon, hubid: i32, count: usize) -> Vec<(String, TapVm)> {
-    (0..count)
-        .map(|i| {
-            let ifname = unique("t");
-            daemon.add(&format!("tap,id={ifname},ifname={ifname},script=no,downscript=no"));
-            daemon.add(&format!("hubport,id=p{ifname},hubid={hubid},netdev={ifname}"));
-            let vm = TapVm::open(switch, &ifname, false);
-            (ifname, vm)
+/// A tap netdev on a hub port, with a "VM" holding its queue.
+struct Vm {
+    /// The tap netdev id, which is also its interface name.
+    tap: String,
+    /// The hubport netdev id.
+    port: String,
+    vm: TapVm,
+}
+
+/// A tap netdev named like its interface, on a new hubport of `hubid`, with a VM attached.
+fn tap_on_hub(switch: &Netns, daemon: &Daemon, hubid: i32) -> Vm {
+    let tap = unique("t");
+    daemon.add(&format!("tap,id={tap},ifname={tap},script=no,downscript=no"));
+    let port = format!("p{tap}");
+    daemon.add(&format!("hubport,id={port},hubid={hubid},netdev={tap}"));
+    let vm = TapVm::open(switch, &tap, false);
+    Vm { tap, port, vm }
+}
+
+/// `count` taps on hub `hubid`.
+fn hub_of_taps(switch: &Netns, daemon: &Daemon, hubid: i32, count: usize) -> Vec<Vm> {
+    (0..count).map(|_| tap_on_hub(switch, daemon, hubid)).collect()
+}
+
+/// A switch namespace, quiet, with a daemon in it.
+fn switch_with_daemon() -> (Netns, Daemon) {
+    let switch = Netns::new("sw");
+    switch.quiet();
+    let daemon = Daemon::start(&switch);
+    (switch, daemon)
+}
+
+/// A per-test tag that every test frame carries.
+fn tag() -> Vec<u8> {
+    format!("<{}>", unique("tag")).into_bytes()
+}
+
+/// A frame carrying `tag` followed by `what`.
+fn tagged(dst: [u8; 6], src: [u8; 6], tag: &[u8], what: &str) -> Vec<u8> {
+    let mut payload = tag.to_vec();
+    payload.extend_from_slice(what.as_bytes());
+    test_frame(dst, src, &payload)
+}
+
+/// The bytes `tagged(.., tag, what)` carries right after the Ethernet header.
+fn marker(tag: &[u8], what: &str) -> Vec<u8> {
+    let mut marker = tag.to_vec();
+    marker.extend_from_slice(what.as_bytes());
+    marker
+}
+
+/// Lets the hub settle, then reads everything each VM has queued, keeping the frames with `tag`.
+fn collect(vms: &mut [Vm], tag: &[u8]) -> Vec<Vec<Vec<u8>>> {
+    std::thread::sleep(QUIET);
+    vms.iter_mut()
+        .map(|vm| vm.vm.recv_all(DRAIN).into_iter().filter(|frame| contains(frame, tag)).collect())
+        .collect()
+}
+
+/// Sorted, for comparing what arrived with what should have, regardless of order.
+fn sorted(mut frames: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    frames.sort();
+    frames
+}
+
+#[test]
+fn two_taps_exchange_frames() {
+    let (switch, daemon) = switch_with_daemon();
+    let mut vms = hub_of_taps(&switch, &daemon, 0, 2);
+    let tag = tag();
+    for size in [0usize, 100, 1486] {
+        let filler = "x".repeat(size);
+        // A → B, unicast to B's MAC.
+        let what = format!("forth-{size}-");
+        let forth = tagged(mac(1), mac(0), &tag, &format!("{what}{filler}"));
+        vms[0].vm.send(&forth);
+        let received = vms[1].vm.recv_marked_count(&marker(&tag, &what), 1, WAIT);
+        assert_eq!(received, vec![forth.clone()], "B gets A's {}-byte frame unchanged", forth.len());
+        // B → A, unicast to A's MAC.
+        let what = format!("back-{size}-");
+        let back = tagged(mac(0), mac(1), &tag, &format!("{what}{filler}"));
+        vms[1].vm.send(&back);
+        let received = vms[0].vm.recv_marked_count(&marker(&tag, &what), 1, WAIT);
+        assert_eq!(received, vec![back.clone()], "A gets B's {}-byte frame unchanged", back.len());
+    }
+    // Nothing more: each frame arrived once, and none came back to its sender.
+    let rest = collect(&mut vms, &tag);
+    assert!(rest[0].is_empty(), "A got a duplicate or an echo of its own frames: {:?}", rest[0].len());
+    assert!(rest[1].is_empty(), "B got a duplicate or an echo of its own frames: {:?}", rest[1].len());
+}
+
+#[test]
+fn three_taps_flood_every_frame_to_the_other_two() {
+    let (switch, daemon) = switch_with_daemon();
+    let mut vms = hub_of_taps(&switch, &daemon, 0, 3);
+    let tag = tag();
+    let mut sent: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 3];
+    for (i, vm) in vms.iter_mut().enumerate() {
+        for (kind, dst) in [("broadcast", BROADCAST), ("unknown-unicast", UNKNOWN), ("multicast", MULTICAST)] {
+            let frame = tagged(dst, mac(i), &tag, &format!("{kind}-from-{i}"));
+            vm.vm.send(&frame);
+            sent[i].push(frame);
+        }
+    }
+    let received = collect(&mut vms, &tag);
+    for (i, got) in received.into_iter().enumerate() {
+        let expected: Vec<Vec<u8>> =
+            sent.iter().enumerate().filter(|(j, _)| *j != i).flat_map(|(_, frames)| frames.clone()).collect();
+        let got = sorted(got);
+        for frame in &got {
+            assert!(!sent[i].contains(frame), "VM {i} got its own frame back: {:?}", String::from_utf8_lossy(&frame[14..]));
+        }
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "VM {i} gets each of the other two VMs' 3 frames exactly once (broadcast, unknown unicast, multicast)"
+        );
+        assert_eq!(got, sorted(expected), "VM {i} gets the other VMs' frames unchanged");
+    }
+}
+
+#[test]
+fn hubs_are_isolated() {
+    let (switch, daemon) = switch_with_daemon();
+    let hubids = [0, 1, -7];
+    let mut vms: Vec<Vm> = hubids.iter().flat_map(|hubid| hub_of_taps(&switch, &daemon, *hubid, 2)).collect();
+    let hubs = daemon.netdevs();
+    for hubid in hubids {
+        let ports = hubs.iter().filter(|row| row["type"] == json!("hubport") && row["hubid"] == json!(hubid)).count();
+        assert_eq!(ports, 2, "x-query-netdevs lists two ports on hub {hubid}");
+    }
+    let tag = tag();
+    let sent: Vec<Vec<u8>> = vms
+        .iter_mut()
+        .enumerate()
+        .map(|(i, vm)| {
+            let frame = tagged(BROADCAST, mac(i), &tag, &format!("from-{i}-hub-{}", hubids[i / 2]));
+            vm.vm.send(&frame);
+            frame
+        })
+        .collect();
+    let received = collect(&mut vms, &tag);
+    for (i, got) in received.into_iter().enumerate() {
+        let partner = i ^ 1;
+        assert_eq!(
+            got,
+            vec![sent[partner].clone()],
+            "VM {i} on hub {} gets only its hub partner's frame, nothing from the other hubs: got {:?}",
+            hubids[i / 2],
+            got.iter().map(|f| String::from_utf8_lossy(&f[14..14 + tag.len() + 16]).into_owned()).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// Sends a broadcast from `from` and returns whether `to` got it (exactly once; panics on more).
+fn crosses(from: &mut Vm, to: &mut Vm, tag: &[u8], what: &str) -> bool {
+    let frame = tagged(BROADCAST, mac(0), tag, what);
+    let marker = marker(tag, what);
+    from.vm.send(&frame);
+    let got = to.vm.recv_marked(&marker, QUIET);
+    assert!(got.len() <= 1, "{what}: delivered {} times", got.len());
+    if let Some(first) = got.first() {
+        assert_eq!(first, &frame, "{what}: delivered changed");
+    }
+    assert!(from.vm.recv_marked(&marker, DRAIN).is_empty(), "{what}: echoed back to its sender");
+    !got.is_empty()
+}
+
+#[test]
+fn joined_hubs_forward_until_the_join_goes_down() {
+    let (switch, daemon) = switch_with_daemon();
+    let mut a = tap_on_hub(&switch, &daemon, 1);
+    let mut b = tap_on_hub(&switch, &daemon, 2);
+    let tag = tag();
+    assert!(!crosses(&mut a, &mut b, &tag, "before-join"), "hubs 1 and 2 are isolated before the join");
+
+    // QEMU: -netdev hubport,id=j1,hubid=1 -netdev hubport,id=j2,hubid=2,netdev=j1
+    let (j1, j2) = (unique("j"), unique("j"));
+    daemon.add(&format!("hubport,id={j1},hubid=1"));
+    daemon.add(&format!("hubport,id={j2},hubid=2,netdev={j1}"));
+    assert!(crosses(&mut a, &mut b, &tag, "joined-1-to-2"), "a frame from hub 1 reaches hub 2 through the join");
+    assert!(crosses(&mut b, &mut a, &tag, "joined-2-to-1"), "a frame from hub 2 reaches hub 1 through the join");
+
+    daemon.set_link(&j2, false);
+    assert!(!crosses(&mut a, &mut b, &tag, "j2-down-1-to-2"), "with j2 down, hub 1 does not reach hub 2");
+    assert!(!crosses(&mut b, &mut a, &tag, "j2-down-2-to-1"), "with j2 down, hub 2 does not reach hub 1");
+
+    daemon.set_link(&j2, true);
+    assert!(crosses(&mut a, &mut b, &tag, "j2-up-1-to-2"), "with j2 up again, hub 1 reaches hub 2");
+    assert!(crosses(&mut b, &mut a, &tag, "j2-up-2-to-1"), "with j2 up again, hub 2 reaches hub 1");
+
+    // The other end of the join cuts it as well.
+    daemon.set_link(&j1, false);
+    assert!(!crosses(&mut a, &mut b, &tag, "j1-down-1-to-2"), "with j1 down, hub 1 does not reach hub 2");
+    assert!(!crosses(&mut b, &mut a, &tag, "j1-down-2-to-1"), "with j1 down, hub 2 does not reach hub 1");
+    daemon.set_link(&j1, true);
+    assert!(crosses(&mut a, &mut b, &tag, "j1-up-1-to-2"), "with j1 up again, hub 1 reaches hub 2");
+}
+
+/// Each VM broadcasts one frame, then returns, for each VM, the indices of the VMs whose frame it got.
+fn who_hears_whom(vms: &mut [Vm], tag: &[u8], phase: &str) -> Vec<BTreeSet<usize>> {
+    let sent: Vec<Vec<u8>> = vms
+        .iter_mut()
+        .enumerate()
+        .map(|(i, vm)| {
+            let frame = tagged(BROADCAST, mac(i), tag, &format!("{phase}-from-{i}"));
+            vm.vm.send(&frame);
+            frame
+        })
+        .collect();
+    let mut phase_tag = tag.to_vec();
+    phase_tag.extend_from_slice(phase.as_bytes());
+    collect(vms, &phase_tag)
+        .into_iter()
+        .enumerate()
+        .map(|(i, got)| {
+            let mut from = BTreeSet::new();
+            for frame in got {
+                let j = sent.iter().position(|s| *s == frame).unwrap_or_else(|| panic!("{phase}: VM {i} got a changed frame"));
+                assert!(from.insert(j), "{phase}: VM {i} got VM {j}'s frame twice");
+            }
+            from
         })
         .collect()
 }
 
 #[test]
-fn two_taps_exchange_frames() {
-    let switch = Netns::new("sw");
-    switch.quiet();
-    let daemon = Daemon::start(&switch);
-    let mut vms = hub_of_taps(&switch, &daemon, 0, 2);
-    let marker = b"two-taps-unicast";
-    let frame = test_frame(mac(2), mac(1), marker);
-    vms[0].1.send(&frame);
-    let received = vms[1].1.recv_marked(marker, WAIT);
-    assert_eq!(received, vec![frame.clone()], "the other port gets the frame unchanged");
-    assert!(vms[0].1.recv_marked(marker, WAIT).is_empty(), "never back to the source");
-    let _ = BROADCAST;
+fn set_link_down_stops_sending_and_receiving() {
+    let (switch, daemon) = switch_with_daemon();
+    let mut vms = hub_of_taps(&switch, &daemon, 0, 3);
+    let tag = tag();
+    let set = |s: &[usize]| s.iter().copied().collect::<BTreeSet<usize>>();
+    let everyone = vec![set(&[1, 2]), set(&[0, 2]), set(&[0, 1])];
+    let without_a = vec![set(&[]), set(&[2]), set(&[1])];
+
+    assert_eq!(who_hears_whom(&mut vms, &tag, "all-up"), everyone, "all links up: every VM hears the other two");
+
+    let (tap, port) = (vms[0].tap.clone(), vms[0].port.clone());
+    daemon.set_link(&port, false);
+    assert_eq!(
+        who_hears_whom(&mut vms, &tag, "hubport-down"),
+        without_a,
+        "hubport {port} down: VM 0's frames are not delivered and VM 0 gets nothing"
+    );
+    daemon.set_link(&port, true);
+    assert_eq!(who_hears_whom(&mut vms, &tag, "hubport-up"), everyone, "hubport {port} up again: delivery resumes");
+
+    daemon.set_link(&tap, false);
+    assert_eq!(
+        who_hears_whom(&mut vms, &tag, "tap-down"),
+        without_a,
+        "tap netdev {tap} down: VM 0's frames are not delivered and VM 0 gets nothing"
+    );
+    daemon.set_link(&tap, true);
+    assert_eq!(who_hears_whom(&mut vms, &tag, "tap-up"), everyone, "tap netdev {tap} up again: delivery resumes");
+}
+
+/// A counter field of an `x-query-netdev-counters` row.
+fn field(row: &Value, name: &str) -> u64 {
+    row[name].as_u64().unwrap_or_else(|| panic!("counters row without {name}: {row}"))
+}
+
+fn link_down_drops(row: &Value) -> u64 {
+    row["drops"]["link-down"].as_u64().unwrap_or_else(|| panic!("counters row without drops.link-down: {row}"))
+}
+
+/// Asserts a port's counters exactly: (rx packets, rx bytes, tx packets, tx bytes, link-down drops),
+/// every other drop reason zero.
+fn assert_counters(daemon: &Daemon, port: &str, expected: (u64, u64, u64, u64, u64), when: &str) {
+    let row = daemon.counters(port);
+    let actual = (
+        field(&row, "rx-packets"),
+        field(&row, "rx-bytes"),
+        field(&row, "tx-packets"),
+        field(&row, "tx-bytes"),
+        link_down_drops(&row),
+    );
+    assert_eq!(actual, expected, "{when}: counters of {port} (rx-packets, rx-bytes, tx-packets, tx-bytes, link-down): {row}");
+    for (reason, count) in row["drops"].as_object().expect("drops object") {
+        if reason != "link-down" {
+            assert_eq!(count, &json!(0), "{when}: {port} has {reason} drops: {row}");
+        }
+    }
+}
+
+#[test]
+fn counters_count_exactly() {
+    const N: u64 = 20;
+    const M: u64 = 7;
+    let (switch, daemon) = switch_with_daemon();
+    let mut vms = hub_of_taps(&switch, &daemon, 0, 3);
+    let tag = tag();
+    let frame = tagged(BROADCAST, mac(0), &tag, &format!("counted-{}", "c".repeat(60)));
+    let len = u64::try_from(frame.len()).expect("small frame");
+    for vm in &vms {
+        assert_counters(&daemon, &vm.port, (0, 0, 0, 0, 0), "before any frame");
+    }
+    assert_eq!(daemon.counters(&vms[0].tap), daemon.counters(&vms[0].port), "the tap netdev id selects its port's row");
+
+    for _ in 0..N {
+        vms[0].vm.send(&frame);
+    }
+    for vm in &mut vms[1..] {
+        let got = vm.vm.recv_marked_count(&tag, usize::try_from(N).expect("small"), Duration::from_secs(3));
+        assert_eq!(got.len() as u64, N, "{} gets all {N} frames", vm.port);
+    }
+    assert_counters(&daemon, &vms[0].port, (N, N * len, 0, 0, 0), "after A sent N frames");
+    assert_counters(&daemon, &vms[1].port, (0, 0, N, N * len, 0), "after A sent N frames");
+    assert_counters(&daemon, &vms[2].port, (0, 0, N, N * len, 0), "after A sent N frames");
+    // Nothing else crossed the hub: no stray frame from the host stack, no echo.
+    for vm in &mut vms {
+        let stray = vm.vm.recv_all(QUIET);
+        assert!(stray.is_empty(), "{} got {} unexpected frames, first: {:02x?}", vm.port, stray.len(), stray.first());
+    }
+
+    daemon.set_link(&vms[0].port, false);
+    for _ in 0..M {
+        vms[0].vm.send(&frame);
+    }
+    // No receiver to wait on: poll until the drops show up (or a deadline passes), then be exact.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while link_down_drops(&daemon.counters(&vms[0].port)) < M && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for vm in &mut vms[1..] {
+        assert!(vm.vm.recv_all(QUIET).is_empty(), "{} gets nothing from a downed port", vm.port);
+    }
+    assert_counters(&daemon, &vms[0].port, (N, N * len, 0, 0, M), "after A sent M frames with its link down");
+    assert_counters(&daemon, &vms[1].port, (0, 0, N, N * len, 0), "after A sent M frames with its link down");
+    assert_counters(&daemon, &vms[2].port, (0, 0, N, N * len, 0), "after A sent M frames with its link down");
+
+    daemon.set_link(&vms[0].port, true);
+    vms[0].vm.send(&frame);
+    for vm in &mut vms[1..] {
+        assert_eq!(vm.vm.recv_marked_count(&tag, 1, WAIT).len(), 1, "{} gets A's frame once A is up again", vm.port);
+    }
+    assert_counters(&daemon, &vms[0].port, (N + 1, (N + 1) * len, 0, 0, M), "after A is up again and sent one more");
+    assert_counters(&daemon, &vms[1].port, (0, 0, N + 1, (N + 1) * len, 0), "after A is up again and sent one more");
+}
+
+/// Polls `condition` until it holds or 3 s pass; returns whether it held.
+fn eventually(mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn netdev_del_under_traffic() {
+    let (switch, daemon) = switch_with_daemon();
+    let vms = hub_of_taps(&switch, &daemon, 0, 4);
+    let mut vms = vms.into_iter();
+    let (a, mut b, mut c, mut d) = (
+        vms.next().expect("a"),
+        vms.next().expect("b"),
+        vms.next().expect("c"),
+        vms.next().expect("d"),
+    );
+    let ifindex = |vm: &Vm| switch.ifindex(&vm.tap).unwrap_or_else(|| panic!("{} exists", vm.tap));
+    let (a_index, b_index, c_index, d_index) = (ifindex(&a), ifindex(&b), ifindex(&c), ifindex(&d));
+
+    // Every port carries the daemon's hub program at ingress through a tcx link.
+    let (ingress, egress) = switch.tcx_programs(&a.tap);
+    assert_eq!((ingress.len(), egress.len()), (1, 0), "one tcx program at ingress of {}", a.tap);
+    let program = ingress[0];
+    for vm in [&b, &c, &d] {
+        assert_eq!(switch.tcx_programs(&vm.tap), (vec![program], vec![]), "{} carries the hub program", vm.tap);
+    }
+    let ours = || {
+        let mut links: Vec<u32> =
+            tcx_links(&switch).into_iter().filter(|l| l.prog_id == program).map(|l| l.ifindex).collect();
+        links.sort_unstable();
+        links
+    };
+    let mut all = vec![a_index, b_index, c_index, d_index];
+    all.sort_unstable();
+    assert_eq!(ours(), all, "one tcx link of the daemon's program per port");
+
+    // VM A floods the hub from a thread until told to stop.
+    let flood_tag = tag();
+    let flood = tagged(BROADCAST, mac(0), &flood_tag, "flood");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let sender = {
+        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+        let mut vm = a.vm;
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match vm.try_send(&flood) {
+                    Ok(()) => sent.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                // Let the receivers drain a little so their queues do not stay full.
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    for vm in [&mut b, &mut c, &mut d] {
+        assert!(!vm.vm.recv_marked_count(&flood_tag, 1, WAIT).is_empty(), "{} gets the flood", vm.tap);
+    }
+
+    // Delete B's hub port while A floods: B stops getting frames, C and D keep getting them.
+    daemon.del(&b.port);
+    assert!(
+        eventually(|| switch.tcx_programs(&b.tap) == (vec![], vec![])),
+        "{} has no tcx program once its hubport is deleted: {:?}",
+        b.tap,
+        switch.tcx_programs(&b.tap)
+    );
+    let _ = b.vm.recv_all(Duration::from_millis(100));
+    let late = b.vm.recv_marked(&flood_tag, QUIET);
+    assert!(late.is_empty(), "{} still gets {} flood frames after its hubport was deleted", b.tap, late.len());
+    for vm in [&mut c, &mut d] {
+        let _ = vm.vm.recv_all(DRAIN);
+        assert!(!vm.vm.recv_marked_count(&flood_tag, 1, WAIT).is_empty(), "{} still gets the flood", vm.tap);
+    }
+
+    // Delete A's tap netdev (its hubport stays, unpeered, as in QEMU) while A writes to it.
+    daemon.del(&a.tap);
+    assert!(!switch.links().contains(&a.tap), "{} is gone after netdev_del: {:?}", a.tap, switch.links());
+    // And B's tap, whose hubport went first.
+    daemon.del(&b.tap);
+    assert!(!switch.links().contains(&b.tap), "{} is gone after netdev_del: {:?}", b.tap, switch.links());
+    let mut remaining = vec![c_index, d_index];
+    remaining.sort_unstable();
+    assert!(
+        eventually(|| ours() == remaining),
+        "only the remaining ports {remaining:?} keep a tcx link of the daemon's program (no link left on \
+         {a_index}/{b_index}, none defunct with ifindex 0): {:?}",
+        ours()
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    sender.join().expect("sender thread");
+    assert!(sent.load(Ordering::Relaxed) > 0, "the sender wrote frames");
+    eprintln!(
+        "sender: {} frames written, {} writes failed (after its tap went away)",
+        sent.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+
+    // The daemon is alive and the remaining ports still work.
+    let version = daemon.execute("query-version", json!({})).expect("query-version after the deletions");
+    assert!(version["qemu"]["major"].is_u64(), "query-version answers: {version}");
+    let ids = daemon.netdev_ids();
+    assert!(!ids.contains(&a.tap) && !ids.contains(&b.tap) && !ids.contains(&b.port), "deleted netdevs are gone: {ids:?}");
+    assert!(ids.contains(&a.port), "A's hubport survives its tap, unpeered, as in QEMU: {ids:?}");
+    for vm in [&mut c, &mut d] {
+        let _ = vm.vm.recv_all(Duration::from_millis(100));
+    }
+    let after = tag();
+    let to_d = tagged(mac(3), mac(2), &after, "c-to-d");
+    c.vm.send(&to_d);
+    assert_eq!(d.vm.recv_marked(&after, WAIT), vec![to_d], "D gets C's frame after the deletions");
+    let to_c = tagged(mac(2), mac(3), &after, "d-to-c");
+    d.vm.send(&to_c);
+    assert_eq!(c.vm.recv_marked(&after, WAIT), vec![to_c], "C gets D's frame after the deletions");
 }

@@ -31,7 +31,18 @@ struct Args {
     bpf_object: Option<PathBuf>,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match start() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The whole chain on one line, as QEMU reports start-up errors; no backtrace.
+            eprintln!("netdevd: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn start() -> Result<()> {
     let args = Args::parse();
     let overrides = Overrides { config: args.config, qmp: args.qmp, netdevs: args.netdev, bpf_object: args.bpf_object };
     let settings = Settings::load(&overrides)?;

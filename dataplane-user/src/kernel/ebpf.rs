@@ -8,7 +8,7 @@ use aya::{
     programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions, tc::SchedClassifierLinkId},
     util::nr_cpus,
 };
-use dataplane_common::{HubMember, HubMembers, MAX_HUB_PORTS, PortConfig, PortCounters, maps, programs};
+use dataplane_common::{HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, PortConfig, PortCounters, maps, programs};
 
 use super::{Forwarding, KernelError, plan::Hook};
 
@@ -39,6 +39,7 @@ pub struct EbpfDataplane {
     ports: BpfHashMap<MapData, u32, PortConfig>,
     hubs: BpfHashMap<MapData, i32, HubMembers>,
     counters: PerCpuHashMap<MapData, u32, PortCounters>,
+    learned: BpfHashMap<MapData, u32, LearnedMac>,
     links: HashMap<u32, SchedClassifierLinkId>,
     cpus: usize,
 }
@@ -67,8 +68,9 @@ impl EbpfDataplane {
         let ports = BpfHashMap::try_from(take(maps::PORTS)?).map_err(|e| load_error(boxed(e)))?;
         let hubs = BpfHashMap::try_from(take(maps::HUBS)?).map_err(|e| load_error(boxed(e)))?;
         let counters = PerCpuHashMap::try_from(take(maps::PORT_COUNTERS)?).map_err(|e| load_error(boxed(e)))?;
+        let learned = BpfHashMap::try_from(take(maps::LEARNED_MACS)?).map_err(|e| load_error(boxed(e)))?;
         let cpus = nr_cpus().map_err(|(_, e)| load_error(boxed(e)))?;
-        Ok(Self { ebpf, ports, hubs, counters, links: HashMap::new(), cpus })
+        Ok(Self { ebpf, ports, hubs, counters, learned, links: HashMap::new(), cpus })
     }
 
     fn program(&mut self) -> &mut SchedClassifier {
@@ -118,6 +120,7 @@ impl Forwarding for EbpfDataplane {
     fn remove_port(&mut self, ifindex: u32) {
         let _ = self.ports.remove(&ifindex);
         let _ = self.counters.remove(&ifindex);
+        let _ = self.learned.remove(&ifindex);
     }
 
     fn set_segment(&mut self, segment: i32, members: &[HubMember]) -> Result<(), KernelError> {

@@ -177,7 +177,10 @@ mod tests {
         for (spec, device) in steps {
             add(&mut registry, spec);
             if let Some((id, ifindex, side)) = device {
-                devices.insert((*id).to_owned(), Device { ifindex: *ifindex, ifname: format!("if{ifindex}"), hub_side: *side });
+                devices.insert(
+                    (*id).to_owned(),
+                    Device { ifindex: *ifindex, ifname: format!("if{ifindex}"), hub_side: *side, peer_elsewhere: false },
+                );
             }
             let next = plan(&registry, &devices).unwrap();
             apply(&mut kernel, &current, &next).unwrap();
@@ -199,7 +202,7 @@ mod tests {
         let mut registry = Registry::default();
         add(&mut registry, "af-xdp,id=a,ifname=x");
         add(&mut registry, "hubport,id=pa,hubid=3,netdev=a");
-        let devices = HashMap::from([("a".to_owned(), Device { ifindex: 9, ifname: "x".into(), hub_side: HubSide::Interface })]);
+        let devices = HashMap::from([("a".to_owned(), Device { ifindex: 9, ifname: "x".into(), hub_side: HubSide::Interface, peer_elsewhere: false })]);
         let mut kernel = FakeKernel { broken: BTreeSet::from([9]), ..FakeKernel::default() };
         let next = plan(&registry, &devices).unwrap();
         assert!(apply(&mut kernel, &Plan::default(), &next).is_err());

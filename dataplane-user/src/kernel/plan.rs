@@ -6,7 +6,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use dataplane_common::{HubMember, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_LINK_UP, PORT_FLAG_LINK_UP, PortConfig};
+use dataplane_common::{
+    HubMember, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP, PORT_FLAG_AT_INGRESS,
+    PORT_FLAG_LEARN_MAC, PORT_FLAG_LINK_UP, PortConfig,
+};
 
 use crate::{netdev::NetdevOptions, registry::Registry};
 
@@ -27,6 +30,9 @@ pub struct Device {
     pub ifindex: u32,
     pub ifname: String,
     pub hub_side: HubSide,
+    /// A veth whose peer lives in another network namespace (a container): frames for the peer's
+    /// own MAC can be delivered straight to the peer's ingress.
+    pub peer_elsewhere: bool,
 }
 
 /// Where the hub program is attached on a port.
@@ -48,12 +54,23 @@ pub struct Port {
     pub link_up: bool,
     pub hook: Hook,
     pub deliver_ingress: bool,
+    pub deliver_peer: bool,
 }
 
 impl Port {
     #[must_use]
     pub const fn config(&self) -> PortConfig {
-        PortConfig { hub_id: self.segment, flags: if self.link_up { PORT_FLAG_LINK_UP } else { 0 } }
+        let mut flags = 0;
+        if self.link_up {
+            flags |= PORT_FLAG_LINK_UP;
+        }
+        if matches!(self.hook, Hook::Ingress) {
+            flags |= PORT_FLAG_AT_INGRESS;
+            if self.deliver_peer {
+                flags |= PORT_FLAG_LEARN_MAC;
+            }
+        }
+        PortConfig { hub_id: self.segment, flags }
     }
 
     #[must_use]
@@ -64,6 +81,9 @@ impl Port {
         }
         if self.deliver_ingress {
             flags |= MEMBER_DELIVER_INGRESS;
+        }
+        if self.deliver_peer {
+            flags |= MEMBER_DELIVER_PEER;
         }
         HubMember { ifindex, flags }
     }
@@ -146,6 +166,7 @@ pub fn plan(registry: &Registry, devices: &HashMap<String, Device>) -> Result<Pl
                 HubSide::Fd => Hook::Egress,
             },
             deliver_ingress: device.hub_side == HubSide::Fd,
+            deliver_peer: device.peer_elsewhere && device.hub_side == HubSide::Interface,
         };
         let members = plan.segments.entry(port.segment).or_default();
         if members.len() >= MAX_HUB_PORTS {
@@ -172,7 +193,7 @@ mod tests {
     }
 
     fn device(ifindex: u32, side: HubSide) -> Device {
-        Device { ifindex, ifname: format!("if{ifindex}"), hub_side: side }
+        Device { ifindex, ifname: format!("if{ifindex}"), hub_side: side, peer_elsewhere: false }
     }
 
     fn devices(list: &[(&str, u32, HubSide)]) -> HashMap<String, Device> {
@@ -234,11 +255,21 @@ mod tests {
         registry.set_link("a", false).unwrap();
         let plan_down = plan(&registry, &devices).unwrap();
         assert!(!plan_down.ports[&3].link_up);
-        assert_eq!(plan_down.ports[&3].config().flags, 0);
+        assert_eq!(plan_down.ports[&3].config().flags, PORT_FLAG_AT_INGRESS);
         assert_eq!(plan_down.segments[&0][0].flags, 0);
         registry.set_link("a", true).unwrap();
         registry.set_link("pa", false).unwrap();
         assert!(!plan(&registry, &devices).unwrap().ports[&3].link_up);
+    }
+
+    #[test]
+    fn container_veths_learn_and_take_the_shortcut() {
+        let registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=pa,hubid=0,netdev=a"]);
+        let mut devices = devices(&[("a", 3, HubSide::Interface)]);
+        devices.get_mut("a").unwrap().peer_elsewhere = true;
+        let plan = plan(&registry, &devices).unwrap();
+        assert_eq!(plan.ports[&3].config().flags, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS | PORT_FLAG_LEARN_MAC);
+        assert_eq!(plan.segments[&0][0].flags, MEMBER_LINK_UP | MEMBER_DELIVER_PEER);
     }
 
     #[test]

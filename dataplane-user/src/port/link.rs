@@ -10,6 +10,8 @@ pub struct LinkInfoSummary {
     pub ifindex: u32,
     pub kind: Option<String>,
     pub controller: Option<u32>,
+    /// Set when the link's other end (a veth peer) is in another network namespace.
+    pub link_netns: Option<i32>,
 }
 
 #[derive(Clone)]
@@ -51,10 +53,11 @@ impl Netlink {
 }
 
 fn summarize(message: &LinkMessage) -> LinkInfoSummary {
-    let mut summary = LinkInfoSummary { ifindex: message.header.index, kind: None, controller: None };
+    let mut summary = LinkInfoSummary { ifindex: message.header.index, kind: None, controller: None, link_netns: None };
     for attribute in &message.attributes {
         match attribute {
             LinkAttribute::Controller(index) => summary.controller = Some(*index),
+            LinkAttribute::LinkNetNsId(id) => summary.link_netns = Some(*id),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     if let LinkInfo::Kind(kind) = info {

@@ -171,7 +171,7 @@ async fn create_tap(
         let ifindex = ifindex_of(id, &ifname, netlink).await?;
         set_up(id, &ifname, ifindex, netlink).await?;
         return Ok(PortDevice {
-            device: Device { ifindex, ifname, hub_side },
+            device: Device { ifindex, ifname, hub_side, peer_elsewhere: false },
             held_fds: held,
             owned: false,
             downscript: None,
@@ -190,7 +190,7 @@ async fn create_tap(
     let requested = options.ifname.as_deref().unwrap_or("tap%d");
     let ifname = tun::create_persistent_tap(options.ifname.as_deref(), flags).map_err(|e| tun_error(requested, e))?;
     let mut device = PortDevice {
-        device: Device { ifindex: 0, ifname: ifname.clone(), hub_side: HubSide::Interface },
+        device: Device { ifindex: 0, ifname: ifname.clone(), hub_side: HubSide::Interface, peer_elsewhere: false },
         held_fds: Vec::new(),
         owned: true,
         downscript: None,
@@ -305,7 +305,7 @@ async fn create_bridge_tap(id: &str, options: &BridgeOptions, netlink: &Netlink)
     let (fd, ifname) = tun::create_tap(None, tun::TapFlags { vnet_hdr: true, multi_queue: false })
         .map_err(|source| PortError::Tun { id: id.to_owned(), ifname: "tap%d".to_owned(), source })?;
     let mut device = PortDevice {
-        device: Device { ifindex: 0, ifname: ifname.clone(), hub_side: HubSide::Fd },
+        device: Device { ifindex: 0, ifname: ifname.clone(), hub_side: HubSide::Fd, peer_elsewhere: false },
         held_fds: vec![fd],
         owned: true,
         downscript: None,
@@ -329,11 +329,17 @@ async fn create_bridge_tap(id: &str, options: &BridgeOptions, netlink: &Netlink)
 }
 
 async fn adopt_interface(id: &str, options: &AfXdpOptions, netlink: &Netlink) -> Result<PortDevice, PortError> {
-    let ifindex = ifindex_of(id, &options.ifname, netlink).await?;
+    let link = netlink
+        .find(&options.ifname)
+        .await
+        .map_err(|source| PortError::Netlink { id: id.to_owned(), ifname: options.ifname.clone(), source })?
+        .ok_or_else(|| PortError::NoInterface { id: id.to_owned(), ifname: options.ifname.clone() })?;
+    let ifindex = link.ifindex;
+    let peer_elsewhere = link.kind.as_deref() == Some("veth") && link.link_netns.is_some();
     // A port forwards only while its interface is up; it is left up when the netdev goes.
     set_up(id, &options.ifname, ifindex, netlink).await?;
     Ok(PortDevice {
-        device: Device { ifindex, ifname: options.ifname.clone(), hub_side: HubSide::Interface },
+        device: Device { ifindex, ifname: options.ifname.clone(), hub_side: HubSide::Interface, peer_elsewhere },
         held_fds: Vec::new(),
         owned: false,
         downscript: None,

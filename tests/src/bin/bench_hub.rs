@@ -306,6 +306,8 @@ fn measure_variant<'a>(
     for (label, ports, dst) in [("unicast", 1, c1), ("flood2", 2, [0xff; 6]), ("flood3", 3, [0xff; 6])] {
         eprintln!("  {name}: {label}");
         let teardown = setup(bench, ports)?;
+        // Like any live host, the sink speaks first (the hub learns its MAC, the bridge too).
+        let _ = topology.sinks[0].exec("ping", &["-c", "1", "-W", "1", ADDR_GEN]);
         let mut links = Vec::new();
         for (i, sink) in topology.sinks.iter().take(ports).enumerate() {
             links.push(bench.attach_sink(sink, &format!("c{}", i + 1))?);

@@ -1,0 +1,352 @@
+//! Bad `netdev_add` input against a running daemon: every case gets a clear error and changes
+//! nothing — the switch namespace's interfaces, `x-query-netdevs` and the tcx attachments (seen
+//! through the kernel and through `bpftool link show`) are the same before and after — and the
+//! daemon keeps working afterwards. Also fd passing with `getfd` for real: a tap the test opened
+//! itself, handed over SCM_RIGHTS, carries frames on a hub. Needs root, iproute2 and bpftool.
+
+use std::{
+    io::{BufRead, BufReader, IoSlice, Write},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::net::UnixStream,
+    },
+    time::{Duration, Instant},
+};
+
+use dataplane_tests::{Daemon, Netns, TapVm, open_tap_fd, tcx_links, test_frame, unique};
+use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_millis(500);
+
+fn mac(n: u8) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0xab, 0xcd, n]
+}
+
+/// What bad input must not change.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    /// Interfaces of the switch namespace with their ifindex (a re-created one gets a new index).
+    links: Vec<(String, Option<u32>)>,
+    netdevs: Vec<Value>,
+    /// `(ifname, tcx ingress program ids, tcx egress program ids)`.
+    tcx: Vec<(String, Vec<u32>, Vec<u32>)>,
+    /// bpftool's tcx links of this daemon's program: `(ifindex, attach type, link id)`.
+    bpftool: Vec<(u32, u32, u32)>,
+}
+
+/// A switch namespace with the daemon and one valid port, `base` (a tap) behind hubport `pbase`
+/// on hub 0, so bad input meets a daemon that already holds state.
+struct Fixture {
+    switch: Netns,
+    daemon: Daemon,
+    base_tap: String,
+    /// The daemon's hub program (its id is unique to this daemon).
+    program: u32,
+    /// A veth pair in the switch namespace that no netdev uses.
+    veth: String,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let switch = Netns::new("sw");
+        switch.quiet();
+        let daemon = Daemon::start(&switch);
+        let base_tap = unique("t");
+        daemon.add(&format!("tap,id=base,ifname={base_tap},script=no,downscript=no"));
+        daemon.add("hubport,id=pbase,hubid=0,netdev=base");
+        let (ingress, _) = switch.tcx_programs(&base_tap);
+        assert_eq!(ingress.len(), 1, "the base tap carries the hub program at tcx ingress");
+        let veth = unique("v");
+        switch.ip(&["link", "add", &veth, "type", "veth", "peer", "name", &format!("{veth}p")]);
+        Self { switch, daemon, base_tap, program: ingress[0], veth }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut names = self.switch.links();
+        names.sort();
+        let links = names.into_iter().map(|name| (name.clone(), self.switch.ifindex(&name))).collect();
+        let mut bpftool: Vec<_> = tcx_links(&self.switch)
+            .into_iter()
+            .filter(|l| l.prog_id == self.program)
+            .map(|l| (l.ifindex, l.attach_type, l.id))
+            .collect();
+        bpftool.sort_unstable();
+        Snapshot { links, netdevs: self.daemon.netdevs(), tcx: self.switch.tcx_attachments(), bpftool }
+    }
+
+    /// `netdev_add` with raw JSON arguments (so the daemon, not the client, validates) that must
+    /// fail and change nothing; returns the error text.
+    fn refused(&self, arguments: Value) -> String {
+        let before = self.snapshot();
+        assert_eq!(before.bpftool.len(), 1, "bpftool sees the base port's link: {before:?}");
+        let error = self
+            .daemon
+            .execute("netdev_add", arguments.clone())
+            .expect_err(&format!("netdev_add {arguments} must fail"));
+        let after = self.snapshot();
+        assert_eq!(before, after, "netdev_add {arguments} (refused with {:?}) changed something", error.desc);
+        error.desc
+    }
+
+    /// The daemon still adds a valid tap and hubport, and the hub forwards between it and `base`.
+    fn still_works(&self) {
+        let tap = unique("t");
+        self.daemon.add(&format!("tap,id=ok{tap},ifname={tap},script=no,downscript=no"));
+        self.daemon.add(&format!("hubport,id=pok{tap},hubid=0,netdev=ok{tap}"));
+        let mut base = TapVm::open(&self.switch, &self.base_tap, false);
+        let mut fresh = TapVm::open(&self.switch, &tap, false);
+        let marker = format!("still-works-{tap}");
+        let frame = test_frame(mac(2), mac(1), marker.as_bytes());
+        fresh.send(&frame);
+        assert_eq!(base.recv_marked(marker.as_bytes(), WAIT), vec![frame], "the new port reaches the base port");
+    }
+}
+
+fn too_long_ifname(f: &Fixture) {
+    let name = "abcdefghijklmnop"; // 16 bytes
+    let error = f.refused(json!({"type": "tap", "id": "t7", "ifname": name, "script": "no", "downscript": "no"}));
+    assert!(error.contains(name) && error.contains("15 bytes"), "error names the interface and the limit: {error}");
+}
+
+fn unknown_hubport_netdev(f: &Fixture) {
+    let error = f.refused(json!({"type": "hubport", "id": "h6", "hubid": 0, "netdev": "nope"}));
+    assert_eq!(error, "netdev 'nope' not found");
+}
+
+/// A tap named like an existing interface; the interface must come out untouched.
+fn tap_name_taken(f: &Fixture, existing: &str) {
+    let before = f.switch.link_json(existing);
+    assert!(before.is_object(), "{existing} exists");
+    let (ingress_before, egress_before) = f.switch.tcx_programs(existing);
+    let error = f.refused(json!({"type": "tap", "id": "t8", "ifname": existing, "script": "no", "downscript": "no"}));
+    assert_eq!(error, format!("could not create tap '{existing}': an interface with that name already exists"));
+    assert_eq!(f.switch.link_json(existing), before, "{existing} untouched");
+    assert_eq!(f.switch.tcx_programs(existing), (ingress_before, egress_before), "{existing}'s attachments untouched");
+}
+
+fn tap_name_taken_by_a_veth(f: &Fixture) {
+    tap_name_taken(f, &f.veth);
+}
+
+fn tap_name_taken_by_a_daemon_tap(f: &Fixture) {
+    tap_name_taken(f, &f.base_tap);
+}
+
+/// A persistent tap somebody else made: TUNSETIFF would silently attach to it.
+fn tap_name_taken_by_a_foreign_tap(f: &Fixture) {
+    let name = unique("ft");
+    f.switch.ip(&["tuntap", "add", "mode", "tap", "name", &name]);
+    tap_name_taken(f, &name);
+    f.switch.ip(&["link", "del", &name]);
+}
+
+fn unknown_fd_name(f: &Fixture) {
+    let error = f.refused(json!({"type": "tap", "id": "t9", "fd": "nosuch"}));
+    assert_eq!(error, "File descriptor named 'nosuch' has not been found");
+}
+
+fn af_xdp_without_interface(f: &Fixture) {
+    let name = unique("nx");
+    let error = f.refused(json!({"type": "af-xdp", "id": "x10", "ifname": name}));
+    assert_eq!(error, format!("failed to get ifindex for '{name}'"));
+}
+
+fn bridge_not_found(f: &Fixture) {
+    let name = unique("nb");
+    let error = f.refused(json!({"type": "bridge", "id": "b11", "br": name}));
+    assert_eq!(error, format!("bridge '{name}' not found"));
+}
+
+fn bridge_not_a_bridge(f: &Fixture) {
+    for name in [f.veth.clone(), f.base_tap.clone(), "lo".to_owned()] {
+        let error = f.refused(json!({"type": "bridge", "id": "b11", "br": name}));
+        assert_eq!(error, format!("'{name}' is not a bridge"));
+    }
+}
+
+fn failing_script(f: &Fixture) {
+    let name = unique("sc");
+    let error = f.refused(json!({"type": "tap", "id": "t12", "ifname": name, "script": "/bin/false", "downscript": "no"}));
+    assert_eq!(error, "network script /bin/false failed with status 256");
+    assert!(!f.switch.links().contains(&name), "the tap made for the script is gone again");
+    // Without ifname the kernel picks the name: still nothing left (the snapshot compares all).
+    let error = f.refused(json!({"type": "tap", "id": "t12", "script": "/bin/false", "downscript": "no"}));
+    assert_eq!(error, "network script /bin/false failed with status 256");
+}
+
+fn vhost_without_vhost_net(f: &Fixture) {
+    assert!(!std::path::Path::new("/dev/vhost-net").exists(), "this test assumes a host without /dev/vhost-net");
+    let name = unique("vh");
+    let error =
+        f.refused(json!({"type": "tap", "id": "t13", "ifname": name, "script": "no", "downscript": "no", "vhost": true}));
+    assert!(error.contains("/dev/vhost-net"), "error mentions /dev/vhost-net: {error}");
+}
+
+fn duplicate_id(f: &Fixture) {
+    let error = f.refused(json!({"type": "hubport", "id": "base", "hubid": 3}));
+    assert_eq!(error, "Duplicate ID 'base'");
+    let name = unique("du");
+    let error = f.refused(json!({"type": "tap", "id": "pbase", "ifname": name, "script": "no", "downscript": "no"}));
+    assert_eq!(error, "Duplicate ID 'pbase'");
+}
+
+fn netdev_already_in_use(f: &Fixture) {
+    let error = f.refused(json!({"type": "hubport", "id": "h15", "hubid": 1, "netdev": "base"}));
+    assert_eq!(error, "netdev 'base' is already in use by 'pbase'");
+    // The hubport itself is peered with `base`, so it cannot be taken either.
+    let error = f.refused(json!({"type": "hubport", "id": "h15", "hubid": 1, "netdev": "pbase"}));
+    assert_eq!(error, "netdev 'pbase' is already in use by 'base'");
+}
+
+macro_rules! bad_input_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let fixture = Fixture::new();
+                super::$name(&fixture);
+                fixture.still_works();
+            }
+        )*
+
+        /// Every bad input in a row on one daemon, then a valid port.
+        #[test]
+        fn every_bad_input_in_a_row_then_a_valid_port() {
+            let fixture = Fixture::new();
+            $( super::$name(&fixture); )*
+            fixture.still_works();
+        }
+    };
+}
+
+mod each {
+    bad_input_tests!(
+        unknown_hubport_netdev,
+        too_long_ifname,
+        tap_name_taken_by_a_veth,
+        tap_name_taken_by_a_daemon_tap,
+        tap_name_taken_by_a_foreign_tap,
+        unknown_fd_name,
+        af_xdp_without_interface,
+        bridge_not_found,
+        bridge_not_a_bridge,
+        failing_script,
+        vhost_without_vhost_net,
+        duplicate_id,
+        netdev_already_in_use,
+    );
+    use super::Fixture;
+}
+
+/// A raw QMP connection, for what the client library does not do: sending fds.
+struct RawQmp {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl RawQmp {
+    fn connect(daemon: &Daemon) -> Self {
+        let stream = UnixStream::connect(&daemon.socket).expect("connect to netdevd");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
+        let mut qmp = Self { stream, reader };
+        let greeting = qmp.read();
+        assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
+        let negotiated = qmp.execute(&json!({"execute": "qmp_capabilities"}), None);
+        assert_eq!(negotiated, json!({"return": {}}));
+        qmp
+    }
+
+    fn read(&mut self) -> Value {
+        loop {
+            let mut line = String::new();
+            assert!(self.reader.read_line(&mut line).expect("read from netdevd") > 0, "netdevd closed the connection");
+            let message: Value = serde_json::from_str(line.trim_end()).expect("JSON line");
+            if message.get("event").is_none() {
+                return message;
+            }
+        }
+    }
+
+    /// Sends one request, with `fd` attached (SCM_RIGHTS) if given, and returns the response.
+    fn execute(&mut self, request: &Value, fd: Option<&OwnedFd>) -> Value {
+        let mut bytes = serde_json::to_vec(request).expect("JSON");
+        bytes.push(b'\n');
+        match fd {
+            None => self.stream.write_all(&bytes).expect("write request"),
+            Some(fd) => {
+                let fds = [fd.as_raw_fd()];
+                let sent = sendmsg::<UnixAddr>(
+                    self.stream.as_raw_fd(),
+                    &[IoSlice::new(&bytes)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .expect("sendmsg with SCM_RIGHTS");
+                assert_eq!(sent, bytes.len(), "the request went in one message");
+            }
+        }
+        self.read()
+    }
+}
+
+#[test]
+fn tap_fd_passed_with_getfd_carries_frames() {
+    let switch = Netns::new("sw");
+    switch.quiet();
+    let daemon = Daemon::start(&switch);
+
+    // The test plays the VMM: it opens the tap itself and keeps a copy of the queue fd.
+    let passed_tap = unique("pt");
+    let fd = open_tap_fd(&switch, &passed_tap, false);
+    let ours = fd.try_clone().expect("dup the tap fd");
+    let mut qmp = RawQmp::connect(&daemon);
+    let reply = qmp.execute(&json!({"execute": "getfd", "arguments": {"fdname": "tapfd"}}), Some(&fd));
+    assert_eq!(reply, json!({"return": {}}), "getfd");
+    drop(fd);
+    let reply = qmp.execute(&json!({"execute": "netdev_add", "arguments": {"type": "tap", "id": "tf", "fd": "tapfd"}}), None);
+    assert_eq!(reply, json!({"return": {}}), "netdev_add with the passed fd");
+    // The name was consumed by the netdev, as in QEMU.
+    let reply = qmp.execute(&json!({"execute": "netdev_add", "arguments": {"type": "tap", "id": "tf2", "fd": "tapfd"}}), None);
+    assert_eq!(reply["error"]["desc"], json!("File descriptor named 'tapfd' has not been found"), "{reply}");
+    daemon.add("hubport,id=ptf,hubid=0,netdev=tf");
+    assert_eq!(daemon.ifname_of("tf").as_deref(), Some(passed_tap.as_str()), "the daemon found the tap behind the fd");
+    let (ingress, _) = switch.tcx_programs(&passed_tap);
+    assert_eq!(ingress.len(), 1, "the passed tap is a hub port (tcx ingress)");
+
+    // A second "VM" on a tap the daemon creates, on the same hub.
+    let other_tap = unique("t");
+    daemon.add(&format!("tap,id=to,ifname={other_tap},script=no,downscript=no"));
+    daemon.add("hubport,id=pto,hubid=0,netdev=to");
+    let mut passed_vm = TapVm::from_fd(ours, false);
+    let mut other_vm = TapVm::open(&switch, &other_tap, false);
+
+    let marker = b"fd-passed-to-other";
+    let frame = test_frame(mac(2), mac(1), marker);
+    passed_vm.send(&frame);
+    assert_eq!(other_vm.recv_marked(marker, WAIT), vec![frame], "the passed tap's frame crosses the hub");
+    assert!(passed_vm.recv_marked(marker, WAIT).is_empty(), "never back to the source");
+
+    let marker = b"other-to-fd-passed";
+    let frame = test_frame(mac(1), mac(2), marker);
+    other_vm.send(&frame);
+    assert_eq!(passed_vm.recv_marked(marker, WAIT), vec![frame], "frames reach the passed tap's VM");
+
+    let counters = daemon.counters("ptf");
+    assert!(counters["rx-packets"].as_u64() >= Some(1) && counters["tx-packets"].as_u64() >= Some(1), "{counters}");
+
+    // netdev_del: the daemon did not create that tap, so it stays while the VMM holds it, and it
+    // goes once the VMM closes its fd — the daemon kept no copy.
+    daemon.del("ptf");
+    daemon.del("tf");
+    assert!(switch.links().contains(&passed_tap), "the VMM's tap survives netdev_del");
+    assert_eq!(switch.tcx_programs(&passed_tap), (vec![], vec![]), "and is off the hub");
+    drop(passed_vm);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while switch.links().contains(&passed_tap) {
+        assert!(Instant::now() < deadline, "the tap outlived the VMM's fd: the daemon still holds a copy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
