@@ -561,7 +561,10 @@ pub fn iperf3_server(ns: &Netns) -> Background {
 /// Starts `iperf3 -c ADDRESS -t SECONDS -J` (TCP, default options) in `ns` in the background.
 #[must_use]
 pub fn iperf3_client(ns: &Netns, address: &str, seconds: u32) -> Background {
-    ns.spawn("iperf3", &["-c", address, "-t", &seconds.to_string(), "-J", "--connect-timeout", "3000", "--snd-timeout", "3000"])
+    ns.spawn(
+        "iperf3",
+        &["-c", address, "-t", &seconds.to_string(), "-J", "--connect-timeout", "3000", "--snd-timeout", "3000"],
+    )
 }
 
 /// Runs an iperf3 TCP transfer from `client` to the server `address` in `server` and returns the

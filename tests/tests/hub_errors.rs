@@ -167,7 +167,8 @@ fn bridge_not_a_bridge(f: &Fixture) {
 
 fn failing_script(f: &Fixture) {
     let name = unique("sc");
-    let error = f.refused(json!({"type": "tap", "id": "t12", "ifname": name, "script": "/bin/false", "downscript": "no"}));
+    let error =
+        f.refused(json!({"type": "tap", "id": "t12", "ifname": name, "script": "/bin/false", "downscript": "no"}));
     assert_eq!(error, "network script /bin/false failed with status 256");
     assert!(!f.switch.links().contains(&name), "the tap made for the script is gone again");
     // Without ifname the kernel picks the name: still nothing left (the snapshot compares all).
@@ -178,8 +179,9 @@ fn failing_script(f: &Fixture) {
 fn vhost_without_vhost_net(f: &Fixture) {
     assert!(!std::path::Path::new("/dev/vhost-net").exists(), "this test assumes a host without /dev/vhost-net");
     let name = unique("vh");
-    let error =
-        f.refused(json!({"type": "tap", "id": "t13", "ifname": name, "script": "no", "downscript": "no", "vhost": true}));
+    let error = f.refused(
+        json!({"type": "tap", "id": "t13", "ifname": name, "script": "no", "downscript": "no", "vhost": true}),
+    );
     assert!(error.contains("/dev/vhost-net"), "error mentions /dev/vhost-net: {error}");
 }
 
@@ -306,10 +308,12 @@ fn tap_fd_passed_with_getfd_carries_frames() {
     let reply = qmp.execute(&json!({"execute": "getfd", "arguments": {"fdname": "tapfd"}}), Some(&fd));
     assert_eq!(reply, json!({"return": {}}), "getfd");
     drop(fd);
-    let reply = qmp.execute(&json!({"execute": "netdev_add", "arguments": {"type": "tap", "id": "tf", "fd": "tapfd"}}), None);
+    let reply =
+        qmp.execute(&json!({"execute": "netdev_add", "arguments": {"type": "tap", "id": "tf", "fd": "tapfd"}}), None);
     assert_eq!(reply, json!({"return": {}}), "netdev_add with the passed fd");
     // The name was consumed by the netdev, as in QEMU.
-    let reply = qmp.execute(&json!({"execute": "netdev_add", "arguments": {"type": "tap", "id": "tf2", "fd": "tapfd"}}), None);
+    let reply =
+        qmp.execute(&json!({"execute": "netdev_add", "arguments": {"type": "tap", "id": "tf2", "fd": "tapfd"}}), None);
     assert_eq!(reply["error"]["desc"], json!("File descriptor named 'tapfd' has not been found"), "{reply}");
     daemon.add("hubport,id=ptf,hubid=0,netdev=tf");
     assert_eq!(daemon.ifname_of("tf").as_deref(), Some(passed_tap.as_str()), "the daemon found the tap behind the fd");

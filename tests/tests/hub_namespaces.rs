@@ -163,7 +163,8 @@ fn delete_port_during_traffic(hubport_first: bool) {
     assert!(b.ns.ping(&a.ip, 3), "b pings a before the deletion");
 
     let program = hub_program(&switch, &a.veth);
-    let (a_index, b_index) = (switch.ifindex(&a.veth).unwrap(), switch.ifindex(&b.veth).unwrap());
+    let (a_index, b_index) =
+        (switch.ifindex(&a.veth).expect("a's veth exists"), switch.ifindex(&b.veth).expect("b's veth exists"));
     let ours = |links: Vec<dataplane_tests::TcxLink>| -> Vec<u32> {
         let mut on: Vec<u32> = links.into_iter().filter(|l| l.prog_id == program).map(|l| l.ifindex).collect();
         on.sort_unstable();
@@ -198,7 +199,7 @@ fn delete_port_during_traffic(hubport_first: bool) {
     let error = daemon.execute("x-query-netdev-counters", json!({"id": b.port()})).expect_err("b's port is unknown");
     assert_eq!(error.desc, format!("Device '{}' not found", b.port()));
     let rows = daemon.execute("x-query-netdev-counters", json!({})).expect("all counters");
-    let ifnames: Vec<&str> = rows.as_array().unwrap().iter().filter_map(|r| r["ifname"].as_str()).collect();
+    let ifnames: Vec<&str> = rows.as_array().expect("a list").iter().filter_map(|r| r["ifname"].as_str()).collect();
     assert_eq!(ifnames, vec![a.veth.as_str()], "only a's port is counted");
 
     // The remaining port still works: b's veth is now off the hub, a stays on it.

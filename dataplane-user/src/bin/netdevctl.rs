@@ -54,10 +54,20 @@ fn run() -> Result<ExitCode> {
     if args.command == "events" {
         return follow_events(&mut client, args.json);
     }
-    let response = if args.command.trim_start().starts_with('{') {
+    if args.command.trim_start().starts_with('{') {
+        // Raw passthrough: the whole response, as the daemon sent it.
         let request: Value = serde_json::from_str(&args.command).context("the raw request is not JSON")?;
-        client.request(&request)?
-    } else {
+        let response = client.request(&request)?;
+        println!("{response}");
+        return Ok(match response.get("error") {
+            Some(error) => {
+                print_error(error);
+                ExitCode::from(1)
+            }
+            None => ExitCode::SUCCESS,
+        });
+    }
+    let response = {
         let arguments = match &args.arguments {
             Some(text) => commands::arguments_from_keyval(&args.command, text).map_err(anyhow::Error::msg)?,
             None => Value::Object(serde_json::Map::new()),
@@ -69,7 +79,7 @@ fn run() -> Result<ExitCode> {
         if args.json {
             println!("{response}");
         } else {
-            eprintln!("{}: {}", error["class"].as_str().unwrap_or("Error"), error["desc"].as_str().unwrap_or_default());
+            print_error(error);
         }
         return Ok(ExitCode::from(1));
     }
@@ -80,6 +90,11 @@ fn run() -> Result<ExitCode> {
         print_readable(&args.command, &result);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `CLASS: desc` on stderr.
+fn print_error(error: &Value) {
+    eprintln!("{}: {}", error["class"].as_str().unwrap_or("Error"), error["desc"].as_str().unwrap_or_default());
 }
 
 fn follow_events(client: &mut QmpClient, json: bool) -> Result<ExitCode> {

@@ -18,30 +18,70 @@ pub enum Inbound {
 #[derive(Debug)]
 pub struct Decoder {
     max_message_bytes: usize,
-    /// After an error: drop input up to the next newline, where a sane client starts afresh.
-    resyncing: bool,
+    /// After an error: the rest of the broken value is being skipped.
+    skipping: Option<Skip>,
+}
+
+/// Where the skipper is inside the broken value, carried across reads.
+#[derive(Debug, Default, Clone, Copy)]
+struct Skip {
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// A bare token (or string) outside any brackets is being skipped.
+    bare: bool,
+}
+
+impl Skip {
+    /// Consumes bytes of the broken value; returns how many, and whether it is over. Like QEMU's
+    /// JSON streamer, a value ends where its brackets balance; a bare token ends at the next
+    /// delimiter.
+    fn advance(&mut self, bytes: &[u8]) -> (usize, bool) {
+        for (i, &byte) in bytes.iter().enumerate() {
+            if self.in_string {
+                match (self.escaped, byte) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            let outside = self.depth == 0;
+            match byte {
+                b'{' | b'[' if outside && self.bare => return (i, true),
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' if self.depth <= 1 => return (i + 1, true),
+                b'}' | b']' => self.depth -= 1,
+                b' ' | b'\t' | b'\r' | b'\n' if outside && self.bare => return (i, true),
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                b'"' => {
+                    self.in_string = true;
+                    self.bare |= outside;
+                }
+                _ => self.bare |= outside,
+            }
+        }
+        (bytes.len(), false)
+    }
 }
 
 impl Decoder {
     #[must_use]
     pub const fn new(max_message_bytes: usize) -> Self {
-        Self { max_message_bytes, resyncing: false }
+        Self { max_message_bytes, skipping: None }
     }
 
     /// Takes the next complete value out of `buf`, if there is one.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Option<Inbound> {
         loop {
-            if self.resyncing {
-                match buf.iter().position(|&b| b == b'\n') {
-                    Some(newline) => {
-                        buf.advance(newline + 1);
-                        self.resyncing = false;
-                    }
-                    None => {
-                        buf.clear();
-                        return None;
-                    }
+            if let Some(skip) = self.skipping.as_mut() {
+                let (consumed, done) = skip.advance(buf);
+                buf.advance(consumed);
+                if !done {
+                    return None;
                 }
+                self.skipping = None;
             }
             let start = buf.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(buf.len());
             buf.advance(start);
@@ -57,7 +97,7 @@ impl Decoder {
                 }
                 Some(Err(error)) if error.is_eof() => {
                     if buf.len() > self.max_message_bytes {
-                        self.resyncing = true;
+                        self.skipping = Some(Skip::default());
                         return Some(Inbound::SyntaxError(format!(
                             "JSON token size limit exceeded (a message may hold at most {} bytes)",
                             self.max_message_bytes
@@ -66,7 +106,7 @@ impl Decoder {
                     return None;
                 }
                 Some(Err(error)) => {
-                    self.resyncing = true;
+                    self.skipping = Some(Skip::default());
                     return Some(Inbound::SyntaxError(format!("JSON parse error, {error}")));
                 }
                 None => continue,
@@ -89,10 +129,31 @@ pub fn encode(message: &Value) -> Vec<u8> {
     out
 }
 
-/// `qobject/json-writer.c`: `": "` after keys, `", "` between members, non-ASCII as `\uXXXX`.
+/// `qobject/json-writer.c`: `": "` after keys, `", "` between members, control characters, DEL and
+/// non-ASCII as upper-case `\uXXXX`.
 struct QemuFormatter;
 
 impl Formatter for QemuFormatter {
+    fn write_char_escape<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        escape: serde_json::ser::CharEscape,
+    ) -> std::io::Result<()> {
+        use serde_json::ser::CharEscape;
+        let short: &[u8] = match escape {
+            CharEscape::Quote => b"\\\"",
+            CharEscape::ReverseSolidus => b"\\\\",
+            CharEscape::Solidus => b"\\/",
+            CharEscape::Backspace => b"\\b",
+            CharEscape::FormFeed => b"\\f",
+            CharEscape::LineFeed => b"\\n",
+            CharEscape::CarriageReturn => b"\\r",
+            CharEscape::Tab => b"\\t",
+            CharEscape::AsciiControl(byte) => return write!(writer, "\\u{byte:04X}"),
+        };
+        writer.write_all(short)
+    }
+
     fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
         if first { Ok(()) } else { writer.write_all(b", ") }
     }
@@ -111,7 +172,7 @@ impl Formatter for QemuFormatter {
         fragment: &str,
     ) -> std::io::Result<()> {
         for c in fragment.chars() {
-            if c.is_ascii() {
+            if c.is_ascii() && c != '\x7f' {
                 writer.write_all(&[c as u8])?;
             } else {
                 let mut units = [0u16; 2];
@@ -155,6 +216,17 @@ mod tests {
         let out = decode_all(&mut decoder, b"{\"a\": nope}\n{\"b\": 1}\n");
         assert!(matches!(&out[0], Inbound::SyntaxError(e) if e.starts_with("JSON parse error")));
         assert_eq!(out[1], Inbound::Value(json!({"b": 1})));
+        // The next request may follow on the same line, or in a later read.
+        let out = decode_all(&mut decoder, br#"{"execute": nope, "x": "}{"}{"id": 1}"#);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1], Inbound::Value(json!({"id": 1})));
+        let mut buf = BytesMut::from(&br#"{"a": [nope, {"#[..]);
+        assert!(matches!(decoder.decode(&mut buf), Some(Inbound::SyntaxError(_))));
+        assert_eq!(decoder.decode(&mut buf), None);
+        buf.extend_from_slice(br#"}]} garbage{"ok": 2}"#);
+        let rest: Vec<_> = std::iter::from_fn(|| decoder.decode(&mut buf)).collect();
+        assert!(matches!(&rest[0], Inbound::SyntaxError(_)), "{rest:?}");
+        assert_eq!(rest[1], Inbound::Value(json!({"ok": 2})));
     }
 
     #[test]
@@ -171,6 +243,7 @@ mod tests {
         let line = encode(&json!({"return": {}, "id": [1, "é"]}));
         assert_eq!(line, b"{\"return\": {}, \"id\": [1, \"\\u00E9\"]}\r\n");
         assert_eq!(encode(&json!("\u{1F600}")), b"\"\\uD83D\\uDE00\"\r\n");
+        assert_eq!(encode(&json!("\u{7f}\u{1f}\n\"")), b"\"\\u007F\\u001F\\n\\\"\"\r\n");
     }
 
     proptest! {

@@ -149,17 +149,20 @@ impl Session {
         if self.negotiated { commands::ALL.to_vec() } else { vec![commands::QMP_CAPABILITIES] }
     }
 
-    /// `getfd`: names the fd that came with this request.
+    /// `getfd`: names the fd that came with this request. As QEMU's `qmp_getfd`, the fd is taken
+    /// first and closed again if the name is refused.
     pub(super) fn name_fd(&mut self, name: &str) -> Result<(), QmpError> {
-        if name.starts_with(|c: char| c.is_ascii_digit()) {
-            return Err(QmpError::generic("Parameter 'fdname' expects a name not starting with a digit"));
-        }
+        let no_fd = || QmpError::generic("No file descriptor supplied via SCM_RIGHTS");
         if self.transport == Transport::Tcp {
-            return Err(QmpError::generic("No file descriptor supplied via SCM_RIGHTS"));
+            return Err(no_fd());
         }
-        let fd = self.received_fds.pop().ok_or_else(|| QmpError::generic("No file descriptor supplied via SCM_RIGHTS"))?;
+        let fd = self.received_fds.pop().ok_or_else(no_fd)?;
         // Extra fds sent with the same message are closed, as QEMU keeps only the last one.
         self.received_fds.clear();
+        if name.starts_with(|c: char| c.is_ascii_digit()) {
+            drop(fd);
+            return Err(QmpError::generic("Parameter 'fdname' expects a name not starting with a digit"));
+        }
         // A name given again replaces (and closes) the older fd.
         self.named_fds.insert(name.to_owned(), fd);
         Ok(())
@@ -273,7 +276,13 @@ mod tests {
         let r = run(&mut session, &daemon, json!({"execute": "getfd", "arguments": {"fdname": "f"}})).await;
         assert_eq!(desc(&r), "No file descriptor supplied via SCM_RIGHTS");
         let r = run(&mut session, &daemon, json!({"execute": "getfd", "arguments": {"fdname": "1f"}})).await;
+        assert_eq!(desc(&r), "No file descriptor supplied via SCM_RIGHTS");
+        session.receive_fds([OwnedFd::from(std::fs::File::open("/dev/null").unwrap())]);
+        let r = run(&mut session, &daemon, json!({"execute": "getfd", "arguments": {"fdname": "1f"}})).await;
         assert_eq!(desc(&r), "Parameter 'fdname' expects a name not starting with a digit");
+        // The refused fd was consumed.
+        let r = run(&mut session, &daemon, json!({"execute": "getfd", "arguments": {"fdname": "g"}})).await;
+        assert_eq!(desc(&r), "No file descriptor supplied via SCM_RIGHTS");
         let r = run(&mut session, &daemon, json!({"execute": "closefd", "arguments": {"fdname": "f"}})).await;
         assert_eq!(desc(&r), "File descriptor named 'f' not found");
         assert_eq!(
