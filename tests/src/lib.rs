@@ -754,3 +754,28 @@ impl TapVm {
         frames
     }
 }
+
+impl Netns {
+    /// Waits until `ifname` can transmit: carrier and operstate up, and its qdisc activated (the
+    /// kernel swaps `noop` for the real qdisc asynchronously, in linkwatch, after a tap gets its
+    /// first queue; until then everything sent to it is dropped).
+    pub fn wait_link_ready(&self, ifname: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let output = self.exec("ip", &["-j", "link", "show", "dev", ifname]);
+            let link: Value = serde_json::from_slice::<Value>(&output.stdout)
+                .ok()
+                .and_then(|v| v.get(0).cloned())
+                .unwrap_or(Value::Null);
+            let flags = link["flags"].as_array().cloned().unwrap_or_default();
+            let ready = link["operstate"] == json!("UP")
+                && flags.contains(&json!("LOWER_UP"))
+                && link["qdisc"].as_str().is_some_and(|q| q != "noop");
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{ifname} in {} not ready within {timeout:?}: {link}", self.name);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}

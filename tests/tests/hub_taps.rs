@@ -50,6 +50,8 @@ fn tap_on_hub(switch: &Netns, daemon: &Daemon, hubid: i32) -> Vm {
     let port = format!("p{tap}");
     daemon.add(&format!("hubport,id={port},hubid={hubid},netdev={tap}"));
     let vm = TapVm::open(switch, &tap, false);
+    // Frames sent to the tap before the kernel has activated its qdisc are dropped.
+    switch.wait_link_ready(&tap, Duration::from_secs(5));
     Vm { tap, port, vm }
 }
 

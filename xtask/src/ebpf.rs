@@ -23,6 +23,11 @@ pub fn object_path(root: &Path) -> PathBuf {
     root.join("dataplane-ebpf/target").join(TARGET).join("release/dataplane")
 }
 
+/// The benchmark programs (generator, sinks, ideal-XDP reference).
+pub fn bench_object_path(root: &Path) -> PathBuf {
+    root.join("dataplane-ebpf/target").join(TARGET).join("release/bench")
+}
+
 pub fn build(root: &Path) -> Result<()> {
     if !Path::new(DEBIAN_RUSTC).exists() || !setup::cargo_bin_dir().join("bpf-linker").exists() {
         setup::run(root)?;

@@ -35,6 +35,13 @@ enum Command {
         /// Only run tests whose name contains this filter (Rust and Python).
         filter: Option<String>,
     },
+    /// Build, then run a benchmark (`hub`); extra arguments go to the benchmark.
+    Bench {
+        /// Which benchmark: hub.
+        name: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -56,7 +63,31 @@ fn main() -> Result<()> {
             shell::exec(cmd)
         }
         Command::Test { filter } => test(&root, filter.as_deref()),
+        Command::Bench { name, args } => bench(&root, &name, &args),
     }
+}
+
+/// Benchmarks write their JSON here, and the README's tables are taken from it.
+const BENCH_RESULTS: &str = "tests/bench";
+
+fn bench(root: &std::path::Path, name: &str, args: &[String]) -> Result<()> {
+    let binary = match name {
+        "hub" => "bench-hub",
+        other => anyhow::bail!("unknown benchmark '{other}' (available: hub)"),
+    };
+    shell::require_root("cargo xtask bench")?;
+    build(root)?;
+    shell::step(&format!("building the {name} benchmark"));
+    shell::run(shell::cargo(root).args(["build", "--release", "-p", "dataplane-tests", "--bin", binary]))?;
+    shell::step(&format!("running the {name} benchmark (several minutes)"));
+    let mut run = std::process::Command::new(root.join("target/release").join(binary));
+    if !args.iter().any(|a| a == "--output") {
+        run.arg("--output").arg(root.join(BENCH_RESULTS).join(format!("{name}.json")));
+    }
+    run.args(args);
+    run.env("NETDEVD_BIN", root.join("target/release/netdevd"));
+    run.env("NETDEVD_BENCH_OBJECT", ebpf::bench_object_path(root));
+    shell::run(&mut run)
 }
 
 fn workspace_root() -> PathBuf {
