@@ -18,8 +18,6 @@ pub mod maps {
     pub const PORTS: &str = "PORTS";
     /// `HashMap<i32 /* segment */, HubMembers>`: the ports a frame entering a segment goes to.
     pub const HUBS: &str = "HUBS";
-    /// `DevMapHash<u32 /* ifindex */>`: broadcast targets of the hub program.
-    pub const HUB_TARGETS: &str = "HUB_TARGETS";
     /// `PerCpuHashMap<u32 /* ifindex */, PortCounters>`.
     pub const PORT_COUNTERS: &str = "PORT_COUNTERS";
     /// `HashMap<u32 /* ifindex */, LearnedMac>`: the source MAC last seen from a port's peer,
@@ -32,10 +30,6 @@ pub mod programs {
     /// TC program attached to every hub port: floods a frame to the other ports with skb
     /// redirects, which keep checksum-offload and GSO metadata.
     pub const HUB_TC: &str = "hub_tc";
-    /// XDP program attached to every hub port: floods a received frame to the other ports.
-    pub const HUB_INGRESS: &str = "hub_ingress";
-    /// Devmap egress program: keeps a broadcast inside the sender's hub.
-    pub const HUB_EGRESS: &str = "hub_egress";
 }
 
 /// `PortConfig::flags`: the port's link is up (QEMU `set_link ... up=true`).

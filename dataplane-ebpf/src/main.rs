@@ -1,23 +1,21 @@
 //! In-kernel hub: QEMU's `hubport` semantics.
 //!
 //! A frame received on a port is flooded to every other port of the same hub and never back to its
-//! source; hubs are isolated from each other.
-//!
-//! * `hub_tc` (TC, the default path): floods with `bpf_clone_redirect` to all destinations but the
-//!   last and `bpf_redirect` to the last, so a two-port hub pays no clone. skb redirects keep
-//!   checksum-offload and GSO metadata, so TCP with default offloads works through the hub.
-//! * `hub_ingress`/`hub_egress` (XDP): a devmap broadcast with `BPF_F_EXCLUDE_INGRESS`, the devmap
-//!   program keeping each copy inside the sender's hub. Faster per frame, but an XDP redirect drops
-//!   checksum and GSO metadata, so it only suits traffic that carries none.
+//! source; hubs are isolated from each other. `hub_tc` runs at TC on every port and floods with
+//! `bpf_clone_redirect` to all destinations but the last and `bpf_redirect` to the last, so a
+//! two-port hub pays no clone. skb redirects keep checksum-offload and GSO metadata, so TCP with
+//! default offloads works through the hub (an XDP redirect would lose both; see the README's
+//! benchmark for the measured trade-off). A frame for the MAC last seen behind a container's veth
+//! goes straight to the veth peer's ingress (`bpf_redirect_peer`), saving a hop.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_peer},
-    macros::{classifier, map, xdp},
-    maps::{DevMapHash, HashMap, PerCpuHashMap},
-    programs::{TcContext, XdpContext},
+    macros::{classifier, map},
+    maps::{HashMap, PerCpuHashMap},
+    programs::TcContext,
 };
 use dataplane_common::{
     DropReason, HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER,
@@ -36,9 +34,6 @@ static HUBS: HashMap<i32, HubMembers> = HashMap::with_max_entries(MAX_PORTS, 0);
 
 #[map(name = "LEARNED_MACS")]
 static LEARNED_MACS: HashMap<u32, LearnedMac> = HashMap::with_max_entries(MAX_PORTS, 0);
-
-#[map(name = "HUB_TARGETS")]
-static HUB_TARGETS: DevMapHash = DevMapHash::with_max_entries(MAX_PORTS, 0);
 
 #[map(name = "PORT_COUNTERS")]
 static PORT_COUNTERS: PerCpuHashMap<u32, PortCounters> = PerCpuHashMap::with_max_entries(MAX_PORTS, 0);
@@ -68,7 +63,7 @@ fn count(ifindex: u32, direction: Direction, bytes: u64) {
 }
 
 #[inline(always)]
-fn count_drop(ifindex: u32, reason: DropReason) -> u32 {
+fn count_drop(ifindex: u32, reason: DropReason) {
     if let Some(counters) = PORT_COUNTERS.get_ptr_mut(ifindex) {
         // SAFETY: as in `count`.
         let counters = unsafe { &mut *counters };
@@ -76,7 +71,6 @@ fn count_drop(ifindex: u32, reason: DropReason) -> u32 {
             *slot += 1;
         }
     }
-    xdp_action::XDP_DROP
 }
 
 /// `TC_ACT_SHOT` after counting why.
@@ -180,55 +174,6 @@ fn is_learned(ifindex: u32, destination: &[u8]) -> bool {
     }
     // SAFETY: read-only lookup, as above.
     unsafe { LEARNED_MACS.get(ifindex) }.is_some_and(|known| known.addr.as_slice() == destination)
-}
-
-#[inline(always)]
-fn frame_len(ctx: &XdpContext) -> usize {
-    ctx.data_end().saturating_sub(ctx.data())
-}
-
-#[xdp]
-pub fn hub_ingress(ctx: XdpContext) -> u32 {
-    // ifindex is a u32 in `struct xdp_md`; the accessor widens it.
-    let ingress = ctx.ingress_ifindex() as u32;
-    // SAFETY: the value is only read, and the kernel keeps it alive for the program's run.
-    let Some(port) = (unsafe { PORTS.get(ingress) }) else {
-        // Not one of ours: leave the frame to the host stack.
-        return xdp_action::XDP_PASS;
-    };
-    if !port.link_up() {
-        return count_drop(ingress, DropReason::LinkDown);
-    }
-    let len = frame_len(&ctx);
-    if len < ETH_HEADER_LEN {
-        return count_drop(ingress, DropReason::Runt);
-    }
-    count(ingress, Direction::Rx, len as u64);
-    let flags = u64::from(BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS);
-    HUB_TARGETS
-        .redirect(0, flags)
-        .unwrap_or_else(|_| count_drop(ingress, DropReason::RedirectFailed))
-}
-
-#[xdp(map = "devmap")]
-pub fn hub_egress(ctx: XdpContext) -> u32 {
-    let ingress = ctx.ingress_ifindex() as u32;
-    // SAFETY: `ctx.ctx` points at the kernel's `xdp_md` for this run; devmap programs may read
-    // `egress_ifindex`.
-    let egress = unsafe { (*ctx.ctx).egress_ifindex };
-    // SAFETY: read-only lookups, as in `hub_ingress`.
-    let (Some(source), Some(target)) = (unsafe { PORTS.get(ingress) }, unsafe { PORTS.get(egress) }) else {
-        return xdp_action::XDP_DROP;
-    };
-    if source.hub_id != target.hub_id {
-        // Another hub's port: hubs are isolated from each other.
-        return xdp_action::XDP_DROP;
-    }
-    if !target.link_up() {
-        return count_drop(egress, DropReason::LinkDown);
-    }
-    count(egress, Direction::Tx, frame_len(&ctx) as u64);
-    xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]
