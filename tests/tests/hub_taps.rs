@@ -64,7 +64,7 @@ fn hub_of_taps(switch: &Netns, daemon: &Daemon, hubid: i32, count: usize) -> Vec
 fn switch_with_daemon() -> (Netns, Daemon) {
     let switch = Netns::new("sw");
     switch.quiet();
-    let daemon = Daemon::start(&switch);
+    let daemon = Daemon::start_ready(&switch);
     (switch, daemon)
 }
 
@@ -90,9 +90,7 @@ fn marker(tag: &[u8], what: &str) -> Vec<u8> {
 /// Lets the hub settle, then reads everything each VM has queued, keeping the frames with `tag`.
 fn collect(vms: &mut [Vm], tag: &[u8]) -> Vec<Vec<Vec<u8>>> {
     std::thread::sleep(QUIET);
-    vms.iter_mut()
-        .map(|vm| vm.vm.recv_all(DRAIN).into_iter().filter(|frame| contains(frame, tag)).collect())
-        .collect()
+    vms.iter_mut().map(|vm| vm.vm.recv_all(DRAIN).into_iter().filter(|frame| contains(frame, tag)).collect()).collect()
 }
 
 /// Sorted, for comparing what arrived with what should have, regardless of order.
@@ -140,18 +138,29 @@ fn three_taps_flood_every_frame_to_the_other_two() {
             sent[i].push(frame);
         }
     }
+    // Every VM's MAC has now been seen on its port; a hub still floods frames addressed to one.
+    for (i, vm) in vms.iter_mut().enumerate() {
+        let frame = tagged(mac((i + 1) % 3), mac(i), &tag, &format!("known-unicast-from-{i}"));
+        vm.vm.send(&frame);
+        sent[i].push(frame);
+    }
     let received = collect(&mut vms, &tag);
     for (i, got) in received.into_iter().enumerate() {
         let expected: Vec<Vec<u8>> =
             sent.iter().enumerate().filter(|(j, _)| *j != i).flat_map(|(_, frames)| frames.clone()).collect();
         let got = sorted(got);
         for frame in &got {
-            assert!(!sent[i].contains(frame), "VM {i} got its own frame back: {:?}", String::from_utf8_lossy(&frame[14..]));
+            assert!(
+                !sent[i].contains(frame),
+                "VM {i} got its own frame back: {:?}",
+                String::from_utf8_lossy(&frame[14..])
+            );
         }
         assert_eq!(
             got.len(),
             expected.len(),
-            "VM {i} gets each of the other two VMs' 3 frames exactly once (broadcast, unknown unicast, multicast)"
+            "VM {i} gets each of the other two VMs' 4 frames exactly once (broadcast, unknown unicast, multicast, \
+             unicast to a known MAC: no learning)"
         );
         assert_eq!(got, sorted(expected), "VM {i} gets the other VMs' frames unchanged");
     }
@@ -254,7 +263,10 @@ fn who_hears_whom(vms: &mut [Vm], tag: &[u8], phase: &str) -> Vec<BTreeSet<usize
         .map(|(i, got)| {
             let mut from = BTreeSet::new();
             for frame in got {
-                let j = sent.iter().position(|s| *s == frame).unwrap_or_else(|| panic!("{phase}: VM {i} got a changed frame"));
+                let j = sent
+                    .iter()
+                    .position(|s| *s == frame)
+                    .unwrap_or_else(|| panic!("{phase}: VM {i} got a changed frame"));
                 assert!(from.insert(j), "{phase}: VM {i} got VM {j}'s frame twice");
             }
             from
@@ -313,7 +325,10 @@ fn assert_counters(daemon: &Daemon, port: &str, expected: (u64, u64, u64, u64, u
         field(&row, "tx-bytes"),
         link_down_drops(&row),
     );
-    assert_eq!(actual, expected, "{when}: counters of {port} (rx-packets, rx-bytes, tx-packets, tx-bytes, link-down): {row}");
+    assert_eq!(
+        actual, expected,
+        "{when}: counters of {port} (rx-packets, rx-bytes, tx-packets, tx-bytes, link-down): {row}"
+    );
     for (reason, count) in row["drops"].as_object().expect("drops object") {
         if reason != "link-down" {
             assert_eq!(count, &json!(0), "{when}: {port} has {reason} drops: {row}");
@@ -395,12 +410,8 @@ fn netdev_del_under_traffic() {
     let (switch, daemon) = switch_with_daemon();
     let vms = hub_of_taps(&switch, &daemon, 0, 4);
     let mut vms = vms.into_iter();
-    let (a, mut b, mut c, mut d) = (
-        vms.next().expect("a"),
-        vms.next().expect("b"),
-        vms.next().expect("c"),
-        vms.next().expect("d"),
-    );
+    let (a, mut b, mut c, mut d) =
+        (vms.next().expect("a"), vms.next().expect("b"), vms.next().expect("c"), vms.next().expect("d"));
     let ifindex = |vm: &Vm| switch.ifindex(&vm.tap).unwrap_or_else(|| panic!("{} exists", vm.tap));
     let (a_index, b_index, c_index, d_index) = (ifindex(&a), ifindex(&b), ifindex(&c), ifindex(&d));
 
@@ -488,7 +499,10 @@ fn netdev_del_under_traffic() {
     let version = daemon.execute("query-version", json!({})).expect("query-version after the deletions");
     assert!(version["qemu"]["major"].is_u64(), "query-version answers: {version}");
     let ids = daemon.netdev_ids();
-    assert!(!ids.contains(&a.tap) && !ids.contains(&b.tap) && !ids.contains(&b.port), "deleted netdevs are gone: {ids:?}");
+    assert!(
+        !ids.contains(&a.tap) && !ids.contains(&b.tap) && !ids.contains(&b.port),
+        "deleted netdevs are gone: {ids:?}"
+    );
     assert!(ids.contains(&a.port), "A's hubport survives its tap, unpeered, as in QEMU: {ids:?}");
     for vm in [&mut c, &mut d] {
         let _ = vm.vm.recv_all(Duration::from_millis(100));
