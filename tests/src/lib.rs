@@ -57,7 +57,8 @@ static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 #[must_use]
 pub fn unique(prefix: &str) -> String {
     let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{}{n}", std::process::id() % 10_000)
+    // The separator keeps (pid, n) pairs from colliding across concurrent test processes.
+    format!("{prefix}{}x{n}", std::process::id())
 }
 
 /// A network namespace made for one test, deleted on drop.
@@ -200,12 +201,17 @@ impl Daemon {
             .spawn()
             .expect("start netdevd");
         let daemon = Self { child, socket, _dir: dir };
+        // The socket file exists from bind(2) on, a moment before listen(2): wait for a connect.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !daemon.socket.exists() {
-            assert!(Instant::now() < deadline, "netdevd did not create its socket within 10 s");
-            std::thread::sleep(Duration::from_millis(20));
+        loop {
+            match std::os::unix::net::UnixStream::connect(&daemon.socket) {
+                Ok(_) => return daemon,
+                Err(error) => {
+                    assert!(Instant::now() < deadline, "netdevd did not accept connections within 10 s: {error}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
         }
-        daemon
     }
 
     /// A negotiated QMP client.
@@ -434,6 +440,8 @@ pub fn test_frame(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
 /// A background process killed (and reaped) on drop, so a failing test leaves nothing running.
 pub struct Background {
     child: Child,
+    /// Drains stdout while the process runs, so a chatty one never blocks on a full pipe.
+    stdout: Option<std::thread::JoinHandle<Vec<u8>>>,
 }
 
 impl Background {
@@ -454,10 +462,7 @@ impl Background {
     /// Waits up to `timeout` and returns the exit status and stdout (piped); `None` on timeout.
     pub fn output_within(&mut self, timeout: Duration) -> Option<(std::process::ExitStatus, Vec<u8>)> {
         let status = self.wait_timeout(timeout)?;
-        let mut stdout = Vec::new();
-        if let Some(mut pipe) = self.child.stdout.take() {
-            let _ = pipe.read_to_end(&mut stdout);
-        }
+        let stdout = self.stdout.take().and_then(|reader| reader.join().ok()).unwrap_or_default();
         Some((status, stdout))
     }
 }
@@ -473,7 +478,7 @@ impl Netns {
     /// Starts a command inside the namespace in the background (stdout piped, stderr discarded).
     #[must_use]
     pub fn spawn(&self, program: &str, args: &[&str]) -> Background {
-        let child = self
+        let mut child = self
             .command(program)
             .args(args)
             .stdin(Stdio::null())
@@ -481,7 +486,14 @@ impl Netns {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        Background { child }
+        let stdout = child.stdout.take().map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes);
+                bytes
+            })
+        });
+        Background { child, stdout }
     }
 
     /// The ifindex of `ifname` in this namespace, if it exists.
@@ -502,7 +514,7 @@ impl Netns {
         serde_json::from_slice::<Value>(&output.stdout).ok().and_then(|v| v.get(0).cloned()).unwrap_or(Value::Null)
     }
 
-    /// `ping -c COUNT -i 0.2 -W 2 ADDRESS` from this namespace; whether every reply came.
+    /// `ping -c COUNT -i 0.2 -W 2 ADDRESS` from this namespace; whether replies came (ping's status).
     #[must_use]
     pub fn ping(&self, address: &str, count: u32) -> bool {
         self.exec("ping", &["-c", &count.to_string(), "-i", "0.2", "-W", "2", "-q", address]).status.success()
@@ -779,3 +791,4 @@ impl Netns {
         }
     }
 }
+

@@ -96,6 +96,10 @@ impl Fixture {
         self.daemon.add(&format!("hubport,id=pok{tap},hubid=0,netdev=ok{tap}"));
         let mut base = TapVm::open(&self.switch, &self.base_tap, false);
         let mut fresh = TapVm::open(&self.switch, &tap, false);
+        // A tap drops what it is sent until linkwatch activates its qdisc after the first queue.
+        for ifname in [&self.base_tap, &tap] {
+            self.switch.wait_link_ready(ifname, Duration::from_secs(5));
+        }
         let marker = format!("still-works-{tap}");
         let frame = test_frame(mac(2), mac(1), marker.as_bytes());
         fresh.send(&frame);
@@ -107,6 +111,26 @@ fn too_long_ifname(f: &Fixture) {
     let name = "abcdefghijklmnop"; // 16 bytes
     let error = f.refused(json!({"type": "tap", "id": "t7", "ifname": name, "script": "no", "downscript": "no"}));
     assert!(error.contains(name) && error.contains("15 bytes"), "error names the interface and the limit: {error}");
+    // 15 bytes is still fine.
+    let longest = format!("{:x<15}", unique("l"));
+    assert_eq!(longest.len(), 15);
+    f.daemon.add(&format!("tap,id=t7,ifname={longest},script=no,downscript=no"));
+    assert!(f.switch.links().contains(&longest), "a 15-byte tap name is accepted");
+    f.daemon.del("t7");
+    assert!(!f.switch.links().contains(&longest), "and its tap goes with netdev_del");
+}
+
+/// An interface that already is a hub port cannot become a second one; the netdev that adopted it
+/// again (af-xdp) goes without taking the interface or its port along. Returns the error text.
+fn interface_already_a_port(f: &Fixture) -> String {
+    f.daemon.add(&format!("af-xdp,id=x17,ifname={}", f.base_tap));
+    let error = f.refused(json!({"type": "hubport", "id": "h17", "hubid": 1, "netdev": "x17"}));
+    let before = f.snapshot();
+    f.daemon.del("x17");
+    let after = f.snapshot();
+    assert_eq!(before.links, after.links, "the base tap stays: af-xdp only adopted it");
+    assert_eq!((before.tcx, before.bpftool), (after.tcx, after.bpftool), "the base port stays attached");
+    error
 }
 
 fn unknown_hubport_netdev(f: &Fixture) {
@@ -241,6 +265,16 @@ mod each {
     use super::Fixture;
 }
 
+/// Kept out of the run of every bad input above: it also adds (and deletes) a valid netdev.
+#[test]
+fn hubport_on_an_interface_that_already_is_a_port() {
+    let fixture = Fixture::new();
+    let error = interface_already_a_port(&fixture);
+    fixture.still_works();
+    // The existing port is on hub 0; the refused one asked for hub 1.
+    assert_eq!(error, format!("interface {} is already a port of hub 0 through 'pbase'", fixture.base_tap));
+}
+
 /// A raw QMP connection, for what the client library does not do: sending fds.
 struct RawQmp {
     stream: UnixStream,
@@ -249,7 +283,17 @@ struct RawQmp {
 
 impl RawQmp {
     fn connect(daemon: &Daemon) -> Self {
-        let stream = UnixStream::connect(&daemon.socket).expect("connect to netdevd");
+        // The socket file appears at bind(), a moment before listen(): retry a refused connect.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let stream = loop {
+            match UnixStream::connect(&daemon.socket) {
+                Ok(stream) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("connect to netdevd: {e}"),
+            }
+        };
         stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
         let reader = BufReader::new(stream.try_clone().expect("clone stream"));
         let mut qmp = Self { stream, reader };
@@ -294,6 +338,24 @@ impl RawQmp {
     }
 }
 
+/// Waits until `ifname` is up with carrier and its qdisc is no longer `noop` (linkwatch activates
+/// it asynchronously; until then the tap drops what it is sent).
+fn wait_transmits(ns: &Netns, ifname: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let link = ns.link_json(ifname);
+        let flags = link["flags"].as_array().cloned().unwrap_or_default();
+        let ready = flags.contains(&json!("UP"))
+            && flags.contains(&json!("LOWER_UP"))
+            && link["qdisc"].as_str().is_some_and(|q| q != "noop");
+        if ready {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{ifname} cannot transmit within 5 s: {link}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn tap_fd_passed_with_getfd_carries_frames() {
     let switch = Netns::new("sw");
@@ -308,6 +370,11 @@ fn tap_fd_passed_with_getfd_carries_frames() {
     let reply = qmp.execute(&json!({"execute": "getfd", "arguments": {"fdname": "tapfd"}}), Some(&fd));
     assert_eq!(reply, json!({"return": {}}), "getfd");
     drop(fd);
+    // Passed fds belong to the connection that passed them, as in QEMU's monitor.
+    let elsewhere = daemon.execute("netdev_add", json!({"type": "tap", "id": "tf", "fd": "tapfd"}));
+    let elsewhere = elsewhere.expect_err("another connection cannot use the fd");
+    assert_eq!(elsewhere.desc, "File descriptor named 'tapfd' has not been found");
+    assert_eq!(daemon.netdev_ids(), Vec::<String>::new(), "nothing was created");
     let reply =
         qmp.execute(&json!({"execute": "netdev_add", "arguments": {"type": "tap", "id": "tf", "fd": "tapfd"}}), None);
     assert_eq!(reply, json!({"return": {}}), "netdev_add with the passed fd");
@@ -326,6 +393,10 @@ fn tap_fd_passed_with_getfd_carries_frames() {
     daemon.add("hubport,id=pto,hubid=0,netdev=to");
     let mut passed_vm = TapVm::from_fd(ours, false);
     let mut other_vm = TapVm::open(&switch, &other_tap, false);
+    // The test's own tap had its carrier before it was up, so its operstate stays UNKNOWN:
+    // wait for carrier and an active qdisc only.
+    wait_transmits(&switch, &passed_tap);
+    switch.wait_link_ready(&other_tap, Duration::from_secs(5));
 
     let marker = b"fd-passed-to-other";
     let frame = test_frame(mac(2), mac(1), marker);

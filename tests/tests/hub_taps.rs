@@ -64,7 +64,7 @@ fn hub_of_taps(switch: &Netns, daemon: &Daemon, hubid: i32, count: usize) -> Vec
 fn switch_with_daemon() -> (Netns, Daemon) {
     let switch = Netns::new("sw");
     switch.quiet();
-    let daemon = Daemon::start_ready(&switch);
+    let daemon = Daemon::start(&switch);
     (switch, daemon)
 }
 

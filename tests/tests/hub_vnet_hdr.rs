@@ -40,7 +40,7 @@ fn vm_on_hub(switch: &Netns, daemon: &Daemon, vnet_hdr: bool) -> TapVm {
 fn switch_with_daemon() -> (Netns, Daemon) {
     let switch = Netns::new("vh");
     switch.quiet();
-    let daemon = Daemon::start_ready(&switch);
+    let daemon = Daemon::start(&switch);
     (switch, daemon)
 }
 

@@ -50,6 +50,9 @@ pub struct Port {
     /// The netdev whose interface this is.
     pub netdev: String,
     pub ifname: String,
+    /// The hub of the hubport.
+    pub hubid: i32,
+    /// The hub segment it floods into (equal to `hubid` unless hubs are joined).
     pub segment: i32,
     pub link_up: bool,
     pub hook: Hook,
@@ -150,7 +153,7 @@ pub fn plan(registry: &Registry, devices: &HashMap<String, Device>) -> Result<Pl
         if let Some(other) = plan.ports.get(&device.ifindex) {
             return Err(PlanError::InterfaceTwice {
                 ifname: device.ifname.clone(),
-                hubid: hub,
+                hubid: other.hubid,
                 other: other.hubport.clone(),
             });
         }
@@ -158,6 +161,7 @@ pub fn plan(registry: &Registry, devices: &HashMap<String, Device>) -> Result<Pl
             hubport: entry.netdev.id.clone(),
             netdev: netdev.to_owned(),
             ifname: device.ifname.clone(),
+            hubid: hub,
             segment: segments.find(hub),
             // A downed netdev neither sends nor receives; a downed port cuts its segment.
             link_up: entry.link_up && peer_entry.link_up,
