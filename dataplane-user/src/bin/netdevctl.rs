@@ -131,13 +131,59 @@ fn print_readable(command: &str, result: &Value) {
             }
         }
         "x-query-netdevs" => print_netdevs(result),
+        "x-query-netdev-counters" => print_counters(result),
         _ if result.as_object().is_some_and(serde_json::Map::is_empty) => {}
         _ => println!("{}", serde_json::to_string_pretty(result).unwrap_or_default()),
     }
 }
 
+fn print_counters(result: &Value) {
+    let rows: Vec<Vec<String>> = result
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|port| {
+            let text = |key: &str| port.get(key).and_then(Value::as_str).unwrap_or("-").to_owned();
+            let number = |key: &str| port.get(key).map_or_else(|| "-".to_owned(), ToString::to_string);
+            let drops: Vec<String> = port["drops"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, count)| count.as_u64().unwrap_or(0) > 0)
+                .map(|(reason, count)| format!("{reason}={count}"))
+                .collect();
+            vec![
+                text("id"),
+                text("netdev"),
+                text("ifname"),
+                number("rx-packets"),
+                number("rx-bytes"),
+                number("tx-packets"),
+                number("tx-bytes"),
+                if drops.is_empty() { "-".to_owned() } else { drops.join(",") },
+            ]
+        })
+        .collect();
+    print_table(&["PORT", "NETDEV", "IFNAME", "RX-PKTS", "RX-BYTES", "TX-PKTS", "TX-BYTES", "DROPS"], &rows);
+}
+
+/// Left-aligned columns separated by two spaces.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
 fn print_netdevs(result: &Value) {
-    let rows: Vec<[String; 5]> = result
+    let rows: Vec<Vec<String>> = result
         .as_array()
         .into_iter()
         .flatten()
@@ -145,18 +191,8 @@ fn print_netdevs(result: &Value) {
             let text = |key: &str| n.get(key).and_then(Value::as_str).unwrap_or("-").to_owned();
             let link = if n["link-up"].as_bool().unwrap_or(false) { "up" } else { "down" };
             let hub = n.get("hubid").map_or_else(|| "-".to_owned(), ToString::to_string);
-            [text("id"), text("type"), link.to_owned(), text("peer"), hub]
+            vec![text("id"), text("type"), link.to_owned(), text("peer"), hub, text("ifname")]
         })
         .collect();
-    let header = ["ID", "TYPE", "LINK", "PEER", "HUB"].map(str::to_owned);
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.len());
-        }
-    }
-    for row in std::iter::once(&header).chain(&rows) {
-        let line: Vec<String> = row.iter().zip(widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    print_table(&["ID", "TYPE", "LINK", "PEER", "HUB", "IFNAME"], &rows);
 }
