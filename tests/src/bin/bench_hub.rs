@@ -265,13 +265,33 @@ fn measure(bench: &mut Bench, options: &Options, from: (&Netns, &str), frame: &[
     }))
 }
 
-/// iperf3 TCP from the generator namespace to `server` in sink k1; Gbps or 0 if it fails.
-fn tcp(topology: &Topology, server: &str, seconds: u32) -> Value {
+/// iperf3 TCP from the generator namespace to `server` in sink k1, `runs` times: the median Gbps,
+/// or the error of a transfer that moved nothing.
+fn tcp(topology: &Topology, server: &str, options: &Options) -> Value {
+    let mut gbps = Vec::new();
+    let mut retransmits = Vec::new();
+    for _ in 0..options.runs {
+        match tcp_once(topology, server, options.tcp_seconds) {
+            Ok((rate, retries)) => {
+                gbps.push(rate);
+                retransmits.push(retries);
+            }
+            // A path that cannot carry TCP at all fails every time; one failure says so.
+            Err(error) => return json!({"gbps": 0.0, "error": error}),
+        }
+    }
+    let mut sorted = gbps.clone();
+    json!({"gbps": median(&mut sorted), "runs_gbps": gbps, "retransmits": retransmits})
+}
+
+fn tcp_once(topology: &Topology, server: &str, seconds: u32) -> Result<(f64, u64), String> {
     let sink = &topology.sinks[0];
-    let mut daemon = match sink.command("iperf3").args(["-s", "-1"]).stdout(std::process::Stdio::null()).spawn() {
-        Ok(child) => child,
-        Err(e) => return json!({"error": format!("iperf3 server: {e}")}),
-    };
+    let mut daemon = sink
+        .command("iperf3")
+        .args(["-s", "-1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("iperf3 server: {e}"))?;
     std::thread::sleep(Duration::from_millis(300));
     let out = topology
         .generator
@@ -283,10 +303,9 @@ fn tcp(topology: &Topology, server: &str, seconds: u32) -> Value {
     let report: Value = out.ok().and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or(Value::Null);
     let bps = report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
     if bps == 0.0 {
-        let error = report["error"].as_str().unwrap_or("no data moved").to_owned();
-        return json!({"gbps": 0.0, "error": error});
+        return Err(report["error"].as_str().unwrap_or("no data moved").to_owned());
     }
-    json!({"gbps": bps / 1e9, "retransmits": report["end"]["sum_sent"]["retransmits"]})
+    Ok((bps / 1e9, report["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0)))
 }
 
 /// Undoes one variant's set-up.
@@ -318,7 +337,7 @@ fn measure_variant<'a>(
         }
         if label == "unicast" {
             eprintln!("  {name}: tcp");
-            result.insert("tcp".to_owned(), tcp(topology, ADDR_SINK, options.tcp_seconds));
+            result.insert("tcp".to_owned(), tcp(topology, ADDR_SINK, options));
         }
         teardown(bench)?;
         result.insert(label.to_owned(), measured?);
@@ -342,7 +361,7 @@ fn main() -> Result<()> {
         let link = bench.attach_sink(&topology.sinks[0], "cd")?;
         let unicast = measure(&mut bench, &options, (&topology.generator, "gd"), &udp_frame(cd, gd));
         bench.detach_sink(link)?;
-        let tcp = tcp(&topology, ADDR_DIRECT_SINK, options.tcp_seconds);
+        let tcp = tcp(&topology, ADDR_DIRECT_SINK, &options);
         results.insert("direct", json!({"unicast": unicast?, "tcp": tcp}));
     }
 
