@@ -23,6 +23,12 @@ pub mod maps {
     /// `HashMap<u32 /* ifindex */, LearnedMac>`: the source MAC last seen from a port's peer,
     /// written by the kernel program.
     pub const LEARNED_MACS: &str = "LEARNED_MACS";
+    /// `HashMap<u32 /* ifindex */, RxFilterConfig>`: the receive filter of the NIC behind a port.
+    pub const RX_FILTERS: &str = "RX_FILTERS";
+    /// `HashMap<u32 /* ifindex */, RxVlanTable>`: the NIC's VLAN table (a 4096-bit bitmap).
+    pub const RX_VLANS: &str = "RX_VLANS";
+    /// `HashMap<RxMacKey, u32 /* RX_MAC_* */>`: the NIC's MAC table.
+    pub const RX_MACS: &str = "RX_MACS";
 }
 
 /// Program names, as declared by the kernel programs.
@@ -63,6 +69,57 @@ pub const MEMBER_DELIVER_INGRESS: u32 = 1 << 1;
 /// which saves a hop; anything else (broadcast, multicast, other MACs) is transmitted normally so
 /// the peer's stack classifies it as usual.
 pub const MEMBER_DELIVER_PEER: u32 = 1 << 2;
+
+/// `HubMember::flags`: a guest NIC is behind this port; apply its receive filter (`RX_FILTERS`)
+/// before delivering.
+pub const MEMBER_RX_FILTER: u32 = 1 << 3;
+
+/// `RxFilterConfig::flags`, virtio-net's receive modes (`VIRTIO_NET_CTRL_RX_*`) and table state.
+pub mod rx {
+    pub const PROMISC: u32 = 1 << 0;
+    pub const ALLMULTI: u32 = 1 << 1;
+    pub const ALLUNI: u32 = 1 << 2;
+    pub const NOMULTI: u32 = 1 << 3;
+    pub const NOUNI: u32 = 1 << 4;
+    pub const NOBCAST: u32 = 1 << 5;
+    pub const UNI_OVERFLOW: u32 = 1 << 6;
+    pub const MULTI_OVERFLOW: u32 = 1 << 7;
+    /// The guest negotiated VLAN filtering: tagged frames need their id in `RX_VLANS`.
+    pub const VLAN_FILTER: u32 = 1 << 8;
+}
+
+/// `RX_MACS` values: which part of the MAC table an address is in.
+pub const RX_MAC_UNICAST: u32 = 1;
+pub const RX_MAC_MULTICAST: u32 = 2;
+
+/// A NIC's receive modes and main MAC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RxFilterConfig {
+    /// `rx::*` bits.
+    pub flags: u32,
+    pub main_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<RxFilterConfig>() == 12);
+
+/// VLAN ids allowed through, bit `vid & 31` of word `vid >> 5` (as virtio-net's `vlans`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct RxVlanTable {
+    pub bits: [u32; 128],
+}
+const _: () = assert!(size_of::<RxVlanTable>() == 512);
+
+/// Key of `RX_MACS`: a NIC's port and one address of its table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RxMacKey {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<RxMacKey>() == 12);
 
 /// One destination of a hub segment.
 #[repr(C)]
@@ -116,11 +173,14 @@ pub enum DropReason {
     RedirectFailed = 2,
     /// No other port of the hub could take the frame.
     NoDestination = 3,
+    /// The receive filter of the NIC behind the port refused the frame.
+    RxFilter = 4,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 4;
-    pub const ALL: [Self; Self::COUNT] = [Self::LinkDown, Self::Runt, Self::RedirectFailed, Self::NoDestination];
+    pub const COUNT: usize = 5;
+    pub const ALL: [Self; Self::COUNT] =
+        [Self::LinkDown, Self::Runt, Self::RedirectFailed, Self::NoDestination, Self::RxFilter];
 
     #[must_use]
     pub const fn name(self) -> &'static str {
@@ -129,6 +189,7 @@ impl DropReason {
             Self::Runt => "runt",
             Self::RedirectFailed => "redirect-failed",
             Self::NoDestination => "no-destination",
+            Self::RxFilter => "rx-filter",
         }
     }
 }
@@ -169,6 +230,12 @@ mod user {
     unsafe impl aya::Pod for super::HubMembers {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LearnedMac {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RxFilterConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RxVlanTable {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RxMacKey {}
 }
 
 #[cfg(test)]
@@ -178,10 +245,10 @@ mod tests {
     #[test]
     fn counters_accumulate_every_field() {
         let mut sum = PortCounters::default();
-        let one = PortCounters { rx_packets: 1, rx_bytes: 2, tx_packets: 3, tx_bytes: 4, drops: [5, 6, 7, 8] };
+        let one = PortCounters { rx_packets: 1, rx_bytes: 2, tx_packets: 3, tx_bytes: 4, drops: [5, 6, 7, 8, 9] };
         sum.accumulate(&one);
         sum.accumulate(&one);
-        assert_eq!(sum, PortCounters { rx_packets: 2, rx_bytes: 4, tx_packets: 6, tx_bytes: 8, drops: [10, 12, 14, 16] });
+        assert_eq!(sum, PortCounters { rx_packets: 2, rx_bytes: 4, tx_packets: 6, tx_bytes: 8, drops: [10, 12, 14, 16, 18] });
     }
 
     #[test]

@@ -19,7 +19,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     DropReason, HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER,
-    MEMBER_LINK_UP, PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PortConfig, PortCounters,
+    MEMBER_LINK_UP, MEMBER_RX_FILTER, PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PortConfig, PortCounters,
+    RX_MAC_MULTICAST, RX_MAC_UNICAST, RxFilterConfig, RxMacKey, RxVlanTable, rx,
 };
 
 /// Upper bound on hub ports on one host.
@@ -31,6 +32,16 @@ static PORTS: HashMap<u32, PortConfig> = HashMap::with_max_entries(MAX_PORTS, 0)
 
 #[map(name = "HUBS")]
 static HUBS: HashMap<i32, HubMembers> = HashMap::with_max_entries(MAX_PORTS, 0);
+
+#[map(name = "RX_FILTERS")]
+static RX_FILTERS: HashMap<u32, RxFilterConfig> = HashMap::with_max_entries(MAX_PORTS, 0);
+
+#[map(name = "RX_VLANS")]
+static RX_VLANS: HashMap<u32, RxVlanTable> = HashMap::with_max_entries(MAX_PORTS, 0);
+
+/// 64 addresses per NIC, as virtio-net's MAC table.
+#[map(name = "RX_MACS")]
+static RX_MACS: HashMap<RxMacKey, u32> = HashMap::with_max_entries(MAX_PORTS * 64, 0);
 
 #[map(name = "LEARNED_MACS")]
 static LEARNED_MACS: HashMap<u32, LearnedMac> = HashMap::with_max_entries(MAX_PORTS, 0);
@@ -112,6 +123,7 @@ pub fn hub_tc(ctx: TcContext) -> i32 {
     if port.flags & PORT_FLAG_LEARN_MAC != 0 {
         learn(source, sender);
     }
+    let vlan = vlan_id(&ctx);
     // SAFETY: read-only lookup, as above.
     let Some(hub) = (unsafe { HUBS.get(port.hub_id) }) else {
         return tc_drop(source, DropReason::NoDestination);
@@ -128,6 +140,10 @@ pub fn hub_tc(ctx: TcContext) -> i32 {
         }
         if member.flags & MEMBER_LINK_UP == 0 {
             count_drop(member.ifindex, DropReason::LinkDown);
+            continue;
+        }
+        if member.flags & MEMBER_RX_FILTER != 0 && !rx_filter_accepts(member.ifindex, destination, vlan) {
+            count_drop(member.ifindex, DropReason::RxFilter);
             continue;
         }
         if let Some(previous) = pending {
@@ -150,6 +166,67 @@ pub fn hub_tc(ctx: TcContext) -> i32 {
     }
     // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
     unsafe { bpf_redirect(last.ifindex, redirect_flags(&last)) as i32 }
+}
+
+/// The 802.1Q VLAN id of the frame, if it has a single tag (EtherType 0x8100 at offset 12).
+#[inline(always)]
+fn vlan_id(ctx: &TcContext) -> Option<u16> {
+    let ethertype = ctx.load::<[u8; 2]>(12).ok()?;
+    if ethertype != [0x81, 0x00] {
+        return None;
+    }
+    let tci = ctx.load::<[u8; 2]>(14).ok()?;
+    Some(u16::from_be_bytes(tci) & 0x0fff)
+}
+
+/// virtio-net's `receive_filter` (QEMU `hw/net/virtio-net.c`) for the NIC behind `ifindex`, in
+/// its order: promiscuous; the VLAN table for tagged frames; broadcast, multicast, unicast rules.
+#[inline(never)]
+fn rx_filter_accepts(ifindex: u32, destination: &[u8], vlan: Option<u16>) -> bool {
+    // SAFETY: read-only lookup, as above.
+    let Some(filter) = (unsafe { RX_FILTERS.get(ifindex) }) else { return true };
+    let flags = filter.flags;
+    if flags & rx::PROMISC != 0 {
+        return true;
+    }
+    if let Some(vid) = vlan
+        && flags & rx::VLAN_FILTER != 0
+    {
+        // SAFETY: read-only lookup, as above.
+        let Some(table) = (unsafe { RX_VLANS.get(ifindex) }) else { return false };
+        let word = table.bits.get(usize::from(vid >> 5)).copied().unwrap_or(0);
+        if word & (1 << (vid & 31)) == 0 {
+            return false;
+        }
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(destination);
+    if mac[0] & 1 != 0 {
+        if mac == [0xff; 6] {
+            return flags & rx::NOBCAST == 0;
+        }
+        if flags & rx::NOMULTI != 0 {
+            return false;
+        }
+        if flags & (rx::ALLMULTI | rx::MULTI_OVERFLOW) != 0 {
+            return true;
+        }
+        return in_mac_table(ifindex, mac, RX_MAC_MULTICAST);
+    }
+    if flags & rx::NOUNI != 0 {
+        return false;
+    }
+    if flags & (rx::ALLUNI | rx::UNI_OVERFLOW) != 0 || mac == filter.main_mac {
+        return true;
+    }
+    in_mac_table(ifindex, mac, RX_MAC_UNICAST)
+}
+
+#[inline(always)]
+fn in_mac_table(ifindex: u32, mac: [u8; 6], kind: u32) -> bool {
+    let key = RxMacKey { ifindex, mac, _pad: [0; 2] };
+    // SAFETY: read-only lookup, as above.
+    unsafe { RX_MACS.get(&key) }.is_some_and(|found| *found == kind)
 }
 
 /// Records `sender` as the MAC behind `ifindex`, writing only when it changed.

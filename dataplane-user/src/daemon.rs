@@ -5,7 +5,10 @@
 //! (interfaces), plan the kernel state (pure), apply the difference; on any failure, undo the steps
 //! already taken, so bad input changes nothing.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use bytes::Bytes;
 use dataplane_common::{DropReason, PortCounters};
@@ -19,10 +22,11 @@ use crate::{
         self, Forwarding, KernelError,
         plan::{self, Device, Plan, PlanError},
     },
-    netdev::Netdev,
+    netdev::{Netdev, NetdevOptions, nic::parse_mac},
     port::{self, FdSource, PortDevice, PortError, link::Netlink},
     qmp::{codec, protocol},
     registry::{NetdevInfo, Registry, RegistryError},
+    rxfilter::{RxFilter, RxFilterChange},
 };
 
 /// Why the daemon is stopping, as QEMU's `SHUTDOWN` event reports it (`ShutdownCause`).
@@ -56,6 +60,9 @@ pub enum DaemonError {
     Kernel(#[from] KernelError),
     #[error("netdev '{id}' needs the kernel dataplane, which is not loaded")]
     NoDataplane { id: String },
+    /// A rejected request with QEMU's text (`query-rx-filter`, `x-set-rx-filter`).
+    #[error("{0}")]
+    Rejected(String),
 }
 
 /// Events queued for one slow client before it starts missing some.
@@ -70,6 +77,12 @@ pub struct Kernel {
 struct State {
     registry: Registry,
     devices: HashMap<String, PortDevice>,
+    /// Receive filters of the NICs, by NIC id.
+    rx_filters: HashMap<String, RxFilter>,
+    /// NICs that reported `NIC_RX_FILTER_CHANGED` and stay silent until `query-rx-filter`.
+    rx_notify_disarmed: HashSet<String>,
+    /// QEMU's `qemu_macaddr_default_if_unset` counter: 52:54:00:12:34:56, :57, …
+    next_default_mac: u8,
     /// What the kernel holds now.
     plan: Plan,
     kernel: Option<Kernel>,
@@ -82,7 +95,7 @@ impl State {
 
     /// Plans the current graph and applies it; on failure the kernel is put back as it was.
     fn replan(&mut self) -> Result<(), DaemonError> {
-        let next = plan::plan(&self.registry, &self.device_map())?;
+        let next = plan::plan(&self.registry, &self.device_map(), &self.rx_filters)?;
         if next == self.plan {
             return Ok(());
         }
@@ -133,7 +146,15 @@ impl Daemon {
 
     #[must_use]
     pub fn with_kernel(kernel: Option<Kernel>) -> Self {
-        let state = State { registry: Registry::default(), devices: HashMap::new(), plan: Plan::default(), kernel };
+        let state = State {
+            registry: Registry::default(),
+            devices: HashMap::new(),
+            rx_filters: HashMap::new(),
+            rx_notify_disarmed: HashSet::new(),
+            next_default_mac: 0x56,
+            plan: Plan::default(),
+            kernel,
+        };
         Self { state: Mutex::new(state), events: broadcast::channel(EVENT_BACKLOG).0, shutdown: CancellationToken::new() }
     }
 
@@ -148,12 +169,24 @@ impl Daemon {
             None if matches!(kind, "tap" | "bridge" | "af-xdp") => return Err(DaemonError::NoDataplane { id }),
             None => None,
         };
+        if let NetdevOptions::Nic(nic) = &netdev.options {
+            let mac = match nic.macaddr.as_deref().and_then(parse_mac) {
+                Some(mac) => mac,
+                None => {
+                    let last = state.next_default_mac;
+                    state.next_default_mac = last.wrapping_add(1);
+                    [0x52, 0x54, 0x00, 0x12, 0x34, last]
+                }
+            };
+            state.rx_filters.insert(id.clone(), RxFilter::new(mac));
+        }
         state.registry.add(netdev)?;
         if let Some(device) = device {
             state.devices.insert(id.clone(), device);
         }
         if let Err(error) = state.replan() {
             let _ = state.registry.remove(&id);
+            state.rx_filters.remove(&id);
             if let (Some(device), Some(kernel)) = (state.devices.remove(&id), state.kernel.as_ref()) {
                 device.destroy(&kernel.netlink).await;
             }
@@ -168,6 +201,8 @@ impl Daemon {
     pub async fn remove_netdev(&self, id: &str) -> Result<(), DaemonError> {
         let mut state = self.state.lock().await;
         let entry = state.registry.remove(id)?;
+        state.rx_filters.remove(id);
+        state.rx_notify_disarmed.remove(id);
         if let Err(error) = state.replan() {
             // The netdev is gone from the graph either way; the kernel keeps what failed to go.
             tracing::error!(netdev = %id, %error, "kernel state not fully updated after netdev_del");
@@ -192,6 +227,54 @@ impl Daemon {
         }
         tracing::info!(netdev = %id, up, "link state set");
         Ok(())
+    }
+
+    /// `x-set-rx-filter`: what a guest driver would program, as a map update; emits
+    /// `NIC_RX_FILTER_CHANGED` once until the next `query-rx-filter` of that NIC.
+    pub async fn set_rx_filter(&self, change: &RxFilterChange) -> Result<(), DaemonError> {
+        let mut state = self.state.lock().await;
+        let name = change.name.as_str();
+        let current = nic_filter(&state, name)?.clone();
+        let next = current.changed(change).map_err(DaemonError::Rejected)?;
+        state.rx_filters.insert(name.to_owned(), next);
+        if let Err(error) = state.replan() {
+            state.rx_filters.insert(name.to_owned(), current);
+            return Err(error);
+        }
+        if state.rx_notify_disarmed.insert(name.to_owned()) {
+            self.emit(
+                "NIC_RX_FILTER_CHANGED",
+                Some(json!({"name": name, "path": format!("/machine/peripheral/{name}/virtio-backend")})),
+            );
+        }
+        tracing::info!(nic = %name, "receive filter set");
+        Ok(())
+    }
+
+    /// `query-rx-filter`: every NIC with a receive filter, or the one named; re-arms the event
+    /// for each NIC reported.
+    pub async fn query_rx_filter(&self, name: Option<&str>) -> Result<Vec<Value>, DaemonError> {
+        let mut state = self.state.lock().await;
+        let names: Vec<String> = match name {
+            Some(name) => {
+                nic_filter(&state, name)?;
+                vec![name.to_owned()]
+            }
+            None => state
+                .registry
+                .entries()
+                .filter(|e| supports_rx_filter(&e.netdev))
+                .map(|e| e.netdev.id.clone())
+                .collect(),
+        };
+        let mut infos = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(filter) = state.rx_filters.get(&name) {
+                infos.push(filter.info(&name));
+            }
+            state.rx_notify_disarmed.remove(&name);
+        }
+        Ok(infos)
     }
 
     pub async fn netdevs(&self) -> Vec<NetdevInfo> {
@@ -266,6 +349,29 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Only virtio-net NICs keep a receive filter QEMU can report (the default model here).
+fn supports_rx_filter(netdev: &Netdev) -> bool {
+    matches!(&netdev.options, NetdevOptions::Nic(nic) if nic.model.as_deref().is_none_or(|m| m.starts_with("virtio")))
+}
+
+/// The filter of NIC `name`, or QEMU's error for a name that is not one.
+fn nic_filter<'s>(state: &'s State, name: &str) -> Result<&'s RxFilter, DaemonError> {
+    let entry = state
+        .registry
+        .get(name)
+        .ok_or_else(|| DaemonError::Rejected(format!("invalid net client name: {name}")))?;
+    if !matches!(entry.netdev.options, NetdevOptions::Nic(_)) {
+        return Err(DaemonError::Rejected(format!("net client({name}) isn't a NIC")));
+    }
+    if !supports_rx_filter(&entry.netdev) {
+        return Err(DaemonError::Rejected(format!("net client({name}) doesn't support rx-filter querying")));
+    }
+    state
+        .rx_filters
+        .get(name)
+        .ok_or_else(|| DaemonError::Rejected(format!("net client({name}) doesn't support rx-filter querying")))
 }
 
 fn counters_info(port: &plan::Port, counters: &PortCounters) -> PortCountersInfo {

@@ -18,3 +18,4 @@ pub mod port;
 pub mod qapi;
 pub mod qmp;
 pub mod registry;
+pub mod rxfilter;

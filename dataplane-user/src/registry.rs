@@ -23,6 +23,10 @@ pub enum RegistryError {
     /// QEMU aborts the whole process here (an assertion); netdevd refuses instead.
     #[error("netdev '{peer}' is already in use by '{user}'")]
     PeerInUse { id: String, peer: String, user: String },
+    #[error("netdev '{netdev}' already has the NIC '{nic}'")]
+    NicTaken { id: String, netdev: String, nic: String },
+    #[error("a NIC goes behind a tap, bridge, af-xdp or hubport netdev, not '{netdev}' ({kind})")]
+    NicBackend { id: String, netdev: String, kind: &'static str },
 }
 
 /// One netdev and its place in the graph.
@@ -68,9 +72,13 @@ fn check_available(netdev: &Netdev) -> Result<(), NetdevError> {
     let kind = netdev.kind();
     let unavailable = |why: &str| Err(NetdevError::Unavailable { id: id.clone(), kind, why: why.to_owned() });
     match &netdev.options {
-        NetdevOptions::Hubport(_) | NetdevOptions::Tap(_) | NetdevOptions::Bridge(_) | NetdevOptions::AfXdp(_) => Ok(()),
-        // QEMU refuses these in netdev_add with exactly this error.
-        NetdevOptions::None(_) | NetdevOptions::Nic(_) => Err(NetdevError::NotCompiled { id, kind }),
+        NetdevOptions::Hubport(_)
+        | NetdevOptions::Tap(_)
+        | NetdevOptions::Bridge(_)
+        | NetdevOptions::AfXdp(_)
+        | NetdevOptions::Nic(_) => Ok(()),
+        // QEMU refuses this in netdev_add with exactly this error.
+        NetdevOptions::None(_) => Err(NetdevError::NotCompiled { id, kind }),
         NetdevOptions::Netmap(_) => {
             unavailable("netmap needs the out-of-tree netmap kernel module and /dev/netmap, which this host does not have")
         }
@@ -113,7 +121,7 @@ impl Registry {
         if self.get(&netdev.id).is_some() {
             return Err(NetdevError::DuplicateId { id: netdev.id.clone() }.into());
         }
-        if let NetdevOptions::None(_) | NetdevOptions::Nic(_) = netdev.options {
+        if let NetdevOptions::None(_) = netdev.options {
             check_available(netdev)?;
         }
         netdev.validate()?;
@@ -128,13 +136,40 @@ impl Registry {
                 return Err(RegistryError::PeerInUse { id: netdev.id.clone(), peer: peer.clone(), user: user.clone() });
             }
         }
+        if let NetdevOptions::Nic(nic) = &netdev.options
+            && let Some(backend) = &nic.netdev
+        {
+            let id = netdev.id.clone();
+            let target =
+                self.get(backend).ok_or_else(|| RegistryError::PeerNotFound { id: id.clone(), peer: backend.clone() })?;
+            let kind = target.netdev.kind();
+            if !matches!(kind, "tap" | "bridge" | "af-xdp" | "hubport") {
+                return Err(RegistryError::NicBackend { id, netdev: backend.clone(), kind });
+            }
+            if let Some(other) = self.nic_of(backend) {
+                return Err(RegistryError::NicTaken { id, netdev: backend.clone(), nic: other.to_owned() });
+            }
+        }
         Ok(())
+    }
+
+    /// The NIC whose backend is `netdev`, if any.
+    #[must_use]
+    pub fn nic_of(&self, netdev: &str) -> Option<&str> {
+        self.entries.iter().find_map(|e| match &e.netdev.options {
+            NetdevOptions::Nic(nic) if nic.netdev.as_deref() == Some(netdev) => Some(e.netdev.id.as_str()),
+            _ => None,
+        })
     }
 
     /// Adds a netdev, peering a hubport with its `netdev=`.
     pub fn add(&mut self, netdev: Netdev) -> Result<(), RegistryError> {
         self.check_add(&netdev)?;
         let mut peer = None;
+        if let NetdevOptions::Nic(nic) = &netdev.options {
+            // The NIC sits on the guest side of its backend: the backend keeps its hub-side peer.
+            peer.clone_from(&nic.netdev);
+        }
         if let NetdevOptions::Hubport(port) = &netdev.options {
             self.hubs.insert(port.hubid);
             if let Some(target) = &port.netdev {
@@ -156,10 +191,11 @@ impl Registry {
             .position(|e| e.netdev.id == id)
             .ok_or_else(|| RegistryError::DeviceNotFound { id: id.to_owned() })?;
         let entry = self.entries.remove(index);
-        if let Some(peer) = &entry.peer
-            && let Some(survivor) = self.get_mut(peer)
-        {
-            survivor.peer = None;
+        // Whatever was peered with it (a hub port, a NIC) survives unpeered.
+        for survivor in &mut self.entries {
+            if survivor.peer.as_deref() == Some(id) {
+                survivor.peer = None;
+            }
         }
         Ok(entry)
     }
@@ -231,6 +267,25 @@ mod tests {
     }
 
     #[test]
+    fn nics_sit_behind_port_netdevs() {
+        let mut registry = Registry::default();
+        registry.add(Netdev::from_keyval("af-xdp,id=a,ifname=x").unwrap()).unwrap();
+        registry.add(hubport("pa", 0, Some("a"))).unwrap();
+        registry.add(Netdev::from_keyval("nic,id=n0,netdev=a").unwrap()).unwrap();
+        // The backend keeps its hub port as peer.
+        assert_eq!(registry.get("a").unwrap().peer.as_deref(), Some("pa"));
+        assert_eq!(registry.nic_of("a"), Some("n0"));
+        let second = Netdev::from_keyval("nic,id=n1,netdev=a").unwrap();
+        assert_eq!(registry.add(second).unwrap_err().to_string(), "netdev 'a' already has the NIC 'n0'");
+        registry.add(Netdev::from_keyval("nic,id=n2,netdev=pa").unwrap()).unwrap();
+        // Deleting the backend leaves both its port and its NIC unpeered.
+        registry.remove("a").unwrap();
+        assert_eq!(registry.get("pa").unwrap().peer, None);
+        assert_eq!(registry.get("n0").unwrap().peer, None);
+        assert_eq!(registry.get("n2").unwrap().peer.as_deref(), Some("pa"));
+    }
+
+    #[test]
     fn device_not_found() {
         let mut registry = Registry::default();
         assert_eq!(registry.remove("x").unwrap_err().to_string(), "Device 'x' not found");
@@ -249,8 +304,8 @@ mod tests {
     #[test]
     fn unavailable_types_create_nothing() {
         let mut registry = Registry::default();
-        let nic = Netdev::from_keyval("nic,id=n0").unwrap();
-        assert_eq!(registry.add(nic).unwrap_err().to_string(), "network backend 'nic' is not compiled into this binary");
+        let none = Netdev::from_keyval("none,id=n0").unwrap();
+        assert_eq!(registry.add(none).unwrap_err().to_string(), "network backend 'none' is not compiled into this binary");
         let vmnet = Netdev::from_keyval("vmnet-bridged,id=v,ifname=en0").unwrap();
         assert!(registry.add(vmnet).unwrap_err().to_string().contains("only on macOS"));
         // Validation comes before availability, so users get QEMU's messages first.

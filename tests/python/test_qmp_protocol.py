@@ -326,8 +326,8 @@ def test_control_characters_are_escaped_like_qemu(daemon):
         ("netdev_add", {**HUBPORT, "type": "foo"}, "GenericError", "Parameter 'type' does not accept value 'foo'"),
         ("netdev_add", {**HUBPORT, "netdev": "nope"}, "GenericError", "netdev 'nope' not found"),
         (
-            "netdev_add", {"type": "nic", "id": "x"},
-            "GenericError", "network backend 'nic' is not compiled into this binary",
+            "netdev_add", {"type": "nic", "id": "x", "netdev": "nope"},
+            "GenericError", "netdev 'nope' not found",
         ),
         (
             "netdev_add", {"type": "none", "id": "x"},

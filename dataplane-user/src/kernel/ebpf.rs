@@ -8,9 +8,13 @@ use aya::{
     programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions, tc::SchedClassifierLinkId},
     util::nr_cpus,
 };
-use dataplane_common::{HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, PortConfig, PortCounters, maps, programs};
+use dataplane_common::{
+    HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, PortConfig, PortCounters, RxFilterConfig, RxMacKey, RxVlanTable,
+    maps, programs,
+};
 
 use super::{Forwarding, KernelError, plan::Hook};
+use crate::rxfilter::KernelRxFilter;
 
 /// Where the object comes from.
 #[derive(Debug, Clone)]
@@ -40,6 +44,9 @@ pub struct EbpfDataplane {
     hubs: BpfHashMap<MapData, i32, HubMembers>,
     counters: PerCpuHashMap<MapData, u32, PortCounters>,
     learned: BpfHashMap<MapData, u32, LearnedMac>,
+    rx_filters: BpfHashMap<MapData, u32, RxFilterConfig>,
+    rx_vlans: BpfHashMap<MapData, u32, RxVlanTable>,
+    rx_macs: BpfHashMap<MapData, RxMacKey, u32>,
     links: HashMap<u32, SchedClassifierLinkId>,
     cpus: usize,
 }
@@ -69,8 +76,22 @@ impl EbpfDataplane {
         let hubs = BpfHashMap::try_from(take(maps::HUBS)?).map_err(|e| load_error(boxed(e)))?;
         let counters = PerCpuHashMap::try_from(take(maps::PORT_COUNTERS)?).map_err(|e| load_error(boxed(e)))?;
         let learned = BpfHashMap::try_from(take(maps::LEARNED_MACS)?).map_err(|e| load_error(boxed(e)))?;
+        let rx_filters = BpfHashMap::try_from(take(maps::RX_FILTERS)?).map_err(|e| load_error(boxed(e)))?;
+        let rx_vlans = BpfHashMap::try_from(take(maps::RX_VLANS)?).map_err(|e| load_error(boxed(e)))?;
+        let rx_macs = BpfHashMap::try_from(take(maps::RX_MACS)?).map_err(|e| load_error(boxed(e)))?;
         let cpus = nr_cpus().map_err(|(_, e)| load_error(boxed(e)))?;
-        Ok(Self { ebpf, ports, hubs, counters, learned, links: HashMap::new(), cpus })
+        Ok(Self {
+            ebpf,
+            ports,
+            hubs,
+            counters,
+            learned,
+            rx_filters,
+            rx_vlans,
+            rx_macs,
+            links: HashMap::new(),
+            cpus,
+        })
     }
 
     fn program(&mut self) -> &mut SchedClassifier {
@@ -134,6 +155,41 @@ impl Forwarding for EbpfDataplane {
 
     fn remove_segment(&mut self, segment: i32) {
         let _ = self.hubs.remove(&segment);
+    }
+
+    fn set_rx_filter(
+        &mut self,
+        ifindex: u32,
+        filter: &KernelRxFilter,
+        old: Option<&KernelRxFilter>,
+    ) -> Result<(), KernelError> {
+        let key = |mac: [u8; 6]| RxMacKey { ifindex, mac, _pad: [0; 2] };
+        // Table entries and VLANs first, modes last: the filter tightens only once it is complete.
+        for (mac, kind) in &filter.macs {
+            self.rx_macs
+                .insert(key(*mac), *kind, 0)
+                .map_err(|e| KernelError::Map { map: maps::RX_MACS, source: boxed(e) })?;
+        }
+        self.rx_vlans
+            .insert(ifindex, filter.vlans, 0)
+            .map_err(|e| KernelError::Map { map: maps::RX_VLANS, source: boxed(e) })?;
+        self.rx_filters
+            .insert(ifindex, filter.config, 0)
+            .map_err(|e| KernelError::Map { map: maps::RX_FILTERS, source: boxed(e) })?;
+        for mac in old.into_iter().flat_map(|o| o.macs.keys()) {
+            if !filter.macs.contains_key(mac) {
+                let _ = self.rx_macs.remove(&key(*mac));
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_rx_filter(&mut self, ifindex: u32, old: &KernelRxFilter) {
+        let _ = self.rx_filters.remove(&ifindex);
+        let _ = self.rx_vlans.remove(&ifindex);
+        for mac in old.macs.keys() {
+            let _ = self.rx_macs.remove(&RxMacKey { ifindex, mac: *mac, _pad: [0; 2] });
+        }
     }
 
     fn counters(&self, ifindex: u32) -> PortCounters {

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use dataplane_common::{HubMember, PortConfig, PortCounters};
 
 use self::plan::{Hook, Plan};
+use crate::rxfilter::KernelRxFilter;
 
 /// An error from the kernel dataplane, naming the interface it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,10 @@ pub trait Forwarding: Send + Sync {
     fn remove_port(&mut self, ifindex: u32);
     fn set_segment(&mut self, segment: i32, members: &[HubMember]) -> Result<(), KernelError>;
     fn remove_segment(&mut self, segment: i32);
+    /// Writes a NIC's receive filter; `old` is what the kernel holds now, so stale MAC entries go.
+    fn set_rx_filter(&mut self, ifindex: u32, filter: &KernelRxFilter, old: Option<&KernelRxFilter>)
+    -> Result<(), KernelError>;
+    fn remove_rx_filter(&mut self, ifindex: u32, old: &KernelRxFilter);
     /// Counters of `ifindex` summed over CPUs (zero if it is not a port).
     fn counters(&self, ifindex: u32) -> PortCounters;
 }
@@ -55,6 +60,13 @@ pub fn apply(kernel: &mut dyn Forwarding, old: &Plan, new: &Plan) -> Result<(), 
     for (ifindex, port) in &new.ports {
         if old.ports.get(ifindex).map(plan::Port::config) != Some(port.config()) {
             kernel.set_port(*ifindex, port.config())?;
+        }
+    }
+    // Filters before member lists, so a port never takes frames unfiltered.
+    for (ifindex, filter) in &new.rx_filters {
+        let previous = old.rx_filters.get(ifindex);
+        if previous != Some(filter) {
+            kernel.set_rx_filter(*ifindex, filter, previous)?;
         }
     }
     for (segment, members) in &new.segments {
@@ -83,6 +95,11 @@ pub fn apply(kernel: &mut dyn Forwarding, old: &Plan, new: &Plan) -> Result<(), 
             kernel.remove_port(*ifindex);
         }
     }
+    for (ifindex, filter) in &old.rx_filters {
+        if !new.rx_filters.contains_key(ifindex) {
+            kernel.remove_rx_filter(*ifindex, filter);
+        }
+    }
     Ok(())
 }
 
@@ -99,6 +116,7 @@ pub mod fake {
         pub attached: BTreeMap<u32, Hook>,
         pub ports: BTreeMap<u32, PortConfig>,
         pub segments: BTreeMap<i32, Vec<HubMember>>,
+        pub rx_filters: BTreeMap<u32, KernelRxFilter>,
         /// Interfaces whose attach fails.
         pub broken: BTreeSet<u32>,
     }
@@ -134,6 +152,20 @@ pub mod fake {
             self.segments.remove(&segment);
         }
 
+        fn set_rx_filter(
+            &mut self,
+            ifindex: u32,
+            filter: &KernelRxFilter,
+            _old: Option<&KernelRxFilter>,
+        ) -> Result<(), KernelError> {
+            self.rx_filters.insert(ifindex, filter.clone());
+            Ok(())
+        }
+
+        fn remove_rx_filter(&mut self, ifindex: u32, _old: &KernelRxFilter) {
+            self.rx_filters.remove(&ifindex);
+        }
+
         fn counters(&self, _ifindex: u32) -> PortCounters {
             PortCounters::default()
         }
@@ -145,6 +177,7 @@ pub mod fake {
             self.ports == plan.ports.iter().map(|(i, p)| (*i, p.config())).collect()
                 && self.attached == plan.ports.iter().map(|(i, p)| (*i, p.hook)).collect()
                 && self.segments == plan.segments
+                && self.rx_filters == plan.rx_filters
         }
     }
 }
@@ -182,14 +215,14 @@ mod tests {
                     Device { ifindex: *ifindex, ifname: format!("if{ifindex}"), hub_side: *side, peer_elsewhere: false },
                 );
             }
-            let next = plan(&registry, &devices).unwrap();
+            let next = plan(&registry, &devices, &HashMap::new()).unwrap();
             apply(&mut kernel, &current, &next).unwrap();
             assert!(kernel.holds(&next));
             current = next;
         }
         assert_eq!(kernel.attached[&5], Hook::Egress);
         registry.set_link("pb", false).unwrap();
-        let next = plan(&registry, &devices).unwrap();
+        let next = plan(&registry, &devices, &HashMap::new()).unwrap();
         apply(&mut kernel, &current, &next).unwrap();
         assert!(kernel.holds(&next));
         let empty = Plan::default();
@@ -204,7 +237,7 @@ mod tests {
         add(&mut registry, "hubport,id=pa,hubid=3,netdev=a");
         let devices = HashMap::from([("a".to_owned(), Device { ifindex: 9, ifname: "x".into(), hub_side: HubSide::Interface, peer_elsewhere: false })]);
         let mut kernel = FakeKernel { broken: BTreeSet::from([9]), ..FakeKernel::default() };
-        let next = plan(&registry, &devices).unwrap();
+        let next = plan(&registry, &devices, &HashMap::new()).unwrap();
         assert!(apply(&mut kernel, &Plan::default(), &next).is_err());
         apply(&mut kernel, &next, &Plan::default()).unwrap();
         assert_eq!(kernel, FakeKernel { broken: BTreeSet::from([9]), ..FakeKernel::default() });

@@ -7,11 +7,15 @@
 use std::collections::{BTreeMap, HashMap};
 
 use dataplane_common::{
-    HubMember, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP, PORT_FLAG_AT_INGRESS,
-    PORT_FLAG_LEARN_MAC, PORT_FLAG_LINK_UP, PortConfig,
+    HubMember, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP, MEMBER_RX_FILTER,
+    PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PORT_FLAG_LINK_UP, PortConfig,
 };
 
-use crate::{netdev::NetdevOptions, registry::Registry};
+use crate::{
+    netdev::NetdevOptions,
+    registry::Registry,
+    rxfilter::{KernelRxFilter, RxFilter},
+};
 
 /// Which side of an interface faces the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +62,8 @@ pub struct Port {
     pub hook: Hook,
     pub deliver_ingress: bool,
     pub deliver_peer: bool,
+    /// The guest NIC behind the port, whose receive filter applies to what it is delivered.
+    pub nic: Option<String>,
 }
 
 impl Port {
@@ -88,15 +94,20 @@ impl Port {
         if self.deliver_peer {
             flags |= MEMBER_DELIVER_PEER;
         }
+        if self.nic.is_some() {
+            flags |= MEMBER_RX_FILTER;
+        }
         HubMember { ifindex, flags }
     }
 }
 
-/// Everything the kernel needs: ports by ifindex, member lists by segment.
+/// Everything the kernel needs: ports by ifindex, member lists by segment, NIC receive filters by
+/// the ifindex of their port.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub ports: BTreeMap<u32, Port>,
     pub segments: BTreeMap<i32, Vec<HubMember>>,
+    pub rx_filters: BTreeMap<u32, KernelRxFilter>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -129,8 +140,13 @@ impl Segments {
     }
 }
 
-/// Computes the kernel state for `registry`, given the interfaces of the netdevs that have one.
-pub fn plan(registry: &Registry, devices: &HashMap<String, Device>) -> Result<Plan, PlanError> {
+/// Computes the kernel state for `registry`, given the interfaces of the netdevs that have one and
+/// the receive filters of the NICs.
+pub fn plan(
+    registry: &Registry,
+    devices: &HashMap<String, Device>,
+    filters: &HashMap<String, RxFilter>,
+) -> Result<Plan, PlanError> {
     let hub_of = |id: &str| match registry.get(id).map(|e| &e.netdev.options) {
         Some(NetdevOptions::Hubport(port)) => Some(port.hubid),
         _ => None,
@@ -157,21 +173,28 @@ pub fn plan(registry: &Registry, devices: &HashMap<String, Device>) -> Result<Pl
                 other: other.hubport.clone(),
             });
         }
+        // A NIC behind the interface's netdev or behind the hub port.
+        let nic = registry.nic_of(netdev).or_else(|| registry.nic_of(&entry.netdev.id));
+        let nic_up = nic.and_then(|id| registry.get(id)).is_none_or(|n| n.link_up);
         let port = Port {
             hubport: entry.netdev.id.clone(),
             netdev: netdev.to_owned(),
             ifname: device.ifname.clone(),
             hubid: hub,
             segment: segments.find(hub),
-            // A downed netdev neither sends nor receives; a downed port cuts its segment.
-            link_up: entry.link_up && peer_entry.link_up,
+            // A downed netdev (or NIC) neither sends nor receives; a downed port cuts its segment.
+            link_up: entry.link_up && peer_entry.link_up && nic_up,
             hook: match device.hub_side {
                 HubSide::Interface => Hook::Ingress,
                 HubSide::Fd => Hook::Egress,
             },
             deliver_ingress: device.hub_side == HubSide::Fd,
             deliver_peer: device.peer_elsewhere && device.hub_side == HubSide::Interface,
+            nic: nic.map(str::to_owned),
         };
+        if let Some(filter) = nic.and_then(|id| filters.get(id)) {
+            plan.rx_filters.insert(device.ifindex, filter.kernel());
+        }
         let members = plan.segments.entry(port.segment).or_default();
         if members.len() >= MAX_HUB_PORTS {
             return Err(PlanError::HubFull { hubid: hub });
@@ -217,7 +240,7 @@ mod tests {
         ]);
         let devices =
             devices(&[("a", 10, HubSide::Interface), ("b", 11, HubSide::Interface), ("c", 12, HubSide::Fd)]);
-        let plan = plan(&registry, &devices).unwrap();
+        let plan = plan(&registry, &devices, &HashMap::new()).unwrap();
         assert_eq!(plan.ports.len(), 3);
         assert_eq!(plan.ports[&12].hook, Hook::Egress);
         assert!(plan.ports[&12].deliver_ingress);
@@ -236,20 +259,20 @@ mod tests {
             "hubport,id=pb,hubid=7,netdev=b",
         ]);
         let devices = devices(&[("a", 1, HubSide::Interface), ("b", 2, HubSide::Interface)]);
-        let isolated = plan(&registry, &devices).unwrap();
+        let isolated = plan(&registry, &devices, &HashMap::new()).unwrap();
         assert_eq!(isolated.segments.len(), 2);
 
         // Join hub 7 to hub 5 through a pair of hub ports.
         for spec in ["hubport,id=j5,hubid=5", "hubport,id=j7,hubid=7,netdev=j5"] {
             registry.add(Netdev::from_keyval(spec).unwrap()).unwrap();
         }
-        let joined = plan(&registry, &devices).unwrap();
+        let joined = plan(&registry, &devices, &HashMap::new()).unwrap();
         assert_eq!(joined.segments.len(), 1);
         assert_eq!(joined.ports[&2].segment, 5);
 
         // A downed joining port cuts the segment again.
         registry.set_link("j7", false).unwrap();
-        assert_eq!(plan(&registry, &devices).unwrap(), isolated);
+        assert_eq!(plan(&registry, &devices, &HashMap::new()).unwrap(), isolated);
     }
 
     #[test]
@@ -257,13 +280,13 @@ mod tests {
         let mut registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=pa,hubid=0,netdev=a"]);
         let devices = devices(&[("a", 3, HubSide::Interface)]);
         registry.set_link("a", false).unwrap();
-        let plan_down = plan(&registry, &devices).unwrap();
+        let plan_down = plan(&registry, &devices, &HashMap::new()).unwrap();
         assert!(!plan_down.ports[&3].link_up);
         assert_eq!(plan_down.ports[&3].config().flags, PORT_FLAG_AT_INGRESS);
         assert_eq!(plan_down.segments[&0][0].flags, 0);
         registry.set_link("a", true).unwrap();
         registry.set_link("pa", false).unwrap();
-        assert!(!plan(&registry, &devices).unwrap().ports[&3].link_up);
+        assert!(!plan(&registry, &devices, &HashMap::new()).unwrap().ports[&3].link_up);
     }
 
     #[test]
@@ -271,15 +294,30 @@ mod tests {
         let registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=pa,hubid=0,netdev=a"]);
         let mut devices = devices(&[("a", 3, HubSide::Interface)]);
         devices.get_mut("a").unwrap().peer_elsewhere = true;
-        let plan = plan(&registry, &devices).unwrap();
+        let plan = plan(&registry, &devices, &HashMap::new()).unwrap();
         assert_eq!(plan.ports[&3].config().flags, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS | PORT_FLAG_LEARN_MAC);
         assert_eq!(plan.segments[&0][0].flags, MEMBER_LINK_UP | MEMBER_DELIVER_PEER);
     }
 
     #[test]
+    fn a_nic_filters_what_its_port_receives() {
+        let mut registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=pa,hubid=0,netdev=a", "nic,id=n0,netdev=a"]);
+        let devices = devices(&[("a", 3, HubSide::Interface)]);
+        let filter = RxFilter::new([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        let filters = HashMap::from([("n0".to_owned(), filter.clone())]);
+        let with_nic = plan(&registry, &devices, &filters).unwrap();
+        assert_eq!(with_nic.ports[&3].nic.as_deref(), Some("n0"));
+        assert_eq!(with_nic.segments[&0][0].flags, MEMBER_LINK_UP | MEMBER_RX_FILTER);
+        assert_eq!(with_nic.rx_filters[&3], filter.kernel());
+        // The NIC's link is the port's too.
+        registry.set_link("n0", false).unwrap();
+        assert!(!plan(&registry, &devices, &filters).unwrap().ports[&3].link_up);
+    }
+
+    #[test]
     fn netdevs_without_interface_or_port_plan_nothing() {
         let registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=p,hubid=0"]);
-        let plan = plan(&registry, &devices(&[("a", 3, HubSide::Interface)])).unwrap();
+        let plan = plan(&registry, &devices(&[("a", 3, HubSide::Interface)]), &HashMap::new()).unwrap();
         assert_eq!(plan, Plan::default());
     }
 }

@@ -14,6 +14,7 @@ use crate::{
     netdev::Netdev,
     qapi::{self, QapiError},
     registry::RegistryError,
+    rxfilter::RxFilterChange,
 };
 
 pub const QMP_CAPABILITIES: &str = "qmp_capabilities";
@@ -27,6 +28,7 @@ pub const ALL: &[&str] = &[
     "netdev_del",
     "set_link",
     "query-rx-filter",
+    "x-set-rx-filter",
     "getfd",
     "closefd",
     "quit",
@@ -45,7 +47,7 @@ pub fn implied_key(name: &str) -> Option<&'static str> {
     match name {
         "netdev_add" => Some("type"),
         "netdev_del" | "x-query-netdev-counters" => Some("id"),
-        "set_link" | "query-rx-filter" => Some("name"),
+        "set_link" | "query-rx-filter" | "x-set-rx-filter" => Some("name"),
         "getfd" | "closefd" => Some("fdname"),
         _ => None,
     }
@@ -61,7 +63,21 @@ pub fn arguments_from_keyval(name: &str, text: &str) -> Result<Value, String> {
             let args = SetLinkArgs::deserialize(qapi::Input::root(&value, qapi::Mode::Keyval)).map_err(|e| e.to_string())?;
             Ok(json!({"name": args.name, "up": args.up}))
         }
+        "x-set-rx-filter" => {
+            let value = qapi::keyval::parse(text, implied_key(name)).map_err(|e| e.to_string())?;
+            let change =
+                RxFilterChange::deserialize(qapi::Input::root(&value, qapi::Mode::Keyval)).map_err(|e| e.to_string())?;
+            serde_json::to_value(change).map(strip_nulls).map_err(|e| e.to_string())
+        }
         _ => qapi::keyval::parse(text, implied_key(name)).map_err(|e| e.to_string()),
+    }
+}
+
+/// Drops absent (null) members, which QMP does not accept for optional arguments.
+fn strip_nulls(value: Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(map.into_iter().filter(|(_, v)| !v.is_null()).collect()),
+        other => other,
     }
 }
 
@@ -154,14 +170,12 @@ pub async fn execute(daemon: &Daemon, session: &mut Session, name: &str, argumen
         }
         "query-rx-filter" => {
             let args: RxFilterArgs = qapi::from_json(arguments)?;
-            match args.name {
-                // No netdev type with a receive filter exists yet, so there is nothing to list.
-                None => Ok(json!([])),
-                Some(name) if daemon.has_netdev(&name).await => {
-                    Err(QmpError::generic(format!("net client({name}) isn't a NIC")))
-                }
-                Some(name) => Err(QmpError::generic(format!("invalid net client name: {name}"))),
-            }
+            Ok(Value::Array(daemon.query_rx_filter(args.name.as_deref()).await?))
+        }
+        "x-set-rx-filter" => {
+            let change: RxFilterChange = qapi::from_json(arguments)?;
+            daemon.set_rx_filter(&change).await?;
+            Ok(empty)
         }
         "getfd" => {
             let args: FdNameArgs = qapi::from_json(arguments)?;
