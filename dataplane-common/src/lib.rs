@@ -36,6 +36,8 @@ pub mod programs {
     /// TC program attached to every hub port: floods a frame to the other ports with skb
     /// redirects, which keep checksum-offload and GSO metadata.
     pub const HUB_TC: &str = "hub_tc";
+    /// TC program run with `BPF_PROG_TEST_RUN` to inject a frame into a port (`announce-self`).
+    pub const INJECT: &str = "inject";
 }
 
 /// `PortConfig::flags`: the port's link is up (QEMU `set_link ... up=true`).

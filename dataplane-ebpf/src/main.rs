@@ -168,6 +168,18 @@ pub fn hub_tc(ctx: TcContext) -> i32 {
     unsafe { bpf_redirect(last.ifindex, redirect_flags(&last)) as i32 }
 }
 
+/// Injects the test-run frame into a port as if it came from the port's side (`announce-self`):
+/// a clone to `cb[0]` with the redirect flags `cb[1]` (`BPF_F_INGRESS`, or 0 for an egress hook),
+/// where `hub_tc` then floods it like any frame from that port.
+#[classifier]
+pub fn inject(ctx: TcContext) -> i32 {
+    let (Some(target), Some(flags)) = (ctx.cb().first().copied(), ctx.cb().get(1).copied()) else {
+        return TC_ACT_SHOT;
+    };
+    let _ = ctx.clone_redirect(target, u64::from(flags & BPF_F_INGRESS));
+    TC_ACT_SHOT
+}
+
 /// The 802.1Q VLAN id of the frame, if it has a single tag (EtherType 0x8100 at offset 12).
 #[inline(always)]
 fn vlan_id(ctx: &TcContext) -> Option<u16> {

@@ -7,7 +7,8 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{Arc, Weak},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -130,7 +131,54 @@ pub struct PortCountersInfo {
     pub drops: serde_json::Map<String, Value>,
 }
 
+/// `announce-self` arguments (`AnnounceParameters`).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct AnnounceParameters {
+    /// Milliseconds before the second round.
+    pub initial: i64,
+    /// Upper bound of a delay, in milliseconds.
+    pub max: i64,
+    pub rounds: i64,
+    /// Milliseconds added to the delay after each round.
+    pub step: i64,
+    /// NIC names; all NICs when absent.
+    pub interfaces: Option<Vec<String>>,
+    /// Names the timer: the same id replaces it, `rounds: 0` stops it.
+    pub id: Option<String>,
+}
+
+impl AnnounceParameters {
+    /// QEMU's `qemu_announce_timer_step`: the wait after `sent` rounds (≥ 1), clamped to `max`.
+    #[must_use]
+    pub fn delay_after(&self, sent: i64) -> Duration {
+        let delay = self.initial.saturating_add((sent - 1).saturating_mul(self.step));
+        let delay = if delay < 0 || delay > self.max { self.max } else { delay };
+        Duration::from_millis(u64::try_from(delay).unwrap_or(0))
+    }
+}
+
+/// QEMU's self-announcement (`net/announce.c`): a 60-byte gratuitous RARP from `mac`.
+#[must_use]
+pub fn announce_frame(mac: [u8; 6]) -> [u8; 60] {
+    let mut frame = [0u8; 60];
+    frame[0..6].copy_from_slice(&[0xff; 6]);
+    frame[6..12].copy_from_slice(&mac);
+    frame[12..14].copy_from_slice(&0x8035_u16.to_be_bytes()); // RARP
+    frame[14..16].copy_from_slice(&1_u16.to_be_bytes()); // hardware: Ethernet
+    frame[16..18].copy_from_slice(&0x0800_u16.to_be_bytes()); // protocol: IPv4
+    frame[18] = 6;
+    frame[19] = 4;
+    frame[20..22].copy_from_slice(&3_u16.to_be_bytes()); // reverse request
+    frame[22..28].copy_from_slice(&mac);
+    frame[32..38].copy_from_slice(&mac);
+    frame
+}
+
 pub struct Daemon {
+    /// Itself, for the tasks it spawns (announce timers).
+    me: Weak<Daemon>,
+    /// `announce-self` timers by id (`""` for none).
+    announce_timers: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     state: Mutex<State>,
     /// Encoded event lines, fanned out to every negotiated client.
     events: broadcast::Sender<Bytes>,
@@ -141,11 +189,10 @@ impl Daemon {
     /// A daemon; without `kernel` only netdevs with no interface can be created.
     #[must_use]
     pub fn new(kernel: Option<Kernel>) -> Arc<Self> {
-        Arc::new(Self::with_kernel(kernel))
+        Arc::new_cyclic(|me| Self::with_kernel(me.clone(), kernel))
     }
 
-    #[must_use]
-    pub fn with_kernel(kernel: Option<Kernel>) -> Self {
+    fn with_kernel(me: Weak<Self>, kernel: Option<Kernel>) -> Self {
         let state = State {
             registry: Registry::default(),
             devices: HashMap::new(),
@@ -155,7 +202,13 @@ impl Daemon {
             plan: Plan::default(),
             kernel,
         };
-        Self { state: Mutex::new(state), events: broadcast::channel(EVENT_BACKLOG).0, shutdown: CancellationToken::new() }
+        Self {
+            me,
+            announce_timers: std::sync::Mutex::default(),
+            state: Mutex::new(state),
+            events: broadcast::channel(EVENT_BACKLOG).0,
+            shutdown: CancellationToken::new(),
+        }
     }
 
     /// `netdev_add`: check, create the interface, join the kernel hub — or change nothing.
@@ -277,6 +330,46 @@ impl Daemon {
         Ok(infos)
     }
 
+    /// `announce-self`: (re)starts the timer `params.id`; the first round goes out now.
+    pub fn announce_self(&self, params: AnnounceParameters) {
+        let id = params.id.clone().unwrap_or_default();
+        let mut timers = self.announce_timers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(previous) = timers.remove(&id) {
+            previous.abort();
+        }
+        if params.rounds <= 0 {
+            return;
+        }
+        let me = self.me.clone();
+        let task = tokio::spawn(async move {
+            for sent in 0..params.rounds {
+                if sent > 0 {
+                    tokio::time::sleep(params.delay_after(sent)).await;
+                }
+                let Some(daemon) = me.upgrade() else { return };
+                daemon.announce_round(params.interfaces.as_deref()).await;
+            }
+        });
+        timers.insert(id, task);
+    }
+
+    /// One round: every NIC (or the named ones) with a port sends its RARP into its hub.
+    async fn announce_round(&self, interfaces: Option<&[String]>) {
+        let mut guard = self.state.lock().await;
+        let state = &mut *guard;
+        let Some(kernel) = state.kernel.as_mut() else { return };
+        for (ifindex, port) in &state.plan.ports {
+            let Some(nic) = port.nic.as_deref() else { continue };
+            if interfaces.is_some_and(|names| !names.iter().any(|n| n == nic)) {
+                continue;
+            }
+            let Some(filter) = state.rx_filters.get(nic) else { continue };
+            if let Err(error) = kernel.forwarding.inject(*ifindex, port.hook, &announce_frame(filter.main_mac)) {
+                tracing::warn!(nic, %error, "announce-self");
+            }
+        }
+    }
+
     pub async fn netdevs(&self) -> Vec<NetdevInfo> {
         let state = self.state.lock().await;
         let mut infos = state.registry.info();
@@ -388,5 +481,37 @@ fn counters_info(port: &plan::Port, counters: &PortCounters) -> PortCountersInfo
         tx_packets: counters.tx_packets,
         tx_bytes: counters.tx_bytes,
         drops,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(initial: i64, max: i64, rounds: i64, step: i64) -> AnnounceParameters {
+        AnnounceParameters { initial, max, rounds, step, interfaces: None, id: None }
+    }
+
+    #[test]
+    fn announce_delays_grow_by_step_up_to_max() {
+        let p = params(50, 550, 5, 100);
+        let delays: Vec<u64> = (1..5).map(|sent| p.delay_after(sent).as_millis() as u64).collect();
+        assert_eq!(delays, vec![50, 150, 250, 350]);
+        let capped = params(100, 150, 4, 100);
+        assert_eq!(capped.delay_after(3), Duration::from_millis(150));
+        // QEMU clamps a negative delay to max too.
+        assert_eq!(params(-5, 20, 2, 0).delay_after(1), Duration::from_millis(20));
+    }
+
+    #[test]
+    fn announce_frame_is_qemus_rarp() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let frame = announce_frame(mac);
+        assert_eq!(&frame[..14], &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x80, 0x35]);
+        assert_eq!(&frame[14..22], &[0, 1, 8, 0, 6, 4, 0, 3]);
+        assert_eq!(&frame[22..28], &mac);
+        assert_eq!(&frame[28..32], &[0; 4]);
+        assert_eq!(&frame[32..38], &mac);
+        assert!(frame[38..].iter().all(|b| *b == 0));
     }
 }

@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues},
-    programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions, tc::SchedClassifierLinkId},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, tc::SchedClassifierLinkId,
+        tc::TcAttachOptions,
+    },
     util::nr_cpus,
 };
 use dataplane_common::{
@@ -69,6 +72,12 @@ impl EbpfDataplane {
             .try_into()
             .map_err(|e| load_error(boxed(e)))?;
         program.load().map_err(|e| load_error(boxed(e)))?;
+        let injector: &mut SchedClassifier = ebpf
+            .program_mut(programs::INJECT)
+            .ok_or_else(|| load_error("the object has no inject program".into()))?
+            .try_into()
+            .map_err(|e| load_error(boxed(e)))?;
+        injector.load().map_err(|e| load_error(boxed(e)))?;
         let mut take = |map: &'static str| {
             ebpf.take_map(map).ok_or_else(|| load_error(format!("the object has no {map} map").into()))
         };
@@ -190,6 +199,28 @@ impl Forwarding for EbpfDataplane {
         for mac in old.macs.keys() {
             let _ = self.rx_macs.remove(&RxMacKey { ifindex, mac: *mac, _pad: [0; 2] });
         }
+    }
+
+    fn inject(&mut self, ifindex: u32, hook: Hook, frame: &[u8]) -> Result<(), KernelError> {
+        // `struct __sk_buff` (192 bytes) with `cb[0]` = the port and `cb[1]` = the redirect flags.
+        const CB_OFFSET: usize = 48;
+        let mut ctx = [0u8; 192];
+        let flags: u32 = match hook {
+            // `BPF_F_INGRESS` from <linux/bpf.h>.
+            Hook::Ingress => 1,
+            Hook::Egress => 0,
+        };
+        ctx[CB_OFFSET..CB_OFFSET + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[CB_OFFSET + 4..CB_OFFSET + 8].copy_from_slice(&flags.to_ne_bytes());
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(programs::INJECT)
+            .and_then(|p| <&SchedClassifier>::try_from(p).ok())
+            .ok_or_else(|| KernelError::Inject { ifindex, source: "no inject program".into() })?;
+        program
+            .test_run(TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), ..TestRunOptions::default() })
+            .map(drop)
+            .map_err(|e| KernelError::Inject { ifindex, source: boxed(e) })
     }
 
     fn counters(&self, ifindex: u32) -> PortCounters {

@@ -27,6 +27,12 @@ pub enum KernelError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("cannot inject a frame into {ifindex}")]
+    Inject {
+        ifindex: u32,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot update BPF map {map}")]
     Map {
         map: &'static str,
@@ -49,6 +55,9 @@ pub trait Forwarding: Send + Sync {
     fn set_rx_filter(&mut self, ifindex: u32, filter: &KernelRxFilter, old: Option<&KernelRxFilter>)
     -> Result<(), KernelError>;
     fn remove_rx_filter(&mut self, ifindex: u32, old: &KernelRxFilter);
+    /// Puts `frame` into the port `ifindex` as if it came from the port's side (a frame the guest
+    /// behind it sent), so the hub forwards it like any other.
+    fn inject(&mut self, ifindex: u32, hook: Hook, frame: &[u8]) -> Result<(), KernelError>;
     /// Counters of `ifindex` summed over CPUs (zero if it is not a port).
     fn counters(&self, ifindex: u32) -> PortCounters;
 }
@@ -117,6 +126,7 @@ pub mod fake {
         pub ports: BTreeMap<u32, PortConfig>,
         pub segments: BTreeMap<i32, Vec<HubMember>>,
         pub rx_filters: BTreeMap<u32, KernelRxFilter>,
+        pub injected: Vec<(u32, Vec<u8>)>,
         /// Interfaces whose attach fails.
         pub broken: BTreeSet<u32>,
     }
@@ -164,6 +174,11 @@ pub mod fake {
 
         fn remove_rx_filter(&mut self, ifindex: u32, _old: &KernelRxFilter) {
             self.rx_filters.remove(&ifindex);
+        }
+
+        fn inject(&mut self, ifindex: u32, _hook: Hook, frame: &[u8]) -> Result<(), KernelError> {
+            self.injected.push((ifindex, frame.to_vec()));
+            Ok(())
         }
 
         fn counters(&self, _ifindex: u32) -> PortCounters {

@@ -10,7 +10,7 @@ use super::{
     session::Session,
 };
 use crate::{
-    daemon::{Daemon, DaemonError, ShutdownCause},
+    daemon::{AnnounceParameters, Daemon, DaemonError, ShutdownCause},
     netdev::Netdev,
     qapi::{self, QapiError},
     registry::RegistryError,
@@ -29,6 +29,7 @@ pub const ALL: &[&str] = &[
     "set_link",
     "query-rx-filter",
     "x-set-rx-filter",
+    "announce-self",
     "getfd",
     "closefd",
     "quit",
@@ -172,6 +173,11 @@ pub async fn execute(daemon: &Daemon, session: &mut Session, name: &str, argumen
             let args: RxFilterArgs = qapi::from_json(arguments)?;
             Ok(Value::Array(daemon.query_rx_filter(args.name.as_deref()).await?))
         }
+        "announce-self" => {
+            let params: AnnounceParameters = qapi::from_json(arguments)?;
+            daemon.announce_self(params);
+            Ok(empty)
+        }
         "x-set-rx-filter" => {
             let change: RxFilterChange = qapi::from_json(arguments)?;
             daemon.set_rx_filter(&change).await?;
@@ -210,8 +216,8 @@ mod tests {
     use super::*;
     use crate::qmp::session::Transport;
 
-    async fn negotiated() -> (Daemon, Session) {
-        let daemon = Daemon::with_kernel(None);
+    async fn negotiated() -> (std::sync::Arc<Daemon>, Session) {
+        let daemon = Daemon::new(None);
         let mut session = Session::new(Transport::Unix);
         session.negotiate(false);
         (daemon, session)
@@ -254,7 +260,7 @@ mod tests {
 
     #[tokio::test]
     async fn capabilities_and_unknown_commands() {
-        let daemon = Daemon::with_kernel(None);
+        let daemon = Daemon::new(None);
         let mut s = Session::new(Transport::Unix);
         let e = call(&daemon, &mut s, QMP_CAPABILITIES, json!({"enable": ["foo"]})).await.unwrap_err();
         assert_eq!(e.desc, "Parameter 'null' does not accept value 'foo'");

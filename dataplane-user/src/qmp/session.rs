@@ -232,7 +232,7 @@ mod tests {
 
     #[tokio::test]
     async fn negotiation() {
-        let daemon = Daemon::with_kernel(None);
+        let daemon = Daemon::new(None);
         let mut session = Session::new(Transport::Unix);
         let r = run(&mut session, &daemon, json!({"execute": "query-version"})).await;
         assert_eq!(r["error"]["class"], "CommandNotFound");
@@ -246,7 +246,7 @@ mod tests {
 
     #[tokio::test]
     async fn request_shape_errors() {
-        let daemon = Daemon::with_kernel(None);
+        let daemon = Daemon::new(None);
         let mut session = Session::new(Transport::Unix);
         let cases = [
             (json!([1]), "QMP input must be a JSON object"),
@@ -270,7 +270,7 @@ mod tests {
 
     #[tokio::test]
     async fn getfd_without_fd() {
-        let daemon = Daemon::with_kernel(None);
+        let daemon = Daemon::new(None);
         let mut session = Session::new(Transport::Unix);
         session.negotiate(false);
         let r = run(&mut session, &daemon, json!({"execute": "getfd", "arguments": {"fdname": "f"}})).await;
@@ -293,7 +293,7 @@ mod tests {
 
     #[tokio::test]
     async fn getfd_names_received_fd() {
-        let daemon = Daemon::with_kernel(None);
+        let daemon = Daemon::new(None);
         let mut session = Session::new(Transport::Unix);
         session.negotiate(false);
         let file = std::fs::File::open("/dev/null").unwrap();
