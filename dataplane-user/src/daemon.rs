@@ -381,11 +381,6 @@ impl Daemon {
         infos
     }
 
-    /// Whether `name` is a netdev (for `query-rx-filter`'s "isn't a NIC").
-    pub async fn has_netdev(&self, name: &str) -> bool {
-        self.state.lock().await.registry.get(name).is_some()
-    }
-
     /// Counters of every kernel port, or of the ports of netdev `id` (a hubport or its netdev).
     pub async fn counters(&self, id: Option<&str>) -> Result<Vec<PortCountersInfo>, DaemonError> {
         let state = self.state.lock().await;
