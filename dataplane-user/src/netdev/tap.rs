@@ -39,27 +39,21 @@ pub struct TapOptions {
 impl TapOptions {
     /// The option conflicts of `net/tap.c: net_init_tap`, with its messages.
     pub fn validate(&self) -> Result<(), String> {
+        // Each way of getting the tap (fd=, fds=, helper=) excludes the options of the others.
+        let setup_options = [
+            self.ifname.is_some(),
+            self.script.is_some(),
+            self.downscript.is_some(),
+            self.vnet_hdr.is_some(),
+            self.queues.is_some(),
+        ];
+        let any_setup = setup_options.contains(&true);
         if self.fd.is_some() {
-            if self.ifname.is_some()
-                || self.script.is_some()
-                || self.downscript.is_some()
-                || self.vnet_hdr.is_some()
-                || self.helper.is_some()
-                || self.queues.is_some()
-                || self.fds.is_some()
-                || self.vhostfds.is_some()
-            {
+            if any_setup || self.helper.is_some() || self.fds.is_some() || self.vhostfds.is_some() {
                 return Err("ifname=, script=, downscript=, vnet_hdr=, helper=, queues=, fds=, and vhostfds= are invalid with fd=".to_owned());
             }
         } else if let Some(fds) = &self.fds {
-            if self.ifname.is_some()
-                || self.script.is_some()
-                || self.downscript.is_some()
-                || self.vnet_hdr.is_some()
-                || self.helper.is_some()
-                || self.queues.is_some()
-                || self.vhostfd.is_some()
-            {
+            if any_setup || self.helper.is_some() || self.vhostfd.is_some() {
                 return Err("ifname=, script=, downscript=, vnet_hdr=, helper=, queues=, and vhostfd= are invalid with fds=".to_owned());
             }
             let count = split_fds(fds).len();
@@ -72,13 +66,7 @@ impl TapOptions {
                 return Err("The number of fds passed does not match the number of vhostfds passed".to_owned());
             }
         } else if self.helper.is_some() {
-            if self.ifname.is_some()
-                || self.script.is_some()
-                || self.downscript.is_some()
-                || self.vnet_hdr.is_some()
-                || self.queues.is_some()
-                || self.vhostfds.is_some()
-            {
+            if any_setup || self.vhostfds.is_some() {
                 return Err("ifname=, script=, downscript=, vnet_hdr=, queues=, and vhostfds= are invalid with helper=".to_owned());
             }
         } else {
