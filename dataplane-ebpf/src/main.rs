@@ -180,9 +180,17 @@ pub fn inject(ctx: TcContext) -> i32 {
     TC_ACT_SHOT
 }
 
-/// The 802.1Q VLAN id of the frame, if it has a single tag (EtherType 0x8100 at offset 12).
+/// The 802.1Q VLAN id of the frame, as QEMU would see it: a single tag, EtherType 0x8100 at offset
+/// 12. Devices with VLAN offload take the outer tag out of the frame before TC and keep it in the
+/// skb, so that is read first; a removed 802.1ad tag (0x88a8) is no 802.1Q tag to QEMU either.
 #[inline(always)]
 fn vlan_id(ctx: &TcContext) -> Option<u16> {
+    // SAFETY: `skb` points at the kernel's `__sk_buff` for this run; these fields are readable.
+    let (present, tci, proto) = unsafe { ((*ctx.skb.skb).vlan_present, (*ctx.skb.skb).vlan_tci, (*ctx.skb.skb).vlan_proto) };
+    if present != 0 {
+        // `vlan_proto` holds the big-endian EtherType in its low 16 bits.
+        return (proto as u16 == 0x8100_u16.to_be()).then_some(tci as u16 & 0x0fff);
+    }
     let ethertype = ctx.load::<[u8; 2]>(12).ok()?;
     if ethertype != [0x81, 0x00] {
         return None;

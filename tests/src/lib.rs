@@ -4,6 +4,7 @@
 //! Everything here needs root and panics with a clear message without it. Every namespace made
 //! here is deleted on drop, so a failing test leaves nothing behind.
 
+pub mod bench;
 use std::{
     fs::File,
     io::{Read, Write},

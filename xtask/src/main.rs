@@ -35,9 +35,9 @@ enum Command {
         /// Only run tests whose name contains this filter (Rust and Python).
         filter: Option<String>,
     },
-    /// Build, then run a benchmark (`hub`); extra arguments go to the benchmark.
+    /// Build, then run a benchmark (`hub`, `rx-filter`); extra arguments go to the benchmark.
     Bench {
-        /// Which benchmark: hub.
+        /// Which benchmark: hub, rx-filter.
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -73,7 +73,8 @@ const BENCH_RESULTS: &str = "tests/bench";
 fn bench(root: &std::path::Path, name: &str, args: &[String]) -> Result<()> {
     let binary = match name {
         "hub" => "bench-hub",
-        other => anyhow::bail!("unknown benchmark '{other}' (available: hub)"),
+        "rx-filter" => "bench-rx-filter",
+        other => anyhow::bail!("unknown benchmark '{other}' (available: hub, rx-filter)"),
     };
     shell::require_root("cargo xtask bench")?;
     build(root)?;

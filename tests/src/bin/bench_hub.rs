@@ -11,266 +11,55 @@
 //! `BPF_PROG_TEST_RUN` live frames that transmits on g0/gd. Sinks: a TC program on c1..c3/cd that
 //! counts and drops. pps and CPU time are taken at the sinks; TCP is iperf3 with default offloads.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use aya::{
-    Ebpf,
-    maps::{Array, DevMapHash, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType, TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+use aya::maps::{Array, DevMapHash};
+use dataplane_tests::{
+    Daemon,
+    bench::{ADDR_GEN, ADDR_SINK, Bench, FRAME_LEN, Options, Topology, ethtool, measure, median, pps_cell, udp_frame},
+    require_root,
 };
-use dataplane_tests::{Daemon, Netns, require_root};
 use serde_json::{Value, json};
 
-const ADDR_GEN: &str = "10.77.1.1";
-const ADDR_SINK: &str = "10.77.1.2";
 const ADDR_DIRECT_GEN: &str = "10.78.0.1";
 const ADDR_DIRECT_SINK: &str = "10.78.0.2";
-const FRAME_LEN: usize = 60;
 
-struct Options {
-    runs: usize,
-    frames: u32,
+/// The shared options plus the length of each TCP transfer.
+struct HubOptions {
+    bench: Options,
     tcp_seconds: u32,
-    output: std::path::PathBuf,
 }
 
-fn parse_options() -> Result<Options> {
-    let mut options = Options {
-        runs: 5,
-        frames: 2_000_000,
-        tcp_seconds: 3,
-        output: std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench/hub.json")),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--runs" => options.runs = value()?.parse()?,
-            "--frames" => options.frames = value()?.parse()?,
-            "--tcp-seconds" => options.tcp_seconds = value()?.parse()?,
-            "--output" => options.output = value()?.into(),
-            other => bail!("unknown option {other} (--runs N, --frames N, --tcp-seconds N, --output FILE)"),
+fn parse_options() -> Result<HubOptions> {
+    let mut tcp_seconds = 3;
+    let bench = Options::parse("hub.json", "(--runs N, --frames N, --tcp-seconds N, --output FILE)", |flag, value| {
+        if flag != "--tcp-seconds" {
+            return Ok(false);
         }
-    }
-    if options.runs < 1 {
-        bail!("--runs must be at least 1");
-    }
-    Ok(options)
+        tcp_seconds = value()?.parse()?;
+        Ok(true)
+    })?;
+    Ok(HubOptions { bench, tcp_seconds })
 }
 
-/// The namespaces and interfaces every variant shares.
-struct Topology {
-    generator: Netns,
-    switch: Netns,
-    sinks: Vec<Netns>,
-}
-
-fn ethtool(ns: &Netns, args: &[&str]) -> Result<()> {
-    let out = ns.exec("ethtool", args);
-    if !out.status.success() {
-        bail!("ethtool {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
-impl Topology {
-    fn new() -> Result<Self> {
-        let generator = Netns::new("bg");
-        let switch = Netns::new("bs");
-        let sinks: Vec<Netns> = (0..3).map(|_| Netns::new("bk")).collect();
-        for ns in std::iter::once(&generator).chain([&switch]).chain(&sinks) {
-            ns.quiet();
-        }
-        generator.ip(&["link", "add", "g0", "type", "veth", "peer", "name", "s0", "netns", &switch.name]);
-        generator.ip(&["addr", "add", &format!("{ADDR_GEN}/24"), "dev", "g0"]);
-        generator.ip(&["link", "set", "g0", "up"]);
-        switch.ip(&["link", "set", "s0", "up"]);
-        for (i, sink) in sinks.iter().enumerate() {
-            let (s, c) = (format!("s{}", i + 1), format!("c{}", i + 1));
-            switch.ip(&["link", "add", &s, "type", "veth", "peer", "name", &c, "netns", &sink.name]);
-            switch.ip(&["link", "set", &s, "up"]);
-            sink.ip(&["link", "set", &c, "up"]);
-            // Frames redirected by XDP into a veth need NAPI on its peer.
-            ethtool(sink, &["-K", &c, "gro", "on"])?;
-        }
-        sinks[0].ip(&["addr", "add", &format!("{ADDR_SINK}/24"), "dev", "c1"]);
-        // The ceiling: gen and sink joined directly.
-        generator.ip(&["link", "add", "gd", "type", "veth", "peer", "name", "cd", "netns", &sinks[0].name]);
-        generator.ip(&["addr", "add", &format!("{ADDR_DIRECT_GEN}/24"), "dev", "gd"]);
-        generator.ip(&["link", "set", "gd", "up"]);
-        sinks[0].ip(&["addr", "add", &format!("{ADDR_DIRECT_SINK}/24"), "dev", "cd"]);
-        sinks[0].ip(&["link", "set", "cd", "up"]);
-        ethtool(&sinks[0], &["-K", "cd", "gro", "on"])?;
-        // Frames from the generator arrive on s0 as XDP frames; GRO gives s0 the NAPI to take them
-        // as skbs for the TC hub and the bridge.
-        ethtool(&switch, &["-K", "s0", "gro", "on"])?;
-        Ok(Self { generator, switch, sinks })
-    }
-
-    fn mac(ns: &Netns, ifname: &str) -> [u8; 6] {
-        let out = ns.ip(&["-j", "link", "show", ifname]);
-        let links: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        let text = links[0]["address"].as_str().unwrap_or("00:00:00:00:00:00");
-        dataplane::netdev::nic::parse_mac(text).unwrap_or([0; 6])
-    }
-
-    fn ifindex(ns: &Netns, ifname: &str) -> u32 {
-        let out = ns.ip(&["-j", "link", "show", ifname]);
-        let links: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        u32::try_from(links[0]["ifindex"].as_u64().unwrap_or(0)).unwrap_or(0)
-    }
-}
-
-/// Busy CPU time of the whole machine, in nanoseconds.
-fn busy_ns() -> u64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(cpu) = stat.lines().next() else { return 0 };
-    // user nice system idle iowait irq softirq steal …, in USER_HZ (100/s) ticks.
-    let ticks: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
-    let busy: u64 = ticks.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
-    busy * 10_000_000
-}
-
-/// A UDP/IPv4 frame of `FRAME_LEN` bytes.
-fn udp_frame(dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
-    let builder = etherparse::PacketBuilder::ethernet2(src, dst).ipv4([10, 77, 1, 1], [10, 77, 1, 2], 64).udp(9, 9);
-    let payload = vec![0u8; FRAME_LEN - 42];
-    let mut frame = Vec::with_capacity(FRAME_LEN);
-    builder.write(&mut frame, &payload).expect("build frame");
-    frame
-}
-
-/// The bench object: generator, sinks, reference.
-struct Bench {
-    ebpf: Ebpf,
-}
-
-impl Bench {
-    fn load() -> Result<Self> {
-        let path = std::env::var("NETDEVD_BENCH_OBJECT").unwrap_or_else(|_| {
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../dataplane-ebpf/target/bpfel-unknown-none/release/bench").to_owned()
-        });
-        let mut ebpf = Ebpf::load_file(&path).with_context(|| format!("load {path} (run cargo xtask build-ebpf)"))?;
-        for name in ["bench_gen", "bench_ref", "bench_pass"] {
-            let program: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
-            program.load()?;
-        }
-        let sink: &mut SchedClassifier = ebpf.program_mut("bench_sink").context("bench_sink")?.try_into()?;
-        sink.load()?;
-        Ok(Self { ebpf })
-    }
-
-    fn sink_packets(&self) -> u64 {
-        let map = self.ebpf.map("SINK_COUNT").and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok());
-        map.and_then(|m| m.get(&0, 0).ok()).map_or(0, |values| values.iter().sum())
-    }
-
-    /// Attaches the sink to `ifname` in `ns`; returns a detach closure's inputs.
-    fn attach_sink(&mut self, ns: &Netns, ifname: &str) -> Result<aya::programs::tc::SchedClassifierLinkId> {
-        let program: &mut SchedClassifier = self.ebpf.program_mut("bench_sink").context("bench_sink")?.try_into()?;
-        ns.within(|| program.attach(ifname, TcAttachType::Ingress)).with_context(|| format!("attach sink to {ifname}"))
-    }
-
-    fn detach_sink(&mut self, link: aya::programs::tc::SchedClassifierLinkId) -> Result<()> {
-        let program: &mut SchedClassifier = self.ebpf.program_mut("bench_sink").context("bench_sink")?.try_into()?;
-        program.detach(link)?;
-        Ok(())
-    }
-
-    fn attach_xdp(&mut self, name: &str, ns: &Netns, ifname: &str) -> Result<aya::programs::xdp::XdpLinkId> {
-        let program: &mut Xdp = self.ebpf.program_mut(name).context("xdp program")?.try_into()?;
-        ns.within(|| program.attach(ifname, XdpMode::Driver)).with_context(|| format!("attach {name} to {ifname}"))
-    }
-
-    fn detach_xdp(&mut self, name: &str, link: aya::programs::xdp::XdpLinkId) -> Result<()> {
-        let program: &mut Xdp = self.ebpf.program_mut(name).context("xdp program")?.try_into()?;
-        program.detach(link)?;
-        Ok(())
-    }
-
-    /// Sends `frames` copies of `frame` out of `ifname` in `ns`; returns the elapsed time.
-    fn generate(&mut self, ns: &Netns, ifname: &str, frame: &[u8], frames: u32) -> Result<Duration> {
-        let target = Topology::ifindex(ns, ifname);
-        let mut targets: Array<_, u32> = Array::try_from(self.ebpf.map_mut("GEN_TARGET").context("GEN_TARGET")?)?;
-        targets.set(0, target, 0)?;
-        let program: &Xdp = self.ebpf.program("bench_gen").context("bench_gen")?.try_into()?;
-        // `struct xdp_md` {data, data_end, data_meta, ingress_ifindex, …}: the whole frame as data,
-        // received "on" the target, since live frames need a real device.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&u32::try_from(frame.len())?.to_ne_bytes());
-        ctx[12..16].copy_from_slice(&target.to_ne_bytes());
-        ns.within(|| {
-            let started = Instant::now();
-            let mut left = frames;
-            while left > 0 {
-                let batch = left.min(1_000_000);
-                program
-                    .test_run(TestRunOptions {
-                        data_in: Some(frame),
-                        ctx_in: Some(&ctx),
-                        repeat: batch,
-                        attrs: TestRunAttrs::new().xdp_live_frames(64),
-                        ..TestRunOptions::default()
-                    })
-                    .context("BPF_PROG_TEST_RUN live frames")?;
-                left -= batch;
-            }
-            Ok(started.elapsed())
-        })
-    }
-}
-
-/// One measured run.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    delivered_pps: f64,
-    cpu_ns_per_packet: f64,
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn measure(bench: &mut Bench, options: &Options, from: (&Netns, &str), frame: &[u8]) -> Result<Value> {
-    // Warm-up, not counted.
-    bench.generate(from.0, from.1, frame, options.frames / 10)?;
-    std::thread::sleep(Duration::from_millis(100));
-    let mut samples = Vec::new();
-    for _ in 0..options.runs {
-        let (packets, cpu) = (bench.sink_packets(), busy_ns());
-        let elapsed = bench.generate(from.0, from.1, frame, options.frames)?;
-        // Let queued frames reach the sinks.
-        std::thread::sleep(Duration::from_millis(50));
-        let delivered = bench.sink_packets().saturating_sub(packets);
-        let busy = busy_ns().saturating_sub(cpu);
-        samples.push(Sample {
-            delivered_pps: delivered as f64 / elapsed.as_secs_f64(),
-            cpu_ns_per_packet: if delivered == 0 { f64::NAN } else { busy as f64 / delivered as f64 },
-        });
-    }
-    let mut pps: Vec<f64> = samples.iter().map(|s| s.delivered_pps).collect();
-    let mut cpu: Vec<f64> = samples.iter().map(|s| s.cpu_ns_per_packet).collect();
-    let (min, max) = (pps.iter().copied().fold(f64::MAX, f64::min), pps.iter().copied().fold(0.0, f64::max));
-    Ok(json!({
-        "delivered_pps_median": median(&mut pps),
-        "delivered_pps_min": min,
-        "delivered_pps_max": max,
-        "cpu_ns_per_delivered_packet_median": median(&mut cpu),
-        "runs": options.runs,
-    }))
+/// The ceiling: gen and sink k1 joined directly (gd in the generator, cd in k1).
+fn add_direct_pair(topology: &Topology) -> Result<()> {
+    let (generator, sink) = (&topology.generator, &topology.sinks[0]);
+    generator.ip(&["link", "add", "gd", "type", "veth", "peer", "name", "cd", "netns", &sink.name]);
+    generator.ip(&["addr", "add", &format!("{ADDR_DIRECT_GEN}/24"), "dev", "gd"]);
+    generator.ip(&["link", "set", "gd", "up"]);
+    sink.ip(&["addr", "add", &format!("{ADDR_DIRECT_SINK}/24"), "dev", "cd"]);
+    sink.ip(&["link", "set", "cd", "up"]);
+    ethtool(sink, &["-K", "cd", "gro", "on"])
 }
 
 /// iperf3 TCP from the generator namespace to `server` in sink k1, `runs` times: the median Gbps,
 /// or the error of a transfer that moved nothing.
-fn tcp(topology: &Topology, server: &str, options: &Options) -> Value {
+fn tcp(topology: &Topology, server: &str, options: &HubOptions) -> Value {
     let mut gbps = Vec::new();
     let mut retransmits = Vec::new();
-    for _ in 0..options.runs {
+    for _ in 0..options.bench.runs {
         match tcp_once(topology, server, options.tcp_seconds) {
             Ok((rate, retries)) => {
                 gbps.push(rate);
@@ -315,7 +104,7 @@ type Teardown<'a> = Box<dyn FnOnce(&mut Bench) -> Result<()> + 'a>;
 fn measure_variant<'a>(
     bench: &mut Bench,
     topology: &Topology,
-    options: &Options,
+    options: &HubOptions,
     name: &str,
     setup: &mut dyn FnMut(&mut Bench, usize) -> Result<Teardown<'a>>,
 ) -> Result<Value> {
@@ -331,7 +120,7 @@ fn measure_variant<'a>(
         for (i, sink) in topology.sinks.iter().take(ports).enumerate() {
             links.push(bench.attach_sink(sink, &format!("c{}", i + 1))?);
         }
-        let measured = measure(bench, options, (&topology.generator, "g0"), &udp_frame(dst, g0));
+        let measured = measure(bench, &options.bench, (&topology.generator, "g0"), &udp_frame(dst, g0));
         for link in links {
             bench.detach_sink(link)?;
         }
@@ -348,7 +137,8 @@ fn measure_variant<'a>(
 fn main() -> Result<()> {
     require_root();
     let options = parse_options()?;
-    let topology = Topology::new()?;
+    let topology = Topology::new(3)?;
+    add_direct_pair(&topology)?;
     let mut bench = Bench::load()?;
     let mut results = BTreeMap::new();
     let s = |i: usize| format!("s{i}");
@@ -359,7 +149,7 @@ fn main() -> Result<()> {
         let gd = Topology::mac(&topology.generator, "gd");
         let cd = Topology::mac(&topology.sinks[0], "cd");
         let link = bench.attach_sink(&topology.sinks[0], "cd")?;
-        let unicast = measure(&mut bench, &options, (&topology.generator, "gd"), &udp_frame(cd, gd));
+        let unicast = measure(&mut bench, &options.bench, (&topology.generator, "gd"), &udp_frame(cd, gd));
         bench.detach_sink(link)?;
         let tcp = tcp(&topology, ADDR_DIRECT_SINK, &options);
         results.insert("direct", json!({"unicast": unicast?, "tcp": tcp}));
@@ -452,13 +242,10 @@ fn main() -> Result<()> {
     });
     results.insert("xdp_ref", reference?);
 
-    let report = summarize(&results, &options);
-    if let Some(dir) = options.output.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&options.output, serde_json::to_string_pretty(&report)?)?;
+    let report = summarize(&results, &options.bench);
+    options.bench.write(&report)?;
     println!("{}", table(&report));
-    eprintln!("results written to {}", options.output.display());
+    eprintln!("results written to {}", options.bench.output.display());
     Ok(())
 }
 
@@ -490,17 +277,7 @@ fn summarize(results: &BTreeMap<&str, Value>, options: &Options) -> Value {
 
 fn table(report: &Value) -> String {
     let results = &report["results"];
-    let cell = |variant: &str, case: &str| {
-        let v = &results[variant][case];
-        match v["delivered_pps_median"].as_f64() {
-            Some(pps) => format!(
-                "{:.2} Mpps ({:.0} ns/pkt)",
-                pps / 1e6,
-                v["cpu_ns_per_delivered_packet_median"].as_f64().unwrap_or(f64::NAN)
-            ),
-            None => "—".to_owned(),
-        }
-    };
+    let cell = |variant: &str, case: &str| pps_cell(&results[variant][case]);
     let tcp = |variant: &str| match results[variant]["tcp"]["gbps"].as_f64() {
         Some(g) if g > 0.0 => format!("{g:.1} Gbps"),
         _ => format!("fails ({})", results[variant]["tcp"]["error"].as_str().unwrap_or("?")),

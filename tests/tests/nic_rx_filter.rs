@@ -1,0 +1,859 @@
+//! `nic` netdevs behind taps on an in-kernel hub: virtio-net's receive filter enforced by the hub
+//! program on what it delivers to the NIC's port (`x-set-rx-filter`, `query-rx-filter`), and
+//! `announce-self` (QEMU's RARP on QEMU's schedule). Test processes play the VMs behind the taps.
+//! Needs root, iproute2 and bpftool.
+//!
+//! Every test runs its own daemon in its own quiet namespace (IPv6 off, no addresses), so the only
+//! frames crossing a hub are the ones the test writes or the daemon announces. Test frames carry a
+//! per-test tag so that what a "VM" reads can be attributed exactly.
+//!
+//! References: /work/shared/reference/qemu-netdev.md §5.10 (announce-self) and §6 (virtio-net's
+//! receive filter, its decision order and the `query-rx-filter` mapping).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use dataplane::qmp::protocol::{ErrorClass, QmpError};
+use dataplane_tests::{Daemon, Netns, TapVm, contains, tcx_links, test_frame, unique};
+use serde_json::{Value, json};
+
+/// How long to let the hub settle before reading what arrived.
+const QUIET: Duration = Duration::from_millis(300);
+/// Reading what is already queued once the hub has settled.
+const DRAIN: Duration = Duration::from_millis(50);
+
+const BROADCAST: [u8; 6] = [0xff; 6];
+/// B's NIC's main MAC in the filter test.
+const B_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0x02];
+/// A unicast MAC nobody has.
+const FOREIGN: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x99];
+/// IPv4 multicast MACs (224.0.0.1 and 239.127.0.2).
+const M1: [u8; 6] = [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01];
+const M2: [u8; 6] = [0x01, 0x00, 0x5e, 0x7f, 0x00, 0x02];
+/// QEMU's first and second default NIC MACs.
+const DEFAULT_MAC_0: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const DEFAULT_MAC_1: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x57];
+
+fn src_mac(n: u8) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0xab, 0xcd, n]
+}
+
+fn fmt_mac(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixture: a quiet switch namespace with a daemon, and taps on hub 0 with "VMs" holding them.
+
+/// A tap netdev on a hub port, with a "VM" holding its queue.
+struct Vm {
+    /// The tap netdev id, which is also its interface name.
+    tap: String,
+    /// The hubport netdev id.
+    port: String,
+    vm: TapVm,
+}
+
+struct Hub {
+    switch: Netns,
+    daemon: Daemon,
+    vms: Vec<Vm>,
+}
+
+impl Hub {
+    /// A quiet namespace with a daemon and `count` taps on hub 0.
+    fn new(count: usize) -> Self {
+        let switch = Netns::new("nic");
+        switch.quiet();
+        let daemon = Daemon::start(&switch);
+        let vms = (0..count)
+            .map(|_| {
+                let tap = unique("t");
+                daemon.add(&format!("tap,id={tap},ifname={tap},script=no,downscript=no"));
+                let port = format!("p{tap}");
+                daemon.add(&format!("hubport,id={port},hubid=0,netdev={tap}"));
+                let vm = TapVm::open(&switch, &tap, false);
+                Vm { tap, port, vm }
+            })
+            .collect::<Vec<_>>();
+        // Frames sent to a tap before the kernel has activated its qdisc are dropped.
+        for vm in &vms {
+            switch.wait_link_ready(&vm.tap, Duration::from_secs(5));
+        }
+        Self { switch, daemon, vms }
+    }
+
+    /// `x-set-rx-filter` that must succeed.
+    fn set_filter(&self, change: Value) {
+        if let Err(error) = self.daemon.execute("x-set-rx-filter", change.clone()) {
+            panic!("x-set-rx-filter {change}: {}", error.desc);
+        }
+    }
+
+    /// `x-set-rx-filter` that must fail with a GenericError; returns its text.
+    fn set_filter_err(&self, change: Value) -> String {
+        let error = self
+            .daemon
+            .execute("x-set-rx-filter", change.clone())
+            .expect_err(&format!("x-set-rx-filter {change} should fail"));
+        assert_eq!(error.class, ErrorClass::GenericError, "x-set-rx-filter {change}: {}", error.desc);
+        error.desc
+    }
+
+    /// `query-rx-filter name=NAME`: the NIC's single `RxFilterInfo`.
+    fn query(&self, name: &str) -> Value {
+        let rows = self
+            .daemon
+            .execute("query-rx-filter", json!({"name": name}))
+            .unwrap_or_else(|e| panic!("query-rx-filter {name}: {}", e.desc));
+        let rows = rows.as_array().cloned().unwrap_or_default();
+        assert_eq!(rows.len(), 1, "query-rx-filter name={name} reports exactly that NIC: {rows:?}");
+        rows[0].clone()
+    }
+
+    /// Drops of reason `rx-filter` and transmitted packets of hub port `port`.
+    fn filter_counters(&self, port: &str) -> (u64, u64) {
+        let row = self.daemon.counters(port);
+        let drops = row["drops"]["rx-filter"].as_u64().unwrap_or_else(|| panic!("no rx-filter drop counter: {row}"));
+        let tx = row["tx-packets"].as_u64().unwrap_or_else(|| panic!("no tx-packets counter: {row}"));
+        (drops, tx)
+    }
+}
+
+/// A per-test tag that every test frame carries.
+fn new_tag() -> Vec<u8> {
+    format!("<{}>", unique("tag")).into_bytes()
+}
+
+fn payload(tag: &[u8], what: &str) -> Vec<u8> {
+    let mut payload = tag.to_vec();
+    payload.extend_from_slice(what.as_bytes());
+    payload.push(b'|');
+    payload
+}
+
+/// An untagged frame (EtherType 0x88b5) carrying `tag` and `what`.
+fn frame(dst: [u8; 6], src: [u8; 6], tag: &[u8], what: &str) -> Vec<u8> {
+    test_frame(dst, src, &payload(tag, what))
+}
+
+/// A single-tagged 802.1Q frame (TPID 0x8100, PCP 0, VID `vid`) around an 0x88b5 payload.
+fn vlan_frame(dst: [u8; 6], src: [u8; 6], vid: u16, tag: &[u8], what: &str) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(64);
+    frame.extend_from_slice(&dst);
+    frame.extend_from_slice(&src);
+    frame.extend_from_slice(&[0x81, 0x00]);
+    frame.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
+    frame.extend_from_slice(&[0x88, 0xb5]);
+    frame.extend_from_slice(&payload(tag, what));
+    frame.resize(frame.len().max(64), 0);
+    frame
+}
+
+/// Every frame with `tag` a VM received within `DRAIN` (after the caller let the hub settle).
+fn drain_tagged(vm: &mut TapVm, tag: &[u8]) -> Vec<Vec<u8>> {
+    vm.recv_all(DRAIN).into_iter().filter(|f| contains(f, tag)).collect()
+}
+
+/// Names of the probes that `received` holds, each byte-exact; panics on a frame that is none of
+/// them.
+fn probe_names(received: &[Vec<u8>], probes: &[(&'static str, Vec<u8>)], who: &str) -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = received
+        .iter()
+        .map(|frame| {
+            probes.iter().find(|(_, sent)| sent == frame).map(|(name, _)| *name).unwrap_or_else(|| {
+                panic!("{who} got a frame that is not byte-exact any probe sent: {frame:02x?}")
+            })
+        })
+        .collect();
+    names.sort_unstable();
+    names
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The filter's decisions, live through a hub.
+
+/// The frames A sends in every phase, by name.
+fn probes(tag: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    let a = src_mac(1);
+    vec![
+        ("main", frame(B_MAC, a, tag, "main")),
+        ("foreign", frame(FOREIGN, a, tag, "foreign")),
+        ("bcast", frame(BROADCAST, a, tag, "bcast")),
+        ("m1", frame(M1, a, tag, "m1")),
+        ("m2", frame(M2, a, tag, "m2")),
+        ("v5-main", vlan_frame(B_MAC, a, 5, tag, "v5-main")),
+        ("v7-main", vlan_frame(B_MAC, a, 7, tag, "v7-main")),
+        ("v7-bcast", vlan_frame(BROADCAST, a, 7, tag, "v7-bcast")),
+    ]
+}
+
+const ALL: &[&str] = &["bcast", "foreign", "m1", "m2", "main", "v5-main", "v7-bcast", "v7-main"];
+
+/// Sends every probe from A, then checks that B got exactly `accepted` (byte-exact, once each),
+/// that C got every probe, that A got nothing back, and that B's port counted one `rx-filter` drop
+/// per refused probe and one transmitted packet per accepted one. Returns what went wrong, so a
+/// test can report every failing phase at once.
+fn check_phase(hub: &mut Hub, phase: &str, accepted: &[&str]) -> Vec<String> {
+    let tag = new_tag();
+    let probes = probes(&tag);
+    let b_port = hub.vms[1].port.clone();
+    let (drops_before, tx_before) = hub.filter_counters(&b_port);
+    for (_, probe) in &probes {
+        hub.vms[0].vm.send(probe);
+    }
+    std::thread::sleep(QUIET);
+    let got: Vec<Vec<Vec<u8>>> = hub.vms.iter_mut().map(|vm| drain_tagged(&mut vm.vm, &tag)).collect();
+    let mut expected: Vec<&str> = accepted.to_vec();
+    expected.sort_unstable();
+    let mut failures = Vec::new();
+    let b = probe_names(&got[1], &probes, "B");
+    if b != expected {
+        failures.push(format!("{phase}: B's NIC should accept {expected:?}, B got {b:?}"));
+    }
+    let c = probe_names(&got[2], &probes, "C");
+    if c != ALL {
+        failures.push(format!("{phase}: C (no NIC) should get every frame, got {c:?}"));
+    }
+    if !got[0].is_empty() {
+        failures.push(format!("{phase}: A got {} of its own frames back", got[0].len()));
+    }
+    let (drops_after, tx_after) = hub.filter_counters(&b_port);
+    let refused = (ALL.len() - accepted.len()) as u64;
+    if drops_after - drops_before != refused {
+        failures.push(format!(
+            "{phase}: B's port should count {refused} rx-filter drops (one per refused frame), counted {}",
+            drops_after - drops_before
+        ));
+    }
+    if tx_after - tx_before != accepted.len() as u64 {
+        failures.push(format!(
+            "{phase}: B's port should count {} tx packets (one per accepted frame), counted {}",
+            accepted.len(),
+            tx_after - tx_before
+        ));
+    }
+    failures
+}
+
+#[test]
+fn rx_filter_decisions_through_a_hub() {
+    let mut hub = Hub::new(3);
+    let b_tap = hub.vms[1].tap.clone();
+    hub.daemon.add(&format!("nic,id=nb,netdev={b_tap},macaddr={}", fmt_mac(B_MAC)));
+    let nb = |change: Value| {
+        let mut change = change;
+        change["name"] = json!("nb");
+        change
+    };
+    assert_eq!(hub.query("nb")["main-mac"], json!(fmt_mac(B_MAC)), "the NIC has its macaddr");
+
+    let mut failures = Vec::new();
+    let mut check_phase = |hub: &mut Hub, phase: &str, accepted: &[&str]| failures.extend(check_phase(hub, phase, accepted));
+
+    // A NIC starts promiscuous, as QEMU realizes virtio-net: everything passes.
+    check_phase(&mut hub, "initial (promiscuous)", ALL);
+
+    // Not promiscuous: its main MAC and broadcast; any VLAN while the VLAN table is not in use.
+    hub.set_filter(nb(json!({"promiscuous": false})));
+    check_phase(&mut hub, "promiscuous off", &["main", "bcast", "v5-main", "v7-main", "v7-bcast"]);
+
+    // A unicast table entry.
+    hub.set_filter(nb(json!({"unicast-table": [fmt_mac(FOREIGN)]})));
+    check_phase(&mut hub, "unicast-table", &["main", "foreign", "bcast", "v5-main", "v7-main", "v7-bcast"]);
+
+    // A multicast table entry: only that group.
+    hub.set_filter(nb(json!({"multicast-table": [fmt_mac(M1)]})));
+    check_phase(&mut hub, "multicast-table", &["main", "foreign", "bcast", "m1", "v5-main", "v7-main", "v7-bcast"]);
+
+    // multicast=all: every group.
+    hub.set_filter(nb(json!({"multicast": "all"})));
+    check_phase(&mut hub, "multicast=all", ALL);
+
+    // multicast=none: no group, not even the one in the table; broadcast is not multicast here.
+    hub.set_filter(nb(json!({"multicast": "none"})));
+    check_phase(&mut hub, "multicast=none", &["main", "foreign", "bcast", "v5-main", "v7-main", "v7-bcast"]);
+    hub.set_filter(nb(json!({"multicast": "normal"})));
+
+    // No broadcast.
+    hub.set_filter(nb(json!({"broadcast-allowed": false})));
+    check_phase(&mut hub, "broadcast-allowed=false", &["main", "foreign", "m1", "v5-main", "v7-main"]);
+
+    // unicast=none: not even the main MAC.
+    hub.set_filter(nb(json!({"unicast": "none"})));
+    check_phase(&mut hub, "unicast=none", &["m1"]);
+    hub.set_filter(nb(json!({"unicast": "normal", "broadcast-allowed": true})));
+
+    // A VLAN table: tagged frames only for its VLANs, untagged ones as before. The VLAN check comes
+    // before the broadcast rule, so a broadcast on VLAN 7 is refused although broadcast is allowed.
+    hub.set_filter(nb(json!({"vlan-table": [5]})));
+    check_phase(&mut hub, "vlan-table [5]", &["main", "foreign", "bcast", "m1", "v5-main"]);
+
+    // vlan=none: no tagged frame at all.
+    hub.set_filter(nb(json!({"vlan": "none"})));
+    check_phase(&mut hub, "vlan=none", &["main", "foreign", "bcast", "m1"]);
+
+    // Promiscuous comes first: it accepts everything whatever the VLAN table and the modes say.
+    hub.set_filter(nb(json!({"vlan-table": [5], "broadcast-allowed": false, "unicast": "none"})));
+    hub.set_filter(nb(json!({"promiscuous": true})));
+    check_phase(&mut hub, "promiscuous again over a restrictive filter", ALL);
+    assert!(failures.is_empty(), "the receive filter decided wrongly:\n{}", failures.join("\n"));
+}
+
+/// A tagged frame from a tap reaches the hub program with its tag already taken into the skb's
+/// metadata (the kernel untags at ingress before TC runs); the VLAN table must still apply.
+#[test]
+fn rx_filter_vlan_table_applies_to_tagged_frames() {
+    let mut hub = Hub::new(3);
+    let b_tap = hub.vms[1].tap.clone();
+    hub.daemon.add(&format!("nic,id=nb,netdev={b_tap},macaddr={}", fmt_mac(B_MAC)));
+    hub.set_filter(json!({"name": "nb", "promiscuous": false, "vlan-table": [5]}));
+    let tag = new_tag();
+    let a = src_mac(1);
+    let probes = vec![
+        ("untagged", frame(B_MAC, a, &tag, "untagged")),
+        ("v5", vlan_frame(B_MAC, a, 5, &tag, "v5")),
+        ("v7", vlan_frame(B_MAC, a, 7, &tag, "v7")),
+        ("v4095", vlan_frame(B_MAC, a, 4095, &tag, "v4095")),
+    ];
+    for (_, probe) in &probes {
+        hub.vms[0].vm.send(probe);
+    }
+    std::thread::sleep(QUIET);
+    let b = drain_tagged(&mut hub.vms[1].vm, &tag);
+    let c = drain_tagged(&mut hub.vms[2].vm, &tag);
+    assert_eq!(probe_names(&c, &probes, "C"), vec!["untagged", "v4095", "v5", "v7"], "C gets every frame");
+    assert_eq!(
+        probe_names(&b, &probes, "B"),
+        vec!["untagged", "v5"],
+        "B's NIC (vlan-table [5]) gets untagged frames and VLAN 5 only"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Changing the filter is a map update.
+
+#[test]
+fn rx_filter_changes_keep_the_program_attached() {
+    let mut hub = Hub::new(3);
+    let b_tap = hub.vms[1].tap.clone();
+    let taps: Vec<String> = hub.vms.iter().map(|vm| vm.tap.clone()).collect();
+    let (ingress, egress) = hub.switch.tcx_programs(&b_tap);
+    assert_eq!((ingress.len(), egress.len()), (1, 0), "one tcx program at ingress of {b_tap}");
+    let program = ingress[0];
+    let ifindexes: BTreeSet<u32> =
+        taps.iter().map(|t| hub.switch.ifindex(t).unwrap_or_else(|| panic!("{t} exists"))).collect();
+    // (ifindex → tcx link id) of this daemon's program, and the program on each tap.
+    let snapshot = |hub: &Hub| {
+        let links: BTreeMap<u32, u32> = tcx_links(&hub.switch)
+            .into_iter()
+            .filter(|l| l.prog_id == program && ifindexes.contains(&l.ifindex))
+            .map(|l| (l.ifindex, l.id))
+            .collect();
+        let programs: Vec<(Vec<u32>, Vec<u32>)> = taps.iter().map(|t| hub.switch.tcx_programs(t)).collect();
+        (links, programs)
+    };
+    let before = snapshot(&hub);
+    assert_eq!(before.0.len(), 3, "one tcx link of the hub program per tap: {:?}", before.0);
+    assert!(before.1.iter().all(|p| *p == (vec![program], vec![])), "every tap carries the hub program: {:?}", before.1);
+
+    // Adding the NIC behind B does not re-attach anything either.
+    hub.daemon.add(&format!("nic,id=nb,netdev={b_tap},macaddr={}", fmt_mac(B_MAC)));
+    assert_eq!(snapshot(&hub), before, "adding a NIC keeps the tcx links and programs");
+
+    let changes = [
+        json!({"name": "nb", "promiscuous": false}),
+        json!({"name": "nb", "unicast-table": [fmt_mac(FOREIGN)], "multicast-table": [fmt_mac(M1)]}),
+        json!({"name": "nb", "vlan-table": [1, 2, 3], "broadcast-allowed": false}),
+        json!({"name": "nb", "multicast": "all", "unicast": "none", "vlan": "all"}),
+        json!({"name": "nb", "unicast": "normal", "multicast": "normal", "unicast-table": [], "broadcast-allowed": true}),
+    ];
+    for change in changes {
+        hub.set_filter(change.clone());
+        assert_eq!(snapshot(&hub), before, "after x-set-rx-filter {change}: same tcx links, same program");
+    }
+
+    // The last change took effect all the same: B gets its main MAC, not a foreign MAC.
+    let tag = new_tag();
+    let probes = vec![
+        ("main", frame(B_MAC, src_mac(1), &tag, "main")),
+        ("foreign", frame(FOREIGN, src_mac(1), &tag, "foreign")),
+    ];
+    for (_, probe) in &probes {
+        hub.vms[0].vm.send(probe);
+    }
+    std::thread::sleep(QUIET);
+    let b = drain_tagged(&mut hub.vms[1].vm, &tag);
+    assert_eq!(probe_names(&b, &probes, "B"), vec!["main"], "the filter in force is the last one set");
+    assert_eq!(snapshot(&hub), before, "traffic changes nothing either");
+
+    // Deleting the NIC removes its filter, again without touching the program: B gets everything.
+    hub.daemon.del("nb");
+    assert_eq!(snapshot(&hub), before, "deleting the NIC keeps the tcx links and programs");
+    let tag = new_tag();
+    let probes = vec![
+        ("main", frame(B_MAC, src_mac(1), &tag, "main")),
+        ("foreign", frame(FOREIGN, src_mac(1), &tag, "foreign")),
+    ];
+    for (_, probe) in &probes {
+        hub.vms[0].vm.send(probe);
+    }
+    std::thread::sleep(QUIET);
+    let b = drain_tagged(&mut hub.vms[1].vm, &tag);
+    assert_eq!(probe_names(&b, &probes, "B"), vec!["foreign", "main"], "without its NIC, B's port filters nothing");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. announce-self.
+
+/// QEMU's self-announcement from `mac`, written out from net/announce.c's layout (not from the
+/// daemon's code): 60 bytes, broadcast, RARP reverse request with sender = target = `mac`.
+fn expected_rarp(mac: [u8; 6]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(60);
+    frame.extend_from_slice(&[0xff; 6]); // destination: broadcast
+    frame.extend_from_slice(&mac); // source
+    frame.extend_from_slice(&[0x80, 0x35]); // EtherType RARP
+    frame.extend_from_slice(&[0x00, 0x01]); // hardware type: Ethernet
+    frame.extend_from_slice(&[0x08, 0x00]); // protocol type: IPv4
+    frame.push(6); // hardware address length
+    frame.push(4); // protocol address length
+    frame.extend_from_slice(&[0x00, 0x03]); // operation: reverse request
+    frame.extend_from_slice(&mac); // sender hardware address
+    frame.extend_from_slice(&[0; 4]); // sender protocol address
+    frame.extend_from_slice(&mac); // target hardware address
+    frame.extend_from_slice(&[0; 4]); // target protocol address
+    frame.resize(60, 0); // zero padding
+    assert_eq!(frame.len(), 60);
+    frame
+}
+
+fn is_rarp(frame: &[u8]) -> bool {
+    frame.len() >= 14 && frame[12..14] == [0x80, 0x35]
+}
+
+/// Every RARP a VM receives until `until`, with the time it arrived.
+fn recv_rarps_until(vm: &mut TapVm, until: Instant) -> Vec<(Instant, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        let Some(frame) = vm.recv_raw(left) else { break };
+        let at = Instant::now();
+        if is_rarp(&frame) {
+            frames.push((at, frame));
+        }
+    }
+    frames
+}
+
+/// RARPs by source MAC, each checked byte-exact, with their arrival times.
+fn rarps_by_mac(frames: &[(Instant, Vec<u8>)]) -> BTreeMap<[u8; 6], Vec<Instant>> {
+    let mut by_mac: BTreeMap<[u8; 6], Vec<Instant>> = BTreeMap::new();
+    for (at, frame) in frames {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&frame[6..12]);
+        assert_eq!(frame, &expected_rarp(mac), "the RARP from {} is QEMU's, byte for byte", fmt_mac(mac));
+        by_mac.entry(mac).or_default().push(*at);
+    }
+    by_mac
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn announce(hub: &Hub, arguments: Value) {
+    if let Err(error) = hub.daemon.execute("announce-self", arguments.clone()) {
+        panic!("announce-self {arguments}: {}", error.desc);
+    }
+}
+
+/// Three taps: NICs behind A (default MAC :56) and B (default MAC :57), C a plain listener.
+fn announce_hub() -> Hub {
+    let hub = Hub::new(3);
+    hub.daemon.add(&format!("nic,id=na,netdev={}", hub.vms[0].tap));
+    hub.daemon.add(&format!("nic,id=nb,netdev={}", hub.vms[1].tap));
+    assert_eq!(hub.query("na")["main-mac"], json!(fmt_mac(DEFAULT_MAC_0)));
+    assert_eq!(hub.query("nb")["main-mac"], json!(fmt_mac(DEFAULT_MAC_1)));
+    hub
+}
+
+/// Checks that the gaps between `times` follow `delays` (ms): never more than 20 ms early, at
+/// most `slack` ms late.
+fn check_gaps(what: &str, start: Instant, times: &[Instant], delays: &[u64], slack: u64) {
+    let first = ms(times[0].duration_since(start));
+    assert!(first <= slack, "{what}: round 1 goes out immediately, arrived after {first} ms");
+    for (i, (pair, delay)) in times.windows(2).zip(delays).enumerate() {
+        let gap = ms(pair[1].duration_since(pair[0]));
+        assert!(
+            gap + 20 >= *delay && gap <= delay + slack,
+            "{what}: gap before round {} is {gap} ms, expected about {delay} ms (all gaps: {:?})",
+            i + 2,
+            times.windows(2).map(|p| ms(p[1].duration_since(p[0]))).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn announce_self_sends_qemus_rarp_on_qemus_schedule() {
+    let mut hub = announce_hub();
+    let start = Instant::now();
+    announce(&hub, json!({"initial": 100, "max": 300, "rounds": 4, "step": 100}));
+    // Rounds at 0, 100, 300 and 600 ms; watch well past the last one for a fifth.
+    let c = recv_rarps_until(&mut hub.vms[2].vm, start + Duration::from_millis(1400));
+    let by_mac = rarps_by_mac(&c);
+    assert_eq!(
+        by_mac.keys().copied().collect::<Vec<_>>(),
+        vec![DEFAULT_MAC_0, DEFAULT_MAC_1],
+        "C hears both NICs and nobody else"
+    );
+    for (mac, times) in &by_mac {
+        assert_eq!(times.len(), 4, "C gets exactly 4 RARPs from {} (rounds=4)", fmt_mac(*mac));
+        check_gaps(&format!("RARPs of {}", fmt_mac(*mac)), start, times, &[100, 200, 300], 150);
+    }
+    // Each NIC's RARP reaches the other NIC's VM, never its own (a hub never sends back).
+    let a = recv_rarps_until(&mut hub.vms[0].vm, Instant::now() + DRAIN);
+    let b = recv_rarps_until(&mut hub.vms[1].vm, Instant::now() + DRAIN);
+    let a_macs: Vec<_> = rarps_by_mac(&a).into_iter().map(|(m, t)| (m, t.len())).collect();
+    let b_macs: Vec<_> = rarps_by_mac(&b).into_iter().map(|(m, t)| (m, t.len())).collect();
+    assert_eq!(a_macs, vec![(DEFAULT_MAC_1, 4)], "A gets B's NIC's 4 RARPs and none of its own");
+    assert_eq!(b_macs, vec![(DEFAULT_MAC_0, 4)], "B gets A's NIC's 4 RARPs and none of its own");
+}
+
+#[test]
+fn announce_self_clamps_delays_to_max() {
+    let mut hub = announce_hub();
+    let start = Instant::now();
+    // Delays initial, initial+step, initial+2·step = 50, 350, 650 ms, each clamped to 100.
+    announce(&hub, json!({"initial": 50, "max": 100, "rounds": 4, "step": 300}));
+    let c = recv_rarps_until(&mut hub.vms[2].vm, start + Duration::from_millis(900));
+    let by_mac = rarps_by_mac(&c);
+    assert_eq!(by_mac.len(), 2, "both NICs announce: {:?}", by_mac.keys().map(|m| fmt_mac(*m)).collect::<Vec<_>>());
+    for (mac, times) in &by_mac {
+        assert_eq!(times.len(), 4, "C gets exactly 4 RARPs from {}", fmt_mac(*mac));
+        // Unclamped, the last two gaps would be 350 and 650 ms.
+        check_gaps(&format!("RARPs of {}", fmt_mac(*mac)), start, times, &[50, 100, 100], 150);
+    }
+}
+
+#[test]
+fn announce_self_interfaces_limits_to_the_named_nics() {
+    let mut hub = announce_hub();
+    let start = Instant::now();
+    announce(&hub, json!({"initial": 50, "max": 50, "rounds": 2, "step": 0, "interfaces": ["nb"]}));
+    let c = recv_rarps_until(&mut hub.vms[2].vm, start + Duration::from_millis(600));
+    let counts: Vec<_> = rarps_by_mac(&c).into_iter().map(|(m, t)| (m, t.len())).collect();
+    assert_eq!(counts, vec![(DEFAULT_MAC_1, 2)], "only nb announces, twice");
+    let a = recv_rarps_until(&mut hub.vms[0].vm, Instant::now() + DRAIN);
+    assert_eq!(a.len(), 2, "A hears nb's two RARPs");
+    let b = recv_rarps_until(&mut hub.vms[1].vm, Instant::now() + DRAIN);
+    assert!(b.is_empty(), "na does not announce, so B hears nothing: {} frames", b.len());
+
+    // A name that is no NIC announces nothing (QEMU skips it silently).
+    let start = Instant::now();
+    announce(&hub, json!({"initial": 50, "max": 50, "rounds": 1, "step": 0, "interfaces": ["nosuch"]}));
+    let c = recv_rarps_until(&mut hub.vms[2].vm, start + Duration::from_millis(300));
+    assert!(c.is_empty(), "an unknown interface announces nothing: {} frames", c.len());
+}
+
+#[test]
+fn announce_self_rounds_zero_stops_a_running_timer() {
+    let mut hub = announce_hub();
+    let long = json!({"initial": 100, "max": 100, "rounds": 50, "step": 0, "id": "long"});
+    let start = Instant::now();
+    announce(&hub, long);
+    // Wait for the first two rounds (0 and 100 ms): 4 frames.
+    let mut c = Vec::new();
+    let deadline = start + Duration::from_secs(2);
+    while c.len() < 4 && Instant::now() < deadline {
+        c.extend(recv_rarps_until(&mut hub.vms[2].vm, Instant::now() + Duration::from_millis(20)));
+    }
+    assert!(c.len() >= 4, "the timer 'long' is running: {} RARPs in 2 s", c.len());
+    announce(&hub, json!({"initial": 100, "max": 100, "rounds": 0, "step": 0, "id": "long"}));
+    // A round already under way may still land; after that, silence.
+    let _ = recv_rarps_until(&mut hub.vms[2].vm, Instant::now() + Duration::from_millis(60));
+    let late = recv_rarps_until(&mut hub.vms[2].vm, Instant::now() + Duration::from_millis(500));
+    assert!(late.is_empty(), "rounds=0 with the same id stops the timer, yet {} RARPs came later", late.len());
+
+    // Another id leaves a running timer alone: stopping 'other' does not stop 'keep'.
+    let start = Instant::now();
+    announce(&hub, json!({"initial": 100, "max": 100, "rounds": 4, "step": 0, "id": "keep", "interfaces": ["na"]}));
+    announce(&hub, json!({"initial": 100, "max": 100, "rounds": 0, "step": 0, "id": "other"}));
+    let c = recv_rarps_until(&mut hub.vms[2].vm, start + Duration::from_millis(800));
+    let counts: Vec<_> = rarps_by_mac(&c).into_iter().map(|(m, t)| (m, t.len())).collect();
+    assert_eq!(counts, vec![(DEFAULT_MAC_0, 4)], "'keep' sends its 4 rounds");
+}
+
+#[test]
+fn announce_self_requires_its_parameters() {
+    let hub = announce_hub();
+    let error = hub.daemon.execute("announce-self", json!({})).expect_err("no parameters");
+    assert_eq!((error.class, error.desc.as_str()), (ErrorClass::GenericError, "Parameter 'initial' is missing"));
+    let error = hub
+        .daemon
+        .execute("announce-self", json!({"initial": 50, "max": 50, "rounds": 1}))
+        .expect_err("no step");
+    assert_eq!(error.desc, "Parameter 'step' is missing");
+}
+
+#[test]
+fn announce_self_timers_by_id() {
+    let mut hub = announce_hub();
+    // Two ids at once: x announces na 5 times every 200 ms, y announces nb 4 times every 200 ms.
+    let start = Instant::now();
+    announce(&hub, json!({"initial": 200, "max": 200, "rounds": 5, "step": 0, "id": "x", "interfaces": ["na"]}));
+    announce(&hub, json!({"initial": 200, "max": 200, "rounds": 4, "step": 0, "id": "y", "interfaces": ["nb"]}));
+    let c = recv_rarps_until(&mut hub.vms[2].vm, start + Duration::from_millis(1500));
+    let by_mac = rarps_by_mac(&c);
+    let counts: Vec<_> = by_mac.iter().map(|(m, t)| (*m, t.len())).collect();
+    assert_eq!(counts, vec![(DEFAULT_MAC_0, 5), (DEFAULT_MAC_1, 4)], "x and y both run to the end");
+    let (x, y) = (&by_mac[&DEFAULT_MAC_0], &by_mac[&DEFAULT_MAC_1]);
+    assert!(
+        y[0] < x[4] && x[0] < y[3],
+        "the timers run side by side, not one after the other (x: {:?}, y: {:?})",
+        x.iter().map(|t| ms(t.duration_since(start))).collect::<Vec<_>>(),
+        y.iter().map(|t| ms(t.duration_since(start))).collect::<Vec<_>>()
+    );
+    check_gaps("timer x", start, x, &[200, 200, 200, 200], 150);
+
+    // The same id replaces the timer: 'r' first announces na for many rounds, then at once is
+    // replaced by 2 rounds of nb.
+    let start = Instant::now();
+    announce(&hub, json!({"initial": 100, "max": 100, "rounds": 30, "step": 0, "id": "r", "interfaces": ["na"]}));
+    announce(&hub, json!({"initial": 100, "max": 100, "rounds": 2, "step": 0, "id": "r", "interfaces": ["nb"]}));
+    let c = recv_rarps_until(&mut hub.vms[2].vm, start + Duration::from_millis(800));
+    let by_mac = rarps_by_mac(&c);
+    let na = by_mac.get(&DEFAULT_MAC_0).map_or(0, Vec::len);
+    let nb = by_mac.get(&DEFAULT_MAC_1).map_or(0, Vec::len);
+    assert!(na <= 1, "the replaced timer sends at most the round it had already started, not {na}");
+    assert_eq!(nb, 2, "the replacing timer sends its 2 rounds");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Bad input changes nothing; MAC table overflow; nic netdev errors and default MACs.
+
+#[test]
+fn rx_filter_bad_input_changes_nothing() {
+    let mut hub = Hub::new(3);
+    let (a_tap, b_tap) = (hub.vms[0].tap.clone(), hub.vms[1].tap.clone());
+    let b_port = hub.vms[1].port.clone();
+
+    // nic netdev errors, before any NIC exists.
+    let error = hub.daemon.add_err("nic,id=nx,netdev=nope");
+    assert_eq!(error, "netdev 'nope' not found");
+    hub.daemon.add(&format!("nic,id=nb,netdev={b_tap}"));
+    let error = hub.daemon.add_err(&format!("nic,id=nb2,netdev={b_tap}"));
+    assert!(error.contains(&b_tap) && error.contains("nb"), "a second NIC on {b_tap} is refused: {error}");
+    assert!(!hub.daemon.netdev_ids().contains(&"nb2".to_owned()), "nb2 was not added");
+    hub.daemon.add(&format!("nic,id=na,netdev={a_tap}"));
+    // QEMU's default MACs in order; the failed adds took none.
+    assert_eq!(hub.query("nb")["main-mac"], json!(fmt_mac(DEFAULT_MAC_0)));
+    assert_eq!(hub.query("na")["main-mac"], json!(fmt_mac(DEFAULT_MAC_1)));
+
+    // A non-default filter for bad input to leave alone.
+    hub.set_filter(json!({
+        "name": "nb", "promiscuous": false, "unicast-table": [fmt_mac(FOREIGN)],
+        "multicast-table": [fmt_mac(M1)], "vlan-table": [3, 9]
+    }));
+    let before = hub.query("nb");
+    let (drops_before, _) = hub.filter_counters(&b_port);
+
+    let cases: Vec<(Value, String)> = vec![
+        (json!({"name": "nb", "vlan-table": [1, 4096]}), "VLAN id 4096".to_owned()),
+        (json!({"name": "nb", "vlan-table": [-1]}), "VLAN id -1".to_owned()),
+        // Valid changes in the same request must not be applied either.
+        (json!({"name": "nb", "promiscuous": true, "unicast": "all", "vlan-table": [4096]}), "VLAN id 4096".to_owned()),
+        (
+            json!({"name": "nb", "unicast-table": ["02:00:00:00:00:01", "02:00:00:00:00:zz"]}),
+            "02:00:00:00:00:zz".to_owned(),
+        ),
+        (json!({"name": "nb", "multicast-table": ["01:00:5e:00:00"]}), "01:00:5e:00:00".to_owned()),
+        (json!({"name": "nb", "promiscuous": true, "main-mac": "52:54:00:12:34"}), "52:54:00:12:34".to_owned()),
+        (json!({"name": "nb", "main-mac": "52-54-00-12-34-56"}), "52-54-00-12-34-56".to_owned()),
+        (json!({"name": "nb", "main-mac": ""}), String::new()),
+    ];
+    for (change, mention) in cases {
+        let error = hub.set_filter_err(change.clone());
+        assert!(error.contains(&mention), "x-set-rx-filter {change}: the error names the bad value: {error}");
+        assert_eq!(hub.query("nb"), before, "x-set-rx-filter {change} ({error}) changed the filter");
+    }
+    // Schema errors: QAPI's texts.
+    let error = hub.set_filter_err(json!({"name": "nb", "unicast": "some"}));
+    assert_eq!(error, "Parameter 'unicast' does not accept value 'some'");
+    let error = hub.set_filter_err(json!({"name": "nb", "bogus": 1}));
+    assert_eq!(error, "Parameter 'bogus' is unexpected");
+    assert_eq!(hub.query("nb"), before, "schema errors change nothing");
+
+    // Names that are not NICs: QEMU's texts, from x-set-rx-filter as from query-rx-filter.
+    let error = hub.set_filter_err(json!({"name": "nosuch", "promiscuous": true}));
+    assert_eq!(error, "invalid net client name: nosuch");
+    for not_nic in [b_tap.as_str(), b_port.as_str()] {
+        let error = hub.set_filter_err(json!({"name": not_nic, "promiscuous": true}));
+        assert_eq!(error, format!("net client({not_nic}) isn't a NIC"));
+        let error = hub.daemon.execute("query-rx-filter", json!({"name": not_nic})).expect_err("not a NIC");
+        assert_eq!((error.class, error.desc), (ErrorClass::GenericError, format!("net client({not_nic}) isn't a NIC")));
+    }
+    assert_eq!(hub.query("nb"), before, "errors on other names leave nb alone");
+
+    // The kernel copy is unchanged too: a foreign unicast MAC not in the table is still refused.
+    let tag = new_tag();
+    let stranger = [0x02, 0x00, 0x00, 0x00, 0x00, 0x42];
+    let probes = vec![
+        ("main", frame(DEFAULT_MAC_0, src_mac(1), &tag, "main")),
+        ("listed", frame(FOREIGN, src_mac(1), &tag, "listed")),
+        ("stranger", frame(stranger, src_mac(1), &tag, "stranger")),
+    ];
+    for (_, probe) in &probes {
+        hub.vms[0].vm.send(probe);
+    }
+    std::thread::sleep(QUIET);
+    let b = drain_tagged(&mut hub.vms[1].vm, &tag);
+    assert_eq!(probe_names(&b, &probes, "B"), vec!["listed", "main"], "B's filter in the kernel is unchanged");
+    let (drops_after, _) = hub.filter_counters(&b_port);
+    assert_eq!(drops_after - drops_before, 1, "one rx-filter drop: the stranger");
+}
+
+#[test]
+fn rx_filter_mac_table_overflow_is_qemus() {
+    let mut hub = Hub::new(3);
+    let b_tap = hub.vms[1].tap.clone();
+    hub.daemon.add(&format!("nic,id=nb,netdev={b_tap},macaddr={}", fmt_mac(B_MAC)));
+    hub.set_filter(json!({"name": "nb", "promiscuous": false}));
+    let unicast = |n: usize| -> Vec<String> { (0..n).map(|i| format!("02:00:00:00:01:{i:02x}")).collect() };
+    let multicast = |n: usize| -> Vec<String> { (0..n).map(|i| format!("01:00:5e:00:01:{i:02x}")).collect() };
+    let reversed = |mut list: Vec<String>| {
+        list.reverse();
+        list
+    };
+
+    // Exactly 64 unicast entries fit.
+    hub.set_filter(json!({"name": "nb", "unicast-table": unicast(64), "multicast-table": []}));
+    let info = hub.query("nb");
+    assert_eq!(info["unicast-overflow"], false, "64 entries fit: {info}");
+    assert_eq!(info["unicast-table"], json!(reversed(unicast(64))), "QEMU lists the table in reverse");
+
+    // 65 are no error: unicast-overflow, no entries, and every unicast MAC passes.
+    hub.set_filter(json!({"name": "nb", "unicast-table": unicast(65)}));
+    let info = hub.query("nb");
+    assert_eq!(info["unicast-overflow"], true, "65 unicast entries overflow: {info}");
+    assert_eq!(info["unicast-table"], json!([]), "an overflowing table stores no entry");
+    assert_eq!(info["unicast"], "normal", "overflow is not reflected in the unicast mode (QEMU)");
+    let first_tag = new_tag();
+    let a = src_mac(1);
+    let probes = vec![
+        ("any-unicast", frame([0x02, 0x12, 0x34, 0x56, 0x78, 0x9a], a, &first_tag, "any-unicast")),
+        ("main", frame(B_MAC, a, &first_tag, "main")),
+        ("multicast", frame(M2, a, &first_tag, "multicast")),
+    ];
+    for (_, probe) in &probes {
+        hub.vms[0].vm.send(probe);
+    }
+    std::thread::sleep(QUIET);
+    let b = drain_tagged(&mut hub.vms[1].vm, &first_tag);
+    assert_eq!(
+        probe_names(&b, &probes, "B"),
+        vec!["any-unicast", "main"],
+        "with unicast-overflow B accepts any unicast, but not an unlisted group"
+    );
+
+    // 60 unicast leave room for 4 multicast: 4 fit, 5 overflow.
+    hub.set_filter(json!({"name": "nb", "unicast-table": unicast(60), "multicast-table": multicast(4)}));
+    let info = hub.query("nb");
+    assert_eq!((info["unicast-overflow"].clone(), info["multicast-overflow"].clone()), (json!(false), json!(false)));
+    assert_eq!(info["multicast-table"], json!(reversed(multicast(4))));
+    hub.set_filter(json!({"name": "nb", "unicast-table": unicast(60), "multicast-table": multicast(5)}));
+    let info = hub.query("nb");
+    assert_eq!(info["unicast-overflow"], false, "{info}");
+    assert_eq!(info["multicast-overflow"], true, "60 unicast + 5 multicast overflow the multicast part: {info}");
+    assert_eq!(info["unicast-table"], json!(reversed(unicast(60))), "the 60 unicast entries are kept");
+    assert_eq!(info["multicast-table"], json!([]), "an overflowing multicast part stores no entry");
+    let tag = new_tag();
+    let probes = vec![
+        ("any-group", frame(M2, a, &tag, "any-group")),
+        ("listed-unicast", frame([0x02, 0, 0, 0, 0x01, 0x3b], a, &tag, "listed-unicast")),
+        ("unlisted-unicast", frame([0x02, 0, 0, 0, 0x02, 0x00], a, &tag, "unlisted-unicast")),
+    ];
+    for (_, probe) in &probes {
+        hub.vms[0].vm.send(probe);
+    }
+    std::thread::sleep(QUIET);
+    let b = drain_tagged(&mut hub.vms[1].vm, &tag);
+    assert_eq!(
+        probe_names(&b, &probes, "B"),
+        vec!["any-group", "listed-unicast"],
+        "with multicast-overflow B accepts any group; unicast still follows its table"
+    );
+}
+
+#[test]
+fn rx_filter_query_of_a_fresh_nic_and_models() {
+    let hub = Hub::new(1);
+    let tap = hub.vms[0].tap.clone();
+    hub.daemon.add(&format!("nic,id=n0,netdev={tap}"));
+    let vlans: Vec<u16> = (0..4096).rev().collect();
+    let expected = json!({
+        "promiscuous": true, "name": "n0", "main-mac": "52:54:00:12:34:56", "unicast": "normal",
+        "vlan": "all", "vlan-table": vlans, "unicast-table": [], "multicast": "normal",
+        "multicast-overflow": false, "unicast-overflow": false, "multicast-table": [],
+        "broadcast-allowed": false
+    });
+    assert_eq!(hub.query("n0"), expected, "a fresh NIC as QEMU reports it before any guest driver");
+    // A non-virtio model has no filter to report: skipped without a name, an error with one.
+    let hubport = unique("h");
+    hub.daemon.add(&format!("hubport,id={hubport},hubid=5"));
+    hub.daemon.add(&format!("nic,id=e0,netdev={hubport},model=e1000"));
+    let all = hub.daemon.execute("query-rx-filter", json!({})).expect("query-rx-filter");
+    assert_eq!(all, json!([expected]), "query-rx-filter without a name skips the e1000");
+    let error = hub.daemon.execute("query-rx-filter", json!({"name": "e0"})).expect_err("e1000 has no rx-filter");
+    assert_eq!(error.desc, "net client(e0) doesn't support rx-filter querying");
+}
+
+/// QEMU picks a default MAC as the lowest 52:54:00:12:34:XX (XX ≥ 0x56) that no NIC uses
+/// (net/net.c `qemu_macaddr_default_if_unset` with its `mac_table`): an explicit MAC of that form
+/// marks its index used, so the next default skips it.
+#[test]
+fn nic_default_mac_skips_explicit_qemu_macs() {
+    let hub = Hub::new(4);
+    let taps: Vec<String> = hub.vms.iter().map(|vm| vm.tap.clone()).collect();
+    hub.daemon.add(&format!("nic,id=n0,netdev={}", taps[0]));
+    hub.daemon.add(&format!("nic,id=n1,netdev={}", taps[1]));
+    assert_eq!(hub.query("n0")["main-mac"], json!("52:54:00:12:34:56"), "first default MAC");
+    assert_eq!(hub.query("n1")["main-mac"], json!("52:54:00:12:34:57"), "second default MAC");
+    // An explicit MAC outside QEMU's range takes no index.
+    hub.daemon.add(&format!("nic,id=n2,netdev={},macaddr=02:00:00:00:00:01", taps[2]));
+    assert_eq!(hub.query("n2")["main-mac"], json!("02:00:00:00:00:01"));
+    hub.daemon.del("n2");
+    // An explicit 52:54:00:12:34:58 takes that index, so the next default skips it.
+    hub.daemon.add(&format!("nic,id=n2,netdev={},macaddr=52:54:00:12:34:58", taps[2]));
+    hub.daemon.add(&format!("nic,id=n3,netdev={}", taps[3]));
+    assert_eq!(
+        hub.query("n3")["main-mac"],
+        json!("52:54:00:12:34:59"),
+        "the default after an explicit :58 is :59 (QEMU's mac_table), not a duplicate of n2's MAC"
+    );
+}
+
+/// Deleting a NIC frees its default MAC's index (`qemu_del_nic` → `qemu_macaddr_set_free`): the
+/// next default is the lowest free one again.
+#[test]
+fn nic_default_mac_reuses_a_freed_index() {
+    let hub = Hub::new(2);
+    let taps: Vec<String> = hub.vms.iter().map(|vm| vm.tap.clone()).collect();
+    hub.daemon.add(&format!("nic,id=n0,netdev={}", taps[0]));
+    hub.daemon.add(&format!("nic,id=n1,netdev={}", taps[1]));
+    assert_eq!(hub.query("n1")["main-mac"], json!("52:54:00:12:34:57"));
+    hub.daemon.del("n0");
+    hub.daemon.add(&format!("nic,id=n0,netdev={}", taps[0]));
+    assert_eq!(hub.query("n0")["main-mac"], json!("52:54:00:12:34:56"), "n0's freed :56 is reused");
+}
+
+/// An x-set-rx-filter error reaches the client as a QMP GenericError object (class and text).
+#[test]
+fn rx_filter_errors_are_generic_errors() {
+    let hub = Hub::new(1);
+    let error: QmpError =
+        hub.daemon.execute("x-set-rx-filter", json!({"name": "zz"})).expect_err("unknown NIC");
+    assert_eq!((error.class, error.desc.as_str()), (ErrorClass::GenericError, "invalid net client name: zz"));
+    let error = hub.daemon.execute("query-rx-filter", json!({"name": "zz"})).expect_err("unknown NIC");
+    assert_eq!((error.class, error.desc.as_str()), (ErrorClass::GenericError, "invalid net client name: zz"));
+}
