@@ -1,7 +1,10 @@
-//! Benchmark programs for `cargo xtask bench hub`; never part of the daemon.
+//! Benchmark programs for `cargo xtask bench hub` and `rx-filter`; never part of the daemon.
 //!
 //! * `bench_gen` (XDP, run with `BPF_PROG_TEST_RUN` live frames): transmits every frame on the
 //!   interface in `GEN_TARGET`, our traffic generator.
+//! * `bench_gen_header` (XDP, the same way): writes `GEN_HEADER` over the frame's first 16 bytes,
+//!   then transmits like `bench_gen`. Live frames reuse their pages as the path left them, and the
+//!   stack rewrites a tagged frame's header in place when it moves the 802.1Q tag into the skb.
 //! * `bench_sink` (TC): counts what arrives and drops it, the sink every variant is measured at.
 //! * `bench_ref` (XDP): the ideal-XDP reference, a minimal devmap redirect: to `REF_UNICAST[ingress]`,
 //!   or, in flood mode, to every entry of `REF_FLOOD` but the ingress.
@@ -20,6 +23,10 @@ use aya_ebpf::{
 /// `[0]`: ifindex the generator transmits on.
 #[map(name = "GEN_TARGET")]
 static GEN_TARGET: Array<u32> = Array::with_max_entries(1, 0);
+
+/// `[0]`: the first 16 bytes of every frame `bench_gen_header` sends (MACs, EtherType, TCI).
+#[map(name = "GEN_HEADER")]
+static GEN_HEADER: Array<[u8; 16]> = Array::with_max_entries(1, 0);
 
 /// `[0]`: packets, `[1]`: bytes seen by sinks.
 #[map(name = "SINK_COUNT")]
@@ -40,6 +47,19 @@ static REF_FLOOD: DevMapHash = DevMapHash::with_max_entries(16, 0);
 #[xdp]
 pub fn bench_gen(_ctx: XdpContext) -> u32 {
     let Some(target) = GEN_TARGET.get(0) else { return xdp_action::XDP_ABORTED };
+    // SAFETY: `bpf_redirect` takes plain integers.
+    unsafe { bpf_redirect(*target, 0) as u32 }
+}
+
+#[xdp]
+pub fn bench_gen_header(ctx: XdpContext) -> u32 {
+    let (Some(target), Some(header)) = (GEN_TARGET.get(0), GEN_HEADER.get(0)) else { return xdp_action::XDP_ABORTED };
+    let start = ctx.data();
+    if start + header.len() > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: the check above proves the 16 bytes at `start` lie inside the packet.
+    unsafe { core::ptr::write_unaligned(start as *mut [u8; 16], *header) };
     // SAFETY: `bpf_redirect` takes plain integers.
     unsafe { bpf_redirect(*target, 0) as u32 }
 }

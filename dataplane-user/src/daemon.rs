@@ -82,8 +82,8 @@ struct State {
     rx_filters: HashMap<String, RxFilter>,
     /// NICs that reported `NIC_RX_FILTER_CHANGED` and stay silent until `query-rx-filter`.
     rx_notify_disarmed: HashSet<String>,
-    /// QEMU's `qemu_macaddr_default_if_unset` counter: 52:54:00:12:34:56, :57, …
-    next_default_mac: u8,
+    /// The MAC each NIC was created with (its `macaddr`, or the default it was given).
+    nic_macs: HashMap<String, [u8; 6]>,
     /// What the kernel holds now.
     plan: Plan,
     kernel: Option<Kernel>,
@@ -198,7 +198,7 @@ impl Daemon {
             devices: HashMap::new(),
             rx_filters: HashMap::new(),
             rx_notify_disarmed: HashSet::new(),
-            next_default_mac: 0x56,
+            nic_macs: HashMap::new(),
             plan: Plan::default(),
             kernel,
         };
@@ -225,12 +225,9 @@ impl Daemon {
         if let NetdevOptions::Nic(nic) = &netdev.options {
             let mac = match nic.macaddr.as_deref().and_then(parse_mac) {
                 Some(mac) => mac,
-                None => {
-                    let last = state.next_default_mac;
-                    state.next_default_mac = last.wrapping_add(1);
-                    [0x52, 0x54, 0x00, 0x12, 0x34, last]
-                }
+                None => default_mac(state.nic_macs.values()),
             };
+            state.nic_macs.insert(id.clone(), mac);
             state.rx_filters.insert(id.clone(), RxFilter::new(mac));
         }
         state.registry.add(netdev)?;
@@ -240,6 +237,7 @@ impl Daemon {
         if let Err(error) = state.replan() {
             let _ = state.registry.remove(&id);
             state.rx_filters.remove(&id);
+            state.nic_macs.remove(&id);
             if let (Some(device), Some(kernel)) = (state.devices.remove(&id), state.kernel.as_ref()) {
                 device.destroy(&kernel.netlink).await;
             }
@@ -255,6 +253,7 @@ impl Daemon {
         let mut state = self.state.lock().await;
         let entry = state.registry.remove(id)?;
         state.rx_filters.remove(id);
+        state.nic_macs.remove(id);
         state.rx_notify_disarmed.remove(id);
         if let Err(error) = state.replan() {
             // The netdev is gone from the graph either way; the kernel keeps what failed to go.
@@ -353,18 +352,32 @@ impl Daemon {
         timers.insert(id, task);
     }
 
-    /// One round: every NIC (or the named ones) with a port sends its RARP into its hub.
+    /// One round: every NIC (or the named ones) sends its RARP towards its backend, that is into
+    /// the interface behind it, where the hub (if any) floods it. QEMU announces the NIC's
+    /// configured MAC, whatever the guest set as its filter's main MAC since.
     async fn announce_round(&self, interfaces: Option<&[String]>) {
         let mut guard = self.state.lock().await;
         let state = &mut *guard;
         let Some(kernel) = state.kernel.as_mut() else { return };
-        for (ifindex, port) in &state.plan.ports {
-            let Some(nic) = port.nic.as_deref() else { continue };
+        for entry in state.registry.entries() {
+            let nic = entry.netdev.id.as_str();
+            let Some(mac) = state.nic_macs.get(nic) else { continue };
             if interfaces.is_some_and(|names| !names.iter().any(|n| n == nic)) {
                 continue;
             }
-            let Some(filter) = state.rx_filters.get(nic) else { continue };
-            if let Err(error) = kernel.forwarding.inject(*ifindex, port.hook, &announce_frame(filter.main_mac)) {
+            // The backend's interface: the NIC's netdev, or the netdev behind its hub port.
+            let Some(device) = entry.peer.as_deref().and_then(|backend| {
+                state.devices.get(backend).or_else(|| {
+                    state.registry.get(backend).and_then(|port| port.peer.as_deref()).and_then(|n| state.devices.get(n))
+                })
+            }) else {
+                continue;
+            };
+            let hook = match device.device.hub_side {
+                plan::HubSide::Interface => plan::Hook::Ingress,
+                plan::HubSide::Fd => plan::Hook::Egress,
+            };
+            if let Err(error) = kernel.forwarding.inject(device.device.ifindex, hook, &announce_frame(*mac)) {
                 tracing::warn!(nic, %error, "announce-self");
             }
         }
@@ -439,6 +452,16 @@ impl Daemon {
     }
 }
 
+/// QEMU's `qemu_macaddr_default_if_unset`: the lowest 52:54:00:12:34:XX, XX from 0x56 to 0xfe,
+/// that no NIC has.
+fn default_mac<'m>(taken: impl Iterator<Item = &'m [u8; 6]>) -> [u8; 6] {
+    const PREFIX: [u8; 5] = [0x52, 0x54, 0x00, 0x12, 0x34];
+    let used: HashSet<u8> = taken.filter(|mac| mac[..5] == PREFIX).map(|mac| mac[5]).collect();
+    // QEMU falls back to the first index once all are taken.
+    let last = (0x56..=0xfe).find(|index| !used.contains(index)).unwrap_or(0x56);
+    [0x52, 0x54, 0x00, 0x12, 0x34, last]
+}
+
 /// Only virtio-net NICs keep a receive filter QEMU can report (the default model here).
 fn supports_rx_filter(netdev: &Netdev) -> bool {
     matches!(&netdev.options, NetdevOptions::Nic(nic) if nic.model.as_deref().is_none_or(|m| m.starts_with("virtio")))
@@ -496,6 +519,14 @@ mod tests {
         assert_eq!(capped.delay_after(3), Duration::from_millis(150));
         // QEMU clamps a negative delay to max too.
         assert_eq!(params(-5, 20, 2, 0).delay_after(1), Duration::from_millis(20));
+    }
+
+    #[test]
+    fn default_macs_take_the_lowest_free_index() {
+        let mac = |last| [0x52, 0x54, 0, 0x12, 0x34, last];
+        assert_eq!(default_mac([].iter()), mac(0x56));
+        assert_eq!(default_mac([mac(0x56), mac(0x58)].iter()), mac(0x57));
+        assert_eq!(default_mac([mac(0x56), mac(0x57), [2, 0, 0, 0, 0, 0x58]].iter()), mac(0x58));
     }
 
     #[test]

@@ -204,7 +204,7 @@ impl Bench {
             concat!(env!("CARGO_MANIFEST_DIR"), "/../dataplane-ebpf/target/bpfel-unknown-none/release/bench").to_owned()
         });
         let mut ebpf = Ebpf::load_file(&path).with_context(|| format!("load {path} (run cargo xtask build-ebpf)"))?;
-        for name in ["bench_gen", "bench_ref", "bench_pass"] {
+        for name in ["bench_gen", "bench_gen_header", "bench_ref", "bench_pass"] {
             let program: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
             program.load()?;
         }
@@ -248,48 +248,48 @@ impl Bench {
 
     /// Sends `frames` copies of `frame` out of `ifname` in `ns`; returns the elapsed time.
     pub fn generate(&mut self, ns: &Netns, ifname: &str, frame: &[u8], frames: u32) -> Result<Duration> {
-        self.generate_with(ns, ifname, frame, frames, Pages::Recycled)
+        self.generate_with(Generator::Plain, ns, ifname, frame, frames)
     }
 
-    /// [`Bench::generate`] with the page handling `pages`.
+    /// [`Bench::generate`] with the generator program `generator`.
     pub fn generate_with(
         &mut self,
+        generator: Generator,
         ns: &Netns,
         ifname: &str,
         frame: &[u8],
         frames: u32,
-        pages: Pages,
     ) -> Result<Duration> {
         let target = Topology::ifindex(ns, ifname);
         let mut targets: Array<_, u32> = Array::try_from(self.ebpf.map_mut("GEN_TARGET").context("GEN_TARGET")?)?;
         targets.set(0, target, 0)?;
-        let program: &Xdp = self.ebpf.program("bench_gen").context("bench_gen")?.try_into()?;
+        if generator == Generator::RestoreHeader {
+            let header: [u8; 16] = frame.get(..16).context("a frame of at least 16 bytes")?.try_into()?;
+            let mut headers: Array<_, [u8; 16]> =
+                Array::try_from(self.ebpf.map_mut("GEN_HEADER").context("GEN_HEADER")?)?;
+            headers.set(0, header, 0)?;
+        }
+        let program: &Xdp = self.ebpf.program(generator.program()).context(generator.program())?.try_into()?;
         // `struct xdp_md` {data, data_end, data_meta, ingress_ifindex, …}: the whole frame as data,
         // received "on" the target, since live frames need a real device.
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&u32::try_from(frame.len())?.to_ne_bytes());
         ctx[12..16].copy_from_slice(&target.to_ne_bytes());
-        // A test run makes a page pool of one batch; pages come back to it with whatever the path
-        // left in them. One batch per run means every frame is on a page initialised anew.
-        let (per_run, batch) = match pages {
-            Pages::Recycled => (1_000_000, 64),
-            Pages::Fresh => (FRESH_BATCH, FRESH_BATCH),
-        };
         ns.within(|| {
             let started = Instant::now();
             let mut left = frames;
             while left > 0 {
-                let run = left.min(per_run);
+                let batch = left.min(1_000_000);
                 program
                     .test_run(TestRunOptions {
                         data_in: Some(frame),
                         ctx_in: Some(&ctx),
-                        repeat: run,
-                        attrs: TestRunAttrs::new().xdp_live_frames(batch),
+                        repeat: batch,
+                        attrs: TestRunAttrs::new().xdp_live_frames(64),
                         ..TestRunOptions::default()
                     })
                     .context("BPF_PROG_TEST_RUN live frames")?;
-                left -= run;
+                left -= batch;
             }
             Ok(started.elapsed())
         })
@@ -297,13 +297,19 @@ impl Bench {
 
     /// One measured run: `frames` copies of `frame` from `from`, counted at the sinks attached.
     pub fn sample(&mut self, from: (&Netns, &str), frame: &[u8], frames: u32) -> Result<Sample> {
-        self.sample_with(from, frame, frames, Pages::Recycled)
+        self.sample_with(Generator::Plain, from, frame, frames)
     }
 
-    /// [`Bench::sample`] with the page handling `pages`.
-    pub fn sample_with(&mut self, from: (&Netns, &str), frame: &[u8], frames: u32, pages: Pages) -> Result<Sample> {
+    /// [`Bench::sample`] with the generator program `generator`.
+    pub fn sample_with(
+        &mut self,
+        generator: Generator,
+        from: (&Netns, &str),
+        frame: &[u8],
+        frames: u32,
+    ) -> Result<Sample> {
         let (packets, cpu) = (self.sink_packets(), busy_ns());
-        let elapsed = self.generate_with(from.0, from.1, frame, frames, pages)?;
+        let elapsed = self.generate_with(generator, from.0, from.1, frame, frames)?;
         // Let queued frames reach the sinks.
         std::thread::sleep(Duration::from_millis(50));
         Ok(Sample {
@@ -315,19 +321,25 @@ impl Bench {
     }
 }
 
-/// The kernel's largest live-frames batch (`TEST_XDP_MAX_BATCH`).
-const FRESH_BATCH: u32 = 256;
-
-/// How the generator's frames use memory.
+/// Which generator program sends the frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pages {
-    /// Live frames recycle their pages without copying the frame in again: the fast way, for
-    /// frames nothing on the path rewrites in place.
-    Recycled,
-    /// Every frame on a page initialised from the template, one test run per batch (slower): for
-    /// frames the receiver rewrites in place, such as an 802.1Q tag the stack moves into the skb
-    /// (`skb_vlan_untag` shifts the MAC addresses over it, which a recycled page would keep).
-    Fresh,
+pub enum Generator {
+    /// `bench_gen`: each frame as its page holds it. Live frames reuse pages as the path left
+    /// them, so this is for frames nothing on the path rewrites in place.
+    Plain,
+    /// `bench_gen_header`: writes the template's first 16 bytes back into each frame first, for
+    /// frames the stack rewrites in place, such as a frame whose 802.1Q tag it moves into the skb
+    /// (`skb_vlan_untag` shifts the MAC addresses over the tag).
+    RestoreHeader,
+}
+
+impl Generator {
+    const fn program(self) -> &'static str {
+        match self {
+            Self::Plain => "bench_gen",
+            Self::RestoreHeader => "bench_gen_header",
+        }
+    }
 }
 
 /// One measured run.

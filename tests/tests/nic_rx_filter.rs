@@ -152,6 +152,21 @@ fn vlan_frame(dst: [u8; 6], src: [u8; 6], vid: u16, tag: &[u8], what: &str) -> V
     frame
 }
 
+/// A frame with the given stack of VLAN tags, outermost first: `(TPID, VID)` each.
+fn stacked_frame(dst: [u8; 6], src: [u8; 6], tags: &[(u16, u16)], tag: &[u8], what: &str) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(68);
+    frame.extend_from_slice(&dst);
+    frame.extend_from_slice(&src);
+    for (tpid, vid) in tags {
+        frame.extend_from_slice(&tpid.to_be_bytes());
+        frame.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
+    }
+    frame.extend_from_slice(&[0x88, 0xb5]);
+    frame.extend_from_slice(&payload(tag, what));
+    frame.resize(frame.len().max(64), 0);
+    frame
+}
+
 /// Every frame with `tag` a VM received within `DRAIN` (after the caller let the hub settle).
 fn drain_tagged(vm: &mut TapVm, tag: &[u8]) -> Vec<Vec<u8>> {
     vm.recv_all(DRAIN).into_iter().filter(|f| contains(f, tag)).collect()
@@ -303,7 +318,9 @@ fn rx_filter_decisions_through_a_hub() {
 }
 
 /// A tagged frame from a tap reaches the hub program with its tag already taken into the skb's
-/// metadata (the kernel untags at ingress before TC runs); the VLAN table must still apply.
+/// metadata (the kernel untags at ingress before TC runs); the VLAN table must still apply, to the
+/// outer tag only and only to an 802.1Q one (QEMU looks at EtherType 0x8100 at offset 12 and
+/// nothing else: an 802.1ad 0x88a8 tag is no tag to it).
 #[test]
 fn rx_filter_vlan_table_applies_to_tagged_frames() {
     let mut hub = Hub::new(3);
@@ -317,6 +334,12 @@ fn rx_filter_vlan_table_applies_to_tagged_frames() {
         ("v5", vlan_frame(B_MAC, a, 5, &tag, "v5")),
         ("v7", vlan_frame(B_MAC, a, 7, &tag, "v7")),
         ("v4095", vlan_frame(B_MAC, a, 4095, &tag, "v4095")),
+        // The outer 802.1Q tag decides; the inner one is payload.
+        ("v5-in-v7", stacked_frame(B_MAC, a, &[(0x8100, 7), (0x8100, 5)], &tag, "v5-in-v7")),
+        ("v7-in-v5", stacked_frame(B_MAC, a, &[(0x8100, 5), (0x8100, 7)], &tag, "v7-in-v5")),
+        // 802.1ad (S-tag) outside: not an 802.1Q frame to QEMU, so the VLAN table does not apply.
+        ("ad7", stacked_frame(B_MAC, a, &[(0x88a8, 7)], &tag, "ad7")),
+        ("v7-in-ad7", stacked_frame(B_MAC, a, &[(0x88a8, 7), (0x8100, 7)], &tag, "v7-in-ad7")),
     ];
     for (_, probe) in &probes {
         hub.vms[0].vm.send(probe);
@@ -324,11 +347,13 @@ fn rx_filter_vlan_table_applies_to_tagged_frames() {
     std::thread::sleep(QUIET);
     let b = drain_tagged(&mut hub.vms[1].vm, &tag);
     let c = drain_tagged(&mut hub.vms[2].vm, &tag);
-    assert_eq!(probe_names(&c, &probes, "C"), vec!["untagged", "v4095", "v5", "v7"], "C gets every frame");
+    let mut all: Vec<&str> = probes.iter().map(|(name, _)| *name).collect();
+    all.sort_unstable();
+    assert_eq!(probe_names(&c, &probes, "C"), all, "C gets every frame, byte for byte");
     assert_eq!(
         probe_names(&b, &probes, "B"),
-        vec!["untagged", "v5"],
-        "B's NIC (vlan-table [5]) gets untagged frames and VLAN 5 only"
+        vec!["ad7", "untagged", "v5", "v7-in-ad7", "v7-in-v5"],
+        "B's NIC (vlan-table [5]) gets untagged and 802.1ad frames, and 802.1Q frames whose outer VLAN is 5"
     );
 }
 

@@ -16,10 +16,10 @@
 //!   NICs, four promiscuous NICs (everything delivered) and four filtering NICs (only nic1 accepts).
 //!
 //! Frames go to the NIC's MAC, never the sink veth's, so every case takes the same transmit path
-//! (no `bpf_redirect_peer` shortcut). Tagged frames are generated on fresh pages ([`Pages::Fresh`]):
-//! the stack untags them in place on the way in, which recycled pages would keep; that costs the
-//! generator time, so the VLAN case is compared with no NIC under the same generator, and an
-//! untagged fresh-pages row shows the generator's share.
+//! (no `bpf_redirect_peer` shortcut). Tagged frames come from the header-restoring generator
+//! ([`Generator::RestoreHeader`]): the stack untags them in place on the way in, which the live
+//! frames' recycled pages would keep. The VLAN case is compared with no NIC under the same
+//! generator, and an untagged row with it shows what the generator itself adds.
 //!
 //! The cases of a part run interleaved, one run of each per round, so drift and other load on the
 //! machine spread evenly over them. Each run: a warm-up of a tenth of the frames after the
@@ -31,7 +31,7 @@ use dataplane::rxfilter::format_mac;
 use dataplane_tests::{
     Daemon,
     bench::{
-        Bench, FRAME_LEN, Options, Pages, Sample, Topology, machine, median, pps_cell, summarize, udp_frame,
+        Bench, FRAME_LEN, Generator, Options, Sample, Topology, machine, median, pps_cell, summarize, udp_frame,
         udp_frame_tagged,
     },
     require_root,
@@ -80,8 +80,8 @@ struct Case {
     label: &'static str,
     nics: Nics,
     frame: Vec<u8>,
-    /// Tagged frames need fresh pages: the stack untags them in place.
-    pages: Pages,
+    /// Tagged frames need their header restored: the stack untags them in place.
+    generator: Generator,
 }
 
 /// The cases of one hub layout.
@@ -177,62 +177,68 @@ fn unicast_part(g0: [u8; 6]) -> Result<Part> {
         key: "unicast",
         ports: 1,
         cases: vec![
-            Case { key: "no_nic", label: "no NIC", nics: Nics::Absent, frame: to_nic.clone(), pages: Pages::Recycled },
+            Case {
+                key: "no_nic",
+                label: "no NIC",
+                nics: Nics::Absent,
+                frame: to_nic.clone(),
+                generator: Generator::Plain,
+            },
             Case {
                 key: "promiscuous",
                 label: "NIC, promiscuous (initial state)",
                 nics: Nics::Initial,
                 frame: to_nic.clone(),
-                pages: Pages::Recycled,
+                generator: Generator::Plain,
             },
             Case {
                 key: "main_mac",
                 label: "filter: main MAC only",
                 nics: Nics::Filter(json!({"promiscuous": false})),
                 frame: to_nic,
-                pages: Pages::Recycled,
+                generator: Generator::Plain,
             },
             Case {
                 key: "table_1",
                 label: "filter: 1 unicast-table entry",
                 nics: Nics::Filter(json!({"promiscuous": false, "unicast-table": table(1)})),
                 frame: udp_frame(table_mac(0), g0),
-                pages: Pages::Recycled,
+                generator: Generator::Plain,
             },
             Case {
                 key: "table_64",
                 label: "filter: 64 unicast-table entries",
                 nics: Nics::Filter(json!({"promiscuous": false, "unicast-table": table(64)})),
                 frame: udp_frame(table_mac(63), g0),
-                pages: Pages::Recycled,
+                generator: Generator::Plain,
             },
             Case {
-                key: "no_nic_fresh_pages",
-                label: "no NIC, untagged frames on fresh pages (generator reference)",
+                key: "no_nic_restore_header",
+                label: "no NIC, untagged, header-restoring generator (reference)",
                 nics: Nics::Absent,
                 frame: udp_frame(nic_mac(1), g0),
-                pages: Pages::Fresh,
+                generator: Generator::RestoreHeader,
             },
             Case {
                 key: "no_nic_tagged",
                 label: "no NIC, 802.1Q-tagged frames",
                 nics: Nics::Absent,
                 frame: tagged.clone(),
-                pages: Pages::Fresh,
+                generator: Generator::RestoreHeader,
             },
             Case {
                 key: "vlan_table",
                 label: "filter: main MAC + 100-id VLAN table, tagged frames",
                 nics: Nics::Filter(vlan_filter.clone()),
                 frame: tagged,
-                pages: Pages::Fresh,
+                generator: Generator::RestoreHeader,
             },
             Case {
                 key: "check_vlan_outside_table",
                 label: "check: tagged with a VLAN id outside the table (expect ~0)",
                 nics: Nics::Filter(vlan_filter),
                 frame: udp_frame_tagged(nic_mac(1), g0, VID_OUTSIDE)?,
-                pages: Pages::Fresh,
+                generator: Generator::RestoreHeader,
             },
         ],
     })
@@ -249,21 +255,21 @@ fn flood_part(g0: [u8; 6]) -> Part {
                 label: "hub of 4, no NICs",
                 nics: Nics::Absent,
                 frame: to_nic1.clone(),
-                pages: Pages::Recycled,
+                generator: Generator::Plain,
             },
             Case {
                 key: "promiscuous",
                 label: "hub of 4 NICs, promiscuous (all deliver)",
                 nics: Nics::Initial,
                 frame: to_nic1.clone(),
-                pages: Pages::Recycled,
+                generator: Generator::Plain,
             },
             Case {
                 key: "filtered",
                 label: "hub of 4 NICs, filtering (one MAC matches)",
                 nics: Nics::Filter(json!({"promiscuous": false})),
                 frame: to_nic1,
-                pages: Pages::Recycled,
+                generator: Generator::Plain,
             },
         ],
     }
@@ -291,10 +297,10 @@ fn measure_part(
             let run = (|| -> Result<Run> {
                 switch.configure(&case.nics)?;
                 // Warm-up after the reconfiguration, not counted.
-                bench.generate_with(from.0, from.1, &case.frame, options.frames / 10, case.pages)?;
+                bench.generate_with(case.generator, from.0, from.1, &case.frame, options.frames / 10)?;
                 std::thread::sleep(std::time::Duration::from_millis(100));
                 let (input, drops) = switch.totals()?;
-                let sample = bench.sample_with(from, &case.frame, options.frames, case.pages)?;
+                let sample = bench.sample_with(case.generator, from, &case.frame, options.frames)?;
                 let (input_after, drops_after) = switch.totals()?;
                 Ok(Run {
                     sample,
@@ -368,7 +374,7 @@ fn paired_ratios(part: &Part, runs: &[Vec<Run>]) -> Value {
 /// The case `case` of part `part` is compared with.
 fn baseline(part: &str, case: &str) -> Option<&'static str> {
     match (part, case) {
-        ("unicast", "promiscuous" | "main_mac" | "table_1" | "table_64") => Some("no_nic"),
+        ("unicast", "promiscuous" | "main_mac" | "table_1" | "table_64" | "no_nic_restore_header") => Some("no_nic"),
         ("unicast", "vlan_table" | "check_vlan_outside_table") => Some("no_nic_tagged"),
         ("flood", "promiscuous") => Some("no_nic"),
         ("flood", "filtered") => Some("promiscuous"),
