@@ -13,38 +13,31 @@
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
-    path::PathBuf,
     time::Duration,
 };
 
 use aya::{
     Ebpf,
-    maps::{HashMap, PerCpuHashMap, PerCpuValues},
+    maps::HashMap,
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
-    util::nr_cpus,
 };
 use dataplane_common::{
-    DropReason, HubMember, HubMembers, MAX_HUB_PORTS, MEMBER_LINK_UP, MEMBER_RX_FILTER, PORT_FLAG_AT_INGRESS,
-    PORT_FLAG_LINK_UP, PortConfig, PortCounters, RX_MAC_MULTICAST, RX_MAC_UNICAST, RxFilterConfig, RxMacKey,
+    DropReason, HubMember, MEMBER_LINK_UP, MEMBER_RX_FILTER, PORT_FLAG_AT_INGRESS,
+    PORT_FLAG_LINK_UP, RX_MAC_MULTICAST, RX_MAC_UNICAST, RxFilterConfig, RxMacKey,
     RxVlanTable, maps, programs, rx,
 };
-use dataplane_tests::require_root;
+use dataplane_tests::testrun::{
+    LO, SKB_CB0_OFFSET, SKB_CB1_OFFSET, SKB_CTX_LEN, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunObject, drops,
+};
 use etherparse::{PacketBuilder, VlanId};
 use nix::{
-    net::if_::if_nametoindex,
     poll::{PollFd, PollFlags, PollTimeout, poll},
-    sched::CloneFlags,
     sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, SockaddrStorage, recvfrom, socket},
 };
 
-/// TC verdicts from `<linux/pkt_cls.h>`.
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
 /// `BPF_F_INGRESS` from `<linux/bpf.h>`.
 const BPF_F_INGRESS: u32 = 1;
 
-/// ifindex of `lo`, the first device of every network namespace: the source port.
-const LO: u32 = 1;
 /// The filtered destination, with no device behind it.
 const GHOST: u32 = 9001;
 /// Another destination, for isolation checks.
@@ -70,45 +63,37 @@ const MULTI_FOREIGN: [u8; 6] = [0x33, 0x33, 0x00, 0x00, 0x00, 0x01];
 const ACCEPT: bool = true;
 const REFUSE: bool = false;
 
-/// `struct __sk_buff` is 192 bytes: `ifindex` at offset 40, `cb[0]` at 48 and `cb[1]` at 52.
-const SKB_CTX_LEN: usize = 192;
-const SKB_IFINDEX_OFFSET: usize = 40;
-const SKB_CB0_OFFSET: usize = 48;
-const SKB_CB1_OFFSET: usize = 52;
 
 /// One frame through the filter: what it checks, the filter's `rx::*` flags, the frame's
 /// destination and 802.1Q id, and whether `GHOST` must receive it.
 type Case = (&'static str, u32, [u8; 6], Option<u16>, bool);
 
-/// A fresh object in a private network namespace, with `lo` a port of hub 0.
-struct Hub {
-    /// Owns the programs and maps: everything below borrows from it.
-    ebpf: Ebpf,
+/// The object with `hub_tc` loaded, plus the receive-filter maps this suite writes.
+struct Hub(TestRunObject);
+
+impl std::ops::Deref for Hub {
+    type Target = TestRunObject;
+    fn deref(&self) -> &TestRunObject {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Hub {
+    fn deref_mut(&mut self) -> &mut TestRunObject {
+        &mut self.0
+    }
 }
 
 impl Hub {
     /// `lo` and `GHOST` in hub 0, `GHOST` filtered: with no `RX_FILTERS` entry yet.
     fn new() -> Self {
-        let mut hub = Self::unattached();
-        let program: &mut SchedClassifier =
-            hub.ebpf.program_mut(programs::HUB_TC).expect("object has hub_tc").try_into().expect("hub_tc is TC");
-        program.load().unwrap_or_else(|err| panic!("the verifier rejected hub_tc: {err:?}"));
-        let mut ports: HashMap<_, u32, PortConfig> =
-            HashMap::try_from(hub.ebpf.map_mut(maps::PORTS).expect("PORTS")).expect("PORTS type");
-        ports.insert(LO, PortConfig { hub_id: 0, flags: PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS }, 0).expect("add lo");
-        for ifindex in [LO, GHOST, OTHER] {
+        let mut hub = Self(TestRunObject::with_hub());
+        hub.add_port(LO, 0, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS);
+        for ifindex in [GHOST, OTHER] {
             hub.watch(ifindex);
         }
-        hub.set_hub(&[up(LO), filtered(GHOST)]);
+        hub.set_members(&[up(LO), filtered(GHOST)]);
         hub
-    }
-
-    /// The object, loaded but with no program in the kernel, in a private network namespace.
-    fn unattached() -> Self {
-        require_root();
-        nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        assert_eq!(if_nametoindex("lo").expect("lo exists"), LO, "lo is the first device of a namespace");
-        Self { ebpf: Ebpf::load_file(object_path()).expect("load the eBPF object") }
     }
 
     /// `new`, with `GHOST`'s MAC table filled and a filter entry (flags 0, `MAIN`).
@@ -129,21 +114,9 @@ impl Hub {
         hub
     }
 
-    /// Zeroed counters for `ifindex`: the program only updates existing entries.
-    fn watch(&mut self, ifindex: u32) {
-        let mut counters: PerCpuHashMap<_, u32, PortCounters> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut(maps::PORT_COUNTERS).expect("PORT_COUNTERS")).expect("type");
-        let zeroes = PerCpuValues::try_from(vec![PortCounters::default(); nr_cpus().expect("cpus")]).expect("values");
-        counters.insert(ifindex, zeroes, 0).expect("insert into PORT_COUNTERS");
-    }
-
-    fn set_hub(&mut self, members: &[HubMember]) {
-        let mut value = HubMembers { count: 0, _reserved: 0, members: [HubMember::default(); MAX_HUB_PORTS] };
-        value.members[..members.len()].copy_from_slice(members);
-        value.count = u32::try_from(members.len()).expect("few members");
-        let mut hubs: HashMap<_, i32, HubMembers> =
-            HashMap::try_from(self.ebpf.map_mut(maps::HUBS).expect("HUBS")).expect("HUBS type");
-        hubs.insert(0, value, 0).expect("insert into HUBS");
+    /// The members of hub 0.
+    fn set_members(&mut self, members: &[HubMember]) {
+        self.0.set_hub(0, members);
     }
 
     fn set_filter(&mut self, ifindex: u32, flags: u32) {
@@ -173,28 +146,6 @@ impl Hub {
         let mut macs: HashMap<_, RxMacKey, u32> =
             HashMap::try_from(self.ebpf.map_mut(maps::RX_MACS).expect("RX_MACS")).expect("RX_MACS type");
         macs.insert(RxMacKey { ifindex, mac, _pad: [0; 2] }, kind, 0).expect("insert into RX_MACS");
-    }
-
-    /// The counters of `ifindex`, summed over all CPUs.
-    fn counters(&self, ifindex: u32) -> PortCounters {
-        let counters: PerCpuHashMap<_, u32, PortCounters> =
-            PerCpuHashMap::try_from(self.ebpf.map(maps::PORT_COUNTERS).expect("PORT_COUNTERS")).expect("type");
-        counters.get(&ifindex, 0).expect("counters of the port").iter().fold(PortCounters::default(), |mut sum, c| {
-            sum.accumulate(c);
-            sum
-        })
-    }
-
-    /// Runs `hub_tc` once on `frame` as seen on `lo`; returns the verdict.
-    fn run(&self, frame: &[u8]) -> u32 {
-        let mut ctx = [0u8; SKB_CTX_LEN];
-        ctx[SKB_IFINDEX_OFFSET..SKB_IFINDEX_OFFSET + 4].copy_from_slice(&LO.to_ne_bytes());
-        let program: &SchedClassifier =
-            self.ebpf.program(programs::HUB_TC).expect("hub_tc").try_into().expect("hub_tc is TC");
-        program
-            .test_run(TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), ..TestRunOptions::default() })
-            .expect("BPF_PROG_TEST_RUN of hub_tc")
-            .return_value
     }
 
     /// Runs `frame` with `GHOST` the only destination; whether it was delivered (else the filter
@@ -232,14 +183,6 @@ impl Hub {
     }
 }
 
-fn object_path() -> PathBuf {
-    let path = std::env::var_os("NETDEVD_BPF_OBJECT").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../dataplane-ebpf/target/bpfel-unknown-none/release/dataplane")),
-        PathBuf::from,
-    );
-    assert!(path.is_file(), "no eBPF object at {}: run cargo xtask build-ebpf", path.display());
-    path
-}
 
 /// A UDP/IPv4 frame from `SENDER` to `destination`, with an 802.1Q tag if `vlan` is given.
 fn frame(destination: [u8; 6], vlan: Option<u16>) -> Vec<u8> {
@@ -264,9 +207,6 @@ fn filtered(ifindex: u32) -> HubMember {
     HubMember { ifindex, flags: MEMBER_LINK_UP | MEMBER_RX_FILTER }
 }
 
-fn drops(counters: &PortCounters, reason: DropReason) -> u64 {
-    counters.drops[reason as usize]
-}
 
 fn mac(addr: [u8; 6]) -> String {
     addr.map(|byte| format!("{byte:02x}")).join(":")
@@ -450,7 +390,7 @@ fn decision_order_is_qemus() {
 fn a_filter_applies_only_to_its_flagged_member() {
     const GHOST_B: u32 = OTHER;
     let mut hub = Hub::with_tables();
-    hub.set_hub(&[up(LO), filtered(GHOST), up(GHOST_B)]);
+    hub.set_members(&[up(LO), filtered(GHOST), up(GHOST_B)]);
     // Refuse everything GHOST could be sent; GHOST_B, not flagged, has a refuse-all entry too,
     // which must be ignored.
     let refuse_all = rx::NOUNI | rx::NOMULTI | rx::NOBCAST | rx::VLAN_FILTER;
@@ -467,7 +407,7 @@ fn a_filter_applies_only_to_its_flagged_member() {
 
     // Flipped: GHOST's filter accepts (promisc) and GHOST_B, now flagged, refuses; with GHOST_B
     // skipped, GHOST is the last destination and takes the original skb.
-    hub.set_hub(&[up(LO), filtered(GHOST), filtered(GHOST_B)]);
+    hub.set_members(&[up(LO), filtered(GHOST), filtered(GHOST_B)]);
     hub.set_filter(GHOST, rx::PROMISC);
     assert_eq!(hub.run(&frame(BROADCAST, None)), TC_ACT_REDIRECT, "GHOST takes the original skb");
     let (a, b) = (hub.counters(GHOST), hub.counters(GHOST_B));
@@ -477,7 +417,7 @@ fn a_filter_applies_only_to_its_flagged_member() {
 
 #[test]
 fn inject_is_verified_and_shoots_its_frame_after_cloning_it() {
-    let mut object = Hub::unattached();
+    let mut object = TestRunObject::load();
     let program: &mut SchedClassifier =
         object.ebpf.program_mut(programs::INJECT).expect("object has inject").try_into().expect("inject is TC");
     program.load().unwrap_or_else(|err| panic!("the verifier rejected inject: {err:?}"));
@@ -526,17 +466,17 @@ fn offloaded_vlan_tags_are_filtered_on_a_real_port() {
     let mut vm = dataplane_tests::TapVm::open(&ns, "t0", false);
     let t0 = ns.ifindex("t0").expect("t0");
     ns.within(move || {
-        let mut ebpf = Ebpf::load_file(object_path()).expect("load");
-        let program: &mut SchedClassifier = ebpf.program_mut(programs::HUB_TC).unwrap().try_into().unwrap();
-        program.load().unwrap();
+        // This thread is already in the test's namespace, where t0 lives.
+        let mut ebpf = Ebpf::load_file(dataplane_tests::testrun::object_path()).expect("load");
+        let program: &mut SchedClassifier =
+            ebpf.program_mut(programs::HUB_TC).expect("hub_tc").try_into().expect("hub_tc is TC");
+        program.load().expect("verifier accepts hub_tc");
         let _ = tc::qdisc_add_clsact("t0");
         program.attach("t0", TcAttachType::Ingress).expect("attach");
-        let mut hub = Hub { ebpf };
-        let mut ports: HashMap<_, u32, PortConfig> = HashMap::try_from(hub.ebpf.map_mut(maps::PORTS).unwrap()).unwrap();
-        ports.insert(t0, PortConfig { hub_id: 0, flags: PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS }, 0).unwrap();
-        hub.watch(t0);
+        let mut hub = Hub(TestRunObject { ebpf });
+        hub.add_port(t0, 0, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS);
         hub.watch(GHOST);
-        hub.set_hub(&[HubMember { ifindex: t0, flags: MEMBER_LINK_UP }, filtered(GHOST)]);
+        hub.set_members(&[HubMember { ifindex: t0, flags: MEMBER_LINK_UP }, filtered(GHOST)]);
         hub.set_filter(GHOST, rx::VLAN_FILTER);
         for (label, f, delivered, refused) in
             [("untagged", frame(MAIN, None), 1, 0), ("tagged vid 5, empty table", frame(MAIN, Some(5)), 0, 1)]

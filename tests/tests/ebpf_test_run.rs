@@ -7,79 +7,38 @@
 //! sent, so a clone to such an index fails, which the redirect-failed counter shows. Needs root;
 //! build the object first with `cargo xtask build-ebpf`.
 
-use std::path::PathBuf;
-
-use aya::{
-    Ebpf,
-    maps::{HashMap, PerCpuHashMap, PerCpuValues},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
-    util::nr_cpus,
-};
+use aya::maps::HashMap;
 use dataplane_common::{
-    DropReason, HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER,
-    MEMBER_LINK_UP, PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PORT_FLAG_LINK_UP, PortConfig, PortCounters, maps,
-    programs,
+    DropReason, HubMember, LearnedMac, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP,
+    PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PORT_FLAG_LINK_UP, PortCounters, maps,
 };
-use nix::{net::if_::if_nametoindex, sched::CloneFlags, unistd::geteuid};
+use dataplane_tests::testrun::{LO, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunObject, drops};
 
-/// TC verdicts from `<linux/pkt_cls.h>`.
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-/// ifindex of `lo`, the first device of every network namespace.
-const LO: u32 = 1;
 /// Destinations with no device behind them.
 const GHOST_A: u32 = 9001;
 const GHOST_B: u32 = 9002;
 const FRAME_LEN: usize = 60;
 const SENDER: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
-/// `struct __sk_buff` is 192 bytes; `ifindex` is at offset 40 (after len, pkt_type, mark,
-/// queue_mapping, protocol, vlan_present, vlan_tci, vlan_proto, priority, ingress_ifindex).
-const SKB_CTX_LEN: usize = 192;
-const SKB_IFINDEX_OFFSET: usize = 40;
+/// The object with `hub_tc` loaded, plus the MAC-learning map this suite reads.
+struct Hub(TestRunObject);
 
-/// A freshly loaded object with `hub_tc` loaded, in a private network namespace.
-struct Hub {
-    /// Owns the program and maps: everything below borrows from it.
-    ebpf: Ebpf,
+impl std::ops::Deref for Hub {
+    type Target = TestRunObject;
+    fn deref(&self) -> &TestRunObject {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Hub {
+    fn deref_mut(&mut self) -> &mut TestRunObject {
+        &mut self.0
+    }
 }
 
 impl Hub {
     fn new() -> Self {
-        require_root();
-        nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        assert_eq!(if_nametoindex("lo").expect("lo exists"), LO, "lo is the first device of a namespace");
-        let mut ebpf = Ebpf::load_file(object_path()).expect("load the eBPF object");
-        let program: &mut SchedClassifier =
-            ebpf.program_mut(programs::HUB_TC).expect("object has hub_tc").try_into().expect("hub_tc is TC");
-        program.load().unwrap_or_else(|err| panic!("the verifier rejected hub_tc: {err:?}"));
-        Self { ebpf }
-    }
-
-    fn add_port(&mut self, ifindex: u32, hub_id: i32, flags: u32) {
-        let mut ports: HashMap<_, u32, PortConfig> =
-            HashMap::try_from(self.ebpf.map_mut(maps::PORTS).expect("PORTS")).expect("PORTS type");
-        ports.insert(ifindex, PortConfig { hub_id, flags }, 0).expect("insert into PORTS");
-        self.watch(ifindex);
-    }
-
-    /// Zeroed counters for `ifindex`: the program only updates existing entries.
-    fn watch(&mut self, ifindex: u32) {
-        let mut counters: PerCpuHashMap<_, u32, PortCounters> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut(maps::PORT_COUNTERS).expect("PORT_COUNTERS")).expect("type");
-        let zeroes = PerCpuValues::try_from(vec![PortCounters::default(); nr_cpus().expect("cpus")]).expect("values");
-        counters.insert(ifindex, zeroes, 0).expect("insert into PORT_COUNTERS");
-    }
-
-    fn set_hub(&mut self, hub_id: i32, members: &[HubMember]) {
-        let mut value = HubMembers { count: 0, _reserved: 0, members: [HubMember::default(); MAX_HUB_PORTS] };
-        value.members[..members.len()].copy_from_slice(members);
-        value.count = u32::try_from(members.len()).expect("few members");
-        let mut hubs: HashMap<_, i32, HubMembers> =
-            HashMap::try_from(self.ebpf.map_mut(maps::HUBS).expect("HUBS")).expect("HUBS type");
-        hubs.insert(hub_id, value, 0).expect("insert into HUBS");
+        Self(TestRunObject::with_hub())
     }
 
     fn learned(&self, ifindex: u32) -> Option<[u8; 6]> {
@@ -93,41 +52,6 @@ impl Hub {
             HashMap::try_from(self.ebpf.map_mut(maps::LEARNED_MACS).expect("LEARNED_MACS")).expect("type");
         learned.insert(ifindex, LearnedMac { addr, _pad: [0; 2] }, 0).expect("insert into LEARNED_MACS");
     }
-
-    /// The counters of `ifindex`, summed over all CPUs.
-    fn counters(&self, ifindex: u32) -> PortCounters {
-        let counters: PerCpuHashMap<_, u32, PortCounters> =
-            PerCpuHashMap::try_from(self.ebpf.map(maps::PORT_COUNTERS).expect("PORT_COUNTERS")).expect("type");
-        counters.get(&ifindex, 0).expect("counters of the port").iter().fold(PortCounters::default(), |mut sum, c| {
-            sum.accumulate(c);
-            sum
-        })
-    }
-
-    /// Runs `hub_tc` once on `frame` as seen on `lo`; returns the verdict.
-    fn run(&self, frame: &[u8]) -> u32 {
-        let mut ctx = [0u8; SKB_CTX_LEN];
-        ctx[SKB_IFINDEX_OFFSET..SKB_IFINDEX_OFFSET + 4].copy_from_slice(&LO.to_ne_bytes());
-        let program: &SchedClassifier =
-            self.ebpf.program(programs::HUB_TC).expect("hub_tc").try_into().expect("hub_tc is TC");
-        program
-            .test_run(TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), ..TestRunOptions::default() })
-            .expect("BPF_PROG_TEST_RUN of hub_tc")
-            .return_value
-    }
-}
-
-fn require_root() {
-    assert!(geteuid().is_root(), "the eBPF test-run tests must run as root (they load BPF programs)");
-}
-
-fn object_path() -> PathBuf {
-    let path = std::env::var_os("NETDEVD_BPF_OBJECT").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../dataplane-ebpf/target/bpfel-unknown-none/release/dataplane")),
-        PathBuf::from,
-    );
-    assert!(path.is_file(), "no eBPF object at {}: run cargo xtask build-ebpf", path.display());
-    path
 }
 
 fn frame(destination: [u8; 6]) -> Vec<u8> {
@@ -143,9 +67,6 @@ fn up_member(ifindex: u32) -> HubMember {
     HubMember { ifindex, flags: MEMBER_LINK_UP }
 }
 
-fn drops(counters: &PortCounters, reason: DropReason) -> u64 {
-    counters.drops[reason as usize]
-}
 
 #[test]
 fn frames_of_other_interfaces_are_left_alone() {
