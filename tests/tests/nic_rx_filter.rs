@@ -401,22 +401,17 @@ fn rx_filter_changes_keep_the_program_attached() {
     }
 
     // The last change took effect all the same: B gets its main MAC, not a foreign MAC.
-    let tag = new_tag();
-    let probes = vec![
-        ("main", frame(B_MAC, src_mac(1), &tag, "main")),
-        ("foreign", frame(FOREIGN, src_mac(1), &tag, "foreign")),
-    ];
-    for (_, probe) in &probes {
-        hub.vms[0].vm.send(probe);
-    }
-    std::thread::sleep(QUIET);
-    let b = drain_tagged(&mut hub.vms[1].vm, &tag);
-    assert_eq!(probe_names(&b, &probes, "B"), vec!["main"], "the filter in force is the last one set");
+    assert_eq!(main_and_foreign_probe(&mut hub), vec!["main"], "the filter in force is the last one set");
     assert_eq!(snapshot(&hub), before, "traffic changes nothing either");
 
     // Deleting the NIC removes its filter, again without touching the program: B gets everything.
     hub.daemon.del("nb");
     assert_eq!(snapshot(&hub), before, "deleting the NIC keeps the tcx links and programs");
+    assert_eq!(main_and_foreign_probe(&mut hub), vec!["foreign", "main"], "without its NIC, B's port filters nothing");
+}
+
+/// A sends one frame to B's main MAC and one to a foreign MAC; the names of those B received.
+fn main_and_foreign_probe(hub: &mut Hub) -> Vec<&'static str> {
     let tag = new_tag();
     let probes = vec![
         ("main", frame(B_MAC, src_mac(1), &tag, "main")),
@@ -427,7 +422,7 @@ fn rx_filter_changes_keep_the_program_attached() {
     }
     std::thread::sleep(QUIET);
     let b = drain_tagged(&mut hub.vms[1].vm, &tag);
-    assert_eq!(probe_names(&b, &probes, "B"), vec!["foreign", "main"], "without its NIC, B's port filters nothing");
+    probe_names(&b, &probes, "B")
 }
 
 // ---------------------------------------------------------------------------------------------
