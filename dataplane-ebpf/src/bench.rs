@@ -19,6 +19,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
+// Links in the panic handler.
+use dataplane_ebpf as _;
 
 /// `[0]`: ifindex the generator transmits on.
 #[map(name = "GEN_TARGET")]
@@ -89,13 +91,6 @@ pub fn bench_ref(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn bench_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // The verifier rejects any reachable panic path, so this is never reached at run time.
-    loop {}
 }
 
 #[unsafe(link_section = "license")]

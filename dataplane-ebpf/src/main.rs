@@ -17,6 +17,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuHashMap},
     programs::TcContext,
 };
+// Links in the panic handler.
+use dataplane_ebpf as _;
 use dataplane_common::{
     DropReason, HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER,
     MEMBER_LINK_UP, MEMBER_RX_FILTER, PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PortConfig, PortCounters,
@@ -271,13 +273,6 @@ fn is_learned(ifindex: u32, destination: &[u8]) -> bool {
     }
     // SAFETY: read-only lookup, as above.
     unsafe { LEARNED_MACS.get(ifindex) }.is_some_and(|known| known.addr.as_slice() == destination)
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // The verifier rejects any reachable panic path, so this is never reached at run time.
-    loop {}
 }
 
 #[unsafe(link_section = "license")]
