@@ -13,7 +13,9 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
     util::nr_cpus,
 };
-use dataplane_common::{DropReason, HubMember, HubMembers, MAX_HUB_PORTS, PortConfig, PortCounters, maps, programs};
+use dataplane_common::{
+    DropReason, HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, PortConfig, PortCounters, maps, programs,
+};
 use nix::{net::if_::if_nametoindex, sched::CloneFlags};
 
 use crate::require_root;
@@ -103,6 +105,20 @@ impl TestRunObject {
             sum.accumulate(c);
             sum
         })
+    }
+
+    /// The MAC `hub_tc` last learned behind `ifindex`.
+    #[must_use]
+    pub fn learned(&self, ifindex: u32) -> Option<[u8; 6]> {
+        let learned: HashMap<_, u32, LearnedMac> =
+            HashMap::try_from(self.ebpf.map(maps::LEARNED_MACS).expect("LEARNED_MACS")).expect("type");
+        learned.get(&ifindex, 0).ok().map(|mac| mac.addr)
+    }
+
+    pub fn set_learned(&mut self, ifindex: u32, addr: [u8; 6]) {
+        let mut learned: HashMap<_, u32, LearnedMac> =
+            HashMap::try_from(self.ebpf.map_mut(maps::LEARNED_MACS).expect("LEARNED_MACS")).expect("type");
+        learned.insert(ifindex, LearnedMac { addr, _pad: [0; 2] }, 0).expect("insert into LEARNED_MACS");
     }
 
     /// Runs `hub_tc` once on `frame` as seen on `lo`; returns the verdict.

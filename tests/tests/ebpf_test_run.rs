@@ -7,10 +7,9 @@
 //! sent, so a clone to such an index fails, which the redirect-failed counter shows. Needs root;
 //! build the object first with `cargo xtask build-ebpf`.
 
-use aya::maps::HashMap;
 use dataplane_common::{
-    DropReason, HubMember, LearnedMac, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP,
-    PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PORT_FLAG_LINK_UP, PortCounters, maps,
+    DropReason, HubMember, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP,
+    PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PORT_FLAG_LINK_UP, PortCounters,
 };
 use dataplane_tests::testrun::{LO, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunObject, drops};
 
@@ -19,40 +18,6 @@ const GHOST_A: u32 = 9001;
 const GHOST_B: u32 = 9002;
 const FRAME_LEN: usize = 60;
 const SENDER: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-
-/// The object with `hub_tc` loaded, plus the MAC-learning map this suite reads.
-struct Hub(TestRunObject);
-
-impl std::ops::Deref for Hub {
-    type Target = TestRunObject;
-    fn deref(&self) -> &TestRunObject {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Hub {
-    fn deref_mut(&mut self) -> &mut TestRunObject {
-        &mut self.0
-    }
-}
-
-impl Hub {
-    fn new() -> Self {
-        Self(TestRunObject::with_hub())
-    }
-
-    fn learned(&self, ifindex: u32) -> Option<[u8; 6]> {
-        let learned: HashMap<_, u32, LearnedMac> =
-            HashMap::try_from(self.ebpf.map(maps::LEARNED_MACS).expect("LEARNED_MACS")).expect("type");
-        learned.get(&ifindex, 0).ok().map(|mac| mac.addr)
-    }
-
-    fn set_learned(&mut self, ifindex: u32, addr: [u8; 6]) {
-        let mut learned: HashMap<_, u32, LearnedMac> =
-            HashMap::try_from(self.ebpf.map_mut(maps::LEARNED_MACS).expect("LEARNED_MACS")).expect("type");
-        learned.insert(ifindex, LearnedMac { addr, _pad: [0; 2] }, 0).expect("insert into LEARNED_MACS");
-    }
-}
 
 fn frame(destination: [u8; 6]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(FRAME_LEN);
@@ -70,7 +35,7 @@ fn up_member(ifindex: u32) -> HubMember {
 
 #[test]
 fn frames_of_other_interfaces_are_left_alone() {
-    let mut hub = Hub::new();
+    let mut hub = TestRunObject::with_hub();
     // Counted if the program mistook lo for a port; lo is not in PORTS.
     hub.watch(LO);
     assert_eq!(hub.run(&frame([0xff; 6])), TC_ACT_OK);
@@ -79,7 +44,7 @@ fn frames_of_other_interfaces_are_left_alone() {
 
 #[test]
 fn a_downed_port_neither_sends_nor_receives() {
-    let mut hub = Hub::new();
+    let mut hub = TestRunObject::with_hub();
     hub.add_port(LO, 0, PORT_FLAG_AT_INGRESS);
     hub.set_hub(0, &[up_member(LO), up_member(GHOST_A)]);
     assert_eq!(hub.run(&frame([0xff; 6])), TC_ACT_SHOT);
@@ -97,7 +62,7 @@ fn a_downed_port_neither_sends_nor_receives() {
 
 #[test]
 fn a_port_alone_in_its_hub_drops_with_no_destination() {
-    let mut hub = Hub::new();
+    let mut hub = TestRunObject::with_hub();
     hub.add_port(LO, 5, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS);
     // No segment at all, then a segment holding only the source.
     assert_eq!(hub.run(&frame([0xff; 6])), TC_ACT_SHOT);
@@ -109,7 +74,7 @@ fn a_port_alone_in_its_hub_drops_with_no_destination() {
 
 #[test]
 fn two_ports_redirect_without_cloning() {
-    let mut hub = Hub::new();
+    let mut hub = TestRunObject::with_hub();
     hub.add_port(LO, -3, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS);
     hub.watch(GHOST_A);
     hub.set_hub(-3, &[up_member(LO), up_member(GHOST_A)]);
@@ -123,7 +88,7 @@ fn two_ports_redirect_without_cloning() {
 
 #[test]
 fn three_ports_clone_to_all_but_the_last() {
-    let mut hub = Hub::new();
+    let mut hub = TestRunObject::with_hub();
     hub.add_port(LO, 0, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS);
     hub.watch(GHOST_A);
     hub.watch(GHOST_B);
@@ -137,7 +102,7 @@ fn three_ports_clone_to_all_but_the_last() {
 
 #[test]
 fn hubs_are_isolated() {
-    let mut hub = Hub::new();
+    let mut hub = TestRunObject::with_hub();
     hub.add_port(LO, 1, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS);
     hub.watch(GHOST_A);
     hub.watch(GHOST_B);
@@ -151,7 +116,7 @@ fn hubs_are_isolated() {
 #[test]
 fn bridge_ports_are_delivered_at_ingress() {
     // The verdict is the same either way; this checks the program accepts the flag.
-    let mut hub = Hub::new();
+    let mut hub = TestRunObject::with_hub();
     hub.add_port(LO, 0, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS);
     hub.watch(GHOST_A);
     hub.set_hub(0, &[up_member(LO), HubMember { ifindex: GHOST_A, flags: MEMBER_LINK_UP | MEMBER_DELIVER_INGRESS }]);
@@ -161,7 +126,7 @@ fn bridge_ports_are_delivered_at_ingress() {
 
 #[test]
 fn container_ports_learn_their_sender() {
-    let mut hub = Hub::new();
+    let mut hub = TestRunObject::with_hub();
     hub.add_port(LO, 0, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS | PORT_FLAG_LEARN_MAC);
     hub.watch(GHOST_A);
     hub.set_hub(0, &[up_member(LO), HubMember { ifindex: GHOST_A, flags: MEMBER_LINK_UP | MEMBER_DELIVER_PEER }]);
@@ -176,7 +141,7 @@ fn container_ports_learn_their_sender() {
 
 #[test]
 fn ports_without_learning_remember_nothing() {
-    let mut hub = Hub::new();
+    let mut hub = TestRunObject::with_hub();
     hub.add_port(LO, 0, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS);
     hub.watch(GHOST_A);
     hub.set_hub(0, &[up_member(LO), up_member(GHOST_A)]);
