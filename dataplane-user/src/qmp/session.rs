@@ -52,11 +52,6 @@ impl Session {
         Self { transport, negotiated: false, oob: false, received_fds: Vec::new(), named_fds: BTreeMap::new() }
     }
 
-    #[must_use]
-    pub const fn is_negotiated(&self) -> bool {
-        self.negotiated
-    }
-
     /// fds that arrived with the last bytes read.
     pub fn receive_fds(&mut self, fds: impl IntoIterator<Item = OwnedFd>) {
         self.received_fds.extend(fds);
