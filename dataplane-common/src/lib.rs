@@ -32,6 +32,16 @@ pub mod maps {
 }
 
 /// Program names, as declared by the kernel programs.
+/// Socket marks the tunnel programs leave on packets, so that user space can tell them apart.
+pub mod marks {
+    /// A received tunnel packet the kernel already handed to the hub; it still reaches the local
+    /// stack (multicast: other listeners need it), and the backend's own socket drops it with a
+    /// socket filter on this mark.
+    pub const TUNNEL_HANDLED: u32 = 0x4e44_7401;
+    /// A copy of a received multicast tunnel packet sent to the port device for decapsulation.
+    pub const TUNNEL_DECAP: u32 = 0x4e44_7402;
+}
+
 pub mod programs {
     /// TC program attached to every hub port: floods a frame to the other ports with skb
     /// redirects, which keep checksum-offload and GSO metadata.

@@ -9,6 +9,7 @@
 //! * [`config`]: the configuration file and command line;
 //! * [`client`]: a small QMP client for `netdevctl` and tests.
 
+pub mod backend;
 pub mod client;
 pub mod config;
 pub mod daemon;

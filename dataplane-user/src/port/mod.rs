@@ -112,7 +112,7 @@ async fn ifindex_of(id: &str, ifname: &str, netlink: &Netlink) -> Result<u32, Po
 }
 
 /// A passed fd as an owned descriptor (an inherited number is duplicated, so the daemon owns a copy).
-fn owned_fd(param: FdParam) -> Result<OwnedFd, PortError> {
+pub fn owned_fd(param: FdParam) -> Result<OwnedFd, PortError> {
     match param {
         FdParam::Named(fd) => Ok(fd),
         FdParam::Inherited(number) => {

@@ -1,0 +1,255 @@
+//! User-space backends: the socket side of netdevs whose frames leave the host (`stream`,
+//! `socket`, `dgram`, `l2tpv3`) or are answered in user space (`user`).
+//!
+//! Every backend is a hub port: it exchanges frames with the hub through a [`HubPipe`] on a port
+//! device the daemon owns. UDP-based tunnels also hand the kernel a [`TunnelEndpoint`], so that
+//! the eBPF programs encapsulate and decapsulate on the fast path; their socket stays open and
+//! bound, and carries what the kernel leaves to user space (oversized frames, IP fragments).
+//!
+//! A backend is made in two steps: [`prepare`] opens, binds and (for clients without reconnect)
+//! connects its sockets, so that `netdev_add` reports every failure and leaves nothing behind;
+//! [`Prepared::run`] then moves frames until the netdev is deleted.
+
+pub mod datagram;
+pub mod l2tp;
+pub mod pipe;
+pub mod slirp;
+pub mod stream;
+
+use std::{
+    net::SocketAddr,
+    os::fd::{AsRawFd, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use self::pipe::HubPipe;
+use crate::{
+    netdev::{Netdev, NetdevOptions, socket::SocketOptions},
+    port::FdSource,
+};
+
+/// What a running backend tells the daemon.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendEvent {
+    /// `NETDEV_STREAM_CONNECTED`; `addr` is the `SocketAddress` QEMU reports.
+    StreamConnected { addr: Value },
+    /// `NETDEV_STREAM_DISCONNECTED`.
+    StreamDisconnected,
+    /// The port's link follows the connection (QEMU: a stream is down until connected).
+    Link { up: bool },
+}
+
+/// Counters of a backend's socket side, shown by `x-query-netdevs`.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// Frames and bytes from the hub sent to the peer.
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Frames and bytes from the peer handed to the hub.
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// Frames dropped: empty or shorter than an Ethernet header (QEMU would stall on these).
+    pub runt_frames: AtomicU64,
+    /// Stream frames over 69632 bytes (the connection is closed, as QEMU does).
+    pub oversized_frames: AtomicU64,
+    /// Datagrams whose L2TPv3 session or cookie did not match.
+    pub bad_headers: AtomicU64,
+    /// Our own multicast frames looped back and not re-injected.
+    pub own_frames: AtomicU64,
+    /// Sends that failed (peer gone, buffer full).
+    pub send_errors: AtomicU64,
+    pub connects: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub disconnects: AtomicU64,
+}
+
+impl BackendStats {
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[must_use]
+    pub fn to_json(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "tx-frames": get(&self.tx_frames), "tx-bytes": get(&self.tx_bytes),
+            "rx-frames": get(&self.rx_frames), "rx-bytes": get(&self.rx_bytes),
+            "runt-frames": get(&self.runt_frames), "oversized-frames": get(&self.oversized_frames),
+            "bad-headers": get(&self.bad_headers), "own-frames": get(&self.own_frames),
+            "send-errors": get(&self.send_errors), "connects": get(&self.connects),
+            "connect-failures": get(&self.connect_failures), "disconnects": get(&self.disconnects),
+        })
+    }
+}
+
+/// What a backend needs while it runs.
+#[derive(Debug, Clone)]
+pub struct BackendContext {
+    /// The netdev id, for events and logs.
+    pub id: String,
+    pub events: mpsc::UnboundedSender<(String, BackendEvent)>,
+    pub stats: Arc<BackendStats>,
+    /// QEMU's `info network` text for the netdev (`tcp:127.0.0.1:5555`, `connecting`, …).
+    pub info: Arc<std::sync::Mutex<String>>,
+    /// Cancelled by `netdev_del`: the backend closes every socket it opened and returns.
+    pub cancel: CancellationToken,
+}
+
+impl BackendContext {
+    pub fn emit(&self, event: BackendEvent) {
+        // The daemon outlives its backends; a closed channel means it is shutting down.
+        let _ = self.events.send((self.id.clone(), event));
+    }
+
+    pub fn set_info(&self, text: impl Into<String>) {
+        *self.info.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = text.into();
+    }
+}
+
+/// The encapsulation of a UDP-based tunnel, for the kernel's fast path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Encapsulation {
+    /// One raw frame per UDP datagram (`dgram` inet, `socket` udp/mcast).
+    Udp,
+    /// L2TPv3 over UDP (`udp=on`) or directly over IP protocol 115.
+    L2tpv3 { over_udp: bool, header: L2tpHeader },
+}
+
+/// The L2TPv3 data header as QEMU lays it out (see `netdev::l2tpv3`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L2tpHeader {
+    pub tx_session: u32,
+    pub rx_session: u32,
+    /// 0, 4 or 8 bytes.
+    pub cookie_len: u8,
+    pub tx_cookie: u64,
+    pub rx_cookie: u64,
+    /// A 4-byte counter follows the cookie (`counter`), sent as 0 with `pincounter`.
+    pub counter: bool,
+    pub pin_counter: bool,
+    /// Zero bytes between the header and the frame.
+    pub offset: u16,
+}
+
+/// A tunnel's addresses once its socket is bound: the kernel matches `local` on receive and sends
+/// from `local` to `remote`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelEndpoint {
+    /// The bound address; an unspecified IP means any local address (the kernel then sends from
+    /// the route's preferred source).
+    pub local: SocketAddr,
+    /// Where frames go: a unicast peer or a multicast group. For L2TPv3 over IP the port is 0.
+    pub remote: SocketAddr,
+    pub encapsulation: Encapsulation,
+    /// Multicast: the interface address given as `localaddr`/`local`, if any.
+    pub multicast_interface: Option<std::net::Ipv4Addr>,
+}
+
+/// An error while opening a backend's sockets; `Display` is QEMU's text where QEMU has one.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A rule QEMU checks when it opens the backend (`fd` lookups, addresses, binds, connects).
+    #[error("{reason}")]
+    Setup { id: String, reason: String },
+    #[error("{context}: {source}")]
+    Io { id: String, context: String, source: std::io::Error },
+}
+
+impl BackendError {
+    pub fn setup(id: &str, reason: impl Into<String>) -> Self {
+        Self::Setup { id: id.to_owned(), reason: reason.into() }
+    }
+
+    pub fn io(id: &str, context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io { id: id.to_owned(), context: context.into(), source }
+    }
+}
+
+/// A backend whose sockets are open, ready to run.
+#[derive(Debug)]
+pub enum Prepared {
+    Stream(stream::PreparedStream),
+    Datagram(datagram::PreparedDatagram),
+    User(slirp::PreparedUser),
+}
+
+/// Opens the sockets of `netdev` if its type has a user-space side; `None` for the others.
+pub async fn prepare(netdev: &Netdev, fds: &mut dyn FdSource) -> Result<Option<Prepared>, BackendError> {
+    let id = netdev.id.as_str();
+    Ok(Some(match &netdev.options {
+        NetdevOptions::Stream(options) => Prepared::Stream(stream::prepare_stream(id, options, fds).await?),
+        NetdevOptions::Socket(options) if options.listen.is_some() || options.connect.is_some() => {
+            Prepared::Stream(stream::prepare_socket(id, options, fds).await?)
+        }
+        NetdevOptions::Socket(options) if options.fd.is_some() => prepare_socket_fd(id, options, fds).await?,
+        NetdevOptions::Socket(options) => Prepared::Datagram(datagram::prepare_socket(id, options, fds)?),
+        NetdevOptions::Dgram(options) => Prepared::Datagram(datagram::prepare_dgram(id, options, fds)?),
+        NetdevOptions::L2tpv3(options) => Prepared::Datagram(datagram::prepare_l2tpv3(id, options)?),
+        NetdevOptions::User(options) => Prepared::User(slirp::prepare(id, options)?),
+        _ => return Ok(None),
+    }))
+}
+
+/// `socket,fd=`: QEMU looks at `SO_TYPE` to choose between the stream and datagram paths.
+async fn prepare_socket_fd(id: &str, options: &SocketOptions, fds: &mut dyn FdSource) -> Result<Prepared, BackendError> {
+    let name = options.fd.as_deref().unwrap_or_default();
+    let fd = fds.take_fd(name).map_err(|e| BackendError::setup(id, e.desc))?;
+    let fd = crate::port::owned_fd(fd).map_err(|e| BackendError::setup(id, e.to_string()))?;
+    let kind = socket_type(&fd).map_err(|_| BackendError::setup(id, "can't get socket option SO_TYPE"))?;
+    if kind == libc::SOCK_STREAM {
+        Ok(Prepared::Stream(stream::PreparedStream::from_connected_fd(id, fd)?))
+    } else {
+        Ok(Prepared::Datagram(datagram::PreparedDatagram::from_fd(id, fd)?))
+    }
+}
+
+/// `getsockopt(SO_TYPE)`.
+pub fn socket_type(fd: &OwnedFd) -> std::io::Result<libc::c_int> {
+    let mut kind: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: SO_TYPE writes one int through the pointer; `len` holds its size.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TYPE, std::ptr::from_mut(&mut kind).cast(), &mut len)
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(kind)
+}
+
+impl Prepared {
+    /// The kernel's share of the work: the addresses of a UDP-based tunnel.
+    #[must_use]
+    pub fn endpoint(&self) -> Option<TunnelEndpoint> {
+        match self {
+            Self::Datagram(datagram) => datagram.endpoint(),
+            Self::Stream(_) | Self::User(_) => None,
+        }
+    }
+
+    /// Whether the port's link is up from the start (a stream's is down until it connects).
+    #[must_use]
+    pub fn link_up_at_start(&self) -> bool {
+        match self {
+            Self::Stream(stream) => stream.is_connected(),
+            Self::Datagram(_) | Self::User(_) => true,
+        }
+    }
+
+    /// Moves frames between the hub and the sockets until `ctx.cancel` fires; every socket is
+    /// closed when this returns.
+    pub async fn run(self, pipe: HubPipe, ctx: BackendContext) {
+        match self {
+            Self::Stream(stream) => stream.run(pipe, ctx).await,
+            Self::Datagram(datagram) => datagram.run(pipe, ctx).await,
+            Self::User(user) => user.run(pipe, ctx).await,
+        }
+    }
+}
