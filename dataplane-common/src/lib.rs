@@ -29,6 +29,12 @@ pub mod maps {
     pub const RX_VLANS: &str = "RX_VLANS";
     /// `HashMap<RxMacKey, u32 /* RX_MAC_* */>`: the NIC's MAC table.
     pub const RX_MACS: &str = "RX_MACS";
+    /// Tunnel port device ifindex → [`TunnelConfig`](crate::TunnelConfig).
+    pub const TUNNELS: &str = "TUNNELS";
+    /// [`TunnelRxKey`](crate::TunnelRxKey) → tunnel port device ifindex.
+    pub const TUNNEL_RX: &str = "TUNNEL_RX";
+    /// Tunnel port device ifindex → per-CPU [`TunnelCounters`](crate::TunnelCounters).
+    pub const TUNNEL_COUNTERS: &str = "TUNNEL_COUNTERS";
 }
 
 /// Program names, as declared by the kernel programs.
@@ -48,6 +54,10 @@ pub mod programs {
     pub const HUB_TC: &str = "hub_tc";
     /// TC program run with `BPF_PROG_TEST_RUN` to inject a frame into a port (`announce-self`).
     pub const INJECT: &str = "inject";
+    /// On the underlay devices' ingress: steers received tunnel packets to their port.
+    pub const TUNNEL_RX: &str = "tunnel_rx";
+    /// On a tunnel port device's ingress: encapsulates frames from the hub, decapsulates copies.
+    pub const TUNNEL_PORT: &str = "tunnel_port";
 }
 
 /// `PortConfig::flags`: the port's link is up (QEMU `set_link ... up=true`).
@@ -231,8 +241,140 @@ impl PortCounters {
     }
 }
 
+/// UDP-based tunnels (`dgram`, `socket` udp/mcast, `l2tpv3`) on the kernel's fast path.
+///
+/// A tunnel's hub port is one end of a veth pair; frames the hub sends to it arrive, segmented and
+/// checksummed in software, at the other end (the tunnel port device), where `tunnel_port`
+/// encapsulates them and sends them out of the underlay device. `tunnel_rx` on the underlay
+/// matches received packets by local address, port (or L2TPv3 session) and protocol, strips the
+/// headers and injects the frame at the hub port.
+pub mod tunnel {
+    /// The outer header is IPv6 (else IPv4).
+    pub const IPV6: u32 = 1 << 0;
+    /// A UDP header follows the IP header (else L2TPv3 directly over IP protocol 115).
+    pub const UDP: u32 = 1 << 1;
+    /// Send on `out_ifindex` with the configured MACs (a local or multicast destination) instead
+    /// of looking the route and neighbour up.
+    pub const STATIC_L2: u32 = 1 << 2;
+    /// Multicast on a device other than loopback: also hand a copy to the local stack, as
+    /// `IP_MULTICAST_LOOP` does.
+    pub const LOOP_COPY: u32 = 1 << 3;
+    /// The L2TPv3 counter slot at `counter_at` counts packets (else it stays as in the template).
+    pub const COUNTER: u32 = 1 << 4;
+    /// Every frame goes to user space (IPv6 UDP needs a full checksum the program does not make).
+    pub const TX_USER_SPACE: u32 = 1 << 5;
+    /// Received packets stay visible to the local stack (other listeners of the group); ours,
+    /// looped back, are not re-injected.
+    pub const MULTICAST: u32 = 1 << 6;
+
+    pub const PROTO_UDP: u8 = 17;
+    pub const PROTO_L2TP: u8 = 115;
+    /// Frames the kernel leaves to user space reach the backend's packet socket wrapped in an
+    /// Ethernet header with this EtherType (IEEE 802 local experimental), so that the socket,
+    /// bound to it, sees only those and not the frames the kernel sent itself.
+    pub const SLOW_PATH_ETHERTYPE: u16 = 0x88b6;
+    /// Longest L2TPv3 header: version word, session, 64-bit cookie, counter.
+    pub const MAX_HEADER: usize = 20;
+    /// `counter_at` of a header without a counter.
+    pub const NO_COUNTER: u16 = 0xffff;
+}
+
+/// A tunnel's encapsulation, keyed by its port device's ifindex. Addresses and ports are in
+/// network byte order; an IPv4 address fills the first 4 bytes of its 16.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TunnelConfig {
+    /// `tunnel::*` bits.
+    pub flags: u32,
+    /// The hub port (the veth end in the hub), where decapsulated frames are injected.
+    pub hub_ifindex: u32,
+    /// With `STATIC_L2`: the device to send on.
+    pub out_ifindex: u32,
+    /// With `STATIC_L2`: the longest frame that fits the device's MTU once encapsulated.
+    pub max_frame: u32,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Bytes of `header` in use (L2TPv3; 0 for raw frames).
+    pub header_len: u16,
+    /// Zero bytes between the header and the frame (L2TPv3 `offset`).
+    pub offset: u16,
+    /// Where the counter sits in `header`, or `tunnel::NO_COUNTER`.
+    pub counter_at: u16,
+    /// Where the session id and cookie sit in `header` (after the UDP version word, if any), and
+    /// the cookie's length: a received header must carry `rx_session` and `rx_cookie` there.
+    pub session_at: u16,
+    pub cookie_len: u16,
+    pub _pad: u16,
+    /// The header as sent (counter slot zero).
+    pub header: [u8; tunnel::MAX_HEADER],
+    /// Session id (4 bytes) then cookie (`cookie_len` bytes) expected on receive.
+    pub rx_match: [u8; 12],
+    pub _pad2: u32,
+    /// Last counter value sent; updated atomically by the program (the low 32 bits are sent).
+    pub counter: u64,
+}
+const _: () = assert!(size_of::<TunnelConfig>() == 120);
+
+/// Key of `TUNNEL_RX`: what a received packet is addressed to. `addr` all zero matches a tunnel
+/// bound to the wildcard address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct TunnelRxKey {
+    pub addr: [u8; 16],
+    /// L2TPv3 over IP only: the session id (network order); 0 otherwise.
+    pub session: u32,
+    /// UDP destination port (network order); 0 for L2TPv3 over IP.
+    pub port: u16,
+    /// `tunnel::PROTO_*`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<TunnelRxKey>() == 24);
+
+/// Per-CPU counters of one tunnel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TunnelCounters {
+    pub encap_packets: u64,
+    pub encap_bytes: u64,
+    pub decap_packets: u64,
+    pub decap_bytes: u64,
+    /// Frames handed to the backend's socket (too big for the path, no route, IPv6 UDP).
+    pub to_user_space: u64,
+    /// Received packets whose session or cookie did not match, or too short to carry a frame.
+    pub bad_header: u64,
+    /// Our own multicast packets seen coming back.
+    pub own_packets: u64,
+    /// Helper failures (room, redirect).
+    pub errors: u64,
+}
+const _: () = assert!(size_of::<TunnelCounters>() == 64);
+
+impl TunnelCounters {
+    pub fn accumulate(&mut self, other: &Self) {
+        self.encap_packets += other.encap_packets;
+        self.encap_bytes += other.encap_bytes;
+        self.decap_packets += other.decap_packets;
+        self.decap_bytes += other.decap_bytes;
+        self.to_user_space += other.to_user_space;
+        self.bad_header += other.bad_header;
+        self.own_packets += other.own_packets;
+        self.errors += other.errors;
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::TunnelConfig {}
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::TunnelRxKey {}
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::TunnelCounters {}
     // SAFETY: both types are `#[repr(C)]` and derive `bytemuck::Pod`, which proves at compile time
     // that they have no padding and that every bit pattern is valid — what `aya::Pod` requires.
     unsafe impl aya::Pod for super::PortConfig {}

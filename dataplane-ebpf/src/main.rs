@@ -10,6 +10,8 @@
 #![no_std]
 #![no_main]
 
+mod tunnel;
+
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_peer},

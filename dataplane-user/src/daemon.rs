@@ -19,12 +19,18 @@ use tokio::sync::{Mutex, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    backend::{self, BackendContext, BackendError, BackendEvent, BackendStats},
     kernel::{
         self, Forwarding, KernelError,
         plan::{self, Device, Plan, PlanError},
     },
     netdev::{Netdev, NetdevOptions, nic::parse_mac},
-    port::{self, FdSource, PortDevice, PortError, link::Netlink},
+    port::{
+        self, FdSource, PortDevice, PortError,
+        link::Netlink,
+        pair::{PipeMode, PortPair},
+        tunnel::TunnelKernel,
+    },
     qmp::{codec, protocol},
     registry::{NetdevInfo, Registry, RegistryError},
     rxfilter::{RxFilter, RxFilterChange},
@@ -56,6 +62,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Port(#[from] PortError),
     #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
@@ -75,9 +83,23 @@ pub struct Kernel {
     pub netlink: Netlink,
 }
 
+/// A user-space backend that is running.
+struct RunningBackend {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    stats: Arc<BackendStats>,
+    info: Arc<std::sync::Mutex<String>>,
+}
+
+/// How long `netdev_del` waits for a backend to close its sockets.
+const BACKEND_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 struct State {
     registry: Registry,
     devices: HashMap<String, PortDevice>,
+    /// Kernel fast paths of UDP-based tunnels, by netdev id.
+    tunnels: HashMap<String, TunnelKernel>,
+    backends: HashMap<String, RunningBackend>,
     /// Receive filters of the NICs, by NIC id.
     rx_filters: HashMap<String, RxFilter>,
     /// NICs that reported `NIC_RX_FILTER_CHANGED` and stay silent until `query-rx-filter`.
@@ -96,7 +118,7 @@ impl State {
 
     /// Plans the current graph and applies it; on failure the kernel is put back as it was.
     fn replan(&mut self) -> Result<(), DaemonError> {
-        let next = plan::plan(&self.registry, &self.device_map(), &self.rx_filters)?;
+        let next = plan::plan(&self.registry, &self.device_map(), &self.rx_filters, &self.tunnels)?;
         if next == self.plan {
             return Ok(());
         }
@@ -196,6 +218,8 @@ impl Daemon {
         let state = State {
             registry: Registry::default(),
             devices: HashMap::new(),
+            tunnels: HashMap::new(),
+            backends: HashMap::new(),
             rx_filters: HashMap::new(),
             rx_notify_disarmed: HashSet::new(),
             nic_macs: HashMap::new(),
@@ -211,17 +235,27 @@ impl Daemon {
         }
     }
 
-    /// `netdev_add`: check, create the interface, join the kernel hub — or change nothing.
+    /// `netdev_add`: check, create the interface and open the sockets, join the kernel hub — or
+    /// change nothing.
     pub async fn add_netdev(&self, netdev: Netdev, fds: &mut dyn FdSource) -> Result<(), DaemonError> {
         let mut state = self.state.lock().await;
         state.registry.check_add(&netdev)?;
         let id = netdev.id.clone();
         let kind = netdev.kind();
-        let device = match state.kernel.as_ref() {
+        let mut device = match state.kernel.as_ref() {
             Some(kernel) => port::create(&netdev, &kernel.netlink, fds).await?,
             None if matches!(kind, "tap" | "bridge" | "af-xdp") => return Err(DaemonError::NoDataplane { id }),
             None => None,
         };
+        let mut pending_backend = None;
+        let mut tunnel = None;
+        if let Some(prepared) = backend::prepare(&netdev, fds).await? {
+            let Some(kernel) = state.kernel.as_ref() else { return Err(DaemonError::NoDataplane { id }) };
+            let (hub_device, pipe, resolved) = user_space_port(&id, prepared.endpoint(), &kernel.netlink).await?;
+            device = Some(hub_device);
+            tunnel = resolved;
+            pending_backend = Some((prepared, pipe));
+        }
         if let NetdevOptions::Nic(nic) = &netdev.options {
             let mac = match nic.macaddr.as_deref().and_then(parse_mac) {
                 Some(mac) => mac,
@@ -231,27 +265,97 @@ impl Daemon {
             state.rx_filters.insert(id.clone(), RxFilter::new(mac));
         }
         state.registry.add(netdev)?;
+        if pending_backend.as_ref().is_some_and(|(prepared, _)| !prepared.link_up_at_start()) {
+            // QEMU: a stream's link is down until it connects.
+            let _ = state.registry.set_link(&id, false);
+        }
         if let Some(device) = device {
             state.devices.insert(id.clone(), device);
+        }
+        if let Some(tunnel) = tunnel {
+            state.tunnels.insert(id.clone(), tunnel);
         }
         if let Err(error) = state.replan() {
             let _ = state.registry.remove(&id);
             state.rx_filters.remove(&id);
             state.nic_macs.remove(&id);
+            state.tunnels.remove(&id);
             if let (Some(device), Some(kernel)) = (state.devices.remove(&id), state.kernel.as_ref()) {
                 device.destroy(&kernel.netlink).await;
             }
             return Err(error);
+        }
+        if let Some((prepared, pipe)) = pending_backend {
+            let running = self.start_backend(&id, prepared, pipe);
+            state.backends.insert(id.clone(), running);
         }
         let ifname = state.devices.get(&id).map(|d| d.device.ifname.clone());
         tracing::info!(netdev = %id, kind, ifname, "netdev added");
         Ok(())
     }
 
+    /// Runs a prepared backend; its events come back through a task that holds the daemon weakly.
+    fn start_backend(&self, id: &str, prepared: backend::Prepared, pipe: backend::HubPipe) -> RunningBackend {
+        let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let ctx = BackendContext {
+            id: id.to_owned(),
+            events,
+            stats: Arc::new(BackendStats::default()),
+            info: Arc::new(std::sync::Mutex::new(String::new())),
+            cancel: CancellationToken::new(),
+        };
+        let running = RunningBackend {
+            cancel: ctx.cancel.clone(),
+            stats: ctx.stats.clone(),
+            info: ctx.info.clone(),
+            task: tokio::spawn(prepared.run(pipe, ctx)),
+        };
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            while let Some((id, event)) = received.recv().await {
+                let Some(daemon) = me.upgrade() else { return };
+                daemon.backend_event(&id, event).await;
+            }
+        });
+        running
+    }
+
+    /// A backend's news: QEMU's stream events, and the link following the connection (as QEMU,
+    /// this overrides an earlier `set_link`).
+    async fn backend_event(&self, id: &str, event: BackendEvent) {
+        match event {
+            BackendEvent::StreamConnected { addr } => {
+                self.emit("NETDEV_STREAM_CONNECTED", Some(json!({"netdev-id": id, "addr": addr})));
+            }
+            BackendEvent::StreamDisconnected => {
+                self.emit("NETDEV_STREAM_DISCONNECTED", Some(json!({"netdev-id": id})));
+            }
+            BackendEvent::Link { up } => {
+                let mut state = self.state.lock().await;
+                if !state.backends.contains_key(id) {
+                    return;
+                }
+                let was_up = state.registry.get(id).is_some_and(|e| e.link_up);
+                if was_up != up && state.registry.set_link(id, up).is_ok() && let Err(error) = state.replan() {
+                    tracing::warn!(netdev = %id, %error, "link change not applied");
+                    let _ = state.registry.set_link(id, was_up);
+                }
+            }
+        }
+    }
+
     /// `netdev_del`: leave the hub, then remove what the netdev created.
     pub async fn remove_netdev(&self, id: &str) -> Result<(), DaemonError> {
         let mut state = self.state.lock().await;
         let entry = state.registry.remove(id)?;
+        if let Some(backend) = state.backends.remove(id) {
+            // Its sockets close before the netdev is reported gone: nothing keeps listening.
+            backend.cancel.cancel();
+            if tokio::time::timeout(BACKEND_STOP_TIMEOUT, backend.task).await.is_err() {
+                tracing::warn!(netdev = %id, "backend did not stop in time");
+            }
+        }
+        state.tunnels.remove(id);
         state.rx_filters.remove(id);
         state.nic_macs.remove(id);
         state.rx_notify_disarmed.remove(id);
@@ -390,6 +494,25 @@ impl Daemon {
             if let Some(device) = state.devices.get(&info.id) {
                 info.ifname = Some(device.device.ifname.clone());
             }
+            if let Some(backend) = state.backends.get(&info.id) {
+                info.info = Some(backend.info.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone());
+                let mut counters = backend.stats.to_json();
+                if let (Some(tunnel), Some(kernel), Value::Object(map)) =
+                    (state.tunnels.get(&info.id), state.kernel.as_ref(), &mut counters)
+                {
+                    let fast = kernel.forwarding.tunnel_counters(tunnel.port_ifindex);
+                    map.insert(
+                        "kernel".into(),
+                        json!({
+                            "encap-packets": fast.encap_packets, "encap-bytes": fast.encap_bytes,
+                            "decap-packets": fast.decap_packets, "decap-bytes": fast.decap_bytes,
+                            "to-user-space": fast.to_user_space, "bad-header": fast.bad_header,
+                            "own-packets": fast.own_packets, "errors": fast.errors,
+                        }),
+                    );
+                }
+                info.backend = Some(counters);
+            }
         }
         infos
     }
@@ -448,6 +571,33 @@ impl Daemon {
             if let Err(error) = self.remove_netdev(id).await {
                 tracing::warn!(netdev = %id, %error, "could not remove netdev at shutdown");
             }
+        }
+    }
+}
+
+/// The port device of a user-space backend: a veth pair whose hub end joins the hub, the packet
+/// socket on its other end, and for tunnels the kernel's share. Nothing is left on failure.
+async fn user_space_port(
+    id: &str,
+    endpoint: Option<backend::TunnelEndpoint>,
+    netlink: &Netlink,
+) -> Result<(PortDevice, backend::HubPipe, Option<TunnelKernel>), DaemonError> {
+    let pair = PortPair::create(id, netlink).await?;
+    let mode = match endpoint {
+        Some(_) => PipeMode::SlowPath(dataplane_common::tunnel::SLOW_PATH_ETHERTYPE),
+        None => PipeMode::AllFrames,
+    };
+    let opened = pair.open_pipe(id, mode).and_then(|pipe| {
+        let tunnel = endpoint
+            .map(|e| port::tunnel::resolve(id, &e, pair.hub.ifindex, pair.port_ifindex, &pair.port_ifname))
+            .transpose()?;
+        Ok((pipe, tunnel))
+    });
+    match opened {
+        Ok((pipe, tunnel)) => Ok((PortDevice::owned(pair.hub.clone()), pipe, tunnel)),
+        Err(error) => {
+            pair.destroy(netlink).await;
+            Err(error.into())
         }
     }
 }

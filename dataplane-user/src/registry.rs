@@ -25,7 +25,7 @@ pub enum RegistryError {
     PeerInUse { id: String, peer: String, user: String },
     #[error("netdev '{netdev}' already has the NIC '{nic}'")]
     NicTaken { id: String, netdev: String, nic: String },
-    #[error("a NIC goes behind a tap, bridge, af-xdp or hubport netdev, not '{netdev}' ({kind})")]
+    #[error("a NIC goes behind a backend netdev, not '{netdev}' ({kind})")]
     NicBackend { id: String, netdev: String, kind: &'static str },
 }
 
@@ -54,6 +54,12 @@ pub struct NetdevInfo {
     /// The interface the netdev brought, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ifname: Option<String>,
+    /// QEMU's `info network` text of a socket backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub info: Option<String>,
+    /// Counters of a user-space backend's socket side and, for tunnels, of the kernel fast path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Value>,
     /// The `netdev_add` arguments that created it.
     pub options: Value,
 }
@@ -76,7 +82,12 @@ fn check_available(netdev: &Netdev) -> Result<(), NetdevError> {
         | NetdevOptions::Tap(_)
         | NetdevOptions::Bridge(_)
         | NetdevOptions::AfXdp(_)
-        | NetdevOptions::Nic(_) => Ok(()),
+        | NetdevOptions::Nic(_)
+        | NetdevOptions::Stream(_)
+        | NetdevOptions::Socket(_)
+        | NetdevOptions::Dgram(_)
+        | NetdevOptions::L2tpv3(_)
+        | NetdevOptions::User(_) => Ok(()),
         // QEMU refuses this in netdev_add with exactly this error.
         NetdevOptions::None(_) => Err(NetdevError::NotCompiled { id, kind }),
         NetdevOptions::Netmap(_) => {
@@ -86,12 +97,7 @@ fn check_available(netdev: &Netdev) -> Result<(), NetdevError> {
             unavailable("vmnet is Apple's vmnet.framework and exists only on macOS")
         }
         NetdevOptions::Vde(_) => unavailable("netdevd has no VDE switch support"),
-        NetdevOptions::User(_)
-        | NetdevOptions::L2tpv3(_)
-        | NetdevOptions::Socket(_)
-        | NetdevOptions::Stream(_)
-        | NetdevOptions::Dgram(_)
-        | NetdevOptions::VhostUser(_)
+        NetdevOptions::VhostUser(_)
         | NetdevOptions::VhostVdpa(_)
         | NetdevOptions::Passt(_) => unavailable("its data path is not implemented in this version of netdevd"),
     }
@@ -143,7 +149,7 @@ impl Registry {
             let target =
                 self.get(backend).ok_or_else(|| RegistryError::PeerNotFound { id: id.clone(), peer: backend.clone() })?;
             let kind = target.netdev.kind();
-            if !matches!(kind, "tap" | "bridge" | "af-xdp" | "hubport") {
+            if matches!(kind, "nic" | "none") {
                 return Err(RegistryError::NicBackend { id, netdev: backend.clone(), kind });
             }
             if let Some(other) = self.nic_of(backend) {
@@ -221,6 +227,8 @@ impl Registry {
                     _ => None,
                 },
                 ifname: None,
+                info: None,
+                backend: None,
                 options: entry.netdev.to_json(),
             })
             .collect()

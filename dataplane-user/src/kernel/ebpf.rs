@@ -13,10 +13,13 @@ use aya::{
 };
 use dataplane_common::{
     HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, PortConfig, PortCounters, RxFilterConfig, RxMacKey, RxVlanTable,
-    maps, programs,
+    TunnelConfig, TunnelCounters, TunnelRxKey, maps, programs,
 };
 
-use super::{Forwarding, KernelError, plan::Hook};
+use super::{
+    Forwarding, KernelError,
+    plan::{Hook, TunnelProgram},
+};
 use crate::rxfilter::KernelRxFilter;
 
 /// Where the object comes from.
@@ -51,7 +54,18 @@ pub struct EbpfDataplane {
     rx_vlans: BpfHashMap<MapData, u32, RxVlanTable>,
     rx_macs: BpfHashMap<MapData, RxMacKey, u32>,
     links: HashMap<u32, SchedClassifierLinkId>,
+    tunnels: BpfHashMap<MapData, u32, TunnelConfig>,
+    tunnel_rx: BpfHashMap<MapData, TunnelRxKey, u32>,
+    tunnel_counters: PerCpuHashMap<MapData, u32, TunnelCounters>,
+    tunnel_links: HashMap<(u32, TunnelProgram), SchedClassifierLinkId>,
     cpus: usize,
+}
+
+const fn tunnel_program_name(program: TunnelProgram) -> &'static str {
+    match program {
+        TunnelProgram::Rx => programs::TUNNEL_RX,
+        TunnelProgram::Port => programs::TUNNEL_PORT,
+    }
 }
 
 fn boxed(error: impl std::error::Error + Send + Sync + 'static) -> Box<dyn std::error::Error + Send + Sync> {
@@ -78,6 +92,14 @@ impl EbpfDataplane {
             .try_into()
             .map_err(|e| load_error(boxed(e)))?;
         injector.load().map_err(|e| load_error(boxed(e)))?;
+        for name in [programs::TUNNEL_RX, programs::TUNNEL_PORT] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| load_error(format!("the object has no {name} program").into()))?
+                .try_into()
+                .map_err(|e| load_error(boxed(e)))?;
+            program.load().map_err(|e| load_error(boxed(e)))?;
+        }
         let mut take = |map: &'static str| {
             ebpf.take_map(map).ok_or_else(|| load_error(format!("the object has no {map} map").into()))
         };
@@ -88,6 +110,10 @@ impl EbpfDataplane {
         let rx_filters = BpfHashMap::try_from(take(maps::RX_FILTERS)?).map_err(|e| load_error(boxed(e)))?;
         let rx_vlans = BpfHashMap::try_from(take(maps::RX_VLANS)?).map_err(|e| load_error(boxed(e)))?;
         let rx_macs = BpfHashMap::try_from(take(maps::RX_MACS)?).map_err(|e| load_error(boxed(e)))?;
+        let tunnels = BpfHashMap::try_from(take(maps::TUNNELS)?).map_err(|e| load_error(boxed(e)))?;
+        let tunnel_rx = BpfHashMap::try_from(take(maps::TUNNEL_RX)?).map_err(|e| load_error(boxed(e)))?;
+        let tunnel_counters =
+            PerCpuHashMap::try_from(take(maps::TUNNEL_COUNTERS)?).map_err(|e| load_error(boxed(e)))?;
         let cpus = nr_cpus().map_err(|(_, e)| load_error(boxed(e)))?;
         Ok(Self {
             ebpf,
@@ -99,6 +125,10 @@ impl EbpfDataplane {
             rx_vlans,
             rx_macs,
             links: HashMap::new(),
+            tunnels,
+            tunnel_rx,
+            tunnel_counters,
+            tunnel_links: HashMap::new(),
             cpus,
         })
     }
@@ -109,6 +139,14 @@ impl EbpfDataplane {
             .program_mut(programs::HUB_TC)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
             .expect("hub_tc was checked at load")
+    }
+
+    fn tunnel_program(&mut self, program: TunnelProgram) -> &mut SchedClassifier {
+        // `load` checked that both tunnel programs exist and have this type.
+        self.ebpf
+            .program_mut(tunnel_program_name(program))
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+            .expect("tunnel programs were checked at load")
     }
 }
 
@@ -228,6 +266,59 @@ impl Forwarding for EbpfDataplane {
             |_| PortCounters::default(),
             |per_cpu| {
                 per_cpu.iter().fold(PortCounters::default(), |mut sum, cpu| {
+                    sum.accumulate(cpu);
+                    sum
+                })
+            },
+        )
+    }
+
+    fn set_tunnel(&mut self, port_ifindex: u32, config: &TunnelConfig) -> Result<(), KernelError> {
+        if self.tunnel_counters.get(&port_ifindex, 0).is_err() {
+            let zeroes = PerCpuValues::try_from(vec![TunnelCounters::default(); self.cpus])
+                .map_err(|e| KernelError::Map { map: maps::TUNNEL_COUNTERS, source: boxed(e) })?;
+            self.tunnel_counters
+                .insert(port_ifindex, zeroes, 0)
+                .map_err(|e| KernelError::Map { map: maps::TUNNEL_COUNTERS, source: boxed(e) })?;
+        }
+        self.tunnels.insert(port_ifindex, *config, 0).map_err(|e| KernelError::Map { map: maps::TUNNELS, source: boxed(e) })
+    }
+
+    fn remove_tunnel(&mut self, port_ifindex: u32) {
+        let _ = self.tunnels.remove(&port_ifindex);
+        let _ = self.tunnel_counters.remove(&port_ifindex);
+    }
+
+    fn set_tunnel_rx(&mut self, key: TunnelRxKey, port_ifindex: u32) -> Result<(), KernelError> {
+        self.tunnel_rx.insert(key, port_ifindex, 0).map_err(|e| KernelError::Map { map: maps::TUNNEL_RX, source: boxed(e) })
+    }
+
+    fn remove_tunnel_rx(&mut self, key: TunnelRxKey) {
+        let _ = self.tunnel_rx.remove(&key);
+    }
+
+    fn attach_tunnel(&mut self, ifindex: u32, ifname: &str, program: TunnelProgram) -> Result<(), KernelError> {
+        let link = self
+            .tunnel_program(program)
+            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(|e| KernelError::Attach { ifname: ifname.to_owned(), source: boxed(e) })?;
+        self.tunnel_links.insert((ifindex, program), link);
+        Ok(())
+    }
+
+    fn detach_tunnel(&mut self, ifindex: u32, program: TunnelProgram) {
+        if let Some(link) = self.tunnel_links.remove(&(ifindex, program))
+            && let Err(error) = self.tunnel_program(program).detach(link)
+        {
+            tracing::debug!(ifindex, %error, "detach tunnel program");
+        }
+    }
+
+    fn tunnel_counters(&self, port_ifindex: u32) -> TunnelCounters {
+        self.tunnel_counters.get(&port_ifindex, 0).map_or_else(
+            |_| TunnelCounters::default(),
+            |per_cpu| {
+                per_cpu.iter().fold(TunnelCounters::default(), |mut sum, cpu| {
                     sum.accumulate(cpu);
                     sum
                 })

@@ -7,9 +7,9 @@ pub mod plan;
 
 use std::collections::BTreeSet;
 
-use dataplane_common::{HubMember, PortConfig, PortCounters};
+use dataplane_common::{HubMember, PortConfig, PortCounters, TunnelConfig, TunnelCounters, TunnelRxKey};
 
-use self::plan::{Hook, Plan};
+use self::plan::{Hook, Plan, TunnelProgram};
 use crate::rxfilter::KernelRxFilter;
 
 /// An error from the kernel dataplane, naming the interface it concerns.
@@ -60,6 +60,17 @@ pub trait Forwarding: Send + Sync {
     fn inject(&mut self, ifindex: u32, hook: Hook, frame: &[u8]) -> Result<(), KernelError>;
     /// Counters of `ifindex` summed over CPUs (zero if it is not a port).
     fn counters(&self, ifindex: u32) -> PortCounters;
+    /// Writes the encapsulation of the tunnel whose port device is `port_ifindex`.
+    fn set_tunnel(&mut self, port_ifindex: u32, config: &TunnelConfig) -> Result<(), KernelError>;
+    fn remove_tunnel(&mut self, port_ifindex: u32);
+    /// Steers received packets matching `key` to the tunnel port `port_ifindex`.
+    fn set_tunnel_rx(&mut self, key: TunnelRxKey, port_ifindex: u32) -> Result<(), KernelError>;
+    fn remove_tunnel_rx(&mut self, key: TunnelRxKey);
+    /// Attaches a tunnel program at the ingress of `ifindex`.
+    fn attach_tunnel(&mut self, ifindex: u32, ifname: &str, program: TunnelProgram) -> Result<(), KernelError>;
+    fn detach_tunnel(&mut self, ifindex: u32, program: TunnelProgram);
+    /// Counters of the tunnel port `port_ifindex` summed over CPUs.
+    fn tunnel_counters(&self, port_ifindex: u32) -> TunnelCounters;
 }
 
 /// Moves the kernel from `old` to `new`. New ports get their map entries before their program, and
@@ -87,6 +98,42 @@ pub fn apply(kernel: &mut dyn Forwarding, old: &Plan, new: &Plan) -> Result<(), 
     for segment in old_segments {
         if !new.segments.contains_key(segment) {
             kernel.remove_segment(*segment);
+        }
+    }
+    // Tunnels: configuration, then the keys pointing at it, then the programs that read both.
+    for (port_ifindex, tunnel) in &new.tunnels {
+        let previous = old.tunnels.get(port_ifindex);
+        if previous.map(|t| &t.config) != Some(&tunnel.config) {
+            kernel.set_tunnel(*port_ifindex, &tunnel.config)?;
+        }
+        if previous.is_none() {
+            kernel.attach_tunnel(*port_ifindex, &tunnel.ifname, TunnelProgram::Port)?;
+        }
+    }
+    for (key, port_ifindex) in &new.tunnel_rx {
+        if old.tunnel_rx.get(key) != Some(port_ifindex) {
+            kernel.set_tunnel_rx(*key, *port_ifindex)?;
+        }
+    }
+    for (ifindex, ifname) in &new.underlays {
+        if !old.underlays.contains_key(ifindex) {
+            kernel.attach_tunnel(*ifindex, ifname, TunnelProgram::Rx)?;
+        }
+    }
+    for ifindex in old.underlays.keys() {
+        if !new.underlays.contains_key(ifindex) {
+            kernel.detach_tunnel(*ifindex, TunnelProgram::Rx);
+        }
+    }
+    for key in old.tunnel_rx.keys() {
+        if !new.tunnel_rx.contains_key(key) {
+            kernel.remove_tunnel_rx(*key);
+        }
+    }
+    for port_ifindex in old.tunnels.keys() {
+        if !new.tunnels.contains_key(port_ifindex) {
+            kernel.detach_tunnel(*port_ifindex, TunnelProgram::Port);
+            kernel.remove_tunnel(*port_ifindex);
         }
     }
     for (ifindex, port) in &new.ports {
@@ -127,6 +174,9 @@ pub mod fake {
         pub segments: BTreeMap<i32, Vec<HubMember>>,
         pub rx_filters: BTreeMap<u32, KernelRxFilter>,
         pub injected: Vec<(u32, Vec<u8>)>,
+        pub tunnels: BTreeMap<u32, TunnelConfig>,
+        pub tunnel_rx: BTreeMap<TunnelRxKey, u32>,
+        pub tunnel_programs: BTreeSet<(u32, TunnelProgram)>,
         /// Interfaces whose attach fails.
         pub broken: BTreeSet<u32>,
     }
@@ -184,6 +234,40 @@ pub mod fake {
         fn counters(&self, _ifindex: u32) -> PortCounters {
             PortCounters::default()
         }
+
+        fn set_tunnel(&mut self, port_ifindex: u32, config: &TunnelConfig) -> Result<(), KernelError> {
+            self.tunnels.insert(port_ifindex, *config);
+            Ok(())
+        }
+
+        fn remove_tunnel(&mut self, port_ifindex: u32) {
+            self.tunnels.remove(&port_ifindex);
+        }
+
+        fn set_tunnel_rx(&mut self, key: TunnelRxKey, port_ifindex: u32) -> Result<(), KernelError> {
+            self.tunnel_rx.insert(key, port_ifindex);
+            Ok(())
+        }
+
+        fn remove_tunnel_rx(&mut self, key: TunnelRxKey) {
+            self.tunnel_rx.remove(&key);
+        }
+
+        fn attach_tunnel(&mut self, ifindex: u32, ifname: &str, program: TunnelProgram) -> Result<(), KernelError> {
+            if self.broken.contains(&ifindex) {
+                return Err(KernelError::Attach { ifname: ifname.to_owned(), source: "broken".into() });
+            }
+            self.tunnel_programs.insert((ifindex, program));
+            Ok(())
+        }
+
+        fn detach_tunnel(&mut self, ifindex: u32, program: TunnelProgram) {
+            self.tunnel_programs.remove(&(ifindex, program));
+        }
+
+        fn tunnel_counters(&self, _port_ifindex: u32) -> TunnelCounters {
+            TunnelCounters::default()
+        }
     }
 
     impl FakeKernel {
@@ -193,6 +277,15 @@ pub mod fake {
                 && self.attached == plan.ports.iter().map(|(i, p)| (*i, p.hook)).collect()
                 && self.segments == plan.segments
                 && self.rx_filters == plan.rx_filters
+                && self.tunnels == plan.tunnels.iter().map(|(i, t)| (*i, t.config)).collect()
+                && self.tunnel_rx == plan.tunnel_rx
+                && self.tunnel_programs
+                    == plan
+                        .tunnels
+                        .keys()
+                        .map(|i| (*i, TunnelProgram::Port))
+                        .chain(plan.underlays.keys().map(|i| (*i, TunnelProgram::Rx)))
+                        .collect()
         }
     }
 }
@@ -230,14 +323,14 @@ mod tests {
                     Device { ifindex: *ifindex, ifname: format!("if{ifindex}"), hub_side: *side, peer_elsewhere: false },
                 );
             }
-            let next = plan(&registry, &devices, &HashMap::new()).unwrap();
+            let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
             apply(&mut kernel, &current, &next).unwrap();
             assert!(kernel.holds(&next));
             current = next;
         }
         assert_eq!(kernel.attached[&5], Hook::Egress);
         registry.set_link("pb", false).unwrap();
-        let next = plan(&registry, &devices, &HashMap::new()).unwrap();
+        let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
         apply(&mut kernel, &current, &next).unwrap();
         assert!(kernel.holds(&next));
         let empty = Plan::default();
@@ -252,7 +345,7 @@ mod tests {
         add(&mut registry, "hubport,id=pa,hubid=3,netdev=a");
         let devices = HashMap::from([("a".to_owned(), Device { ifindex: 9, ifname: "x".into(), hub_side: HubSide::Interface, peer_elsewhere: false })]);
         let mut kernel = FakeKernel { broken: BTreeSet::from([9]), ..FakeKernel::default() };
-        let next = plan(&registry, &devices, &HashMap::new()).unwrap();
+        let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
         assert!(apply(&mut kernel, &Plan::default(), &next).is_err());
         apply(&mut kernel, &next, &Plan::default()).unwrap();
         assert_eq!(kernel, FakeKernel { broken: BTreeSet::from([9]), ..FakeKernel::default() });

@@ -7,11 +7,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use dataplane_common::{
+    TunnelConfig, TunnelRxKey,
     HubMember, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP, MEMBER_RX_FILTER,
     PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PORT_FLAG_LINK_UP, PortConfig,
 };
 
 use crate::{
+    port::tunnel::TunnelKernel,
     netdev::NetdevOptions,
     registry::Registry,
     rxfilter::{KernelRxFilter, RxFilter},
@@ -44,6 +46,23 @@ pub struct Device {
 pub enum Hook {
     Ingress,
     Egress,
+}
+
+/// The tunnel programs, both at ingress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TunnelProgram {
+    /// `tunnel_rx`, on an underlay device.
+    Rx,
+    /// `tunnel_port`, on a tunnel's port device.
+    Port,
+}
+
+/// A tunnel's port device and encapsulation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelPlan {
+    pub netdev: String,
+    pub ifname: String,
+    pub config: TunnelConfig,
 }
 
 /// One kernel port.
@@ -108,6 +127,11 @@ pub struct Plan {
     pub ports: BTreeMap<u32, Port>,
     pub segments: BTreeMap<i32, Vec<HubMember>>,
     pub rx_filters: BTreeMap<u32, KernelRxFilter>,
+    /// Tunnels by the ifindex of their port device.
+    pub tunnels: BTreeMap<u32, TunnelPlan>,
+    pub tunnel_rx: BTreeMap<TunnelRxKey, u32>,
+    /// Devices where tunnel packets arrive, by ifindex.
+    pub underlays: BTreeMap<u32, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -116,6 +140,8 @@ pub enum PlanError {
     HubFull { hubid: i32 },
     #[error("interface {ifname} is already a port of hub {hubid} through '{other}'")]
     InterfaceTwice { ifname: String, hubid: i32, other: String },
+    #[error("netdev '{id}' would receive the tunnel packets that '{other}' already receives")]
+    TunnelTwice { id: String, other: String },
 }
 
 /// Union-find over hub ids, smallest id as representative.
@@ -146,6 +172,7 @@ pub fn plan(
     registry: &Registry,
     devices: &HashMap<String, Device>,
     filters: &HashMap<String, RxFilter>,
+    tunnels: &HashMap<String, TunnelKernel>,
 ) -> Result<Plan, PlanError> {
     let hub_of = |id: &str| match registry.get(id).map(|e| &e.netdev.options) {
         Some(NetdevOptions::Hubport(port)) => Some(port.hubid),
@@ -202,6 +229,22 @@ pub fn plan(
         members.push(port.member(device.ifindex));
         plan.ports.insert(device.ifindex, port);
     }
+    let mut ids: Vec<&String> = tunnels.keys().filter(|id| registry.get(id).is_some()).collect();
+    ids.sort();
+    for id in ids {
+        let tunnel = &tunnels[id];
+        plan.tunnels.insert(
+            tunnel.port_ifindex,
+            TunnelPlan { netdev: id.clone(), ifname: tunnel.port_ifname.clone(), config: tunnel.config },
+        );
+        for key in &tunnel.rx_keys {
+            if let Some(other) = plan.tunnel_rx.insert(*key, tunnel.port_ifindex) {
+                let other = plan.tunnels.get(&other).map(|t| t.netdev.clone()).unwrap_or_default();
+                return Err(PlanError::TunnelTwice { id: id.clone(), other });
+            }
+        }
+        plan.underlays.extend(tunnel.underlays.iter().map(|(i, n)| (*i, n.clone())));
+    }
     Ok(plan)
 }
 
@@ -240,7 +283,7 @@ mod tests {
         ]);
         let devices =
             devices(&[("a", 10, HubSide::Interface), ("b", 11, HubSide::Interface), ("c", 12, HubSide::Fd)]);
-        let plan = plan(&registry, &devices, &HashMap::new()).unwrap();
+        let plan = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
         assert_eq!(plan.ports.len(), 3);
         assert_eq!(plan.ports[&12].hook, Hook::Egress);
         assert!(plan.ports[&12].deliver_ingress);
@@ -259,20 +302,20 @@ mod tests {
             "hubport,id=pb,hubid=7,netdev=b",
         ]);
         let devices = devices(&[("a", 1, HubSide::Interface), ("b", 2, HubSide::Interface)]);
-        let isolated = plan(&registry, &devices, &HashMap::new()).unwrap();
+        let isolated = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
         assert_eq!(isolated.segments.len(), 2);
 
         // Join hub 7 to hub 5 through a pair of hub ports.
         for spec in ["hubport,id=j5,hubid=5", "hubport,id=j7,hubid=7,netdev=j5"] {
             registry.add(Netdev::from_keyval(spec).unwrap()).unwrap();
         }
-        let joined = plan(&registry, &devices, &HashMap::new()).unwrap();
+        let joined = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
         assert_eq!(joined.segments.len(), 1);
         assert_eq!(joined.ports[&2].segment, 5);
 
         // A downed joining port cuts the segment again.
         registry.set_link("j7", false).unwrap();
-        assert_eq!(plan(&registry, &devices, &HashMap::new()).unwrap(), isolated);
+        assert_eq!(plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap(), isolated);
     }
 
     #[test]
@@ -280,13 +323,13 @@ mod tests {
         let mut registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=pa,hubid=0,netdev=a"]);
         let devices = devices(&[("a", 3, HubSide::Interface)]);
         registry.set_link("a", false).unwrap();
-        let plan_down = plan(&registry, &devices, &HashMap::new()).unwrap();
+        let plan_down = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
         assert!(!plan_down.ports[&3].link_up);
         assert_eq!(plan_down.ports[&3].config().flags, PORT_FLAG_AT_INGRESS);
         assert_eq!(plan_down.segments[&0][0].flags, 0);
         registry.set_link("a", true).unwrap();
         registry.set_link("pa", false).unwrap();
-        assert!(!plan(&registry, &devices, &HashMap::new()).unwrap().ports[&3].link_up);
+        assert!(!plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap().ports[&3].link_up);
     }
 
     #[test]
@@ -294,7 +337,7 @@ mod tests {
         let registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=pa,hubid=0,netdev=a"]);
         let mut devices = devices(&[("a", 3, HubSide::Interface)]);
         devices.get_mut("a").unwrap().peer_elsewhere = true;
-        let plan = plan(&registry, &devices, &HashMap::new()).unwrap();
+        let plan = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
         assert_eq!(plan.ports[&3].config().flags, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS | PORT_FLAG_LEARN_MAC);
         assert_eq!(plan.segments[&0][0].flags, MEMBER_LINK_UP | MEMBER_DELIVER_PEER);
     }
@@ -305,19 +348,19 @@ mod tests {
         let devices = devices(&[("a", 3, HubSide::Interface)]);
         let filter = RxFilter::new([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
         let filters = HashMap::from([("n0".to_owned(), filter.clone())]);
-        let with_nic = plan(&registry, &devices, &filters).unwrap();
+        let with_nic = plan(&registry, &devices, &filters, &HashMap::new()).unwrap();
         assert_eq!(with_nic.ports[&3].nic.as_deref(), Some("n0"));
         assert_eq!(with_nic.segments[&0][0].flags, MEMBER_LINK_UP | MEMBER_RX_FILTER);
         assert_eq!(with_nic.rx_filters[&3], filter.kernel());
         // The NIC's link is the port's too.
         registry.set_link("n0", false).unwrap();
-        assert!(!plan(&registry, &devices, &filters).unwrap().ports[&3].link_up);
+        assert!(!plan(&registry, &devices, &filters, &HashMap::new()).unwrap().ports[&3].link_up);
     }
 
     #[test]
     fn netdevs_without_interface_or_port_plan_nothing() {
         let registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=p,hubid=0"]);
-        let plan = plan(&registry, &devices(&[("a", 3, HubSide::Interface)]), &HashMap::new()).unwrap();
+        let plan = plan(&registry, &devices(&[("a", 3, HubSide::Interface)]), &HashMap::new(), &HashMap::new()).unwrap();
         assert_eq!(plan, Plan::default());
     }
 }

@@ -2,7 +2,7 @@
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use rtnetlink::{Handle, LinkUnspec};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth};
 
 /// What the daemon needs to know of an interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +45,11 @@ impl Netlink {
 
     pub async fn set_controller(&self, ifindex: u32, bridge: u32) -> Result<(), rtnetlink::Error> {
         self.handle.link().set(LinkUnspec::new_with_index(ifindex).controller(bridge).build()).execute().await
+    }
+
+    /// Creates a veth pair `name` / `peer` in the daemon's namespace, both down.
+    pub async fn add_veth(&self, name: &str, peer: &str) -> Result<(), rtnetlink::Error> {
+        self.handle.link().add(LinkVeth::new(name, peer).build()).execute().await
     }
 
     pub async fn delete(&self, ifindex: u32) -> Result<(), rtnetlink::Error> {

@@ -3,6 +3,8 @@
 //! Every resource made here is undone by [`PortDevice::destroy`].
 
 pub mod link;
+pub mod pair;
+pub mod tunnel;
 pub mod tun;
 
 use std::{
@@ -42,6 +44,8 @@ pub enum PortError {
     NotABridge { id: String, bridge: String },
     #[error("vhost-net requested but could not be initialized: {VHOST_NET} does not exist on this host")]
     NoVhostNet { id: String },
+    #[error("tunnel: {reason}")]
+    Tunnel { id: String, reason: String },
     #[error("netlink request for {ifname} failed: {source}")]
     Netlink { id: String, ifname: String, source: rtnetlink::Error },
 }
@@ -72,6 +76,12 @@ pub struct PortDevice {
 }
 
 impl PortDevice {
+    /// An interface the daemon created for a netdev and deletes with it.
+    #[must_use]
+    pub const fn owned(device: Device) -> Self {
+        Self { device, held_fds: Vec::new(), owned: true, downscript: None }
+    }
+
     /// Undoes everything `create` did: downscript, fds, the interface if it is ours.
     pub async fn destroy(self, netlink: &Netlink) {
         if let Some(script) = &self.downscript {
@@ -102,7 +112,7 @@ pub async fn create(netdev: &Netdev, netlink: &Netlink, fds: &mut dyn FdSource) 
     }
 }
 
-async fn ifindex_of(id: &str, ifname: &str, netlink: &Netlink) -> Result<u32, PortError> {
+pub(crate) async fn ifindex_of(id: &str, ifname: &str, netlink: &Netlink) -> Result<u32, PortError> {
     netlink
         .find(ifname)
         .await

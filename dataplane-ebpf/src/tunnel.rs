@@ -1,0 +1,445 @@
+//! UDP-based tunnels on the fast path: `dgram`/`socket` raw frames over UDP and L2TPv3 over UDP
+//! or IP, laid out byte for byte as QEMU does (see `dataplane_common::tunnel`).
+//!
+//! * `tunnel_port` runs on the tunnel port device (the far end of the hub port's veth pair). A
+//!   frame from the hub arrives there already segmented and checksummed in software (the hub end
+//!   has no offloads), gets its outer headers and leaves on the underlay device. What the program
+//!   cannot send (too big for the path, no route or neighbour yet, IPv6 UDP) goes to the
+//!   backend's socket instead: wrapped in a private EtherType and turned back into the device, so
+//!   that the backend's packet socket, bound to that EtherType, sees exactly those frames.
+//! * `tunnel_rx` runs on the underlay devices' ingress. A packet for a tunnel's local address and
+//!   port (or L2TPv3 session) loses its outer headers and is injected at the hub port. Multicast
+//!   packets stay visible to the local stack (other listeners of the group): a marked copy goes to
+//!   the tunnel port device, which decapsulates it, and the original is marked as handled so that
+//!   the backend's own socket filter drops it.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_INGRESS, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibLookup,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_skb_change_head},
+    macros::{classifier, map},
+    maps::{HashMap, PerCpuHashMap},
+    programs::TcContext,
+};
+use dataplane_common::{TunnelConfig, TunnelCounters, TunnelRxKey, marks, tunnel};
+
+/// Upper bound on tunnels on one host.
+const MAX_TUNNELS: u32 = 1024;
+const ETH_LEN: usize = 14;
+const IPV4_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
+const UDP_LEN: usize = 8;
+const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
+/// TCX: not ours, let the next program (or the stack) have it. Other daemons in the namespace may
+/// run their own `tunnel_rx` on the same device.
+const TCX_NEXT: i32 = -1;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+#[map(name = "TUNNELS")]
+static TUNNELS: HashMap<u32, TunnelConfig> = HashMap::with_max_entries(MAX_TUNNELS, 0);
+
+#[map(name = "TUNNEL_RX")]
+static TUNNEL_RX: HashMap<TunnelRxKey, u32> = HashMap::with_max_entries(MAX_TUNNELS, 0);
+
+#[map(name = "TUNNEL_COUNTERS")]
+static TUNNEL_COUNTERS: PerCpuHashMap<u32, TunnelCounters> = PerCpuHashMap::with_max_entries(MAX_TUNNELS, 0);
+
+#[inline(always)]
+fn counters(port: u32) -> Option<&'static mut TunnelCounters> {
+    // SAFETY: a per-CPU value that only this CPU writes while the program runs.
+    TUNNEL_COUNTERS.get_ptr_mut(port).map(|counters| unsafe { &mut *counters })
+}
+
+/// The outer headers of a received packet, as far as steering needs them.
+struct Outer {
+    /// Offset of the UDP header, or of the L2TPv3 session for L2TPv3 over IP.
+    l4: usize,
+    proto: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+/// Parses IPv4 (options allowed, no fragments) or IPv6 (no extension headers) after Ethernet.
+#[inline(always)]
+fn parse_outer(ctx: &TcContext) -> Option<Outer> {
+    let ethertype = ctx.load::<[u8; 2]>(12).ok()?;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    if ethertype == ETHERTYPE_IPV4 {
+        let header = ctx.load::<[u8; IPV4_LEN]>(ETH_LEN).ok()?;
+        let ihl = usize::from(header[0] & 0x0f) * 4;
+        // Fragments are reassembled by the stack and reach the backend's socket.
+        if header[0] >> 4 != 4 || ihl < IPV4_LEN || (header[6] & 0x3f) != 0 || header[7] != 0 {
+            return None;
+        }
+        src[..4].copy_from_slice(&header[12..16]);
+        dst[..4].copy_from_slice(&header[16..20]);
+        return Some(Outer { l4: ETH_LEN + ihl, proto: header[9], src, dst });
+    }
+    if ethertype == ETHERTYPE_IPV6 {
+        let header = ctx.load::<[u8; IPV6_LEN]>(ETH_LEN).ok()?;
+        src.copy_from_slice(&header[8..24]);
+        dst.copy_from_slice(&header[24..40]);
+        return Some(Outer { l4: ETH_LEN + IPV6_LEN, proto: header[6], src, dst });
+    }
+    None
+}
+
+/// The tunnel port a received packet belongs to: exact local address first, then a tunnel bound
+/// to the wildcard address.
+#[inline(always)]
+fn steer(ctx: &TcContext, outer: &Outer) -> Option<(u32, u16)> {
+    let mut key = TunnelRxKey { addr: outer.dst, session: 0, port: 0, proto: outer.proto, _pad: 0 };
+    let mut source_port = 0u16;
+    if outer.proto == tunnel::PROTO_UDP {
+        let ports = ctx.load::<[u8; 4]>(outer.l4).ok()?;
+        source_port = u16::from_ne_bytes([ports[0], ports[1]]);
+        key.port = u16::from_ne_bytes([ports[2], ports[3]]);
+    } else if outer.proto == tunnel::PROTO_L2TP {
+        key.session = u32::from_ne_bytes(ctx.load::<[u8; 4]>(outer.l4).ok()?);
+    } else {
+        return None;
+    }
+    // SAFETY: read-only lookups; the kernel keeps values alive for the program's run.
+    if let Some(port) = unsafe { TUNNEL_RX.get(&key) } {
+        return Some((*port, source_port));
+    }
+    key.addr = [0; 16];
+    // SAFETY: as above.
+    unsafe { TUNNEL_RX.get(&key) }.map(|port| (*port, source_port))
+}
+
+#[classifier]
+pub fn tunnel_rx(ctx: TcContext) -> i32 {
+    let Some(outer) = parse_outer(&ctx) else { return TCX_NEXT };
+    let Some((port, source_port)) = steer(&ctx, &outer) else { return TCX_NEXT };
+    // SAFETY: read-only lookup, as above.
+    let Some(config) = (unsafe { TUNNELS.get(port) }) else { return TCX_NEXT };
+    if config.flags & tunnel::MULTICAST != 0 {
+        if outer.src == config.src_addr && source_port == config.src_port {
+            // Our own packet looped back: other listeners get it, our hub does not.
+            if let Some(c) = counters(port) {
+                c.own_packets += 1;
+            }
+            return TCX_NEXT;
+        }
+        ctx.set_mark(marks::TUNNEL_DECAP);
+        if ctx.clone_redirect(port, u64::from(BPF_F_INGRESS)).is_err()
+            && let Some(c) = counters(port)
+        {
+            c.errors += 1;
+        }
+        ctx.set_mark(marks::TUNNEL_HANDLED);
+        return TCX_NEXT;
+    }
+    decapsulate_into_hub(&ctx, port, config, &outer)
+}
+
+/// Strips the outer headers of a packet for `config` and injects the frame at the hub port.
+#[inline(always)]
+fn decapsulate_into_hub(ctx: &TcContext, port: u32, config: &TunnelConfig, outer: &Outer) -> i32 {
+    let payload = if config.flags & tunnel::UDP != 0 { outer.l4 + UDP_LEN } else { outer.l4 };
+    if !header_matches(ctx, config, payload) {
+        if let Some(c) = counters(port) {
+            c.bad_header += 1;
+        }
+        return TC_ACT_SHOT;
+    }
+    let inner = payload + usize::from(config.header_len) + usize::from(config.offset);
+    let Ok(inner_ethernet) = ctx.load::<[u8; ETH_LEN]>(inner) else {
+        if let Some(c) = counters(port) {
+            c.bad_header += 1;
+        }
+        return TC_ACT_SHOT;
+    };
+    // Remove everything between the outer Ethernet header and the inner frame's payload, then put
+    // the inner Ethernet header in the outer one's place. The helper refuses frames too short to
+    // leave a whole IP header behind; the stack then hands those to the backend's socket.
+    let Ok(removed) = i32::try_from(inner) else { return TCX_NEXT };
+    if ctx.adjust_room(-removed, BPF_ADJ_ROOM_MAC, 0).is_err() {
+        return TCX_NEXT;
+    }
+    if ctx.store(0, &inner_ethernet, 0).is_err() {
+        if let Some(c) = counters(port) {
+            c.errors += 1;
+        }
+        return TC_ACT_SHOT;
+    }
+    ctx.set_mark(0);
+    if let Some(c) = counters(port) {
+        c.decap_packets += 1;
+        c.decap_bytes += u64::from(ctx.len());
+    }
+    // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
+    unsafe { bpf_redirect(config.hub_ifindex, u64::from(BPF_F_INGRESS)) as i32 }
+}
+
+/// L2TPv3: the session id and cookie must be the ones expected (the version word is not checked,
+/// as QEMU does not). Raw frames have no header.
+#[inline(always)]
+fn header_matches(ctx: &TcContext, config: &TunnelConfig, payload: usize) -> bool {
+    if config.header_len == 0 {
+        return true;
+    }
+    let at = payload + usize::from(config.session_at);
+    let Ok(session) = ctx.load::<[u8; 4]>(at) else { return false };
+    if session[..] != config.rx_match[..4] {
+        return false;
+    }
+    match config.cookie_len {
+        4 => ctx.load::<[u8; 4]>(at + 4).is_ok_and(|cookie| cookie[..] == config.rx_match[4..8]),
+        8 => ctx.load::<[u8; 8]>(at + 4).is_ok_and(|cookie| cookie[..] == config.rx_match[4..12]),
+        _ => true,
+    }
+}
+
+#[classifier]
+pub fn tunnel_port(ctx: TcContext) -> i32 {
+    // SAFETY: `skb` points at the kernel's `__sk_buff` for this run.
+    let (port, mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
+    // SAFETY: read-only lookup, as above.
+    let Some(config) = (unsafe { TUNNELS.get(port) }) else { return TC_ACT_OK };
+    if mark == marks::TUNNEL_DECAP {
+        let Some(outer) = parse_outer(&ctx) else { return TC_ACT_SHOT };
+        return decapsulate_into_hub(&ctx, port, config, &outer);
+    }
+    if ctx.load::<[u8; 2]>(12).is_ok_and(|ethertype| ethertype == tunnel::SLOW_PATH_ETHERTYPE.to_be_bytes()) {
+        // Back from `to_user_space`: on to the backend's packet socket.
+        return TC_ACT_OK;
+    }
+    encapsulate(&ctx, port, config)
+}
+
+#[inline(always)]
+fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig) -> i32 {
+    let frame_len = ctx.len();
+    if (frame_len as usize) < ETH_LEN || config.flags & tunnel::TX_USER_SPACE != 0 {
+        return to_user_space(ctx, port);
+    }
+    let ipv6 = config.flags & tunnel::IPV6 != 0;
+    let udp = config.flags & tunnel::UDP != 0;
+    let l3_len = if ipv6 { IPV6_LEN } else { IPV4_LEN };
+    let l4_len = if udp { UDP_LEN } else { 0 };
+    let tunnel_len = usize::from(config.header_len) + usize::from(config.offset);
+    // Bytes after the IP header; the IP and UDP length fields are 16 bits wide.
+    let Ok(ip_payload) = u16::try_from(l4_len + tunnel_len + frame_len as usize) else {
+        return to_user_space(ctx, port);
+    };
+    let Some(route) = route(ctx, config, ipv6, l3_len as u16 + ip_payload, frame_len) else {
+        return to_user_space(ctx, port);
+    };
+    let encap_len = ETH_LEN + l3_len + l4_len + tunnel_len;
+    // SAFETY: the helper grows the skb's headroom (zeroed); it takes no pointers besides the skb.
+    if unsafe { bpf_skb_change_head(ctx.skb.skb, encap_len as u32, 0) } != 0 {
+        return count_error(port);
+    }
+    let mut ethernet = [0u8; ETH_LEN];
+    ethernet[..6].copy_from_slice(&route.dst_mac);
+    ethernet[6..12].copy_from_slice(&route.src_mac);
+    ethernet[12..].copy_from_slice(if ipv6 { &ETHERTYPE_IPV6 } else { &ETHERTYPE_IPV4 });
+    let proto = if udp { tunnel::PROTO_UDP } else { tunnel::PROTO_L2TP };
+    let ttl = if config.flags & tunnel::MULTICAST != 0 { 1 } else { 64 };
+    let written = ctx.store(0, &ethernet, 0).and_then(|()| {
+        if ipv6 {
+            ctx.store(ETH_LEN, &ipv6_header(config, proto, ttl, ip_payload), 0)
+        } else {
+            ctx.store(ETH_LEN, &ipv4_header(config, proto, ttl, ip_payload), 0)
+        }
+    });
+    let mut at = ETH_LEN + l3_len;
+    let written = written.and_then(|()| {
+        if !udp {
+            return Ok(());
+        }
+        let length = ip_payload.to_be_bytes();
+        let ports_and_length = [
+            config.src_port.to_ne_bytes()[0],
+            config.src_port.to_ne_bytes()[1],
+            config.dst_port.to_ne_bytes()[0],
+            config.dst_port.to_ne_bytes()[1],
+            length[0],
+            length[1],
+            0,
+            0, // no UDP checksum (IPv4 only: IPv6 UDP goes through user space)
+        ];
+        ctx.store(at, &ports_and_length, 0)
+    });
+    at += l4_len;
+    let written = written.and_then(|()| store_l2tp_header(ctx, config, port, at));
+    if written.is_err() {
+        return count_error(port);
+    }
+    if let Some(c) = counters(port) {
+        c.encap_packets += 1;
+        c.encap_bytes += u64::from(frame_len);
+    }
+    if config.flags & tunnel::LOOP_COPY != 0 {
+        let _ = ctx.clone_redirect(route.ifindex, u64::from(BPF_F_INGRESS));
+    }
+    // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
+    unsafe { bpf_redirect(route.ifindex, 0) as i32 }
+}
+
+struct Route {
+    ifindex: u32,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+}
+
+/// Where an encapsulated packet of `ip_len` bytes goes: the configured device for local and
+/// multicast destinations, else the FIB's route and resolved neighbour; `None` when the kernel
+/// cannot send it itself (no neighbour yet, needs fragmenting, no route).
+#[inline(always)]
+fn route(ctx: &TcContext, config: &TunnelConfig, ipv6: bool, ip_len: u16, frame_len: u32) -> Option<Route> {
+    if config.flags & tunnel::STATIC_L2 != 0 {
+        if frame_len > config.max_frame {
+            return None;
+        }
+        return Some(Route { ifindex: config.out_ifindex, src_mac: config.src_mac, dst_mac: config.dst_mac });
+    }
+    // SAFETY: an all-zero `bpf_fib_lookup` is a valid (empty) request; it is plain data.
+    let mut params: FibLookup = unsafe { core::mem::zeroed() };
+    params.family = if ipv6 { AF_INET6 } else { AF_INET };
+    params.l4_protocol = if config.flags & tunnel::UDP != 0 { tunnel::PROTO_UDP } else { tunnel::PROTO_L2TP };
+    params.sport = config.src_port;
+    params.dport = config.dst_port;
+    params.__bindgen_anon_1.tot_len = ip_len;
+    if ipv6 {
+        params.__bindgen_anon_3.ipv6_src = words(&config.src_addr);
+        params.__bindgen_anon_4.ipv6_dst = words(&config.dst_addr);
+    } else {
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([config.src_addr[0], config.src_addr[1], config.src_addr[2], config.src_addr[3]]);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([config.dst_addr[0], config.dst_addr[1], config.dst_addr[2], config.dst_addr[3]]);
+    }
+    params.ifindex = config.out_ifindex;
+    // SAFETY: `params` is a live, correctly sized request the helper reads and writes.
+    let result = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut params,
+            core::mem::size_of::<FibLookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    (result == i64::from(BPF_FIB_LKUP_RET_SUCCESS)).then_some(Route {
+        ifindex: params.ifindex,
+        src_mac: params.smac,
+        dst_mac: params.dmac,
+    })
+}
+
+#[inline(always)]
+fn words(address: &[u8; 16]) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    for (i, word) in out.iter_mut().enumerate() {
+        let at = i * 4;
+        *word = u32::from_ne_bytes([address[at], address[at + 1], address[at + 2], address[at + 3]]);
+    }
+    out
+}
+
+/// IPv4 header, DF set (the path's MTU was checked), identification 0 as for any atomic datagram.
+#[inline(always)]
+fn ipv4_header(config: &TunnelConfig, proto: u8, ttl: u8, payload: u16) -> [u8; IPV4_LEN] {
+    let total = (payload + IPV4_LEN as u16).to_be_bytes();
+    let mut header = [0x45, 0, total[0], total[1], 0, 0, 0x40, 0, ttl, proto, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    header[12..16].copy_from_slice(&config.src_addr[..4]);
+    header[16..20].copy_from_slice(&config.dst_addr[..4]);
+    let mut sum = 0u32;
+    for i in 0..IPV4_LEN / 2 {
+        sum += u32::from(u16::from_be_bytes([header[2 * i], header[2 * i + 1]]));
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let checksum = (!(sum as u16)).to_be_bytes();
+    header[10] = checksum[0];
+    header[11] = checksum[1];
+    header
+}
+
+#[inline(always)]
+fn ipv6_header(config: &TunnelConfig, proto: u8, hop_limit: u8, payload: u16) -> [u8; IPV6_LEN] {
+    let length = payload.to_be_bytes();
+    let mut header = [0u8; IPV6_LEN];
+    header[0] = 0x60;
+    header[4] = length[0];
+    header[5] = length[1];
+    header[6] = proto;
+    header[7] = hop_limit;
+    header[8..24].copy_from_slice(&config.src_addr);
+    header[24..40].copy_from_slice(&config.dst_addr);
+    header
+}
+
+/// Writes the L2TPv3 header template at `at`, with the next counter value if it counts. The
+/// `offset` bytes after it are already zero (the helper zeroes new headroom).
+#[inline(always)]
+fn store_l2tp_header(ctx: &TcContext, config: &TunnelConfig, port: u32, at: usize) -> Result<(), i64> {
+    let mut header = config.header;
+    if config.flags & tunnel::COUNTER != 0 {
+        let Some(slot) = TUNNELS.get_ptr_mut(port) else { return Err(-1) };
+        // SAFETY: `slot` points at the map value, alive for the program's run. The BPF target has
+        // no atomic read-modify-write in Rust, so two CPUs sending on one tunnel at the same
+        // instant may send the same value; receivers (QEMU included) do not check it.
+        let value = unsafe {
+            let next = (*slot).counter.wrapping_add(1);
+            (*slot).counter = next;
+            // QEMU counts from 1 and sends the low 32 bits.
+            (next as u32).to_be_bytes()
+        };
+        let counter_at = usize::from(config.counter_at);
+        if counter_at + 4 <= tunnel::MAX_HEADER {
+            header[counter_at..counter_at + 4].copy_from_slice(&value);
+        }
+    }
+    // Constant-size stores: the verifier takes no variable length here.
+    match config.header_len {
+        0 => Ok(()),
+        4 => ctx.store(at, &[header[0], header[1], header[2], header[3]], 0),
+        8 => ctx.store(at, &[header[0], header[1], header[2], header[3], header[4], header[5], header[6], header[7]], 0),
+        12 => {
+            let mut part = [0u8; 12];
+            part.copy_from_slice(&header[..12]);
+            ctx.store(at, &part, 0)
+        }
+        16 => {
+            let mut part = [0u8; 16];
+            part.copy_from_slice(&header[..16]);
+            ctx.store(at, &part, 0)
+        }
+        20 => ctx.store(at, &header, 0),
+        _ => Err(-1),
+    }
+}
+
+/// Hands the frame to the backend's socket: wrapped in the slow-path EtherType and turned back
+/// into this device, where this program lets it through to the packet socket bound to it.
+#[inline(always)]
+fn to_user_space(ctx: &TcContext, port: u32) -> i32 {
+    // SAFETY: the helper grows the skb's headroom (zeroed); it takes no pointers besides the skb.
+    if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_LEN as u32, 0) } != 0 {
+        return count_error(port);
+    }
+    let ethertype = tunnel::SLOW_PATH_ETHERTYPE.to_be_bytes();
+    let wrapper = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, ethertype[0], ethertype[1]];
+    if ctx.store(0, &wrapper, 0).is_err() {
+        return count_error(port);
+    }
+    if let Some(c) = counters(port) {
+        c.to_user_space += 1;
+    }
+    // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
+    unsafe { bpf_redirect(port, u64::from(BPF_F_INGRESS)) as i32 }
+}
+
+#[inline(always)]
+fn count_error(port: u32) -> i32 {
+    if let Some(c) = counters(port) {
+        c.errors += 1;
+    }
+    TC_ACT_SHOT
+}

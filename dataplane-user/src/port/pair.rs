@@ -1,0 +1,201 @@
+//! The port device of a user-space netdev: a veth pair the daemon owns. One end (`…h`) is the
+//! hub port; the other (`…p`) carries the backend's packet socket and, for tunnels, the
+//! `tunnel_port` program. The hub end has no offloads, so every frame the hub sends towards the
+//! backend is segmented and checksummed in software before it crosses: what arrives is what goes
+//! on the wire, as QEMU's backends expect.
+
+use std::{
+    fs, io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use super::{PortError, link::Netlink};
+use crate::{
+    backend::HubPipe,
+    kernel::plan::{Device, HubSide},
+};
+
+/// What the backend's packet socket receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipeMode {
+    /// Every frame the hub sends (stream, user).
+    AllFrames,
+    /// Only frames the tunnel program leaves to user space, wrapped in this EtherType.
+    SlowPath(u16),
+}
+
+/// A veth pair made for one netdev.
+#[derive(Debug)]
+pub struct PortPair {
+    /// The hub end, a hub port like any interface.
+    pub hub: Device,
+    /// The backend's end.
+    pub port_ifindex: u32,
+    pub port_ifname: String,
+}
+
+static NEXT_PAIR: AtomicU32 = AtomicU32::new(0);
+
+/// Interface names unique among daemons in one namespace: pid and a counter, in 15 bytes.
+fn pair_names() -> (String, String) {
+    let serial = NEXT_PAIR.fetch_add(1, Ordering::Relaxed);
+    let stem = format!("nd{:x}x{serial:x}", std::process::id() & 0xfffff);
+    (format!("{stem}h"), format!("{stem}p"))
+}
+
+impl PortPair {
+    /// Creates the pair, configures both ends and brings them up; on failure nothing is left.
+    pub async fn create(id: &str, netlink: &Netlink) -> Result<Self, PortError> {
+        let (hub_name, port_name) = pair_names();
+        let netlink_error = |ifname: &str| {
+            let ifname = ifname.to_owned();
+            move |source| PortError::Netlink { id: id.to_owned(), ifname, source }
+        };
+        netlink.add_veth(&hub_name, &port_name).await.map_err(netlink_error(&hub_name))?;
+        let result = async {
+            let hub_ifindex = super::ifindex_of(id, &hub_name, netlink).await?;
+            let port_ifindex = super::ifindex_of(id, &port_name, netlink).await?;
+            for name in [&hub_name, &port_name] {
+                // The host stack must not speak on either end (IPv6 router solicitations, DAD).
+                disable_ipv6(name).map_err(|source| PortError::Tun { id: id.to_owned(), ifname: name.clone(), source })?;
+            }
+            disable_offloads(&hub_name)
+                .map_err(|source| PortError::Tun { id: id.to_owned(), ifname: hub_name.clone(), source })?;
+            netlink.set_up(port_ifindex).await.map_err(netlink_error(&port_name))?;
+            netlink.set_up(hub_ifindex).await.map_err(netlink_error(&hub_name))?;
+            Ok(Self {
+                hub: Device { ifindex: hub_ifindex, ifname: hub_name.clone(), hub_side: HubSide::Interface, peer_elsewhere: false },
+                port_ifindex,
+                port_ifname: port_name.clone(),
+            })
+        }
+        .await;
+        if result.is_err()
+            && let Ok(Some(link)) = netlink.find(&hub_name).await
+        {
+            // Deleting one end of a veth deletes both.
+            let _ = netlink.delete(link.ifindex).await;
+        }
+        result
+    }
+
+    /// The backend's packet socket on the port end.
+    pub fn open_pipe(&self, id: &str, mode: PipeMode) -> Result<HubPipe, PortError> {
+        let error = |source| PortError::Tun { id: id.to_owned(), ifname: self.port_ifname.clone(), source };
+        let protocol = match mode {
+            PipeMode::AllFrames => libc::ETH_P_ALL as u16,
+            PipeMode::SlowPath(ethertype) => ethertype,
+        };
+        let socket = packet_socket(self.port_ifindex, protocol).map_err(error)?;
+        HubPipe::new(socket).map_err(error)
+    }
+
+    pub async fn destroy(self, netlink: &Netlink) {
+        if let Err(error) = netlink.delete(self.hub.ifindex).await {
+            tracing::debug!(ifname = %self.hub.ifname, %error, "port pair already gone");
+        }
+    }
+}
+
+fn disable_ipv6(ifname: &str) -> io::Result<()> {
+    match fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"), "1") {
+        // A kernel without IPv6 has nothing to disable.
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// `struct ethtool_value`.
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// `struct ifreq` with `ifr_data`.
+#[repr(C)]
+struct IfReqData {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    data: *mut libc::c_void,
+    _pad: [u8; 16],
+}
+
+/// Turns off checksum offload, scatter-gather, TSO and GSO (legacy ethtool ioctls), so that the
+/// stack finishes every frame before the device takes it.
+fn disable_offloads(ifname: &str) -> io::Result<()> {
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    const ETHTOOL_SSG: u32 = 0x19;
+    const ETHTOOL_STSO: u32 = 0x1f;
+    const ETHTOOL_SGSO: u32 = 0x24;
+    // SAFETY: a plain datagram socket, used only for the ioctl.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` was just created and is owned by nobody else.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    for cmd in [ETHTOOL_SGSO, ETHTOOL_STSO, ETHTOOL_SSG, ETHTOOL_STXCSUM] {
+        let mut value = EthtoolValue { cmd, data: 0 };
+        let mut request = IfReqData { name: [0; libc::IFNAMSIZ], data: std::ptr::from_mut(&mut value).cast(), _pad: [0; 16] };
+        for (slot, byte) in request.name.iter_mut().zip(ifname.bytes().take(libc::IFNAMSIZ - 1)) {
+            *slot = byte as libc::c_char;
+        }
+        // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_value it points to, both alive.
+        if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL, std::ptr::from_mut(&mut request)) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// An `AF_PACKET` raw socket bound to `ifindex` for `protocol` (host order): its own transmissions
+/// are not looped back to it.
+fn packet_socket(ifindex: u32, protocol: u16) -> io::Result<OwnedFd> {
+    let protocol_be = protocol.to_be();
+    // SAFETY: plain socket creation.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(protocol_be)) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` was just created and is owned by nobody else.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    let one: libc::c_int = 1;
+    // SAFETY: PACKET_IGNORE_OUTGOING reads one int.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_IGNORE_OUTGOING,
+            std::ptr::from_ref(&one).cast(),
+            socklen_of::<libc::c_int>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_protocol = protocol_be;
+    address.sll_ifindex = i32::try_from(ifindex).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `address` is a live sockaddr_ll of the given size.
+    let rc = unsafe {
+        libc::bind(socket.as_raw_fd(), std::ptr::from_ref(&address).cast(), socklen_of::<libc::sockaddr_ll>())
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let buffer: libc::c_int = 4 << 20;
+    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: reads one int; a refused size only costs buffering.
+        unsafe {
+            libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, option, std::ptr::from_ref(&buffer).cast(), socklen_of::<libc::c_int>())
+        };
+    }
+    Ok(socket)
+}
+
+fn socklen_of<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<T>()).unwrap_or(0)
+}

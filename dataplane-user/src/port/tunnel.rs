@@ -1,0 +1,203 @@
+//! What the kernel needs for a tunnel's fast path, found from its bound socket's addresses: the
+//! device and addresses to send from, where received packets arrive, and the header template.
+//! Routes and neighbours of unicast peers are looked up per packet by the program (FIB), so only
+//! local and multicast destinations are resolved here.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+};
+
+use dataplane_common::{TunnelConfig, TunnelRxKey, tunnel};
+use nix::ifaddrs::getifaddrs;
+
+use super::PortError;
+use crate::backend::{Encapsulation, TunnelEndpoint, l2tp};
+
+/// A tunnel's share of the kernel plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelKernel {
+    /// The tunnel port device (where `tunnel_port` runs) and its configuration.
+    pub port_ifindex: u32,
+    pub port_ifname: String,
+    pub config: TunnelConfig,
+    /// What received packets for this tunnel are addressed to.
+    pub rx_keys: Vec<TunnelRxKey>,
+    /// Devices where they arrive (`tunnel_rx` runs there), by ifindex.
+    pub underlays: BTreeMap<u32, String>,
+}
+
+/// An interface holding an address.
+struct Interface {
+    ifindex: u32,
+    name: String,
+}
+
+fn unresolvable(id: &str, why: String) -> PortError {
+    PortError::Tunnel { id: id.to_owned(), reason: why }
+}
+
+/// Resolves `endpoint` for the tunnel whose hub port is `hub_ifindex` and whose port device is
+/// `port_ifindex`/`port_ifname`.
+pub fn resolve(
+    id: &str,
+    endpoint: &TunnelEndpoint,
+    hub_ifindex: u32,
+    port_ifindex: u32,
+    port_ifname: &str,
+) -> Result<TunnelKernel, PortError> {
+    let remote = endpoint.remote;
+    let ipv6 = remote.is_ipv6();
+    let (over_udp, header) = match &endpoint.encapsulation {
+        Encapsulation::Udp => (true, None),
+        Encapsulation::L2tpv3 { over_udp, header } => (*over_udp, Some(header)),
+    };
+    let mut config = TunnelConfig::default();
+    config.hub_ifindex = hub_ifindex;
+    if ipv6 {
+        config.flags |= tunnel::IPV6;
+        if over_udp {
+            // IPv6 UDP needs a checksum over the whole datagram: user space makes it.
+            config.flags |= tunnel::TX_USER_SPACE;
+        }
+    }
+    if over_udp {
+        config.flags |= tunnel::UDP;
+    }
+    let mut encap_overhead = if ipv6 { 40 } else { 20 } + if over_udp { 8 } else { 0 };
+    if let Some(header) = header {
+        let mut template = Vec::new();
+        l2tp::encode(header, over_udp, 0, &mut template);
+        template.truncate(template.len() - usize::from(header.offset));
+        if template.len() > tunnel::MAX_HEADER {
+            return Err(unresolvable(id, format!("an L2TPv3 header of {} bytes is too long", template.len())));
+        }
+        config.header[..template.len()].copy_from_slice(&template);
+        config.header_len = u16::try_from(template.len()).unwrap_or(0);
+        config.offset = header.offset;
+        config.session_at = if over_udp { 4 } else { 0 };
+        config.cookie_len = u16::from(header.cookie_len);
+        config.rx_match[..4].copy_from_slice(&header.rx_session.to_be_bytes());
+        match header.cookie_len {
+            8 => config.rx_match[4..12].copy_from_slice(&header.rx_cookie.to_be_bytes()),
+            4 => config.rx_match[4..8].copy_from_slice(&(header.rx_cookie as u32).to_be_bytes()),
+            _ => {}
+        }
+        config.counter_at = tunnel::NO_COUNTER;
+        if header.counter {
+            config.counter_at = config.header_len - 4;
+            if !header.pin_counter {
+                config.flags |= tunnel::COUNTER;
+            }
+        }
+        encap_overhead += template.len() + usize::from(header.offset);
+    }
+    config.dst_addr = address_bytes(remote.ip());
+    config.dst_port = u16::from_ne_bytes(remote.port().to_be_bytes());
+    config.src_port = u16::from_ne_bytes(endpoint.local.port().to_be_bytes());
+
+    let multicast = remote.ip().is_multicast();
+    // The address we send from, and the interface it belongs to.
+    let source = match (multicast, endpoint.multicast_interface) {
+        (true, Some(interface)) => IpAddr::V4(interface),
+        _ if !endpoint.local.ip().is_unspecified() && !multicast => endpoint.local.ip(),
+        _ => source_towards(remote).map_err(|e| unresolvable(id, format!("no route to {}: {e}", remote.ip())))?,
+    };
+    config.src_addr = address_bytes(source);
+    let interface = if is_local(remote.ip()) {
+        // A destination on this host goes through loopback, whatever address it has.
+        config.flags |= tunnel::STATIC_L2;
+        interface_named("lo").ok_or_else(|| unresolvable(id, "no loopback interface".to_owned()))?
+    } else {
+        interface_with(source).ok_or_else(|| unresolvable(id, format!("no interface has the address {source}")))?
+    };
+    config.out_ifindex = interface.ifindex;
+    if multicast {
+        let IpAddr::V4(group) = remote.ip() else {
+            return Err(unresolvable(id, "multicast only support inet type".to_owned()));
+        };
+        config.flags |= tunnel::STATIC_L2 | tunnel::MULTICAST;
+        let octets = group.octets();
+        config.dst_mac = [0x01, 0x00, 0x5e, octets[1] & 0x7f, octets[2], octets[3]];
+        config.src_mac = mac_of(&interface.name).unwrap_or_default();
+        if interface.name != "lo" {
+            config.flags |= tunnel::LOOP_COPY;
+        }
+    }
+    if config.flags & tunnel::STATIC_L2 != 0 {
+        let mtu = mtu_of(&interface.name).unwrap_or(1500);
+        config.max_frame = u32::try_from(mtu.saturating_sub(encap_overhead)).unwrap_or(0);
+    }
+
+    let local_addr = if multicast { remote.ip() } else { endpoint.local.ip() };
+    let mut key = TunnelRxKey { addr: address_bytes(local_addr), ..TunnelRxKey::default() };
+    if over_udp {
+        key.proto = tunnel::PROTO_UDP;
+        key.port = config.src_port;
+    } else {
+        key.proto = tunnel::PROTO_L2TP;
+        key.session = u32::from_ne_bytes(config.rx_match[..4].try_into().unwrap_or_default());
+    }
+    let mut underlays = BTreeMap::new();
+    underlays.insert(interface.ifindex, interface.name);
+    Ok(TunnelKernel { port_ifindex, port_ifname: port_ifname.to_owned(), config, rx_keys: vec![key], underlays })
+}
+
+/// An address in the maps' form: IPv4 in the first 4 bytes, unspecified as all zero.
+fn address_bytes(ip: IpAddr) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => bytes[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => bytes.copy_from_slice(&v6.octets()),
+    }
+    bytes
+}
+
+/// The source address the kernel picks for `remote` (a connected UDP socket sends nothing).
+fn source_towards(remote: SocketAddr) -> std::io::Result<IpAddr> {
+    let any: SocketAddr = if remote.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let probe = UdpSocket::bind(any)?;
+    // Port 0 is not connectable; any port finds the same route.
+    let target = SocketAddr::new(remote.ip(), if remote.port() == 0 { 9 } else { remote.port() });
+    probe.connect(target)?;
+    Ok(probe.local_addr()?.ip())
+}
+
+/// Whether `ip` is an address of this host (binding to it succeeds).
+fn is_local(ip: IpAddr) -> bool {
+    !ip.is_multicast() && UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+fn interfaces() -> Vec<(Interface, Option<IpAddr>)> {
+    let Ok(addresses) = getifaddrs() else { return Vec::new() };
+    addresses
+        .filter_map(|entry| {
+            let ifindex = nix::net::if_::if_nametoindex(entry.interface_name.as_str()).ok()?;
+            let ip = entry.address.as_ref().and_then(|a| {
+                a.as_sockaddr_in()
+                    .map(|v4| IpAddr::V4(Ipv4Addr::from(v4.ip())))
+                    .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            });
+            Some((Interface { ifindex, name: entry.interface_name }, ip))
+        })
+        .collect()
+}
+
+fn interface_with(ip: IpAddr) -> Option<Interface> {
+    interfaces().into_iter().find(|(_, address)| *address == Some(ip)).map(|(interface, _)| interface)
+}
+
+fn interface_named(name: &str) -> Option<Interface> {
+    interfaces().into_iter().find(|(interface, _)| interface.name == name).map(|(interface, _)| interface)
+}
+
+fn mtu_of(ifname: &str) -> Option<usize> {
+    fs::read_to_string(format!("/sys/class/net/{ifname}/mtu")).ok()?.trim().parse().ok()
+}
+
+fn mac_of(ifname: &str) -> Option<[u8; 6]> {
+    let text = fs::read_to_string(format!("/sys/class/net/{ifname}/address")).ok()?;
+    crate::netdev::nic::parse_mac(text.trim())
+}
