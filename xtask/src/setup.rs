@@ -11,13 +11,16 @@ use anyhow::{Context, Result, bail};
 use crate::shell;
 
 /// Debian packages: the eBPF toolchain (rustc-web with a precompiled `core` for
-/// bpfel-unknown-none, LLVM 22 for bpf-linker) and the tools the tests drive.
+/// bpfel-unknown-none, LLVM 22 for bpf-linker), libslirp for the `user` netdev and the tools the
+/// tests drive.
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
     "libpolly-22-dev",
+    "libslirp-dev",
+    "pkg-config",
     "iproute2",
     "iputils-ping",
     "ethtool",
