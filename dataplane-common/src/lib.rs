@@ -33,6 +33,8 @@ pub mod maps {
     pub const TUNNELS: &str = "TUNNELS";
     /// [`TunnelRxKey`](crate::TunnelRxKey) → tunnel port device ifindex.
     pub const TUNNEL_RX: &str = "TUNNEL_RX";
+    /// Source MACs a multicast tunnel sent, so that they are not taken back in (LRU).
+    pub const TUNNEL_OWN_MACS: &str = "TUNNEL_OWN_MACS";
     /// Tunnel port device ifindex → per-CPU [`TunnelCounters`](crate::TunnelCounters).
     pub const TUNNEL_COUNTERS: &str = "TUNNEL_COUNTERS";
 }
@@ -334,6 +336,16 @@ pub struct TunnelRxKey {
     pub _pad: u8,
 }
 const _: () = assert!(size_of::<TunnelRxKey>() == 24);
+
+/// Key of `TUNNEL_OWN_MACS`: a tunnel port and a source MAC it sent frames from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct TunnelMacKey {
+    pub port: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<TunnelMacKey>() == 12);
 
 /// Per-CPU counters of one tunnel.
 #[repr(C)]

@@ -20,10 +20,10 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_skb_change_head},
     macros::{classifier, map},
-    maps::{HashMap, PerCpuHashMap},
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
-use dataplane_common::{TunnelConfig, TunnelCounters, TunnelRxKey, marks, tunnel};
+use dataplane_common::{TunnelConfig, TunnelCounters, TunnelMacKey, TunnelRxKey, marks, tunnel};
 
 /// Upper bound on tunnels on one host.
 const MAX_TUNNELS: u32 = 1024;
@@ -44,6 +44,11 @@ static TUNNELS: HashMap<u32, TunnelConfig> = HashMap::with_max_entries(MAX_TUNNE
 
 #[map(name = "TUNNEL_RX")]
 static TUNNEL_RX: HashMap<TunnelRxKey, u32> = HashMap::with_max_entries(MAX_TUNNELS, 0);
+
+/// Every member of a multicast group on one host binds the group's port and sends from the same
+/// address, so looped-back packets are told apart by the frame's source MAC: one this tunnel sent.
+#[map(name = "TUNNEL_OWN_MACS")]
+static TUNNEL_OWN_MACS: LruHashMap<TunnelMacKey, u8> = LruHashMap::with_max_entries(MAX_TUNNELS * 16, 0);
 
 #[map(name = "TUNNEL_COUNTERS")]
 static TUNNEL_COUNTERS: PerCpuHashMap<u32, TunnelCounters> = PerCpuHashMap::with_max_entries(MAX_TUNNELS, 0);
@@ -120,11 +125,12 @@ pub fn tunnel_rx(ctx: TcContext) -> i32 {
     // SAFETY: read-only lookup, as above.
     let Some(config) = (unsafe { TUNNELS.get(port) }) else { return TCX_NEXT };
     if config.flags & tunnel::MULTICAST != 0 {
-        if outer.src == config.src_addr && source_port == config.src_port {
-            // Our own packet looped back: other listeners get it, our hub does not.
+        if outer.src == config.src_addr && source_port == config.src_port && is_own_frame(&ctx, port, config, &outer) {
+            // Our own packet looped back: other listeners get it, our hub and socket do not.
             if let Some(c) = counters(port) {
                 c.own_packets += 1;
             }
+            ctx.set_mark(marks::TUNNEL_HANDLED);
             return TCX_NEXT;
         }
         ctx.set_mark(marks::TUNNEL_DECAP);
@@ -137,6 +143,15 @@ pub fn tunnel_rx(ctx: TcContext) -> i32 {
         return TCX_NEXT;
     }
     decapsulate_into_hub(&ctx, port, config, &outer)
+}
+
+/// Whether the frame in a multicast packet comes from a MAC this tunnel sent from.
+#[inline(always)]
+fn is_own_frame(ctx: &TcContext, port: u32, config: &TunnelConfig, outer: &Outer) -> bool {
+    let inner = outer.l4 + UDP_LEN + usize::from(config.header_len) + usize::from(config.offset);
+    let Ok(mac) = ctx.load::<[u8; 6]>(inner + 6) else { return false };
+    // SAFETY: read-only lookup, as above.
+    unsafe { TUNNEL_OWN_MACS.get(&TunnelMacKey { port, mac, _pad: [0; 2] }) }.is_some()
 }
 
 /// Strips the outer headers of a packet for `config` and injects the frame at the hub port.
@@ -232,6 +247,15 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig) -> i32 {
     let Some(route) = route(ctx, config, ipv6, l3_len as u16 + ip_payload, frame_len) else {
         return to_user_space(ctx, port);
     };
+    if config.flags & tunnel::MULTICAST != 0
+        && let Ok(mac) = ctx.load::<[u8; 6]>(6)
+    {
+        let key = TunnelMacKey { port, mac, _pad: [0; 2] };
+        // SAFETY: read-only lookup, as above.
+        if unsafe { TUNNEL_OWN_MACS.get(&key) }.is_none() {
+            let _ = TUNNEL_OWN_MACS.insert(&key, &1, 0);
+        }
+    }
     let encap_len = ETH_LEN + l3_len + l4_len + tunnel_len;
     // SAFETY: the helper grows the skb's headroom (zeroed); it takes no pointers besides the skb.
     if unsafe { bpf_skb_change_head(ctx.skb.skb, encap_len as u32, 0) } != 0 {

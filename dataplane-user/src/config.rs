@@ -108,6 +108,8 @@ pub struct Settings {
     pub netdevs: Vec<Netdev>,
     /// The eBPF object to load instead of the embedded one.
     pub bpf_object: Option<PathBuf>,
+    /// What `user` netdevs read as `/etc/resolv.conf`.
+    pub user_resolv_conf: Option<PathBuf>,
 }
 
 /// The command-line part of the settings.
@@ -159,6 +161,7 @@ impl Settings {
             log_level: file.log.level,
             netdevs,
             bpf_object: overrides.bpf_object.clone(),
+            user_resolv_conf: None,
         })
     }
 }

@@ -85,6 +85,8 @@ pub struct Kernel {
 
 /// A user-space backend that is running.
 struct RunningBackend {
+    /// A `user` netdev's run-time commands (`hostfwd_add`, …).
+    user_control: Option<backend::slirp::UserControl>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     stats: Arc<BackendStats>,
@@ -199,6 +201,8 @@ pub fn announce_frame(mac: [u8; 6]) -> [u8; 60] {
 pub struct Daemon {
     /// Itself, for the tasks it spawns (announce timers).
     me: Weak<Daemon>,
+    /// The file `user` netdevs read as `/etc/resolv.conf` (their DNS upstream), if not the host's.
+    user_resolv_conf: std::sync::OnceLock<std::path::PathBuf>,
     /// `announce-self` timers by id (`""` for none).
     announce_timers: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     state: Mutex<State>,
@@ -228,6 +232,7 @@ impl Daemon {
         };
         Self {
             me,
+            user_resolv_conf: std::sync::OnceLock::new(),
             announce_timers: std::sync::Mutex::default(),
             state: Mutex::new(state),
             events: broadcast::channel(EVENT_BACKLOG).0,
@@ -249,7 +254,13 @@ impl Daemon {
         };
         let mut pending_backend = None;
         let mut tunnel = None;
-        if let Some(prepared) = backend::prepare(&netdev, fds).await? {
+        if let Some(mut prepared) = backend::prepare(&netdev, fds).await? {
+            if let Some(path) = self.user_resolv_conf.get() {
+                prepared = match prepared {
+                    backend::Prepared::User(user) => backend::Prepared::User(user.with_resolv_conf(path)),
+                    other => other,
+                };
+            }
             let Some(kernel) = state.kernel.as_ref() else { return Err(DaemonError::NoDataplane { id }) };
             let (hub_device, pipe, resolved) = user_space_port(&id, prepared.endpoint(), &kernel.netlink).await?;
             device = Some(hub_device);
@@ -304,7 +315,12 @@ impl Daemon {
             info: Arc::new(std::sync::Mutex::new(String::new())),
             cancel: CancellationToken::new(),
         };
+        let user_control = match &prepared {
+            backend::Prepared::User(user) => Some(user.control()),
+            _ => None,
+        };
         let running = RunningBackend {
+            user_control,
             cancel: ctx.cancel.clone(),
             stats: ctx.stats.clone(),
             info: ctx.info.clone(),
@@ -342,6 +358,45 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Makes every `user` netdev created from now on resolve through the `nameserver` of `path`.
+    pub fn set_user_resolv_conf(&self, path: std::path::PathBuf) {
+        let _ = self.user_resolv_conf.set(path);
+    }
+
+    /// The run-time control of `user` netdev `id`, or the first `user` netdev (HMP's default).
+    async fn user_control(&self, id: Option<&str>) -> Result<backend::slirp::UserControl, DaemonError> {
+        let state = self.state.lock().await;
+        let found = match id {
+            Some(id) => {
+                let entry = state.registry.get(id).ok_or_else(|| DaemonError::Rejected(format!("unknown netdev id '{id}'")))?;
+                if !matches!(entry.netdev.options, NetdevOptions::User(_)) {
+                    return Err(DaemonError::Rejected(format!("netdev '{id}' is not a user-mode network stack")));
+                }
+                state.backends.get(id).and_then(|b| b.user_control.clone())
+            }
+            None => state
+                .registry
+                .entries()
+                .find_map(|e| state.backends.get(&e.netdev.id).and_then(|b| b.user_control.clone())),
+        };
+        found.ok_or_else(|| DaemonError::Rejected("user-mode network stack not in use".to_owned()))
+    }
+
+    /// HMP's `hostfwd_add`: a host forward added to a running `user` netdev.
+    pub async fn hostfwd_add(&self, id: Option<&str>, rule: &str) -> Result<(), DaemonError> {
+        self.user_control(id).await?.hostfwd_add(rule).await.map_err(DaemonError::Rejected)
+    }
+
+    /// HMP's `hostfwd_remove`; the answer is QEMU's monitor text.
+    pub async fn hostfwd_remove(&self, id: Option<&str>, rule: &str) -> Result<String, DaemonError> {
+        self.user_control(id).await?.hostfwd_remove(rule).await.map_err(DaemonError::Rejected)
+    }
+
+    /// HMP's `info usernet` table of a `user` netdev.
+    pub async fn usernet_info(&self, id: Option<&str>) -> Result<String, DaemonError> {
+        self.user_control(id).await?.connection_info().await.map_err(DaemonError::Rejected)
     }
 
     /// `netdev_del`: leave the hub, then remove what the netdev created.
@@ -587,12 +642,18 @@ async fn user_space_port(
         Some(_) => PipeMode::SlowPath(dataplane_common::tunnel::SLOW_PATH_ETHERTYPE),
         None => PipeMode::AllFrames,
     };
-    let opened = pair.open_pipe(id, mode).and_then(|pipe| {
-        let tunnel = endpoint
-            .map(|e| port::tunnel::resolve(id, &e, pair.hub.ifindex, pair.port_ifindex, &pair.port_ifname))
-            .transpose()?;
-        Ok((pipe, tunnel))
-    });
+    let opened = async {
+        let pipe = pair.open_pipe(id, mode)?;
+        let tunnel = match endpoint {
+            Some(endpoint) => Some(
+                port::tunnel::resolve(id, netlink, &endpoint, pair.hub.ifindex, pair.port_ifindex, &pair.port_ifname)
+                    .await?,
+            ),
+            None => None,
+        };
+        Ok::<_, PortError>((pipe, tunnel))
+    }
+    .await;
     match opened {
         Ok((pipe, tunnel)) => Ok((PortDevice::owned(pair.hub.clone()), pipe, tunnel)),
         Err(error) => {

@@ -28,6 +28,11 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "busybox",
     "python3-venv",
+    // Interop peer for the socket netdevs and the tunnel benchmark's reference.
+    "qemu-system-x86",
+    // The NAT benchmark's references.
+    "slirp4netns",
+    "passt",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

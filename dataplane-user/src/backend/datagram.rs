@@ -901,8 +901,9 @@ mod tests {
     ) {
         std::thread::spawn(move || {
             // SAFETY: unshare only changes this thread's namespaces.
+            let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
             assert_eq!(
-                unsafe { libc::unshare(libc::CLONE_NEWNET) },
+                unshared,
                 0,
                 "unshare: {}",
                 io::Error::last_os_error()

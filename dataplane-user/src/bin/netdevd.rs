@@ -29,6 +29,10 @@ struct Args {
     /// The eBPF object to load instead of the one built into netdevd.
     #[arg(long, value_name = "FILE")]
     bpf_object: Option<PathBuf>,
+    /// The resolver file `user` netdevs forward DNS to (its first `nameserver`), instead of
+    /// /etc/resolv.conf: tests point it at a local stub server.
+    #[arg(long, value_name = "FILE")]
+    user_resolv_conf: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,7 +49,8 @@ fn main() -> std::process::ExitCode {
 fn start() -> Result<()> {
     let args = Args::parse();
     let overrides = Overrides { config: args.config, qmp: args.qmp, netdevs: args.netdev, bpf_object: args.bpf_object };
-    let settings = Settings::load(&overrides)?;
+    let mut settings = Settings::load(&overrides)?;
+    settings.user_resolv_conf = args.user_resolv_conf;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if !nix::unistd::geteuid().is_root() {
@@ -67,6 +72,9 @@ async fn run(settings: Settings) -> Result<()> {
     let forwarding = EbpfDataplane::load(&source)?;
     let netlink = Netlink::connect().context("cannot open a netlink socket")?;
     let daemon = Daemon::new(Some(Kernel { forwarding: Box::new(forwarding), netlink }));
+    if let Some(path) = settings.user_resolv_conf.clone() {
+        daemon.set_user_resolv_conf(path);
+    }
     for netdev in settings.netdevs {
         let id = netdev.id.clone();
         if let Err(error) = daemon.add_netdev(netdev, &mut NoFds).await {

@@ -1,8 +1,21 @@
 //! Interface operations over rtnetlink: look up, bring up, enslave to a bridge, delete.
 
+use std::net::IpAddr;
+
 use futures::TryStreamExt;
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use rtnetlink::{Handle, LinkUnspec, LinkVeth};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteType};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+/// The kernel's route to a destination (`ip route get`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSummary {
+    /// The destination is an address of this host.
+    pub local: bool,
+    pub oif: Option<u32>,
+    /// The source address the kernel would pick.
+    pub source: Option<IpAddr>,
+}
 
 /// What the daemon needs to know of an interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +58,26 @@ impl Netlink {
 
     pub async fn set_controller(&self, ifindex: u32, bridge: u32) -> Result<(), rtnetlink::Error> {
         self.handle.link().set(LinkUnspec::new_with_index(ifindex).controller(bridge).build()).execute().await
+    }
+
+    /// The route the kernel takes to `destination`.
+    pub async fn route_to(&self, destination: IpAddr) -> Result<Option<RouteSummary>, rtnetlink::Error> {
+        let prefix = if destination.is_ipv4() { 32 } else { 128 };
+        let Ok(builder) = RouteMessageBuilder::<IpAddr>::new().destination_prefix(destination, prefix) else {
+            return Ok(None);
+        };
+        let mut routes = self.handle.route().get(builder.build()).execute();
+        let Some(route) = routes.try_next().await? else { return Ok(None) };
+        let mut summary = RouteSummary { local: route.header.kind == RouteType::Local, oif: None, source: None };
+        for attribute in &route.attributes {
+            match attribute {
+                RouteAttribute::Oif(index) => summary.oif = Some(*index),
+                RouteAttribute::PrefSource(RouteAddress::Inet(v4)) => summary.source = Some(IpAddr::V4(*v4)),
+                RouteAttribute::PrefSource(RouteAddress::Inet6(v6)) => summary.source = Some(IpAddr::V6(*v6)),
+                _ => {}
+            }
+        }
+        Ok(Some(summary))
     }
 
     /// Creates a veth pair `name` / `peer` in the daemon's namespace, both down.

@@ -6,13 +6,13 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr},
 };
 
 use dataplane_common::{TunnelConfig, TunnelRxKey, tunnel};
 use nix::ifaddrs::getifaddrs;
 
-use super::PortError;
+use super::{PortError, link::Netlink};
 use crate::backend::{Encapsulation, TunnelEndpoint, l2tp};
 
 /// A tunnel's share of the kernel plan.
@@ -40,8 +40,9 @@ fn unresolvable(id: &str, why: String) -> PortError {
 
 /// Resolves `endpoint` for the tunnel whose hub port is `hub_ifindex` and whose port device is
 /// `port_ifindex`/`port_ifname`.
-pub fn resolve(
+pub async fn resolve(
     id: &str,
+    netlink: &Netlink,
     endpoint: &TunnelEndpoint,
     hub_ifindex: u32,
     port_ifindex: u32,
@@ -53,8 +54,7 @@ pub fn resolve(
         Encapsulation::Udp => (true, None),
         Encapsulation::L2tpv3 { over_udp, header } => (*over_udp, Some(header)),
     };
-    let mut config = TunnelConfig::default();
-    config.hub_ifindex = hub_ifindex;
+    let mut config = TunnelConfig { hub_ifindex, ..TunnelConfig::default() };
     if ipv6 {
         config.flags |= tunnel::IPV6;
         if over_udp {
@@ -98,19 +98,33 @@ pub fn resolve(
     config.src_port = u16::from_ne_bytes(endpoint.local.port().to_be_bytes());
 
     let multicast = remote.ip().is_multicast();
-    // The address we send from, and the interface it belongs to.
+    let route = netlink
+        .route_to(remote.ip())
+        .await
+        .map_err(|e| unresolvable(id, format!("no route to {}: {e}", remote.ip())))?
+        .ok_or_else(|| unresolvable(id, format!("no route to {}", remote.ip())))?;
+    // The address we send from: the bound one, the multicast interface's, or the route's choice
+    // (which may be none for a multicast route on a device without a usable address: the kernel
+    // then sends from 0.0.0.0, and so do we).
+    let unspecified = if ipv6 { IpAddr::from([0u16; 8]) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
     let source = match (multicast, endpoint.multicast_interface) {
         (true, Some(interface)) => IpAddr::V4(interface),
         _ if !endpoint.local.ip().is_unspecified() && !multicast => endpoint.local.ip(),
-        _ => source_towards(remote).map_err(|e| unresolvable(id, format!("no route to {}: {e}", remote.ip())))?,
+        _ => route.source.unwrap_or(unspecified),
     };
     config.src_addr = address_bytes(source);
-    let interface = if is_local(remote.ip()) {
+    let interface = if route.local {
         // A destination on this host goes through loopback, whatever address it has.
         config.flags |= tunnel::STATIC_L2;
         interface_named("lo").ok_or_else(|| unresolvable(id, "no loopback interface".to_owned()))?
+    } else if let (true, Some(address)) = (multicast, endpoint.multicast_interface) {
+        interface_with(IpAddr::V4(address))
+            .ok_or_else(|| unresolvable(id, format!("no interface has the address {address}")))?
     } else {
-        interface_with(source).ok_or_else(|| unresolvable(id, format!("no interface has the address {source}")))?
+        route
+            .oif
+            .and_then(interface_with_index)
+            .ok_or_else(|| unresolvable(id, format!("no interface routes to {}", remote.ip())))?
     };
     config.out_ifindex = interface.ifindex;
     if multicast {
@@ -154,22 +168,6 @@ fn address_bytes(ip: IpAddr) -> [u8; 16] {
     bytes
 }
 
-/// The source address the kernel picks for `remote` (a connected UDP socket sends nothing).
-fn source_towards(remote: SocketAddr) -> std::io::Result<IpAddr> {
-    let any: SocketAddr = if remote.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let probe = UdpSocket::bind(any)?;
-    // Port 0 is not connectable; any port finds the same route.
-    let target = SocketAddr::new(remote.ip(), if remote.port() == 0 { 9 } else { remote.port() });
-    probe.connect(target)?;
-    Ok(probe.local_addr()?.ip())
-}
-
-/// Whether `ip` is an address of this host (binding to it succeeds).
-fn is_local(ip: IpAddr) -> bool {
-    !ip.is_multicast() && UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
-}
-
 fn interfaces() -> Vec<(Interface, Option<IpAddr>)> {
     let Ok(addresses) = getifaddrs() else { return Vec::new() };
     addresses
@@ -177,7 +175,7 @@ fn interfaces() -> Vec<(Interface, Option<IpAddr>)> {
             let ifindex = nix::net::if_::if_nametoindex(entry.interface_name.as_str()).ok()?;
             let ip = entry.address.as_ref().and_then(|a| {
                 a.as_sockaddr_in()
-                    .map(|v4| IpAddr::V4(Ipv4Addr::from(v4.ip())))
+                    .map(|v4| IpAddr::V4(v4.ip()))
                     .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
             });
             Some((Interface { ifindex, name: entry.interface_name }, ip))
@@ -187,6 +185,10 @@ fn interfaces() -> Vec<(Interface, Option<IpAddr>)> {
 
 fn interface_with(ip: IpAddr) -> Option<Interface> {
     interfaces().into_iter().find(|(_, address)| *address == Some(ip)).map(|(interface, _)| interface)
+}
+
+fn interface_with_index(ifindex: u32) -> Option<Interface> {
+    interfaces().into_iter().find(|(interface, _)| interface.ifindex == ifindex).map(|(interface, _)| interface)
 }
 
 fn interface_named(name: &str) -> Option<Interface> {

@@ -35,6 +35,9 @@ pub const ALL: &[&str] = &[
     "quit",
     "x-query-netdevs",
     "x-query-netdev-counters",
+    "x-hostfwd-add",
+    "x-hostfwd-remove",
+    "x-query-usernet",
 ];
 
 #[must_use]
@@ -47,7 +50,8 @@ pub fn exists(name: &str) -> bool {
 pub fn implied_key(name: &str) -> Option<&'static str> {
     match name {
         "netdev_add" => Some("type"),
-        "netdev_del" | "x-query-netdev-counters" => Some("id"),
+        "netdev_del" | "x-query-netdev-counters" | "x-query-usernet" => Some("id"),
+        "x-hostfwd-add" | "x-hostfwd-remove" => Some("rule"),
         "set_link" | "query-rx-filter" | "x-set-rx-filter" => Some("name"),
         "getfd" | "closefd" => Some("fdname"),
         _ => None,
@@ -125,6 +129,18 @@ struct FdNameArgs {
 
 #[derive(Deserialize)]
 struct NoArgs {}
+
+/// HMP's `hostfwd_add [netdev_id] rule` / `hostfwd_remove [netdev_id] rule`.
+#[derive(Deserialize)]
+struct HostfwdArgs {
+    id: Option<String>,
+    rule: String,
+}
+
+#[derive(Deserialize)]
+struct OptionalIdArgs {
+    id: Option<String>,
+}
 
 #[derive(Deserialize)]
 struct CountersArgs {
@@ -206,6 +222,19 @@ pub async fn execute(daemon: &Daemon, session: &mut Session, name: &str, argumen
             let args: CountersArgs = qapi::from_json(arguments)?;
             let counters = daemon.counters(args.id.as_deref()).await?;
             serde_json::to_value(counters).map_err(|e| QmpError::generic(e.to_string()))
+        }
+        "x-hostfwd-add" => {
+            let args: HostfwdArgs = qapi::from_json(arguments)?;
+            daemon.hostfwd_add(args.id.as_deref(), &args.rule).await?;
+            Ok(empty)
+        }
+        "x-hostfwd-remove" => {
+            let args: HostfwdArgs = qapi::from_json(arguments)?;
+            Ok(Value::String(daemon.hostfwd_remove(args.id.as_deref(), &args.rule).await?))
+        }
+        "x-query-usernet" => {
+            let args: OptionalIdArgs = qapi::from_json(arguments)?;
+            Ok(Value::String(daemon.usernet_info(args.id.as_deref()).await?))
         }
         _ => Err(QmpError::command_not_found(format!("The command {name} has not been found"))),
     }
