@@ -247,7 +247,8 @@ impl PortCounters {
 ///
 /// A tunnel's hub port is one end of a veth pair; frames the hub sends to it arrive, segmented and
 /// checksummed in software, at the other end (the tunnel port device), where `tunnel_port`
-/// encapsulates them and sends them out of the underlay device. `tunnel_rx` on the underlay
+/// encapsulates them and sends them out of the underlay device to the next hop the daemon
+/// resolved (`bpf_fib_lookup` would need IP forwarding enabled on the underlay). `tunnel_rx` on the underlay
 /// matches received packets by local address, port (or L2TPv3 session) and protocol, strips the
 /// headers and injects the frame at the hub port.
 pub mod tunnel {
@@ -255,9 +256,9 @@ pub mod tunnel {
     pub const IPV6: u32 = 1 << 0;
     /// A UDP header follows the IP header (else L2TPv3 directly over IP protocol 115).
     pub const UDP: u32 = 1 << 1;
-    /// Send on `out_ifindex` with the configured MACs (a local or multicast destination) instead
-    /// of looking the route and neighbour up.
-    pub const STATIC_L2: u32 = 1 << 2;
+    /// The next hop's MAC is not known yet: frames go to user space, whose socket resolves it
+    /// (the daemon then fills `dst_mac` in and clears the flag).
+    pub const NEIGHBOUR_PENDING: u32 = 1 << 2;
     /// Multicast on a device other than loopback: also hand a copy to the local stack, as
     /// `IP_MULTICAST_LOOP` does.
     pub const LOOP_COPY: u32 = 1 << 3;
@@ -290,9 +291,10 @@ pub struct TunnelConfig {
     pub flags: u32,
     /// The hub port (the veth end in the hub), where decapsulated frames are injected.
     pub hub_ifindex: u32,
-    /// With `STATIC_L2`: the device to send on.
+    /// The device to send on (the route's), with the MACs below.
     pub out_ifindex: u32,
-    /// With `STATIC_L2`: the longest frame that fits the device's MTU once encapsulated.
+    /// The longest frame that fits the device's MTU once encapsulated; longer ones go to user
+    /// space, whose socket fragments them.
     pub max_frame: u32,
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],

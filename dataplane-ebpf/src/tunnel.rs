@@ -3,8 +3,9 @@
 //!
 //! * `tunnel_port` runs on the tunnel port device (the far end of the hub port's veth pair). A
 //!   frame from the hub arrives there already segmented and checksummed in software (the hub end
-//!   has no offloads), gets its outer headers and leaves on the underlay device. What the program
-//!   cannot send (too big for the path, no route or neighbour yet, IPv6 UDP) goes to the
+//!   has no offloads), gets its outer headers and leaves on the underlay device towards the next
+//!   hop the daemon resolved. What the program cannot send (too big for the path, next hop not
+//!   resolved yet, IPv6 UDP) goes to the
 //!   backend's socket instead: wrapped in a private EtherType and turned back into the device, so
 //!   that the backend's packet socket, bound to that EtherType, sees exactly those frames.
 //! * `tunnel_rx` runs on the underlay devices' ingress. A packet for a tunnel's local address and
@@ -15,10 +16,9 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_INGRESS, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, TC_ACT_SHOT,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibLookup,
+        BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_skb_change_head},
+    helpers::{bpf_redirect, bpf_skb_change_head},
     macros::{classifier, map},
     maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
@@ -36,8 +36,6 @@ const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
 /// TCX: not ours, let the next program (or the stack) have it. Other daemons in the namespace may
 /// run their own `tunnel_rx` on the same device.
 const TCX_NEXT: i32 = -1;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
 
 #[map(name = "TUNNELS")]
 static TUNNELS: HashMap<u32, TunnelConfig> = HashMap::with_max_entries(MAX_TUNNELS, 0);
@@ -244,17 +242,8 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig) -> i32 {
     let Ok(ip_payload) = u16::try_from(l4_len + tunnel_len + frame_len as usize) else {
         return to_user_space(ctx, port);
     };
-    let Some(route) = route(ctx, config, ipv6, l3_len as u16 + ip_payload, frame_len) else {
+    if frame_len > config.max_frame || config.flags & tunnel::NEIGHBOUR_PENDING != 0 {
         return to_user_space(ctx, port);
-    };
-    if config.flags & tunnel::MULTICAST != 0
-        && let Ok(mac) = ctx.load::<[u8; 6]>(6)
-    {
-        let key = TunnelMacKey { port, mac, _pad: [0; 2] };
-        // SAFETY: read-only lookup, as above.
-        if unsafe { TUNNEL_OWN_MACS.get(&key) }.is_none() {
-            let _ = TUNNEL_OWN_MACS.insert(&key, &1, 0);
-        }
     }
     let encap_len = ETH_LEN + l3_len + l4_len + tunnel_len;
     // SAFETY: the helper grows the skb's headroom (zeroed); it takes no pointers besides the skb.
@@ -262,8 +251,8 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig) -> i32 {
         return count_error(port);
     }
     let mut ethernet = [0u8; ETH_LEN];
-    ethernet[..6].copy_from_slice(&route.dst_mac);
-    ethernet[6..12].copy_from_slice(&route.src_mac);
+    ethernet[..6].copy_from_slice(&config.dst_mac);
+    ethernet[6..12].copy_from_slice(&config.src_mac);
     ethernet[12..].copy_from_slice(if ipv6 { &ETHERTYPE_IPV6 } else { &ETHERTYPE_IPV4 });
     let proto = if udp { tunnel::PROTO_UDP } else { tunnel::PROTO_L2TP };
     let ttl = if config.flags & tunnel::MULTICAST != 0 { 1 } else { 64 };
@@ -302,68 +291,10 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig) -> i32 {
         c.encap_bytes += u64::from(frame_len);
     }
     if config.flags & tunnel::LOOP_COPY != 0 {
-        let _ = ctx.clone_redirect(route.ifindex, u64::from(BPF_F_INGRESS));
+        let _ = ctx.clone_redirect(config.out_ifindex, u64::from(BPF_F_INGRESS));
     }
     // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
-    unsafe { bpf_redirect(route.ifindex, 0) as i32 }
-}
-
-struct Route {
-    ifindex: u32,
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-}
-
-/// Where an encapsulated packet of `ip_len` bytes goes: the configured device for local and
-/// multicast destinations, else the FIB's route and resolved neighbour; `None` when the kernel
-/// cannot send it itself (no neighbour yet, needs fragmenting, no route).
-#[inline(always)]
-fn route(ctx: &TcContext, config: &TunnelConfig, ipv6: bool, ip_len: u16, frame_len: u32) -> Option<Route> {
-    if config.flags & tunnel::STATIC_L2 != 0 {
-        if frame_len > config.max_frame {
-            return None;
-        }
-        return Some(Route { ifindex: config.out_ifindex, src_mac: config.src_mac, dst_mac: config.dst_mac });
-    }
-    // SAFETY: an all-zero `bpf_fib_lookup` is a valid (empty) request; it is plain data.
-    let mut params: FibLookup = unsafe { core::mem::zeroed() };
-    params.family = if ipv6 { AF_INET6 } else { AF_INET };
-    params.l4_protocol = if config.flags & tunnel::UDP != 0 { tunnel::PROTO_UDP } else { tunnel::PROTO_L2TP };
-    params.sport = config.src_port;
-    params.dport = config.dst_port;
-    params.__bindgen_anon_1.tot_len = ip_len;
-    if ipv6 {
-        params.__bindgen_anon_3.ipv6_src = words(&config.src_addr);
-        params.__bindgen_anon_4.ipv6_dst = words(&config.dst_addr);
-    } else {
-        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([config.src_addr[0], config.src_addr[1], config.src_addr[2], config.src_addr[3]]);
-        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([config.dst_addr[0], config.dst_addr[1], config.dst_addr[2], config.dst_addr[3]]);
-    }
-    params.ifindex = config.out_ifindex;
-    // SAFETY: `params` is a live, correctly sized request the helper reads and writes.
-    let result = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb.cast(),
-            &mut params,
-            core::mem::size_of::<FibLookup>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    };
-    (result == i64::from(BPF_FIB_LKUP_RET_SUCCESS)).then_some(Route {
-        ifindex: params.ifindex,
-        src_mac: params.smac,
-        dst_mac: params.dmac,
-    })
-}
-
-#[inline(always)]
-fn words(address: &[u8; 16]) -> [u32; 4] {
-    let mut out = [0u32; 4];
-    for (i, word) in out.iter_mut().enumerate() {
-        let at = i * 4;
-        *word = u32::from_ne_bytes([address[at], address[at + 1], address[at + 2], address[at + 3]]);
-    }
-    out
+    unsafe { bpf_redirect(config.out_ifindex, 0) as i32 }
 }
 
 /// IPv4 header, DF set (the path's MTU was checked), identification 0 as for any atomic datagram.

@@ -93,6 +93,10 @@ struct RunningBackend {
     info: Arc<std::sync::Mutex<String>>,
 }
 
+/// How often a tunnel's next-hop MAC is checked, and while it is not resolved yet.
+const NEXT_HOP_REFRESH: Duration = Duration::from_secs(1);
+const NEXT_HOP_PENDING_REFRESH: Duration = Duration::from_millis(100);
+
 /// How long `netdev_del` waits for a backend to close its sockets.
 const BACKEND_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -298,6 +302,9 @@ impl Daemon {
         }
         if let Some((prepared, pipe)) = pending_backend {
             let running = self.start_backend(&id, prepared, pipe);
+            if state.tunnels.get(&id).is_some_and(|t| t.next_hop.is_some()) {
+                self.watch_next_hop(&id, running.cancel.clone());
+            }
             state.backends.insert(id.clone(), running);
         }
         let ifname = state.devices.get(&id).map(|d| d.device.ifname.clone());
@@ -334,6 +341,39 @@ impl Daemon {
             }
         });
         running
+    }
+
+    /// Keeps a tunnel's next-hop MAC current: the kernel's neighbour table is read every
+    /// `NEXT_HOP_REFRESH` (more often while unresolved) until the netdev goes.
+    fn watch_next_hop(&self, id: &str, cancel: CancellationToken) {
+        let me = self.me.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let mut pending = true;
+            loop {
+                let delay = if pending { NEXT_HOP_PENDING_REFRESH } else { NEXT_HOP_REFRESH };
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                let Some(daemon) = me.upgrade() else { return };
+                let mut state = daemon.state.lock().await;
+                let (Some(tunnel), Some(kernel)) = (state.tunnels.get(&id), state.kernel.as_ref()) else { return };
+                pending = tunnel.config.flags & dataplane_common::tunnel::NEIGHBOUR_PENDING != 0;
+                let Some(config) = port::tunnel::refresh_next_hop(tunnel, &kernel.netlink).await else { continue };
+                if let Some(tunnel) = state.tunnels.get_mut(&id) {
+                    let old = std::mem::replace(&mut tunnel.config, config);
+                    if let Err(error) = state.replan() {
+                        tracing::warn!(netdev = %id, %error, "next hop not updated");
+                        if let Some(tunnel) = state.tunnels.get_mut(&id) {
+                            tunnel.config = old;
+                        }
+                    }
+                }
+                pending = config.flags & dataplane_common::tunnel::NEIGHBOUR_PENDING != 0;
+                tracing::debug!(netdev = %id, pending, "tunnel next hop refreshed");
+            }
+        });
     }
 
     /// A backend's news: QEMU's stream events, and the link following the connection (as QEMU,

@@ -18,6 +18,9 @@ pub const MAX_FRAME: usize = 69_632;
 #[derive(Debug)]
 pub struct HubPipe {
     fd: AsyncFd<OwnedFd>,
+    /// Bytes before each received frame that are not part of it (the slow-path wrapper header of
+    /// a tunnel's packet socket).
+    wrapper: usize,
 }
 
 impl HubPipe {
@@ -28,7 +31,14 @@ impl HubPipe {
         // SAFETY: the AsyncFd owns `fd`, so it stays open and the same descriptor while registered.
         let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
             .map_err(io::Error::from)?;
-        Ok(Self { fd })
+        Ok(Self { fd, wrapper: 0 })
+    }
+
+    /// Received frames come with a `len`-byte header in front, which `recv` drops.
+    #[must_use]
+    pub const fn with_wrapper(mut self, len: usize) -> Self {
+        self.wrapper = len;
+        self
     }
 
     /// Two connected pipes, for tests: what one sends, the other receives.
@@ -54,7 +64,7 @@ impl HubPipe {
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.fd.readable().await?;
-            match guard.try_io(|fd| recv_raw(fd.get_ref(), buf)) {
+            match guard.try_io(|fd| recv_raw(fd.get_ref(), self.wrapper, buf)) {
                 Ok(result) => return result,
                 Err(_would_block) => {}
             }
@@ -63,7 +73,7 @@ impl HubPipe {
 
     /// The next frame if one is queued, without waiting (for batching).
     pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        match recv_raw(self.fd.get_ref(), buf) {
+        match recv_raw(self.fd.get_ref(), self.wrapper, buf) {
             Ok(n) => Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
@@ -92,14 +102,28 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-fn recv_raw(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of its length for the duration of the call.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
+/// Longest wrapper header `recv` can drop.
+const MAX_WRAPPER: usize = 64;
+
+fn recv_raw(fd: &OwnedFd, wrapper: usize, buf: &mut [u8]) -> io::Result<usize> {
+    // The wrapper lands in a scratch buffer, the frame in `buf`: one scatter read, no copy.
+    let mut scratch = [0u8; MAX_WRAPPER];
+    let wrapper = wrapper.min(MAX_WRAPPER);
+    let mut iov = [
+        libc::iovec { iov_base: scratch.as_mut_ptr().cast(), iov_len: wrapper },
+        libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() },
+    ];
+    // SAFETY: an all-zero msghdr is valid; it then points at `iov`, alive for the call.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = iov.as_mut_ptr();
+    message.msg_iovlen = iov.len();
+    // SAFETY: `message` and the buffers it points to are valid for the duration of the call.
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &raw mut message, libc::MSG_TRUNC) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
     // MSG_TRUNC reports the real length; a longer frame than `buf` is cut to fit.
-    Ok(usize::try_from(n).unwrap_or(0).min(buf.len()))
+    Ok(usize::try_from(n).unwrap_or(0).saturating_sub(wrapper).min(buf.len()))
 }
 
 fn send_raw(fd: &OwnedFd, frame: &[u8]) -> io::Result<()> {
@@ -125,5 +149,17 @@ mod tests {
         assert_eq!(b.try_recv(&mut buf).unwrap(), Some(1514));
         assert_eq!(buf[0], 2);
         assert_eq!(b.try_recv(&mut buf).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_wrapper_header_is_dropped() {
+        let (a, b) = HubPipe::pair().unwrap();
+        let b = b.with_wrapper(14);
+        let mut message = vec![0xee; 14];
+        message.extend_from_slice(&[7; 60]);
+        a.send(&message).await.unwrap();
+        let mut buf = vec![0; MAX_FRAME];
+        assert_eq!(b.recv(&mut buf).await.unwrap(), 60);
+        assert!(buf[..60].iter().all(|byte| *byte == 7));
     }
 }

@@ -4,7 +4,10 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteType};
+use netlink_packet_route::{
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteType},
+};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 /// The kernel's route to a destination (`ip route get`).
@@ -13,6 +16,8 @@ pub struct RouteSummary {
     /// The destination is an address of this host.
     pub local: bool,
     pub oif: Option<u32>,
+    /// The router on the way, if the destination is not on a directly connected network.
+    pub gateway: Option<IpAddr>,
     /// The source address the kernel would pick.
     pub source: Option<IpAddr>,
 }
@@ -68,16 +73,45 @@ impl Netlink {
         };
         let mut routes = self.handle.route().get(builder.build()).execute();
         let Some(route) = routes.try_next().await? else { return Ok(None) };
-        let mut summary = RouteSummary { local: route.header.kind == RouteType::Local, oif: None, source: None };
+        let mut summary =
+            RouteSummary { local: route.header.kind == RouteType::Local, oif: None, gateway: None, source: None };
         for attribute in &route.attributes {
             match attribute {
                 RouteAttribute::Oif(index) => summary.oif = Some(*index),
                 RouteAttribute::PrefSource(RouteAddress::Inet(v4)) => summary.source = Some(IpAddr::V4(*v4)),
                 RouteAttribute::PrefSource(RouteAddress::Inet6(v6)) => summary.source = Some(IpAddr::V6(*v6)),
+                RouteAttribute::Gateway(RouteAddress::Inet(v4)) => summary.gateway = Some(IpAddr::V4(*v4)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(v6)) => summary.gateway = Some(IpAddr::V6(*v6)),
                 _ => {}
             }
         }
         Ok(Some(summary))
+    }
+
+    /// The link-layer address of neighbour `ip` on `ifindex`, if the kernel has a usable one.
+    pub async fn neighbour(&self, ifindex: u32, ip: IpAddr) -> Result<Option<[u8; 6]>, rtnetlink::Error> {
+        let mut neighbours = self.handle.neighbours().get().execute();
+        while let Some(entry) = neighbours.try_next().await? {
+            if entry.header.ifindex != ifindex
+                || matches!(entry.header.state, NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None)
+            {
+                continue;
+            }
+            let mut destination = None;
+            let mut lladdr = None;
+            for attribute in &entry.attributes {
+                match attribute {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => destination = Some(IpAddr::V4(*v4)),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => destination = Some(IpAddr::V6(*v6)),
+                    NeighbourAttribute::LinkLayerAddress(bytes) => lladdr = <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+                    _ => {}
+                }
+            }
+            if destination == Some(ip) && lladdr.is_some() {
+                return Ok(lladdr);
+            }
+        }
+        Ok(None)
     }
 
     /// Creates a veth pair `name` / `peer` in the daemon's namespace, both down.

@@ -35,6 +35,8 @@ pub struct PortPair {
     pub port_ifname: String,
 }
 
+const ETH_HEADER_LEN: usize = 14;
+
 static NEXT_PAIR: AtomicU32 = AtomicU32::new(0);
 
 /// Interface names unique among daemons in one namespace: pid and a counter, in 15 bytes.
@@ -88,7 +90,12 @@ impl PortPair {
             PipeMode::SlowPath(ethertype) => ethertype,
         };
         let socket = packet_socket(self.port_ifindex, protocol).map_err(error)?;
-        HubPipe::new(socket).map_err(error)
+        let pipe = HubPipe::new(socket).map_err(error)?;
+        Ok(match mode {
+            PipeMode::AllFrames => pipe,
+            // The kernel's slow-path frames carry an Ethernet header in front of their own.
+            PipeMode::SlowPath(_) => pipe.with_wrapper(ETH_HEADER_LEN),
+        })
     }
 
     pub async fn destroy(self, netlink: &Netlink) {

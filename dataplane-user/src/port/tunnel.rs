@@ -1,7 +1,7 @@
 //! What the kernel needs for a tunnel's fast path, found from its bound socket's addresses: the
-//! device and addresses to send from, where received packets arrive, and the header template.
-//! Routes and neighbours of unicast peers are looked up per packet by the program (FIB), so only
-//! local and multicast destinations are resolved here.
+//! device, addresses and MACs to send with, where received packets arrive, and the header
+//! template. The next hop's MAC comes from the kernel's neighbour table and is kept current by
+//! [`refresh_next_hop`]; until it is known, frames take the backend's socket, which resolves it.
 
 use std::{
     collections::BTreeMap,
@@ -26,6 +26,9 @@ pub struct TunnelKernel {
     pub rx_keys: Vec<TunnelRxKey>,
     /// Devices where they arrive (`tunnel_rx` runs there), by ifindex.
     pub underlays: BTreeMap<u32, String>,
+    /// A unicast peer off this host: the neighbour (the peer or its router) whose MAC frames are
+    /// sent to, on `config.out_ifindex`.
+    pub next_hop: Option<IpAddr>,
 }
 
 /// An interface holding an address.
@@ -113,25 +116,35 @@ pub async fn resolve(
         _ => route.source.unwrap_or(unspecified),
     };
     config.src_addr = address_bytes(source);
+    let mut next_hop = None;
     let interface = if route.local {
         // A destination on this host goes through loopback, whatever address it has.
-        config.flags |= tunnel::STATIC_L2;
         interface_named("lo").ok_or_else(|| unresolvable(id, "no loopback interface".to_owned()))?
     } else if let (true, Some(address)) = (multicast, endpoint.multicast_interface) {
         interface_with(IpAddr::V4(address))
             .ok_or_else(|| unresolvable(id, format!("no interface has the address {address}")))?
     } else {
+        if !multicast {
+            next_hop = Some(route.gateway.unwrap_or(remote.ip()));
+        }
         route
             .oif
             .and_then(interface_with_index)
             .ok_or_else(|| unresolvable(id, format!("no interface routes to {}", remote.ip())))?
     };
     config.out_ifindex = interface.ifindex;
+    if let Some(hop) = next_hop {
+        config.src_mac = mac_of(&interface.name).unwrap_or_default();
+        match netlink.neighbour(interface.ifindex, hop).await.ok().flatten() {
+            Some(mac) => config.dst_mac = mac,
+            None => config.flags |= tunnel::NEIGHBOUR_PENDING,
+        }
+    }
     if multicast {
         let IpAddr::V4(group) = remote.ip() else {
             return Err(unresolvable(id, "multicast only support inet type".to_owned()));
         };
-        config.flags |= tunnel::STATIC_L2 | tunnel::MULTICAST;
+        config.flags |= tunnel::MULTICAST;
         let octets = group.octets();
         config.dst_mac = [0x01, 0x00, 0x5e, octets[1] & 0x7f, octets[2], octets[3]];
         config.src_mac = mac_of(&interface.name).unwrap_or_default();
@@ -139,10 +152,8 @@ pub async fn resolve(
             config.flags |= tunnel::LOOP_COPY;
         }
     }
-    if config.flags & tunnel::STATIC_L2 != 0 {
-        let mtu = mtu_of(&interface.name).unwrap_or(1500);
-        config.max_frame = u32::try_from(mtu.saturating_sub(encap_overhead)).unwrap_or(0);
-    }
+    let mtu = mtu_of(&interface.name).unwrap_or(1500);
+    config.max_frame = u32::try_from(mtu.saturating_sub(encap_overhead)).unwrap_or(0);
 
     let local_addr = if multicast { remote.ip() } else { endpoint.local.ip() };
     let mut key = TunnelRxKey { addr: address_bytes(local_addr), ..TunnelRxKey::default() };
@@ -155,7 +166,24 @@ pub async fn resolve(
     }
     let mut underlays = BTreeMap::new();
     underlays.insert(interface.ifindex, interface.name);
-    Ok(TunnelKernel { port_ifindex, port_ifname: port_ifname.to_owned(), config, rx_keys: vec![key], underlays })
+    Ok(TunnelKernel { port_ifindex, port_ifname: port_ifname.to_owned(), config, rx_keys: vec![key], underlays, next_hop })
+}
+
+/// The tunnel's configuration with its next hop's current MAC, if that changed (a neighbour was
+/// resolved, or moved).
+pub async fn refresh_next_hop(tunnel: &TunnelKernel, netlink: &Netlink) -> Option<TunnelConfig> {
+    let hop = tunnel.next_hop?;
+    let mac = netlink.neighbour(tunnel.config.out_ifindex, hop).await.ok().flatten();
+    let mut config = tunnel.config;
+    match mac {
+        Some(mac) => {
+            config.dst_mac = mac;
+            config.flags &= !tunnel::NEIGHBOUR_PENDING;
+        }
+        // A neighbour that went away: back to the socket until it is resolved again.
+        None => config.flags |= tunnel::NEIGHBOUR_PENDING,
+    }
+    (config != tunnel.config).then_some(config)
 }
 
 /// An address in the maps' form: IPv4 in the first 4 bytes, unspecified as all zero.
