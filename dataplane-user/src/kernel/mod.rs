@@ -295,7 +295,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::{fake::FakeKernel, plan::*, *};
-    use crate::{netdev::Netdev, registry::Registry};
+    use crate::{netdev::Netdev, port::tunnel::TunnelKernel, registry::Registry};
 
     fn add(registry: &mut Registry, spec: &str) {
         registry.add(Netdev::from_keyval(spec).unwrap()).unwrap();
@@ -335,6 +335,51 @@ mod tests {
         assert!(kernel.holds(&next));
         let empty = Plan::default();
         apply(&mut kernel, &next, &empty).unwrap();
+        assert_eq!(kernel, FakeKernel::default());
+    }
+
+    fn tunnel(port_ifindex: u32, local_port: u16, underlay: u32) -> TunnelKernel {
+        let config = TunnelConfig {
+            hub_ifindex: port_ifindex - 1,
+            src_port: u16::from_ne_bytes(local_port.to_be_bytes()),
+            ..TunnelConfig::default()
+        };
+        let key = TunnelRxKey { port: config.src_port, proto: dataplane_common::tunnel::PROTO_UDP, ..TunnelRxKey::default() };
+        TunnelKernel {
+            port_ifindex,
+            port_ifname: format!("if{port_ifindex}"),
+            config,
+            rx_keys: vec![key],
+            underlays: [(underlay, format!("if{underlay}"))].into(),
+            next_hop: None,
+        }
+    }
+
+    #[test]
+    fn tunnels_come_and_go_with_their_programs_and_keys() {
+        let mut registry = Registry::default();
+        add(&mut registry, "dgram,id=t1,local.type=inet,local.host=127.0.0.1,local.port=5001,remote.type=inet,remote.host=127.0.0.1,remote.port=5002");
+        add(&mut registry, "dgram,id=t2,local.type=inet,local.host=127.0.0.1,local.port=5003,remote.type=inet,remote.host=127.0.0.1,remote.port=5004");
+        let mut tunnels = HashMap::from([("t1".to_owned(), tunnel(11, 5001, 1))]);
+        let mut kernel = FakeKernel::default();
+        let one = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels).unwrap();
+        apply(&mut kernel, &Plan::default(), &one).unwrap();
+        assert!(kernel.holds(&one));
+        assert!(kernel.tunnel_programs.contains(&(1, TunnelProgram::Rx)));
+
+        // A second tunnel on the same underlay shares its program.
+        tunnels.insert("t2".to_owned(), tunnel(13, 5003, 1));
+        let two = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels).unwrap();
+        assert_eq!(two.underlays.len(), 1);
+        apply(&mut kernel, &one, &two).unwrap();
+        assert!(kernel.holds(&two));
+
+        // Two tunnels may not claim the same packets.
+        tunnels.insert("t2".to_owned(), tunnel(13, 5001, 1));
+        let clash = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels).unwrap_err();
+        assert_eq!(clash, PlanError::TunnelTwice { id: "t2".into(), other: "t1".into() });
+
+        apply(&mut kernel, &two, &Plan::default()).unwrap();
         assert_eq!(kernel, FakeKernel::default());
     }
 
