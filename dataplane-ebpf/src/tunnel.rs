@@ -143,6 +143,18 @@ pub fn tunnel_rx(ctx: TcContext) -> i32 {
     decapsulate_into_hub(&ctx, port, config, &outer)
 }
 
+/// Records the frame's source MAC as one this tunnel sends from (written only when new).
+#[inline(always)]
+fn remember_own_mac(ctx: &TcContext, port: u32) {
+    let Ok(mac) = ctx.load::<[u8; 6]>(6) else { return };
+    let key = TunnelMacKey { port, mac, _pad: [0; 2] };
+    // SAFETY: read-only lookup, as above.
+    if unsafe { TUNNEL_OWN_MACS.get(&key) }.is_none() {
+        // A full map only costs the filtering of the oldest senders.
+        let _ = TUNNEL_OWN_MACS.insert(&key, &1, 0);
+    }
+}
+
 /// Whether the frame in a multicast packet comes from a MAC this tunnel sent from.
 #[inline(always)]
 fn is_own_frame(ctx: &TcContext, port: u32, config: &TunnelConfig, outer: &Outer) -> bool {
@@ -244,6 +256,9 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig) -> i32 {
     };
     if frame_len > config.max_frame || config.flags & tunnel::NEIGHBOUR_PENDING != 0 {
         return to_user_space(ctx, port);
+    }
+    if config.flags & tunnel::MULTICAST != 0 {
+        remember_own_mac(ctx, port);
     }
     let encap_len = ETH_LEN + l3_len + l4_len + tunnel_len;
     // SAFETY: the helper grows the skb's headroom (zeroed); it takes no pointers besides the skb.
