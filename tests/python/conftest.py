@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 
 import pytest
 
-from harness import EMPTY_CONFIG, NETDEVCTL_BIN, NETDEVD_BIN, Daemon
+from harness import EMPTY_CONFIG, NETDEVCTL_BIN, NETDEVD_BIN, QEMU_BIN, Daemon, Netns, NetnsDaemon, Qemu
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,3 +82,68 @@ def daemon(start_daemon) -> Daemon:
     return start_daemon()
 
 
+# --------------------------------------------------------------------------------------------
+# Namespaces and QEMU (interop tests)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    """A fresh network namespace (loopback up, multicast routed to lo), deleted at teardown."""
+    namespace = Netns()
+    try:
+        yield namespace
+    finally:
+        namespace.delete()
+
+
+@pytest.fixture
+def start_daemon_in(short_tmp: Path) -> Iterator:
+    """Factory: `start_daemon_in(netns, args=[...])` starts a netdevd inside a namespace (or the
+    test's own with None); stopped and checked at teardown like `start_daemon`'s."""
+    daemons: list[Daemon] = []
+
+    def start(netns: Optional[Netns], config: str = EMPTY_CONFIG, args: Optional[list[str]] = None) -> NetnsDaemon:
+        workdir = short_tmp / f"n{len(daemons)}"
+        workdir.mkdir()
+        daemon = NetnsDaemon(workdir, config, args or [], netns)
+        try:
+            daemon.wait_ready()
+        except BaseException:
+            daemon.kill()
+            daemon.close_log()
+            raise
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    failures = []
+    for daemon in daemons:
+        try:
+            daemon.stop()
+        except BaseException as error:
+            daemon.kill()
+            failures.append(str(error))
+    if failures:
+        pytest.fail("\n".join(failures), pytrace=False)
+
+
+@pytest.fixture
+def start_qemu(short_tmp: Path) -> Iterator:
+    """Factory: `start_qemu(netns=None)` starts QEMU (`-M none -nodefaults`) with a QMP socket;
+    every QEMU started is ended at teardown. A missing QEMU fails the test (setup installs it)."""
+    if not os.access(QEMU_BIN, os.X_OK):
+        pytest.fail(f"{QEMU_BIN} is missing: `cargo xtask setup` installs qemu-system-x86", pytrace=False)
+    started: list[Qemu] = []
+
+    def start(netns: Optional[Netns] = None) -> Qemu:
+        workdir = short_tmp / f"q{len(started)}"
+        workdir.mkdir()
+        qemu = Qemu(workdir, netns)
+        started.append(qemu)
+        qemu.wait_ready()
+        return qemu
+
+    yield start
+    for qemu in started:
+        qemu.stop()

@@ -206,3 +206,148 @@ def assert_error(response: dict, cls: str, desc: str) -> None:
     """Checks an error response's class and text."""
     assert "error" in response, response
     assert response["error"] == {"class": cls, "desc": desc}, response
+
+
+# --------------------------------------------------------------------------------------------
+# Network namespaces, a daemon inside one, and real QEMU as an interop peer
+# --------------------------------------------------------------------------------------------
+
+QEMU_BIN = os.environ.get("QEMU_BIN", "/usr/bin/qemu-system-x86_64")
+
+
+class Netns:
+    """A network namespace the test creates (and deletes): loopback up, multicast-capable.
+
+    `ip netns exec NAME` switches only the network namespace, so unix sockets (QMP, dgram/stream
+    unix netdevs) reach processes inside it from the test's own namespace.
+    """
+
+    _serial = 0
+
+    def __init__(self, tag: str = "ndq"):
+        Netns._serial += 1
+        self.name = f"{tag}{os.getpid()}x{Netns._serial}"
+        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
+        try:
+            for command in (
+                ["ip", "link", "set", "lo", "up"],
+                ["ip", "link", "set", "lo", "multicast", "on"],
+                ["ip", "route", "add", "224.0.0.0/4", "dev", "lo"],
+            ):
+                self.run(*command)
+        except BaseException:
+            self.delete()
+            raise
+
+    def prefix(self) -> list[str]:
+        """The command prefix that runs a program inside the namespace."""
+        return ["ip", "netns", "exec", self.name]
+
+    def run(self, *command: str) -> str:
+        """Runs a command inside the namespace; returns its stdout, fails on a non-zero exit."""
+        done = subprocess.run([*self.prefix(), *command], capture_output=True, text=True, timeout=TIMEOUT)
+        if done.returncode != 0:
+            raise AssertionError(f"{' '.join(command)} in {self.name} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def links(self) -> list[str]:
+        """Names of the interfaces in the namespace (`ip -o link`)."""
+        return link_names(self.run("ip", "-o", "link"))
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+def link_names(ip_o_link: str) -> list[str]:
+    """Interface names from `ip -o link` output (`veth0@peer` → `veth0`)."""
+    names = []
+    for line in ip_o_link.splitlines():
+        fields = line.split(":", 2)
+        if len(fields) >= 2:
+            names.append(fields[1].strip().split("@", 1)[0])
+    return names
+
+
+class NetnsDaemon(Daemon):
+    """A netdevd started inside `netns` (`ip netns exec` execs it, so `proc` is the daemon)."""
+
+    def __init__(self, workdir: Path, config: str, extra_args: list[str], netns: Optional[Netns]):
+        # Daemon.__init__ starts the process; wrap the binary by pointing it at the prefix instead.
+        self.workdir = workdir
+        self.socket_path = str(workdir / "qmp.sock")
+        self.config_path = workdir / "netdevd.toml"
+        self.config_path.write_text(config)
+        self.log_path = workdir / "netdevd.log"
+        self._log = open(self.log_path, "wb")
+        prefix = netns.prefix() if netns is not None else []
+        self.proc = subprocess.Popen(
+            [
+                *prefix,
+                str(NETDEVD_BIN),
+                "--qmp", f"unix:{self.socket_path},server=on,wait=off",
+                "--config", str(self.config_path),
+                *extra_args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+        self.signalled = False
+        self.netns = netns
+
+    def interface_prefix(self) -> str:
+        """The stem of the interfaces this daemon creates for user-space netdevs (`nd<pid>x`)."""
+        return f"nd{self.proc.pid & 0xFFFFF:x}x"
+
+
+class Qemu:
+    """qemu-system-x86_64 with no machine and no devices, driven over QMP: a netdev peer.
+
+    `-M none -nodefaults` gives a running QEMU with nothing but its netdev layer; netdevs and hubs
+    are created with QMP `netdev_add`. Started inside `netns` when given.
+    """
+
+    def __init__(self, workdir: Path, netns: Optional[Netns] = None):
+        self.workdir = workdir
+        self.socket_path = str(workdir / "qemu-qmp.sock")
+        self.log_path = workdir / "qemu.log"
+        self._log = open(self.log_path, "wb")
+        prefix = netns.prefix() if netns is not None else []
+        self.proc = subprocess.Popen(
+            [
+                *prefix, QEMU_BIN, "-M", "none", "-nodefaults", "-display", "none",
+                "-qmp", f"unix:{self.socket_path},server=on,wait=off",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"QEMU exited with {self.proc.returncode} at start:\n{self.log()}")
+            if os.path.exists(self.socket_path):
+                with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+                    probe.connect(self.socket_path)
+                    return
+            time.sleep(0.02)
+        self.stop()
+        raise AssertionError(f"QEMU did not create {self.socket_path} within {TIMEOUT} s:\n{self.log()}")
+
+    def stop(self) -> None:
+        """Ends this QEMU (SIGTERM, then SIGKILL) and closes its log."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=TIMEOUT)
+        if not self._log.closed:
+            self._log.close()
