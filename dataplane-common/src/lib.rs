@@ -259,12 +259,14 @@ pub mod tunnel {
     /// The next hop's MAC is not known yet: frames go to user space, whose socket resolves it
     /// (the daemon then fills `dst_mac` in and clears the flag).
     pub const NEIGHBOUR_PENDING: u32 = 1 << 2;
-    /// Multicast on a device other than loopback: also hand a copy to the local stack, as
-    /// `IP_MULTICAST_LOOP` does.
-    pub const LOOP_COPY: u32 = 1 << 3;
+    /// The destination is an address of this host: sent through loopback with the stack's local
+    /// route attached.
+    pub const LOCAL: u32 = 1 << 3;
     /// The L2TPv3 counter slot at `counter_at` counts packets (else it stays as in the template).
     pub const COUNTER: u32 = 1 << 4;
-    /// Every frame goes to user space (IPv6 UDP needs a full checksum the program does not make).
+    /// Every frame goes to user space: IPv6 UDP needs a full checksum the program does not make,
+    /// and multicast must loop a copy to local members of the group, which only the stack's own
+    /// output path can do (a packet injected from TC carries no route and is dropped as a martian).
     pub const TX_USER_SPACE: u32 = 1 << 5;
     /// Received packets stay visible to the local stack (other listeners of the group); ours,
     /// looped back, are not re-injected.

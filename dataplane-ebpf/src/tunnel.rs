@@ -16,9 +16,10 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::{bpf_redirect, bpf_skb_change_head},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head},
     macros::{classifier, map},
     maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
@@ -33,6 +34,7 @@ const IPV6_LEN: usize = 40;
 const UDP_LEN: usize = 8;
 const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
 const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
+const PACKET_HOST: u32 = 0;
 /// TCX: not ours, let the next program (or the stack) have it. Other daemons in the namespace may
 /// run their own `tunnel_rx` on the same device.
 const TCX_NEXT: i32 = -1;
@@ -241,6 +243,10 @@ pub fn tunnel_port(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig) -> i32 {
+    if config.flags & tunnel::MULTICAST != 0 {
+        // Whichever path sends it, its copy looped back must be recognised.
+        remember_own_mac(ctx, port);
+    }
     let frame_len = ctx.len();
     if (frame_len as usize) < ETH_LEN || config.flags & tunnel::TX_USER_SPACE != 0 {
         return to_user_space(ctx, port);
@@ -257,12 +263,30 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig) -> i32 {
     if frame_len > config.max_frame || config.flags & tunnel::NEIGHBOUR_PENDING != 0 {
         return to_user_space(ctx, port);
     }
-    if config.flags & tunnel::MULTICAST != 0 {
-        remember_own_mac(ctx, port);
-    }
     let encap_len = ETH_LEN + l3_len + l4_len + tunnel_len;
-    // SAFETY: the helper grows the skb's headroom (zeroed); it takes no pointers besides the skb.
-    if unsafe { bpf_skb_change_head(ctx.skb.skb, encap_len as u32, 0) } != 0 {
+    // A destination on this host is reached through the stack's own route (which the packet must
+    // carry, or the stack drops it as a martian): `bpf_redirect_neigh` attaches it, and wants the
+    // outer IP header where the skb's network header is, which `bpf_skb_adjust_room` arranges
+    // for an IP frame. Other frames to a local peer take the socket.
+    let local = config.flags & tunnel::LOCAL != 0;
+    if local {
+        let Ok(inner_ethernet) = ctx.load::<[u8; ETH_LEN]>(0) else { return to_user_space(ctx, port) };
+        if inner_ethernet[12..] != ETHERTYPE_IPV4 && inner_ethernet[12..] != ETHERTYPE_IPV6 {
+            return to_user_space(ctx, port);
+        }
+        let family = if ipv6 { BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 } else { BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 };
+        // Room for the outer IP/UDP/L2TPv3 headers and a copy of the inner Ethernet header, after
+        // the Ethernet header that becomes the outer one.
+        if ctx.adjust_room(encap_len as i32, BPF_ADJ_ROOM_MAC, u64::from(family)).is_err()
+            || ctx.store(encap_len, &inner_ethernet, 0).is_err()
+        {
+            return count_error(port);
+        }
+    } else if unsafe {
+        // SAFETY: the helper grows the skb's headroom (zeroed); it takes no pointers besides the skb.
+        bpf_skb_change_head(ctx.skb.skb, encap_len as u32, 0)
+    } != 0
+    {
         return count_error(port);
     }
     let mut ethernet = [0u8; ETH_LEN];
@@ -305,8 +329,11 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig) -> i32 {
         c.encap_packets += 1;
         c.encap_bytes += u64::from(frame_len);
     }
-    if config.flags & tunnel::LOOP_COPY != 0 {
-        let _ = ctx.clone_redirect(config.out_ifindex, u64::from(BPF_F_INGRESS));
+    // The frame came in for another host's MAC; the packet is now for this one or the next hop.
+    let _ = ctx.change_type(PACKET_HOST);
+    if local {
+        // SAFETY: no next-hop parameters (a null pointer of length 0): the helper routes itself.
+        return unsafe { bpf_redirect_neigh(config.out_ifindex, core::ptr::null_mut(), 0, 0) as i32 };
     }
     // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
     unsafe { bpf_redirect(config.out_ifindex, 0) as i32 }

@@ -80,11 +80,16 @@ impl HubPipe {
         }
     }
 
-    /// Hands one frame to the hub.
+    /// Hands one frame to the hub. A frame larger than the port device takes is dropped (and
+    /// logged), never an error: only a failing socket ends a backend.
     pub async fn send(&self, frame: &[u8]) -> io::Result<()> {
         loop {
             let mut guard = self.fd.writable().await?;
             match guard.try_io(|fd| send_raw(fd.get_ref(), frame)) {
+                Ok(Err(error)) if error.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    tracing::warn!(len = frame.len(), "frame larger than the port device's MTU dropped");
+                    return Ok(());
+                }
                 Ok(result) => return result,
                 Err(_would_block) => {}
             }

@@ -114,9 +114,13 @@ impl Netlink {
         Ok(None)
     }
 
-    /// Creates a veth pair `name` / `peer` in the daemon's namespace, both down.
-    pub async fn add_veth(&self, name: &str, peer: &str) -> Result<(), rtnetlink::Error> {
-        self.handle.link().add(LinkVeth::new(name, peer).build()).execute().await
+    /// Creates a veth pair `name` / `peer` in the daemon's namespace, both down, with `mtu`.
+    pub async fn add_veth(&self, name: &str, peer: &str, mtu: u32) -> Result<(), rtnetlink::Error> {
+        self.handle.link().add(LinkVeth::new(name, peer).mtu(mtu).build()).execute().await?;
+        if let Some(peer) = self.find(peer).await? {
+            self.handle.link().set(LinkUnspec::new_with_index(peer.ifindex).mtu(mtu).build()).execute().await?;
+        }
+        Ok(())
     }
 
     pub async fn delete(&self, ifindex: u32) -> Result<(), rtnetlink::Error> {

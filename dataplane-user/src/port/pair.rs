@@ -36,6 +36,9 @@ pub struct PortPair {
 }
 
 const ETH_HEADER_LEN: usize = 14;
+/// The largest MTU a veth takes: stream and datagram peers may send frames far over 1500 bytes
+/// (QEMU takes up to 69632).
+const PAIR_MTU: u32 = 65535;
 
 static NEXT_PAIR: AtomicU32 = AtomicU32::new(0);
 
@@ -54,7 +57,7 @@ impl PortPair {
             let ifname = ifname.to_owned();
             move |source| PortError::Netlink { id: id.to_owned(), ifname, source }
         };
-        netlink.add_veth(&hub_name, &port_name).await.map_err(netlink_error(&hub_name))?;
+        netlink.add_veth(&hub_name, &port_name, PAIR_MTU).await.map_err(netlink_error(&hub_name))?;
         let result = async {
             let hub_ifindex = super::ifindex_of(id, &hub_name, netlink).await?;
             let port_ifindex = super::ifindex_of(id, &port_name, netlink).await?;

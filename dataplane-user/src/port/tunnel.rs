@@ -119,6 +119,7 @@ pub async fn resolve(
     let mut next_hop = None;
     let interface = if route.local {
         // A destination on this host goes through loopback, whatever address it has.
+        config.flags |= tunnel::LOCAL;
         interface_named("lo").ok_or_else(|| unresolvable(id, "no loopback interface".to_owned()))?
     } else if let (true, Some(address)) = (multicast, endpoint.multicast_interface) {
         interface_with(IpAddr::V4(address))
@@ -144,13 +145,12 @@ pub async fn resolve(
         let IpAddr::V4(group) = remote.ip() else {
             return Err(unresolvable(id, "multicast only support inet type".to_owned()));
         };
-        config.flags |= tunnel::MULTICAST;
+        // Received in the kernel; sent by the socket, the only way to loop a copy to the local
+        // members of the group (see `tunnel::TX_USER_SPACE`).
+        config.flags |= tunnel::MULTICAST | tunnel::TX_USER_SPACE;
         let octets = group.octets();
         config.dst_mac = [0x01, 0x00, 0x5e, octets[1] & 0x7f, octets[2], octets[3]];
         config.src_mac = mac_of(&interface.name).unwrap_or_default();
-        if interface.name != "lo" {
-            config.flags |= tunnel::LOOP_COPY;
-        }
     }
     let mtu = mtu_of(&interface.name).unwrap_or(1500);
     config.max_frame = u32::try_from(mtu.saturating_sub(encap_overhead)).unwrap_or(0);
