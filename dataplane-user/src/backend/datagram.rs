@@ -832,29 +832,6 @@ mod tests {
     use super::{super::stream::test_support::*, *};
     use crate::{netdev::sockaddr::UnixSocketAddress, port::NoFds};
 
-    fn inet(host: &str, port: u16) -> SocketAddress {
-        SocketAddress::Inet(InetSocketAddress {
-            host: host.to_owned(),
-            port: port.to_string(),
-            numeric: None,
-            to: None,
-            ipv4: None,
-            ipv6: None,
-            keep_alive: None,
-            keep_alive_count: None,
-            keep_alive_idle: None,
-            keep_alive_interval: None,
-            mptcp: None,
-        })
-    }
-
-    fn unix(path: &str) -> SocketAddress {
-        SocketAddress::Unix(UnixSocketAddress {
-            path: path.to_owned(),
-            abstract_: None,
-            tight: None,
-        })
-    }
 
     fn start(
         prepared: PreparedDatagram,

@@ -131,36 +131,8 @@ pub async fn prepare_stream(
             let peer = stream_peer(&connection, None);
             Role::Connected { connection, peer }
         }
-        (SocketAddress::Inet(inet), false) => {
-            let target = Target::Inet(inet.clone());
-            match options.reconnect_delay_ms() {
-                0 => {
-                    let (connection, peer) = connect(&target)
-                        .await
-                        .map_err(|reason| BackendError::setup(id, reason))?;
-                    Role::Connected { connection, peer }
-                }
-                ms => Role::Reconnecting {
-                    target,
-                    delay: Duration::from_millis(ms),
-                },
-            }
-        }
-        (SocketAddress::Unix(unix), false) => {
-            let target = Target::Unix(unix.clone());
-            match options.reconnect_delay_ms() {
-                0 => {
-                    let (connection, peer) = connect(&target)
-                        .await
-                        .map_err(|reason| BackendError::setup(id, reason))?;
-                    Role::Connected { connection, peer }
-                }
-                ms => Role::Reconnecting {
-                    target,
-                    delay: Duration::from_millis(ms),
-                },
-            }
-        }
+        (SocketAddress::Inet(inet), false) => client_role(id, Target::Inet(inet.clone()), options).await?,
+        (SocketAddress::Unix(unix), false) => client_role(id, Target::Unix(unix.clone()), options).await?,
         (SocketAddress::Vsock(_), _) => {
             return Err(BackendError::setup(
                 id,
@@ -212,6 +184,17 @@ pub async fn prepare_socket(
         flavour: Flavour::LegacySocket,
         role,
     })
+}
+
+/// A client connects before `netdev_add` answers, unless it reconnects (then in the background).
+async fn client_role(id: &str, target: Target, options: &StreamOptions) -> Result<Role, BackendError> {
+    match options.reconnect_delay_ms() {
+        0 => {
+            let (connection, peer) = connect(&target).await.map_err(|reason| BackendError::setup(id, reason))?;
+            Ok(Role::Connected { connection, peer })
+        }
+        ms => Ok(Role::Reconnecting { target, delay: Duration::from_millis(ms) }),
+    }
 }
 
 impl PreparedStream {
@@ -972,10 +955,36 @@ fn set_keepalive(stream: &std::net::TcpStream, address: &InetSocketAddress) {
 pub(super) mod test_support {
     use std::sync::Arc;
 
+
     use tokio::sync::mpsc;
     use tokio_util::sync::CancellationToken;
 
     use super::super::{BackendContext, BackendEvent, BackendStats};
+    use crate::netdev::sockaddr::{InetSocketAddress, SocketAddress, UnixSocketAddress};
+
+    pub fn inet(host: &str, port: u16) -> SocketAddress {
+        SocketAddress::Inet(InetSocketAddress {
+            host: host.to_owned(),
+            port: port.to_string(),
+            numeric: None,
+            to: None,
+            ipv4: None,
+            ipv6: None,
+            keep_alive: None,
+            keep_alive_count: None,
+            keep_alive_idle: None,
+            keep_alive_interval: None,
+            mptcp: None,
+        })
+    }
+
+    pub fn unix(path: &str) -> SocketAddress {
+        SocketAddress::Unix(UnixSocketAddress {
+            path: path.to_owned(),
+            abstract_: None,
+            tight: None,
+        })
+    }
 
     pub type Events = mpsc::UnboundedReceiver<(String, BackendEvent)>;
 
@@ -1057,29 +1066,6 @@ mod tests {
     use super::{test_support::*, *};
     use crate::port::NoFds;
 
-    fn inet(host: &str, port: u16) -> SocketAddress {
-        SocketAddress::Inet(InetSocketAddress {
-            host: host.to_owned(),
-            port: port.to_string(),
-            numeric: None,
-            to: None,
-            ipv4: None,
-            ipv6: None,
-            keep_alive: None,
-            keep_alive_count: None,
-            keep_alive_idle: None,
-            keep_alive_interval: None,
-            mptcp: None,
-        })
-    }
-
-    fn unix(path: &str) -> SocketAddress {
-        SocketAddress::Unix(UnixSocketAddress {
-            path: path.to_owned(),
-            abstract_: None,
-            tight: None,
-        })
-    }
 
     fn options(addr: SocketAddress, server: bool, reconnect_ms: Option<i64>) -> StreamOptions {
         StreamOptions {
