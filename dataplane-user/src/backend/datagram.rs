@@ -830,7 +830,7 @@ mod tests {
     use std::os::unix::net::UnixDatagram;
 
     use super::{super::stream::test_support::*, *};
-    use crate::{netdev::sockaddr::UnixSocketAddress, port::NoFds};
+    use crate::port::NoFds;
 
 
     fn start(
