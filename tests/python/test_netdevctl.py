@@ -49,19 +49,19 @@ def test_netdev_lifecycle(daemon):
     """Add a hubport, list it as a table and as JSON, take its link down, delete it."""
     assert ok(daemon, "netdev_add", "hubport,id=p0,hubid=0") == ""
     assert table(ok(daemon, "x-query-netdevs")) == [
-        ["ID", "TYPE", "LINK", "PEER", "HUB", "IFNAME"],
-        ["p0", "hubport", "up", "-", "0", "-"],
+        ["ID", "TYPE", "LINK", "PEER", "HUB", "IFNAME", "INFO", "TRAFFIC"],
+        ["p0", "hubport", "up", "-", "0", "-", "-", "-"],
     ]
     netdevs = json.loads(ok(daemon, "--json", "x-query-netdevs"))
     assert [(n["id"], n["type"], n["link-up"], n["hubid"]) for n in netdevs] == [("p0", "hubport", True, 0)]
 
     assert ok(daemon, "set_link", "p0,up=off") == ""
-    assert table(ok(daemon, "x-query-netdevs"))[1] == ["p0", "hubport", "down", "-", "0", "-"]
+    assert table(ok(daemon, "x-query-netdevs"))[1] == ["p0", "hubport", "down", "-", "0", "-", "-", "-"]
     assert ok(daemon, "set_link", "p0,up=on") == ""
     assert table(ok(daemon, "x-query-netdevs"))[1][2] == "up"
 
     assert ok(daemon, "netdev_del", "p0") == ""
-    assert table(ok(daemon, "x-query-netdevs")) == [["ID", "TYPE", "LINK", "PEER", "HUB", "IFNAME"]]
+    assert table(ok(daemon, "x-query-netdevs")) == [["ID", "TYPE", "LINK", "PEER", "HUB", "IFNAME", "INFO", "TRAFFIC"]]
 
 
 def test_table_shows_peers(daemon):
@@ -69,8 +69,8 @@ def test_table_shows_peers(daemon):
     ok(daemon, "netdev_add", "hubport,id=a,hubid=1")
     ok(daemon, "netdev_add", "hubport,id=b,hubid=2,netdev=a")
     assert table(ok(daemon, "x-query-netdevs"))[1:] == [
-        ["a", "hubport", "up", "b", "1", "-"],
-        ["b", "hubport", "up", "a", "2", "-"],
+        ["a", "hubport", "up", "b", "1", "-", "-", "-"],
+        ["b", "hubport", "up", "a", "2", "-", "-", "-"],
     ]
 
 

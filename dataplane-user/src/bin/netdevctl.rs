@@ -191,8 +191,20 @@ fn print_netdevs(result: &Value) {
             let text = |key: &str| n.get(key).and_then(Value::as_str).unwrap_or("-").to_owned();
             let link = if n["link-up"].as_bool().unwrap_or(false) { "up" } else { "down" };
             let hub = n.get("hubid").map_or_else(|| "-".to_owned(), ToString::to_string);
-            vec![text("id"), text("type"), link.to_owned(), text("peer"), hub, text("ifname")]
+            vec![text("id"), text("type"), link.to_owned(), text("peer"), hub, text("ifname"), text("info"), traffic(n)]
         })
         .collect();
-    print_table(&["ID", "TYPE", "LINK", "PEER", "HUB", "IFNAME"], &rows);
+    print_table(&["ID", "TYPE", "LINK", "PEER", "HUB", "IFNAME", "INFO", "TRAFFIC"], &rows);
+}
+
+/// A socket backend's frames sent/received by its socket, then for a tunnel those encapsulated/
+/// decapsulated by the kernel: `tx/rx` or `tx/rx,encap/decap`.
+fn traffic(netdev: &Value) -> String {
+    let Some(backend) = netdev.get("backend") else { return "-".to_owned() };
+    let count = |v: &Value, key: &str| v.get(key).and_then(Value::as_u64).unwrap_or(0);
+    let mut text = format!("{}/{}", count(backend, "tx-frames"), count(backend, "rx-frames"));
+    if let Some(kernel) = backend.get("kernel") {
+        text.push_str(&format!(",{}/{}", count(kernel, "encap-packets"), count(kernel, "decap-packets")));
+    }
+    text
 }
