@@ -35,9 +35,9 @@ enum Command {
         /// Only run tests whose name contains this filter (Rust and Python).
         filter: Option<String>,
     },
-    /// Build, then run a benchmark (`hub`, `rx-filter`); extra arguments go to the benchmark.
+    /// Build, then run a benchmark (`hub`, `rx-filter`, `tunnels`, `nat`); extra arguments go to the benchmark.
     Bench {
-        /// Which benchmark: hub, rx-filter.
+        /// Which benchmark: hub, rx-filter, tunnels, nat.
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -74,7 +74,9 @@ fn bench(root: &std::path::Path, name: &str, args: &[String]) -> Result<()> {
     let binary = match name {
         "hub" => "bench-hub",
         "rx-filter" => "bench-rx-filter",
-        other => anyhow::bail!("unknown benchmark '{other}' (available: hub, rx-filter)"),
+        "tunnels" => "bench-tunnels",
+        "nat" => "bench-nat",
+        other => anyhow::bail!("unknown benchmark '{other}' (available: hub, rx-filter, tunnels, nat)"),
     };
     shell::require_root("cargo xtask bench")?;
     build(root)?;
