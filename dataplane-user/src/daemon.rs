@@ -28,7 +28,7 @@ use crate::{
     port::{
         self, FdSource, PortDevice, PortError,
         link::Netlink,
-        pair::{PipeMode, PortPair},
+        pair::{PortPair, create_tap_port},
         tunnel::TunnelKernel,
     },
     qmp::{codec, protocol},
@@ -670,32 +670,28 @@ impl Daemon {
     }
 }
 
-/// The port device of a user-space backend: a veth pair whose hub end joins the hub, the packet
-/// socket on its other end, and for tunnels the kernel's share. Nothing is left on failure.
+/// The port device of a user-space backend and the backend's end of it: a tap for streams and
+/// `user`; for tunnels a veth pair whose hub end joins the hub, the slow-path packet socket on its
+/// other end, and the kernel's share. Nothing is left on failure.
 async fn user_space_port(
     id: &str,
     endpoint: Option<backend::TunnelEndpoint>,
     netlink: &Netlink,
 ) -> Result<(PortDevice, backend::HubPipe, Option<TunnelKernel>), DaemonError> {
-    let pair = PortPair::create(id, netlink).await?;
-    let mode = match endpoint {
-        Some(_) => PipeMode::SlowPath(dataplane_common::tunnel::SLOW_PATH_ETHERTYPE),
-        None => PipeMode::AllFrames,
+    let Some(endpoint) = endpoint else {
+        let (device, pipe) = create_tap_port(id, netlink).await?;
+        return Ok((device, pipe, None));
     };
+    let pair = PortPair::create(id, netlink).await?;
     let opened = async {
-        let pipe = pair.open_pipe(id, mode)?;
-        let tunnel = match endpoint {
-            Some(endpoint) => Some(
-                port::tunnel::resolve(id, netlink, &endpoint, pair.hub.ifindex, pair.port_ifindex, &pair.port_ifname)
-                    .await?,
-            ),
-            None => None,
-        };
+        let pipe = pair.open_slow_path(id)?;
+        let tunnel =
+            port::tunnel::resolve(id, netlink, &endpoint, pair.hub.ifindex, pair.port_ifindex, &pair.port_ifname).await?;
         Ok::<_, PortError>((pipe, tunnel))
     }
     .await;
     match opened {
-        Ok((pipe, tunnel)) => Ok((PortDevice::owned(pair.hub.clone()), pipe, tunnel)),
+        Ok((pipe, tunnel)) => Ok((PortDevice::owned(pair.hub.clone()), pipe, Some(tunnel))),
         Err(error) => {
             pair.destroy(netlink).await;
             Err(error.into())

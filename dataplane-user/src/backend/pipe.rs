@@ -1,8 +1,9 @@
 //! [`HubPipe`]: how a user-space backend exchanges frames with its hub port.
 //!
-//! The daemon owns a veth pair per user-space netdev: one end is the hub port, the other carries a
-//! packet socket bound to it. One frame is one message on that socket, so the same type also wraps
-//! a `SOCK_SEQPACKET` socketpair, which is how backends are tested without root.
+//! The daemon owns a port device per user-space netdev: a tap whose fd the backend holds, or for a
+//! tunnel's slow path a packet socket on a veth. One frame is one read or write on either, so the
+//! same type also wraps a `SOCK_SEQPACKET` socketpair, which is how backends are tested without
+//! root.
 
 use std::{
     io,
@@ -24,8 +25,8 @@ pub struct HubPipe {
 }
 
 impl HubPipe {
-    /// Wraps a message socket (a packet socket bound to the port's device, or one end of a
-    /// `SOCK_SEQPACKET` pair); it is made non-blocking here.
+    /// Wraps a tap fd or a message socket (a packet socket bound to the port's device, or one end
+    /// of a `SOCK_SEQPACKET` pair); it is made non-blocking here.
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
         set_nonblocking(&fd)?;
         // SAFETY: the AsyncFd owns `fd`, so it stays open and the same descriptor while registered.
@@ -111,6 +112,12 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 const MAX_WRAPPER: usize = 64;
 
 fn recv_raw(fd: &OwnedFd, wrapper: usize, buf: &mut [u8]) -> io::Result<usize> {
+    if wrapper == 0 {
+        // A tap is no socket: plain reads, one frame each (a longer one is cut to `buf`).
+        // SAFETY: `buf` is valid for writes of its length for the duration of the call.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        return usize::try_from(n).map_err(|_| io::Error::last_os_error());
+    }
     // The wrapper lands in a scratch buffer, the frame in `buf`: one scatter read, no copy.
     let mut scratch = [0u8; MAX_WRAPPER];
     let wrapper = wrapper.min(MAX_WRAPPER);
@@ -133,7 +140,7 @@ fn recv_raw(fd: &OwnedFd, wrapper: usize, buf: &mut [u8]) -> io::Result<usize> {
 
 fn send_raw(fd: &OwnedFd, frame: &[u8]) -> io::Result<()> {
     // SAFETY: `frame` is valid for reads of its length for the duration of the call.
-    let n = unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+    let n = unsafe { libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -31,7 +31,14 @@ pub struct UserOptions {
     pub hostfwd: Option<Vec<QapiString>>,
     pub guestfwd: Option<Vec<QapiString>>,
     pub tftp_server_name: Option<String>,
+    /// Extension (not in QEMU): the MTU and MRU of the stack's guest-facing interface, as
+    /// slirp4netns' `--mtu` (libslirp's default, and QEMU's, is 1500).
+    #[serde(rename = "x-mtu")]
+    pub x_mtu: Option<u32>,
 }
+
+/// The range of `x-mtu`: IPv4's minimum datagram to libslirp's largest interface MTU.
+pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=65520;
 
 /// The guest-visible addresses, derived as `net/slirp.c: net_slirp_init` does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +61,11 @@ const MAX_NAME_LEN: usize = 255;
 
 impl UserOptions {
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(mtu) = self.x_mtu
+            && !MTU_RANGE.contains(&mtu)
+        {
+            return Err(format!("'x-mtu' must be between {} and {}", MTU_RANGE.start(), MTU_RANGE.end()));
+        }
         self.address_plan().map(|_| ())
     }
 

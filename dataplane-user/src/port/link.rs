@@ -61,6 +61,10 @@ impl Netlink {
         self.handle.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await
     }
 
+    pub async fn set_mtu(&self, ifindex: u32, mtu: u32) -> Result<(), rtnetlink::Error> {
+        self.handle.link().set(LinkUnspec::new_with_index(ifindex).mtu(mtu).build()).execute().await
+    }
+
     pub async fn set_controller(&self, ifindex: u32, bridge: u32) -> Result<(), rtnetlink::Error> {
         self.handle.link().set(LinkUnspec::new_with_index(ifindex).controller(bridge).build()).execute().await
     }

@@ -82,6 +82,12 @@ impl PortDevice {
         Self { device, held_fds: Vec::new(), owned: true, downscript: None }
     }
 
+    /// An interface that lives as long as the daemon holds `fd` (a tap without persistence).
+    #[must_use]
+    pub fn holding(device: Device, fd: OwnedFd) -> Self {
+        Self { device, held_fds: vec![fd], owned: false, downscript: None }
+    }
+
     /// Undoes everything `create` did: downscript, fds, the interface if it is ours.
     pub async fn destroy(self, netlink: &Netlink) {
         if let Some(script) = &self.downscript {
@@ -230,7 +236,7 @@ async fn create_tap(
     }
 }
 
-async fn set_up(id: &str, ifname: &str, ifindex: u32, netlink: &Netlink) -> Result<(), PortError> {
+pub(crate) async fn set_up(id: &str, ifname: &str, ifindex: u32, netlink: &Netlink) -> Result<(), PortError> {
     netlink
         .set_up(ifindex)
         .await

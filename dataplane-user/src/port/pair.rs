@@ -1,8 +1,15 @@
-//! The port device of a user-space netdev: a veth pair the daemon owns. One end (`…h`) is the
-//! hub port; the other (`…p`) carries the backend's packet socket and, for tunnels, the
-//! `tunnel_port` program. The hub end has no offloads, so every frame the hub sends towards the
-//! backend is segmented and checksummed in software before it crosses: what arrives is what goes
-//! on the wire, as QEMU's backends expect.
+//! The port devices of user-space netdevs, owned by the daemon.
+//!
+//! * A stream or `user` backend holds a tap ([`create_tap_port`]): what it writes enters the hub
+//!   at the tap's ingress, and what the hub sends to the tap is queued to the backend's fd — the
+//!   same path as a VM's tap, one device and no extra hop.
+//! * A tunnel gets a veth pair ([`PortPair`]): one end (`…h`) is the hub port; on the other
+//!   (`…p`) runs the `tunnel_port` program, and the backend's packet socket takes what the program
+//!   leaves to user space.
+//!
+//! Neither the tap nor the veth's hub end has offloads, so every frame the hub sends towards the
+//! backend is segmented and checksummed in software first: what arrives is what goes on the wire,
+//! as QEMU's backends expect.
 
 use std::{
     fs, io,
@@ -10,20 +17,11 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use super::{PortError, link::Netlink};
+use super::{PortDevice, PortError, link::Netlink};
 use crate::{
     backend::HubPipe,
     kernel::plan::{Device, HubSide},
 };
-
-/// What the backend's packet socket receives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PipeMode {
-    /// Every frame the hub sends (stream, user).
-    AllFrames,
-    /// Only frames the tunnel program leaves to user space, wrapped in this EtherType.
-    SlowPath(u16),
-}
 
 /// A veth pair made for one netdev.
 #[derive(Debug)]
@@ -39,14 +37,40 @@ const ETH_HEADER_LEN: usize = 14;
 /// The largest MTU a veth takes: stream and datagram peers may send frames far over 1500 bytes
 /// (QEMU takes up to 69632).
 const PAIR_MTU: u32 = 65535;
+/// The tun driver's limit: 65535 less the Ethernet header.
+const TAP_MTU: u32 = 65521;
 
 static NEXT_PAIR: AtomicU32 = AtomicU32::new(0);
 
 /// Interface names unique among daemons in one namespace: pid and a counter, in 15 bytes.
-fn pair_names() -> (String, String) {
+fn device_stem() -> String {
     let serial = NEXT_PAIR.fetch_add(1, Ordering::Relaxed);
-    let stem = format!("nd{:x}x{serial:x}", std::process::id() & 0xfffff);
+    format!("nd{:x}x{serial:x}", std::process::id() & 0xfffff)
+}
+
+fn pair_names() -> (String, String) {
+    let stem = device_stem();
     (format!("{stem}h"), format!("{stem}p"))
+}
+
+/// A tap for a stream or `user` backend: the hub works on its interface, the backend holds its
+/// fd (no vnet header, no offloads, IPv6 off, the largest MTU a tap takes). Nothing is left on
+/// failure.
+pub async fn create_tap_port(id: &str, netlink: &Netlink) -> Result<(PortDevice, HubPipe), PortError> {
+    let requested = format!("{}t", device_stem());
+    let tun_error = |source| PortError::Tun { id: id.to_owned(), ifname: requested.clone(), source };
+    let (fd, ifname) = super::tun::create_tap(Some(&requested), super::tun::TapFlags::default()).map_err(tun_error)?;
+    // The tap lives as long as `fd`: any failure below drops it, and the interface with it.
+    let ifindex = super::ifindex_of(id, &ifname, netlink).await?;
+    disable_ipv6(&ifname).map_err(tun_error)?;
+    netlink
+        .set_mtu(ifindex, TAP_MTU)
+        .await
+        .map_err(|source| PortError::Netlink { id: id.to_owned(), ifname: ifname.clone(), source })?;
+    super::set_up(id, &ifname, ifindex, netlink).await?;
+    let pipe = HubPipe::new(fd.try_clone().map_err(tun_error)?).map_err(tun_error)?;
+    let device = Device { ifindex, ifname, hub_side: HubSide::Interface, peer_elsewhere: false };
+    Ok((PortDevice::holding(device, fd), pipe))
 }
 
 impl PortPair {
@@ -85,20 +109,12 @@ impl PortPair {
         result
     }
 
-    /// The backend's packet socket on the port end.
-    pub fn open_pipe(&self, id: &str, mode: PipeMode) -> Result<HubPipe, PortError> {
+    /// The backend's packet socket on the port end, bound to the EtherType in which the tunnel
+    /// program wraps the frames it leaves to user space (the wrapper is dropped on receive).
+    pub fn open_slow_path(&self, id: &str) -> Result<HubPipe, PortError> {
         let error = |source| PortError::Tun { id: id.to_owned(), ifname: self.port_ifname.clone(), source };
-        let protocol = match mode {
-            PipeMode::AllFrames => libc::ETH_P_ALL as u16,
-            PipeMode::SlowPath(ethertype) => ethertype,
-        };
-        let socket = packet_socket(self.port_ifindex, protocol).map_err(error)?;
-        let pipe = HubPipe::new(socket).map_err(error)?;
-        Ok(match mode {
-            PipeMode::AllFrames => pipe,
-            // The kernel's slow-path frames carry an Ethernet header in front of their own.
-            PipeMode::SlowPath(_) => pipe.with_wrapper(ETH_HEADER_LEN),
-        })
+        let socket = packet_socket(self.port_ifindex, dataplane_common::tunnel::SLOW_PATH_ETHERTYPE).map_err(error)?;
+        Ok(HubPipe::new(socket).map_err(error)?.with_wrapper(ETH_HEADER_LEN))
     }
 
     pub async fn destroy(self, netlink: &Netlink) {

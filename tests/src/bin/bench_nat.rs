@@ -226,8 +226,17 @@ fn ours(host: &Netns, daemon: &Daemon) -> Result<Guest> {
     Ok(Guest { variant: "netdevd", nat: None, ns, ifname: "eth0" })
 }
 
-fn set_ours_mtu(host: &Netns, guest: &Guest, mtu: u32) -> Result<()> {
+/// Both veth ends and the stack's own interface (`x-mtu`, as slirp4netns' `--mtu`): the `user`
+/// netdev and its hub port are made again.
+fn set_ours_mtu(host: &Netns, daemon: &Daemon, guest: &Guest, mtu: u32) -> Result<()> {
     let m = mtu.to_string();
+    for id in ["p0", "u0"] {
+        daemon.execute("netdev_del", serde_json::json!({ "id": id })).map_err(|e| anyhow::anyhow!("netdev_del {id}: {}", e.desc))?;
+    }
+    for keyval in [format!("user,id=u0,x-mtu={mtu}"), "hubport,id=p0,hubid=0,netdev=u0".to_owned()] {
+        let arguments = dataplane::qmp::commands::arguments_from_keyval("netdev_add", &keyval).map_err(|e| anyhow::anyhow!("{keyval}: {e}"))?;
+        daemon.execute("netdev_add", arguments).map_err(|e| anyhow::anyhow!("netdev_add {keyval}: {}", e.desc))?;
+    }
     host.ip(&["link", "set", "ux0", "mtu", &m]);
     guest.ns.ip(&["link", "set", "eth0", "mtu", &m]);
     wait_ready(&guest.ns, "eth0")
@@ -312,7 +321,7 @@ fn main() -> Result<()> {
     let mut results = serde_json::Map::new();
     for &mtu in &options.mtus {
         eprintln!("MTU {mtu}: setting up");
-        set_ours_mtu(&host, &our_guest, mtu)?;
+        set_ours_mtu(&host, &daemon, &our_guest, mtu)?;
         let others = [slirp4netns(&host, mtu)?, pasta(&host, mtu)?];
         let guests: Vec<&Guest> = std::iter::once(&our_guest).chain(&others).collect();
         let mut raw: BTreeMap<&str, Vec<Run>> = BTreeMap::new();

@@ -73,6 +73,8 @@ pub struct EngineConfig {
     pub bootfile: Option<String>,
     pub dnssearch: Vec<String>,
     pub domainname: Option<String>,
+    /// 0: libslirp's default (1500).
+    pub mtu: usize,
 }
 
 /// A string as C sees it: up to its first NUL.
@@ -183,8 +185,8 @@ impl Engine {
             vnameserver6: in6_addr(config.ipv6_dns),
             vdnssearch: if dnssearch.is_empty() { std::ptr::null_mut() } else { dnssearch_ptrs.as_mut_ptr() },
             vdomainname: opt(&domainname),
-            if_mtu: 0,
-            if_mru: 0,
+            if_mtu: config.mtu,
+            if_mru: config.mtu,
             disable_host_loopback: false,
             enable_emu: false,
             outbound_addr: std::ptr::null_mut(),
@@ -404,7 +406,8 @@ impl Engine {
     fn read_pipe(&self, pipe: &OwnedFd, events: i16, buf: &mut [u8], stats: &BackendStats) -> bool {
         for _ in 0..64 {
             // SAFETY: `buf` is valid for writes of its length for the call.
-            let n = unsafe { libc::recv(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
+            // A tap or a socket: plain reads, one frame each (the fd is non-blocking).
+            let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             let Ok(n) = usize::try_from(n) else {
                 let err = io::Error::last_os_error();
                 return match err.kind() {
@@ -646,7 +649,8 @@ unsafe extern "C" fn cb_send_packet(buf: *const c_void, len: usize, opaque: *mut
             -1
         } else {
             // SAFETY: libslirp's frame is valid for reads of `len` bytes during the call.
-            unsafe { libc::send(fd, buf, len, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) }
+            // (the fd is non-blocking; SIGPIPE is ignored in Rust programs)
+            unsafe { libc::write(fd, buf, len) }
         };
         if sent < 0 {
             // The hub is not ready: the frame is dropped, as QEMU allows (TCP retransmits).

@@ -91,6 +91,7 @@ pub fn prepare(id: &str, options: &UserOptions) -> Result<PreparedUser, BackendE
         bootfile: options.bootfile.clone(),
         dnssearch: options.dnssearch.iter().flatten().map(|s| s.str.clone()).collect(),
         domainname: options.domainname.clone(),
+        mtu: options.x_mtu.map_or(0, |mtu| mtu as usize),
     };
     let mut engine = Engine::new(&config).map_err(setup)?;
 
