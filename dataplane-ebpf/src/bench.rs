@@ -1,10 +1,14 @@
-//! Benchmark programs for `cargo xtask bench hub` and `rx-filter`; never part of the daemon.
+//! Benchmark programs for `cargo xtask bench hub`, `rx-filter` and `tunnels`; never part of the daemon.
 //!
 //! * `bench_gen` (XDP, run with `BPF_PROG_TEST_RUN` live frames): transmits every frame on the
 //!   interface in `GEN_TARGET`, our traffic generator.
 //! * `bench_gen_header` (XDP, the same way): writes `GEN_HEADER` over the frame's first 16 bytes,
 //!   then transmits like `bench_gen`. Live frames reuse their pages as the path left them, and the
 //!   stack rewrites a tagged frame's header in place when it moves the 802.1Q tag into the skb.
+//! * `bench_gen_template` (XDP, the same way): writes `GEN_TEMPLATE` over the frame's first 64
+//!   bytes, then transmits like `bench_gen`: for tunnel packets, whose outer headers a decapsulating
+//!   and re-encapsulating path rewrites in the very page the live frame came from; counts what
+//!   it sends in `GEN_COUNT`.
 //! * `bench_sink` (TC): counts what arrives and drops it, the sink every variant is measured at.
 //! * `bench_ref` (XDP): the ideal-XDP reference, a minimal devmap redirect: to `REF_UNICAST[ingress]`,
 //!   or, in flood mode, to every entry of `REF_FLOOD` but the ingress.
@@ -29,6 +33,16 @@ static GEN_TARGET: Array<u32> = Array::with_max_entries(1, 0);
 /// `[0]`: the first 16 bytes of every frame `bench_gen_header` sends (MACs, EtherType, TCI).
 #[map(name = "GEN_HEADER")]
 static GEN_HEADER: Array<[u8; 16]> = Array::with_max_entries(1, 0);
+
+/// `[0]`: the first 64 bytes of every frame `bench_gen_template` sends (outer Ethernet, IPv4 and
+/// UDP headers and the inner Ethernet header of a tunnel packet).
+#[map(name = "GEN_TEMPLATE")]
+static GEN_TEMPLATE: Array<[u8; 64]> = Array::with_max_entries(1, 0);
+
+/// `[0]`: frames `bench_gen_template` has sent (redirected), so that the offered load can be
+/// sampled at any instant.
+#[map(name = "GEN_COUNT")]
+static GEN_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// `[0]`: packets, `[1]`: bytes seen by sinks.
 #[map(name = "SINK_COUNT")]
@@ -62,6 +76,25 @@ pub fn bench_gen_header(ctx: XdpContext) -> u32 {
     }
     // SAFETY: the check above proves the 16 bytes at `start` lie inside the packet.
     unsafe { core::ptr::write_unaligned(start as *mut [u8; 16], *header) };
+    // SAFETY: `bpf_redirect` takes plain integers.
+    unsafe { bpf_redirect(*target, 0) as u32 }
+}
+
+#[xdp]
+pub fn bench_gen_template(ctx: XdpContext) -> u32 {
+    let (Some(target), Some(template)) = (GEN_TARGET.get(0), GEN_TEMPLATE.get(0)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let start = ctx.data();
+    if start + template.len() > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: the check above proves the 64 bytes at `start` lie inside the packet.
+    unsafe { core::ptr::write_unaligned(start as *mut [u8; 64], *template) };
+    if let Some(count) = GEN_COUNT.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot, written only by this CPU while the program runs.
+        unsafe { *count += 1 };
+    }
     // SAFETY: `bpf_redirect` takes plain integers.
     unsafe { bpf_redirect(*target, 0) as u32 }
 }
