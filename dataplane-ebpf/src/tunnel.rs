@@ -24,7 +24,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
-use dataplane_common::{TunnelConfig, TunnelCounters, TunnelMacKey, TunnelRxKey, marks, tunnel};
+use dataplane_common::{MEMBER_LINK_UP, TunnelConfig, TunnelCounters, TunnelMacKey, TunnelRxKey, marks, tunnel};
 
 /// Upper bound on tunnels on one host.
 const MAX_TUNNELS: u32 = 1024;
@@ -41,6 +41,10 @@ const TCX_NEXT: i32 = -1;
 
 #[map(name = "TUNNELS")]
 static TUNNELS: HashMap<u32, TunnelConfig> = HashMap::with_max_entries(MAX_TUNNELS, 0);
+
+/// A tunnel's hub port (its veth's hub end) → its tunnel port device.
+#[map(name = "TUNNEL_HUB_ENDS")]
+static TUNNEL_HUB_ENDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TUNNELS, 0);
 
 #[map(name = "TUNNEL_RX")]
 static TUNNEL_RX: HashMap<TunnelRxKey, u32> = HashMap::with_max_entries(MAX_TUNNELS, 0);
@@ -201,8 +205,48 @@ fn decapsulate_into_hub(ctx: &TcContext, port: u32, config: &TunnelConfig, outer
         c.decap_packets += 1;
         c.decap_bytes += u64::from(ctx.len());
     }
+    if let Some((other, next)) = relay_target(config.hub_ifindex) {
+        // SAFETY: read-only lookup, as above.
+        if let Some(next_config) = unsafe { TUNNELS.get(next) } {
+            let len = u64::from(ctx.len());
+            crate::count(config.hub_ifindex, crate::Direction::Rx, len);
+            crate::count(other, crate::Direction::Tx, len);
+            return encapsulate(ctx, next, next_config);
+        }
+    }
     // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
     unsafe { bpf_redirect(config.hub_ifindex, u64::from(BPF_F_INGRESS)) as i32 }
+}
+
+/// A hub of two up ports whose other port is a tunnel as well (a relay between two tunnels): the
+/// frame can be encapsulated for that tunnel right here, skipping the hub's ingress and the other
+/// tunnel's port device — two passes through the stack. Returns that port and its tunnel device.
+#[inline(always)]
+fn relay_target(hub_end: u32) -> Option<(u32, u32)> {
+    // SAFETY: read-only lookups; the kernel keeps values alive for the program's run.
+    let port = unsafe { crate::PORTS.get(hub_end) }?;
+    if !port.link_up() {
+        return None;
+    }
+    // SAFETY: as above.
+    let hub = unsafe { crate::HUBS.get(port.hub_id) }?;
+    if hub.count != 2 {
+        return None;
+    }
+    let (first, second) = (hub.members.first()?, hub.members.get(1)?);
+    let other = if first.ifindex == hub_end {
+        second
+    } else if second.ifindex == hub_end {
+        first
+    } else {
+        return None;
+    };
+    if other.flags & MEMBER_LINK_UP == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    let next = unsafe { TUNNEL_HUB_ENDS.get(other.ifindex) }?;
+    Some((other.ifindex, *next))
 }
 
 /// L2TPv3: the session id and cookie must be the ones expected (the version word is not checked,

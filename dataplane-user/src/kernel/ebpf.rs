@@ -56,6 +56,7 @@ pub struct EbpfDataplane {
     links: HashMap<u32, SchedClassifierLinkId>,
     tunnels: BpfHashMap<MapData, u32, TunnelConfig>,
     tunnel_rx: BpfHashMap<MapData, TunnelRxKey, u32>,
+    tunnel_hub_ends: BpfHashMap<MapData, u32, u32>,
     tunnel_counters: PerCpuHashMap<MapData, u32, TunnelCounters>,
     tunnel_links: HashMap<(u32, TunnelProgram), SchedClassifierLinkId>,
     cpus: usize,
@@ -112,6 +113,7 @@ impl EbpfDataplane {
         let rx_macs = BpfHashMap::try_from(take(maps::RX_MACS)?).map_err(|e| load_error(boxed(e)))?;
         let tunnels = BpfHashMap::try_from(take(maps::TUNNELS)?).map_err(|e| load_error(boxed(e)))?;
         let tunnel_rx = BpfHashMap::try_from(take(maps::TUNNEL_RX)?).map_err(|e| load_error(boxed(e)))?;
+        let tunnel_hub_ends = BpfHashMap::try_from(take(maps::TUNNEL_HUB_ENDS)?).map_err(|e| load_error(boxed(e)))?;
         let tunnel_counters =
             PerCpuHashMap::try_from(take(maps::TUNNEL_COUNTERS)?).map_err(|e| load_error(boxed(e)))?;
         let cpus = nr_cpus().map_err(|(_, e)| load_error(boxed(e)))?;
@@ -127,6 +129,7 @@ impl EbpfDataplane {
             links: HashMap::new(),
             tunnels,
             tunnel_rx,
+            tunnel_hub_ends,
             tunnel_counters,
             tunnel_links: HashMap::new(),
             cpus,
@@ -281,10 +284,16 @@ impl Forwarding for EbpfDataplane {
                 .insert(port_ifindex, zeroes, 0)
                 .map_err(|e| KernelError::Map { map: maps::TUNNEL_COUNTERS, source: boxed(e) })?;
         }
-        self.tunnels.insert(port_ifindex, *config, 0).map_err(|e| KernelError::Map { map: maps::TUNNELS, source: boxed(e) })
+        self.tunnels.insert(port_ifindex, *config, 0).map_err(|e| KernelError::Map { map: maps::TUNNELS, source: boxed(e) })?;
+        self.tunnel_hub_ends
+            .insert(config.hub_ifindex, port_ifindex, 0)
+            .map_err(|e| KernelError::Map { map: maps::TUNNEL_HUB_ENDS, source: boxed(e) })
     }
 
     fn remove_tunnel(&mut self, port_ifindex: u32) {
+        if let Ok(config) = self.tunnels.get(&port_ifindex, 0) {
+            let _ = self.tunnel_hub_ends.remove(&config.hub_ifindex);
+        }
         let _ = self.tunnels.remove(&port_ifindex);
         let _ = self.tunnel_counters.remove(&port_ifindex);
     }
