@@ -490,3 +490,39 @@ fn stream_unix_server_and_client_across_namespaces() {
         None,
     );
 }
+
+/// A hub of two tunnels relays between them in one pass in the kernel: D1's guest reaches the
+/// relay daemon over loopback (a tunnel to a peer on the same host), the relay reaches D2 over the
+/// underlay, and traffic crosses both ways with every hop in the kernel.
+#[test]
+fn a_hub_of_two_tunnels_relays_in_the_kernel() {
+    let t = topology(JUMBO);
+    t.a.ns.ip(&["link", "set", "lo", "up"]);
+    // D1's daemon sends to the relay on this host; the relay joins that tunnel to one towards D2.
+    t.a.tunnel("dgram,local.type=inet,local.host=127.0.0.1,local.port=5201,remote.type=inet,remote.host=127.0.0.1,remote.port=5202");
+    let relay = Daemon::start(&t.a.ns);
+    relay.add("dgram,id=near,local.type=inet,local.host=127.0.0.1,local.port=5202,remote.type=inet,remote.host=127.0.0.1,remote.port=5201");
+    relay.add(&format!(
+        "dgram,id=far,local.type=inet,local.host={D1},local.port=5203,remote.type=inet,remote.host={D2},remote.port=5204"
+    ));
+    relay.add("hubport,id=pn,hubid=0,netdev=near");
+    relay.add("hubport,id=pf,hubid=0,netdev=far");
+    t.b.tunnel(&format!(
+        "dgram,local.type=inet,local.host={D2},local.port=5204,remote.type=inet,remote.host={D1},remote.port=5203"
+    ));
+    ping_both_ways(&t);
+    let (ab, ba) = tcp_both_ways(&t, "relay", 8 * MIB);
+    eprintln!("RATE relay: {ab:.2} / {ba:.2} Gbit/s");
+    let rows = relay.netdevs();
+    for id in ["near", "far"] {
+        let row = rows.iter().find(|row| row["id"] == json!(id)).unwrap_or_else(|| panic!("no {id} in {rows:?}"));
+        let kernel = &row["backend"]["kernel"];
+        // What one tunnel decapsulates, the other encapsulates in the same pass.
+        assert!(counter(kernel, "decap-packets") > 1000 && counter(kernel, "encap-packets") > 1000, "{id}: {kernel}");
+        assert!(counter(kernel, "to-user-space") * 20 <= counter(kernel, "encap-packets"), "{id}: {kernel}");
+    }
+    // The relay's hub ports count what crossed, though no frame entered their devices.
+    let port = relay.counters("pn");
+    assert!(counter(&port, "rx-packets") > 1000 && counter(&port, "tx-packets") > 1000, "{port}");
+    drop(relay);
+}
