@@ -359,9 +359,8 @@ impl Daemon {
                 let Some(daemon) = me.upgrade() else { return };
                 let mut state = daemon.state.lock().await;
                 let (Some(tunnel), Some(kernel)) = (state.tunnels.get(&id), state.kernel.as_ref()) else { return };
-                pending = tunnel.config.flags & dataplane_common::tunnel::NEIGHBOUR_PENDING != 0;
-                let Some(config) = port::tunnel::refresh_next_hop(tunnel, &kernel.netlink).await else { continue };
-                if let Some(tunnel) = state.tunnels.get_mut(&id) {
+                if let Some(config) = port::tunnel::refresh_next_hop(tunnel, &kernel.netlink).await {
+                    let Some(tunnel) = state.tunnels.get_mut(&id) else { return };
                     let old = std::mem::replace(&mut tunnel.config, config);
                     if let Err(error) = state.replan() {
                         tracing::warn!(netdev = %id, %error, "next hop not updated");
@@ -369,9 +368,12 @@ impl Daemon {
                             tunnel.config = old;
                         }
                     }
+                    tracing::debug!(netdev = %id, "tunnel next hop refreshed");
                 }
-                pending = config.flags & dataplane_common::tunnel::NEIGHBOUR_PENDING != 0;
-                tracing::debug!(netdev = %id, pending, "tunnel next hop refreshed");
+                pending = state
+                    .tunnels
+                    .get(&id)
+                    .is_some_and(|t| t.config.flags & dataplane_common::tunnel::NEIGHBOUR_PENDING != 0);
             }
         });
     }

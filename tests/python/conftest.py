@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import pytest
 
@@ -41,20 +42,18 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def start_daemon(short_tmp: Path) -> Iterator:
-    """Factory: `start_daemon(config=..., args=[...])` starts a netdevd on its own socket.
-
-    At teardown every daemon still running gets SIGTERM (tests that stopped one themselves with
-    `Daemon.terminate()` or `quit` are not signalled again), and each must have exited with 0 and
-    removed its socket file.
-    """
+@contextlib.contextmanager
+def _daemons(directory: Path, stem: str) -> Iterator[Callable[[Callable[[Path], Daemon]], Daemon]]:
+    """Yields `launch(make)`: `make(workdir)` starts a daemon in a fresh `directory/stemN`, which
+    must then accept connections. At exit every daemon still running gets SIGTERM (tests that
+    stopped one themselves with `Daemon.terminate()` or `quit` are not signalled again), and each
+    must have exited with 0 and removed its socket file."""
     daemons: list[Daemon] = []
 
-    def start(config: str = EMPTY_CONFIG, args: Optional[list[str]] = None) -> Daemon:
-        workdir = short_tmp / f"d{len(daemons)}"
+    def launch(make: Callable[[Path], Daemon]) -> Daemon:
+        workdir = directory / f"{stem}{len(daemons)}"
         workdir.mkdir()
-        daemon = Daemon(workdir, config, args or [])
+        daemon = make(workdir)
         try:
             daemon.wait_ready()
         except BaseException:
@@ -64,7 +63,7 @@ def start_daemon(short_tmp: Path) -> Iterator:
         daemons.append(daemon)
         return daemon
 
-    yield start
+    yield launch
     failures = []
     for daemon in daemons:
         try:
@@ -74,6 +73,14 @@ def start_daemon(short_tmp: Path) -> Iterator:
             failures.append(str(error))
     if failures:
         pytest.fail("\n".join(failures), pytrace=False)
+
+
+@pytest.fixture
+def start_daemon(short_tmp: Path) -> Iterator:
+    """Factory: `start_daemon(config=..., args=[...])` starts a netdevd on its own socket, stopped
+    and checked at teardown."""
+    with _daemons(short_tmp, "d") as launch:
+        yield lambda config=EMPTY_CONFIG, args=None: launch(lambda workdir: Daemon(workdir, config, args or []))
 
 
 @pytest.fixture
@@ -101,31 +108,10 @@ def netns() -> Iterator[Netns]:
 def start_daemon_in(short_tmp: Path) -> Iterator:
     """Factory: `start_daemon_in(netns, args=[...])` starts a netdevd inside a namespace (or the
     test's own with None); stopped and checked at teardown like `start_daemon`'s."""
-    daemons: list[Daemon] = []
-
-    def start(netns: Optional[Netns], config: str = EMPTY_CONFIG, args: Optional[list[str]] = None) -> NetnsDaemon:
-        workdir = short_tmp / f"n{len(daemons)}"
-        workdir.mkdir()
-        daemon = NetnsDaemon(workdir, config, args or [], netns)
-        try:
-            daemon.wait_ready()
-        except BaseException:
-            daemon.kill()
-            daemon.close_log()
-            raise
-        daemons.append(daemon)
-        return daemon
-
-    yield start
-    failures = []
-    for daemon in daemons:
-        try:
-            daemon.stop()
-        except BaseException as error:
-            daemon.kill()
-            failures.append(str(error))
-    if failures:
-        pytest.fail("\n".join(failures), pytrace=False)
+    with _daemons(short_tmp, "n") as launch:
+        yield lambda netns, config=EMPTY_CONFIG, args=None: launch(
+            lambda workdir: NetnsDaemon(workdir, config, args or [], netns)
+        )
 
 
 @pytest.fixture

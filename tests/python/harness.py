@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Sequence
 
 import pytest
 from qemu.qmp import QMPClient
@@ -38,7 +38,8 @@ EMPTY_CONFIG = "netdevs = []\n"
 class Daemon:
     """A running netdevd with its socket path, its process and its log."""
 
-    def __init__(self, workdir: Path, config: str, extra_args: list[str]):
+    def __init__(self, workdir: Path, config: str, extra_args: list[str], prefix: Sequence[str] = ()):
+        """Starts netdevd; `prefix` runs it through a wrapper (`ip netns exec NS`)."""
         self.workdir = workdir
         # A short path: unix socket paths are limited to 108 bytes.
         self.socket_path = str(workdir / "qmp.sock")
@@ -48,6 +49,7 @@ class Daemon:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [
+                *prefix,
                 str(NETDEVD_BIN),
                 "--qmp", f"unix:{self.socket_path},server=on,wait=off",
                 "--config", str(self.config_path),
@@ -272,28 +274,8 @@ class NetnsDaemon(Daemon):
     """A netdevd started inside `netns` (`ip netns exec` execs it, so `proc` is the daemon)."""
 
     def __init__(self, workdir: Path, config: str, extra_args: list[str], netns: Optional[Netns]):
-        # Daemon.__init__ starts the process; wrap the binary by pointing it at the prefix instead.
-        self.workdir = workdir
-        self.socket_path = str(workdir / "qmp.sock")
-        self.config_path = workdir / "netdevd.toml"
-        self.config_path.write_text(config)
-        self.log_path = workdir / "netdevd.log"
-        self._log = open(self.log_path, "wb")
-        prefix = netns.prefix() if netns is not None else []
-        self.proc = subprocess.Popen(
-            [
-                *prefix,
-                str(NETDEVD_BIN),
-                "--qmp", f"unix:{self.socket_path},server=on,wait=off",
-                "--config", str(self.config_path),
-                *extra_args,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "NO_COLOR": "1"},
-        )
-        self.signalled = False
+        # `ip netns exec` execs the daemon, so `proc` is the daemon itself.
+        super().__init__(workdir, config, extra_args, netns.prefix() if netns is not None else ())
         self.netns = netns
 
     def interface_prefix(self) -> str:

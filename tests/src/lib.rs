@@ -188,6 +188,13 @@ impl Daemon {
     /// Starts netdevd in `ns` on a private socket with no start-up netdevs.
     #[must_use]
     pub fn start(ns: &Netns) -> Self {
+        Self::start_with_args(ns, &[])
+    }
+
+    /// As [`Daemon::start`], with `extra` arguments after the config and socket options (e.g.
+    /// `--user-resolv-conf FILE`).
+    #[must_use]
+    pub fn start_with_args(ns: &Netns, extra: &[&str]) -> Self {
         let dir = TempDir::new();
         let socket = dir.0.join("qmp.sock");
         let config = dir.0.join("netdevd.toml");
@@ -198,6 +205,7 @@ impl Daemon {
             .arg(&config)
             .arg("--qmp")
             .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .args(extra)
             .env("RUST_LOG", std::env::var("NETDEVD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()))
             .stdout(Stdio::null())
             .spawn()
@@ -794,39 +802,3 @@ impl Netns {
     }
 }
 
-
-// ---- Appended helpers (user netdev tests) ----
-
-impl Daemon {
-    /// Starts netdevd in `ns` as [`Daemon::start`] does, with `extra` arguments after the
-    /// config and socket options (e.g. `--user-resolv-conf FILE`).
-    #[must_use]
-    pub fn start_with_args(ns: &Netns, extra: &[&str]) -> Self {
-        let dir = TempDir::new();
-        let socket = dir.0.join("qmp.sock");
-        let config = dir.0.join("netdevd.toml");
-        std::fs::write(&config, "netdevs = []\n").expect("write config");
-        let child = ns
-            .command(netdevd_bin().to_str().expect("utf-8 path"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--qmp")
-            .arg(format!("unix:{},server=on,wait=off", socket.display()))
-            .args(extra)
-            .env("RUST_LOG", std::env::var("NETDEVD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start netdevd");
-        let daemon = Self { child, socket, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match std::os::unix::net::UnixStream::connect(&daemon.socket) {
-                Ok(_) => return daemon,
-                Err(error) => {
-                    assert!(Instant::now() < deadline, "netdevd did not accept connections within 10 s: {error}");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-    }
-}

@@ -833,23 +833,6 @@ mod tests {
     use crate::port::NoFds;
 
 
-    fn start(
-        prepared: PreparedDatagram,
-        ctx: &BackendContext,
-    ) -> (HubPipe, tokio::task::JoinHandle<()>) {
-        let (backend_end, hub_end) = HubPipe::pair().unwrap();
-        let task = tokio::spawn(prepared.run(backend_end, ctx.clone()));
-        (hub_end, task)
-    }
-
-    async fn stop(ctx: &BackendContext, task: tokio::task::JoinHandle<()>) {
-        ctx.cancel.cancel();
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("the backend stops")
-            .unwrap();
-    }
-
     fn peer_udp() -> tokio::net::UdpSocket {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.set_nonblocking(true).unwrap();

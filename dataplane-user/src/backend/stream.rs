@@ -953,14 +953,44 @@ fn set_keepalive(stream: &std::net::TcpStream, address: &InetSocketAddress) {
 /// Shared by the tests of this module and `datagram`.
 #[cfg(test)]
 pub(super) mod test_support {
-    use std::sync::Arc;
-
+    use std::{future::Future, sync::Arc, time::Duration};
 
     use tokio::sync::mpsc;
     use tokio_util::sync::CancellationToken;
 
-    use super::super::{BackendContext, BackendEvent, BackendStats};
+    use super::super::{BackendContext, BackendEvent, BackendStats, HubPipe, datagram::PreparedDatagram};
+    use super::PreparedStream;
     use crate::netdev::sockaddr::{InetSocketAddress, SocketAddress, UnixSocketAddress};
+
+    /// A prepared backend the tests run on a pipe pair.
+    pub trait Runnable: Send + 'static {
+        fn run_on(self, pipe: HubPipe, ctx: BackendContext) -> impl Future<Output = ()> + Send + 'static;
+    }
+
+    impl Runnable for PreparedStream {
+        fn run_on(self, pipe: HubPipe, ctx: BackendContext) -> impl Future<Output = ()> + Send + 'static {
+            self.run(pipe, ctx)
+        }
+    }
+
+    impl Runnable for PreparedDatagram {
+        fn run_on(self, pipe: HubPipe, ctx: BackendContext) -> impl Future<Output = ()> + Send + 'static {
+            self.run(pipe, ctx)
+        }
+    }
+
+    /// Starts `prepared` on one end of a pipe pair; returns the hub's end.
+    pub fn start(prepared: impl Runnable, ctx: &BackendContext) -> (HubPipe, tokio::task::JoinHandle<()>) {
+        let (backend_end, hub_end) = HubPipe::pair().unwrap();
+        let task = tokio::spawn(prepared.run_on(backend_end, ctx.clone()));
+        (hub_end, task)
+    }
+
+    /// Cancels the backend and waits for it to close everything.
+    pub async fn stop(ctx: &BackendContext, task: tokio::task::JoinHandle<()>) {
+        ctx.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("the backend stops").unwrap();
+    }
 
     pub fn inet(host: &str, port: u16) -> SocketAddress {
         SocketAddress::Inet(InetSocketAddress {
@@ -1099,24 +1129,6 @@ mod tests {
         let mut frame = vec![0; usize::try_from(u32::from_be_bytes(len)).unwrap()];
         peer.read_exact(&mut frame).await.unwrap();
         frame
-    }
-
-    /// Starts `prepared` on one end of a pipe pair; returns the hub's end.
-    fn start(
-        prepared: PreparedStream,
-        ctx: &BackendContext,
-    ) -> (HubPipe, tokio::task::JoinHandle<()>) {
-        let (backend_end, hub_end) = HubPipe::pair().unwrap();
-        let task = tokio::spawn(prepared.run(backend_end, ctx.clone()));
-        (hub_end, task)
-    }
-
-    async fn stop(ctx: &BackendContext, task: tokio::task::JoinHandle<()>) {
-        ctx.cancel.cancel();
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("the backend stops")
-            .unwrap();
     }
 
     #[tokio::test]

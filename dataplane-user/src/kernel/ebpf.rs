@@ -69,6 +69,34 @@ const fn tunnel_program_name(program: TunnelProgram) -> &'static str {
     }
 }
 
+/// Creates zeroed per-CPU counters for `key` unless it has some (a port keeps its counts while
+/// its configuration changes).
+fn ensure_counters<T: aya::Pod + Default + Clone>(
+    map: &mut PerCpuHashMap<MapData, u32, T>,
+    name: &'static str,
+    key: u32,
+    cpus: usize,
+) -> Result<(), KernelError> {
+    if map.get(&key, 0).is_ok() {
+        return Ok(());
+    }
+    let zeroes = PerCpuValues::try_from(vec![T::default(); cpus]).map_err(|e| KernelError::Map { map: name, source: boxed(e) })?;
+    map.insert(key, zeroes, 0).map_err(|e| KernelError::Map { map: name, source: boxed(e) })
+}
+
+/// The per-CPU values of `key` folded into one with `add`; zero when absent.
+fn summed<T: aya::Pod + Default>(map: &PerCpuHashMap<MapData, u32, T>, key: u32, add: fn(&mut T, &T)) -> T {
+    map.get(&key, 0).map_or_else(
+        |_| T::default(),
+        |per_cpu| {
+            per_cpu.iter().fold(T::default(), |mut sum, cpu| {
+                add(&mut sum, cpu);
+                sum
+            })
+        },
+    )
+}
+
 fn boxed(error: impl std::error::Error + Send + Sync + 'static) -> Box<dyn std::error::Error + Send + Sync> {
     Box::new(error)
 }
@@ -81,19 +109,7 @@ impl EbpfDataplane {
         };
         let load_error = |source| KernelError::Load { path: name.clone(), source };
         let mut ebpf = loaded.map_err(|e| load_error(boxed(e)))?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(programs::HUB_TC)
-            .ok_or_else(|| load_error("the object has no hub_tc program".into()))?
-            .try_into()
-            .map_err(|e| load_error(boxed(e)))?;
-        program.load().map_err(|e| load_error(boxed(e)))?;
-        let injector: &mut SchedClassifier = ebpf
-            .program_mut(programs::INJECT)
-            .ok_or_else(|| load_error("the object has no inject program".into()))?
-            .try_into()
-            .map_err(|e| load_error(boxed(e)))?;
-        injector.load().map_err(|e| load_error(boxed(e)))?;
-        for name in [programs::TUNNEL_RX, programs::TUNNEL_PORT] {
+        for name in [programs::HUB_TC, programs::INJECT, programs::TUNNEL_RX, programs::TUNNEL_PORT] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| load_error(format!("the object has no {name} program").into()))?
@@ -178,13 +194,7 @@ impl Forwarding for EbpfDataplane {
     }
 
     fn set_port(&mut self, ifindex: u32, config: PortConfig) -> Result<(), KernelError> {
-        if self.counters.get(&ifindex, 0).is_err() {
-            let zeroes = PerCpuValues::try_from(vec![PortCounters::default(); self.cpus])
-                .map_err(|e| KernelError::Map { map: maps::PORT_COUNTERS, source: boxed(e) })?;
-            self.counters
-                .insert(ifindex, zeroes, 0)
-                .map_err(|e| KernelError::Map { map: maps::PORT_COUNTERS, source: boxed(e) })?;
-        }
+        ensure_counters(&mut self.counters, maps::PORT_COUNTERS, ifindex, self.cpus)?;
         self.ports.insert(ifindex, config, 0).map_err(|e| KernelError::Map { map: maps::PORTS, source: boxed(e) })
     }
 
@@ -265,25 +275,11 @@ impl Forwarding for EbpfDataplane {
     }
 
     fn counters(&self, ifindex: u32) -> PortCounters {
-        self.counters.get(&ifindex, 0).map_or_else(
-            |_| PortCounters::default(),
-            |per_cpu| {
-                per_cpu.iter().fold(PortCounters::default(), |mut sum, cpu| {
-                    sum.accumulate(cpu);
-                    sum
-                })
-            },
-        )
+        summed(&self.counters, ifindex, PortCounters::accumulate)
     }
 
     fn set_tunnel(&mut self, port_ifindex: u32, config: &TunnelConfig) -> Result<(), KernelError> {
-        if self.tunnel_counters.get(&port_ifindex, 0).is_err() {
-            let zeroes = PerCpuValues::try_from(vec![TunnelCounters::default(); self.cpus])
-                .map_err(|e| KernelError::Map { map: maps::TUNNEL_COUNTERS, source: boxed(e) })?;
-            self.tunnel_counters
-                .insert(port_ifindex, zeroes, 0)
-                .map_err(|e| KernelError::Map { map: maps::TUNNEL_COUNTERS, source: boxed(e) })?;
-        }
+        ensure_counters(&mut self.tunnel_counters, maps::TUNNEL_COUNTERS, port_ifindex, self.cpus)?;
         self.tunnels.insert(port_ifindex, *config, 0).map_err(|e| KernelError::Map { map: maps::TUNNELS, source: boxed(e) })?;
         self.tunnel_hub_ends
             .insert(config.hub_ifindex, port_ifindex, 0)
@@ -324,14 +320,6 @@ impl Forwarding for EbpfDataplane {
     }
 
     fn tunnel_counters(&self, port_ifindex: u32) -> TunnelCounters {
-        self.tunnel_counters.get(&port_ifindex, 0).map_or_else(
-            |_| TunnelCounters::default(),
-            |per_cpu| {
-                per_cpu.iter().fold(TunnelCounters::default(), |mut sum, cpu| {
-                    sum.accumulate(cpu);
-                    sum
-                })
-            },
-        )
+        summed(&self.tunnel_counters, port_ifindex, TunnelCounters::accumulate)
     }
 }
