@@ -32,7 +32,6 @@ pub mod maps {
     /// Tunnel port device ifindex → [`TunnelConfig`](crate::TunnelConfig).
     pub const TUNNELS: &str = "TUNNELS";
     /// A tunnel's hub port ifindex → its tunnel port device ifindex.
-    pub const TUNNEL_HUB_ENDS: &str = "TUNNEL_HUB_ENDS";
     /// [`TunnelRxKey`](crate::TunnelRxKey) → tunnel port device ifindex.
     pub const TUNNEL_RX: &str = "TUNNEL_RX";
     /// Source MACs a multicast tunnel sent, so that they are not taken back in (LRU).
@@ -321,8 +320,10 @@ pub struct TunnelConfig {
     pub header: [u8; tunnel::MAX_HEADER],
     /// Session id (4 bytes) then cookie (`cookie_len` bytes) expected on receive.
     pub rx_match: [u8; 12],
-    pub _pad2: u32,
-    /// Last counter value sent; updated atomically by the program (the low 32 bits are sent).
+    /// When the tunnel's hub has exactly two up ports and the other is a tunnel too: that
+    /// tunnel's port device, to which received frames are relayed in the same pass (else 0).
+    pub relay_port: u32,
+    /// Last counter value sent (the low 32 bits are sent).
     pub counter: u64,
 }
 const _: () = assert!(size_of::<TunnelConfig>() == 120);
@@ -369,8 +370,17 @@ pub struct TunnelCounters {
     pub own_packets: u64,
     /// Helper failures (room, redirect).
     pub errors: u64,
+    /// Received frames sent on to the other tunnel of a two-tunnel hub in the same pass (they
+    /// count as received on this tunnel's hub port; the daemon adds them there).
+    pub relayed: u64,
+    pub relayed_bytes: u64,
+    /// Of those, frames whose outer headers were rewritten in place (equal header lengths).
+    pub relayed_in_place: u64,
+    /// Frames this tunnel sent that the other tunnel relayed to it (sent on its hub port).
+    pub relayed_in: u64,
+    pub relayed_in_bytes: u64,
 }
-const _: () = assert!(size_of::<TunnelCounters>() == 64);
+const _: () = assert!(size_of::<TunnelCounters>() == 104);
 
 impl TunnelCounters {
     pub fn accumulate(&mut self, other: &Self) {
@@ -382,6 +392,11 @@ impl TunnelCounters {
         self.bad_header += other.bad_header;
         self.own_packets += other.own_packets;
         self.errors += other.errors;
+        self.relayed += other.relayed;
+        self.relayed_bytes += other.relayed_bytes;
+        self.relayed_in_place += other.relayed_in_place;
+        self.relayed_in += other.relayed_in;
+        self.relayed_in_bytes += other.relayed_in_bytes;
     }
 }
 

@@ -16,7 +16,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head},
@@ -24,7 +24,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
-use dataplane_common::{MEMBER_LINK_UP, TunnelConfig, TunnelCounters, TunnelMacKey, TunnelRxKey, marks, tunnel};
+use dataplane_common::{TunnelConfig, TunnelCounters, TunnelMacKey, TunnelRxKey, marks, tunnel};
 
 /// Upper bound on tunnels on one host.
 const MAX_TUNNELS: u32 = 1024;
@@ -41,10 +41,6 @@ const TCX_NEXT: i32 = -1;
 
 #[map(name = "TUNNELS")]
 static TUNNELS: HashMap<u32, TunnelConfig> = HashMap::with_max_entries(MAX_TUNNELS, 0);
-
-/// A tunnel's hub port (its veth's hub end) → its tunnel port device.
-#[map(name = "TUNNEL_HUB_ENDS")]
-static TUNNEL_HUB_ENDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TUNNELS, 0);
 
 #[map(name = "TUNNEL_RX")]
 static TUNNEL_RX: HashMap<TunnelRxKey, u32> = HashMap::with_max_entries(MAX_TUNNELS, 0);
@@ -187,6 +183,24 @@ fn decapsulate_into_hub(ctx: &TcContext, port: u32, config: &TunnelConfig, outer
         }
         return TC_ACT_SHOT;
     };
+    // A hub of two up ports whose other port is a tunnel as well (the daemon's plan says so): the
+    // frame is encapsulated for that tunnel right here, skipping the hub port's ingress and the
+    // other tunnel's port device, two passes through the stack.
+    let relay = if config.relay_port == 0 {
+        None
+    } else {
+        // SAFETY: read-only lookup, as above.
+        unsafe { TUNNELS.get(config.relay_port) }.map(|next_config| (config.relay_port, next_config))
+    };
+    let frame_len = ctx.len().saturating_sub(inner as u32);
+    if let Some((next, next_config)) = relay
+        && let Some(ip_payload) = in_place_payload(ctx, next_config, inner, frame_len)
+    {
+        count_decapsulated(ctx, port, true, true, frame_len);
+        // The packet may carry a complete checksum from the device; keep it true to the new bytes.
+        let flags = u64::from(BPF_F_RECOMPUTE_CSUM);
+        return write_outer_headers(ctx, next, next_config, Sent::Relayed, frame_len, ip_payload, flags);
+    }
     // Remove everything between the outer Ethernet header and the inner frame's payload, then put
     // the inner Ethernet header in the outer one's place. The helper refuses frames too short to
     // leave a whole IP header behind; the stack then hands those to the backend's socket.
@@ -195,58 +209,65 @@ fn decapsulate_into_hub(ctx: &TcContext, port: u32, config: &TunnelConfig, outer
         return TCX_NEXT;
     }
     if ctx.store(0, &inner_ethernet, 0).is_err() {
-        if let Some(c) = counters(port) {
-            c.errors += 1;
-        }
-        return TC_ACT_SHOT;
+        return count_error(port);
     }
-    ctx.set_mark(0);
-    if let Some(c) = counters(port) {
-        c.decap_packets += 1;
-        c.decap_bytes += u64::from(ctx.len());
-    }
-    if let Some((other, next)) = relay_target(config.hub_ifindex) {
-        // SAFETY: read-only lookup, as above.
-        if let Some(next_config) = unsafe { TUNNELS.get(next) } {
-            let len = u64::from(ctx.len());
-            crate::count(config.hub_ifindex, crate::Direction::Rx, len);
-            crate::count(other, crate::Direction::Tx, len);
-            return encapsulate(ctx, next, next_config);
-        }
+    count_decapsulated(ctx, port, relay.is_some(), false, frame_len);
+    if let Some((next, next_config)) = relay {
+        return encapsulate(ctx, next, next_config, Sent::Relayed);
     }
     // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
     unsafe { bpf_redirect(config.hub_ifindex, u64::from(BPF_F_INGRESS)) as i32 }
 }
 
-/// A hub of two up ports whose other port is a tunnel as well (a relay between two tunnels): the
-/// frame can be encapsulated for that tunnel right here, skipping the hub's ingress and the other
-/// tunnel's port device — two passes through the stack. Returns that port and its tunnel device.
+/// Counts a decapsulated frame, and whether it is relayed to the other tunnel in this pass.
 #[inline(always)]
-fn relay_target(hub_end: u32) -> Option<(u32, u32)> {
-    // SAFETY: read-only lookups; the kernel keeps values alive for the program's run.
-    let port = unsafe { crate::PORTS.get(hub_end) }?;
-    if !port.link_up() {
+fn count_decapsulated(ctx: &TcContext, port: u32, relayed: bool, in_place: bool, frame_len: u32) {
+    ctx.set_mark(0);
+    if let Some(c) = counters(port) {
+        c.decap_packets += 1;
+        c.decap_bytes += u64::from(frame_len);
+        if relayed {
+            c.relayed += 1;
+            c.relayed_bytes += u64::from(frame_len);
+            c.relayed_in_place += u64::from(in_place);
+        }
+    }
+}
+
+/// A relay between two tunnels whose outer headers have the same length (the common case: two
+/// `dgram`s, or two L2TPv3 tunnels set up alike) needs no room made: the next tunnel's headers
+/// overwrite the received ones and the packet keeps its size. Gives the new IP payload length, or
+/// `None` when the general path must do it (different lengths, a GSO packet, anything
+/// `encapsulate` sends elsewhere).
+#[inline(always)]
+fn in_place_payload(ctx: &TcContext, config: &TunnelConfig, inner: usize, frame_len: u32) -> Option<u16> {
+    let elsewhere = tunnel::LOCAL | tunnel::MULTICAST | tunnel::TX_USER_SPACE | tunnel::NEIGHBOUR_PENDING;
+    // SAFETY: `skb` points at the kernel's `__sk_buff` for this run.
+    let gso = unsafe { (*ctx.skb.skb).gso_segs } > 1;
+    if gso || config.flags & elsewhere != 0 || config.offset != 0 || outer_len(config) != inner {
         return None;
     }
-    // SAFETY: as above.
-    let hub = unsafe { crate::HUBS.get(port.hub_id) }?;
-    if hub.count != 2 {
+    if (frame_len as usize) < ETH_LEN || frame_len > config.max_frame {
         return None;
     }
-    let (first, second) = (hub.members.first()?, hub.members.get(1)?);
-    let other = if first.ifindex == hub_end {
-        second
-    } else if second.ifindex == hub_end {
-        first
-    } else {
-        return None;
-    };
-    if other.flags & MEMBER_LINK_UP == 0 {
-        return None;
-    }
-    // SAFETY: as above.
-    let next = unsafe { TUNNEL_HUB_ENDS.get(other.ifindex) }?;
-    Some((other.ifindex, *next))
+    ip_payload(config, frame_len)
+}
+
+/// Length of the outer headers `encapsulate` puts before a frame for `config`.
+#[inline(always)]
+fn outer_len(config: &TunnelConfig) -> usize {
+    let l3_len = if config.flags & tunnel::IPV6 != 0 { IPV6_LEN } else { IPV4_LEN };
+    let l4_len = if config.flags & tunnel::UDP != 0 { UDP_LEN } else { 0 };
+    ETH_LEN + l3_len + l4_len + usize::from(config.header_len) + usize::from(config.offset)
+}
+
+/// Bytes after the outer IP header for a frame of `frame_len`, if the 16-bit IP and UDP length
+/// fields can hold them.
+#[inline(always)]
+fn ip_payload(config: &TunnelConfig, frame_len: u32) -> Option<u16> {
+    u16::try_from(outer_len(config) - ETH_LEN - if config.flags & tunnel::IPV6 != 0 { IPV6_LEN } else { IPV4_LEN })
+        .ok()
+        .and_then(|headers| headers.checked_add(u16::try_from(frame_len).ok()?))
 }
 
 /// L2TPv3: the session id and cookie must be the ones expected (the version word is not checked,
@@ -282,11 +303,11 @@ pub fn tunnel_port(ctx: TcContext) -> i32 {
         // Back from `to_user_space`: on to the backend's packet socket.
         return TC_ACT_OK;
     }
-    encapsulate(&ctx, port, config)
+    encapsulate(&ctx, port, config, Sent::FromHub)
 }
 
 #[inline(always)]
-fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig) -> i32 {
+fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig, sent: Sent) -> i32 {
     if config.flags & tunnel::MULTICAST != 0 {
         // Whichever path sends it, its copy looped back must be recognised.
         remember_own_mac(ctx, port);
@@ -295,29 +316,21 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig) -> i32 {
     if (frame_len as usize) < ETH_LEN || config.flags & tunnel::TX_USER_SPACE != 0 {
         return to_user_space(ctx, port);
     }
-    let ipv6 = config.flags & tunnel::IPV6 != 0;
-    let udp = config.flags & tunnel::UDP != 0;
-    let l3_len = if ipv6 { IPV6_LEN } else { IPV4_LEN };
-    let l4_len = if udp { UDP_LEN } else { 0 };
-    let tunnel_len = usize::from(config.header_len) + usize::from(config.offset);
-    // Bytes after the IP header; the IP and UDP length fields are 16 bits wide.
-    let Ok(ip_payload) = u16::try_from(l4_len + tunnel_len + frame_len as usize) else {
-        return to_user_space(ctx, port);
-    };
+    let Some(ip_payload) = ip_payload(config, frame_len) else { return to_user_space(ctx, port) };
     if frame_len > config.max_frame || config.flags & tunnel::NEIGHBOUR_PENDING != 0 {
         return to_user_space(ctx, port);
     }
-    let encap_len = ETH_LEN + l3_len + l4_len + tunnel_len;
+    let encap_len = outer_len(config);
     // A destination on this host is reached through the stack's own route (which the packet must
     // carry, or the stack drops it as a martian): `bpf_redirect_neigh` attaches it, and wants the
     // outer IP header where the skb's network header is, which `bpf_skb_adjust_room` arranges
     // for an IP frame. Other frames to a local peer take the socket.
-    let local = config.flags & tunnel::LOCAL != 0;
-    if local {
+    if config.flags & tunnel::LOCAL != 0 {
         let Ok(inner_ethernet) = ctx.load::<[u8; ETH_LEN]>(0) else { return to_user_space(ctx, port) };
         if inner_ethernet[12..] != ETHERTYPE_IPV4 && inner_ethernet[12..] != ETHERTYPE_IPV6 {
             return to_user_space(ctx, port);
         }
+        let ipv6 = config.flags & tunnel::IPV6 != 0;
         let family = if ipv6 { BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 } else { BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 };
         // Room for the outer IP/UDP/L2TPv3 headers and a copy of the inner Ethernet header, after
         // the Ethernet header that becomes the outer one.
@@ -333,20 +346,48 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig) -> i32 {
     {
         return count_error(port);
     }
+    write_outer_headers(ctx, port, config, sent, frame_len, ip_payload, 0)
+}
+
+/// Where a frame being encapsulated comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// The hub, through the tunnel's port device.
+    FromHub,
+    /// The other tunnel of a two-tunnel hub, in the pass that received it.
+    Relayed,
+}
+
+/// Writes the outer Ethernet, IP, UDP and L2TPv3 headers for `config` in the first
+/// `outer_len(config)` bytes (the `offset` bytes after them are left as they are), counts the
+/// frame and sends the packet to the next hop.
+#[inline(always)]
+fn write_outer_headers(
+    ctx: &TcContext,
+    port: u32,
+    config: &TunnelConfig,
+    sent: Sent,
+    frame_len: u32,
+    ip_payload: u16,
+    store_flags: u64,
+) -> i32 {
+    let ipv6 = config.flags & tunnel::IPV6 != 0;
+    let udp = config.flags & tunnel::UDP != 0;
     let mut ethernet = [0u8; ETH_LEN];
     ethernet[..6].copy_from_slice(&config.dst_mac);
     ethernet[6..12].copy_from_slice(&config.src_mac);
     ethernet[12..].copy_from_slice(if ipv6 { &ETHERTYPE_IPV6 } else { &ETHERTYPE_IPV4 });
     let proto = if udp { tunnel::PROTO_UDP } else { tunnel::PROTO_L2TP };
     let ttl = if config.flags & tunnel::MULTICAST != 0 { 1 } else { 64 };
-    let written = ctx.store(0, &ethernet, 0).and_then(|()| {
+    let written = ctx.store(0, &ethernet, store_flags).and_then(|()| {
         if ipv6 {
-            ctx.store(ETH_LEN, &ipv6_header(config, proto, ttl, ip_payload), 0)
+            ctx.store(ETH_LEN, &ipv6_header(config, proto, ttl, ip_payload), store_flags)
         } else {
-            ctx.store(ETH_LEN, &ipv4_header(config, proto, ttl, ip_payload), 0)
+            ctx.store(ETH_LEN, &ipv4_header(config, proto, ttl, ip_payload), store_flags)
         }
     });
-    let mut at = ETH_LEN + l3_len;
+    let udp_at = ETH_LEN + if ipv6 { IPV6_LEN } else { IPV4_LEN };
+    let l2tp_at = if udp { udp_at + UDP_LEN } else { udp_at };
     let written = written.and_then(|()| {
         if !udp {
             return Ok(());
@@ -362,20 +403,23 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig) -> i32 {
             0,
             0, // no UDP checksum (IPv4 only: IPv6 UDP goes through user space)
         ];
-        ctx.store(at, &ports_and_length, 0)
+        ctx.store(udp_at, &ports_and_length, store_flags)
     });
-    at += l4_len;
-    let written = written.and_then(|()| store_l2tp_header(ctx, config, port, at));
+    let written = written.and_then(|()| store_l2tp_header(ctx, config, port, l2tp_at, store_flags));
     if written.is_err() {
         return count_error(port);
     }
     if let Some(c) = counters(port) {
         c.encap_packets += 1;
         c.encap_bytes += u64::from(frame_len);
+        if sent == Sent::Relayed {
+            c.relayed_in += 1;
+            c.relayed_in_bytes += u64::from(frame_len);
+        }
     }
     // The frame came in for another host's MAC; the packet is now for this one or the next hop.
     let _ = ctx.change_type(PACKET_HOST);
-    if local {
+    if config.flags & tunnel::LOCAL != 0 {
         // SAFETY: no next-hop parameters (a null pointer of length 0): the helper routes itself.
         return unsafe { bpf_redirect_neigh(config.out_ifindex, core::ptr::null_mut(), 0, 0) as i32 };
     }
@@ -419,7 +463,7 @@ fn ipv6_header(config: &TunnelConfig, proto: u8, hop_limit: u8, payload: u16) ->
 /// Writes the L2TPv3 header template at `at`, with the next counter value if it counts. The
 /// `offset` bytes after it are already zero (the helper zeroes new headroom).
 #[inline(always)]
-fn store_l2tp_header(ctx: &TcContext, config: &TunnelConfig, port: u32, at: usize) -> Result<(), i64> {
+fn store_l2tp_header(ctx: &TcContext, config: &TunnelConfig, port: u32, at: usize, flags: u64) -> Result<(), i64> {
     let mut header = config.header;
     if config.flags & tunnel::COUNTER != 0 {
         let Some(slot) = TUNNELS.get_ptr_mut(port) else { return Err(-1) };
@@ -440,19 +484,19 @@ fn store_l2tp_header(ctx: &TcContext, config: &TunnelConfig, port: u32, at: usiz
     // Constant-size stores: the verifier takes no variable length here.
     match config.header_len {
         0 => Ok(()),
-        4 => ctx.store(at, &[header[0], header[1], header[2], header[3]], 0),
-        8 => ctx.store(at, &[header[0], header[1], header[2], header[3], header[4], header[5], header[6], header[7]], 0),
+        4 => ctx.store(at, &[header[0], header[1], header[2], header[3]], flags),
+        8 => ctx.store(at, &[header[0], header[1], header[2], header[3], header[4], header[5], header[6], header[7]], flags),
         12 => {
             let mut part = [0u8; 12];
             part.copy_from_slice(&header[..12]);
-            ctx.store(at, &part, 0)
+            ctx.store(at, &part, flags)
         }
         16 => {
             let mut part = [0u8; 16];
             part.copy_from_slice(&header[..16]);
-            ctx.store(at, &part, 0)
+            ctx.store(at, &part, flags)
         }
-        20 => ctx.store(at, &header, 0),
+        20 => ctx.store(at, &header, flags),
         _ => Err(-1),
     }
 }

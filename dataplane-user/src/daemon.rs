@@ -605,6 +605,9 @@ impl Daemon {
                             "decap-packets": fast.decap_packets, "decap-bytes": fast.decap_bytes,
                             "to-user-space": fast.to_user_space, "bad-header": fast.bad_header,
                             "own-packets": fast.own_packets, "errors": fast.errors,
+                            "relayed": fast.relayed, "relayed-bytes": fast.relayed_bytes,
+                            "relayed-in-place": fast.relayed_in_place, "relayed-in": fast.relayed_in,
+                            "relayed-in-bytes": fast.relayed_in_bytes,
                         }),
                     );
                 }
@@ -628,7 +631,18 @@ impl Daemon {
             .ports
             .iter()
             .filter(|(_, port)| id.is_none_or(|id| port.hubport == id || port.netdev == id))
-            .map(|(ifindex, port)| counters_info(port, &kernel.forwarding.counters(*ifindex)))
+            .map(|(ifindex, port)| {
+                let mut counters = kernel.forwarding.counters(*ifindex);
+                // What a two-tunnel hub relays never enters the hub port; the tunnels count it.
+                if let Some(tunnel) = state.tunnels.get(&port.netdev) {
+                    let relayed = kernel.forwarding.tunnel_counters(tunnel.port_ifindex);
+                    counters.rx_packets += relayed.relayed;
+                    counters.rx_bytes += relayed.relayed_bytes;
+                    counters.tx_packets += relayed.relayed_in;
+                    counters.tx_bytes += relayed.relayed_in_bytes;
+                }
+                counters_info(port, &counters)
+            })
             .collect())
     }
 

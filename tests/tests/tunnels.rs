@@ -520,9 +520,19 @@ fn a_hub_of_two_tunnels_relays_in_the_kernel() {
         // What one tunnel decapsulates, the other encapsulates in the same pass.
         assert!(counter(kernel, "decap-packets") > 1000 && counter(kernel, "encap-packets") > 1000, "{id}: {kernel}");
         assert!(counter(kernel, "to-user-space") * 20 <= counter(kernel, "encap-packets"), "{id}: {kernel}");
+        assert!(counter(kernel, "relayed") * 10 >= counter(kernel, "decap-packets") * 9, "{id}: {kernel}");
     }
+    // Towards D2 both tunnels' headers are as long, so the relay rewrites them in place; towards
+    // D1 the packet must go through the local route (`bpf_redirect_neigh`), which the general
+    // path prepares.
+    let near = &rows.iter().find(|row| row["id"] == json!("near")).expect("near")["backend"]["kernel"];
+    let far = &rows.iter().find(|row| row["id"] == json!("far")).expect("far")["backend"]["kernel"];
+    assert!(counter(near, "relayed-in-place") * 10 >= counter(near, "relayed") * 9, "{near}");
+    assert_eq!(counter(far, "relayed-in-place"), 0, "{far}");
     // The relay's hub ports count what crossed, though no frame entered their devices.
     let port = relay.counters("pn");
     assert!(counter(&port, "rx-packets") > 1000 && counter(&port, "tx-packets") > 1000, "{port}");
+    assert!(counter(&port, "rx-packets") >= counter(near, "relayed"), "{port} {near}");
+    assert!(counter(&port, "tx-packets") >= counter(near, "relayed-in"), "{port} {near}");
     drop(relay);
 }

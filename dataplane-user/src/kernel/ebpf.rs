@@ -56,7 +56,6 @@ pub struct EbpfDataplane {
     links: HashMap<u32, SchedClassifierLinkId>,
     tunnels: BpfHashMap<MapData, u32, TunnelConfig>,
     tunnel_rx: BpfHashMap<MapData, TunnelRxKey, u32>,
-    tunnel_hub_ends: BpfHashMap<MapData, u32, u32>,
     tunnel_counters: PerCpuHashMap<MapData, u32, TunnelCounters>,
     tunnel_links: HashMap<(u32, TunnelProgram), SchedClassifierLinkId>,
     cpus: usize,
@@ -129,7 +128,6 @@ impl EbpfDataplane {
         let rx_macs = BpfHashMap::try_from(take(maps::RX_MACS)?).map_err(|e| load_error(boxed(e)))?;
         let tunnels = BpfHashMap::try_from(take(maps::TUNNELS)?).map_err(|e| load_error(boxed(e)))?;
         let tunnel_rx = BpfHashMap::try_from(take(maps::TUNNEL_RX)?).map_err(|e| load_error(boxed(e)))?;
-        let tunnel_hub_ends = BpfHashMap::try_from(take(maps::TUNNEL_HUB_ENDS)?).map_err(|e| load_error(boxed(e)))?;
         let tunnel_counters =
             PerCpuHashMap::try_from(take(maps::TUNNEL_COUNTERS)?).map_err(|e| load_error(boxed(e)))?;
         let cpus = nr_cpus().map_err(|(_, e)| load_error(boxed(e)))?;
@@ -145,7 +143,6 @@ impl EbpfDataplane {
             links: HashMap::new(),
             tunnels,
             tunnel_rx,
-            tunnel_hub_ends,
             tunnel_counters,
             tunnel_links: HashMap::new(),
             cpus,
@@ -280,16 +277,15 @@ impl Forwarding for EbpfDataplane {
 
     fn set_tunnel(&mut self, port_ifindex: u32, config: &TunnelConfig) -> Result<(), KernelError> {
         ensure_counters(&mut self.tunnel_counters, maps::TUNNEL_COUNTERS, port_ifindex, self.cpus)?;
-        self.tunnels.insert(port_ifindex, *config, 0).map_err(|e| KernelError::Map { map: maps::TUNNELS, source: boxed(e) })?;
-        self.tunnel_hub_ends
-            .insert(config.hub_ifindex, port_ifindex, 0)
-            .map_err(|e| KernelError::Map { map: maps::TUNNEL_HUB_ENDS, source: boxed(e) })
+        let mut config = *config;
+        // The L2TPv3 counter goes on from where the program left it.
+        if let Ok(current) = self.tunnels.get(&port_ifindex, 0) {
+            config.counter = current.counter;
+        }
+        self.tunnels.insert(port_ifindex, config, 0).map_err(|e| KernelError::Map { map: maps::TUNNELS, source: boxed(e) })
     }
 
     fn remove_tunnel(&mut self, port_ifindex: u32) {
-        if let Ok(config) = self.tunnels.get(&port_ifindex, 0) {
-            let _ = self.tunnel_hub_ends.remove(&config.hub_ifindex);
-        }
         let _ = self.tunnels.remove(&port_ifindex);
         let _ = self.tunnel_counters.remove(&port_ifindex);
     }

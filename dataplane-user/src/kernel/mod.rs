@@ -384,6 +384,36 @@ mod tests {
     }
 
     #[test]
+    fn a_hub_of_exactly_two_up_tunnels_relays_between_them() {
+        let mut registry = Registry::default();
+        add(&mut registry, "dgram,id=t1,local.type=inet,local.host=127.0.0.1,local.port=5001,remote.type=inet,remote.host=127.0.0.1,remote.port=5002");
+        add(&mut registry, "dgram,id=t2,local.type=inet,local.host=127.0.0.1,local.port=5003,remote.type=inet,remote.host=127.0.0.1,remote.port=5004");
+        add(&mut registry, "af-xdp,id=a,ifname=x");
+        add(&mut registry, "hubport,id=p1,hubid=0,netdev=t1");
+        add(&mut registry, "hubport,id=p2,hubid=0,netdev=t2");
+        // Hub ends 10 and 12, port devices 11 and 13 (the helper's `port - 1`).
+        let devices: HashMap<String, Device> = [("t1", 10), ("t2", 12), ("a", 20)]
+            .into_iter()
+            .map(|(id, ifindex)| {
+                let device = Device { ifindex, ifname: format!("if{ifindex}"), hub_side: HubSide::Interface, peer_elsewhere: false };
+                (id.to_owned(), device)
+            })
+            .collect();
+        let tunnels = HashMap::from([("t1".to_owned(), tunnel(11, 5001, 1)), ("t2".to_owned(), tunnel(13, 5003, 1))]);
+        let relays = |registry: &Registry| {
+            let plan = plan(registry, &devices, &HashMap::new(), &tunnels).unwrap();
+            (plan.tunnels[&11].config.relay_port, plan.tunnels[&13].config.relay_port)
+        };
+        assert_eq!(relays(&registry), (13, 11));
+        // A port down, or a third port, and the hub does the forwarding again.
+        registry.set_link("p2", false).unwrap();
+        assert_eq!(relays(&registry), (0, 0));
+        registry.set_link("p2", true).unwrap();
+        add(&mut registry, "hubport,id=p3,hubid=0,netdev=a");
+        assert_eq!(relays(&registry), (0, 0));
+    }
+
+    #[test]
     fn failed_attach_can_be_rolled_back() {
         let mut registry = Registry::default();
         add(&mut registry, "af-xdp,id=a,ifname=x");

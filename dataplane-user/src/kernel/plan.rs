@@ -245,7 +245,32 @@ pub fn plan(
         }
         plan.underlays.extend(tunnel.underlays.iter().map(|(i, n)| (*i, n.clone())));
     }
+    plan_relays(&mut plan);
     Ok(plan)
+}
+
+/// A hub segment of exactly two up ports that are both tunnels (a relay between two tunnels):
+/// each tunnel's program encapsulates what it receives for the other one directly, which is all
+/// the hub would do with the frame. Anything else on the segment — a third port, a port down, a
+/// NIC's receive filter — leaves the frame to the hub.
+fn plan_relays(plan: &mut Plan) {
+    let port_of_hub_end: BTreeMap<u32, u32> =
+        plan.tunnels.iter().map(|(port_ifindex, tunnel)| (tunnel.config.hub_ifindex, *port_ifindex)).collect();
+    for tunnel in plan.tunnels.values_mut() {
+        let hub_end = tunnel.config.hub_ifindex;
+        let other = plan
+            .ports
+            .get(&hub_end)
+            .filter(|port| port.link_up)
+            .and_then(|port| plan.segments.get(&port.segment))
+            .filter(|members| {
+                members.len() == 2
+                    && members.iter().all(|m| m.flags & MEMBER_LINK_UP != 0 && m.flags & MEMBER_RX_FILTER == 0)
+            })
+            .and_then(|members| members.iter().find(|m| m.ifindex != hub_end))
+            .and_then(|other| port_of_hub_end.get(&other.ifindex));
+        tunnel.config.relay_port = other.copied().unwrap_or(0);
+    }
 }
 
 #[cfg(test)]
