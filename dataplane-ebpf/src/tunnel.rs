@@ -68,14 +68,28 @@ struct Outer {
     dst: [u8; 16],
 }
 
+/// Reads `T` at `offset`: straight from the packet when the bytes are in its linear part (no
+/// helper call), else through `bpf_skb_load_bytes`. `offset` must have a small known bound (the
+/// verifier checks the direct read against it).
+#[inline(always)]
+fn peek<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let at = ctx.data() + offset;
+    if at + size_of::<T>() <= ctx.data_end() {
+        // SAFETY: the bytes lie within the packet's linear data, as just checked; `T` is plain
+        // bytes and the read is unaligned.
+        return Some(unsafe { core::ptr::read_unaligned(at as *const T) });
+    }
+    ctx.load::<T>(offset).ok()
+}
+
 /// Parses IPv4 (options allowed, no fragments) or IPv6 (no extension headers) after Ethernet.
 #[inline(always)]
 fn parse_outer(ctx: &TcContext) -> Option<Outer> {
-    let ethertype = ctx.load::<[u8; 2]>(12).ok()?;
+    let ethertype = peek::<[u8; 2]>(ctx, 12)?;
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
     if ethertype == ETHERTYPE_IPV4 {
-        let header = ctx.load::<[u8; IPV4_LEN]>(ETH_LEN).ok()?;
+        let header = peek::<[u8; IPV4_LEN]>(ctx, ETH_LEN)?;
         let ihl = usize::from(header[0] & 0x0f) * 4;
         // Fragments are reassembled by the stack and reach the backend's socket.
         if header[0] >> 4 != 4 || ihl < IPV4_LEN || (header[6] & 0x3f) != 0 || header[7] != 0 {
@@ -86,7 +100,7 @@ fn parse_outer(ctx: &TcContext) -> Option<Outer> {
         return Some(Outer { l4: ETH_LEN + ihl, proto: header[9], src, dst });
     }
     if ethertype == ETHERTYPE_IPV6 {
-        let header = ctx.load::<[u8; IPV6_LEN]>(ETH_LEN).ok()?;
+        let header = peek::<[u8; IPV6_LEN]>(ctx, ETH_LEN)?;
         src.copy_from_slice(&header[8..24]);
         dst.copy_from_slice(&header[24..40]);
         return Some(Outer { l4: ETH_LEN + IPV6_LEN, proto: header[6], src, dst });
@@ -101,11 +115,11 @@ fn steer(ctx: &TcContext, outer: &Outer) -> Option<(u32, u16)> {
     let mut key = TunnelRxKey { addr: outer.dst, session: 0, port: 0, proto: outer.proto, _pad: 0 };
     let mut source_port = 0u16;
     if outer.proto == tunnel::PROTO_UDP {
-        let ports = ctx.load::<[u8; 4]>(outer.l4).ok()?;
+        let ports = peek::<[u8; 4]>(ctx, outer.l4)?;
         source_port = u16::from_ne_bytes([ports[0], ports[1]]);
         key.port = u16::from_ne_bytes([ports[2], ports[3]]);
     } else if outer.proto == tunnel::PROTO_L2TP {
-        key.session = u32::from_ne_bytes(ctx.load::<[u8; 4]>(outer.l4).ok()?);
+        key.session = u32::from_ne_bytes(peek::<[u8; 4]>(ctx, outer.l4)?);
     } else {
         return None;
     }
@@ -177,12 +191,6 @@ fn decapsulate_into_hub(ctx: &TcContext, port: u32, config: &TunnelConfig, outer
         return TC_ACT_SHOT;
     }
     let inner = payload + usize::from(config.header_len) + usize::from(config.offset);
-    let Ok(inner_ethernet) = ctx.load::<[u8; ETH_LEN]>(inner) else {
-        if let Some(c) = counters(port) {
-            c.bad_header += 1;
-        }
-        return TC_ACT_SHOT;
-    };
     // A hub of two up ports whose other port is a tunnel as well (the daemon's plan says so): the
     // frame is encapsulated for that tunnel right here, skipping the hub port's ingress and the
     // other tunnel's port device, two passes through the stack.
@@ -201,6 +209,12 @@ fn decapsulate_into_hub(ctx: &TcContext, port: u32, config: &TunnelConfig, outer
         let flags = u64::from(BPF_F_RECOMPUTE_CSUM);
         return write_outer_headers(ctx, next, next_config, Sent::Relayed, frame_len, ip_payload, flags);
     }
+    let Ok(inner_ethernet) = ctx.load::<[u8; ETH_LEN]>(inner) else {
+        if let Some(c) = counters(port) {
+            c.bad_header += 1;
+        }
+        return TC_ACT_SHOT;
+    };
     // Remove everything between the outer Ethernet header and the inner frame's payload, then put
     // the inner Ethernet header in the outer one's place. The helper refuses frames too short to
     // leave a whole IP header behind; the stack then hands those to the backend's socket.
@@ -373,38 +387,41 @@ fn write_outer_headers(
 ) -> i32 {
     let ipv6 = config.flags & tunnel::IPV6 != 0;
     let udp = config.flags & tunnel::UDP != 0;
-    let mut ethernet = [0u8; ETH_LEN];
-    ethernet[..6].copy_from_slice(&config.dst_mac);
-    ethernet[6..12].copy_from_slice(&config.src_mac);
-    ethernet[12..].copy_from_slice(if ipv6 { &ETHERTYPE_IPV6 } else { &ETHERTYPE_IPV4 });
     let proto = if udp { tunnel::PROTO_UDP } else { tunnel::PROTO_L2TP };
     let ttl = if config.flags & tunnel::MULTICAST != 0 { 1 } else { 64 };
-    let written = ctx.store(0, &ethernet, store_flags).and_then(|()| {
-        if ipv6 {
-            ctx.store(ETH_LEN, &ipv6_header(config, proto, ttl, ip_payload), store_flags)
-        } else {
-            ctx.store(ETH_LEN, &ipv4_header(config, proto, ttl, ip_payload), store_flags)
-        }
-    });
-    let udp_at = ETH_LEN + if ipv6 { IPV6_LEN } else { IPV4_LEN };
-    let l2tp_at = if udp { udp_at + UDP_LEN } else { udp_at };
-    let written = written.and_then(|()| {
-        if !udp {
-            return Ok(());
-        }
+    // Ethernet, IP and UDP built on the stack and written with one store.
+    let mut outer = [0u8; ETH_LEN + IPV6_LEN + UDP_LEN];
+    outer[..6].copy_from_slice(&config.dst_mac);
+    outer[6..12].copy_from_slice(&config.src_mac);
+    let l3_len = if ipv6 {
+        outer[12..ETH_LEN].copy_from_slice(&ETHERTYPE_IPV6);
+        outer[ETH_LEN..ETH_LEN + IPV6_LEN].copy_from_slice(&ipv6_header(config, proto, ttl, ip_payload));
+        IPV6_LEN
+    } else {
+        outer[12..ETH_LEN].copy_from_slice(&ETHERTYPE_IPV4);
+        outer[ETH_LEN..ETH_LEN + IPV4_LEN].copy_from_slice(&ipv4_header(config, proto, ttl, ip_payload));
+        IPV4_LEN
+    };
+    if udp {
         let length = ip_payload.to_be_bytes();
-        let ports_and_length = [
-            config.src_port.to_ne_bytes()[0],
-            config.src_port.to_ne_bytes()[1],
-            config.dst_port.to_ne_bytes()[0],
-            config.dst_port.to_ne_bytes()[1],
-            length[0],
-            length[1],
-            0,
-            0, // no UDP checksum (IPv4 only: IPv6 UDP goes through user space)
-        ];
-        ctx.store(udp_at, &ports_and_length, store_flags)
-    });
+        let src = config.src_port.to_ne_bytes();
+        let dst = config.dst_port.to_ne_bytes();
+        // No UDP checksum (IPv4 only: IPv6 UDP goes through user space).
+        let header = [src[0], src[1], dst[0], dst[1], length[0], length[1], 0, 0];
+        if ipv6 {
+            outer[ETH_LEN + IPV6_LEN..].copy_from_slice(&header);
+        } else {
+            outer[ETH_LEN + IPV4_LEN..ETH_LEN + IPV4_LEN + UDP_LEN].copy_from_slice(&header);
+        }
+    }
+    let l2tp_at = ETH_LEN + l3_len + if udp { UDP_LEN } else { 0 };
+    // Constant-size stores: the verifier takes no variable length here.
+    let written = match l2tp_at {
+        34 => store_prefix::<34>(ctx, &outer, store_flags),
+        42 => store_prefix::<42>(ctx, &outer, store_flags),
+        54 => store_prefix::<54>(ctx, &outer, store_flags),
+        _ => store_prefix::<62>(ctx, &outer, store_flags),
+    };
     let written = written.and_then(|()| store_l2tp_header(ctx, config, port, l2tp_at, store_flags));
     if written.is_err() {
         return count_error(port);
@@ -425,6 +442,12 @@ fn write_outer_headers(
     }
     // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
     unsafe { bpf_redirect(config.out_ifindex, 0) as i32 }
+}
+
+/// Writes the first `N` bytes of `outer` at the start of the packet.
+#[inline(always)]
+fn store_prefix<const N: usize>(ctx: &TcContext, outer: &[u8; ETH_LEN + IPV6_LEN + UDP_LEN], flags: u64) -> Result<(), i64> {
+    outer.first_chunk::<N>().map_or(Err(-1), |part| ctx.store(0, part, flags))
 }
 
 /// IPv4 header, DF set (the path's MTU was checked), identification 0 as for any atomic datagram.
