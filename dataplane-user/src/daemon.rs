@@ -266,7 +266,7 @@ impl Daemon {
                 };
             }
             let Some(kernel) = state.kernel.as_ref() else { return Err(DaemonError::NoDataplane { id }) };
-            let (hub_device, pipe, resolved) = user_space_port(&id, prepared.endpoint(), &kernel.netlink).await?;
+            let (hub_device, pipe, resolved) = user_space_port(&id, prepared.endpoint(), prepared.tap_vnet_hdr(), &kernel.netlink).await?;
             device = Some(hub_device);
             tunnel = resolved;
             pending_backend = Some((prepared, pipe));
@@ -692,10 +692,11 @@ impl Daemon {
 async fn user_space_port(
     id: &str,
     endpoint: Option<backend::TunnelEndpoint>,
+    vnet_hdr: bool,
     netlink: &Netlink,
 ) -> Result<(PortDevice, backend::HubPipe, Option<TunnelKernel>), DaemonError> {
     let Some(endpoint) = endpoint else {
-        let (device, pipe) = create_tap_port(id, netlink).await?;
+        let (device, pipe) = create_tap_port(id, vnet_hdr, netlink).await?;
         return Ok((device, pipe, None));
     };
     let pair = PortPair::create(id, netlink).await?;

@@ -68,6 +68,9 @@ pub struct BackendStats {
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
     pub disconnects: AtomicU64,
+    /// `user`: frames to the hub that join several TCP segments (GSO), and the segments in them.
+    pub gso_frames: AtomicU64,
+    pub gso_segments: AtomicU64,
 }
 
 impl BackendStats {
@@ -85,6 +88,7 @@ impl BackendStats {
             "bad-headers": get(&self.bad_headers), "own-frames": get(&self.own_frames),
             "send-errors": get(&self.send_errors), "connects": get(&self.connects),
             "connect-failures": get(&self.connect_failures), "disconnects": get(&self.disconnects),
+            "gso-frames": get(&self.gso_frames), "gso-segments": get(&self.gso_segments),
         })
     }
 }
@@ -232,6 +236,13 @@ impl Prepared {
             Self::Datagram(datagram) => datagram.endpoint(),
             Self::Stream(_) | Self::User(_) => None,
         }
+    }
+
+    /// Whether the backend's tap carries virtio-net headers: `user` joins the TCP segments it
+    /// sends to the guest into GSO frames.
+    #[must_use]
+    pub const fn tap_vnet_hdr(&self) -> bool {
+        matches!(self, Self::User(_))
     }
 
     /// Whether the port's link is up from the start (a stream's is down until it connects).

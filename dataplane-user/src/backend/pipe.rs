@@ -22,6 +22,8 @@ pub struct HubPipe {
     /// Bytes before each received frame that are not part of it (the slow-path wrapper header of
     /// a tunnel's packet socket).
     wrapper: usize,
+    /// A tap with virtio-net headers (`IFF_VNET_HDR`): every frame read or written has one.
+    vnet_hdr: bool,
 }
 
 impl HubPipe {
@@ -32,7 +34,7 @@ impl HubPipe {
         // SAFETY: the AsyncFd owns `fd`, so it stays open and the same descriptor while registered.
         let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
             .map_err(io::Error::from)?;
-        Ok(Self { fd, wrapper: 0 })
+        Ok(Self { fd, wrapper: 0, vnet_hdr: false })
     }
 
     /// Received frames come with a `len`-byte header in front, which `recv` drops.
@@ -40,6 +42,20 @@ impl HubPipe {
     pub const fn with_wrapper(mut self, len: usize) -> Self {
         self.wrapper = len;
         self
+    }
+
+    /// The fd is a tap opened with `IFF_VNET_HDR`: frames come and must go with a virtio-net
+    /// header in front (only the `user` backend, which writes them itself, uses such a tap).
+    #[must_use]
+    pub const fn with_vnet_hdr(mut self, header_len: usize) -> Self {
+        self.wrapper = header_len;
+        self.vnet_hdr = true;
+        self
+    }
+
+    #[must_use]
+    pub const fn vnet_hdr(&self) -> bool {
+        self.vnet_hdr
     }
 
     /// Two connected pipes, for tests: what one sends, the other receives.

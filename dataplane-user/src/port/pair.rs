@@ -56,10 +56,11 @@ fn pair_names() -> (String, String) {
 /// A tap for a stream or `user` backend: the hub works on its interface, the backend holds its
 /// fd (no vnet header, no offloads, IPv6 off, the largest MTU a tap takes). Nothing is left on
 /// failure.
-pub async fn create_tap_port(id: &str, netlink: &Netlink) -> Result<(PortDevice, HubPipe), PortError> {
+pub async fn create_tap_port(id: &str, vnet_hdr: bool, netlink: &Netlink) -> Result<(PortDevice, HubPipe), PortError> {
     let requested = format!("{}t", device_stem());
     let tun_error = |source| PortError::Tun { id: id.to_owned(), ifname: requested.clone(), source };
-    let (fd, ifname) = super::tun::create_tap(Some(&requested), super::tun::TapFlags::default()).map_err(tun_error)?;
+    let flags = super::tun::TapFlags { vnet_hdr, ..super::tun::TapFlags::default() };
+    let (fd, ifname) = super::tun::create_tap(Some(&requested), flags).map_err(tun_error)?;
     // The tap lives as long as `fd`: any failure below drops it, and the interface with it.
     let ifindex = super::ifindex_of(id, &ifname, netlink).await?;
     disable_ipv6(&ifname).map_err(tun_error)?;
@@ -69,6 +70,7 @@ pub async fn create_tap_port(id: &str, netlink: &Netlink) -> Result<(PortDevice,
         .map_err(|source| PortError::Netlink { id: id.to_owned(), ifname: ifname.clone(), source })?;
     super::set_up(id, &ifname, ifindex, netlink).await?;
     let pipe = HubPipe::new(fd.try_clone().map_err(tun_error)?).map_err(tun_error)?;
+    let pipe = if vnet_hdr { pipe.with_vnet_hdr(super::tun::VNET_HDR_LEN) } else { pipe };
     let device = Device { ifindex, ifname, hub_side: HubSide::Interface, peer_elsewhere: false };
     Ok((PortDevice::holding(device, fd), pipe))
 }

@@ -12,6 +12,10 @@ use std::{
 
 const TUN_PATH: &str = "/dev/net/tun";
 
+/// `struct virtio_net_hdr` without `num_buffers`: the header in front of every frame of a tap
+/// opened with `IFF_VNET_HDR` (the kernel's default header size).
+pub const VNET_HDR_LEN: usize = 10;
+
 /// How to open the tap.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TapFlags {

@@ -28,6 +28,7 @@ use super::{
     ffi::{self, Slirp},
     rules,
 };
+use super::coalesce::{Coalescer, VNET_HDR_LEN};
 use crate::backend::{BackendStats, pipe::MAX_FRAME};
 
 /// Serializes every call into libslirp across instances (see the module documentation).
@@ -114,6 +115,8 @@ struct Timer {
 struct State {
     /// The hub pipe, -1 until the engine runs.
     pipe: Cell<RawFd>,
+    /// For a tap with virtio-net headers: what joins libslirp's segments towards the guest.
+    to_guest: RefCell<Option<Coalescer>>,
     stats: RefCell<Arc<BackendStats>>,
     timers: RefCell<Vec<NonNull<Timer>>>,
     pollfds: RefCell<Vec<libc::pollfd>>,
@@ -199,6 +202,7 @@ impl Engine {
             stats: RefCell::new(Arc::default()),
             timers: RefCell::new(Vec::new()),
             pollfds: RefCell::new(Vec::new()),
+            to_guest: RefCell::new(None),
         })));
         let opaque = state.as_ptr().cast::<c_void>();
         let slirp = {
@@ -321,8 +325,18 @@ impl Engine {
 
     /// Runs the instance until `shared.stop` is set: frames from `pipe` go to `slirp_input`,
     /// libslirp's sockets and timers are served, commands are answered.
-    pub fn run(&mut self, pipe: &OwnedFd, stats: Arc<BackendStats>, shared: &Shared, commands: &mpsc::Receiver<Command>) {
+    /// With `vnet_hdr`, the pipe is a tap whose frames carry a virtio-net header both ways.
+    pub fn run(
+        &mut self,
+        pipe: &OwnedFd,
+        vnet_hdr: bool,
+        stats: Arc<BackendStats>,
+        shared: &Shared,
+        commands: &mpsc::Receiver<Command>,
+    ) {
         self.state().pipe.set(pipe.as_raw_fd());
+        *self.state().to_guest.borrow_mut() = vnet_hdr.then(Coalescer::default);
+        let header_len = if vnet_hdr { VNET_HDR_LEN } else { 0 };
         *self.state().stats.borrow_mut() = Arc::clone(&stats);
         let mut buf = vec![0u8; MAX_FRAME];
         let mut pipe_open = true;
@@ -359,15 +373,26 @@ impl Engine {
             }
             let pipe_events = self.revents(1);
             if pipe_open && pipe_events != 0 {
-                pipe_open = self.read_pipe(pipe, pipe_events, &mut buf, &stats);
+                pipe_open = self.read_pipe(pipe, pipe_events, header_len, &mut buf, &stats);
             }
             for (index, slot) in forward_slots {
                 if self.revents(slot) != 0 {
                     self.read_forward(index, &mut buf);
                 }
             }
+            // What libslirp sent during this round goes out before the loop sleeps again.
+            self.flush_to_guest(&stats);
         }
         self.state().pipe.set(-1);
+    }
+
+    fn flush_to_guest(&self, stats: &BackendStats) {
+        let fd = self.state().pipe.get();
+        if let Ok(mut to_guest) = self.state().to_guest.try_borrow_mut()
+            && let Some(coalescer) = to_guest.as_mut()
+        {
+            coalescer.flush(&mut |header, frame, segments| write_to_hub(fd, header, frame, segments, stats));
+        }
     }
 
     fn revents(&self, slot: usize) -> i16 {
@@ -402,8 +427,9 @@ impl Engine {
         unsafe { ffi::slirp_socket_can_recv(self.slirp.as_ptr(), conn.server.get(), c_int::from(conn.port)) }
     }
 
-    /// Up to 64 frames from the hub into libslirp; false once the pipe is closed.
-    fn read_pipe(&self, pipe: &OwnedFd, events: i16, buf: &mut [u8], stats: &BackendStats) -> bool {
+    /// Up to 64 frames from the hub into libslirp, each after `header_len` bytes of header;
+    /// false once the pipe is closed.
+    fn read_pipe(&self, pipe: &OwnedFd, events: i16, header_len: usize, buf: &mut [u8], stats: &BackendStats) -> bool {
         for _ in 0..64 {
             // SAFETY: `buf` is valid for writes of its length for the call.
             // A tap or a socket: plain reads, one frame each (the fd is non-blocking).
@@ -421,17 +447,17 @@ impl Engine {
             if n == 0 && events & libc::POLLHUP != 0 {
                 return false;
             }
-            if n < 14 {
+            if n < header_len + 14 {
                 BackendStats::count(&stats.runt_frames);
                 continue;
             }
-            let Some(frame) = buf.get(..n) else {
+            let Some(frame) = buf.get(header_len..n) else {
                 BackendStats::count(&stats.oversized_frames);
                 continue;
             };
             let Ok(len) = c_int::try_from(frame.len()) else { continue };
             BackendStats::count(&stats.tx_frames);
-            stats.tx_bytes.fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
+            stats.tx_bytes.fetch_add(u64::try_from(frame.len()).unwrap_or(0), Ordering::Relaxed);
             let _lock = slirp_lock();
             // SAFETY: the frame is valid for reads of `len` bytes; libslirp copies it.
             unsafe { ffi::slirp_input(self.slirp.as_ptr(), frame.as_ptr(), len) };
@@ -645,22 +671,40 @@ unsafe extern "C" fn cb_send_packet(buf: *const c_void, len: usize, opaque: *mut
         let Some(state) = (unsafe { state(opaque) }) else { return -1 };
         let Ok(stats) = state.stats.try_borrow() else { return -1 };
         let fd = state.pipe.get();
-        let sent = if fd < 0 || buf.is_null() {
-            -1
-        } else {
-            // SAFETY: libslirp's frame is valid for reads of `len` bytes during the call.
-            // (the fd is non-blocking; SIGPIPE is ignored in Rust programs)
-            unsafe { libc::write(fd, buf, len) }
-        };
-        if sent < 0 {
-            // The hub is not ready: the frame is dropped, as QEMU allows (TCP retransmits).
+        if fd < 0 || buf.is_null() {
             BackendStats::count(&stats.send_errors);
-        } else {
-            BackendStats::count(&stats.rx_frames);
-            stats.rx_bytes.fetch_add(u64::try_from(len).unwrap_or(0), Ordering::Relaxed);
+            return libc::ssize_t::try_from(len).unwrap_or(libc::ssize_t::MAX);
+        }
+        // SAFETY: libslirp's frame is valid for reads of `len` bytes during the call.
+        let frame = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len) };
+        BackendStats::count(&stats.rx_frames);
+        stats.rx_bytes.fetch_add(u64::try_from(len).unwrap_or(0), Ordering::Relaxed);
+        match state.to_guest.try_borrow_mut().as_deref_mut() {
+            Ok(Some(coalescer)) => {
+                coalescer.push(frame, &mut |header, bytes, segments| write_to_hub(fd, header, bytes, segments, &stats));
+            }
+            _ => write_to_hub(fd, &[], frame, 1, &stats),
         }
         libc::ssize_t::try_from(len).unwrap_or(libc::ssize_t::MAX)
     })
+}
+
+/// One frame (joining `segments` TCP segments) to the hub pipe, after `header` (the virtio-net
+/// header, or nothing). A frame the hub does not take is dropped, as QEMU allows (TCP
+/// retransmits), and counted.
+fn write_to_hub(fd: RawFd, header: &[u8], frame: &[u8], segments: u32, stats: &BackendStats) {
+    let parts = [
+        libc::iovec { iov_base: header.as_ptr().cast_mut().cast(), iov_len: header.len() },
+        libc::iovec { iov_base: frame.as_ptr().cast_mut().cast(), iov_len: frame.len() },
+    ];
+    // SAFETY: both buffers are valid for reads of their lengths for the call, and the kernel
+    // only reads them (the fd is non-blocking; SIGPIPE is ignored in Rust programs).
+    if unsafe { libc::writev(fd, parts.as_ptr(), 2) } < 0 {
+        BackendStats::count(&stats.send_errors);
+    } else if segments > 1 {
+        BackendStats::count(&stats.gso_frames);
+        stats.gso_segments.fetch_add(u64::from(segments), Ordering::Relaxed);
+    }
 }
 
 unsafe extern "C" fn cb_guest_error(msg: *const c_char, _opaque: *mut c_void) {

@@ -12,6 +12,7 @@
 //! makes that thread see another file there (a private mount namespace with a bind mount; needs
 //! `CAP_SYS_ADMIN`), which is how the tests point it at a stub server on a loopback address.
 
+mod coalesce;
 mod engine;
 mod ffi;
 pub mod rules;
@@ -254,7 +255,8 @@ impl PreparedUser {
     pub async fn run(self, pipe: HubPipe, ctx: BackendContext) {
         ctx.set_info(self.info.clone());
         let id = self.id.clone();
-        match self.start(pipe.into_inner(), Arc::clone(&ctx.stats)) {
+        let vnet_hdr = pipe.vnet_hdr();
+        match self.start(pipe.into_inner(), vnet_hdr, Arc::clone(&ctx.stats)) {
             Ok(running) => {
                 ctx.cancel.cancelled().await;
                 running.stop().await;
@@ -267,7 +269,7 @@ impl PreparedUser {
     }
 
     /// Moves the engine to its thread; returns once the thread runs (or failed to set up).
-    fn start(self, pipe: OwnedFd, stats: Arc<BackendStats>) -> io::Result<Running> {
+    fn start(self, pipe: OwnedFd, vnet_hdr: bool, stats: Arc<BackendStats>) -> io::Result<Running> {
         let Self { id, inner, shared, resolv_conf, commands_tx, info: _ } = self;
         drop(commands_tx);
         let Inner { mut engine, commands } = inner.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -284,7 +286,7 @@ impl PreparedUser {
                 return;
             }
             let _ = ready_tx.send(Ok(()));
-            engine.run(&pipe, stats, &thread_shared, &commands);
+            engine.run(&pipe, vnet_hdr, stats, &thread_shared, &commands);
             // slirp_cleanup: every host socket closes before `run` learns the thread is done.
             drop(engine);
             drop(pipe);
