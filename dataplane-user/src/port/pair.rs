@@ -61,6 +61,11 @@ pub async fn create_tap_port(id: &str, vnet_hdr: bool, netlink: &Netlink) -> Res
     let tun_error = |source| PortError::Tun { id: id.to_owned(), ifname: requested.clone(), source };
     let flags = super::tun::TapFlags { vnet_hdr, ..super::tun::TapFlags::default() };
     let (fd, ifname) = super::tun::create_tap(Some(&requested), flags).map_err(tun_error)?;
+    if vnet_hdr {
+        // The backend takes the guest's TCP segments whole, checksum left to it.
+        let offloads = super::tun::TUN_F_CSUM | super::tun::TUN_F_TSO4 | super::tun::TUN_F_TSO6;
+        super::tun::set_offload(&fd, offloads).map_err(tun_error)?;
+    }
     // The tap lives as long as `fd`: any failure below drops it, and the interface with it.
     let ifindex = super::ifindex_of(id, &ifname, netlink).await?;
     disable_ipv6(&ifname).map_err(tun_error)?;

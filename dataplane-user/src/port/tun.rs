@@ -16,6 +16,18 @@ const TUN_PATH: &str = "/dev/net/tun";
 /// opened with `IFF_VNET_HDR` (the kernel's default header size).
 pub const VNET_HDR_LEN: usize = 10;
 
+/// `TUNSETOFFLOAD` bits: what the tap's reader takes.
+pub const TUN_F_CSUM: u32 = 0x01;
+pub const TUN_F_TSO4: u32 = 0x02;
+pub const TUN_F_TSO6: u32 = 0x04;
+
+/// Which offloads the tap's reader takes (`TUNSETOFFLOAD`): frames it reads may then leave the
+/// checksum to it or be GSO frames, as their virtio-net header says.
+pub fn set_offload(fd: &OwnedFd, flags: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes an unsigned int argument by value.
+    unsafe { ioctl(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) }
+}
+
 /// How to open the tap.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TapFlags {

@@ -28,7 +28,7 @@ use super::{
     ffi::{self, Slirp},
     rules,
 };
-use super::coalesce::{Coalescer, VNET_HDR_LEN};
+use super::offload::{Coalescer, VNET_HDR_LEN, complete_checksum};
 use crate::backend::{BackendStats, pipe::MAX_FRAME};
 
 /// Serializes every call into libslirp across instances (see the module documentation).
@@ -427,8 +427,8 @@ impl Engine {
         unsafe { ffi::slirp_socket_can_recv(self.slirp.as_ptr(), conn.server.get(), c_int::from(conn.port)) }
     }
 
-    /// Up to 64 frames from the hub into libslirp, each after `header_len` bytes of header;
-    /// false once the pipe is closed.
+    /// Up to 64 frames from the hub into libslirp, each after `header_len` bytes of virtio-net
+    /// header (whose checksum request is served first); false once the pipe is closed.
     fn read_pipe(&self, pipe: &OwnedFd, events: i16, header_len: usize, buf: &mut [u8], stats: &BackendStats) -> bool {
         for _ in 0..64 {
             // SAFETY: `buf` is valid for writes of its length for the call.
@@ -451,10 +451,14 @@ impl Engine {
                 BackendStats::count(&stats.runt_frames);
                 continue;
             }
-            let Some(frame) = buf.get(header_len..n) else {
+            let Some((header, frame)) = buf.get_mut(..n).map(|read| read.split_at_mut(header_len)) else {
                 BackendStats::count(&stats.oversized_frames);
                 continue;
             };
+            if header_len > 0 && complete_checksum(header, frame).is_err() {
+                BackendStats::count(&stats.bad_headers);
+                continue;
+            }
             let Ok(len) = c_int::try_from(frame.len()) else { continue };
             BackendStats::count(&stats.tx_frames);
             stats.tx_bytes.fetch_add(u64::try_from(frame.len()).unwrap_or(0), Ordering::Relaxed);

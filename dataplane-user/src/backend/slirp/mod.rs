@@ -12,7 +12,7 @@
 //! makes that thread see another file there (a private mount namespace with a bind mount; needs
 //! `CAP_SYS_ADMIN`), which is how the tests point it at a stub server on a loopback address.
 
-mod coalesce;
+mod offload;
 mod engine;
 mod ffi;
 pub mod rules;

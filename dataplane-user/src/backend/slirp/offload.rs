@@ -1,18 +1,27 @@
-//! Joins the TCP segments libslirp sends towards the guest into GSO frames, as GRO does on a
-//! NIC's receive path.
+//! The virtio-net offloads of the `user` netdev's tap, both ways.
 //!
-//! libslirp emits one frame per segment, each a write to the tap and a pass through the guest's
-//! stack (its TCP receive and a wake-up of the reader). Consecutive segments of one connection
-//! that differ only in sequence number (and IP id) are joined here into one frame of up to 64 KiB
-//! and written with a virtio-net header: the kernel takes it as one skb that the guest's stack
-//! receives whole, and that is cut back into segments (checksummed in software) wherever it leaves
-//! through a port without offloads. Everything else is written as it came, in order.
+//! Towards the guest, [`Coalescer`] joins the TCP segments libslirp sends into GSO frames, as GRO
+//! does on a NIC's receive path. libslirp emits one frame per segment, each a write to the tap and
+//! a pass through the guest's stack (its TCP receive and a wake-up of the reader). Consecutive
+//! segments of one connection that differ only in sequence number (and IP id) are joined into one
+//! frame of up to 64 KiB and written with a virtio-net header: the kernel takes it as one skb that
+//! the guest's stack receives whole, and that is cut back into segments (checksummed in software)
+//! wherever it leaves through a port without offloads. Everything else is written as it came, in
+//! order.
+//!
+//! From the guest, the tap hands over what the guest's stack sent without segmenting or
+//! checksumming it (the tap takes checksum and TSO offloads): a TCP segment of up to 64 KiB is
+//! one read and one `slirp_input` (libslirp's TCP takes a segment of any length within its
+//! window), instead of one per MSS. [`complete_checksum`] fills in the checksum the guest left to
+//! the device, since libslirp verifies every checksum.
 
 use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice};
 
 /// The virtio-net header's fields are in the host's byte order.
 pub use crate::port::tun::VNET_HDR_LEN;
 const VNET_HDR_F_NEEDS_CSUM: u8 = 1;
+/// `csum_offset` of a UDP checksum, which may not be sent as zero.
+const UDP_CHECKSUM_OFFSET: usize = 6;
 const VNET_HDR_GSO_TCPV4: u8 = 1;
 
 const ETH_LEN: usize = 14;
@@ -132,7 +141,7 @@ impl Coalescer {
             frame[pending.l4 + 13] |= TCP_FLAG_PSH;
         }
         // Source and destination address, protocol, TCP length: the pseudo-header.
-        let pseudo = sum_words(&frame[ETH_LEN + 12..ETH_LEN + 20]) + 6 + tcp_len as u32;
+        let pseudo = sum_words(&frame[ETH_LEN + 12..ETH_LEN + 20]) + 6 + tcp_len as u64;
         frame[pending.l4 + 16..pending.l4 + 18].copy_from_slice(&fold(pseudo).to_be_bytes());
 
         let mut header = [0u8; VNET_HDR_LEN];
@@ -144,6 +153,28 @@ impl Coalescer {
         header[8..10].copy_from_slice(&16u16.to_ne_bytes());
         header
     }
+}
+
+/// The checksum of a frame read from the tap, filled in where the virtio-net header says the
+/// device must compute it (`NEEDS_CSUM`: the field holds the pseudo-header sum, and everything from
+/// `csum_start` is summed into it). `Err` for a header pointing outside the frame.
+pub fn complete_checksum(header: &[u8], frame: &mut [u8]) -> Result<(), ()> {
+    let [flags, _, _, _, _, _, s0, s1, o0, o1] = header.first_chunk::<VNET_HDR_LEN>().copied().ok_or(())?;
+    if flags & VNET_HDR_F_NEEDS_CSUM == 0 {
+        return Ok(());
+    }
+    let start = usize::from(u16::from_ne_bytes([s0, s1]));
+    let offset = usize::from(u16::from_ne_bytes([o0, o1]));
+    let at = start + offset;
+    if start >= frame.len() || at + 2 > frame.len() {
+        return Err(());
+    }
+    let mut checksum = !fold(sum_words(&frame[start..]));
+    if checksum == 0 && offset == UDP_CHECKSUM_OFFSET {
+        checksum = 0xffff;
+    }
+    frame[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
+    Ok(())
 }
 
 /// A frame that can start a GSO frame: IPv4 without fragmentation carrying a TCP segment with
@@ -203,20 +234,15 @@ fn same_headers(held: &[u8], frame: &[u8], l4: usize, payload: usize) -> bool {
         })
 }
 
-/// One's-complement sum of big-endian 16-bit words (an odd last byte padded with zero).
-fn sum_words(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks(2)
-        .map(|pair| {
-            u32::from(u16::from_be_bytes([
-                pair[0],
-                pair.get(1).copied().unwrap_or(0),
-            ]))
-        })
-        .sum()
+/// One's-complement sum of big-endian 16-bit words (an odd last byte padded with zero), not yet
+/// folded.
+fn sum_words(bytes: &[u8]) -> u64 {
+    let pairs = bytes.chunks_exact(2);
+    let last = pairs.remainder().first().map_or(0, |byte| u64::from(*byte) << 8);
+    pairs.map(|pair| u64::from(u16::from_be_bytes([pair[0], pair[1]]))).sum::<u64>() + last
 }
 
-fn fold(mut sum: u32) -> u16 {
+fn fold(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -334,5 +360,23 @@ mod tests {
         let out = run(&frames);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].len(), VNET_HDR_LEN + 54 + 60000);
+    }
+
+    #[test]
+    fn a_partial_checksum_from_the_guest_is_completed() {
+        let mut frame = segment(1000, &[9; 301], true);
+        let expected = TcpHeaderSlice::from_slice(&frame[34..]).expect("TCP").checksum();
+        // What a stack leaves for the device: the pseudo-header sum over source, destination,
+        // protocol and TCP length.
+        let pseudo = fold(sum_words(&[10, 0, 2, 2, 10, 0, 2, 15]) + 6 + 20 + 301);
+        frame[50..52].copy_from_slice(&pseudo.to_be_bytes());
+        let mut header = [0u8; VNET_HDR_LEN];
+        header[0] = VNET_HDR_F_NEEDS_CSUM;
+        header[6..8].copy_from_slice(&34u16.to_ne_bytes());
+        header[8..10].copy_from_slice(&16u16.to_ne_bytes());
+        complete_checksum(&header, &mut frame).expect("completed");
+        assert_eq!(TcpHeaderSlice::from_slice(&frame[34..]).expect("TCP").checksum(), expected);
+        header[6..8].copy_from_slice(&2000u16.to_ne_bytes());
+        assert!(complete_checksum(&header, &mut frame).is_err(), "a start past the frame");
     }
 }
