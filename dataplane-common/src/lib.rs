@@ -272,6 +272,11 @@ pub mod tunnel {
     /// Received packets stay visible to the local stack (other listeners of the group); ours,
     /// looped back, are not re-injected.
     pub const MULTICAST: u32 = 1 << 6;
+    /// The underlay device is a veth whose peer is in another namespace (a container's, say), and
+    /// the next hop is that peer: packets are delivered straight to the peer's ingress
+    /// (`bpf_redirect_peer`), as the hub does for a container's own MAC, skipping the backlog
+    /// queue between the two ends (and the underlay's egress qdisc).
+    pub const PEER_DELIVERY: u32 = 1 << 7;
 
     pub const PROTO_UDP: u8 = 17;
     pub const PROTO_L2TP: u8 = 115;

@@ -16,10 +16,10 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_head},
     macros::{classifier, map},
     maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
@@ -207,7 +207,10 @@ fn decapsulate_into_hub(ctx: &TcContext, port: u32, config: &TunnelConfig, outer
         count_decapsulated(ctx, port, true, true, frame_len);
         // The packet may carry a complete checksum from the device; keep it true to the new bytes.
         let flags = u64::from(BPF_F_RECOMPUTE_CSUM);
-        return write_outer_headers(ctx, next, next_config, Sent::Relayed, frame_len, ip_payload, flags);
+        // The received packet's MAC and network headers are where the outer headers stay, so it
+        // may go to a veth's peer as it is.
+        let delivery = Delivery::of(next_config);
+        return write_outer_headers(ctx, next, next_config, Sent::Relayed, delivery, frame_len, ip_payload, flags);
     }
     let Ok(inner_ethernet) = ctx.load::<[u8; ETH_LEN]>(inner) else {
         if let Some(c) = counters(port) {
@@ -337,18 +340,35 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig, sent: Sent) ->
     let encap_len = outer_len(config);
     // A destination on this host is reached through the stack's own route (which the packet must
     // carry, or the stack drops it as a martian): `bpf_redirect_neigh` attaches it, and wants the
-    // outer IP header where the skb's network header is, which `bpf_skb_adjust_room` arranges
-    // for an IP frame. Other frames to a local peer take the socket.
-    if config.flags & tunnel::LOCAL != 0 {
-        let Ok(inner_ethernet) = ctx.load::<[u8; ETH_LEN]>(0) else { return to_user_space(ctx, port) };
-        if inner_ethernet[12..] != ETHERTYPE_IPV4 && inner_ethernet[12..] != ETHERTYPE_IPV6 {
-            return to_user_space(ctx, port);
+    // outer IP header where the skb's network header is. A packet handed straight to a veth's
+    // peer skips `eth_type_trans` there and needs the same: its MAC header length and network
+    // header are taken as they are. `bpf_skb_adjust_room` arranges both (room made after the
+    // MAC header moves the network header onto it), for an IP frame of the outer header's family
+    // (the skb's protocol stays the frame's). Other frames to a local peer take the socket, and
+    // to a veth peer the device's own transmit.
+    let outer_ethertype = if config.flags & tunnel::IPV6 != 0 { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 };
+    let same_family = || ctx.load::<[u8; ETH_LEN]>(0).ok().filter(|ethernet| ethernet[12..] == outer_ethertype);
+    let mut delivery = Delivery::of(config);
+    let inner_ethernet = match delivery {
+        Delivery::Transmit => None,
+        Delivery::Local => match same_family() {
+            Some(ethernet) => Some(ethernet),
+            None => return to_user_space(ctx, port),
+        },
+        Delivery::Peer => {
+            let ethernet = same_family();
+            if ethernet.is_none() {
+                delivery = Delivery::Transmit;
+            }
+            ethernet
         }
-        let ipv6 = config.flags & tunnel::IPV6 != 0;
-        let family = if ipv6 { BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 } else { BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 };
+    };
+    if let Some(inner_ethernet) = inner_ethernet {
         // Room for the outer IP/UDP/L2TPv3 headers and a copy of the inner Ethernet header, after
-        // the Ethernet header that becomes the outer one.
-        if ctx.adjust_room(encap_len as i32, BPF_ADJ_ROOM_MAC, u64::from(family)).is_err()
+        // the Ethernet header that becomes the outer one. No encapsulation flags: they would mark
+        // the skb as encapsulated for GSO, which these frames never are, and a marked skb cannot
+        // be encapsulated again (a relay's next tunnel).
+        if ctx.adjust_room(encap_len as i32, BPF_ADJ_ROOM_MAC, 0).is_err()
             || ctx.store(encap_len, &inner_ethernet, 0).is_err()
         {
             return count_error(port);
@@ -360,7 +380,31 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig, sent: Sent) ->
     {
         return count_error(port);
     }
-    write_outer_headers(ctx, port, config, sent, frame_len, ip_payload, 0)
+    write_outer_headers(ctx, port, config, sent, delivery, frame_len, ip_payload, 0)
+}
+
+/// How an encapsulated packet leaves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// Transmitted on the underlay device to the next hop.
+    Transmit,
+    /// Through the stack's local route (`bpf_redirect_neigh`): the peer is on this host.
+    Local,
+    /// Straight to the ingress of the underlay veth's peer (`bpf_redirect_peer`).
+    Peer,
+}
+
+impl Delivery {
+    #[inline(always)]
+    const fn of(config: &TunnelConfig) -> Self {
+        if config.flags & tunnel::LOCAL != 0 {
+            Self::Local
+        } else if config.flags & tunnel::PEER_DELIVERY != 0 {
+            Self::Peer
+        } else {
+            Self::Transmit
+        }
+    }
 }
 
 /// Where a frame being encapsulated comes from.
@@ -376,11 +420,13 @@ enum Sent {
 /// `outer_len(config)` bytes (the `offset` bytes after them are left as they are), counts the
 /// frame and sends the packet to the next hop.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn write_outer_headers(
     ctx: &TcContext,
     port: u32,
     config: &TunnelConfig,
     sent: Sent,
+    delivery: Delivery,
     frame_len: u32,
     ip_payload: u16,
     store_flags: u64,
@@ -436,12 +482,15 @@ fn write_outer_headers(
     }
     // The frame came in for another host's MAC; the packet is now for this one or the next hop.
     let _ = ctx.change_type(PACKET_HOST);
-    if config.flags & tunnel::LOCAL != 0 {
+    match delivery {
         // SAFETY: no next-hop parameters (a null pointer of length 0): the helper routes itself.
-        return unsafe { bpf_redirect_neigh(config.out_ifindex, core::ptr::null_mut(), 0, 0) as i32 };
+        Delivery::Local => unsafe { bpf_redirect_neigh(config.out_ifindex, core::ptr::null_mut(), 0, 0) as i32 },
+        // Both programs run at an ingress hook, where the helper is allowed.
+        // SAFETY: the helper only records the target in per-CPU state; it takes no pointers.
+        Delivery::Peer => unsafe { bpf_redirect_peer(config.out_ifindex, 0) as i32 },
+        // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
+        Delivery::Transmit => unsafe { bpf_redirect(config.out_ifindex, 0) as i32 },
     }
-    // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
-    unsafe { bpf_redirect(config.out_ifindex, 0) as i32 }
 }
 
 /// Writes the first `N` bytes of `outer` at the start of the packet.

@@ -136,6 +136,10 @@ pub async fn resolve(
     config.out_ifindex = interface.ifindex;
     if let Some(hop) = next_hop {
         config.src_mac = mac_of(&interface.name).unwrap_or_default();
+        let link = netlink.find(&interface.name).await.ok().flatten();
+        if link.is_some_and(|link| link.kind.as_deref() == Some("veth") && link.link_netns.is_some()) {
+            config.flags |= tunnel::PEER_DELIVERY;
+        }
         match netlink.neighbour(interface.ifindex, hop).await.ok().flatten() {
             Some(mac) => config.dst_mac = mac,
             None => config.flags |= tunnel::NEIGHBOUR_PENDING,
