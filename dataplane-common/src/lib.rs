@@ -31,7 +31,6 @@ pub mod maps {
     pub const RX_MACS: &str = "RX_MACS";
     /// Tunnel port device ifindex → [`TunnelConfig`](crate::TunnelConfig).
     pub const TUNNELS: &str = "TUNNELS";
-    /// A tunnel's hub port ifindex → its tunnel port device ifindex.
     /// [`TunnelRxKey`](crate::TunnelRxKey) → tunnel port device ifindex.
     pub const TUNNEL_RX: &str = "TUNNEL_RX";
     /// Source MACs a multicast tunnel sent, so that they are not taken back in (LRU).

@@ -270,19 +270,29 @@ fn in_place_payload(ctx: &TcContext, config: &TunnelConfig, inner: usize, frame_
     ip_payload(config, frame_len)
 }
 
+/// Length of the outer IP header for `config`.
+#[inline(always)]
+const fn l3_len(config: &TunnelConfig) -> usize {
+    if config.flags & tunnel::IPV6 != 0 { IPV6_LEN } else { IPV4_LEN }
+}
+
+/// Where the L2TPv3 header (or the frame, for raw frames) starts: after Ethernet, IP and UDP.
+#[inline(always)]
+const fn l2tp_at(config: &TunnelConfig) -> usize {
+    ETH_LEN + l3_len(config) + if config.flags & tunnel::UDP != 0 { UDP_LEN } else { 0 }
+}
+
 /// Length of the outer headers `encapsulate` puts before a frame for `config`.
 #[inline(always)]
 fn outer_len(config: &TunnelConfig) -> usize {
-    let l3_len = if config.flags & tunnel::IPV6 != 0 { IPV6_LEN } else { IPV4_LEN };
-    let l4_len = if config.flags & tunnel::UDP != 0 { UDP_LEN } else { 0 };
-    ETH_LEN + l3_len + l4_len + usize::from(config.header_len) + usize::from(config.offset)
+    l2tp_at(config) + usize::from(config.header_len) + usize::from(config.offset)
 }
 
 /// Bytes after the outer IP header for a frame of `frame_len`, if the 16-bit IP and UDP length
 /// fields can hold them.
 #[inline(always)]
 fn ip_payload(config: &TunnelConfig, frame_len: u32) -> Option<u16> {
-    u16::try_from(outer_len(config) - ETH_LEN - if config.flags & tunnel::IPV6 != 0 { IPV6_LEN } else { IPV4_LEN })
+    u16::try_from(outer_len(config) - ETH_LEN - l3_len(config))
         .ok()
         .and_then(|headers| headers.checked_add(u16::try_from(frame_len).ok()?))
 }
@@ -348,20 +358,12 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig, sent: Sent) ->
     // to a veth peer the device's own transmit.
     let outer_ethertype = if config.flags & tunnel::IPV6 != 0 { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 };
     let same_family = || ctx.load::<[u8; ETH_LEN]>(0).ok().filter(|ethernet| ethernet[12..] == outer_ethertype);
-    let mut delivery = Delivery::of(config);
-    let inner_ethernet = match delivery {
-        Delivery::Transmit => None,
-        Delivery::Local => match same_family() {
-            Some(ethernet) => Some(ethernet),
-            None => return to_user_space(ctx, port),
-        },
-        Delivery::Peer => {
-            let ethernet = same_family();
-            if ethernet.is_none() {
-                delivery = Delivery::Transmit;
-            }
-            ethernet
-        }
+    let wanted = Delivery::of(config);
+    let inner_ethernet = if wanted == Delivery::Transmit { None } else { same_family() };
+    let delivery = match (wanted, inner_ethernet) {
+        (Delivery::Local, None) => return to_user_space(ctx, port),
+        (Delivery::Peer, None) => Delivery::Transmit,
+        (delivery, _) => delivery,
     };
     if let Some(inner_ethernet) = inner_ethernet {
         // Room for the outer IP/UDP/L2TPv3 headers and a copy of the inner Ethernet header, after
@@ -439,34 +441,31 @@ fn write_outer_headers(
     let mut outer = [0u8; ETH_LEN + IPV6_LEN + UDP_LEN];
     outer[..6].copy_from_slice(&config.dst_mac);
     outer[6..12].copy_from_slice(&config.src_mac);
-    let l3_len = if ipv6 {
+    if ipv6 {
         outer[12..ETH_LEN].copy_from_slice(&ETHERTYPE_IPV6);
         outer[ETH_LEN..ETH_LEN + IPV6_LEN].copy_from_slice(&ipv6_header(config, proto, ttl, ip_payload));
-        IPV6_LEN
     } else {
         outer[12..ETH_LEN].copy_from_slice(&ETHERTYPE_IPV4);
         outer[ETH_LEN..ETH_LEN + IPV4_LEN].copy_from_slice(&ipv4_header(config, proto, ttl, ip_payload));
-        IPV4_LEN
-    };
+    }
     if udp {
         let length = ip_payload.to_be_bytes();
         let src = config.src_port.to_ne_bytes();
         let dst = config.dst_port.to_ne_bytes();
         // No UDP checksum (IPv4 only: IPv6 UDP goes through user space).
         let header = [src[0], src[1], dst[0], dst[1], length[0], length[1], 0, 0];
-        if ipv6 {
-            outer[ETH_LEN + IPV6_LEN..].copy_from_slice(&header);
-        } else {
-            outer[ETH_LEN + IPV4_LEN..ETH_LEN + IPV4_LEN + UDP_LEN].copy_from_slice(&header);
+        let udp_at = ETH_LEN + l3_len(config);
+        if let Some(slot) = outer.get_mut(udp_at..udp_at + UDP_LEN) {
+            slot.copy_from_slice(&header);
         }
     }
-    let l2tp_at = ETH_LEN + l3_len + if udp { UDP_LEN } else { 0 };
+    let l2tp_at = l2tp_at(config);
     // Constant-size stores: the verifier takes no variable length here.
     let written = match l2tp_at {
-        34 => store_prefix::<34>(ctx, &outer, store_flags),
-        42 => store_prefix::<42>(ctx, &outer, store_flags),
-        54 => store_prefix::<54>(ctx, &outer, store_flags),
-        _ => store_prefix::<62>(ctx, &outer, store_flags),
+        34 => store_first::<34, _>(ctx, 0, &outer, store_flags),
+        42 => store_first::<42, _>(ctx, 0, &outer, store_flags),
+        54 => store_first::<54, _>(ctx, 0, &outer, store_flags),
+        _ => store_first::<62, _>(ctx, 0, &outer, store_flags),
     };
     let written = written.and_then(|()| store_l2tp_header(ctx, config, port, l2tp_at, store_flags));
     if written.is_err() {
@@ -493,10 +492,10 @@ fn write_outer_headers(
     }
 }
 
-/// Writes the first `N` bytes of `outer` at the start of the packet.
+/// Writes the first `N` bytes of `bytes` at `at` (a constant size, as the verifier wants).
 #[inline(always)]
-fn store_prefix<const N: usize>(ctx: &TcContext, outer: &[u8; ETH_LEN + IPV6_LEN + UDP_LEN], flags: u64) -> Result<(), i64> {
-    outer.first_chunk::<N>().map_or(Err(-1), |part| ctx.store(0, part, flags))
+fn store_first<const N: usize, const M: usize>(ctx: &TcContext, at: usize, bytes: &[u8; M], flags: u64) -> Result<(), i64> {
+    bytes.first_chunk::<N>().map_or(Err(-1), |part| ctx.store(at, part, flags))
 }
 
 /// IPv4 header, DF set (the path's MTU was checked), identification 0 as for any atomic datagram.
@@ -556,19 +555,11 @@ fn store_l2tp_header(ctx: &TcContext, config: &TunnelConfig, port: u32, at: usiz
     // Constant-size stores: the verifier takes no variable length here.
     match config.header_len {
         0 => Ok(()),
-        4 => ctx.store(at, &[header[0], header[1], header[2], header[3]], flags),
-        8 => ctx.store(at, &[header[0], header[1], header[2], header[3], header[4], header[5], header[6], header[7]], flags),
-        12 => {
-            let mut part = [0u8; 12];
-            part.copy_from_slice(&header[..12]);
-            ctx.store(at, &part, flags)
-        }
-        16 => {
-            let mut part = [0u8; 16];
-            part.copy_from_slice(&header[..16]);
-            ctx.store(at, &part, flags)
-        }
-        20 => ctx.store(at, &header, flags),
+        4 => store_first::<4, _>(ctx, at, &header, flags),
+        8 => store_first::<8, _>(ctx, at, &header, flags),
+        12 => store_first::<12, _>(ctx, at, &header, flags),
+        16 => store_first::<16, _>(ctx, at, &header, flags),
+        20 => store_first::<20, _>(ctx, at, &header, flags),
         _ => Err(-1),
     }
 }

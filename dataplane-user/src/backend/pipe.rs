@@ -44,11 +44,11 @@ impl HubPipe {
         self
     }
 
-    /// The fd is a tap opened with `IFF_VNET_HDR`: frames come and must go with a virtio-net
-    /// header in front (only the `user` backend, which writes them itself, uses such a tap).
+    /// The fd is a tap opened with `IFF_VNET_HDR`: every frame read or written carries a
+    /// virtio-net header. Only the `user` backend uses such a tap, and it takes the fd
+    /// ([`HubPipe::into_inner`]) and reads and writes the headers itself.
     #[must_use]
-    pub const fn with_vnet_hdr(mut self, header_len: usize) -> Self {
-        self.wrapper = header_len;
+    pub const fn with_vnet_hdr(mut self) -> Self {
         self.vnet_hdr = true;
         self
     }

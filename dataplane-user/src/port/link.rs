@@ -32,6 +32,15 @@ pub struct LinkInfoSummary {
     pub link_netns: Option<i32>,
 }
 
+impl LinkInfoSummary {
+    /// A veth whose peer lives in another network namespace (a container's): what reaches the
+    /// peer can be handed to its ingress directly (`bpf_redirect_peer`).
+    #[must_use]
+    pub fn is_veth_with_peer_elsewhere(&self) -> bool {
+        self.kind.as_deref() == Some("veth") && self.link_netns.is_some()
+    }
+}
+
 #[derive(Clone)]
 pub struct Netlink {
     handle: Handle,

@@ -351,7 +351,7 @@ async fn adopt_interface(id: &str, options: &AfXdpOptions, netlink: &Netlink) ->
         .map_err(|source| PortError::Netlink { id: id.to_owned(), ifname: options.ifname.clone(), source })?
         .ok_or_else(|| PortError::NoInterface { id: id.to_owned(), ifname: options.ifname.clone() })?;
     let ifindex = link.ifindex;
-    let peer_elsewhere = link.kind.as_deref() == Some("veth") && link.link_netns.is_some();
+    let peer_elsewhere = link.is_veth_with_peer_elsewhere();
     // A port forwards only while its interface is up; it is left up when the netdev goes.
     set_up(id, &options.ifname, ifindex, netlink).await?;
     Ok(PortDevice {

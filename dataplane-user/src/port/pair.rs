@@ -7,9 +7,10 @@
 //!   (`…p`) runs the `tunnel_port` program, and the backend's packet socket takes what the program
 //!   leaves to user space.
 //!
-//! Neither the tap nor the veth's hub end has offloads, so every frame the hub sends towards the
-//! backend is segmented and checksummed in software first: what arrives is what goes on the wire,
-//! as QEMU's backends expect.
+//! Neither a stream's tap nor the veth's hub end has offloads, so every frame the hub sends towards
+//! the backend is segmented and checksummed in software first: what arrives is what goes on the
+//! wire, as QEMU's backends expect. The `user` backend's tap has a virtio-net header and takes
+//! checksum and TSO offloads instead (see `backend::slirp::offload`).
 
 use std::{
     fs, io,
@@ -54,8 +55,9 @@ fn pair_names() -> (String, String) {
 }
 
 /// A tap for a stream or `user` backend: the hub works on its interface, the backend holds its
-/// fd (no vnet header, no offloads, IPv6 off, the largest MTU a tap takes). Nothing is left on
-/// failure.
+/// fd (IPv6 off, the largest MTU a tap takes). Without `vnet_hdr` it has no offloads; with it,
+/// frames carry a virtio-net header and the reader takes checksum and TSO offloads. Nothing is
+/// left on failure.
 pub async fn create_tap_port(id: &str, vnet_hdr: bool, netlink: &Netlink) -> Result<(PortDevice, HubPipe), PortError> {
     let requested = format!("{}t", device_stem());
     let tun_error = |source| PortError::Tun { id: id.to_owned(), ifname: requested.clone(), source };
@@ -75,7 +77,7 @@ pub async fn create_tap_port(id: &str, vnet_hdr: bool, netlink: &Netlink) -> Res
         .map_err(|source| PortError::Netlink { id: id.to_owned(), ifname: ifname.clone(), source })?;
     super::set_up(id, &ifname, ifindex, netlink).await?;
     let pipe = HubPipe::new(fd.try_clone().map_err(tun_error)?).map_err(tun_error)?;
-    let pipe = if vnet_hdr { pipe.with_vnet_hdr(super::tun::VNET_HDR_LEN) } else { pipe };
+    let pipe = if vnet_hdr { pipe.with_vnet_hdr() } else { pipe };
     let device = Device { ifindex, ifname, hub_side: HubSide::Interface, peer_elsewhere: false };
     Ok((PortDevice::holding(device, fd), pipe))
 }

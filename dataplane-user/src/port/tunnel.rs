@@ -137,7 +137,7 @@ pub async fn resolve(
     if let Some(hop) = next_hop {
         config.src_mac = mac_of(&interface.name).unwrap_or_default();
         let link = netlink.find(&interface.name).await.ok().flatten();
-        if link.is_some_and(|link| link.kind.as_deref() == Some("veth") && link.link_netns.is_some()) {
+        if link.is_some_and(|link| link.is_veth_with_peer_elsewhere()) {
             config.flags |= tunnel::PEER_DELIVERY;
         }
         match netlink.neighbour(interface.ifindex, hop).await.ok().flatten() {

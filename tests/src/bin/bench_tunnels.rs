@@ -459,6 +459,12 @@ impl Case {
     }
 }
 
+/// The netdevs both systems get, in the same order: A (a `dgram` from G, or a `stream` server),
+/// B (a `dgram` to K) and the hub joining them.
+fn system_netdevs(stream: bool) -> [Value; 4] {
+    [if stream { stream_a() } else { dgram_a() }, dgram_b(), hubport("ha", "a"), hubport("hb", "b")]
+}
+
 fn qemu_case(options: &TunnelOptions, stream: bool) -> Result<Case> {
     let (key, label) = if stream {
         ("qemu_stream", "QEMU 7.2 hub, stream → dgram (user space)")
@@ -467,7 +473,7 @@ fn qemu_case(options: &TunnelOptions, stream: bool) -> Result<Case> {
     };
     let mut case = Case::new(key, label, Nets::new()?);
     let qemu = Qemu::start(case.nets.s(), options.pin.map(|p| p.1))?;
-    for arguments in [if stream { stream_a() } else { dgram_a() }, dgram_b(), hubport("ha", "a"), hubport("hb", "b")] {
+    for arguments in system_netdevs(stream) {
         qemu.execute("netdev_add", arguments)?;
     }
     case.qemu = Some(qemu);
@@ -486,7 +492,7 @@ fn daemon_case(options: &TunnelOptions, stream: bool) -> Result<Case> {
     let mut case = Case::new(key, label, Nets::new()?);
     let daemon = Daemon::start(case.nets.s());
     pin_process(daemon.pid(), options.pin.map(|p| p.1));
-    for arguments in [if stream { stream_a() } else { dgram_a() }, dgram_b(), hubport("ha", "a"), hubport("hb", "b")] {
+    for arguments in system_netdevs(stream) {
         daemon.execute("netdev_add", arguments).map_err(|e| anyhow::anyhow!("netdevd netdev_add: {}", e.desc))?;
     }
     case.daemon = Some(daemon);

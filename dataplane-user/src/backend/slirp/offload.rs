@@ -17,12 +17,13 @@
 
 use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice};
 
-/// The virtio-net header's fields are in the host's byte order.
 pub use crate::port::tun::VNET_HDR_LEN;
+/// The virtio-net header's flag and GSO type used here (its 16-bit fields are in the host's byte
+/// order).
 const VNET_HDR_F_NEEDS_CSUM: u8 = 1;
+const VNET_HDR_GSO_TCPV4: u8 = 1;
 /// `csum_offset` of a UDP checksum, which may not be sent as zero.
 const UDP_CHECKSUM_OFFSET: usize = 6;
-const VNET_HDR_GSO_TCPV4: u8 = 1;
 
 const ETH_LEN: usize = 14;
 const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
