@@ -10,18 +10,19 @@ use core::mem::size_of;
 use bytemuck::{Pod, Zeroable};
 
 /// Version of the map layout below; the daemon refuses objects built for another version.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Map names, as declared by the kernel programs.
 pub mod maps {
-    /// `HashMap<u32 /* ifindex */, PortConfig>`: every interface that is a hub port.
+    /// `HashMap<u32 /* ifindex */, PortConfig>`: every interface that is a hub port. The only
+    /// hash lookup per frame: everything else a port has sits in arrays at its slot.
     pub const PORTS: &str = "PORTS";
-    /// `HashMap<i32 /* segment */, HubMembers>`: the ports a frame entering a segment goes to.
+    /// `Array<HubMembers>` by segment slot: the ports a frame entering a segment goes to.
     pub const HUBS: &str = "HUBS";
-    /// `PerCpuHashMap<u32 /* ifindex */, PortCounters>`.
+    /// `PerCpuArray<PortCounters>` by port slot.
     pub const PORT_COUNTERS: &str = "PORT_COUNTERS";
-    /// `HashMap<u32 /* ifindex */, LearnedMac>`: the source MAC last seen from a port's peer,
-    /// written by the kernel program.
+    /// `Array<LearnedMac>` by port slot: the source MAC last seen from a port's peer, written by
+    /// the kernel program.
     pub const LEARNED_MACS: &str = "LEARNED_MACS";
     /// `HashMap<u32 /* ifindex */, RxFilterConfig>`: the receive filter of the NIC behind a port.
     pub const RX_FILTERS: &str = "RX_FILTERS";
@@ -61,6 +62,11 @@ pub mod programs {
     /// On a tunnel port device's ingress: encapsulates frames from the hub, decapsulates copies.
     pub const TUNNEL_PORT: &str = "tunnel_port";
 }
+
+/// Hub ports on one host at most, and the number of port slots and segment slots. The planner
+/// gives a slot a port or segment had in the previous plan to nothing else, so a plan step can
+/// need up to twice the ports it keeps.
+pub const MAX_PORTS: u32 = 1024;
 
 /// `PortConfig::flags`: the port's link is up (QEMU `set_link ... up=true`).
 pub const PORT_FLAG_LINK_UP: u32 = 1 << 0;
@@ -152,8 +158,10 @@ pub struct HubMember {
     pub ifindex: u32,
     /// `MEMBER_*` bits.
     pub flags: u32,
+    /// The port's slot in `PORT_COUNTERS` and `LEARNED_MACS`.
+    pub slot: u32,
 }
-const _: () = assert!(size_of::<HubMember>() == 8);
+const _: () = assert!(size_of::<HubMember>() == 12);
 
 /// All ports of a hub segment, written whole by the daemon so the kernel always sees a consistent
 /// set.
@@ -165,18 +173,23 @@ pub struct HubMembers {
     pub _reserved: u32,
     pub members: [HubMember; MAX_HUB_PORTS],
 }
-const _: () = assert!(size_of::<HubMembers>() == 8 + 8 * MAX_HUB_PORTS);
+const _: () = assert!(size_of::<HubMembers>() == 8 + 12 * MAX_HUB_PORTS);
 
 /// Per-port configuration, keyed by ifindex.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct PortConfig {
-    /// QEMU hub id (`hubport,hubid=N`); any int32, negative included.
+    /// The hub segment's id: the smallest QEMU hub id (`hubport,hubid=N`, any int32) among the
+    /// hubs joined into it. For people reading the map; the program uses `segment_slot`.
     pub hub_id: i32,
     /// `PORT_FLAG_*` bits.
     pub flags: u32,
+    /// The port's slot in `PORT_COUNTERS` and `LEARNED_MACS`.
+    pub slot: u32,
+    /// The segment's slot in `HUBS`.
+    pub segment_slot: u32,
 }
-const _: () = assert!(size_of::<PortConfig>() == 8);
+const _: () = assert!(size_of::<PortConfig>() == 16);
 
 impl PortConfig {
     #[must_use]
@@ -451,7 +464,8 @@ mod tests {
 
     #[test]
     fn link_flag() {
-        assert!(PortConfig { hub_id: -1, flags: PORT_FLAG_LINK_UP }.link_up());
-        assert!(!PortConfig { hub_id: 0, flags: 0 }.link_up());
+        let config = |flags| PortConfig { hub_id: -1, flags, slot: 0, segment_slot: 0 };
+        assert!(config(PORT_FLAG_LINK_UP).link_up());
+        assert!(!config(0).link_up());
     }
 }

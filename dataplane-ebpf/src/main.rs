@@ -16,26 +16,27 @@ use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_peer},
     macros::{classifier, map},
-    maps::{HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
 // Links in the panic handler.
 use dataplane_ebpf as _;
 use dataplane_common::{
-    DropReason, HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER,
+    DropReason, HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, MAX_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER,
     MEMBER_LINK_UP, MEMBER_RX_FILTER, PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PortConfig, PortCounters,
     RX_MAC_MULTICAST, RX_MAC_UNICAST, RxFilterConfig, RxMacKey, RxVlanTable, rx,
 };
 
-/// Upper bound on hub ports on one host.
-const MAX_PORTS: u32 = 1024;
 const ETH_HEADER_LEN: usize = 14;
+
+// Per frame, one hash lookup (`PORTS`, by the ifindex the frame came in on); the rest is arrays
+// at slots the daemon assigned, whose lookups the verifier inlines.
 
 #[map(name = "PORTS")]
 static PORTS: HashMap<u32, PortConfig> = HashMap::with_max_entries(MAX_PORTS, 0);
 
 #[map(name = "HUBS")]
-static HUBS: HashMap<i32, HubMembers> = HashMap::with_max_entries(MAX_PORTS, 0);
+static HUBS: Array<HubMembers> = Array::with_max_entries(MAX_PORTS, 0);
 
 #[map(name = "RX_FILTERS")]
 static RX_FILTERS: HashMap<u32, RxFilterConfig> = HashMap::with_max_entries(MAX_PORTS, 0);
@@ -48,10 +49,10 @@ static RX_VLANS: HashMap<u32, RxVlanTable> = HashMap::with_max_entries(MAX_PORTS
 static RX_MACS: HashMap<RxMacKey, u32> = HashMap::with_max_entries(MAX_PORTS * 64, 0);
 
 #[map(name = "LEARNED_MACS")]
-static LEARNED_MACS: HashMap<u32, LearnedMac> = HashMap::with_max_entries(MAX_PORTS, 0);
+static LEARNED_MACS: Array<LearnedMac> = Array::with_max_entries(MAX_PORTS, 0);
 
 #[map(name = "PORT_COUNTERS")]
-static PORT_COUNTERS: PerCpuHashMap<u32, PortCounters> = PerCpuHashMap::with_max_entries(MAX_PORTS, 0);
+static PORT_COUNTERS: PerCpuArray<PortCounters> = PerCpuArray::with_max_entries(MAX_PORTS, 0);
 
 enum Direction {
     Rx,
@@ -59,8 +60,8 @@ enum Direction {
 }
 
 #[inline(always)]
-fn count(ifindex: u32, direction: Direction, bytes: u64) {
-    if let Some(counters) = PORT_COUNTERS.get_ptr_mut(ifindex) {
+fn count(slot: u32, direction: Direction, bytes: u64) {
+    if let Some(counters) = PORT_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: the pointer comes from a successful lookup of a per-CPU value, which only this
         // CPU writes while the program runs.
         let counters = unsafe { &mut *counters };
@@ -78,20 +79,20 @@ fn count(ifindex: u32, direction: Direction, bytes: u64) {
 }
 
 #[inline(always)]
-fn count_drop(ifindex: u32, reason: DropReason) {
-    if let Some(counters) = PORT_COUNTERS.get_ptr_mut(ifindex) {
+fn count_drop(slot: u32, reason: DropReason) {
+    if let Some(counters) = PORT_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: as in `count`.
         let counters = unsafe { &mut *counters };
-        if let Some(slot) = counters.drops.get_mut(reason as usize) {
-            *slot += 1;
+        if let Some(counter) = counters.drops.get_mut(reason as usize) {
+            *counter += 1;
         }
     }
 }
 
 /// `TC_ACT_SHOT` after counting why.
 #[inline(always)]
-fn tc_drop(ifindex: u32, reason: DropReason) -> i32 {
-    count_drop(ifindex, reason);
+fn tc_drop(slot: u32, reason: DropReason) -> i32 {
+    count_drop(slot, reason);
     TC_ACT_SHOT
 }
 
@@ -111,27 +112,27 @@ pub fn hub_tc(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     if !port.link_up() {
-        return tc_drop(source, DropReason::LinkDown);
+        return tc_drop(port.slot, DropReason::LinkDown);
     }
     let len = ctx.len();
     if (len as usize) < ETH_HEADER_LEN {
-        return tc_drop(source, DropReason::Runt);
+        return tc_drop(port.slot, DropReason::Runt);
     }
-    count(source, Direction::Rx, u64::from(len));
+    count(port.slot, Direction::Rx, u64::from(len));
     // Destination and source MAC.
     // A constant-size load: the verifier rejects the variable length `load_bytes` would pass.
     let Ok(addresses) = ctx.load::<[u8; 12]>(0) else {
-        return tc_drop(source, DropReason::Runt);
+        return tc_drop(port.slot, DropReason::Runt);
     };
     let (destination, sender) = addresses.split_at(6);
     if port.flags & PORT_FLAG_LEARN_MAC != 0 {
-        learn(source, sender);
+        learn(port.slot, sender);
     }
-    let vlan = vlan_id(&ctx);
-    // SAFETY: read-only lookup, as above.
-    let Some(hub) = (unsafe { HUBS.get(port.hub_id) }) else {
-        return tc_drop(source, DropReason::NoDestination);
+    let Some(hub) = HUBS.get(port.segment_slot) else {
+        return tc_drop(port.slot, DropReason::NoDestination);
     };
+    // Read once, and only when a receive filter needs it.
+    let mut vlan: Option<Option<u16>> = None;
     // Clone to every destination but the last; the last takes the original skb.
     let mut pending: Option<HubMember> = None;
     for index in 0..MAX_HUB_PORTS {
@@ -143,28 +144,28 @@ pub fn hub_tc(ctx: TcContext) -> i32 {
             continue;
         }
         if member.flags & MEMBER_LINK_UP == 0 {
-            count_drop(member.ifindex, DropReason::LinkDown);
+            count_drop(member.slot, DropReason::LinkDown);
             continue;
         }
-        if member.flags & MEMBER_RX_FILTER != 0 && !rx_filter_accepts(member.ifindex, destination, vlan) {
-            count_drop(member.ifindex, DropReason::RxFilter);
+        if member.flags & MEMBER_RX_FILTER != 0
+            && !rx_filter_accepts(member.ifindex, destination, *vlan.get_or_insert_with(|| vlan_id(&ctx)))
+        {
+            count_drop(member.slot, DropReason::RxFilter);
             continue;
         }
         if let Some(previous) = pending {
             match ctx.clone_redirect(previous.ifindex, redirect_flags(&previous)) {
-                Ok(()) => count(previous.ifindex, Direction::Tx, u64::from(len)),
-                Err(_) => {
-                    count_drop(previous.ifindex, DropReason::RedirectFailed);
-                }
+                Ok(()) => count(previous.slot, Direction::Tx, u64::from(len)),
+                Err(_) => count_drop(previous.slot, DropReason::RedirectFailed),
             }
         }
         pending = Some(*member);
     }
     let Some(last) = pending else {
-        return tc_drop(source, DropReason::NoDestination);
+        return tc_drop(port.slot, DropReason::NoDestination);
     };
-    count(last.ifindex, Direction::Tx, u64::from(len));
-    if port.flags & PORT_FLAG_AT_INGRESS != 0 && last.flags & MEMBER_DELIVER_PEER != 0 && is_learned(last.ifindex, destination) {
+    count(last.slot, Direction::Tx, u64::from(len));
+    if port.flags & PORT_FLAG_AT_INGRESS != 0 && last.flags & MEMBER_DELIVER_PEER != 0 && is_learned(last.slot, destination) {
         // SAFETY: `bpf_redirect_peer` only records the target in per-CPU state.
         return unsafe { bpf_redirect_peer(last.ifindex, 0) as i32 };
     }
@@ -253,28 +254,26 @@ fn in_mac_table(ifindex: u32, mac: [u8; 6], kind: u32) -> bool {
     unsafe { RX_MACS.get(&key) }.is_some_and(|found| *found == kind)
 }
 
-/// Records `sender` as the MAC behind `ifindex`, writing only when it changed.
+/// Records `sender` as the MAC behind the port at `slot`, writing only when it changed.
 #[inline(always)]
-fn learn(ifindex: u32, sender: &[u8]) {
-    let mut mac = LearnedMac::default();
-    mac.addr.copy_from_slice(sender);
-    // SAFETY: read-only lookup, as above.
-    if unsafe { LEARNED_MACS.get(ifindex) }.is_some_and(|known| *known == mac) {
-        return;
+fn learn(slot: u32, sender: &[u8]) {
+    let Some(known) = LEARNED_MACS.get_ptr_mut(slot) else { return };
+    // SAFETY: the pointer comes from a successful array lookup; the value lives as long as the
+    // map. Only this port's frames write it, and a torn read costs one frame its shortcut.
+    let known = unsafe { &mut *known };
+    if known.addr.as_slice() != sender {
+        known.addr.copy_from_slice(sender);
     }
-    // A full map only costs the shortcut, never a frame.
-    let _ = LEARNED_MACS.insert(ifindex, mac, 0);
 }
 
-/// Whether `destination` is the unicast MAC last seen from behind `ifindex`: only then may the
-/// frame skip the hop and be classified as addressed to that host.
+/// Whether `destination` is the unicast MAC last seen from behind the port at `slot`: only then
+/// may the frame skip the hop and be classified as addressed to that host.
 #[inline(always)]
-fn is_learned(ifindex: u32, destination: &[u8]) -> bool {
+fn is_learned(slot: u32, destination: &[u8]) -> bool {
     if destination.first().is_none_or(|first| first & 1 != 0) {
         return false;
     }
-    // SAFETY: read-only lookup, as above.
-    unsafe { LEARNED_MACS.get(ifindex) }.is_some_and(|known| known.addr.as_slice() == destination)
+    LEARNED_MACS.get(slot).is_some_and(|known| known.addr.as_slice() == destination)
 }
 
 #[unsafe(link_section = "license")]

@@ -124,7 +124,7 @@ impl State {
 
     /// Plans the current graph and applies it; on failure the kernel is put back as it was.
     fn replan(&mut self) -> Result<(), DaemonError> {
-        let next = plan::plan(&self.registry, &self.device_map(), &self.rx_filters, &self.tunnels)?;
+        let next = plan::plan(&self.registry, &self.device_map(), &self.rx_filters, &self.tunnels, &self.plan)?;
         if next == self.plan {
             return Ok(());
         }
@@ -629,10 +629,10 @@ impl Daemon {
         Ok(state
             .plan
             .ports
-            .iter()
-            .filter(|(_, port)| id.is_none_or(|id| port.hubport == id || port.netdev == id))
-            .map(|(ifindex, port)| {
-                let mut counters = kernel.forwarding.counters(*ifindex);
+            .values()
+            .filter(|port| id.is_none_or(|id| port.hubport == id || port.netdev == id))
+            .map(|port| {
+                let mut counters = kernel.forwarding.counters(port.slot);
                 // What a two-tunnel hub relays never enters the hub port; the tunnels count it.
                 if let Some(tunnel) = state.tunnels.get(&port.netdev) {
                     let relayed = kernel.forwarding.tunnel_counters(tunnel.port_ifindex);

@@ -5,13 +5,12 @@
 //! `bpf_redirect` only records its target during a test run, so hub members may be ifindexes no
 //! device has.
 
-use std::path::PathBuf;
+use std::{collections::BTreeMap, path::PathBuf};
 
 use aya::{
     Ebpf,
-    maps::{HashMap, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, PerCpuArray},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
-    util::nr_cpus,
 };
 use dataplane_common::{
     DropReason, HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, PortConfig, PortCounters, maps, programs,
@@ -45,9 +44,12 @@ pub fn object_path() -> PathBuf {
     path
 }
 
-/// A fresh copy of the object; it owns the programs and maps the helpers below use.
+/// A fresh copy of the object; it owns the programs and maps the helpers below use. The helpers
+/// take ifindexes and hub ids and give each the next free slot, as the daemon's planner would.
 pub struct TestRunObject {
     pub ebpf: Ebpf,
+    port_slots: BTreeMap<u32, u32>,
+    segment_slots: BTreeMap<i32, u32>,
 }
 
 impl TestRunObject {
@@ -57,7 +59,13 @@ impl TestRunObject {
         require_root();
         nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
         assert_eq!(if_nametoindex("lo").expect("lo exists"), LO, "lo is the first device of a namespace");
-        Self { ebpf: Ebpf::load_file(object_path()).expect("load the eBPF object") }
+        Self::from_ebpf(Ebpf::load_file(object_path()).expect("load the eBPF object"))
+    }
+
+    /// An object the caller loaded (in a namespace of its choosing), its maps still empty.
+    #[must_use]
+    pub fn from_ebpf(ebpf: Ebpf) -> Self {
+        Self { ebpf, port_slots: BTreeMap::new(), segment_slots: BTreeMap::new() }
     }
 
     /// [`Self::load`] with `hub_tc` through the verifier.
@@ -70,55 +78,61 @@ impl TestRunObject {
         object
     }
 
-    /// Makes `ifindex` a port of `hub_id` and starts counting its traffic.
+    /// Makes `ifindex` a port of `hub_id`.
     pub fn add_port(&mut self, ifindex: u32, hub_id: i32, flags: u32) {
+        let slot = self.watch(ifindex);
+        let next = u32::try_from(self.segment_slots.len()).expect("few hubs");
+        let segment_slot = *self.segment_slots.entry(hub_id).or_insert(next);
         let mut ports: HashMap<_, u32, PortConfig> =
             HashMap::try_from(self.ebpf.map_mut(maps::PORTS).expect("PORTS")).expect("PORTS type");
-        ports.insert(ifindex, PortConfig { hub_id, flags }, 0).expect("insert into PORTS");
-        self.watch(ifindex);
+        ports.insert(ifindex, PortConfig { hub_id, flags, slot, segment_slot }, 0).expect("insert into PORTS");
     }
 
-    /// Zeroed counters for `ifindex`: the program only updates existing entries.
-    pub fn watch(&mut self, ifindex: u32) {
-        let mut counters: PerCpuHashMap<_, u32, PortCounters> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut(maps::PORT_COUNTERS).expect("PORT_COUNTERS")).expect("type");
-        let zeroes = PerCpuValues::try_from(vec![PortCounters::default(); nr_cpus().expect("cpus")]).expect("values");
-        counters.insert(ifindex, zeroes, 0).expect("insert into PORT_COUNTERS");
+    /// The slot of `ifindex` in the per-port arrays (its counters start at zero), given on first use.
+    pub fn watch(&mut self, ifindex: u32) -> u32 {
+        let next = u32::try_from(self.port_slots.len()).expect("few ports");
+        *self.port_slots.entry(ifindex).or_insert(next)
     }
 
-    /// Writes the member list of `hub_id`.
+    /// Writes the member list of `hub_id`, each member at its ifindex's slot.
     pub fn set_hub(&mut self, hub_id: i32, members: &[HubMember]) {
         let mut value = HubMembers { count: 0, _reserved: 0, members: [HubMember::default(); MAX_HUB_PORTS] };
-        value.members[..members.len()].copy_from_slice(members);
+        for (entry, member) in value.members.iter_mut().zip(members) {
+            *entry = HubMember { slot: self.watch(member.ifindex), ..*member };
+        }
         value.count = u32::try_from(members.len()).expect("few members");
-        let mut hubs: HashMap<_, i32, HubMembers> =
-            HashMap::try_from(self.ebpf.map_mut(maps::HUBS).expect("HUBS")).expect("HUBS type");
-        hubs.insert(hub_id, value, 0).expect("insert into HUBS");
+        let next = u32::try_from(self.segment_slots.len()).expect("few hubs");
+        let segment_slot = *self.segment_slots.entry(hub_id).or_insert(next);
+        let mut hubs: Array<_, HubMembers> = Array::try_from(self.ebpf.map_mut(maps::HUBS).expect("HUBS")).expect("HUBS type");
+        hubs.set(segment_slot, value, 0).expect("write HUBS");
     }
 
     /// The counters of `ifindex`, summed over all CPUs.
     #[must_use]
     pub fn counters(&self, ifindex: u32) -> PortCounters {
-        let counters: PerCpuHashMap<_, u32, PortCounters> =
-            PerCpuHashMap::try_from(self.ebpf.map(maps::PORT_COUNTERS).expect("PORT_COUNTERS")).expect("type");
-        counters.get(&ifindex, 0).expect("counters of the port").iter().fold(PortCounters::default(), |mut sum, c| {
+        let counters: PerCpuArray<_, PortCounters> =
+            PerCpuArray::try_from(self.ebpf.map(maps::PORT_COUNTERS).expect("PORT_COUNTERS")).expect("type");
+        let slot = self.port_slots.get(&ifindex).expect("a watched port");
+        counters.get(slot, 0).expect("counters of the port").iter().fold(PortCounters::default(), |mut sum, c| {
             sum.accumulate(c);
             sum
         })
     }
 
-    /// The MAC `hub_tc` last learned behind `ifindex`.
+    /// The MAC `hub_tc` last learned behind `ifindex` (all zeroes: none).
     #[must_use]
-    pub fn learned(&self, ifindex: u32) -> Option<[u8; 6]> {
-        let learned: HashMap<_, u32, LearnedMac> =
-            HashMap::try_from(self.ebpf.map(maps::LEARNED_MACS).expect("LEARNED_MACS")).expect("type");
-        learned.get(&ifindex, 0).ok().map(|mac| mac.addr)
+    pub fn learned(&self, ifindex: u32) -> [u8; 6] {
+        let learned: Array<_, LearnedMac> =
+            Array::try_from(self.ebpf.map(maps::LEARNED_MACS).expect("LEARNED_MACS")).expect("type");
+        let slot = self.port_slots.get(&ifindex).expect("a watched port");
+        learned.get(slot, 0).expect("a slot of LEARNED_MACS").addr
     }
 
     pub fn set_learned(&mut self, ifindex: u32, addr: [u8; 6]) {
-        let mut learned: HashMap<_, u32, LearnedMac> =
-            HashMap::try_from(self.ebpf.map_mut(maps::LEARNED_MACS).expect("LEARNED_MACS")).expect("type");
-        learned.insert(ifindex, LearnedMac { addr, _pad: [0; 2] }, 0).expect("insert into LEARNED_MACS");
+        let slot = self.watch(ifindex);
+        let mut learned: Array<_, LearnedMac> =
+            Array::try_from(self.ebpf.map_mut(maps::LEARNED_MACS).expect("LEARNED_MACS")).expect("type");
+        learned.set(slot, LearnedMac { addr, _pad: [0; 2] }, 0).expect("write LEARNED_MACS");
     }
 
     /// Runs `hub_tc` once on `frame` as seen on `lo`; returns the verdict.

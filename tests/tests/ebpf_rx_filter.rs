@@ -200,11 +200,11 @@ fn frame(destination: [u8; 6], vlan: Option<u16>) -> Vec<u8> {
 }
 
 fn up(ifindex: u32) -> HubMember {
-    HubMember { ifindex, flags: MEMBER_LINK_UP }
+    HubMember { ifindex, flags: MEMBER_LINK_UP, slot: 0 }
 }
 
 fn filtered(ifindex: u32) -> HubMember {
-    HubMember { ifindex, flags: MEMBER_LINK_UP | MEMBER_RX_FILTER }
+    HubMember { ifindex, flags: MEMBER_LINK_UP | MEMBER_RX_FILTER, slot: 0 }
 }
 
 
@@ -473,10 +473,10 @@ fn offloaded_vlan_tags_are_filtered_on_a_real_port() {
         program.load().expect("verifier accepts hub_tc");
         let _ = tc::qdisc_add_clsact("t0");
         program.attach("t0", TcAttachType::Ingress).expect("attach");
-        let mut hub = Hub(TestRunObject { ebpf });
+        let mut hub = Hub(TestRunObject::from_ebpf(ebpf));
         hub.add_port(t0, 0, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS);
         hub.watch(GHOST);
-        hub.set_members(&[HubMember { ifindex: t0, flags: MEMBER_LINK_UP }, filtered(GHOST)]);
+        hub.set_members(&[HubMember { ifindex: t0, flags: MEMBER_LINK_UP, slot: 0 }, filtered(GHOST)]);
         hub.set_filter(GHOST, rx::VLAN_FILTER);
         for (label, f, delivered, refused) in
             [("untagged", frame(MAIN, None), 1, 0), ("tagged vid 5, empty table", frame(MAIN, Some(5)), 0, 1)]

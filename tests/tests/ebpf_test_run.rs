@@ -29,7 +29,7 @@ fn frame(destination: [u8; 6]) -> Vec<u8> {
 }
 
 fn up_member(ifindex: u32) -> HubMember {
-    HubMember { ifindex, flags: MEMBER_LINK_UP }
+    HubMember { ifindex, flags: MEMBER_LINK_UP, slot: 0 }
 }
 
 
@@ -54,7 +54,7 @@ fn a_downed_port_neither_sends_nor_receives() {
     // A downed destination is skipped, and its drop counted on it.
     hub.add_port(LO, 0, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS);
     hub.watch(GHOST_A);
-    hub.set_hub(0, &[up_member(LO), HubMember { ifindex: GHOST_A, flags: 0 }]);
+    hub.set_hub(0, &[up_member(LO), HubMember { ifindex: GHOST_A, flags: 0, slot: 0 }]);
     assert_eq!(hub.run(&frame([0xff; 6])), TC_ACT_SHOT);
     assert_eq!(drops(&hub.counters(GHOST_A), DropReason::LinkDown), 1);
     assert_eq!(drops(&hub.counters(LO), DropReason::NoDestination), 1);
@@ -119,7 +119,7 @@ fn bridge_ports_are_delivered_at_ingress() {
     let mut hub = TestRunObject::with_hub();
     hub.add_port(LO, 0, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS);
     hub.watch(GHOST_A);
-    hub.set_hub(0, &[up_member(LO), HubMember { ifindex: GHOST_A, flags: MEMBER_LINK_UP | MEMBER_DELIVER_INGRESS }]);
+    hub.set_hub(0, &[up_member(LO), HubMember { ifindex: GHOST_A, flags: MEMBER_LINK_UP | MEMBER_DELIVER_INGRESS, slot: 0 }]);
     assert_eq!(hub.run(&frame([0xff; 6])), TC_ACT_REDIRECT);
     assert_eq!(hub.counters(GHOST_A).tx_packets, 1);
 }
@@ -129,13 +129,13 @@ fn container_ports_learn_their_sender() {
     let mut hub = TestRunObject::with_hub();
     hub.add_port(LO, 0, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS | PORT_FLAG_LEARN_MAC);
     hub.watch(GHOST_A);
-    hub.set_hub(0, &[up_member(LO), HubMember { ifindex: GHOST_A, flags: MEMBER_LINK_UP | MEMBER_DELIVER_PEER }]);
-    assert_eq!(hub.learned(LO), None);
+    hub.set_hub(0, &[up_member(LO), HubMember { ifindex: GHOST_A, flags: MEMBER_LINK_UP | MEMBER_DELIVER_PEER, slot: 0 }]);
+    assert_eq!(hub.learned(LO), [0; 6]);
     hub.set_learned(GHOST_A, [0x02, 0, 0, 0, 0, 0x77]);
     // To the learned MAC (peer delivery) and to another (plain redirect): both are redirects.
     assert_eq!(hub.run(&frame([0x02, 0, 0, 0, 0, 0x77])), TC_ACT_REDIRECT);
     assert_eq!(hub.run(&frame([0xff; 6])), TC_ACT_REDIRECT);
-    assert_eq!(hub.learned(LO), Some(SENDER), "the source MAC behind lo is remembered");
+    assert_eq!(hub.learned(LO), SENDER, "the source MAC behind lo is remembered");
     assert_eq!(hub.counters(GHOST_A).tx_packets, 2);
 }
 
@@ -146,5 +146,5 @@ fn ports_without_learning_remember_nothing() {
     hub.watch(GHOST_A);
     hub.set_hub(0, &[up_member(LO), up_member(GHOST_A)]);
     assert_eq!(hub.run(&frame([0xff; 6])), TC_ACT_REDIRECT);
-    assert_eq!(hub.learned(LO), None);
+    assert_eq!(hub.learned(LO), [0; 6]);
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, tc::SchedClassifierLinkId,
         tc::TcAttachOptions,
@@ -47,9 +47,9 @@ pub struct EbpfDataplane {
     /// Owns the programs and links; dropping it detaches every port.
     ebpf: Ebpf,
     ports: BpfHashMap<MapData, u32, PortConfig>,
-    hubs: BpfHashMap<MapData, i32, HubMembers>,
-    counters: PerCpuHashMap<MapData, u32, PortCounters>,
-    learned: BpfHashMap<MapData, u32, LearnedMac>,
+    hubs: Array<MapData, HubMembers>,
+    counters: PerCpuArray<MapData, PortCounters>,
+    learned: Array<MapData, LearnedMac>,
     rx_filters: BpfHashMap<MapData, u32, RxFilterConfig>,
     rx_vlans: BpfHashMap<MapData, u32, RxVlanTable>,
     rx_macs: BpfHashMap<MapData, RxMacKey, u32>,
@@ -83,9 +83,9 @@ fn ensure_counters<T: aya::Pod + Default + Clone>(
     map.insert(key, zeroes, 0).map_err(|e| KernelError::Map { map: name, source: boxed(e) })
 }
 
-/// The per-CPU values of `key` folded into one with `add`; zero when absent.
-fn summed<T: aya::Pod + Default>(map: &PerCpuHashMap<MapData, u32, T>, key: u32, add: fn(&mut T, &T)) -> T {
-    map.get(&key, 0).map_or_else(
+/// Per-CPU values folded into one with `add`; zero when the lookup failed.
+fn summed<T: aya::Pod + Default, E>(per_cpu: Result<PerCpuValues<T>, E>, add: fn(&mut T, &T)) -> T {
+    per_cpu.map_or_else(
         |_| T::default(),
         |per_cpu| {
             per_cpu.iter().fold(T::default(), |mut sum, cpu| {
@@ -120,9 +120,9 @@ impl EbpfDataplane {
             ebpf.take_map(map).ok_or_else(|| load_error(format!("the object has no {map} map").into()))
         };
         let ports = BpfHashMap::try_from(take(maps::PORTS)?).map_err(|e| load_error(boxed(e)))?;
-        let hubs = BpfHashMap::try_from(take(maps::HUBS)?).map_err(|e| load_error(boxed(e)))?;
-        let counters = PerCpuHashMap::try_from(take(maps::PORT_COUNTERS)?).map_err(|e| load_error(boxed(e)))?;
-        let learned = BpfHashMap::try_from(take(maps::LEARNED_MACS)?).map_err(|e| load_error(boxed(e)))?;
+        let hubs = Array::try_from(take(maps::HUBS)?).map_err(|e| load_error(boxed(e)))?;
+        let counters = PerCpuArray::try_from(take(maps::PORT_COUNTERS)?).map_err(|e| load_error(boxed(e)))?;
+        let learned = Array::try_from(take(maps::LEARNED_MACS)?).map_err(|e| load_error(boxed(e)))?;
         let rx_filters = BpfHashMap::try_from(take(maps::RX_FILTERS)?).map_err(|e| load_error(boxed(e)))?;
         let rx_vlans = BpfHashMap::try_from(take(maps::RX_VLANS)?).map_err(|e| load_error(boxed(e)))?;
         let rx_macs = BpfHashMap::try_from(take(maps::RX_MACS)?).map_err(|e| load_error(boxed(e)))?;
@@ -191,27 +191,31 @@ impl Forwarding for EbpfDataplane {
     }
 
     fn set_port(&mut self, ifindex: u32, config: PortConfig) -> Result<(), KernelError> {
-        ensure_counters(&mut self.counters, maps::PORT_COUNTERS, ifindex, self.cpus)?;
         self.ports.insert(ifindex, config, 0).map_err(|e| KernelError::Map { map: maps::PORTS, source: boxed(e) })
     }
 
-    fn remove_port(&mut self, ifindex: u32) {
+    fn remove_port(&mut self, ifindex: u32, slot: u32) {
         let _ = self.ports.remove(&ifindex);
-        let _ = self.counters.remove(&ifindex);
-        let _ = self.learned.remove(&ifindex);
+        // The next port at this slot starts from zero. Array entries cannot be deleted, only
+        // overwritten; a slot outside the map has nothing to clear.
+        if let Ok(zeroes) = PerCpuValues::try_from(vec![PortCounters::default(); self.cpus]) {
+            let _ = self.counters.set(slot, zeroes, 0);
+        }
+        let _ = self.learned.set(slot, LearnedMac::default(), 0);
     }
 
-    fn set_segment(&mut self, segment: i32, members: &[HubMember]) -> Result<(), KernelError> {
+    fn set_segment(&mut self, slot: u32, members: &[HubMember]) -> Result<(), KernelError> {
         let mut value = HubMembers { count: 0, _reserved: 0, members: [HubMember::default(); MAX_HUB_PORTS] };
-        for (slot, member) in value.members.iter_mut().zip(members) {
-            *slot = *member;
+        for (entry, member) in value.members.iter_mut().zip(members) {
+            *entry = *member;
         }
         value.count = u32::try_from(members.len().min(MAX_HUB_PORTS)).unwrap_or(0);
-        self.hubs.insert(segment, value, 0).map_err(|e| KernelError::Map { map: maps::HUBS, source: boxed(e) })
+        self.hubs.set(slot, value, 0).map_err(|e| KernelError::Map { map: maps::HUBS, source: boxed(e) })
     }
 
-    fn remove_segment(&mut self, segment: i32) {
-        let _ = self.hubs.remove(&segment);
+    fn remove_segment(&mut self, slot: u32) {
+        let empty = HubMembers { count: 0, _reserved: 0, members: [HubMember::default(); MAX_HUB_PORTS] };
+        let _ = self.hubs.set(slot, empty, 0);
     }
 
     fn set_rx_filter(
@@ -271,8 +275,8 @@ impl Forwarding for EbpfDataplane {
             .map_err(|e| KernelError::Inject { ifindex, source: boxed(e) })
     }
 
-    fn counters(&self, ifindex: u32) -> PortCounters {
-        summed(&self.counters, ifindex, PortCounters::accumulate)
+    fn counters(&self, slot: u32) -> PortCounters {
+        summed(self.counters.get(&slot, 0), PortCounters::accumulate)
     }
 
     fn set_tunnel(&mut self, port_ifindex: u32, config: &TunnelConfig) -> Result<(), KernelError> {
@@ -316,6 +320,6 @@ impl Forwarding for EbpfDataplane {
     }
 
     fn tunnel_counters(&self, port_ifindex: u32) -> TunnelCounters {
-        summed(&self.tunnel_counters, port_ifindex, TunnelCounters::accumulate)
+        summed(self.tunnel_counters.get(&port_ifindex, 0), TunnelCounters::accumulate)
     }
 }

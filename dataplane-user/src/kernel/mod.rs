@@ -48,9 +48,12 @@ pub trait Forwarding: Send + Sync {
     /// Detaches it; a vanished interface is not an error.
     fn detach(&mut self, ifindex: u32);
     fn set_port(&mut self, ifindex: u32, config: PortConfig) -> Result<(), KernelError>;
-    fn remove_port(&mut self, ifindex: u32);
-    fn set_segment(&mut self, segment: i32, members: &[HubMember]) -> Result<(), KernelError>;
-    fn remove_segment(&mut self, segment: i32);
+    /// Forgets the port `ifindex` and clears what it left at `slot` (counters, learned MAC).
+    fn remove_port(&mut self, ifindex: u32, slot: u32);
+    /// Writes the member list at segment slot `slot`.
+    fn set_segment(&mut self, slot: u32, members: &[HubMember]) -> Result<(), KernelError>;
+    /// Empties segment slot `slot`.
+    fn remove_segment(&mut self, slot: u32);
     /// Writes a NIC's receive filter; `old` is what the kernel holds now, so stale MAC entries go.
     fn set_rx_filter(&mut self, ifindex: u32, filter: &KernelRxFilter, old: Option<&KernelRxFilter>)
     -> Result<(), KernelError>;
@@ -58,8 +61,8 @@ pub trait Forwarding: Send + Sync {
     /// Puts `frame` into the port `ifindex` as if it came from the port's side (a frame the guest
     /// behind it sent), so the hub forwards it like any other.
     fn inject(&mut self, ifindex: u32, hook: Hook, frame: &[u8]) -> Result<(), KernelError>;
-    /// Counters of `ifindex` summed over CPUs (zero if it is not a port).
-    fn counters(&self, ifindex: u32) -> PortCounters;
+    /// Counters of the port at `slot` summed over CPUs.
+    fn counters(&self, slot: u32) -> PortCounters;
     /// Writes the encapsulation of the tunnel whose port device is `port_ifindex`.
     fn set_tunnel(&mut self, port_ifindex: u32, config: &TunnelConfig) -> Result<(), KernelError>;
     fn remove_tunnel(&mut self, port_ifindex: u32);
@@ -90,14 +93,15 @@ pub fn apply(kernel: &mut dyn Forwarding, old: &Plan, new: &Plan) -> Result<(), 
         }
     }
     for (segment, members) in &new.segments {
-        if old.segments.get(segment) != Some(members) {
-            kernel.set_segment(*segment, members)?;
+        let slot = new.segment_slots[segment];
+        if old.segments.get(segment) != Some(members) || old.segment_slots.get(segment) != Some(&slot) {
+            kernel.set_segment(slot, members)?;
         }
     }
-    let old_segments: BTreeSet<_> = old.segments.keys().collect();
-    for segment in old_segments {
-        if !new.segments.contains_key(segment) {
-            kernel.remove_segment(*segment);
+    let new_segment_slots: BTreeSet<_> = new.segment_slots.values().collect();
+    for slot in old.segment_slots.values() {
+        if !new_segment_slots.contains(slot) {
+            kernel.remove_segment(*slot);
         }
     }
     // Tunnels: configuration, then the keys pointing at it, then the programs that read both.
@@ -145,10 +149,10 @@ pub fn apply(kernel: &mut dyn Forwarding, old: &Plan, new: &Plan) -> Result<(), 
             kernel.attach(*ifindex, &port.ifname, port.hook)?;
         }
     }
-    for ifindex in old.ports.keys() {
+    for (ifindex, port) in &old.ports {
         if !new.ports.contains_key(ifindex) {
             kernel.detach(*ifindex);
-            kernel.remove_port(*ifindex);
+            kernel.remove_port(*ifindex, port.slot);
         }
     }
     for (ifindex, filter) in &old.rx_filters {
@@ -171,7 +175,8 @@ pub mod fake {
     pub struct FakeKernel {
         pub attached: BTreeMap<u32, Hook>,
         pub ports: BTreeMap<u32, PortConfig>,
-        pub segments: BTreeMap<i32, Vec<HubMember>>,
+        /// Member lists by segment slot.
+        pub segments: BTreeMap<u32, Vec<HubMember>>,
         pub rx_filters: BTreeMap<u32, KernelRxFilter>,
         pub injected: Vec<(u32, Vec<u8>)>,
         pub tunnels: BTreeMap<u32, TunnelConfig>,
@@ -199,17 +204,17 @@ pub mod fake {
             Ok(())
         }
 
-        fn remove_port(&mut self, ifindex: u32) {
+        fn remove_port(&mut self, ifindex: u32, _slot: u32) {
             self.ports.remove(&ifindex);
         }
 
-        fn set_segment(&mut self, segment: i32, members: &[HubMember]) -> Result<(), KernelError> {
-            self.segments.insert(segment, members.to_vec());
+        fn set_segment(&mut self, slot: u32, members: &[HubMember]) -> Result<(), KernelError> {
+            self.segments.insert(slot, members.to_vec());
             Ok(())
         }
 
-        fn remove_segment(&mut self, segment: i32) {
-            self.segments.remove(&segment);
+        fn remove_segment(&mut self, slot: u32) {
+            self.segments.remove(&slot);
         }
 
         fn set_rx_filter(
@@ -231,7 +236,7 @@ pub mod fake {
             Ok(())
         }
 
-        fn counters(&self, _ifindex: u32) -> PortCounters {
+        fn counters(&self, _slot: u32) -> PortCounters {
             PortCounters::default()
         }
 
@@ -275,7 +280,7 @@ pub mod fake {
         pub fn holds(&self, plan: &Plan) -> bool {
             self.ports == plan.ports.iter().map(|(i, p)| (*i, p.config())).collect()
                 && self.attached == plan.ports.iter().map(|(i, p)| (*i, p.hook)).collect()
-                && self.segments == plan.segments
+                && self.segments == plan.segments.iter().map(|(id, m)| (plan.segment_slots[id], m.clone())).collect()
                 && self.rx_filters == plan.rx_filters
                 && self.tunnels == plan.tunnels.iter().map(|(i, t)| (*i, t.config)).collect()
                 && self.tunnel_rx == plan.tunnel_rx
@@ -323,14 +328,14 @@ mod tests {
                     Device { ifindex: *ifindex, ifname: format!("if{ifindex}"), hub_side: *side, peer_elsewhere: false },
                 );
             }
-            let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
+            let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &current).unwrap();
             apply(&mut kernel, &current, &next).unwrap();
             assert!(kernel.holds(&next));
             current = next;
         }
         assert_eq!(kernel.attached[&5], Hook::Egress);
         registry.set_link("pb", false).unwrap();
-        let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
+        let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &current).unwrap();
         apply(&mut kernel, &current, &next).unwrap();
         assert!(kernel.holds(&next));
         let empty = Plan::default();
@@ -362,21 +367,21 @@ mod tests {
         add(&mut registry, "dgram,id=t2,local.type=inet,local.host=127.0.0.1,local.port=5003,remote.type=inet,remote.host=127.0.0.1,remote.port=5004");
         let mut tunnels = HashMap::from([("t1".to_owned(), tunnel(11, 5001, 1))]);
         let mut kernel = FakeKernel::default();
-        let one = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels).unwrap();
+        let one = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels, &Plan::default()).unwrap();
         apply(&mut kernel, &Plan::default(), &one).unwrap();
         assert!(kernel.holds(&one));
         assert!(kernel.tunnel_programs.contains(&(1, TunnelProgram::Rx)));
 
         // A second tunnel on the same underlay shares its program.
         tunnels.insert("t2".to_owned(), tunnel(13, 5003, 1));
-        let two = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels).unwrap();
+        let two = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels, &Plan::default()).unwrap();
         assert_eq!(two.underlays.len(), 1);
         apply(&mut kernel, &one, &two).unwrap();
         assert!(kernel.holds(&two));
 
         // Two tunnels may not claim the same packets.
         tunnels.insert("t2".to_owned(), tunnel(13, 5001, 1));
-        let clash = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels).unwrap_err();
+        let clash = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels, &Plan::default()).unwrap_err();
         assert_eq!(clash, PlanError::TunnelTwice { id: "t2".into(), other: "t1".into() });
 
         apply(&mut kernel, &two, &Plan::default()).unwrap();
@@ -401,7 +406,7 @@ mod tests {
             .collect();
         let tunnels = HashMap::from([("t1".to_owned(), tunnel(11, 5001, 1)), ("t2".to_owned(), tunnel(13, 5003, 1))]);
         let relays = |registry: &Registry| {
-            let plan = plan(registry, &devices, &HashMap::new(), &tunnels).unwrap();
+            let plan = plan(registry, &devices, &HashMap::new(), &tunnels, &Plan::default()).unwrap();
             (plan.tunnels[&11].config.relay_port, plan.tunnels[&13].config.relay_port)
         };
         assert_eq!(relays(&registry), (13, 11));
@@ -420,7 +425,7 @@ mod tests {
         add(&mut registry, "hubport,id=pa,hubid=3,netdev=a");
         let devices = HashMap::from([("a".to_owned(), Device { ifindex: 9, ifname: "x".into(), hub_side: HubSide::Interface, peer_elsewhere: false })]);
         let mut kernel = FakeKernel { broken: BTreeSet::from([9]), ..FakeKernel::default() };
-        let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
+        let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
         assert!(apply(&mut kernel, &Plan::default(), &next).is_err());
         apply(&mut kernel, &next, &Plan::default()).unwrap();
         assert_eq!(kernel, FakeKernel { broken: BTreeSet::from([9]), ..FakeKernel::default() });

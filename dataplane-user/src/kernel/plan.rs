@@ -4,11 +4,11 @@
 //! (`hubport,hubid=B,netdev=<a port of hub A>`) flood into each other, so they form one
 //! *segment* and the kernel sees one member list; a downed joining port splits them again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use dataplane_common::{
     TunnelConfig, TunnelRxKey,
-    HubMember, MAX_HUB_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP, MEMBER_RX_FILTER,
+    HubMember, MAX_HUB_PORTS, MAX_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP, MEMBER_RX_FILTER,
     PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PORT_FLAG_LINK_UP, PortConfig,
 };
 
@@ -77,6 +77,10 @@ pub struct Port {
     pub hubid: i32,
     /// The hub segment it floods into (equal to `hubid` unless hubs are joined).
     pub segment: i32,
+    /// Where the kernel keeps the port's counters and learned MAC.
+    pub slot: u32,
+    /// Where the kernel keeps the segment's member list.
+    pub segment_slot: u32,
     pub link_up: bool,
     pub hook: Hook,
     pub deliver_ingress: bool,
@@ -98,7 +102,7 @@ impl Port {
                 flags |= PORT_FLAG_LEARN_MAC;
             }
         }
-        PortConfig { hub_id: self.segment, flags }
+        PortConfig { hub_id: self.segment, flags, slot: self.slot, segment_slot: self.segment_slot }
     }
 
     #[must_use]
@@ -116,7 +120,7 @@ impl Port {
         if self.nic.is_some() {
             flags |= MEMBER_RX_FILTER;
         }
-        HubMember { ifindex, flags }
+        HubMember { ifindex, flags, slot: self.slot }
     }
 }
 
@@ -126,6 +130,8 @@ impl Port {
 pub struct Plan {
     pub ports: BTreeMap<u32, Port>,
     pub segments: BTreeMap<i32, Vec<HubMember>>,
+    /// Where the kernel keeps each segment's member list.
+    pub segment_slots: BTreeMap<i32, u32>,
     pub rx_filters: BTreeMap<u32, KernelRxFilter>,
     /// Tunnels by the ifindex of their port device.
     pub tunnels: BTreeMap<u32, TunnelPlan>,
@@ -142,6 +148,46 @@ pub enum PlanError {
     InterfaceTwice { ifname: String, hubid: i32, other: String },
     #[error("netdev '{id}' would receive the tunnel packets that '{other}' already receives")]
     TunnelTwice { id: String, other: String },
+    #[error("hub port '{id}' would be more than the kernel's {MAX_PORTS} ports")]
+    TooManyPorts { id: String },
+}
+
+/// Hands out array slots: a key keeps the slot it had in the previous plan, and no slot the
+/// previous plan used goes to another key in the same step (frames in flight may still use it).
+struct Slots<K> {
+    previous: BTreeMap<K, u32>,
+    assigned: BTreeMap<K, u32>,
+    taken: BTreeSet<u32>,
+    next_free: u32,
+}
+
+impl<K: Ord + Copy> Slots<K> {
+    fn new(previous: BTreeMap<K, u32>) -> Self {
+        let taken = previous.values().copied().collect();
+        Self { previous, assigned: BTreeMap::new(), taken, next_free: 0 }
+    }
+
+    /// The slot of `key`, or `None` when every slot is taken.
+    fn slot(&mut self, key: K) -> Option<u32> {
+        if let Some(slot) = self.assigned.get(&key) {
+            return Some(*slot);
+        }
+        let slot = match self.previous.get(&key) {
+            Some(slot) => *slot,
+            None => {
+                while self.taken.contains(&self.next_free) {
+                    self.next_free += 1;
+                }
+                self.next_free
+            }
+        };
+        if slot >= MAX_PORTS {
+            return None;
+        }
+        self.taken.insert(slot);
+        self.assigned.insert(key, slot);
+        Some(slot)
+    }
 }
 
 /// Union-find over hub ids, smallest id as representative.
@@ -166,13 +212,15 @@ impl Segments {
     }
 }
 
-/// Computes the kernel state for `registry`, given the interfaces of the netdevs that have one and
-/// the receive filters of the NICs.
+/// Computes the kernel state for `registry`, given the interfaces of the netdevs that have one, the
+/// receive filters of the NICs, the tunnels, and the plan the kernel holds now (whose slots are
+/// kept).
 pub fn plan(
     registry: &Registry,
     devices: &HashMap<String, Device>,
     filters: &HashMap<String, RxFilter>,
     tunnels: &HashMap<String, TunnelKernel>,
+    previous: &Plan,
 ) -> Result<Plan, PlanError> {
     let hub_of = |id: &str| match registry.get(id).map(|e| &e.netdev.options) {
         Some(NetdevOptions::Hubport(port)) => Some(port.hubid),
@@ -188,6 +236,8 @@ pub fn plan(
         }
     }
 
+    let mut port_slots = Slots::new(previous.ports.iter().map(|(ifindex, port)| (*ifindex, port.slot)).collect());
+    let mut segment_slots = Slots::new(previous.segment_slots.clone());
     let mut plan = Plan::default();
     for entry in registry.entries() {
         let Some(hub) = hub_of(&entry.netdev.id) else { continue };
@@ -203,12 +253,18 @@ pub fn plan(
         // A NIC behind the interface's netdev or behind the hub port.
         let nic = registry.nic_of(netdev).or_else(|| registry.nic_of(&entry.netdev.id));
         let nic_up = nic.and_then(|id| registry.get(id)).is_none_or(|n| n.link_up);
+        let segment = segments.find(hub);
+        let too_many = || PlanError::TooManyPorts { id: entry.netdev.id.clone() };
+        let slot = port_slots.slot(device.ifindex).ok_or_else(too_many)?;
+        let segment_slot = segment_slots.slot(segment).ok_or_else(too_many)?;
         let port = Port {
             hubport: entry.netdev.id.clone(),
             netdev: netdev.to_owned(),
             ifname: device.ifname.clone(),
             hubid: hub,
-            segment: segments.find(hub),
+            segment,
+            slot,
+            segment_slot,
             // A downed netdev (or NIC) neither sends nor receives; a downed port cuts its segment.
             link_up: entry.link_up && peer_entry.link_up && nic_up,
             hook: match device.hub_side {
@@ -229,6 +285,7 @@ pub fn plan(
         members.push(port.member(device.ifindex));
         plan.ports.insert(device.ifindex, port);
     }
+    plan.segment_slots = segment_slots.assigned;
     let mut ids: Vec<&String> = tunnels.keys().filter(|id| registry.get(id).is_some()).collect();
     ids.sort();
     for id in ids {
@@ -308,7 +365,7 @@ mod tests {
         ]);
         let devices =
             devices(&[("a", 10, HubSide::Interface), ("b", 11, HubSide::Interface), ("c", 12, HubSide::Fd)]);
-        let plan = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
+        let plan = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
         assert_eq!(plan.ports.len(), 3);
         assert_eq!(plan.ports[&12].hook, Hook::Egress);
         assert!(plan.ports[&12].deliver_ingress);
@@ -327,20 +384,20 @@ mod tests {
             "hubport,id=pb,hubid=7,netdev=b",
         ]);
         let devices = devices(&[("a", 1, HubSide::Interface), ("b", 2, HubSide::Interface)]);
-        let isolated = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
+        let isolated = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
         assert_eq!(isolated.segments.len(), 2);
 
         // Join hub 7 to hub 5 through a pair of hub ports.
         for spec in ["hubport,id=j5,hubid=5", "hubport,id=j7,hubid=7,netdev=j5"] {
             registry.add(Netdev::from_keyval(spec).unwrap()).unwrap();
         }
-        let joined = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
+        let joined = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
         assert_eq!(joined.segments.len(), 1);
         assert_eq!(joined.ports[&2].segment, 5);
 
         // A downed joining port cuts the segment again.
         registry.set_link("j7", false).unwrap();
-        assert_eq!(plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap(), isolated);
+        assert_eq!(plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap(), isolated);
     }
 
     #[test]
@@ -348,13 +405,13 @@ mod tests {
         let mut registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=pa,hubid=0,netdev=a"]);
         let devices = devices(&[("a", 3, HubSide::Interface)]);
         registry.set_link("a", false).unwrap();
-        let plan_down = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
+        let plan_down = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
         assert!(!plan_down.ports[&3].link_up);
         assert_eq!(plan_down.ports[&3].config().flags, PORT_FLAG_AT_INGRESS);
         assert_eq!(plan_down.segments[&0][0].flags, 0);
         registry.set_link("a", true).unwrap();
         registry.set_link("pa", false).unwrap();
-        assert!(!plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap().ports[&3].link_up);
+        assert!(!plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap().ports[&3].link_up);
     }
 
     #[test]
@@ -362,7 +419,7 @@ mod tests {
         let registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=pa,hubid=0,netdev=a"]);
         let mut devices = devices(&[("a", 3, HubSide::Interface)]);
         devices.get_mut("a").unwrap().peer_elsewhere = true;
-        let plan = plan(&registry, &devices, &HashMap::new(), &HashMap::new()).unwrap();
+        let plan = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
         assert_eq!(plan.ports[&3].config().flags, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS | PORT_FLAG_LEARN_MAC);
         assert_eq!(plan.segments[&0][0].flags, MEMBER_LINK_UP | MEMBER_DELIVER_PEER);
     }
@@ -373,19 +430,63 @@ mod tests {
         let devices = devices(&[("a", 3, HubSide::Interface)]);
         let filter = RxFilter::new([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
         let filters = HashMap::from([("n0".to_owned(), filter.clone())]);
-        let with_nic = plan(&registry, &devices, &filters, &HashMap::new()).unwrap();
+        let with_nic = plan(&registry, &devices, &filters, &HashMap::new(), &Plan::default()).unwrap();
         assert_eq!(with_nic.ports[&3].nic.as_deref(), Some("n0"));
         assert_eq!(with_nic.segments[&0][0].flags, MEMBER_LINK_UP | MEMBER_RX_FILTER);
         assert_eq!(with_nic.rx_filters[&3], filter.kernel());
         // The NIC's link is the port's too.
         registry.set_link("n0", false).unwrap();
-        assert!(!plan(&registry, &devices, &filters, &HashMap::new()).unwrap().ports[&3].link_up);
+        assert!(!plan(&registry, &devices, &filters, &HashMap::new(), &Plan::default()).unwrap().ports[&3].link_up);
+    }
+
+    #[test]
+    fn ports_and_segments_keep_their_slots_and_freed_slots_wait_a_step() {
+        let mut registry = registry(&[
+            "af-xdp,id=a,ifname=x",
+            "af-xdp,id=b,ifname=y",
+            "af-xdp,id=c,ifname=z",
+            "af-xdp,id=d,ifname=w",
+            "hubport,id=pa,hubid=0,netdev=a",
+            "hubport,id=pb,hubid=0,netdev=b",
+            "hubport,id=pc,hubid=9,netdev=c",
+        ]);
+        let devices = devices(&[
+            ("a", 1, HubSide::Interface),
+            ("b", 2, HubSide::Interface),
+            ("c", 3, HubSide::Interface),
+            ("d", 4, HubSide::Interface),
+        ]);
+        let plan_with = |registry: &Registry, previous: &Plan| {
+            plan(registry, &devices, &HashMap::new(), &HashMap::new(), previous).unwrap()
+        };
+        let slots = |plan: &Plan| plan.ports.iter().map(|(ifindex, port)| (*ifindex, port.slot)).collect::<Vec<_>>();
+        let add = |registry: &mut Registry, spec: &str| registry.add(Netdev::from_keyval(spec).unwrap()).unwrap();
+        let first = plan_with(&registry, &Plan::default());
+        assert_eq!(slots(&first), vec![(1, 0), (2, 1), (3, 2)]);
+        assert_eq!(first.segment_slots, BTreeMap::from([(0, 0), (9, 1)]));
+        assert_eq!(first.segments[&0].iter().map(|m| m.slot).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(first.ports[&3].config().segment_slot, 1);
+
+        // Hub 0 goes with both its ports while port d and hub 4 come: the newcomers take fresh
+        // slots, never the ones just freed, which frames in flight may still use.
+        registry.remove("pa").unwrap();
+        registry.remove("pb").unwrap();
+        add(&mut registry, "hubport,id=pd,hubid=4,netdev=d");
+        let second = plan_with(&registry, &first);
+        assert_eq!(slots(&second), vec![(3, 2), (4, 3)]);
+        assert_eq!(second.segment_slots, BTreeMap::from([(4, 2), (9, 1)]));
+
+        // A step later they are free again.
+        add(&mut registry, "hubport,id=pa2,hubid=4,netdev=a");
+        let third = plan_with(&registry, &second);
+        assert_eq!(slots(&third), vec![(1, 0), (3, 2), (4, 3)]);
+        assert_eq!(third.segments[&4].iter().map(|m| m.slot).collect::<Vec<_>>(), vec![3, 0]);
     }
 
     #[test]
     fn netdevs_without_interface_or_port_plan_nothing() {
         let registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=p,hubid=0"]);
-        let plan = plan(&registry, &devices(&[("a", 3, HubSide::Interface)]), &HashMap::new(), &HashMap::new()).unwrap();
+        let plan = plan(&registry, &devices(&[("a", 3, HubSide::Interface)]), &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
         assert_eq!(plan, Plan::default());
     }
 }
