@@ -29,6 +29,24 @@ use dataplane_common::{
 
 const ETH_HEADER_LEN: usize = 14;
 
+/// A MAC address read as the low 48 bits of a little-endian `u64`: the first byte on the wire is
+/// the least significant, so its group bit is bit 0.
+const MAC_BITS: u64 = 0xffff_ffff_ffff;
+
+/// Reads `T` at `offset`: straight from the packet when the bytes are in its linear part (no
+/// helper call), else through `bpf_skb_load_bytes`. `offset` must have a small known bound (the
+/// verifier checks the direct read against it).
+#[inline(always)]
+pub(crate) fn peek<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let at = ctx.data() + offset;
+    if at + core::mem::size_of::<T>() <= ctx.data_end() {
+        // SAFETY: the bytes lie within the packet's linear data, as just checked; `T` is plain
+        // bytes and the read is unaligned.
+        return Some(unsafe { core::ptr::read_unaligned(at as *const T) });
+    }
+    ctx.load::<T>(offset).ok()
+}
+
 // Per frame, one hash lookup (`PORTS`, by the ifindex the frame came in on); the rest is arrays
 // at slots the daemon assigned, whose lookups the verifier inlines.
 
@@ -119,12 +137,11 @@ pub fn hub_tc(ctx: TcContext) -> i32 {
         return tc_drop(port.slot, DropReason::Runt);
     }
     count(port.slot, Direction::Rx, u64::from(len));
-    // Destination and source MAC.
-    // A constant-size load: the verifier rejects the variable length `load_bytes` would pass.
-    let Ok(addresses) = ctx.load::<[u8; 12]>(0) else {
+    // Destination and source MAC, as integers: compared without a byte loop.
+    let (Some(destination), Some(sender)) = (peek::<u64>(&ctx, 0), peek::<u64>(&ctx, 6)) else {
         return tc_drop(port.slot, DropReason::Runt);
     };
-    let (destination, sender) = addresses.split_at(6);
+    let (destination, sender) = (destination & MAC_BITS, sender & MAC_BITS);
     if port.flags & PORT_FLAG_LEARN_MAC != 0 {
         learn(port.slot, sender);
     }
@@ -207,7 +224,7 @@ fn vlan_id(ctx: &TcContext) -> Option<u16> {
 /// virtio-net's `receive_filter` (QEMU `hw/net/virtio-net.c`) for the NIC behind `ifindex`, in
 /// its order: promiscuous; the VLAN table for tagged frames; broadcast, multicast, unicast rules.
 #[inline(never)]
-fn rx_filter_accepts(ifindex: u32, destination: &[u8], vlan: Option<u16>) -> bool {
+fn rx_filter_accepts(ifindex: u32, destination: u64, vlan: Option<u16>) -> bool {
     // SAFETY: read-only lookup, as above.
     let Some(filter) = (unsafe { RX_FILTERS.get(ifindex) }) else { return true };
     let flags = filter.flags;
@@ -224,8 +241,8 @@ fn rx_filter_accepts(ifindex: u32, destination: &[u8], vlan: Option<u16>) -> boo
             return false;
         }
     }
-    let mut mac = [0u8; 6];
-    mac.copy_from_slice(destination);
+    let wire = destination.to_le_bytes();
+    let mac = [wire[0], wire[1], wire[2], wire[3], wire[4], wire[5]];
     if mac[0] & 1 != 0 {
         if mac == [0xff; 6] {
             return flags & rx::NOBCAST == 0;
@@ -254,26 +271,37 @@ fn in_mac_table(ifindex: u32, mac: [u8; 6], kind: u32) -> bool {
     unsafe { RX_MACS.get(&key) }.is_some_and(|found| *found == kind)
 }
 
+/// The learned MAC at `slot` as a [`MAC_BITS`] integer: `LearnedMac` is the address and two
+/// zero bytes, eight bytes in all.
+#[inline(always)]
+fn learned_mac(slot: u32) -> Option<*mut u64> {
+    LEARNED_MACS.get_ptr_mut(slot).map(|known| known.cast::<u64>())
+}
+
 /// Records `sender` as the MAC behind the port at `slot`, writing only when it changed.
 #[inline(always)]
-fn learn(slot: u32, sender: &[u8]) {
-    let Some(known) = LEARNED_MACS.get_ptr_mut(slot) else { return };
-    // SAFETY: the pointer comes from a successful array lookup; the value lives as long as the
-    // map. Only this port's frames write it, and a torn read costs one frame its shortcut.
-    let known = unsafe { &mut *known };
-    if known.addr.as_slice() != sender {
-        known.addr.copy_from_slice(sender);
+fn learn(slot: u32, sender: u64) {
+    let Some(known) = learned_mac(slot) else { return };
+    // SAFETY: the pointer comes from a successful array lookup of an 8-byte value that lives as
+    // long as the map. Only this port's frames write it; a torn read costs one frame its
+    // shortcut.
+    unsafe {
+        if core::ptr::read_unaligned(known) != sender {
+            core::ptr::write_unaligned(known, sender);
+        }
     }
 }
 
 /// Whether `destination` is the unicast MAC last seen from behind the port at `slot`: only then
 /// may the frame skip the hop and be classified as addressed to that host.
 #[inline(always)]
-fn is_learned(slot: u32, destination: &[u8]) -> bool {
-    if destination.first().is_none_or(|first| first & 1 != 0) {
+fn is_learned(slot: u32, destination: u64) -> bool {
+    // A group address, or the all-zero one an unused slot holds.
+    if destination & 1 != 0 || destination == 0 {
         return false;
     }
-    LEARNED_MACS.get(slot).is_some_and(|known| known.addr.as_slice() == destination)
+    // SAFETY: as in `learn`.
+    learned_mac(slot).is_some_and(|known| unsafe { core::ptr::read_unaligned(known) } == destination)
 }
 
 #[unsafe(link_section = "license")]

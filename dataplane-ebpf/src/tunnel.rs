@@ -25,6 +25,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{TunnelConfig, TunnelCounters, TunnelMacKey, TunnelRxKey, marks, tunnel};
+use crate::peek;
 
 /// Upper bound on tunnels on one host.
 const MAX_TUNNELS: u32 = 1024;
@@ -66,20 +67,6 @@ struct Outer {
     proto: u8,
     src: [u8; 16],
     dst: [u8; 16],
-}
-
-/// Reads `T` at `offset`: straight from the packet when the bytes are in its linear part (no
-/// helper call), else through `bpf_skb_load_bytes`. `offset` must have a small known bound (the
-/// verifier checks the direct read against it).
-#[inline(always)]
-fn peek<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
-    let at = ctx.data() + offset;
-    if at + size_of::<T>() <= ctx.data_end() {
-        // SAFETY: the bytes lie within the packet's linear data, as just checked; `T` is plain
-        // bytes and the read is unaligned.
-        return Some(unsafe { core::ptr::read_unaligned(at as *const T) });
-    }
-    ctx.load::<T>(offset).ok()
 }
 
 /// Parses IPv4 (options allowed, no fragments) or IPv6 (no extension headers) after Ethernet.
