@@ -10,6 +10,10 @@
 //! Traffic: 60-byte frames (64 on the wire) from our own generator, an XDP program run with
 //! `BPF_PROG_TEST_RUN` live frames that transmits on g0/gd. Sinks: a TC program on c1..c3/cd that
 //! counts and drops. pps and CPU time are taken at the sinks; TCP is iperf3 with default offloads.
+//!
+//! The variants take turns: each round measures every variant once in every case (and one TCP
+//! transfer each), so a slow minute of the machine hits all of them alike. Figures are medians
+//! over the rounds; ratios are medians of the per-round ratios.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -17,7 +21,8 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{Array, DevMapHash};
 use dataplane_tests::{
     Daemon,
-    bench::{ADDR_GEN, ADDR_SINK, Bench, FRAME_LEN, Options, Topology, ethtool, measure, median, pps_cell, udp_frame},
+    Netns,
+    bench::{ADDR_GEN, ADDR_SINK, Bench, FRAME_LEN, Options, Sample, Topology, ethtool, median, pps_cell, summarize, udp_frame},
     require_root,
 };
 use serde_json::{Value, json};
@@ -54,25 +59,6 @@ fn add_direct_pair(topology: &Topology) -> Result<()> {
     ethtool(sink, &["-K", "cd", "gro", "on"])
 }
 
-/// iperf3 TCP from the generator namespace to `server` in sink k1, `runs` times: the median Gbps,
-/// or the error of a transfer that moved nothing.
-fn tcp(topology: &Topology, server: &str, options: &HubOptions) -> Value {
-    let mut gbps = Vec::new();
-    let mut retransmits = Vec::new();
-    for _ in 0..options.bench.runs {
-        match tcp_once(topology, server, options.tcp_seconds) {
-            Ok((rate, retries)) => {
-                gbps.push(rate);
-                retransmits.push(retries);
-            }
-            // A path that cannot carry TCP at all fails every time; one failure says so.
-            Err(error) => return json!({"gbps": 0.0, "error": error}),
-        }
-    }
-    let mut sorted = gbps.clone();
-    json!({"gbps": median(&mut sorted), "runs_gbps": gbps, "retransmits": retransmits})
-}
-
 fn tcp_once(topology: &Topology, server: &str, seconds: u32) -> Result<(f64, u64), String> {
     let sink = &topology.sinks[0];
     let mut daemon = sink
@@ -100,19 +86,57 @@ fn tcp_once(topology: &Topology, server: &str, seconds: u32) -> Result<(f64, u64
 /// Undoes one variant's set-up.
 type Teardown<'a> = Box<dyn FnOnce(&mut Bench) -> Result<()> + 'a>;
 
-/// A measurement in every layout the task asks for: unicast, flood to 2, flood to 3, TCP.
-fn measure_variant<'a>(
+/// Sets a variant up for a hub of `ports` sink ports plus s0.
+type Setup<'a> = Box<dyn FnMut(&mut Bench, usize) -> Result<Teardown<'a>> + 'a>;
+
+/// The layouts the task asks for: label and number of sink ports (one: unicast to c1's MAC, else
+/// broadcast).
+const CASES: [(&str, usize); 3] = [("unicast", 1), ("flood2", 2), ("flood3", 3)];
+
+/// The switch variants, in the order of each round, and the direct pair.
+const VARIANTS: [&str; 3] = ["hub", "bridge", "xdp_ref"];
+const DIRECT: &str = "direct";
+
+/// Every round's samples and TCP transfers.
+#[derive(Default)]
+struct Rounds {
+    /// (variant, case) → one sample per round.
+    samples: BTreeMap<(&'static str, &'static str), Vec<Sample>>,
+    /// variant → one transfer per round (Gbps, retransmits), or why one failed.
+    tcp: BTreeMap<&'static str, Vec<Result<(f64, u64), String>>>,
+}
+
+impl Rounds {
+    /// A TCP transfer for `variant`, unless one already failed: a path that cannot carry TCP fails
+    /// every time, and each failure waits out a connect timeout.
+    fn tcp(&mut self, variant: &'static str, topology: &Topology, server: &str, seconds: u32) {
+        let transfers = self.tcp.entry(variant).or_default();
+        if transfers.iter().all(Result::is_ok) {
+            transfers.push(tcp_once(topology, server, seconds));
+        }
+    }
+}
+
+/// A warm-up of a tenth of the frames, then one measured run.
+fn sample(bench: &mut Bench, options: &Options, from: (&Netns, &str), frame: &[u8]) -> Result<Sample> {
+    bench.generate(from.0, from.1, frame, options.frames / 10)?;
+    std::thread::sleep(Duration::from_millis(100));
+    bench.sample(from, frame, options.frames)
+}
+
+/// One round of a switch variant: every case, and a TCP transfer while the unicast layout is up.
+fn measure_round(
     bench: &mut Bench,
     topology: &Topology,
     options: &HubOptions,
-    name: &str,
-    setup: &mut dyn FnMut(&mut Bench, usize) -> Result<Teardown<'a>>,
-) -> Result<Value> {
+    variant: &'static str,
+    setup: &mut Setup<'_>,
+    rounds: &mut Rounds,
+) -> Result<()> {
     let g0 = Topology::mac(&topology.generator, "g0");
     let c1 = Topology::mac(&topology.sinks[0], "c1");
-    let mut result = BTreeMap::new();
-    for (label, ports, dst) in [("unicast", 1, c1), ("flood2", 2, [0xff; 6]), ("flood3", 3, [0xff; 6])] {
-        eprintln!("  {name}: {label}");
+    for (case, ports) in CASES {
+        eprintln!("  {variant}: {case}");
         let teardown = setup(bench, ports)?;
         // Like any live host, the sink speaks first (the hub learns its MAC, the bridge too).
         let _ = topology.sinks[0].exec("ping", &["-c", "1", "-W", "1", ADDR_GEN]);
@@ -120,18 +144,31 @@ fn measure_variant<'a>(
         for (i, sink) in topology.sinks.iter().take(ports).enumerate() {
             links.push(bench.attach_sink(sink, &format!("c{}", i + 1))?);
         }
-        let measured = measure(bench, &options.bench, (&topology.generator, "g0"), &udp_frame(dst, g0));
+        let destination = if ports == 1 { c1 } else { [0xff; 6] };
+        let measured = sample(bench, &options.bench, (&topology.generator, "g0"), &udp_frame(destination, g0));
         for link in links {
             bench.detach_sink(link)?;
         }
-        if label == "unicast" {
-            eprintln!("  {name}: tcp");
-            result.insert("tcp".to_owned(), tcp(topology, ADDR_SINK, options));
+        if ports == 1 {
+            rounds.tcp(variant, topology, ADDR_SINK, options.tcp_seconds);
         }
         teardown(bench)?;
-        result.insert(label.to_owned(), measured?);
+        rounds.samples.entry((variant, case)).or_default().push(measured?);
     }
-    Ok(serde_json::to_value(result)?)
+    Ok(())
+}
+
+/// One round of the direct pair: unicast and a TCP transfer.
+fn measure_direct(bench: &mut Bench, topology: &Topology, options: &HubOptions, rounds: &mut Rounds) -> Result<()> {
+    eprintln!("  direct veth pair");
+    let gd = Topology::mac(&topology.generator, "gd");
+    let cd = Topology::mac(&topology.sinks[0], "cd");
+    let link = bench.attach_sink(&topology.sinks[0], "cd")?;
+    let measured = sample(bench, &options.bench, (&topology.generator, "gd"), &udp_frame(cd, gd));
+    bench.detach_sink(link)?;
+    rounds.tcp(DIRECT, topology, ADDR_DIRECT_SINK, options.tcp_seconds);
+    rounds.samples.entry((DIRECT, "unicast")).or_default().push(measured?);
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -140,54 +177,31 @@ fn main() -> Result<()> {
     let topology = Topology::new(3)?;
     add_direct_pair(&topology)?;
     let mut bench = Bench::load()?;
-    let mut results = BTreeMap::new();
     let s = |i: usize| format!("s{i}");
+    let switch = &topology.switch;
 
-    // The ceiling: a direct veth pair, no device under test.
-    eprintln!("direct veth pair");
-    {
-        let gd = Topology::mac(&topology.generator, "gd");
-        let cd = Topology::mac(&topology.sinks[0], "cd");
-        let link = bench.attach_sink(&topology.sinks[0], "cd")?;
-        let unicast = measure(&mut bench, &options.bench, (&topology.generator, "gd"), &udp_frame(cd, gd));
-        bench.detach_sink(link)?;
-        let tcp = tcp(&topology, ADDR_DIRECT_SINK, &options);
-        results.insert("direct", json!({"unicast": unicast?, "tcp": tcp}));
-    }
-
-    eprintln!("netdevd hub");
-    let daemon = Daemon::start(&topology.switch);
-    let hub = measure_variant(&mut bench, &topology, &options, "hub", &mut |_, ports| {
+    let daemon = Daemon::start(switch);
+    let hub: Setup = Box::new(|_, ports| {
         for i in 0..=ports {
             daemon.add(&format!("af-xdp,id=n{i},ifname={}", s(i)));
             daemon.add(&format!("hubport,id=p{i},hubid=0,netdev=n{i}"));
         }
-        let ids: Vec<usize> = (0..=ports).collect();
         let daemon = &daemon;
         Ok(Box::new(move |_| {
-            for i in ids {
+            for i in 0..=ports {
                 daemon.del(&format!("p{i}"));
                 daemon.del(&format!("n{i}"));
             }
             Ok(())
         }))
     });
-    // Leave the switch namespace clean for the next variant.
-    let hub = hub?;
-    let exit = daemon.stop();
-    if exit != Some(0) {
-        bail!("netdevd exited with {exit:?}");
-    }
-    results.insert("hub", hub);
 
-    eprintln!("Linux bridge (bridge-nf-call off)");
-    let switch = &topology.switch;
     for key in ["iptables", "ip6tables", "arptables"] {
         // Absent when br_netfilter is not built; then there is nothing to turn off.
         let _ = switch.exec("sysctl", &["-q", "-w", &format!("net.bridge.bridge-nf-call-{key}=0")]);
     }
     let c1 = Topology::mac(&topology.sinks[0], "c1");
-    let bridge = measure_variant(&mut bench, &topology, &options, "bridge", &mut |_, ports| {
+    let bridge: Setup = Box::new(|_, ports| {
         switch.ip(&["link", "add", "br0", "type", "bridge"]);
         for i in 0..=ports {
             switch.ip(&["link", "set", &s(i), "master", "br0"]);
@@ -203,10 +217,8 @@ fn main() -> Result<()> {
             Ok(())
         }))
     });
-    results.insert("bridge", bridge?);
 
-    eprintln!("minimal XDP redirect (ideal-XDP reference)");
-    let reference = measure_variant(&mut bench, &topology, &options, "xdp-ref", &mut |bench, ports| {
+    let reference: Setup = Box::new(|bench, ports| {
         let index = |i: usize| Topology::ifindex(switch, &s(i));
         {
             let mut mode: Array<_, u32> = Array::try_from(bench.ebpf.map_mut("REF_MODE").context("REF_MODE")?)?;
@@ -226,53 +238,105 @@ fn main() -> Result<()> {
         })?;
         let mut links = Vec::new();
         for i in 0..=ports {
-            links.push((i, bench.attach_xdp("bench_ref", switch, &s(i))?));
+            links.push(bench.attach_xdp("bench_ref", switch, &s(i))?);
         }
-        let keys: Vec<u32> = (0..=ports).map(index).collect();
         Ok(Box::new(move |bench: &mut Bench| {
-            for (_, link) in links {
+            for link in links {
                 bench.detach_xdp("bench_ref", link)?;
             }
             let mut flood = DevMapHash::try_from(bench.ebpf.map_mut("REF_FLOOD").context("REF_FLOOD")?)?;
-            for key in keys {
+            for key in indexes {
                 let _ = flood.remove(key);
             }
             Ok(())
         }))
     });
-    results.insert("xdp_ref", reference?);
 
-    let report = summarize(&results, &options.bench);
+    let mut variants: [(&'static str, Setup); 3] = [(VARIANTS[0], hub), (VARIANTS[1], bridge), (VARIANTS[2], reference)];
+    let mut rounds = Rounds::default();
+    for round in 1..=options.bench.runs {
+        eprintln!("round {round} of {}", options.bench.runs);
+        measure_direct(&mut bench, &topology, &options, &mut rounds)?;
+        for (variant, setup) in &mut variants {
+            measure_round(&mut bench, &topology, &options, variant, setup, &mut rounds)?;
+        }
+    }
+    drop(variants);
+    let exit = daemon.stop();
+    if exit != Some(0) {
+        bail!("netdevd exited with {exit:?}");
+    }
+
+    let report = summarize_rounds(&rounds, &options.bench);
     options.bench.write(&report)?;
     println!("{}", table(&report));
     eprintln!("results written to {}", options.bench.output.display());
     Ok(())
 }
 
-/// The raw results plus the ratios the task asks for.
-fn summarize(results: &BTreeMap<&str, Value>, options: &Options) -> Value {
-    let pps = |variant: &str, case: &str| results[variant][case]["delivered_pps_median"].as_f64().unwrap_or(0.0);
-    let gbps = |variant: &str| results[variant]["tcp"]["gbps"].as_f64().unwrap_or(0.0);
-    let ratio = |a: f64, b: f64| if b > 0.0 { json!(a / b) } else { Value::Null };
+/// Medians per variant and case, and the ratios the task asks for as medians of per-round ratios
+/// (each round measured both sides of a ratio within minutes of each other).
+fn summarize_rounds(rounds: &Rounds, options: &Options) -> Value {
+    let mut results = serde_json::Map::new();
+    for ((variant, case), samples) in &rounds.samples {
+        let entry = results.entry((*variant).to_owned()).or_insert_with(|| json!({}));
+        entry[*case] = summarize(samples);
+    }
+    for (variant, transfers) in &rounds.tcp {
+        results.entry((*variant).to_owned()).or_insert_with(|| json!({}))["tcp"] = tcp_summary(transfers);
+    }
+    let per_round_pps = |variant: &str, case: &str| -> Vec<f64> {
+        rounds.samples.get(&(variant, case)).map(|s| s.iter().map(Sample::delivered_pps).collect()).unwrap_or_default()
+    };
+    let per_round_gbps = |variant: &str| -> Vec<f64> {
+        rounds.tcp.get(variant).map(|t| t.iter().map(|r| r.as_ref().map_or(0.0, |(g, _)| *g)).collect()).unwrap_or_default()
+    };
+    let pairs = |a: Vec<f64>, b: Vec<f64>| -> Vec<f64> {
+        a.iter().zip(&b).filter(|(_, b)| **b > 0.0).map(|(a, b)| a / b).collect()
+    };
+    let mut paired = serde_json::Map::new();
+    for (other, label) in [("bridge", "bridge"), ("xdp_ref", "xdp_ref"), (DIRECT, "direct")] {
+        for (case, _) in CASES {
+            if other == DIRECT && case != "unicast" {
+                continue;
+            }
+            paired.insert(format!("hub_vs_{label}_{case}_pps"), json!(pairs(per_round_pps("hub", case), per_round_pps(other, case))));
+        }
+        if other != "xdp_ref" {
+            paired.insert(format!("hub_vs_{label}_tcp"), json!(pairs(per_round_gbps("hub"), per_round_gbps(other))));
+        }
+    }
+    let ratios: serde_json::Map<String, Value> = paired
+        .iter()
+        .map(|(key, values)| {
+            let mut values: Vec<f64> = values.as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+            let ratio = if values.is_empty() { Value::Null } else { json!(median(&mut values)) };
+            (key.clone(), ratio)
+        })
+        .collect();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     json!({
         "kernel": kernel.trim(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "frames_per_run": options.frames,
         "frame_bytes_on_wire": FRAME_LEN + 4,
+        "rounds": options.runs,
+        "method": "variants interleaved round by round; figures are medians over rounds, ratios medians of per-round ratios",
         "results": results,
-        "ratios": {
-            "hub_vs_bridge_unicast_pps": ratio(pps("hub", "unicast"), pps("bridge", "unicast")),
-            "hub_vs_bridge_flood2_pps": ratio(pps("hub", "flood2"), pps("bridge", "flood2")),
-            "hub_vs_bridge_flood3_pps": ratio(pps("hub", "flood3"), pps("bridge", "flood3")),
-            "hub_vs_bridge_tcp": ratio(gbps("hub"), gbps("bridge")),
-            "hub_vs_xdp_ref_unicast_pps": ratio(pps("hub", "unicast"), pps("xdp_ref", "unicast")),
-            "hub_vs_xdp_ref_flood2_pps": ratio(pps("hub", "flood2"), pps("xdp_ref", "flood2")),
-            "hub_vs_xdp_ref_flood3_pps": ratio(pps("hub", "flood3"), pps("xdp_ref", "flood3")),
-            "hub_vs_direct_unicast_pps": ratio(pps("hub", "unicast"), pps("direct", "unicast")),
-            "hub_vs_direct_tcp": ratio(gbps("hub"), gbps("direct")),
-        },
+        "ratios": ratios,
+        "paired_ratios": paired,
     })
+}
+
+/// Median Gbps and every transfer, or the error of the first that moved nothing.
+fn tcp_summary(transfers: &[Result<(f64, u64), String>]) -> Value {
+    if let Some(Err(error)) = transfers.iter().find(|t| t.is_err()) {
+        return json!({"gbps": 0.0, "error": error});
+    }
+    let gbps: Vec<f64> = transfers.iter().flatten().map(|(g, _)| *g).collect();
+    let retransmits: Vec<u64> = transfers.iter().flatten().map(|(_, r)| *r).collect();
+    let mut sorted = gbps.clone();
+    json!({"gbps": median(&mut sorted), "runs_gbps": gbps, "retransmits": retransmits})
 }
 
 fn table(report: &Value) -> String {
