@@ -59,7 +59,8 @@ fn add_direct_pair(topology: &Topology) -> Result<()> {
     ethtool(sink, &["-K", "cd", "gro", "on"])
 }
 
-fn tcp_once(topology: &Topology, server: &str, seconds: u32) -> Result<(f64, u64), String> {
+/// One iperf3 TCP transfer from the generator namespace to `server` in sink k1.
+fn tcp_once(topology: &Topology, server: &str, seconds: u32) -> Transfer {
     let sink = &topology.sinks[0];
     let mut daemon = sink
         .command("iperf3")
@@ -96,6 +97,12 @@ const CASES: [(&str, usize); 3] = [("unicast", 1), ("flood2", 2), ("flood3", 3)]
 /// The switch variants, in the order of each round, and the direct pair.
 const VARIANTS: [&str; 3] = ["hub", "bridge", "xdp_ref"];
 const DIRECT: &str = "direct";
+/// The direct pair with an XDP program (`XDP_PASS`) on the sink's side, as an XDP hub would have
+/// on its ports: TCP only, for what the program's mere presence costs.
+const DIRECT_WITH_XDP: &str = "direct_with_xdp";
+
+/// One TCP transfer: Gbps and retransmits, or why it moved nothing.
+type Transfer = Result<(f64, u64), String>;
 
 /// Every round's samples and TCP transfers.
 #[derive(Default)]
@@ -103,7 +110,7 @@ struct Rounds {
     /// (variant, case) → one sample per round.
     samples: BTreeMap<(&'static str, &'static str), Vec<Sample>>,
     /// variant → one transfer per round (Gbps, retransmits), or why one failed.
-    tcp: BTreeMap<&'static str, Vec<Result<(f64, u64), String>>>,
+    tcp: BTreeMap<&'static str, Vec<Transfer>>,
 }
 
 impl Rounds {
@@ -158,17 +165,33 @@ fn measure_round(
     Ok(())
 }
 
-/// One round of the direct pair: unicast and a TCP transfer.
-fn measure_direct(bench: &mut Bench, topology: &Topology, options: &HubOptions, rounds: &mut Rounds) -> Result<()> {
+/// One round of the direct pair: unicast and a TCP transfer, then a TCP transfer with an XDP
+/// program on cd. The kernel takes TSO away from a veth whose peer runs XDP; `gd`'s state then
+/// goes into the report.
+fn measure_direct(
+    bench: &mut Bench,
+    topology: &Topology,
+    options: &HubOptions,
+    rounds: &mut Rounds,
+    peer_tso_with_xdp: &mut String,
+) -> Result<()> {
     eprintln!("  direct veth pair");
-    let gd = Topology::mac(&topology.generator, "gd");
-    let cd = Topology::mac(&topology.sinks[0], "cd");
-    let link = bench.attach_sink(&topology.sinks[0], "cd")?;
-    let measured = sample(bench, &options.bench, (&topology.generator, "gd"), &udp_frame(cd, gd));
+    let (generator, sink) = (&topology.generator, &topology.sinks[0]);
+    let gd = Topology::mac(generator, "gd");
+    let cd = Topology::mac(sink, "cd");
+    let link = bench.attach_sink(sink, "cd")?;
+    let measured = sample(bench, &options.bench, (generator, "gd"), &udp_frame(cd, gd));
     bench.detach_sink(link)?;
     rounds.tcp(DIRECT, topology, ADDR_DIRECT_SINK, options.tcp_seconds);
     rounds.samples.entry((DIRECT, "unicast")).or_default().push(measured?);
-    Ok(())
+
+    let xdp = bench.attach_xdp("bench_pass", sink, "cd")?;
+    let features = String::from_utf8_lossy(&generator.exec("ethtool", &["-k", "gd"]).stdout).into_owned();
+    if let Some(line) = features.lines().find(|l| l.starts_with("tcp-segmentation-offload:")) {
+        line.trim_start_matches("tcp-segmentation-offload:").trim().clone_into(peer_tso_with_xdp);
+    }
+    rounds.tcp(DIRECT_WITH_XDP, topology, ADDR_DIRECT_SINK, options.tcp_seconds);
+    bench.detach_xdp("bench_pass", xdp)
 }
 
 fn main() -> Result<()> {
@@ -254,9 +277,10 @@ fn main() -> Result<()> {
 
     let mut variants: [(&'static str, Setup); 3] = [(VARIANTS[0], hub), (VARIANTS[1], bridge), (VARIANTS[2], reference)];
     let mut rounds = Rounds::default();
+    let mut peer_tso_with_xdp = String::from("?");
     for round in 1..=options.bench.runs {
         eprintln!("round {round} of {}", options.bench.runs);
-        measure_direct(&mut bench, &topology, &options, &mut rounds)?;
+        measure_direct(&mut bench, &topology, &options, &mut rounds, &mut peer_tso_with_xdp)?;
         for (variant, setup) in &mut variants {
             measure_round(&mut bench, &topology, &options, variant, setup, &mut rounds)?;
         }
@@ -267,7 +291,8 @@ fn main() -> Result<()> {
         bail!("netdevd exited with {exit:?}");
     }
 
-    let report = summarize_rounds(&rounds, &options.bench);
+    let mut report = summarize_rounds(&rounds, &options.bench);
+    report["results"][DIRECT_WITH_XDP]["peer_tso"] = json!(peer_tso_with_xdp);
     options.bench.write(&report)?;
     println!("{}", table(&report));
     eprintln!("results written to {}", options.bench.output.display());
@@ -295,17 +320,21 @@ fn summarize_rounds(rounds: &Rounds, options: &Options) -> Value {
         a.iter().zip(&b).filter(|(_, b)| **b > 0.0).map(|(a, b)| a / b).collect()
     };
     let mut paired = serde_json::Map::new();
-    for (other, label) in [("bridge", "bridge"), ("xdp_ref", "xdp_ref"), (DIRECT, "direct")] {
+    for other in ["bridge", "xdp_ref", DIRECT] {
         for (case, _) in CASES {
             if other == DIRECT && case != "unicast" {
                 continue;
             }
-            paired.insert(format!("hub_vs_{label}_{case}_pps"), json!(pairs(per_round_pps("hub", case), per_round_pps(other, case))));
+            paired.insert(format!("hub_vs_{other}_{case}_pps"), json!(pairs(per_round_pps("hub", case), per_round_pps(other, case))));
         }
         if other != "xdp_ref" {
-            paired.insert(format!("hub_vs_{label}_tcp"), json!(pairs(per_round_gbps("hub"), per_round_gbps(other))));
+            paired.insert(format!("hub_vs_{other}_tcp"), json!(pairs(per_round_gbps("hub"), per_round_gbps(other))));
         }
     }
+    paired.insert(
+        "direct_with_xdp_vs_direct_tcp".to_owned(),
+        json!(pairs(per_round_gbps(DIRECT_WITH_XDP), per_round_gbps(DIRECT))),
+    );
     let ratios: serde_json::Map<String, Value> = paired
         .iter()
         .map(|(key, values)| {
@@ -329,7 +358,7 @@ fn summarize_rounds(rounds: &Rounds, options: &Options) -> Value {
 }
 
 /// Median Gbps and every transfer, or the error of the first that moved nothing.
-fn tcp_summary(transfers: &[Result<(f64, u64), String>]) -> Value {
+fn tcp_summary(transfers: &[Transfer]) -> Value {
     if let Some(Err(error)) = transfers.iter().find(|t| t.is_err()) {
         return json!({"gbps": 0.0, "error": error});
     }
@@ -356,7 +385,12 @@ fn table(report: &Value) -> String {
             tcp(variant)
         ));
     }
-    out.push_str("\nRatios (medians):\n");
+    out.push_str(&format!(
+        "| direct pair, XDP program on the sink side (peer TSO {}) | | | | {} |\n",
+        results[DIRECT_WITH_XDP]["peer_tso"].as_str().unwrap_or("?"),
+        tcp(DIRECT_WITH_XDP)
+    ));
+    out.push_str("\nRatios (medians of per-round ratios):\n");
     for (key, value) in report["ratios"].as_object().into_iter().flatten() {
         out.push_str(&format!("- {key}: {}\n", value.as_f64().map_or("n/a".to_owned(), |v| format!("{v:.2}"))));
     }
