@@ -389,6 +389,17 @@ fn counters_count_exactly() {
     }
     assert_counters(&daemon, &vms[0].port, (N + 1, (N + 1) * len, 0, 0, M), "after A is up again and sent one more");
     assert_counters(&daemon, &vms[1].port, (0, 0, N + 1, (N + 1) * len, 0), "after A is up again and sent one more");
+
+    // A port deleted and added again takes a cleared slot: it starts from zero and counts anew.
+    daemon.del(&vms[1].port);
+    daemon.add(&format!("hubport,id={},hubid=0,netdev={}", vms[1].port, vms[1].tap));
+    assert_counters(&daemon, &vms[1].port, (0, 0, 0, 0, 0), "after B's hub port was deleted and added again");
+    vms[0].vm.send(&frame);
+    for vm in &mut vms[1..] {
+        assert_eq!(vm.vm.recv_marked_count(&tag, 1, WAIT).len(), 1, "{} gets A's frame after B's port came back", vm.port);
+    }
+    assert_counters(&daemon, &vms[1].port, (0, 0, 1, len, 0), "after B's port came back and A sent one more");
+    assert_counters(&daemon, &vms[2].port, (0, 0, N + 2, (N + 2) * len, 0), "C kept its count through B's return");
 }
 
 /// Polls `condition` until it holds or 3 s pass; returns whether it held.
