@@ -396,18 +396,6 @@ pub fn summarize(samples: &[Sample]) -> Value {
     })
 }
 
-/// A warm-up of a tenth of the frames, then `options.runs` measured runs, summarized.
-pub fn measure(bench: &mut Bench, options: &Options, from: (&Netns, &str), frame: &[u8]) -> Result<Value> {
-    // Warm-up, not counted.
-    bench.generate(from.0, from.1, frame, options.frames / 10)?;
-    std::thread::sleep(Duration::from_millis(100));
-    let mut samples = Vec::new();
-    for _ in 0..options.runs {
-        samples.push(bench.sample(from, frame, options.frames)?);
-    }
-    Ok(summarize(&samples))
-}
-
 /// `1.23 Mpps (456 ns/pkt)` from a summary's medians, or `—` without one.
 #[must_use]
 pub fn pps_cell(summary: &Value) -> String {

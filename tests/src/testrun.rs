@@ -81,8 +81,7 @@ impl TestRunObject {
     /// Makes `ifindex` a port of `hub_id`.
     pub fn add_port(&mut self, ifindex: u32, hub_id: i32, flags: u32) {
         let slot = self.watch(ifindex);
-        let next = u32::try_from(self.segment_slots.len()).expect("few hubs");
-        let segment_slot = *self.segment_slots.entry(hub_id).or_insert(next);
+        let segment_slot = self.segment_slot(hub_id);
         let mut ports: HashMap<_, u32, PortConfig> =
             HashMap::try_from(self.ebpf.map_mut(maps::PORTS).expect("PORTS")).expect("PORTS type");
         ports.insert(ifindex, PortConfig { hub_id, flags, slot, segment_slot }, 0).expect("insert into PORTS");
@@ -94,6 +93,12 @@ impl TestRunObject {
         *self.port_slots.entry(ifindex).or_insert(next)
     }
 
+    /// The slot of `hub_id`'s member list, given on first use.
+    fn segment_slot(&mut self, hub_id: i32) -> u32 {
+        let next = u32::try_from(self.segment_slots.len()).expect("few hubs");
+        *self.segment_slots.entry(hub_id).or_insert(next)
+    }
+
     /// Writes the member list of `hub_id`, each member at its ifindex's slot.
     pub fn set_hub(&mut self, hub_id: i32, members: &[HubMember]) {
         let mut value = HubMembers { count: 0, _reserved: 0, members: [HubMember::default(); MAX_HUB_PORTS] };
@@ -101,8 +106,7 @@ impl TestRunObject {
             *entry = HubMember { slot: self.watch(member.ifindex), ..*member };
         }
         value.count = u32::try_from(members.len()).expect("few members");
-        let next = u32::try_from(self.segment_slots.len()).expect("few hubs");
-        let segment_slot = *self.segment_slots.entry(hub_id).or_insert(next);
+        let segment_slot = self.segment_slot(hub_id);
         let mut hubs: Array<_, HubMembers> = Array::try_from(self.ebpf.map_mut(maps::HUBS).expect("HUBS")).expect("HUBS type");
         hubs.set(segment_slot, value, 0).expect("write HUBS");
     }

@@ -214,8 +214,7 @@ impl Forwarding for EbpfDataplane {
     }
 
     fn remove_segment(&mut self, slot: u32) {
-        let empty = HubMembers { count: 0, _reserved: 0, members: [HubMember::default(); MAX_HUB_PORTS] };
-        let _ = self.hubs.set(slot, empty, 0);
+        let _ = self.set_segment(slot, &[]);
     }
 
     fn set_rx_filter(
