@@ -42,11 +42,18 @@ MODULES = ("tun", "veth", "sch_ingress", "cls_bpf", "act_bpf", "bridge", "8021q"
 RUN_TIMEOUT = 4 * 3600
 
 
+#: The daemon library's unit tests (`--suites unit`): pure code, no kernel, no daemon; what proves
+#: the runner itself on a kernel where the daemon cannot run yet.
+UNIT = "unit"
+
+
 def test_binaries(suites: list[str]) -> dict[str, str]:
     """suite name → executable path, from cargo's build messages."""
+    selection = ["-p", "dataplane-tests", *(arg for suite in suites if suite != UNIT for arg in ("--test", suite))]
+    if UNIT in suites:
+        selection = [*selection, "-p", "dataplane-user", "--lib"] if len(suites) > 1 else ["-p", "dataplane-user", "--lib"]
     done = subprocess.run(
-        [os.environ.get("CARGO", "cargo"), "test", "--release", "--no-run", "-p", "dataplane-tests", "--message-format=json",
-         *(arg for suite in suites for arg in ("--test", suite))],
+        [os.environ.get("CARGO", "cargo"), "test", "--release", "--no-run", "--message-format=json", *selection],
         cwd=REPO_ROOT, capture_output=True, text=True,
     )
     if done.returncode != 0:
@@ -55,7 +62,9 @@ def test_binaries(suites: list[str]) -> dict[str, str]:
     for line in done.stdout.splitlines():
         message = json.loads(line)
         if message.get("reason") == "compiler-artifact" and message.get("executable") and message["profile"]["test"]:
-            binaries[message["target"]["name"]] = message["executable"]
+            target = message["target"]
+            name = UNIT if "lib" in target["kind"] else target["name"]
+            binaries[name] = message["executable"]
     missing = [suite for suite in suites if suite not in binaries]
     if missing:
         sys.exit(f"cargo built no test binary for {', '.join(missing)}")
@@ -74,13 +83,15 @@ def suite_command(suite: str, binary: str, filter_: str | None) -> str:
     arguments = guest.shell_quote(filter_) if filter_ else ""
     return (
         f"cd {guest.shell_quote(str(REPO_ROOT / 'tests'))} && start=$(cut -d' ' -f1 /proc/uptime) && "
-        f"{assignments} RUST_BACKTRACE=1 {guest.shell_quote(binary)} {arguments}; rc=$?; "
+        f"{assignments} RUST_BACKTRACE=1 {guest.shell_quote(binary)} --color never {arguments}; rc=$?; "
         f"echo \"@@suite {suite} seconds $(awk -v s=$start '{{print $1 - s}}' /proc/uptime)\"; exit $rc"
     )
 
 
 def parse(output: str) -> dict:
     """libtest's tallies (`test result: … N passed; M failed; K ignored`) and failed names."""
+    # libtest colours its verdicts on a terminal (the guest's console is one).
+    output = re.sub(r"\x1b\[[0-9;]*m|[\x00-\x08\x0e-\x1f]", "", output)
     tally = {"passed": 0, "failed": 0, "ignored": 0}
     found = False
     for match in re.finditer(r"test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored", output):
@@ -98,7 +109,8 @@ def parse(output: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--filter", help="libtest filter passed to every suite")
-    parser.add_argument("--suites", default=",".join(KERNEL_SUITES), help="comma-separated test binaries")
+    parser.add_argument("--suites", default=",".join(KERNEL_SUITES),
+                        help=f"comma-separated test binaries of dataplane-tests, or `{UNIT}` for the library's unit tests")
     parser.add_argument("--cpus", type=int, default=2, help="guest vCPUs (multi-threaded TCG)")
     parser.add_argument("--memory", type=int, default=2048, help="guest memory in MiB")
     parser.add_argument("--workdir", type=Path, help="keep the guest's files (serial log) here")
