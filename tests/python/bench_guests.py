@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -126,9 +127,10 @@ def main() -> int:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
         print(f"hub {result['median_gbps']['hub']:.2f} Gbit/s, bridge {result['median_gbps']['bridge']:.2f} Gbit/s, "
               f"hub/bridge {result['ratio_hub_to_bridge']:.2f}x ({a.accel}); written to {args.output}")
+        shutil.rmtree(workdir, ignore_errors=True)
         return 0
     except guest.GuestError as error:
-        print(error)
+        print(f"{error}\n(files kept in {workdir})")
         return 1
     finally:
         for machine in machines:

@@ -523,6 +523,8 @@ class Guest:
                 self.proc.wait(timeout=10)
         if getattr(self, "_log", None) is not None and not self._log.closed:
             self._log.close()
+        # The per-guest image copy is large and QEMU has long read it.
+        (self.workdir / "initrd.cpio").unlink(missing_ok=True)
 
     def poweroff(self, timeout: float = 60) -> None:
         """Ends the agent loop so /init powers off, and waits for QEMU to exit with 0."""
