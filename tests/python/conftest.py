@@ -159,7 +159,7 @@ def start_guest(request, short_tmp: Path) -> Iterator:
     started: list = []
 
     def start(name: str, **options):
-        machine = guest.Guest(short_tmp / f"guest-{name}", name, **options)
+        machine = guest.Guest(short_tmp / f"guest-{name}", f"{request.node.name}/{name}", **options)
         started.append(machine)
         return machine.start()
 

@@ -367,39 +367,45 @@ def shell_quote(value: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 _accelerator: Optional[str] = None
+#: Why the run uses that accelerator (for the summary).
+_accelerator_reason = ""
 
 
 def accelerator(workdir: Path) -> str:
     """`kvm` or `tcg` for this run: the environment's choice, else a probe, remembered."""
-    global _accelerator
+    global _accelerator, _accelerator_reason
     if _accelerator is None:
         chosen = os.environ.get("NETDEVD_GUEST_ACCEL")
         if chosen in ("kvm", "tcg"):
-            _accelerator = chosen
+            _accelerator, _accelerator_reason = chosen, "set by NETDEVD_GUEST_ACCEL"
         elif chosen:
             raise GuestError(f"NETDEVD_GUEST_ACCEL={chosen!r}: expected kvm or tcg")
         else:
-            _accelerator = _probe_kvm(workdir)
+            _accelerator, _accelerator_reason = _probe_kvm(workdir)
     return _accelerator
 
 
-def _probe_kvm(workdir: Path) -> str:
+def _probe_kvm(workdir: Path) -> tuple[str, str]:
     """Boots a guest with no NIC under KVM; one that has not reached /init within
-    `KVM_PROBE_SECONDS` means KVM is unusable (nested PVM hosts hang there)."""
+    `KVM_PROBE_SECONDS` means KVM is unusable (nested PVM hosts hang there). Returns the
+    accelerator and why."""
     try:
         with open("/dev/kvm", "rb"):
             pass
-    except OSError:
-        return "tcg"
+    except OSError as error:
+        return "tcg", f"/dev/kvm does not open ({error.strerror})"
     probe = Guest(workdir / "kvm-probe", "kvm-probe", commands=[], nics=(), accel="kvm", agent=False)
     try:
         probe.start()
         probe.wait_for(INIT_MARKER, KVM_PROBE_SECONDS)
-        return "kvm"
+        return "kvm", "a KVM guest reached /init"
     except GuestError:
-        return "tcg"
+        if probe.proc is not None and probe.proc.poll() is not None:
+            return "tcg", f"QEMU under KVM exited with {probe.proc.returncode} (KVM unusable)"
+        return "tcg", f"a KVM guest printed nothing within {KVM_PROBE_SECONDS:.0f} s (KVM unusable)"
     finally:
         probe.stop()
+        BOOTS[:] = [boot for boot in BOOTS if boot[0] != "kvm-probe"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -653,8 +659,11 @@ class Guest:
 
 
 def boot_summary() -> list[str]:
-    """One line per guest booted in this process: accelerator and seconds to /init."""
-    return [f"guest {name}: accelerator {accel}, booted to /init in {seconds:.1f} s" for name, accel, seconds in BOOTS]
+    """The run's accelerator and why, then one line per guest booted in this process:
+    accelerator and seconds to /init."""
+    if not BOOTS:
+        return []
+    return [f"accelerator {_accelerator}: {_accelerator_reason}"] + [f"guest {name}: accelerator {accel}, booted to /init in {seconds:.1f} s" for name, accel, seconds in BOOTS]
 
 
 def tap_name(prefix: str) -> str:
