@@ -163,6 +163,10 @@ def main() -> int:
               f"ignored {tally['ignored']:3}  {seconds}")
         for name in tally["failures"]:
             print(f"    failed: {name}")
+    ran = sum(parse(result.output)["passed"] + parse(result.output)["failed"] for result in results[2:])
+    if ran == 0:
+        print("kernel61: no test ran (does the filter match any?)")
+        failed = True
     print(f"kernel61: {'FAILED' if failed else 'ok'} in {elapsed:.0f} s")
     return 1 if failed else 0
 

@@ -167,7 +167,9 @@ fn test(root: &std::path::Path, filter: Option<&str>) -> Result<()> {
         (Ok(()), Ok(())) => Ok(()),
         (Err(host), Ok(())) => Err(host),
         (Ok(()), Err(guest)) => Err(guest.context("the kernel-6.1 suites failed")),
-        (Err(host), Err(guest)) => Err(host.context(format!("and the kernel-6.1 suites failed: {guest:#}"))),
+        (Err(host), Err(guest)) => {
+            Err(anyhow::anyhow!("the host suites failed: {host:#}\nthe kernel-6.1 suites failed: {guest:#}"))
+        }
     }
 }
 

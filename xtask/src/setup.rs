@@ -70,11 +70,12 @@ fn busybox_static(root: &Path) -> Result<()> {
     shell::step("fetching busybox-static for the guests (unpacked under target/guest, not installed)");
     let download = cache.join("download");
     std::fs::create_dir_all(&download).with_context(|| format!("creating {}", download.display()))?;
-    let fetch = || Command::new("apt-get").args(["download", "-q", BUSYBOX_STATIC_PACKAGE]).current_dir(&download).status();
-    if !fetch().is_ok_and(|status| status.success()) {
+    let mut fetch = Command::new("apt-get");
+    fetch.args(["download", "-q", BUSYBOX_STATIC_PACKAGE]).current_dir(&download);
+    if !fetch.status().is_ok_and(|status| status.success()) {
         // Package lists may be missing (a fresh container): refresh them once.
         shell::run(Command::new("apt-get").args(["update", "-q"]))?;
-        shell::run(Command::new("apt-get").args(["download", "-q", BUSYBOX_STATIC_PACKAGE]).current_dir(&download))?;
+        shell::run(&mut fetch)?;
     }
     let deb = std::fs::read_dir(&download)?
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
