@@ -35,6 +35,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import itertools
 import os
 import re
 import socket
@@ -65,6 +66,9 @@ HOSTROOT_MODULES = ("9pnet_virtio", "9p", "overlay")
 
 #: Host programs every guest gets (with their libraries).
 DEFAULT_PROGRAMS = ("/usr/bin/iperf3",)
+
+#: How much of a serial log an error message carries (its end).
+ERROR_LOG_CHARS = 200_000
 
 #: What every guest's /init prints first; the boot time is measured up to it.
 INIT_MARKER = "@@guest init"
@@ -556,8 +560,11 @@ class Guest:
 
     def error(self, what: str) -> GuestError:
         qemu_log = self.qemu_log_path.read_text(errors="replace") if self.qemu_log_path.exists() else ""
+        log = self.serial()
+        if len(log) > ERROR_LOG_CHARS:
+            log = f"[… the first {len(log) - ERROR_LOG_CHARS} characters are in {self.serial_path}]\n" + log[-ERROR_LOG_CHARS:]
         return GuestError(
-            f"guest {self.name} ({self.accel}): {what}\n--- serial log ---\n{self.serial()}"
+            f"guest {self.name} ({self.accel}): {what}\n--- serial log ---\n{log}"
             + (f"\n--- QEMU ---\n{qemu_log}" if qemu_log.strip() else "")
         )
 
@@ -566,20 +573,28 @@ class Guest:
             raise self.error(f"QEMU exited with {self.proc.returncode}")
 
     def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        """Waits until the serial log matches `pattern` (a regex); returns the match."""
+        """Waits until the serial log matches `pattern` (a regex within a line or a few); returns
+        the match. Reads only what the guest printed since the last look: a log can reach
+        megabytes (verifier logs) and a full re-read every poll would take a CPU from the guest."""
         deadline = time.monotonic() + timeout
         regex = re.compile(pattern)
-        while True:
-            match = regex.search(self.serial())
-            if match:
-                if pattern == INIT_MARKER and self.boot_seconds is None:
-                    self._record_boot()
-                return match
-            if self.proc is not None and self.proc.poll() is not None:
-                raise self.error(f"QEMU exited with {self.proc.returncode} before printing {pattern!r}")
-            if time.monotonic() > deadline:
-                raise self.error(f"no {pattern!r} on the console within {timeout:.0f} s")
-            time.sleep(0.1)
+        text = ""
+        with open(self.serial_path, "rb") as log:
+            while True:
+                chunk = log.read()
+                if chunk:
+                    # Keep a tail of what was already searched: a match may straddle two reads.
+                    text = text[-4096:] + chunk.decode(errors="replace").replace("\r", "")
+                    match = regex.search(text)
+                    if match:
+                        if pattern == INIT_MARKER and self.boot_seconds is None:
+                            self._record_boot()
+                        return match
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise self.error(f"QEMU exited with {self.proc.returncode} before printing {pattern!r}")
+                if time.monotonic() > deadline:
+                    raise self.error(f"no {pattern!r} on the console within {timeout:.0f} s")
+                time.sleep(0.2)
 
     def wait_booted(self, timeout: float = BOOT_TIMEOUT) -> float:
         """Waits for /init; returns (and records) the seconds from QEMU's start."""
@@ -666,10 +681,12 @@ def boot_summary() -> list[str]:
     return [f"accelerator {_accelerator}: {_accelerator_reason}"] + [f"guest {name}: accelerator {accel}, booted to /init in {seconds:.1f} s" for name, accel, seconds in BOOTS]
 
 
+_tap_serial = itertools.count(1)
+
+
 def tap_name(prefix: str) -> str:
     """A tap name unique to this process (15 bytes at most)."""
-    tap_name.serial = getattr(tap_name, "serial", 0) + 1  # type: ignore[attr-defined]
-    return f"{prefix}{os.getpid() & 0xFFFF:x}x{tap_name.serial}"[:15]  # type: ignore[attr-defined]
+    return f"{prefix}{os.getpid() & 0xFFFF:x}x{next(_tap_serial)}"[:15]
 
 
 def guest_mac(index: int) -> str:
