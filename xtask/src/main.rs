@@ -107,29 +107,69 @@ fn build(root: &std::path::Path) -> Result<()> {
     shell::run(shell::cargo(root).args(["build", "--release", "--workspace", "--bins"]))
 }
 
+/// One suite of `cargo xtask test`: a name for the summary and the command that runs it.
+struct Suite {
+    name: &'static str,
+    command: std::process::Command,
+    /// Exit codes that mean "the filter selected nothing here", a pass when a filter is given.
+    nothing_selected: &'static [i32],
+}
+
 fn test(root: &std::path::Path, filter: Option<&str>) -> Result<()> {
     shell::require_root("cargo xtask test")?;
     build(root)?;
-    shell::step("Rust tests (unit, schema, keyval, protocol, eBPF test-run)");
-    let mut rust = shell::cargo(root);
-    if shell::have_command("cargo-nextest") {
-        rust.args(["nextest", "run", "--release", "--workspace", "--no-fail-fast"]);
-    } else {
-        rust.args(["test", "--release", "--workspace", "--no-fail-fast"]);
+    // Every suite runs even when an earlier one fails; the failures are reported together at the end.
+    let suites = [
+        Suite {
+            name: "Rust unit and integration tests (release)",
+            command: nextest(root, &["--release", "--workspace"], filter),
+            nothing_selected: &[],
+        },
+        Suite {
+            name: "Rust unit tests with overflow checks (debug profile: property tests catch arithmetic overflow)",
+            command: nextest(root, &["-p", "dataplane-user", "--lib"], filter),
+            nothing_selected: &[],
+        },
+        Suite { name: "Python tests (qemu.qmp, netdevctl, QEMU interop)", command: pytest(root, filter), nothing_selected: &[5] },
+    ];
+    let mut failed = Vec::new();
+    for Suite { name, mut command, nothing_selected } in suites {
+        shell::step(name);
+        match shell::status(&mut command)? {
+            0 => {}
+            code if filter.is_some() && nothing_selected.contains(&code) => {
+                eprintln!("    no test matches {filter:?} here");
+            }
+            code => failed.push(format!("{name}: exit code {code}")),
+        }
     }
-    rust.args(filter);
-    rust.env("NETDEVD_BIN", root.join("target/release/netdevd"));
-    rust.env("NETDEVCTL_BIN", root.join("target/release/netdevctl"));
-    rust.env("NETDEVD_BPF_OBJECT", ebpf::object_path(root));
-    shell::run(&mut rust)?;
+    if !failed.is_empty() {
+        anyhow::bail!("{} suite(s) failed:\n  {}", failed.len(), failed.join("\n  "));
+    }
+    Ok(())
+}
 
-    shell::step("Python tests (official qemu.qmp client against the running daemon)");
-    let mut py = std::process::Command::new(setup::venv_python(root));
-    py.args(["-m", "pytest", "-v", "-p", "no:cacheprovider"]).arg(root.join("tests/python"));
+/// The environment every test suite needs: the built binaries and the eBPF object.
+fn test_env(root: &std::path::Path, command: &mut std::process::Command) {
+    command.env("NETDEVD_BIN", root.join("target/release/netdevd"));
+    command.env("NETDEVCTL_BIN", root.join("target/release/netdevctl"));
+    command.env("NETDEVD_BPF_OBJECT", ebpf::object_path(root));
+}
+
+/// `cargo nextest run` with `args`; a filter that selects no test here is no failure.
+fn nextest(root: &std::path::Path, args: &[&str], filter: Option<&str>) -> std::process::Command {
+    let mut command = shell::cargo(root);
+    command.args(["nextest", "run", "--no-fail-fast", "--no-tests=pass"]).args(args).args(filter);
+    test_env(root, &mut command);
+    command
+}
+
+fn pytest(root: &std::path::Path, filter: Option<&str>) -> std::process::Command {
+    let mut command = std::process::Command::new(setup::venv_python(root));
+    command.args(["-m", "pytest", "-v", "-p", "no:cacheprovider"]).arg(root.join("tests/python"));
     if let Some(filter) = filter {
-        py.args(["-k", filter]);
+        command.args(["-k", filter]);
     }
-    py.env("NETDEVD_BIN", root.join("target/release/netdevd"));
-    py.env("NETDEVCTL_BIN", root.join("target/release/netdevctl"));
-    shell::run(&mut py)
+    test_env(root, &mut command);
+    command
 }
