@@ -51,3 +51,56 @@ impl TapVm {
         frames
     }
 }
+
+/// The byte at offset `i` of a fixed-amount transfer: a pattern that is not periodic in any
+/// power of two, so a lost, repeated or misplaced segment shows.
+fn pattern(i: u64) -> u8 {
+    u8::try_from(i % 251).unwrap_or(0)
+}
+
+/// Moves exactly `bytes` over one TCP connection from `client` to `address`:`port` (a listener
+/// in `server`) and checks that every byte arrived, in order and unchanged: a fixed amount,
+/// never a rate, so a slow machine only takes longer.
+pub fn tcp_amount(server: &crate::Netns, client: &crate::Netns, address: &str, port: u16, bytes: u64) {
+    use std::io::{Read, Write};
+    let target: std::net::SocketAddr = format!("{address}:{port}").parse().expect("an IPv4 address");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let received = std::thread::scope(|scope| {
+        let receiver = scope.spawn(move || {
+            server.within(move || {
+                let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("listen");
+                let _ = ready_tx.send(());
+                let (mut stream, _) = listener.accept().expect("accept");
+                stream.set_read_timeout(Some(DEADLINE)).expect("read timeout");
+                let (mut offset, mut buffer) = (0u64, vec![0u8; 1 << 16]);
+                loop {
+                    let n = stream.read(&mut buffer).unwrap_or_else(|e| panic!("reading at byte {offset}: {e}"));
+                    if n == 0 {
+                        return offset;
+                    }
+                    for byte in &buffer[..n] {
+                        assert_eq!(*byte, pattern(offset), "byte {offset} of the transfer changed");
+                        offset += 1;
+                    }
+                }
+            })
+        });
+        ready_rx.recv_timeout(DEADLINE).expect("the receiver listens");
+        client.within(move || {
+            let mut stream = std::net::TcpStream::connect_timeout(&target, DEADLINE).expect("connect");
+            stream.set_write_timeout(Some(DEADLINE)).expect("write timeout");
+            let chunk: Vec<u8> = (0..1u64 << 16).map(pattern).collect();
+            let mut sent = 0u64;
+            while sent < bytes {
+                // 65536 is a multiple of nothing 251 divides, so each chunk starts where the last ended.
+                let start = usize::try_from(sent % 251).unwrap_or(0);
+                let len = usize::try_from((bytes - sent).min(60_000)).unwrap_or(60_000);
+                stream.write_all(&chunk[start..start + len]).unwrap_or_else(|e| panic!("writing at byte {sent}: {e}"));
+                sent += len as u64;
+            }
+            stream.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        });
+        receiver.join().expect("the receiver")
+    });
+    assert_eq!(received, bytes, "TCP to {address}:{port}: {received} of {bytes} bytes arrived");
+}
