@@ -565,3 +565,37 @@ fn netdev_del_under_traffic() {
     d.vm.send(&to_c);
     assert_eq!(c.vm.recv_marked_count(&after, 1, WAIT), vec![to_c], "C gets D's frame after the deletions");
 }
+
+/// `script` and `downscript` as QEMU runs them: with the tap's name as their argument, the
+/// script once the tap exists (before `netdev_add` answers), the downscript at `netdev_del`
+/// while the tap still exists. The scripts log what they see.
+#[test]
+fn tap_script_and_downscript_run_with_the_ifname() {
+    let (switch, daemon) = switch_with_daemon();
+    let dir = dataplane_tests::TempDir::new();
+    let log = dir.0.join("log");
+    let write_script = |name: &str, word: &str| {
+        let path = dir.0.join(name);
+        let body = format!(
+            "#!/bin/sh\nif ip link show dev \"$1\" >/dev/null 2>&1; then state=exists; else state=missing; fi\n\
+             echo \"{word} $# $1 $state\" >> {}\n",
+            log.display()
+        );
+        std::fs::write(&path, body).expect("write the script");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        path
+    };
+    let (up, down) = (write_script("up.sh", "up"), write_script("down.sh", "down"));
+    let tap = unique("t");
+    daemon.add(&format!("tap,id={tap},ifname={tap},script={},downscript={}", up.display(), down.display()));
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(logged(), format!("up 1 {tap} exists\n"), "the script ran once, with the tap's name, after it was made");
+    assert!(switch.links().contains(&tap), "the tap stays after its script");
+    daemon.del(&tap);
+    assert_eq!(
+        logged(),
+        format!("up 1 {tap} exists\ndown 1 {tap} exists\n"),
+        "the downscript ran once at netdev_del, with the tap's name, before the tap went"
+    );
+    assert!(!switch.links().contains(&tap), "the tap is gone after netdev_del");
+}
