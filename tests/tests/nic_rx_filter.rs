@@ -886,3 +886,50 @@ fn rx_filter_errors_are_generic_errors() {
     let error = hub.daemon.execute("query-rx-filter", json!({"name": "zz"})).expect_err("unknown NIC");
     assert_eq!((error.class, error.desc.as_str()), (ErrorClass::GenericError, "invalid net client name: zz"));
 }
+
+/// `set_link` on a NIC downs its port in the kernel: nothing is delivered to the NIC's VM (each
+/// such frame counted as a link-down drop on its port) and nothing it sends enters the hub; up
+/// again, both directions work.
+#[test]
+fn set_link_on_a_nic_downs_its_port() {
+    let mut hub = Hub::new(3);
+    let b_tap = hub.vms[1].tap.clone();
+    let b_port = hub.vms[1].port.clone();
+    hub.daemon.add(&format!("nic,id=nb,netdev={b_tap},macaddr={}", fmt_mac(B_MAC)));
+    let link_down = |hub: &Hub| -> u64 {
+        let row = hub.daemon.counters(&b_port);
+        row["drops"]["link-down"].as_u64().unwrap_or_else(|| panic!("no link-down drop counter: {row}"))
+    };
+
+    hub.daemon.set_link("nb", false);
+    let nb = hub.daemon.netdevs().into_iter().find(|n| n["id"] == json!("nb")).expect("nb is listed");
+    assert_eq!(nb["link-up"], json!(false), "x-query-netdevs shows nb down: {nb}");
+    let tag = new_tag();
+    let to_b = vec![("to-b", frame(B_MAC, src_mac(1), &tag, "to-b"))];
+    let drops_before = link_down(&hub);
+    let sent = hub.send_and_settle(0, &to_b);
+    assert_eq!(sent[1], 0, "nothing is transmitted to B's port while nb is down");
+    assert_eq!(link_down(&hub) - drops_before, 1, "the frame to B is a link-down drop on B's port");
+    assert!(read_tagged(&mut hub.vms[1].vm, &tag, 0).is_empty(), "B's VM gets nothing");
+    let c = read_tagged(&mut hub.vms[2].vm, &tag, sent[2]);
+    assert_eq!(probe_names(&c, &to_b, "C"), vec!["to-b"], "C, with no NIC, still gets the frame (a hub floods)");
+    // B's own frame: dropped as it enters (link down), so C never sees it.
+    let from_b = frame(BROADCAST, B_MAC, &tag, "from-b");
+    let before = link_down(&hub);
+    hub.vms[1].vm.send(&from_b);
+    settle::wait_until("B's frame is dropped at its downed port", || link_down(&hub) > before);
+    assert_eq!(link_down(&hub) - before, 1, "one link-down drop for B's frame");
+    let c_sent = hub.send_and_settle(0, &[("marker", frame(BROADCAST, src_mac(1), &tag, "marker"))]);
+    let c = read_tagged(&mut hub.vms[2].vm, &tag, c_sent[2]);
+    assert_eq!(probe_names(&c, &[("marker", frame(BROADCAST, src_mac(1), &tag, "marker"))], "C"), vec!["marker"], "C got A's marker and nothing of B's");
+
+    hub.daemon.set_link("nb", true);
+    let tag = new_tag();
+    let to_b = vec![("to-b", frame(B_MAC, src_mac(1), &tag, "to-b"))];
+    let sent = hub.send_and_settle(0, &to_b);
+    assert_eq!(probe_names(&read_tagged(&mut hub.vms[1].vm, &tag, sent[1]), &to_b, "B"), vec!["to-b"], "nb up again: B gets its frame");
+    assert_eq!(probe_names(&read_tagged(&mut hub.vms[2].vm, &tag, sent[2]), &to_b, "C"), vec!["to-b"]);
+    let from_b = vec![("from-b", frame(BROADCAST, B_MAC, &tag, "from-b"))];
+    let sent = hub.send_and_settle(1, &from_b);
+    assert_eq!(probe_names(&read_tagged(&mut hub.vms[2].vm, &tag, sent[2]), &from_b, "C"), vec!["from-b"], "and C gets B's");
+}
