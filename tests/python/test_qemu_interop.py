@@ -965,3 +965,58 @@ def test_unix_path_in_missing_directory(netns, start_daemon_in, short_tmp, make_
             assert not missing.exists()
 
     run_logged(body(), daemon)
+
+
+async def stream_server_at(d, addr: dict, port: FramePort) -> None:
+    """In the daemon: stream server `big` at `addr`, on hub 0 with the test's dgram port."""
+    await d.execute("netdev_add", {"type": "stream", "id": "big", "server": True, "addr": addr})
+    await d.execute("netdev_add", {"type": "hubport", "id": "hub-big", "hubid": 0, "netdev": "big"})
+    await d.execute("netdev_add", port.netdev("tport"))
+    await d.execute("netdev_add", {"type": "hubport", "id": "hub-tport", "hubid": 0, "netdev": "tport"})
+
+
+def test_stream_server_port_range_and_abstract_address(start_daemon_in, short_tmp):
+    """A stream server with `to` takes the first free port of its range (QEMU's inet_listen), and
+    one on an abstract unix address listens there; frames cross both. The daemon runs in the
+    test's own namespace: abstract names are per namespace, and the ports are on loopback."""
+    daemon = start_daemon_in(None)
+
+    async def connect(family: int, address) -> socket.socket:
+        conn = socket.socket(family, socket.SOCK_STREAM)
+        conn.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(conn, address)
+        return conn
+
+    async def body() -> None:
+        port = FramePort(short_tmp, "t")
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        first = taken.getsockname()[1]
+        try:
+            async with qmp_client(daemon.socket_path) as d:
+                # The range's first port is taken: the server binds the next one.
+                addr = {"type": "inet", "host": "127.0.0.1", "port": str(first), "to": first + 1}
+                await stream_server_at(d, addr, port)
+                with await connect(socket.AF_INET, ("127.0.0.1", first + 1)) as conn:
+                    event = await next_event(d, "NETDEV_STREAM_CONNECTED")
+                    assert event["data"]["netdev-id"] == "big", event
+                    await crosses(conn, port)
+                await next_event(d, "NETDEV_STREAM_DISCONNECTED")
+                for netdev in ("hub-big", "big", "hub-tport", "tport"):
+                    await d.execute("netdev_del", {"id": netdev})
+
+                name = f"netdevd-test-{os.getpid()}-{next(_serial)}"
+                await stream_server_at(d, {"type": "unix", "path": name, "abstract": True}, port)
+                assert not os.path.exists(name), "an abstract address creates no file"
+                with await connect(socket.AF_UNIX, "\0" + name) as conn:
+                    event = await next_event(d, "NETDEV_STREAM_CONNECTED")
+                    assert event["data"] == {
+                        "netdev-id": "big", "addr": {"type": "unix", "path": name, "abstract": True, "tight": True},
+                    }, event
+                    await crosses(conn, port)
+        finally:
+            taken.close()
+            port.close()
+
+    run_logged(body(), daemon, timeout=20)
