@@ -250,7 +250,7 @@ def diagnostics(daemon, qemu=None) -> str:
     return text
 
 
-def run_logged(coro, daemon, qemu=None, timeout: float = 30) -> None:
+def run_logged(coro, daemon, qemu=None, timeout: float = 120) -> None:
     """Runs a test body; a failure carries the daemon's (and QEMU's) log."""
     try:
         run(coro, timeout=timeout)
@@ -644,7 +644,7 @@ def test_stream_reconnect(netns, start_daemon_in, start_qemu, short_tmp, family,
                 dside.port.close()
                 qside.port.close()
 
-    run_logged(body(), daemon, qemu, timeout=40)
+    run_logged(body(), daemon, qemu)
 
 
 async def _failures(client, at_least: int) -> Optional[dict]:
@@ -769,7 +769,7 @@ def test_oversized_stream_frame(netns, start_daemon_in, short_tmp):
         finally:
             port.close()
 
-    run_logged(body(), daemon, timeout=20)
+    run_logged(body(), daemon)
 
 
 
@@ -802,7 +802,7 @@ def test_stream_large_frame_keeps_connection(netns, start_daemon_in, short_tmp, 
         finally:
             port.close()
 
-    run_logged(body(), daemon, timeout=20)
+    run_logged(body(), daemon)
 
 
 
@@ -836,7 +836,7 @@ def test_dgram_large_frame_keeps_port(netns, start_daemon_in, short_tmp, size):
             a.close()
             b.close()
 
-    run_logged(body(), daemon, timeout=20)
+    run_logged(body(), daemon)
 
 
 BAD_ADDRESSES = [
@@ -1019,4 +1019,4 @@ def test_stream_server_port_range_and_abstract_address(start_daemon_in, short_tm
             taken.close()
             port.close()
 
-    run_logged(body(), daemon, timeout=20)
+    run_logged(body(), daemon)

@@ -141,7 +141,7 @@ def test_first_change_emits_once_until_queried(daemon):
             await set_filter(client, "nic0", promiscuous=True)
             await expect_events(client, ["nic0"])
 
-    run(body(), timeout=20)
+    run(body())
 
 
 def test_query_without_name_rearms_every_nic(daemon):
@@ -163,7 +163,7 @@ def test_query_without_name_rearms_every_nic(daemon):
             await set_filter(client, "nic1", unicast="normal")
             await expect_events(client, ["nic0", "nic1"])
 
-    run(body(), timeout=20)
+    run(body())
 
 
 def test_events_are_per_nic(daemon):
@@ -186,7 +186,7 @@ def test_events_are_per_nic(daemon):
             await set_filter(client, "nic1", promiscuous=True)
             await expect_events(client, ["nic1"])
 
-    run(body(), timeout=20)
+    run(body())
 
 
 def test_failed_change_neither_emits_nor_disarms(daemon):
@@ -231,7 +231,7 @@ def test_failed_change_neither_emits_nor_disarms(daemon):
             )
             await expect_silence(client)
 
-    run(body(), timeout=20)
+    run(body())
 
 
 def test_event_reaches_every_client(daemon):
@@ -249,7 +249,7 @@ def test_event_reaches_every_client(daemon):
             await expect_events(a, ["nic0"])
             await expect_events(b, ["nic0"])
 
-    run(body(), timeout=20)
+    run(body())
 
 
 def test_recreated_nic_starts_armed(daemon):
@@ -272,7 +272,7 @@ def test_recreated_nic_starts_armed(daemon):
             await set_filter(client, "nic0", promiscuous=False)
             await expect_events(client, ["nic0"])
 
-    run(body(), timeout=20)
+    run(body())
 
 
 def test_nic_behind_a_tap(daemon):
@@ -304,7 +304,7 @@ def test_nic_behind_a_tap(daemon):
                 await client.execute("netdev_del", {"id": tap})
             assert await query(client) == []
 
-    run(body(), timeout=20)
+    run(body())
     assert not os.path.exists(f"/sys/class/net/{tap}"), f"netdev_del removed the tap {tap}"
 
 
@@ -408,4 +408,4 @@ def test_non_virtio_model_is_skipped_or_refused(daemon):
             assert cls == "GenericError" and "e0" in desc, desc
             await expect_silence(client)
 
-    run(body(), timeout=20)
+    run(body())

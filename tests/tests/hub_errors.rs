@@ -97,7 +97,7 @@ impl Fixture {
         let mut fresh = TapVm::open(&self.switch, &tap, false);
         // A tap drops what it is sent until linkwatch activates its qdisc after the first queue.
         for ifname in [&self.base_tap, &tap] {
-            self.switch.wait_link_ready(ifname, Duration::from_secs(5));
+            self.switch.wait_link_ready(ifname, dataplane_tests::settle::DEADLINE);
         }
         let marker = format!("still-works-{tap}");
         let frame = test_frame(mac(2), mac(1), marker.as_bytes());
@@ -291,7 +291,7 @@ struct RawQmp {
 impl RawQmp {
     fn connect(daemon: &Daemon) -> Self {
         // The socket file appears at bind(), a moment before listen(): retry a refused connect.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + dataplane_tests::settle::DEADLINE;
         let stream = loop {
             match UnixStream::connect(&daemon.socket) {
                 Ok(stream) => break stream,
@@ -348,7 +348,7 @@ impl RawQmp {
 /// Waits until `ifname` is up with carrier and its qdisc is no longer `noop` (linkwatch activates
 /// it asynchronously; until then the tap drops what it is sent).
 fn wait_transmits(ns: &Netns, ifname: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + dataplane_tests::settle::DEADLINE;
     loop {
         let link = ns.link_json(ifname);
         let flags = link["flags"].as_array().cloned().unwrap_or_default();
@@ -358,7 +358,7 @@ fn wait_transmits(ns: &Netns, ifname: &str) {
         if ready {
             return;
         }
-        assert!(Instant::now() < deadline, "{ifname} cannot transmit within 5 s: {link}");
+        assert!(Instant::now() < deadline, "{ifname} cannot transmit in time: {link}");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -403,7 +403,7 @@ fn tap_fd_passed_with_getfd_carries_frames() {
     // The test's own tap had its carrier before it was up, so its operstate stays UNKNOWN:
     // wait for carrier and an active qdisc only.
     wait_transmits(&switch, &passed_tap);
-    switch.wait_link_ready(&other_tap, Duration::from_secs(5));
+    switch.wait_link_ready(&other_tap, dataplane_tests::settle::DEADLINE);
 
     let first = b"fd-passed-to-other";
     let frame = test_frame(mac(2), mac(1), first);
@@ -426,7 +426,7 @@ fn tap_fd_passed_with_getfd_carries_frames() {
     assert!(switch.links().contains(&passed_tap), "the VMM's tap survives netdev_del");
     assert_eq!(switch.tcx_programs(&passed_tap), (vec![], vec![]), "and is off the hub");
     drop(passed_vm);
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + dataplane_tests::settle::DEADLINE;
     while switch.links().contains(&passed_tap) {
         assert!(Instant::now() < deadline, "the tap outlived the VMM's fd: the daemon still holds a copy");
         std::thread::sleep(Duration::from_millis(20));

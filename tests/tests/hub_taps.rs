@@ -49,7 +49,7 @@ fn tap_on_hub(switch: &Netns, daemon: &Daemon, hubid: i32) -> Vm {
     daemon.add(&format!("hubport,id={port},hubid={hubid},netdev={tap}"));
     let vm = TapVm::open(switch, &tap, false);
     // Frames sent to the tap before the kernel has activated its qdisc are dropped.
-    switch.wait_link_ready(&tap, Duration::from_secs(5));
+    switch.wait_link_ready(&tap, dataplane_tests::settle::DEADLINE);
     Vm { tap, port, vm }
 }
 
@@ -598,4 +598,52 @@ fn tap_script_and_downscript_run_with_the_ifname() {
         "the downscript ran once at netdev_del, with the tap's name, before the tap went"
     );
     assert!(!switch.links().contains(&tap), "the tap is gone after netdev_del");
+}
+
+/// Opens one queue of the multi-queue tap `ifname` in `ns`, as a VMM with `queues=N` does.
+fn open_queue(ns: &Netns, ifname: &str) -> std::io::Result<TapVm> {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let name = ifname.to_owned();
+    let fd = ns.within(move || -> std::io::Result<std::os::fd::OwnedFd> {
+        let file = std::fs::File::options().read(true).write(true).open("/dev/net/tun")?;
+        let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
+        let mut request = IfReq { name: [0; 16], flags: flags as libc::c_short, _pad: [0; 22] };
+        request.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes the `ifreq` the pointer refers to, which outlives the call.
+        let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::TUNSETIFF, &raw mut request) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(file.into())
+    })?;
+    Ok(TapVm::from_fd(fd, false))
+}
+
+/// `queues=2`: the tap is made multi-queue (`IFF_MULTI_QUEUE`), so a VMM attaches two queues to
+/// it (a single-queue tap refuses a second), and frames from either queue cross the hub.
+#[test]
+fn tap_with_two_queues() {
+    let (switch, daemon) = switch_with_daemon();
+    let mut b = tap_on_hub(&switch, &daemon, 0);
+    let tap = unique("t");
+    daemon.add(&format!("tap,id={tap},ifname={tap},script=no,downscript=no,queues=2"));
+    daemon.add(&format!("hubport,id=p{tap},hubid=0,netdev={tap}"));
+    let queues: Vec<TapVm> = (0..2)
+        .map(|i| open_queue(&switch, &tap).unwrap_or_else(|e| panic!("queue {i} of the queues=2 tap {tap}: {e}")))
+        .collect();
+    switch.wait_link_ready(&tap, dataplane_tests::settle::DEADLINE);
+    let tag = tag();
+    for (i, mut queue) in queues.into_iter().enumerate() {
+        let frame = tagged(BROADCAST, mac(i), &tag, &format!("from-queue-{i}"));
+        queue.send(&frame);
+        assert_eq!(b.vm.recv_tagged(&marker(&tag, &format!("from-queue-{i}")), 1), vec![frame], "queue {i}'s frame crosses the hub");
+    }
+    // The same on a tap without queues: a second queue is refused.
+    let single = tap_on_hub(&switch, &daemon, 0);
+    assert!(open_queue(&switch, &single.tap).is_err(), "a tap without queues takes no multi-queue attach");
 }

@@ -3,8 +3,6 @@
 //! gets what its VM accepts (`TUNSETOFFLOAD`): the metadata as is, or the work done in software.
 //! Needs root.
 
-use std::time::Duration;
-
 use dataplane_tests::{Daemon, Netns, TUN_F_CSUM, TUN_F_TSO4, TapVm, VirtioNetHdr, contains, settle, test_frame, unique};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
@@ -31,7 +29,7 @@ fn vm_on_hub(switch: &Netns, daemon: &Daemon, vnet_hdr: bool) -> TapVm {
     daemon.add(&format!("hubport,id=p{tap},hubid=0,netdev={tap}"));
     let vm = TapVm::open(switch, &tap, vnet_hdr);
     // Frames sent to the tap before the kernel has activated its qdisc are dropped.
-    switch.wait_link_ready(&tap, Duration::from_secs(5));
+    switch.wait_link_ready(&tap, dataplane_tests::settle::DEADLINE);
     vm
 }
 

@@ -78,7 +78,7 @@ impl Hub {
             .collect::<Vec<_>>();
         // Frames sent to a tap before the kernel has activated its qdisc are dropped.
         for vm in &vms {
-            switch.wait_link_ready(&vm.tap, Duration::from_secs(5));
+            switch.wait_link_ready(&vm.tap, dataplane_tests::settle::DEADLINE);
         }
         Self { switch, daemon, vms }
     }

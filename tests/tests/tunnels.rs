@@ -118,7 +118,7 @@ fn counter(object: &Value, name: &str) -> u64 {
 /// be unresolved.
 fn ping_both_ways(t: &Topology) {
     for (from, to) in [(&t.a.guest, G2), (&t.b.guest, G1)] {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + dataplane_tests::settle::DEADLINE;
         while !from.ping(to, 3) {
             assert!(
                 Instant::now() < deadline,
@@ -230,7 +230,7 @@ fn assert_clean_delete(t: &Topology, udp_ports: &[(&Side, SocketAddr)], tcp_port
         assert!(!side.daemon_links().is_empty(), "the tunnel had a port device in {}", side.ns.name);
         side.daemon.del("t");
         assert!(!side.daemon.netdev_ids().contains(&"t".to_owned()), "t is gone from x-query-netdevs");
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + dataplane_tests::settle::DEADLINE;
         loop {
             let left = side.daemon_links();
             let (ingress, egress) = side.ns.tcx_programs(&side.underlay);
