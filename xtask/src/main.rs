@@ -137,8 +137,8 @@ fn test(root: &std::path::Path, filter: Option<&str>) -> Result<()> {
         shell::step(name);
         match shell::status(&mut command)? {
             0 => {}
-            code if filter.is_some() && nothing_selected.contains(&code) => {
-                eprintln!("    no test matches {filter:?} here");
+            code if nothing_selected.contains(&code) && let Some(filter) = filter => {
+                eprintln!("    no test matches '{filter}' here");
             }
             code => failed.push(format!("{name}: exit code {code}")),
         }
