@@ -432,3 +432,36 @@ fn tap_fd_passed_with_getfd_carries_frames() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `dgram` with `local.type=fd`: a datagram socket the client passed with `getfd` carries frames
+/// both ways between the test, at the socket pair's other end, and a tap "VM" on the same hub.
+#[test]
+fn dgram_fd_passed_with_getfd_carries_frames() {
+    let switch = Netns::new("sw");
+    switch.quiet();
+    let daemon = Daemon::start(&switch);
+    let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().expect("socketpair");
+    ours.set_read_timeout(Some(dataplane_tests::settle::DEADLINE)).expect("read timeout");
+    let theirs = OwnedFd::from(theirs);
+    let mut qmp = RawQmp::connect(&daemon);
+    let reply = qmp.execute(&json!({"execute": "getfd", "arguments": {"fdname": "dg"}}), Some(&theirs));
+    assert_eq!(reply, json!({"return": {}}), "getfd");
+    drop(theirs);
+    let add = json!({"execute": "netdev_add", "arguments": {"type": "dgram", "id": "d0", "local": {"type": "fd", "str": "dg"}}});
+    assert_eq!(qmp.execute(&add, None), json!({"return": {}}), "netdev_add dgram with the passed fd");
+    daemon.add("hubport,id=pd0,hubid=0,netdev=d0");
+    let tap = unique("t");
+    daemon.add(&format!("tap,id=t0,ifname={tap},script=no,downscript=no"));
+    daemon.add("hubport,id=pt0,hubid=0,netdev=t0");
+    let mut vm = TapVm::open(&switch, &tap, false);
+    switch.wait_link_ready(&tap, dataplane_tests::settle::DEADLINE);
+
+    let to_vm = test_frame(mac(2), mac(1), b"through-the-passed-dgram-fd");
+    ours.send(&to_vm).expect("send on our end");
+    assert_eq!(vm.recv_tagged(b"through-the-passed-dgram-fd", 1), vec![to_vm], "the VM gets the datagram's frame");
+    let from_vm = test_frame(mac(1), mac(2), b"back-through-the-dgram-fd");
+    vm.send(&from_vm);
+    let mut buffer = [0u8; 2048];
+    let len = ours.recv(&mut buffer).expect("a datagram on our end");
+    assert_eq!(&buffer[..len], &from_vm[..], "one frame per datagram, byte for byte");
+}
