@@ -212,3 +212,15 @@ def test_events_as_json(daemon, short_tmp):
     events = [json.loads(line) for line in out.splitlines()]
     assert [e["event"] for e in events] == ["SHUTDOWN"]
     assert events[0]["data"] == {"guest": False, "reason": "host-signal"}
+
+
+def test_qmp_over_tcp(netns, start_daemon_in):
+    """`--qmp tcp:IP:PORT` (inside the test's own namespace, so its 127.0.0.1 is private): the
+    daemon listens there as well as on its unix socket, and a netdev added over TCP is the one the
+    unix socket sees."""
+    daemon = start_daemon_in(netns, args=["--qmp", "tcp:127.0.0.1:4444,server=on,wait=off"])
+    over_tcp = [str(NETDEVCTL_BIN), "--qmp", "tcp:127.0.0.1:4444"]
+    assert netns.run(*over_tcp, "netdev_add", "hubport,id=p0,hubid=7") == ""
+    netdevs = json.loads(netns.run(*over_tcp, "--json", "x-query-netdevs"))
+    assert [(n["id"], n["hubid"]) for n in netdevs] == [("p0", 7)]
+    assert [(n["id"], n["hubid"]) for n in json.loads(ok(daemon, "--json", "x-query-netdevs"))] == [("p0", 7)]

@@ -352,6 +352,38 @@ def test_error(daemon, command, arguments, cls, desc):
     assert run(body()) == (cls, desc)
 
 
+NOT_IMPLEMENTED = "its data path is not implemented in this version of netdevd"
+
+
+@pytest.mark.parametrize(
+    "arguments, why",
+    [
+        ({"type": "vde", "id": "x", "sock": "/tmp/vde.ctl"}, "netdevd has no VDE switch support"),
+        (
+            {"type": "netmap", "id": "x", "ifname": "vale0:1"},
+            "netmap needs the out-of-tree netmap kernel module and /dev/netmap, which this host does not have",
+        ),
+        ({"type": "vhost-user", "id": "x", "chardev": "chr0"}, NOT_IMPLEMENTED),
+        ({"type": "vhost-vdpa", "id": "x", "vhostdev": "/dev/vhost-vdpa-0"}, NOT_IMPLEMENTED),
+        ({"type": "passt", "id": "x"}, NOT_IMPLEMENTED),
+        ({"type": "vmnet-host", "id": "x"}, "vmnet is Apple's vmnet.framework and exists only on macOS"),
+    ],
+    ids=lambda value: value["type"] if isinstance(value, dict) else "",
+)
+def test_unavailable_types_are_refused_with_their_reason(daemon, arguments, why):
+    """Valid forms of the types netdevd cannot create get the README's exact refusal, and nothing
+    is created."""
+
+    async def body():
+        async with qmp_client(daemon.socket_path) as client:
+            error = await expect_error(client, "netdev_add", arguments)
+            return error, await client.execute("x-query-netdevs")
+
+    error, netdevs = run(body())
+    assert error == ("GenericError", f"network backend '{arguments['type']}' is not available: {why}")
+    assert netdevs == []
+
+
 def test_errors_that_need_a_netdev(daemon):
     """Duplicate id and query-rx-filter on a netdev; the failed add changes nothing."""
 

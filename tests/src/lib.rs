@@ -5,6 +5,7 @@
 //! here is deleted on drop, so a failing test leaves nothing behind.
 
 pub mod bench;
+pub mod settle;
 pub mod testrun;
 use std::{
     fs::File,

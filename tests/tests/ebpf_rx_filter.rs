@@ -483,7 +483,11 @@ fn offloaded_vlan_tags_are_filtered_on_a_real_port() {
         {
             let before = hub.counters(GHOST);
             vm.send(&f);
-            std::thread::sleep(Duration::from_millis(200));
+            // The program decides on the frame once: wait for that decision, then be exact.
+            let decided = |c: &dataplane_common::PortCounters| c.tx_packets + drops(c, DropReason::RxFilter);
+            dataplane_tests::settle::wait_until("the hub program decides on the frame", || {
+                decided(&hub.counters(GHOST)) > decided(&before)
+            });
             let after = hub.counters(GHOST);
             let seen = (
                 after.tx_packets - before.tx_packets,

@@ -1,5 +1,5 @@
 //! The hub program of `dataplane-ebpf` under `BPF_PROG_TEST_RUN`: crafted frames in, verdicts and
-//! counters out, no interfaces.
+//! counters out, no interfaces (but one real tap where the kind of delivery is the point).
 //!
 //! Every test loads a fresh copy of the object (so maps start empty) and enters a private network
 //! namespace, where `lo` (ifindex 1) is the port a frame "arrives" on. `bpf_redirect` only records
@@ -113,15 +113,88 @@ fn hubs_are_isolated() {
     assert_eq!(hub.counters(GHOST_B), PortCounters::default());
 }
 
+/// Opens a queue of the tap `ifname` in this thread's namespace, as a VM would.
+fn open_tap(ifname: &str) -> dataplane_tests::TapVm {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let file = std::fs::File::options().read(true).write(true).open("/dev/net/tun").expect("open /dev/net/tun");
+    let mut request = IfReq { name: [0; 16], flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short, _pad: [0; 22] };
+    request.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes the `ifreq` the pointer refers to, which outlives the call.
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::TUNSETIFF, &raw mut request) };
+    assert!(rc == 0, "TUNSETIFF {ifname}: {}", std::io::Error::last_os_error());
+    dataplane_tests::TapVm::from_fd(file.into(), false)
+}
+
+/// The next frame an `AF_PACKET` socket sees on `ifindex` carrying `payload`, and whether the
+/// kernel saw it outgoing (`PACKET_OUTGOING`: transmitted on the device) or incoming (received).
+fn seen_on(packets: &std::os::fd::OwnedFd, ifindex: u32, sent: &[u8]) -> bool {
+    use nix::sys::socket::{SockaddrStorage, recvfrom};
+    let mut buffer = [0u8; 2048];
+    let deadline = std::time::Instant::now() + dataplane_tests::settle::DEADLINE;
+    loop {
+        let left = deadline.checked_duration_since(std::time::Instant::now()).expect("the frame shows on the device");
+        let timeout = nix::poll::PollTimeout::try_from(left).unwrap_or(nix::poll::PollTimeout::MAX);
+        let mut fds = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(packets), nix::poll::PollFlags::POLLIN)];
+        assert!(nix::poll::poll(&mut fds, timeout).expect("poll") > 0, "the frame never showed on ifindex {ifindex}");
+        let (len, from) = recvfrom::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(packets), &mut buffer).expect("recvfrom");
+        let from = from.and_then(|addr| addr.as_link_addr().copied()).expect("a link-layer source");
+        if from.ifindex() == ifindex as usize && buffer[..len] == *sent {
+            return from.pkttype() == 4;
+        }
+    }
+}
+
+/// `MEMBER_DELIVER_INGRESS` (bridge netdevs: the frame must enter the bridge, not leave through
+/// the tap to nobody) puts the clone on the device's receive path; without it, the clone is
+/// transmitted on the device, to whoever holds its queue. Shown on a real tap: an `AF_PACKET`
+/// socket sees the frame incoming or outgoing, and the VM on the tap gets only the second.
 #[test]
 fn bridge_ports_are_delivered_at_ingress() {
-    // The verdict is the same either way; this checks the program accepts the flag.
     let mut hub = TestRunObject::with_hub();
+    // No IPv6 chatter from the namespace's own stack on t0.
+    dataplane_tests::run("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]);
+    dataplane_tests::run("ip", &["tuntap", "add", "dev", "t0", "mode", "tap"]);
+    let mut vm = open_tap("t0");
+    dataplane_tests::run("ip", &["link", "set", "t0", "up"]);
+    let t0 = nix::net::if_::if_nametoindex("t0").expect("t0 exists");
+    // A tap drops what it is sent until linkwatch swaps in its qdisc.
+    dataplane_tests::settle::wait_until("t0 can transmit", || {
+        let out = dataplane_tests::run("ip", &["-j", "link", "show", "dev", "t0"]);
+        let link: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        link[0]["qdisc"].as_str().is_some_and(|q| q != "noop")
+    });
+    let packets = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Packet,
+        nix::sys::socket::SockType::Raw,
+        nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+        nix::sys::socket::SockProtocol::EthAll,
+    )
+    .expect("AF_PACKET socket");
     hub.add_port(LO, 0, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS);
-    hub.watch(GHOST_A);
-    hub.set_hub(0, &[up_member(LO), HubMember { ifindex: GHOST_A, flags: MEMBER_LINK_UP | MEMBER_DELIVER_INGRESS, slot: 0 }]);
-    assert_eq!(hub.run(&frame([0xff; 6])), TC_ACT_REDIRECT);
-    assert_eq!(hub.counters(GHOST_A).tx_packets, 1);
+    hub.watch(t0);
+
+    let mut to_bridge = frame([0xff; 6]);
+    to_bridge[14..24].copy_from_slice(b"to-ingress");
+    // GHOST_A, last, takes the original skb (a redirect, only recorded in a test run); t0 gets a
+    // clone, which the kernel really delivers.
+    let to_t0 = |flags| HubMember { ifindex: t0, flags: MEMBER_LINK_UP | flags, slot: 0 };
+    hub.set_hub(0, &[up_member(LO), to_t0(MEMBER_DELIVER_INGRESS), up_member(GHOST_A)]);
+    assert_eq!(hub.run(&to_bridge), TC_ACT_REDIRECT);
+    assert!(!seen_on(&packets, t0, &to_bridge), "MEMBER_DELIVER_INGRESS: the frame is received on t0, not sent");
+
+    let mut to_vm = frame([0xff; 6]);
+    to_vm[14..24].copy_from_slice(b"to-egress!");
+    hub.set_hub(0, &[up_member(LO), to_t0(0), up_member(GHOST_A)]);
+    assert_eq!(hub.run(&to_vm), TC_ACT_REDIRECT);
+    assert!(seen_on(&packets, t0, &to_vm), "without the flag the frame is transmitted on t0");
+    // The VM's first frame is the second one: the first never left through the tap.
+    assert!(vm.recv_until_marker(b"to-ingress", b"to-egress!").is_empty(), "the frame delivered at ingress never reaches the VM");
+    assert_eq!(hub.counters(t0).tx_packets, 2, "both deliveries counted on t0");
 }
 
 #[test]

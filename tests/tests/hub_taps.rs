@@ -14,14 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_tests::{Daemon, Netns, TapVm, contains, tcx_links, test_frame, unique};
+use dataplane_tests::{Daemon, Netns, TapVm, contains, settle, tcx_links, test_frame, unique};
 use serde_json::{Value, json};
 
-/// How long to wait for a frame that should arrive.
-const WAIT: Duration = Duration::from_millis(500);
-/// How long to watch for a frame that must not arrive.
-const QUIET: Duration = Duration::from_millis(300);
-/// Reading what is already queued once the hub has settled.
+/// How long to wait for a frame that should arrive: generous, as reading stops when it does.
+const WAIT: Duration = settle::DEADLINE;
+/// Reading what is already queued once a marker or the counters say the hub has settled.
 const DRAIN: Duration = Duration::from_millis(50);
 
 const BROADCAST: [u8; 6] = [0xff; 6];
@@ -51,7 +49,7 @@ fn tap_on_hub(switch: &Netns, daemon: &Daemon, hubid: i32) -> Vm {
     daemon.add(&format!("hubport,id={port},hubid={hubid},netdev={tap}"));
     let vm = TapVm::open(switch, &tap, false);
     // Frames sent to the tap before the kernel has activated its qdisc are dropped.
-    switch.wait_link_ready(&tap, Duration::from_secs(5));
+    switch.wait_link_ready(&tap, dataplane_tests::settle::DEADLINE);
     Vm { tap, port, vm }
 }
 
@@ -87,10 +85,37 @@ fn marker(tag: &[u8], what: &str) -> Vec<u8> {
     marker
 }
 
-/// Lets the hub settle, then reads everything each VM has queued, keeping the frames with `tag`.
-fn collect(vms: &mut [Vm], tag: &[u8]) -> Vec<Vec<Vec<u8>>> {
-    std::thread::sleep(QUIET);
-    vms.iter_mut().map(|vm| vm.vm.recv_all(DRAIN).into_iter().filter(|frame| contains(frame, tag)).collect()).collect()
+/// Every frame with `tag` each VM got, read until the end markers of the VMs in `markers[i]`
+/// reached VM `i`. After the frames under test, every VM named in `markers` broadcasts an end
+/// marker; a tap's queue keeps the order in which the hub enqueued frames for it (during each
+/// sender's write), so a marker that arrives proves that whatever was sent before it, by anyone,
+/// has arrived too.
+fn collect(vms: &mut [Vm], tag: &[u8], markers: &[&[usize]]) -> Vec<Vec<Vec<u8>>> {
+    let end = format!("<{}>", unique("end")).into_bytes();
+    let senders: BTreeSet<usize> = markers.iter().flat_map(|m| m.iter().copied()).collect();
+    for i in senders {
+        vms[i].vm.send(&tagged(BROADCAST, mac(i), &end, &format!("end-from-{i}|")));
+    }
+    vms.iter_mut().zip(markers).map(|(vm, expected)| read_until_markers(&mut vm.vm, tag, &end, expected)).collect()
+}
+
+/// Frames with `tag` read until the `end` markers of every VM in `from` arrived, and any already
+/// queued behind them.
+fn read_until_markers(vm: &mut TapVm, tag: &[u8], end: &[u8], from: &[usize]) -> Vec<Vec<u8>> {
+    let mut waiting: BTreeSet<usize> = from.iter().copied().collect();
+    let mut frames = Vec::new();
+    let deadline = Instant::now() + settle::DEADLINE;
+    while !waiting.is_empty() {
+        let left = deadline.checked_duration_since(Instant::now()).unwrap_or_default();
+        let frame = vm.recv_raw(left).unwrap_or_else(|| panic!("end markers of VMs {waiting:?} never arrived"));
+        if contains(&frame, end) {
+            waiting.retain(|i| !contains(&frame, format!("end-from-{i}|").as_bytes()));
+        } else if contains(&frame, tag) {
+            frames.push(frame);
+        }
+    }
+    frames.extend(vm.recv_all(DRAIN).into_iter().filter(|frame| contains(frame, tag)));
+    frames
 }
 
 /// Sorted, for comparing what arrived with what should have, regardless of order.
@@ -120,7 +145,7 @@ fn two_taps_exchange_frames() {
         assert_eq!(received, vec![back.clone()], "A gets B's {}-byte frame unchanged", back.len());
     }
     // Nothing more: each frame arrived once, and none came back to its sender.
-    let rest = collect(&mut vms, &tag);
+    let rest = collect(&mut vms, &tag, &[&[1], &[0]]);
     assert!(rest[0].is_empty(), "A got a duplicate or an echo of its own frames: {:?}", rest[0].len());
     assert!(rest[1].is_empty(), "B got a duplicate or an echo of its own frames: {:?}", rest[1].len());
 }
@@ -144,7 +169,7 @@ fn three_taps_flood_every_frame_to_the_other_two() {
         vm.vm.send(&frame);
         sent[i].push(frame);
     }
-    let received = collect(&mut vms, &tag);
+    let received = collect(&mut vms, &tag, &[&[1, 2], &[0, 2], &[0, 1]]);
     for (i, got) in received.into_iter().enumerate() {
         let expected: Vec<Vec<u8>> =
             sent.iter().enumerate().filter(|(j, _)| *j != i).flat_map(|(_, frames)| frames.clone()).collect();
@@ -186,7 +211,9 @@ fn hubs_are_isolated() {
             frame
         })
         .collect();
-    let received = collect(&mut vms, &tag);
+    // Each VM waits for its partner's marker; a frame from another hub would have been queued
+    // during its sender's write, before the partner's marker.
+    let received = collect(&mut vms, &tag, &[&[1], &[0], &[3], &[2], &[5], &[4]]);
     for (i, got) in received.into_iter().enumerate() {
         let partner = i ^ 1;
         assert_eq!(
@@ -200,52 +227,60 @@ fn hubs_are_isolated() {
 }
 
 /// Sends a broadcast from `from` and returns whether `to` got it (exactly once; panics on more).
-fn crosses(from: &mut Vm, to: &mut Vm, tag: &[u8], what: &str) -> bool {
+/// `from_peer` and `to_peer` sit on the same hubs as `from` and `to`: their end markers, sent
+/// afterwards, tell when whatever `from` sent has arrived.
+fn crosses(from: &mut Vm, from_peer: &mut Vm, to: &mut Vm, to_peer: &mut Vm, tag: &[u8], what: &str) -> bool {
     let frame = tagged(BROADCAST, mac(0), tag, what);
     let marker = marker(tag, what);
     from.vm.send(&frame);
-    let got = to.vm.recv_marked(&marker, QUIET);
+    let end = format!("<{}>", unique("end")).into_bytes();
+    to_peer.vm.send(&tagged(BROADCAST, mac(8), &end, "end-from-8|"));
+    from_peer.vm.send(&tagged(BROADCAST, mac(9), &end, "end-from-9|"));
+    let got = read_until_markers(&mut to.vm, &marker, &end, &[8]);
     assert!(got.len() <= 1, "{what}: delivered {} times", got.len());
     if let Some(first) = got.first() {
         assert_eq!(first, &frame, "{what}: delivered changed");
     }
-    assert!(from.vm.recv_marked(&marker, DRAIN).is_empty(), "{what}: echoed back to its sender");
+    assert!(read_until_markers(&mut from.vm, &marker, &end, &[9]).is_empty(), "{what}: echoed back to its sender");
     !got.is_empty()
 }
 
 #[test]
 fn joined_hubs_forward_until_the_join_goes_down() {
     let (switch, daemon) = switch_with_daemon();
-    let mut a = tap_on_hub(&switch, &daemon, 1);
-    let mut b = tap_on_hub(&switch, &daemon, 2);
+    let (mut a, mut a_peer) = (tap_on_hub(&switch, &daemon, 1), tap_on_hub(&switch, &daemon, 1));
+    let (mut b, mut b_peer) = (tap_on_hub(&switch, &daemon, 2), tap_on_hub(&switch, &daemon, 2));
     let tag = tag();
-    assert!(!crosses(&mut a, &mut b, &tag, "before-join"), "hubs 1 and 2 are isolated before the join");
+    assert!(!crosses(&mut a, &mut a_peer, &mut b, &mut b_peer, &tag, "before-join"), "hubs 1 and 2 are isolated before the join");
 
     // QEMU: -netdev hubport,id=j1,hubid=1 -netdev hubport,id=j2,hubid=2,netdev=j1
     let (j1, j2) = (unique("j"), unique("j"));
     daemon.add(&format!("hubport,id={j1},hubid=1"));
     daemon.add(&format!("hubport,id={j2},hubid=2,netdev={j1}"));
-    assert!(crosses(&mut a, &mut b, &tag, "joined-1-to-2"), "a frame from hub 1 reaches hub 2 through the join");
-    assert!(crosses(&mut b, &mut a, &tag, "joined-2-to-1"), "a frame from hub 2 reaches hub 1 through the join");
+    assert!(crosses(&mut a, &mut a_peer, &mut b, &mut b_peer, &tag, "joined-1-to-2"), "a frame from hub 1 reaches hub 2 through the join");
+    assert!(crosses(&mut b, &mut b_peer, &mut a, &mut a_peer, &tag, "joined-2-to-1"), "a frame from hub 2 reaches hub 1 through the join");
 
     daemon.set_link(&j2, false);
-    assert!(!crosses(&mut a, &mut b, &tag, "j2-down-1-to-2"), "with j2 down, hub 1 does not reach hub 2");
-    assert!(!crosses(&mut b, &mut a, &tag, "j2-down-2-to-1"), "with j2 down, hub 2 does not reach hub 1");
+    assert!(!crosses(&mut a, &mut a_peer, &mut b, &mut b_peer, &tag, "j2-down-1-to-2"), "with j2 down, hub 1 does not reach hub 2");
+    assert!(!crosses(&mut b, &mut b_peer, &mut a, &mut a_peer, &tag, "j2-down-2-to-1"), "with j2 down, hub 2 does not reach hub 1");
 
     daemon.set_link(&j2, true);
-    assert!(crosses(&mut a, &mut b, &tag, "j2-up-1-to-2"), "with j2 up again, hub 1 reaches hub 2");
-    assert!(crosses(&mut b, &mut a, &tag, "j2-up-2-to-1"), "with j2 up again, hub 2 reaches hub 1");
+    assert!(crosses(&mut a, &mut a_peer, &mut b, &mut b_peer, &tag, "j2-up-1-to-2"), "with j2 up again, hub 1 reaches hub 2");
+    assert!(crosses(&mut b, &mut b_peer, &mut a, &mut a_peer, &tag, "j2-up-2-to-1"), "with j2 up again, hub 2 reaches hub 1");
 
     // The other end of the join cuts it as well.
     daemon.set_link(&j1, false);
-    assert!(!crosses(&mut a, &mut b, &tag, "j1-down-1-to-2"), "with j1 down, hub 1 does not reach hub 2");
-    assert!(!crosses(&mut b, &mut a, &tag, "j1-down-2-to-1"), "with j1 down, hub 2 does not reach hub 1");
+    assert!(!crosses(&mut a, &mut a_peer, &mut b, &mut b_peer, &tag, "j1-down-1-to-2"), "with j1 down, hub 1 does not reach hub 2");
+    assert!(!crosses(&mut b, &mut b_peer, &mut a, &mut a_peer, &tag, "j1-down-2-to-1"), "with j1 down, hub 2 does not reach hub 1");
     daemon.set_link(&j1, true);
-    assert!(crosses(&mut a, &mut b, &tag, "j1-up-1-to-2"), "with j1 up again, hub 1 reaches hub 2");
+    assert!(crosses(&mut a, &mut a_peer, &mut b, &mut b_peer, &tag, "j1-up-1-to-2"), "with j1 up again, hub 1 reaches hub 2");
 }
 
-/// Each VM broadcasts one frame, then returns, for each VM, the indices of the VMs whose frame it got.
-fn who_hears_whom(vms: &mut [Vm], tag: &[u8], phase: &str) -> Vec<BTreeSet<usize>> {
+/// Each VM broadcasts one frame, then returns, for each VM, the indices of the VMs whose frame it
+/// got. Each VM reads until the end markers of the VMs it `should` hear arrived (a marker that
+/// cannot arrive fails the test): the test thread writes every frame before any marker, and the
+/// hub enqueues during each write, so a frame that should not arrive is queued before them.
+fn who_hears_whom(vms: &mut [Vm], tag: &[u8], phase: &str, should: &[BTreeSet<usize>]) -> Vec<BTreeSet<usize>> {
     let sent: Vec<Vec<u8>> = vms
         .iter_mut()
         .enumerate()
@@ -257,7 +292,9 @@ fn who_hears_whom(vms: &mut [Vm], tag: &[u8], phase: &str) -> Vec<BTreeSet<usize
         .collect();
     let mut phase_tag = tag.to_vec();
     phase_tag.extend_from_slice(phase.as_bytes());
-    collect(vms, &phase_tag)
+    let markers: Vec<Vec<usize>> = should.iter().map(|from| from.iter().copied().collect()).collect();
+    let markers: Vec<&[usize]> = markers.iter().map(Vec::as_slice).collect();
+    collect(vms, &phase_tag, &markers)
         .into_iter()
         .enumerate()
         .map(|(i, got)| {
@@ -283,26 +320,26 @@ fn set_link_down_stops_sending_and_receiving() {
     let everyone = vec![set(&[1, 2]), set(&[0, 2]), set(&[0, 1])];
     let without_a = vec![set(&[]), set(&[2]), set(&[1])];
 
-    assert_eq!(who_hears_whom(&mut vms, &tag, "all-up"), everyone, "all links up: every VM hears the other two");
+    assert_eq!(who_hears_whom(&mut vms, &tag, "all-up", &everyone), everyone, "all links up: every VM hears the other two");
 
     let (tap, port) = (vms[0].tap.clone(), vms[0].port.clone());
     daemon.set_link(&port, false);
     assert_eq!(
-        who_hears_whom(&mut vms, &tag, "hubport-down"),
+        who_hears_whom(&mut vms, &tag, "hubport-down", &without_a),
         without_a,
         "hubport {port} down: VM 0's frames are not delivered and VM 0 gets nothing"
     );
     daemon.set_link(&port, true);
-    assert_eq!(who_hears_whom(&mut vms, &tag, "hubport-up"), everyone, "hubport {port} up again: delivery resumes");
+    assert_eq!(who_hears_whom(&mut vms, &tag, "hubport-up", &everyone), everyone, "hubport {port} up again: delivery resumes");
 
     daemon.set_link(&tap, false);
     assert_eq!(
-        who_hears_whom(&mut vms, &tag, "tap-down"),
+        who_hears_whom(&mut vms, &tag, "tap-down", &without_a),
         without_a,
         "tap netdev {tap} down: VM 0's frames are not delivered and VM 0 gets nothing"
     );
     daemon.set_link(&tap, true);
-    assert_eq!(who_hears_whom(&mut vms, &tag, "tap-up"), everyone, "tap netdev {tap} up again: delivery resumes");
+    assert_eq!(who_hears_whom(&mut vms, &tag, "tap-up", &everyone), everyone, "tap netdev {tap} up again: delivery resumes");
 }
 
 /// A counter field of an `x-query-netdev-counters` row.
@@ -360,23 +397,15 @@ fn counters_count_exactly() {
     assert_counters(&daemon, &vms[0].port, (N, N * len, 0, 0, 0), "after A sent N frames");
     assert_counters(&daemon, &vms[1].port, (0, 0, N, N * len, 0), "after A sent N frames");
     assert_counters(&daemon, &vms[2].port, (0, 0, N, N * len, 0), "after A sent N frames");
-    // Nothing else crossed the hub: no stray frame from the host stack, no echo.
-    for vm in &mut vms {
-        let stray = vm.vm.recv_all(QUIET);
-        assert!(stray.is_empty(), "{} got {} unexpected frames, first: {:02x?}", vm.port, stray.len(), stray.first());
-    }
-
     daemon.set_link(&vms[0].port, false);
     for _ in 0..M {
         vms[0].vm.send(&frame);
     }
-    // No receiver to wait on: poll until the drops show up (or a deadline passes), then be exact.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while link_down_drops(&daemon.counters(&vms[0].port)) < M && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // No receiver to wait on: wait until the hub has decided on all M (a drop each), then be exact;
+    // a frame it had delivered instead would be queued by then.
+    settle::wait_until("the downed port counts its drops", || link_down_drops(&daemon.counters(&vms[0].port)) >= M);
     for vm in &mut vms[1..] {
-        assert!(vm.vm.recv_all(QUIET).is_empty(), "{} gets nothing from a downed port", vm.port);
+        assert!(vm.vm.recv_all(DRAIN).is_empty(), "{} gets nothing from a downed port", vm.port);
     }
     assert_counters(&daemon, &vms[0].port, (N, N * len, 0, 0, M), "after A sent M frames with its link down");
     assert_counters(&daemon, &vms[1].port, (0, 0, N, N * len, 0), "after A sent M frames with its link down");
@@ -400,11 +429,18 @@ fn counters_count_exactly() {
     }
     assert_counters(&daemon, &vms[1].port, (0, 0, 1, len, 0), "after B's port came back and A sent one more");
     assert_counters(&daemon, &vms[2].port, (0, 0, N + 2, (N + 2) * len, 0), "C kept its count through B's return");
+
+    // Nothing else crossed the hub: no stray frame from the host stack, no echo (read up to the
+    // end markers of the other two VMs, everything untagged included).
+    let rest = collect(&mut vms, b"", &[&[1, 2], &[0, 2], &[0, 1]]);
+    for (vm, stray) in vms.iter().zip(rest) {
+        assert!(stray.is_empty(), "{} got {} unexpected frames, first: {:02x?}", vm.port, stray.len(), stray.first());
+    }
 }
 
-/// Polls `condition` until it holds or 3 s pass; returns whether it held.
+/// Polls `condition` until it holds or a generous deadline passes; returns whether it held.
 fn eventually(mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + settle::DEADLINE;
     loop {
         if condition() {
             return true;
@@ -474,13 +510,16 @@ fn netdev_del_under_traffic() {
         b.tap,
         switch.tcx_programs(&b.tap)
     );
+    // What was queued for B before the deletion.
     let _ = b.vm.recv_all(Duration::from_millis(100));
-    let late = b.vm.recv_marked(&flood_tag, QUIET);
-    assert!(late.is_empty(), "{} still gets {} flood frames after its hubport was deleted", b.tap, late.len());
+    // The flood goes on to C and D; every frame of it that reaches C was flooded to B's queue too,
+    // if B were still on the hub.
     for vm in [&mut c, &mut d] {
         let _ = vm.vm.recv_all(DRAIN);
-        assert!(!vm.vm.recv_marked_count(&flood_tag, 1, WAIT).is_empty(), "{} still gets the flood", vm.tap);
+        assert_eq!(vm.vm.recv_marked_count(&flood_tag, 20, WAIT).len(), 20, "{} still gets the flood", vm.tap);
     }
+    let late = b.vm.recv_marked(&flood_tag, DRAIN);
+    assert!(late.is_empty(), "{} still gets {} flood frames after its hubport was deleted", b.tap, late.len());
 
     // Delete A's tap netdev (its hubport stays, unpeered, as in QEMU) while A writes to it.
     daemon.del(&a.tap);
@@ -521,8 +560,90 @@ fn netdev_del_under_traffic() {
     let after = tag();
     let to_d = tagged(mac(3), mac(2), &after, "c-to-d");
     c.vm.send(&to_d);
-    assert_eq!(d.vm.recv_marked(&after, WAIT), vec![to_d], "D gets C's frame after the deletions");
+    assert_eq!(d.vm.recv_marked_count(&after, 1, WAIT), vec![to_d], "D gets C's frame after the deletions");
     let to_c = tagged(mac(2), mac(3), &after, "d-to-c");
     d.vm.send(&to_c);
-    assert_eq!(c.vm.recv_marked(&after, WAIT), vec![to_c], "C gets D's frame after the deletions");
+    assert_eq!(c.vm.recv_marked_count(&after, 1, WAIT), vec![to_c], "C gets D's frame after the deletions");
+}
+
+/// `script` and `downscript` as QEMU runs them: with the tap's name as their argument, the
+/// script once the tap exists (before `netdev_add` answers), the downscript at `netdev_del`
+/// while the tap still exists. The scripts log what they see.
+#[test]
+fn tap_script_and_downscript_run_with_the_ifname() {
+    let (switch, daemon) = switch_with_daemon();
+    let dir = dataplane_tests::TempDir::new();
+    let log = dir.0.join("log");
+    let write_script = |name: &str, word: &str| {
+        let path = dir.0.join(name);
+        let body = format!(
+            "#!/bin/sh\nif ip link show dev \"$1\" >/dev/null 2>&1; then state=exists; else state=missing; fi\n\
+             echo \"{word} $# $1 $state\" >> {}\n",
+            log.display()
+        );
+        std::fs::write(&path, body).expect("write the script");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        path
+    };
+    let (up, down) = (write_script("up.sh", "up"), write_script("down.sh", "down"));
+    let tap = unique("t");
+    daemon.add(&format!("tap,id={tap},ifname={tap},script={},downscript={}", up.display(), down.display()));
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(logged(), format!("up 1 {tap} exists\n"), "the script ran once, with the tap's name, after it was made");
+    assert!(switch.links().contains(&tap), "the tap stays after its script");
+    daemon.del(&tap);
+    assert_eq!(
+        logged(),
+        format!("up 1 {tap} exists\ndown 1 {tap} exists\n"),
+        "the downscript ran once at netdev_del, with the tap's name, before the tap went"
+    );
+    assert!(!switch.links().contains(&tap), "the tap is gone after netdev_del");
+}
+
+/// Opens one queue of the multi-queue tap `ifname` in `ns`, as a VMM with `queues=N` does.
+fn open_queue(ns: &Netns, ifname: &str) -> std::io::Result<TapVm> {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let name = ifname.to_owned();
+    let fd = ns.within(move || -> std::io::Result<std::os::fd::OwnedFd> {
+        let file = std::fs::File::options().read(true).write(true).open("/dev/net/tun")?;
+        let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
+        let mut request = IfReq { name: [0; 16], flags: flags as libc::c_short, _pad: [0; 22] };
+        request.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes the `ifreq` the pointer refers to, which outlives the call.
+        let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::TUNSETIFF, &raw mut request) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(file.into())
+    })?;
+    Ok(TapVm::from_fd(fd, false))
+}
+
+/// `queues=2`: the tap is made multi-queue (`IFF_MULTI_QUEUE`), so a VMM attaches two queues to
+/// it (a single-queue tap refuses a second), and frames from either queue cross the hub.
+#[test]
+fn tap_with_two_queues() {
+    let (switch, daemon) = switch_with_daemon();
+    let mut b = tap_on_hub(&switch, &daemon, 0);
+    let tap = unique("t");
+    daemon.add(&format!("tap,id={tap},ifname={tap},script=no,downscript=no,queues=2"));
+    daemon.add(&format!("hubport,id=p{tap},hubid=0,netdev={tap}"));
+    let queues: Vec<TapVm> = (0..2)
+        .map(|i| open_queue(&switch, &tap).unwrap_or_else(|e| panic!("queue {i} of the queues=2 tap {tap}: {e}")))
+        .collect();
+    switch.wait_link_ready(&tap, dataplane_tests::settle::DEADLINE);
+    let tag = tag();
+    for (i, mut queue) in queues.into_iter().enumerate() {
+        let frame = tagged(BROADCAST, mac(i), &tag, &format!("from-queue-{i}"));
+        queue.send(&frame);
+        assert_eq!(b.vm.recv_tagged(&marker(&tag, &format!("from-queue-{i}")), 1), vec![frame], "queue {i}'s frame crosses the hub");
+    }
+    // The same on a tap without queues: a second queue is refused.
+    let single = tap_on_hub(&switch, &daemon, 0);
+    assert!(open_queue(&switch, &single.tap).is_err(), "a tap without queues takes no multi-queue attach");
 }

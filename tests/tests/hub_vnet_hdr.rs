@@ -3,13 +3,9 @@
 //! gets what its VM accepts (`TUNSETOFFLOAD`): the metadata as is, or the work done in software.
 //! Needs root.
 
-use std::time::Duration;
-
-use dataplane_tests::{Daemon, Netns, TUN_F_CSUM, TUN_F_TSO4, TapVm, VirtioNetHdr, contains, unique};
+use dataplane_tests::{Daemon, Netns, TUN_F_CSUM, TUN_F_TSO4, TapVm, VirtioNetHdr, contains, settle, test_frame, unique};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
-const WAIT: Duration = Duration::from_millis(500);
-const QUIET: Duration = Duration::from_millis(300);
 
 const SRC_IP: [u8; 4] = [10, 0, 0, 1];
 const DST_IP: [u8; 4] = [10, 0, 0, 2];
@@ -33,7 +29,7 @@ fn vm_on_hub(switch: &Netns, daemon: &Daemon, vnet_hdr: bool) -> TapVm {
     daemon.add(&format!("hubport,id=p{tap},hubid=0,netdev={tap}"));
     let vm = TapVm::open(switch, &tap, vnet_hdr);
     // Frames sent to the tap before the kernel has activated its qdisc are dropped.
-    switch.wait_link_ready(&tap, Duration::from_secs(5));
+    switch.wait_link_ready(&tap, dataplane_tests::settle::DEADLINE);
     vm
 }
 
@@ -128,15 +124,28 @@ fn verify(frame: &[u8]) -> Result<Verified, String> {
     })
 }
 
-/// Everything a vnet_hdr VM reads within `timeout`, split into header and frame.
-fn recv_with_headers(vm: &mut TapVm, timeout: Duration) -> Vec<(VirtioNetHdr, Vec<u8>)> {
-    vm.recv_all_raw(timeout)
-        .into_iter()
-        .map(|packet| {
-            let header = VirtioNetHdr::parse(&packet).expect("a virtio-net header before each frame");
-            (header, packet[VirtioNetHdr::LEN..].to_vec())
-        })
-        .collect()
+/// Sends a broadcast end marker from `vm` and returns it: a receiver that reads it has read
+/// everything `vm` sent before (a tap's queue keeps the order in which frames were enqueued).
+fn send_end(vm: &mut TapVm) -> Vec<u8> {
+    let end = format!("<{}>", unique("end")).into_bytes();
+    vm.send(&test_frame([0xff; 6], mac(9), &end));
+    end
+}
+
+/// Everything a vnet_hdr VM reads before the marker `end`, split into header and frame.
+fn recv_with_headers(vm: &mut TapVm, end: &[u8]) -> Vec<(VirtioNetHdr, Vec<u8>)> {
+    let deadline = std::time::Instant::now() + settle::DEADLINE;
+    let mut got = Vec::new();
+    loop {
+        let left = deadline.checked_duration_since(std::time::Instant::now()).unwrap_or_default();
+        let packet = vm.recv_raw(left).expect("the end marker arrives");
+        let header = VirtioNetHdr::parse(&packet).expect("a virtio-net header before each frame");
+        let frame = packet[VirtioNetHdr::LEN..].to_vec();
+        if contains(&frame, end) {
+            return got;
+        }
+        got.push((header, frame));
+    }
 }
 
 #[test]
@@ -162,15 +171,16 @@ fn partial_checksum_is_completed_or_passed_on() {
         ..VirtioNetHdr::default()
     };
     sender.send_with(header, &partial);
+    let end = send_end(&mut sender);
 
     // Without a virtio-net header the VM cannot be told to finish the checksum: the kernel does.
-    let got = plain.recv_marked_count(&marker, 1, WAIT);
+    let got = plain.recv_until_marker(&marker, &end);
     assert_eq!(got.len(), 1, "the VM without vnet_hdr gets the frame");
     verify(&got[0]).unwrap_or_else(|e| panic!("the VM without vnet_hdr gets correct checksums: {e}"));
     assert_eq!(got[0], correct, "the VM without vnet_hdr gets exactly the frame with its checksum completed");
 
     // With TUN_F_CSUM the VM takes the partial checksum: same frame, same NEEDS_CSUM header.
-    let got: Vec<_> = recv_with_headers(&mut offload, WAIT).into_iter().filter(|(_, f)| contains(f, &marker)).collect();
+    let got: Vec<_> = recv_with_headers(&mut offload, &end).into_iter().filter(|(_, f)| contains(f, &marker)).collect();
     assert_eq!(got.len(), 1, "the VM with vnet_hdr and TUN_F_CSUM gets the frame once");
     let (received_header, frame) = &got[0];
     assert_eq!(
@@ -193,7 +203,7 @@ fn partial_checksum_is_completed_or_passed_on() {
 
     // With vnet_hdr but no offloads the kernel finishes the checksum and says nothing.
     let got: Vec<_> =
-        recv_with_headers(&mut no_offload, WAIT).into_iter().filter(|(_, f)| contains(f, &marker)).collect();
+        recv_with_headers(&mut no_offload, &end).into_iter().filter(|(_, f)| contains(f, &marker)).collect();
     assert_eq!(got.len(), 1, "the VM with vnet_hdr but no offloads gets the frame once");
     let (received_header, frame) = &got[0];
     assert_eq!(
@@ -204,9 +214,9 @@ fn partial_checksum_is_completed_or_passed_on() {
     verify(frame).unwrap_or_else(|e| panic!("the VM with vnet_hdr but no offloads gets correct checksums: {e}"));
     assert_eq!(frame, &correct, "the VM with vnet_hdr but no offloads gets the completed frame");
 
-    // Exactly once each, and never back to the sender.
-    assert!(plain.recv_marked(&marker, QUIET).is_empty(), "the VM without vnet_hdr gets the frame only once");
-    assert!(sender.recv_marked(&marker, QUIET).is_empty(), "the sender does not get its frame back");
+    // Never back to the sender (each VM got it once: read up to the sender's end marker above).
+    let end = send_end(&mut plain);
+    assert!(sender.recv_until_marker(&marker, &end).is_empty(), "the sender does not get its frame back");
 }
 
 #[test]
@@ -234,14 +244,12 @@ fn gso_frame_is_segmented_or_passed_whole() {
         csum_offset: CSUM_OFFSET,
     };
     sender.send_with(header, &frame);
+    let end = send_end(&mut sender);
 
-    // Without vnet_hdr: three MSS-sized segments, each with correct checksums.
+    // Without vnet_hdr: three MSS-sized segments, each with correct checksums, and nothing else.
     let segments: Vec<Vec<u8>> = plain
-        .recv_all(WAIT)
+        .recv_until_marker(b"", &end)
         .into_iter()
-        .filter(|f| {
-            f.len() >= HEADERS && f[23] == 6 && f[34..38] == [SRC_PORT.to_be_bytes(), DST_PORT.to_be_bytes()].concat()
-        })
         .collect();
     assert_eq!(
         segments.iter().map(Vec::len).collect::<Vec<_>>(),
@@ -262,7 +270,7 @@ fn gso_frame_is_segmented_or_passed_whole() {
     assert!(joined == payload, "the segments' payloads concatenate to the original payload");
 
     // With TUN_F_CSUM | TUN_F_TSO4: the super-frame whole, with its GSO header.
-    let got = recv_with_headers(&mut offload, WAIT);
+    let got = recv_with_headers(&mut offload, &end);
     assert_eq!(
         got.len(),
         1,
@@ -286,7 +294,8 @@ fn gso_frame_is_segmented_or_passed_whole() {
     assert!(received[HEADERS..] == payload[..], "the payload unchanged");
     assert!(*received == frame, "the frame exactly as the sender wrote it");
 
-    assert!(plain.recv_all(QUIET).is_empty(), "nothing more for the VM without vnet_hdr");
-    assert!(offload.recv_all(QUIET).is_empty(), "nothing more for the VM with TSO4");
-    assert!(sender.recv_all(QUIET).is_empty(), "the sender does not get its frame back");
+    // Nothing more for the receivers (they read everything up to the sender's end marker), and
+    // nothing back to the sender.
+    let end = send_end(&mut plain);
+    assert!(sender.recv_until_marker(b"", &end).is_empty(), "the sender does not get its frame back");
 }

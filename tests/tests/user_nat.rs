@@ -547,6 +547,29 @@ fn guestfwd_pipes_a_guest_connection_to_a_loopback_server() {
     assert_eq!(server.join().expect("server thread"), b"server got: ping");
 }
 
+/// `guestfwd=…-cmd:COMMAND`: a guest connection to the forward talks to the command's stdin and
+/// stdout (libslirp splits the words as a shell would and runs the program itself, no shell);
+/// here `tr`, which upper-cases what the guest sends until the guest stops sending.
+#[test]
+fn guestfwd_to_a_command() {
+    let (host, daemon) = host(&[]);
+    user(&daemon, json!({"guestfwd": strs(&["tcp:10.0.2.100:1234-cmd:tr a-z A-Z"])}));
+    let g = guest(&host, &daemon, false);
+    g.configure_static();
+    let reply = g.ns.within(|| {
+        let mut stream = TcpStream::connect_timeout(&"10.0.2.100:1234".parse().expect("addr"), Duration::from_secs(5))
+            .expect("guest connects to 10.0.2.100:1234");
+        stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        stream.write_all(b"ping through a command\n").expect("write");
+        stream.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut reply = Vec::new();
+        // The command exits at the end of its input, which closes the connection.
+        stream.read_to_end(&mut reply).expect("the command's answer");
+        reply
+    });
+    assert_eq!(reply, b"PING THROUGH A COMMAND\n", "the command read what the guest sent and its output came back");
+}
+
 #[test]
 fn tftp_serves_the_root_and_refuses_traversal() {
     let (host, daemon) = host(&[]);
@@ -587,8 +610,14 @@ fn restrict_blocks_outbound_but_hostfwd_still_works() {
     g.configure_static();
     guest_servers(&g, 7000);
 
+    // The host's port listens, so a refusal can only be libslirp's own reset (tcp_input resets a
+    // restricted guest's SYN that no guestfwd claims); had it connected to the host, the guest's
+    // connect would have succeeded, and a dropped SYN would time out.
     let outbound = tcp_roundtrip(&g.ns, v4(HOST, tcp_port), b"escape", Duration::from_secs(3));
-    assert!(outbound.is_err(), "restrict=on: the guest must not reach the host's 127.0.0.1:{tcp_port}");
+    assert!(
+        matches!(&outbound, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused),
+        "restrict=on: libslirp resets the guest's connect to the host's 127.0.0.1:{tcp_port}: {outbound:?}"
+    );
     let outbound = udp_roundtrip(&g.ns, "0.0.0.0:0", v4(HOST, udp_port), b"escape", 2);
     assert!(outbound.is_none(), "restrict=on: no UDP to the host's 127.0.0.1:{udp_port} either");
 
@@ -862,4 +891,28 @@ fn hostfwd_add_and_remove_at_run_time() {
     // A clean shutdown with the user netdev running.
     assert_eq!(daemon.stop(), Some(0), "netdevd exits 0 on SIGTERM");
     assert!(connection_refused(&host, localhost(5555)), "no forward outlives the daemon");
+}
+
+/// The MSS libslirp's stack offers a guest that connects through it (read back as the guest's
+/// `TCP_MAXSEG` once connected), with the `user` netdev's `options`.
+fn offered_mss(options: Value) -> u32 {
+    let (host, daemon) = host(&[]);
+    let tcp_port = tcp_echo(&host, "127.0.0.1:0");
+    user(&daemon, options);
+    let g = guest(&host, &daemon, false);
+    g.configure_static();
+    g.ns.within(move || {
+        let stream = TcpStream::connect_timeout(&v4(HOST, tcp_port), Duration::from_secs(10)).expect("connect through slirp");
+        nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::TcpMaxSeg).expect("TCP_MAXSEG")
+    })
+}
+
+/// `x-mtu` sets the interface MTU of libslirp's stack, as slirp4netns' `--mtu`: its TCP offers an
+/// MSS of the MTU less 40 bytes of headers, where the default (1500) offers 1460.
+#[test]
+fn x_mtu_sets_the_stacks_mtu() {
+    let default = offered_mss(json!({}));
+    let lowered = offered_mss(json!({"x-mtu": 1200}));
+    assert!(default > 1160 && default <= 1460, "the default MTU of 1500 allows an MSS above 1160: {default}");
+    assert!(lowered <= 1160, "x-mtu=1200 makes the stack offer at most 1160: {lowered}");
 }

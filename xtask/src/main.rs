@@ -72,7 +72,8 @@ fn main() -> Result<()> {
         Command::TestKernel61 { filter } => {
             shell::require_root("cargo xtask test-kernel61")?;
             build(&root)?;
-            kernel61(&root, filter.as_deref())
+            shell::step("kernel-facing Rust suites inside a Debian 6.1 guest");
+            shell::run(&mut kernel61(&root, filter.as_deref()))
         }
         Command::Bench { name, args } => bench(&root, &name, &args),
     }
@@ -129,15 +130,14 @@ const KERNEL61_ENV: &str = "NETDEVD_TEST_KERNEL61";
 
 /// The kernel-facing Rust suites inside a guest booting Debian's 6.1 kernel, the host's root
 /// shared over 9p (tests/python/kernel61.py); fails when any suite failed.
-fn kernel61(root: &std::path::Path, filter: Option<&str>) -> Result<()> {
-    shell::step("kernel-facing Rust suites inside a Debian 6.1 guest (TCG when KVM is unusable: long)");
+fn kernel61(root: &std::path::Path, filter: Option<&str>) -> std::process::Command {
     let mut run = std::process::Command::new(setup::venv_python(root));
     run.arg(root.join("tests/python/kernel61.py"));
     if let Some(filter) = filter {
         run.args(["--filter", filter]);
     }
-    run.env("NETDEVD_BPF_OBJECT", ebpf::object_path(root));
-    shell::run(&mut run)
+    test_env(root, &mut run);
+    run
 }
 
 fn workspace_root() -> PathBuf {
@@ -154,48 +154,78 @@ fn build(root: &std::path::Path) -> Result<()> {
     shell::run(shell::cargo(root).args(["build", "--release", "--workspace", "--bins"]))
 }
 
+/// One suite of `cargo xtask test`: a name for the summary and the command that runs it.
+struct Suite {
+    name: &'static str,
+    command: std::process::Command,
+    /// Exit codes that mean "the filter selected nothing here", a pass when a filter is given.
+    nothing_selected: &'static [i32],
+}
+
 fn test(root: &std::path::Path, filter: Option<&str>) -> Result<()> {
     shell::require_root("cargo xtask test")?;
     build(root)?;
-    let host = host_suites(root, filter);
-    if std::env::var(KERNEL61_ENV).as_deref() != Ok("1") {
-        return host;
-    }
-    // Both run; either failing fails the command, after both have reported.
-    let guest = kernel61(root, filter);
-    match (host, guest) {
-        (Ok(()), Ok(())) => Ok(()),
-        (Err(host), Ok(())) => Err(host),
-        (Ok(()), Err(guest)) => Err(guest.context("the kernel-6.1 suites failed")),
-        (Err(host), Err(guest)) => {
-            Err(anyhow::anyhow!("the host suites failed: {host:#}\nthe kernel-6.1 suites failed: {guest:#}"))
+    // Every suite runs even when an earlier one fails; the failures are reported together at the end.
+    let suites = [
+        Suite {
+            name: "Rust unit and integration tests (release)",
+            command: nextest(root, &["--release", "--workspace"], filter),
+            nothing_selected: &[],
+        },
+        Suite {
+            name: "Rust unit tests with overflow checks (debug profile: property tests catch arithmetic overflow)",
+            command: nextest(root, &["-p", "dataplane-user", "--lib"], filter),
+            nothing_selected: &[],
+        },
+        Suite {
+            name: "Python tests (qemu.qmp, netdevctl, QEMU interop, real guests)",
+            command: pytest(root, filter),
+            nothing_selected: &[5],
+        },
+    ];
+    let kernel61 = (std::env::var(KERNEL61_ENV).as_deref() == Ok("1")).then(|| Suite {
+        name: "kernel-facing Rust suites inside a Debian 6.1 guest (TCG when KVM is unusable: long)",
+        command: kernel61(root, filter),
+        nothing_selected: &[],
+    });
+    let mut failed = Vec::new();
+    for Suite { name, mut command, nothing_selected } in suites.into_iter().chain(kernel61) {
+        shell::step(name);
+        match shell::status(&mut command)? {
+            0 => {}
+            code if nothing_selected.contains(&code) && let Some(filter) = filter => {
+                eprintln!("    no test matches '{filter}' here");
+            }
+            code => failed.push(format!("{name}: exit code {code}")),
         }
     }
+    if !failed.is_empty() {
+        anyhow::bail!("{} suite(s) failed:\n  {}", failed.len(), failed.join("\n  "));
+    }
+    Ok(())
 }
 
-/// The suites on the host's own kernel: Rust (unit, integration), then Python (QMP, interop,
-/// real guests).
-fn host_suites(root: &std::path::Path, filter: Option<&str>) -> Result<()> {
-    shell::step("Rust tests (unit, schema, keyval, protocol, eBPF test-run)");
-    let mut rust = shell::cargo(root);
-    if shell::have_command("cargo-nextest") {
-        rust.args(["nextest", "run", "--release", "--workspace", "--no-fail-fast"]);
-    } else {
-        rust.args(["test", "--release", "--workspace", "--no-fail-fast"]);
-    }
-    rust.args(filter);
-    rust.env("NETDEVD_BIN", root.join("target/release/netdevd"));
-    rust.env("NETDEVCTL_BIN", root.join("target/release/netdevctl"));
-    rust.env("NETDEVD_BPF_OBJECT", ebpf::object_path(root));
-    shell::run(&mut rust)?;
+/// The environment every test suite needs: the built binaries and the eBPF object.
+fn test_env(root: &std::path::Path, command: &mut std::process::Command) {
+    command.env("NETDEVD_BIN", root.join("target/release/netdevd"));
+    command.env("NETDEVCTL_BIN", root.join("target/release/netdevctl"));
+    command.env("NETDEVD_BPF_OBJECT", ebpf::object_path(root));
+}
 
-    shell::step("Python tests (official qemu.qmp client against the running daemon)");
-    let mut py = std::process::Command::new(setup::venv_python(root));
-    py.args(["-m", "pytest", "-v", "-p", "no:cacheprovider"]).arg(root.join("tests/python"));
+/// `cargo nextest run` with `args`; a filter that selects no test here is no failure.
+fn nextest(root: &std::path::Path, args: &[&str], filter: Option<&str>) -> std::process::Command {
+    let mut command = shell::cargo(root);
+    command.args(["nextest", "run", "--no-fail-fast", "--no-tests=pass"]).args(args).args(filter);
+    test_env(root, &mut command);
+    command
+}
+
+fn pytest(root: &std::path::Path, filter: Option<&str>) -> std::process::Command {
+    let mut command = std::process::Command::new(setup::venv_python(root));
+    command.args(["-m", "pytest", "-v", "-p", "no:cacheprovider"]).arg(root.join("tests/python"));
     if let Some(filter) = filter {
-        py.args(["-k", filter]);
+        command.args(["-k", filter]);
     }
-    py.env("NETDEVD_BIN", root.join("target/release/netdevd"));
-    py.env("NETDEVCTL_BIN", root.join("target/release/netdevctl"));
-    shell::run(&mut py)
+    test_env(root, &mut command);
+    command
 }

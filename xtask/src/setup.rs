@@ -52,6 +52,7 @@ pub fn run(root: &Path) -> Result<()> {
     apt_packages()?;
     busybox_static(root)?;
     bpf_linker()?;
+    nextest(root)?;
     python_venv(root)
 }
 
@@ -150,6 +151,15 @@ fn bpf_linker() -> Result<()> {
         bail!("bpf-linker reports {installed:?} after installing {BPF_LINKER_VERSION}");
     }
     Ok(())
+}
+
+/// nextest runs every Rust suite, here and in CI (crates.io is the only source it needs).
+pub fn nextest(root: &Path) -> Result<()> {
+    if shell::succeeds(shell::cargo(root).args(["nextest", "--version"])) {
+        return Ok(());
+    }
+    shell::step("installing cargo-nextest (compiles from source, a few minutes)");
+    shell::run(shell::cargo(root).args(["install", "cargo-nextest", "--locked"]))
 }
 
 /// The test virtualenv lives under `target/` so it never touches the system Python.

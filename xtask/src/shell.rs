@@ -27,6 +27,12 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs a command with inherited stdio and returns its exit code (a signal counts as failure).
+pub fn status(cmd: &mut Command) -> Result<i32> {
+    let status = cmd.status().with_context(|| format!("failed to start {cmd:?}"))?;
+    Ok(status.code().unwrap_or(-1))
+}
+
 /// Runs a command and returns whether it succeeded, without printing its output.
 pub fn succeeds(cmd: &mut Command) -> bool {
     cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
@@ -49,11 +55,6 @@ pub fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root);
     cmd
-}
-
-pub fn have_command(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
 }
 
 pub fn require_root(what: &str) -> Result<()> {
