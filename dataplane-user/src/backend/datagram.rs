@@ -20,19 +20,19 @@ use socket2::{Domain, Protocol, SockAddr, SockFilter, Socket, Type};
 use tokio::io::unix::AsyncFd;
 
 use super::{
-    BackendContext, BackendError, BackendStats, Encapsulation, HubPipe, L2tpHeader, TunnelEndpoint,
-    l2tp,
-    pipe::MAX_FRAME,
+    BackendContext, BackendError, BackendStats,
     stream::{MIN_FRAME, count_frame, io_failure, unix_sockaddr},
 };
 use crate::{
+    port::pipe::{HubPipe, MAX_FRAME},
+    model::tunnel::{Encapsulation, L2tpHeader, TunnelEndpoint, l2tp},
     netdev::{
         dgram::DgramOptions,
         l2tpv3::L2tpv3Options,
         sockaddr::{InetSocketAddress, SocketAddress},
         socket::{SocketOptions, parse_ipv4_host_port},
     },
-    port::FdSource,
+    fd::{FdSource, take_owned},
 };
 
 /// IANA protocol number of L2TP over IP.
@@ -90,7 +90,7 @@ pub fn prepare_dgram(
         return match &options.local {
             Some(SocketAddress::Fd(fd)) => {
                 // QEMU replaces the passed socket with a fresh one joined to the group.
-                let number = take_fd(id, &fd.str, fds)?.as_raw_fd();
+                let number = take_owned(fds, &fd.str).map_err(|e| BackendError::setup(id, e.0))?.as_raw_fd();
                 let info = format!("fd={number} (cloned mcast={}:{})", group.ip(), group.port());
                 multicast(id, group, None, info)
             }
@@ -164,7 +164,7 @@ pub fn prepare_dgram(
             })
         }
         (Some(SocketAddress::Fd(fd)), None) => {
-            let fd = take_fd(id, &fd.str, fds)?;
+            let fd = take_owned(fds, &fd.str).map_err(|e| BackendError::setup(id, e.0))?;
             let number = fd.as_raw_fd();
             let socket = Socket::from(fd);
             let family = if socket.domain().is_ok_and(|d| d == Domain::UNIX) {
@@ -663,13 +663,6 @@ fn local_ips() -> HashSet<IpAddr> {
     ips
 }
 
-fn take_fd(id: &str, name: &str, fds: &mut dyn FdSource) -> Result<OwnedFd, BackendError> {
-    let fd = fds
-        .take_fd(name)
-        .map_err(|e| BackendError::setup(id, e.desc))?;
-    crate::port::owned_fd(fd).map_err(|e| BackendError::setup(id, e.to_string()))
-}
-
 /// A numeric host (IPv4 or, where `v6_allowed` is not `Some(false)`, IPv6) or `localhost`.
 fn parse_inet(address: &InetSocketAddress, v6_allowed: Option<bool>) -> Result<SocketAddr, String> {
     let host = address.host.trim_start_matches('[').trim_end_matches(']');
@@ -830,7 +823,7 @@ mod tests {
     use std::os::unix::net::UnixDatagram;
 
     use super::{super::stream::test_support::*, *};
-    use crate::port::NoFds;
+    use crate::fd::NoFds;
 
 
     fn peer_udp() -> tokio::net::UdpSocket {

@@ -20,14 +20,15 @@ use socket2::{Domain, SockAddr, Socket, TcpKeepalive, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError};
 
-use super::{BackendContext, BackendError, BackendEvent, BackendStats, HubPipe, pipe::MAX_FRAME};
+use super::{BackendContext, BackendError, BackendEvent, BackendStats};
 use crate::{
+    port::pipe::{HubPipe, MAX_FRAME},
     netdev::{
         sockaddr::{InetSocketAddress, SocketAddress, UnixSocketAddress},
         socket::{SocketOptions, parse_ipv4_host_port},
         stream::StreamOptions,
     },
-    port::FdSource,
+    fd::{FdSource, take_owned},
 };
 
 /// How long a connect made during `netdev_add` (or one reconnect attempt) may take.
@@ -122,11 +123,11 @@ pub async fn prepare_stream(
         (SocketAddress::Inet(inet), true) => Role::Server(listen_inet(id, inet)?),
         (SocketAddress::Unix(unix), true) => Role::Server(listen_unix(id, unix)?),
         (SocketAddress::Fd(fd), true) => {
-            let fd = take_fd(id, &fd.str, fds)?;
+            let fd = take_owned(fds, &fd.str).map_err(|e| BackendError::setup(id, e.0))?;
             Role::Server(listen_on_fd(id, fd)?)
         }
         (SocketAddress::Fd(fd), false) => {
-            let fd = take_fd(id, &fd.str, fds)?;
+            let fd = take_owned(fds, &fd.str).map_err(|e| BackendError::setup(id, e.0))?;
             let connection = connection_from_fd(id, fd)?;
             let peer = stream_peer(&connection, None);
             Role::Connected { connection, peer }
@@ -551,13 +552,6 @@ async fn discard_hub_frames(pipe: &HubPipe) {
     }
 }
 
-fn take_fd(id: &str, name: &str, fds: &mut dyn FdSource) -> Result<OwnedFd, BackendError> {
-    let fd = fds
-        .take_fd(name)
-        .map_err(|e| BackendError::setup(id, e.desc))?;
-    crate::port::owned_fd(fd).map_err(|e| BackendError::setup(id, e.to_string()))
-}
-
 fn connection_from_fd(id: &str, fd: OwnedFd) -> Result<Connection, BackendError> {
     let socket = Socket::from(fd);
     let not_a_stream = || BackendError::setup(id, "the file descriptor is not a stream socket");
@@ -958,7 +952,8 @@ pub(super) mod test_support {
     use tokio::sync::mpsc;
     use tokio_util::sync::CancellationToken;
 
-    use super::super::{BackendContext, BackendEvent, BackendStats, HubPipe, datagram::PreparedDatagram};
+    use super::super::{BackendContext, BackendEvent, BackendStats, datagram::PreparedDatagram};
+    use crate::port::pipe::HubPipe;
     use super::PreparedStream;
     use crate::netdev::sockaddr::{InetSocketAddress, SocketAddress, UnixSocketAddress};
 
@@ -1094,7 +1089,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::{test_support::*, *};
-    use crate::port::NoFds;
+    use crate::fd::NoFds;
 
 
     fn options(addr: SocketAddress, server: bool, reconnect_ms: Option<i64>) -> StreamOptions {

@@ -13,8 +13,7 @@ use crate::{
     daemon::{AnnounceParameters, Daemon, DaemonError, ShutdownCause},
     netdev::Netdev,
     qapi::{self, QapiError},
-    registry::RegistryError,
-    rxfilter::RxFilterChange,
+    model::{registry::RegistryError, rx_filter::RxFilterChange},
 };
 
 pub const QMP_CAPABILITIES: &str = "qmp_capabilities";

@@ -12,7 +12,10 @@ use super::{
     commands,
     protocol::{self, QmpError},
 };
-use crate::daemon::Daemon;
+use crate::{
+    daemon::Daemon,
+    fd::{FdError, FdParam, FdSource},
+};
 
 /// Whether fds can arrive on this connection (only unix sockets carry SCM_RIGHTS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,21 +176,21 @@ impl Session {
 
     /// Resolves a netdev's fd parameter as `monitor_fd_param` does: a name takes (and removes) a
     /// `getfd` fd; a number must be an fd open in the daemon.
-    pub fn take_fd(&mut self, param: &str) -> Result<FdParam, QmpError> {
+    pub fn take_fd(&mut self, param: &str) -> Result<FdParam, FdError> {
         if param.starts_with(|c: char| c.is_ascii_digit()) {
             let number: i32 = param
                 .parse()
-                .map_err(|_| QmpError::generic(format!("Invalid file descriptor number '{param}'")))?;
+                .map_err(|_| FdError(format!("Invalid file descriptor number '{param}'")))?;
             // SAFETY: F_GETFD only queries the descriptor table; a closed number returns EBADF.
             if unsafe { libc::fcntl(number, libc::F_GETFD) } < 0 {
-                return Err(QmpError::generic(format!("Invalid file descriptor number '{param}'")));
+                return Err(FdError(format!("Invalid file descriptor number '{param}'")));
             }
             return Ok(FdParam::Inherited(number));
         }
         self.named_fds
             .remove(param)
             .map(FdParam::Named)
-            .ok_or_else(|| QmpError::generic(format!("File descriptor named '{param}' has not been found")))
+            .ok_or_else(|| FdError(format!("File descriptor named '{param}' has not been found")))
     }
 
     /// Names of the fds held for this session.
@@ -196,19 +199,10 @@ impl Session {
     }
 }
 
-impl crate::port::FdSource for Session {
-    fn take_fd(&mut self, param: &str) -> Result<FdParam, QmpError> {
+impl FdSource for Session {
+    fn take_fd(&mut self, param: &str) -> Result<FdParam, FdError> {
         Session::take_fd(self, param)
     }
-}
-
-/// A resolved fd parameter.
-#[derive(Debug)]
-pub enum FdParam {
-    /// Received with `getfd`; now owned by the caller.
-    Named(OwnedFd),
-    /// A descriptor number the daemon inherited.
-    Inherited(i32),
 }
 
 #[cfg(test)]
@@ -281,7 +275,7 @@ mod tests {
         let r = run(&mut session, &daemon, json!({"execute": "closefd", "arguments": {"fdname": "f"}})).await;
         assert_eq!(desc(&r), "File descriptor named 'f' not found");
         assert_eq!(
-            session.take_fd("nope").unwrap_err().desc,
+            session.take_fd("nope").unwrap_err().0,
             "File descriptor named 'nope' has not been found"
         );
     }

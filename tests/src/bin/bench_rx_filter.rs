@@ -27,7 +27,7 @@
 //! time (all CPUs) are counted at TC sinks on c1..c4; input pps is what `hub_tc` took in on p0.
 
 use anyhow::{Context, Result, anyhow, bail};
-use dataplane::rxfilter::format_mac;
+use dataplane::model::rx_filter::format_mac;
 use dataplane_tests::{
     Daemon,
     bench::{

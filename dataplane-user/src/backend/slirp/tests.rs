@@ -13,7 +13,10 @@ use tokio::{sync::mpsc, task::JoinHandle, time::timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::backend::{BackendContext, BackendStats, HubPipe, pipe::MAX_FRAME};
+use crate::{
+    backend::{BackendContext, BackendStats},
+    port::pipe::{HubPipe, MAX_FRAME},
+};
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 10, 0, 2, 2];
