@@ -12,10 +12,12 @@
 
 pub mod datagram;
 pub mod slirp;
+mod socket;
 pub mod stream;
+#[cfg(test)]
+mod test_support;
 
 use std::{
-    os::fd::{AsRawFd, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -164,26 +166,12 @@ pub async fn prepare(netdev: &Netdev, fds: &mut dyn FdSource) -> Result<Option<P
 async fn prepare_socket_fd(id: &str, options: &SocketOptions, fds: &mut dyn FdSource) -> Result<Prepared, BackendError> {
     let name = options.fd.as_deref().unwrap_or_default();
     let fd = take_owned(fds, name).map_err(|e| BackendError::setup(id, e.0))?;
-    let kind = socket_type(&fd).map_err(|_| BackendError::setup(id, "can't get socket option SO_TYPE"))?;
+    let kind = socket::socket_type(&fd).map_err(|_| BackendError::setup(id, "can't get socket option SO_TYPE"))?;
     if kind == libc::SOCK_STREAM {
         Ok(Prepared::Stream(stream::PreparedStream::from_connected_fd(id, fd)?))
     } else {
         Ok(Prepared::Datagram(datagram::PreparedDatagram::from_fd(id, fd)?))
     }
-}
-
-/// `getsockopt(SO_TYPE)`.
-pub fn socket_type(fd: &OwnedFd) -> std::io::Result<libc::c_int> {
-    let mut kind: libc::c_int = 0;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
-    // SAFETY: SO_TYPE writes one int through the pointer; `len` holds its size.
-    let rc = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TYPE, std::ptr::from_mut(&mut kind).cast(), &mut len)
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(kind)
 }
 
 impl Prepared {

@@ -444,10 +444,7 @@ async fn hostfwd_add_and_remove_at_run_time() {
 /// loopback address, made visible to the engine thread only (private mount namespace; root).
 #[tokio::test]
 async fn dns_goes_to_the_resolv_conf_server() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root for a private mount namespace and port 53");
-        return;
-    }
+    assert!(nix::unistd::geteuid().is_root(), "this test needs root: a private mount namespace and port 53");
     let stub_ip = Ipv4Addr::new(127, 53, 0, 1 + u8::try_from(std::process::id() % 200).unwrap());
     let stub = std::net::UdpSocket::bind((stub_ip, 53)).unwrap();
     stub.set_read_timeout(Some(WAIT)).unwrap();
