@@ -1,6 +1,6 @@
 """`cargo xtask bench guests`: guest-to-guest TCP through netdevd's hub against a Linux bridge.
 
-    python bench_guests.py [--rounds 5] [--seconds 5] [--output tests/bench/guests.json]
+    python bench_guests.py [--rounds 5] [--seconds 5] [--output bench/results/guests.json]
 
 Two guests (guest.py: Debian's kernel, virtio-net, iperf3), each with two NICs: one on a tap of
 netdevd's hub 0 (netdev_add tap + hubport, in a fresh namespace) and one on a tap enslaved to a
@@ -55,7 +55,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--output", type=Path, default=guest.REPO_ROOT / "tests/bench/guests.json")
+    parser.add_argument("--output", type=Path, default=guest.REPO_ROOT / "bench/results/guests.json")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("the guest benchmark needs root")

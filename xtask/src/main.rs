@@ -79,8 +79,8 @@ fn main() -> Result<()> {
     }
 }
 
-/// Benchmarks write their JSON here, and the README's tables are taken from it.
-const BENCH_RESULTS: &str = "tests/bench";
+/// Benchmarks write their JSON here, and BENCHMARKS.md's tables are taken from it.
+const BENCH_RESULTS: &str = "bench/results";
 
 fn bench(root: &std::path::Path, name: &str, args: &[String]) -> Result<()> {
     if name == "guests" {
@@ -96,7 +96,7 @@ fn bench(root: &std::path::Path, name: &str, args: &[String]) -> Result<()> {
     shell::require_root("cargo xtask bench")?;
     build(root)?;
     shell::step(&format!("building the {name} benchmark"));
-    shell::run(shell::cargo(root).args(["build", "--release", "-p", "dataplane-tests", "--bin", binary]))?;
+    shell::run(shell::cargo(root).args(["build", "--release", "-p", "dataplane-bench", "--bin", binary]))?;
     shell::step(&format!("running the {name} benchmark (several minutes)"));
     let mut run = std::process::Command::new(root.join("target/release").join(binary));
     if !args.iter().any(|a| a == "--output") {

@@ -2,7 +2,7 @@
 //! `socket`, `dgram`, `l2tpv3`) or are answered in user space (`user`).
 //!
 //! Every backend is a hub port: it exchanges frames with the hub through a [`HubPipe`] on a port
-//! device the daemon owns. UDP-based tunnels also hand the kernel a [`TunnelEndpoint`], so that
+//! device the daemon owns. UDP-based tunnels also hand the kernel a [`TunnelEndpoint`](crate::model::tunnel::TunnelEndpoint), so that
 //! the eBPF programs encapsulate and decapsulate on the fast path; their socket stays open and
 //! bound, and carries what the kernel leaves to user space (oversized frames, IP fragments).
 //!
@@ -11,14 +11,13 @@
 //! [`Prepared::run`] then moves frames until the netdev is deleted.
 
 pub mod datagram;
-pub mod l2tp;
-pub mod pipe;
 pub mod slirp;
+mod socket;
 pub mod stream;
+#[cfg(test)]
+mod test_support;
 
 use std::{
-    net::SocketAddr,
-    os::fd::{AsRawFd, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -29,10 +28,11 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use self::pipe::HubPipe;
 use crate::{
+    model::tunnel::TunnelEndpoint,
+    port::pipe::HubPipe,
     netdev::{Netdev, NetdevOptions, socket::SocketOptions},
-    port::FdSource,
+    fd::{FdSource, take_owned},
 };
 
 /// What a running backend tells the daemon.
@@ -117,45 +117,6 @@ impl BackendContext {
     }
 }
 
-/// The encapsulation of a UDP-based tunnel, for the kernel's fast path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Encapsulation {
-    /// One raw frame per UDP datagram (`dgram` inet, `socket` udp/mcast).
-    Udp,
-    /// L2TPv3 over UDP (`udp=on`) or directly over IP protocol 115.
-    L2tpv3 { over_udp: bool, header: L2tpHeader },
-}
-
-/// The L2TPv3 data header as QEMU lays it out (see `netdev::l2tpv3`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct L2tpHeader {
-    pub tx_session: u32,
-    pub rx_session: u32,
-    /// 0, 4 or 8 bytes.
-    pub cookie_len: u8,
-    pub tx_cookie: u64,
-    pub rx_cookie: u64,
-    /// A 4-byte counter follows the cookie (`counter`), sent as 0 with `pincounter`.
-    pub counter: bool,
-    pub pin_counter: bool,
-    /// Zero bytes between the header and the frame.
-    pub offset: u16,
-}
-
-/// A tunnel's addresses once its socket is bound: the kernel matches `local` on receive and sends
-/// from `local` to `remote`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TunnelEndpoint {
-    /// The bound address; an unspecified IP means any local address (the kernel then sends from
-    /// the route's preferred source).
-    pub local: SocketAddr,
-    /// Where frames go: a unicast peer or a multicast group. For L2TPv3 over IP the port is 0.
-    pub remote: SocketAddr,
-    pub encapsulation: Encapsulation,
-    /// Multicast: the interface address given as `localaddr`/`local`, if any.
-    pub multicast_interface: Option<std::net::Ipv4Addr>,
-}
-
 /// An error while opening a backend's sockets; `Display` is QEMU's text where QEMU has one.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -204,28 +165,13 @@ pub async fn prepare(netdev: &Netdev, fds: &mut dyn FdSource) -> Result<Option<P
 /// `socket,fd=`: QEMU looks at `SO_TYPE` to choose between the stream and datagram paths.
 async fn prepare_socket_fd(id: &str, options: &SocketOptions, fds: &mut dyn FdSource) -> Result<Prepared, BackendError> {
     let name = options.fd.as_deref().unwrap_or_default();
-    let fd = fds.take_fd(name).map_err(|e| BackendError::setup(id, e.desc))?;
-    let fd = crate::port::owned_fd(fd).map_err(|e| BackendError::setup(id, e.to_string()))?;
-    let kind = socket_type(&fd).map_err(|_| BackendError::setup(id, "can't get socket option SO_TYPE"))?;
+    let fd = take_owned(fds, name).map_err(|e| BackendError::setup(id, e.0))?;
+    let kind = socket::socket_type(&fd).map_err(|_| BackendError::setup(id, "can't get socket option SO_TYPE"))?;
     if kind == libc::SOCK_STREAM {
         Ok(Prepared::Stream(stream::PreparedStream::from_connected_fd(id, fd)?))
     } else {
         Ok(Prepared::Datagram(datagram::PreparedDatagram::from_fd(id, fd)?))
     }
-}
-
-/// `getsockopt(SO_TYPE)`.
-pub fn socket_type(fd: &OwnedFd) -> std::io::Result<libc::c_int> {
-    let mut kind: libc::c_int = 0;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
-    // SAFETY: SO_TYPE writes one int through the pointer; `len` holds its size.
-    let rc = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TYPE, std::ptr::from_mut(&mut kind).cast(), &mut len)
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(kind)
 }
 
 impl Prepared {

@@ -6,9 +6,10 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use dataplane::{
     config::{Overrides, Settings},
-    daemon::{Daemon, Kernel, ShutdownCause},
+    daemon::{Daemon, Host, ShutdownCause},
     kernel::ebpf::{EbpfDataplane, ObjectSource},
-    port::{NoFds, link::Netlink},
+    fd::NoFds,
+    port::link::Netlink,
     qmp::server::{self, Listener},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -69,9 +70,9 @@ async fn run(settings: Settings) -> Result<()> {
         None => ObjectSource::default_source()
             .context("this netdevd was built without the eBPF object: pass --bpf-object (run cargo xtask build-ebpf)")?,
     };
-    let forwarding = EbpfDataplane::load(&source)?;
+    let dataplane = EbpfDataplane::load(&source)?;
     let netlink = Netlink::connect().context("cannot open a netlink socket")?;
-    let daemon = Daemon::new(Some(Kernel { forwarding: Box::new(forwarding), netlink }));
+    let daemon = Daemon::new(Some(Host { dataplane: Box::new(dataplane), netlink }));
     if let Some(path) = settings.user_resolv_conf.clone() {
         daemon.set_user_resolv_conf(path);
     }

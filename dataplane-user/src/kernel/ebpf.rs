@@ -1,4 +1,4 @@
-//! [`Forwarding`] on the real kernel: the `dataplane-ebpf` object loaded with aya.
+//! [`Dataplane`] on the real kernel: the `dataplane-ebpf` object loaded with aya.
 
 use std::collections::HashMap;
 
@@ -16,11 +16,8 @@ use dataplane_common::{
     TunnelConfig, TunnelCounters, TunnelRxKey, maps, programs,
 };
 
-use super::{
-    Forwarding, KernelError,
-    plan::{Hook, TunnelProgram},
-};
-use crate::rxfilter::KernelRxFilter;
+use super::{Dataplane, KernelError};
+use crate::plan::{Hook, RxFilterTables, TunnelProgram};
 
 /// Where the object comes from.
 #[derive(Debug, Clone)]
@@ -166,7 +163,7 @@ impl EbpfDataplane {
     }
 }
 
-impl Forwarding for EbpfDataplane {
+impl Dataplane for EbpfDataplane {
     fn attach(&mut self, ifindex: u32, ifname: &str, hook: Hook) -> Result<(), KernelError> {
         let attach_type = match hook {
             Hook::Ingress => TcAttachType::Ingress,
@@ -220,8 +217,8 @@ impl Forwarding for EbpfDataplane {
     fn set_rx_filter(
         &mut self,
         ifindex: u32,
-        filter: &KernelRxFilter,
-        old: Option<&KernelRxFilter>,
+        filter: &RxFilterTables,
+        old: Option<&RxFilterTables>,
     ) -> Result<(), KernelError> {
         let key = |mac: [u8; 6]| RxMacKey { ifindex, mac, _pad: [0; 2] };
         // Table entries and VLANs first, modes last: the filter tightens only once it is complete.
@@ -244,7 +241,7 @@ impl Forwarding for EbpfDataplane {
         Ok(())
     }
 
-    fn remove_rx_filter(&mut self, ifindex: u32, old: &KernelRxFilter) {
+    fn remove_rx_filter(&mut self, ifindex: u32, old: &RxFilterTables) {
         let _ = self.rx_filters.remove(&ifindex);
         let _ = self.rx_vlans.remove(&ifindex);
         for mac in old.macs.keys() {

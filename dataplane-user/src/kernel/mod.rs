@@ -1,16 +1,14 @@
 //! The kernel side: the planner ([`plan`]), the interface to the loaded eBPF object
-//! ([`Forwarding`], implemented by [`ebpf::EbpfDataplane`]) and the step that moves the kernel
+//! ([`Dataplane`], implemented by [`ebpf::EbpfDataplane`]) and the step that moves the kernel
 //! from one plan to the next ([`apply`]).
 
 pub mod ebpf;
-pub mod plan;
 
 use std::collections::BTreeSet;
 
 use dataplane_common::{HubMember, PortConfig, PortCounters, TunnelConfig, TunnelCounters, TunnelRxKey};
 
-use self::plan::{Hook, Plan, TunnelProgram};
-use crate::rxfilter::KernelRxFilter;
+use crate::plan::{self, Hook, Plan, RxFilterTables, TunnelProgram};
 
 /// An error from the kernel dataplane, naming the interface it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +40,7 @@ pub enum KernelError {
 }
 
 /// What the daemon asks of the loaded programs and maps. A fake implements it in tests.
-pub trait Forwarding: Send + Sync {
+pub trait Dataplane: Send + Sync {
     /// Attaches the hub program to `ifindex` at `hook`.
     fn attach(&mut self, ifindex: u32, ifname: &str, hook: Hook) -> Result<(), KernelError>;
     /// Detaches it; a vanished interface is not an error.
@@ -55,9 +53,9 @@ pub trait Forwarding: Send + Sync {
     /// Empties segment slot `slot`.
     fn remove_segment(&mut self, slot: u32);
     /// Writes a NIC's receive filter; `old` is what the kernel holds now, so stale MAC entries go.
-    fn set_rx_filter(&mut self, ifindex: u32, filter: &KernelRxFilter, old: Option<&KernelRxFilter>)
+    fn set_rx_filter(&mut self, ifindex: u32, filter: &RxFilterTables, old: Option<&RxFilterTables>)
     -> Result<(), KernelError>;
-    fn remove_rx_filter(&mut self, ifindex: u32, old: &KernelRxFilter);
+    fn remove_rx_filter(&mut self, ifindex: u32, old: &RxFilterTables);
     /// Puts `frame` into the port `ifindex` as if it came from the port's side (a frame the guest
     /// behind it sent), so the hub forwards it like any other.
     fn inject(&mut self, ifindex: u32, hook: Hook, frame: &[u8]) -> Result<(), KernelError>;
@@ -79,7 +77,7 @@ pub trait Forwarding: Send + Sync {
 /// Moves the kernel from `old` to `new`. New ports get their map entries before their program, and
 /// leaving ports drop out of every member list before their program goes, so no frame is ever
 /// redirected to a port the kernel does not know.
-pub fn apply(kernel: &mut dyn Forwarding, old: &Plan, new: &Plan) -> Result<(), KernelError> {
+pub fn apply(kernel: &mut dyn Dataplane, old: &Plan, new: &Plan) -> Result<(), KernelError> {
     for (ifindex, port) in &new.ports {
         if old.ports.get(ifindex).map(plan::Port::config) != Some(port.config()) {
             kernel.set_port(*ifindex, port.config())?;
@@ -165,19 +163,19 @@ pub fn apply(kernel: &mut dyn Forwarding, old: &Plan, new: &Plan) -> Result<(), 
 
 #[cfg(test)]
 pub mod fake {
-    //! An in-memory [`Forwarding`] that records the kernel state it would hold.
+    //! An in-memory [`Dataplane`] that records the kernel state it would hold.
 
     use std::collections::BTreeMap;
 
     use super::*;
 
     #[derive(Debug, Default, PartialEq, Eq)]
-    pub struct FakeKernel {
+    pub struct FakeDataplane {
         pub attached: BTreeMap<u32, Hook>,
         pub ports: BTreeMap<u32, PortConfig>,
         /// Member lists by segment slot.
         pub segments: BTreeMap<u32, Vec<HubMember>>,
-        pub rx_filters: BTreeMap<u32, KernelRxFilter>,
+        pub rx_filters: BTreeMap<u32, RxFilterTables>,
         pub injected: Vec<(u32, Vec<u8>)>,
         pub tunnels: BTreeMap<u32, TunnelConfig>,
         pub tunnel_rx: BTreeMap<TunnelRxKey, u32>,
@@ -186,7 +184,7 @@ pub mod fake {
         pub broken: BTreeSet<u32>,
     }
 
-    impl Forwarding for FakeKernel {
+    impl Dataplane for FakeDataplane {
         fn attach(&mut self, ifindex: u32, ifname: &str, hook: Hook) -> Result<(), KernelError> {
             if self.broken.contains(&ifindex) {
                 return Err(KernelError::Attach { ifname: ifname.to_owned(), source: "broken".into() });
@@ -220,14 +218,14 @@ pub mod fake {
         fn set_rx_filter(
             &mut self,
             ifindex: u32,
-            filter: &KernelRxFilter,
-            _old: Option<&KernelRxFilter>,
+            filter: &RxFilterTables,
+            _old: Option<&RxFilterTables>,
         ) -> Result<(), KernelError> {
             self.rx_filters.insert(ifindex, filter.clone());
             Ok(())
         }
 
-        fn remove_rx_filter(&mut self, ifindex: u32, _old: &KernelRxFilter) {
+        fn remove_rx_filter(&mut self, ifindex: u32, _old: &RxFilterTables) {
             self.rx_filters.remove(&ifindex);
         }
 
@@ -275,7 +273,7 @@ pub mod fake {
         }
     }
 
-    impl FakeKernel {
+    impl FakeDataplane {
         /// The state `plan` should produce from nothing.
         pub fn holds(&self, plan: &Plan) -> bool {
             self.ports == plan.ports.iter().map(|(i, p)| (*i, p.config())).collect()
@@ -299,8 +297,8 @@ pub mod fake {
 mod tests {
     use std::collections::HashMap;
 
-    use super::{fake::FakeKernel, plan::*, *};
-    use crate::{netdev::Netdev, port::tunnel::TunnelKernel, registry::Registry};
+    use super::{fake::FakeDataplane, *};
+    use crate::{model::registry::Registry, model::tunnel::TunnelFastPath, netdev::Netdev, plan::*};
 
     fn add(registry: &mut Registry, spec: &str) {
         registry.add(Netdev::from_keyval(spec).unwrap()).unwrap();
@@ -310,7 +308,7 @@ mod tests {
     fn apply_reaches_every_plan_and_back() {
         let mut registry = Registry::default();
         let mut devices = HashMap::new();
-        let mut kernel = FakeKernel::default();
+        let mut kernel = FakeDataplane::default();
         let mut current = Plan::default();
         // (netdev, the interface it brings)
         type Step<'a> = (&'a str, Option<(&'a str, u32, HubSide)>);
@@ -340,17 +338,17 @@ mod tests {
         assert!(kernel.holds(&next));
         let empty = Plan::default();
         apply(&mut kernel, &next, &empty).unwrap();
-        assert_eq!(kernel, FakeKernel::default());
+        assert_eq!(kernel, FakeDataplane::default());
     }
 
-    fn tunnel(port_ifindex: u32, local_port: u16, underlay: u32) -> TunnelKernel {
+    fn tunnel(port_ifindex: u32, local_port: u16, underlay: u32) -> TunnelFastPath {
         let config = TunnelConfig {
             hub_ifindex: port_ifindex - 1,
             src_port: u16::from_ne_bytes(local_port.to_be_bytes()),
             ..TunnelConfig::default()
         };
         let key = TunnelRxKey { port: config.src_port, proto: dataplane_common::tunnel::PROTO_UDP, ..TunnelRxKey::default() };
-        TunnelKernel {
+        TunnelFastPath {
             port_ifindex,
             port_ifname: format!("if{port_ifindex}"),
             config,
@@ -366,7 +364,7 @@ mod tests {
         add(&mut registry, "dgram,id=t1,local.type=inet,local.host=127.0.0.1,local.port=5001,remote.type=inet,remote.host=127.0.0.1,remote.port=5002");
         add(&mut registry, "dgram,id=t2,local.type=inet,local.host=127.0.0.1,local.port=5003,remote.type=inet,remote.host=127.0.0.1,remote.port=5004");
         let mut tunnels = HashMap::from([("t1".to_owned(), tunnel(11, 5001, 1))]);
-        let mut kernel = FakeKernel::default();
+        let mut kernel = FakeDataplane::default();
         let one = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels, &Plan::default()).unwrap();
         apply(&mut kernel, &Plan::default(), &one).unwrap();
         assert!(kernel.holds(&one));
@@ -385,7 +383,7 @@ mod tests {
         assert_eq!(clash, PlanError::TunnelTwice { id: "t2".into(), other: "t1".into() });
 
         apply(&mut kernel, &two, &Plan::default()).unwrap();
-        assert_eq!(kernel, FakeKernel::default());
+        assert_eq!(kernel, FakeDataplane::default());
     }
 
     #[test]
@@ -424,10 +422,10 @@ mod tests {
         add(&mut registry, "af-xdp,id=a,ifname=x");
         add(&mut registry, "hubport,id=pa,hubid=3,netdev=a");
         let devices = HashMap::from([("a".to_owned(), Device { ifindex: 9, ifname: "x".into(), hub_side: HubSide::Interface, peer_elsewhere: false })]);
-        let mut kernel = FakeKernel { broken: BTreeSet::from([9]), ..FakeKernel::default() };
+        let mut kernel = FakeDataplane { broken: BTreeSet::from([9]), ..FakeDataplane::default() };
         let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
         assert!(apply(&mut kernel, &Plan::default(), &next).is_err());
         apply(&mut kernel, &next, &Plan::default()).unwrap();
-        assert_eq!(kernel, FakeKernel { broken: BTreeSet::from([9]), ..FakeKernel::default() });
+        assert_eq!(kernel, FakeDataplane { broken: BTreeSet::from([9]), ..FakeDataplane::default() });
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod link;
 pub mod pair;
+pub mod pipe;
 pub mod tunnel;
 pub mod tun;
 
@@ -16,9 +17,9 @@ use std::{
 
 use self::link::Netlink;
 use crate::{
-    kernel::plan::{Device, HubSide},
+    plan::{Device, HubSide},
     netdev::{Netdev, NetdevOptions, af_xdp::AfXdpOptions, bridge::BridgeOptions, tap::TapOptions},
-    qmp::{protocol::QmpError, session::FdParam},
+    fd::{FdError, FdSource, take_owned},
 };
 
 const VHOST_NET: &str = "/dev/vhost-net";
@@ -26,8 +27,8 @@ const VHOST_NET: &str = "/dev/vhost-net";
 /// An error while creating a port device; `Display` is QEMU's text where QEMU has one.
 #[derive(Debug, thiserror::Error)]
 pub enum PortError {
-    #[error("{0}")]
-    Fd(String),
+    #[error("{source}")]
+    Fd { id: String, source: FdError },
     #[error("could not configure /dev/net/tun ({ifname}): {source}")]
     Tun { id: String, ifname: String, source: io::Error },
     #[error("could not create tap '{ifname}': an interface with that name already exists")]
@@ -48,20 +49,6 @@ pub enum PortError {
     Tunnel { id: String, reason: String },
     #[error("netlink request for {ifname} failed: {source}")]
     Netlink { id: String, ifname: String, source: rtnetlink::Error },
-}
-
-/// Where netdev fd parameters (`fd=`, `fds=`) come from: the QMP session, or nothing at start-up.
-pub trait FdSource: Send {
-    fn take_fd(&mut self, param: &str) -> Result<FdParam, QmpError>;
-}
-
-/// Start-up netdevs have no monitor to pass fds through.
-pub struct NoFds;
-
-impl FdSource for NoFds {
-    fn take_fd(&mut self, param: &str) -> Result<FdParam, QmpError> {
-        Err(QmpError::generic(format!("File descriptor named '{param}' has not been found")))
-    }
 }
 
 /// A netdev's interface and what the daemon holds of it.
@@ -127,22 +114,6 @@ pub(crate) async fn ifindex_of(id: &str, ifname: &str, netlink: &Netlink) -> Res
         .ok_or_else(|| PortError::NoInterface { id: id.to_owned(), ifname: ifname.to_owned() })
 }
 
-/// A passed fd as an owned descriptor (an inherited number is duplicated, so the daemon owns a copy).
-pub fn owned_fd(param: FdParam) -> Result<OwnedFd, PortError> {
-    match param {
-        FdParam::Named(fd) => Ok(fd),
-        FdParam::Inherited(number) => {
-            // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor that nothing else owns.
-            let copy = unsafe { libc::fcntl(number, libc::F_DUPFD_CLOEXEC, 0) };
-            if copy < 0 {
-                return Err(PortError::Fd(format!("Invalid file descriptor number '{number}'")));
-            }
-            // SAFETY: `copy` was just created by F_DUPFD_CLOEXEC and is owned by nobody else.
-            Ok(unsafe { OwnedFd::from_raw_fd(copy) })
-        }
-    }
-}
-
 async fn create_tap(
     id: &str,
     options: &TapOptions,
@@ -173,7 +144,7 @@ async fn create_tap(
         } else {
             let mut held = Vec::with_capacity(passed.len());
             for name in passed {
-                held.push(owned_fd(fds.take_fd(name).map_err(|e| PortError::Fd(e.desc))?)?);
+                held.push(take_owned(fds, name).map_err(|source| PortError::Fd { id: id.to_owned(), source })?);
             }
             // The VMM that passed the fds shares their queues: the interface faces the hub.
             (held, HubSide::Interface)

@@ -18,10 +18,10 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use super::{PortDevice, PortError, link::Netlink};
+use super::{PortDevice, PortError, link::Netlink, pipe::HubPipe};
 use crate::{
-    backend::HubPipe,
-    kernel::plan::{Device, HubSide},
+    model::tunnel::{TunnelEndpoint, TunnelFastPath},
+    plan::{Device, HubSide},
 };
 
 /// A veth pair made for one netdev.
@@ -80,6 +80,36 @@ pub async fn create_tap_port(id: &str, vnet_hdr: bool, netlink: &Netlink) -> Res
     let pipe = if vnet_hdr { pipe.with_vnet_hdr() } else { pipe };
     let device = Device { ifindex, ifname, hub_side: HubSide::Interface, peer_elsewhere: false };
     Ok((PortDevice::holding(device, fd), pipe))
+}
+
+/// The port device of a user-space backend and the backend's end of it: a tap for streams and
+/// `user`; for tunnels a veth pair whose hub end joins the hub, the slow-path packet socket on its
+/// other end, and the kernel's share. Nothing is left on failure.
+pub async fn user_space_port(
+    id: &str,
+    endpoint: Option<TunnelEndpoint>,
+    vnet_hdr: bool,
+    netlink: &Netlink,
+) -> Result<(PortDevice, HubPipe, Option<TunnelFastPath>), PortError> {
+    let Some(endpoint) = endpoint else {
+        let (device, pipe) = create_tap_port(id, vnet_hdr, netlink).await?;
+        return Ok((device, pipe, None));
+    };
+    let pair = PortPair::create(id, netlink).await?;
+    let opened = async {
+        let pipe = pair.open_slow_path(id)?;
+        let tunnel =
+            super::tunnel::resolve(id, netlink, &endpoint, pair.hub.ifindex, pair.port_ifindex, &pair.port_ifname).await?;
+        Ok::<_, PortError>((pipe, tunnel))
+    }
+    .await;
+    match opened {
+        Ok((pipe, tunnel)) => Ok((PortDevice::owned(pair.hub.clone()), pipe, Some(tunnel))),
+        Err(error) => {
+            pair.destroy(netlink).await;
+            Err(error)
+        }
+    }
 }
 
 impl PortPair {

@@ -13,23 +13,7 @@ use dataplane_common::{TunnelConfig, TunnelRxKey, tunnel};
 use nix::ifaddrs::getifaddrs;
 
 use super::{PortError, link::Netlink};
-use crate::backend::{Encapsulation, TunnelEndpoint, l2tp};
-
-/// A tunnel's share of the kernel plan.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TunnelKernel {
-    /// The tunnel port device (where `tunnel_port` runs) and its configuration.
-    pub port_ifindex: u32,
-    pub port_ifname: String,
-    pub config: TunnelConfig,
-    /// What received packets for this tunnel are addressed to.
-    pub rx_keys: Vec<TunnelRxKey>,
-    /// Devices where they arrive (`tunnel_rx` runs there), by ifindex.
-    pub underlays: BTreeMap<u32, String>,
-    /// A unicast peer off this host: the neighbour (the peer or its router) whose MAC frames are
-    /// sent to, on `config.out_ifindex`.
-    pub next_hop: Option<IpAddr>,
-}
+use crate::model::tunnel::{Encapsulation, TunnelEndpoint, TunnelFastPath, l2tp};
 
 /// An interface holding an address.
 struct Interface {
@@ -50,7 +34,7 @@ pub async fn resolve(
     hub_ifindex: u32,
     port_ifindex: u32,
     port_ifname: &str,
-) -> Result<TunnelKernel, PortError> {
+) -> Result<TunnelFastPath, PortError> {
     let remote = endpoint.remote;
     let ipv6 = remote.is_ipv6();
     let (over_udp, header) = match &endpoint.encapsulation {
@@ -170,12 +154,12 @@ pub async fn resolve(
     }
     let mut underlays = BTreeMap::new();
     underlays.insert(interface.ifindex, interface.name);
-    Ok(TunnelKernel { port_ifindex, port_ifname: port_ifname.to_owned(), config, rx_keys: vec![key], underlays, next_hop })
+    Ok(TunnelFastPath { port_ifindex, port_ifname: port_ifname.to_owned(), config, rx_keys: vec![key], underlays, next_hop })
 }
 
 /// The tunnel's configuration with its next hop's current MAC, if that changed (a neighbour was
 /// resolved, or moved).
-pub async fn refresh_next_hop(tunnel: &TunnelKernel, netlink: &Netlink) -> Option<TunnelConfig> {
+pub async fn refresh_next_hop(tunnel: &TunnelFastPath, netlink: &Netlink) -> Option<TunnelConfig> {
     let hop = tunnel.next_hop?;
     let mac = netlink.neighbour(tunnel.config.out_ifindex, hop).await.ok().flatten();
     let mut config = tunnel.config;

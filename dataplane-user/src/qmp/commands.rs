@@ -6,15 +6,14 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
+    fds::SessionFds,
     protocol::{self, QmpError},
-    session::Session,
 };
 use crate::{
     daemon::{AnnounceParameters, Daemon, DaemonError, ShutdownCause},
     netdev::Netdev,
     qapi::{self, QapiError},
-    registry::RegistryError,
-    rxfilter::RxFilterChange,
+    model::{registry::RegistryError, rx_filter::RxFilterChange},
 };
 
 pub const QMP_CAPABILITIES: &str = "qmp_capabilities";
@@ -147,32 +146,32 @@ struct CountersArgs {
     id: Option<String>,
 }
 
-/// Runs a command for a session that passed negotiation checks.
-pub async fn execute(daemon: &Daemon, session: &mut Session, name: &str, arguments: &Value) -> Result<Value, QmpError> {
+/// `qmp_capabilities`'s arguments: whether OOB is asked for (the session records it).
+pub fn capabilities_oob(arguments: &Value) -> Result<bool, QmpError> {
+    let args: CapabilitiesArgs = qapi::from_json(arguments).map_err(|error| match error {
+        // QEMU names list elements of this argument 'null'.
+        QapiError::BadEnumValue { value, .. } => QmpError::generic(format!("Parameter 'null' does not accept value '{value}'")),
+        other => other.into(),
+    })?;
+    Ok(args.enable.is_some_and(|caps| caps.iter().any(|c| matches!(c, Capability::Oob))))
+}
+
+/// Runs a command of a negotiated session (`qmp_capabilities` is the session's own); `fds` are
+/// the descriptors passed on its connection.
+pub async fn execute(daemon: &Daemon, fds: &mut SessionFds, name: &str, arguments: &Value) -> Result<Value, QmpError> {
     let empty = json!({});
     match name {
-        QMP_CAPABILITIES => {
-            let args: CapabilitiesArgs = qapi::from_json(arguments).map_err(|error| match error {
-                // QEMU names list elements of this argument 'null'.
-                QapiError::BadEnumValue { value, .. } => {
-                    QmpError::generic(format!("Parameter 'null' does not accept value '{value}'"))
-                }
-                other => other.into(),
-            })?;
-            session.negotiate(args.enable.is_some_and(|caps| caps.iter().any(|c| matches!(c, Capability::Oob))));
-            Ok(empty)
-        }
         "query-version" => {
             qapi::from_json::<NoArgs>(arguments)?;
             Ok(protocol::version_info())
         }
         "query-commands" => {
             qapi::from_json::<NoArgs>(arguments)?;
-            Ok(session.available_commands().into_iter().map(|name| json!({"name": name})).collect())
+            Ok(ALL.iter().map(|name| json!({"name": name})).collect())
         }
         "netdev_add" => {
             let netdev = Netdev::from_json(arguments).map_err(|e| QmpError::generic(e.to_string()))?;
-            daemon.add_netdev(netdev, session).await?;
+            daemon.add_netdev(netdev, fds).await?;
             Ok(empty)
         }
         "netdev_del" => {
@@ -201,12 +200,12 @@ pub async fn execute(daemon: &Daemon, session: &mut Session, name: &str, argumen
         }
         "getfd" => {
             let args: FdNameArgs = qapi::from_json(arguments)?;
-            session.name_fd(&args.fdname)?;
+            fds.name_fd(&args.fdname)?;
             Ok(empty)
         }
         "closefd" => {
             let args: FdNameArgs = qapi::from_json(arguments)?;
-            session.close_fd(&args.fdname)?;
+            fds.close_fd(&args.fdname)?;
             Ok(empty)
         }
         "quit" => {
@@ -243,17 +242,14 @@ pub async fn execute(daemon: &Daemon, session: &mut Session, name: &str, argumen
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmp::session::Transport;
+    use crate::qmp::fds::Transport;
 
-    async fn negotiated() -> (std::sync::Arc<Daemon>, Session) {
-        let daemon = Daemon::new(None);
-        let mut session = Session::new(Transport::Unix);
-        session.negotiate(false);
-        (daemon, session)
+    async fn negotiated() -> (std::sync::Arc<Daemon>, SessionFds) {
+        (Daemon::new(None), SessionFds::new(Transport::Unix))
     }
 
-    async fn call(daemon: &Daemon, session: &mut Session, name: &str, args: Value) -> Result<Value, QmpError> {
-        execute(daemon, session, name, &args).await
+    async fn call(daemon: &Daemon, fds: &mut SessionFds, name: &str, args: Value) -> Result<Value, QmpError> {
+        execute(daemon, fds, name, &args).await
     }
 
     #[tokio::test]
@@ -289,10 +285,10 @@ mod tests {
 
     #[tokio::test]
     async fn capabilities_and_unknown_commands() {
-        let daemon = Daemon::new(None);
-        let mut s = Session::new(Transport::Unix);
-        let e = call(&daemon, &mut s, QMP_CAPABILITIES, json!({"enable": ["foo"]})).await.unwrap_err();
+        let (daemon, mut s) = negotiated().await;
+        let e = capabilities_oob(&json!({"enable": ["foo"]})).unwrap_err();
         assert_eq!(e.desc, "Parameter 'null' does not accept value 'foo'");
+        assert_eq!(capabilities_oob(&json!({"enable": ["oob"]})), Ok(true));
         let e = call(&daemon, &mut s, "nope", json!({})).await.unwrap_err();
         assert_eq!((e.class, e.desc.as_str()), (protocol::ErrorClass::CommandNotFound, "The command nope has not been found"));
         let e = call(&daemon, &mut s, "query-version", json!({"x": 1})).await.unwrap_err();

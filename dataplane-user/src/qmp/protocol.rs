@@ -1,9 +1,11 @@
 //! QMP messages: greeting, responses, errors and events, with QEMU's member order.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use serde::Serialize;
 use serde_json::{Map, Value, json};
+
+use crate::daemon::{Emitted, Event};
 
 /// The QEMU version netdevd presents: the netdev API it implements is QEMU 10.1's (`passt`,
 /// `af-xdp`, stream `reconnect-ms` and the older `reconnect`).
@@ -92,10 +94,22 @@ pub fn failure(error: &QmpError, id: Option<&Value>) -> Value {
     Value::Object(message)
 }
 
-/// An asynchronous event, stamped with wall-clock time as QEMU does.
+/// A daemon event as QEMU's message: its name and data members, stamped with the wall-clock time
+/// it happened.
 #[must_use]
-pub fn event(name: &str, data: Option<Value>) -> Value {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+pub fn event(emitted: &Emitted) -> Value {
+    let (name, data) = match &emitted.event {
+        Event::StreamConnected { netdev, addr } => {
+            ("NETDEV_STREAM_CONNECTED", Some(json!({"netdev-id": netdev, "addr": addr})))
+        }
+        Event::StreamDisconnected { netdev } => ("NETDEV_STREAM_DISCONNECTED", Some(json!({"netdev-id": netdev}))),
+        Event::NicRxFilterChanged { nic } => (
+            "NIC_RX_FILTER_CHANGED",
+            Some(json!({"name": nic, "path": format!("/machine/peripheral/{nic}/virtio-backend")})),
+        ),
+        Event::Shutdown { cause } => ("SHUTDOWN", Some(json!({"guest": false, "reason": cause.as_str()}))),
+    };
+    let now = emitted.at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let mut message = Map::new();
     message.insert("timestamp".into(), json!({"seconds": now.as_secs(), "microseconds": now.subsec_micros()}));
     message.insert("event".into(), name.into());
@@ -117,7 +131,10 @@ mod tests {
             encode(&failure(&QmpError::device_not_found("Device 'x' not found"), Some(&json!(22)))),
             b"{\"id\": 22, \"error\": {\"class\": \"DeviceNotFound\", \"desc\": \"Device 'x' not found\"}}\r\n"
         );
-        let event = event("SHUTDOWN", None);
-        assert_eq!(event.as_object().unwrap().keys().collect::<Vec<_>>(), ["timestamp", "event"]);
+        let emitted = Emitted { at: std::time::SystemTime::now(), event: Event::StreamDisconnected { netdev: "n".into() } };
+        let event = event(&emitted);
+        assert_eq!(event.as_object().unwrap().keys().collect::<Vec<_>>(), ["timestamp", "event", "data"]);
+        assert_eq!(event["event"], "NETDEV_STREAM_DISCONNECTED");
+        assert_eq!(event["data"], json!({"netdev-id": "n"}));
     }
 }

@@ -12,7 +12,7 @@ use std::{
     sync::Arc,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest},
@@ -26,7 +26,10 @@ use super::{
     protocol,
     session::{Session, Transport},
 };
-use crate::{daemon::Daemon, qapi::keyval};
+use crate::{
+    daemon::{Daemon, Emitted},
+    qapi::keyval,
+};
 
 /// Largest request accepted by default; QMP requests are small.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
@@ -259,11 +262,11 @@ fn recv_with_fds(socket: RawFd, chunk: &mut [u8]) -> io::Result<(usize, Vec<Owne
 }
 
 /// Waits for the next event, or forever if the client has not negotiated yet.
-async fn next_event(events: &mut Option<broadcast::Receiver<Bytes>>) -> Bytes {
+async fn next_event(events: &mut Option<broadcast::Receiver<Emitted>>) -> Vec<u8> {
     let Some(receiver) = events else { return std::future::pending().await };
     loop {
         match receiver.recv().await {
-            Ok(line) => return line,
+            Ok(emitted) => return codec::encode(&protocol::event(&emitted)),
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(missed, "a slow QMP client missed events");
             }
@@ -306,8 +309,8 @@ async fn converse(daemon: &Daemon, connection: &mut Connection, max_message_byte
             () = shutdown.cancelled() => {
                 // Deliver what was emitted before the shutdown (the SHUTDOWN event itself).
                 if let Some(receiver) = events.as_mut() {
-                    while let Ok(line) = receiver.try_recv() {
-                        connection.write(&line).await?;
+                    while let Ok(emitted) = receiver.try_recv() {
+                        connection.write(&codec::encode(&protocol::event(&emitted))).await?;
                     }
                 }
                 return Ok(());

@@ -1,35 +1,24 @@
 //! One QMP connection's state machine: capabilities negotiation, request validation (QEMU's
 //! `qmp_dispatch_check_obj` order and texts), named file descriptors.
 
-use std::{
-    collections::BTreeMap,
-    os::fd::{AsRawFd, OwnedFd},
-};
+use std::os::fd::OwnedFd;
 
 use serde_json::{Map, Value};
 
+pub use super::fds::Transport;
 use super::{
     commands,
+    fds::SessionFds,
     protocol::{self, QmpError},
 };
 use crate::daemon::Daemon;
 
-/// Whether fds can arrive on this connection (only unix sockets carry SCM_RIGHTS).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Unix,
-    Tcp,
-}
-
 #[derive(Debug)]
 pub struct Session {
-    transport: Transport,
     negotiated: bool,
     oob: bool,
-    /// fds received with SCM_RIGHTS and not yet claimed by `getfd`.
-    received_fds: Vec<OwnedFd>,
-    /// `getfd` names; using one in a netdev removes it (QEMU `monitor_fd_param`).
-    named_fds: BTreeMap<String, OwnedFd>,
+    /// The descriptors passed on this connection (`getfd`, `closefd`, netdevs' `fd=`).
+    pub fds: SessionFds,
 }
 
 /// What the connection should do after a request.
@@ -49,12 +38,12 @@ const ID: &str = "id";
 impl Session {
     #[must_use]
     pub fn new(transport: Transport) -> Self {
-        Self { transport, negotiated: false, oob: false, received_fds: Vec::new(), named_fds: BTreeMap::new() }
+        Self { negotiated: false, oob: false, fds: SessionFds::new(transport) }
     }
 
     /// fds that arrived with the last bytes read.
     pub fn receive_fds(&mut self, fds: impl IntoIterator<Item = OwnedFd>) {
-        self.received_fds.extend(fds);
+        self.fds.receive(fds);
     }
 
     /// Answers a JSON syntax error (no id: the request never parsed).
@@ -129,11 +118,16 @@ impl Session {
         if self.negotiated && name == commands::QMP_CAPABILITIES {
             return Err(QmpError::command_not_found("Capabilities negotiation is already complete, command ignored"));
         }
-        commands::execute(daemon, self, name, arguments).await
+        if name == commands::QMP_CAPABILITIES {
+            let oob = commands::capabilities_oob(arguments)?;
+            self.negotiate(oob);
+            return Ok(Value::Object(Map::new()));
+        }
+        commands::execute(daemon, &mut self.fds, name, arguments).await
     }
 
     /// `qmp_capabilities`: completes negotiation, with OOB if asked for.
-    pub(super) fn negotiate(&mut self, oob: bool) {
+    pub fn negotiate(&mut self, oob: bool) {
         self.negotiated = true;
         self.oob = oob;
     }
@@ -143,72 +137,6 @@ impl Session {
     pub fn available_commands(&self) -> Vec<&'static str> {
         if self.negotiated { commands::ALL.to_vec() } else { vec![commands::QMP_CAPABILITIES] }
     }
-
-    /// `getfd`: names the fd that came with this request. As QEMU's `qmp_getfd`, the fd is taken
-    /// first and closed again if the name is refused.
-    pub(super) fn name_fd(&mut self, name: &str) -> Result<(), QmpError> {
-        let no_fd = || QmpError::generic("No file descriptor supplied via SCM_RIGHTS");
-        if self.transport == Transport::Tcp {
-            return Err(no_fd());
-        }
-        let fd = self.received_fds.pop().ok_or_else(no_fd)?;
-        // Extra fds sent with the same message are closed, as QEMU keeps only the last one.
-        self.received_fds.clear();
-        if name.starts_with(|c: char| c.is_ascii_digit()) {
-            drop(fd);
-            return Err(QmpError::generic("Parameter 'fdname' expects a name not starting with a digit"));
-        }
-        // A name given again replaces (and closes) the older fd.
-        self.named_fds.insert(name.to_owned(), fd);
-        Ok(())
-    }
-
-    /// `closefd`.
-    pub(super) fn close_fd(&mut self, name: &str) -> Result<(), QmpError> {
-        self.named_fds
-            .remove(name)
-            .map(drop)
-            .ok_or_else(|| QmpError::generic(format!("File descriptor named '{name}' not found")))
-    }
-
-    /// Resolves a netdev's fd parameter as `monitor_fd_param` does: a name takes (and removes) a
-    /// `getfd` fd; a number must be an fd open in the daemon.
-    pub fn take_fd(&mut self, param: &str) -> Result<FdParam, QmpError> {
-        if param.starts_with(|c: char| c.is_ascii_digit()) {
-            let number: i32 = param
-                .parse()
-                .map_err(|_| QmpError::generic(format!("Invalid file descriptor number '{param}'")))?;
-            // SAFETY: F_GETFD only queries the descriptor table; a closed number returns EBADF.
-            if unsafe { libc::fcntl(number, libc::F_GETFD) } < 0 {
-                return Err(QmpError::generic(format!("Invalid file descriptor number '{param}'")));
-            }
-            return Ok(FdParam::Inherited(number));
-        }
-        self.named_fds
-            .remove(param)
-            .map(FdParam::Named)
-            .ok_or_else(|| QmpError::generic(format!("File descriptor named '{param}' has not been found")))
-    }
-
-    /// Names of the fds held for this session.
-    pub fn fd_names(&self) -> impl Iterator<Item = (&str, i32)> {
-        self.named_fds.iter().map(|(name, fd)| (name.as_str(), fd.as_raw_fd()))
-    }
-}
-
-impl crate::port::FdSource for Session {
-    fn take_fd(&mut self, param: &str) -> Result<FdParam, QmpError> {
-        Session::take_fd(self, param)
-    }
-}
-
-/// A resolved fd parameter.
-#[derive(Debug)]
-pub enum FdParam {
-    /// Received with `getfd`; now owned by the caller.
-    Named(OwnedFd),
-    /// A descriptor number the daemon inherited.
-    Inherited(i32),
 }
 
 #[cfg(test)]
@@ -281,7 +209,7 @@ mod tests {
         let r = run(&mut session, &daemon, json!({"execute": "closefd", "arguments": {"fdname": "f"}})).await;
         assert_eq!(desc(&r), "File descriptor named 'f' not found");
         assert_eq!(
-            session.take_fd("nope").unwrap_err().desc,
+            session.fds.take_fd("nope").unwrap_err().0,
             "File descriptor named 'nope' has not been found"
         );
     }
@@ -295,8 +223,8 @@ mod tests {
         session.receive_fds([OwnedFd::from(file)]);
         let r = run(&mut session, &daemon, json!({"execute": "getfd", "arguments": {"fdname": "f"}})).await;
         assert_eq!(r, json!({"return": {}}));
-        assert_eq!(session.fd_names().count(), 1);
-        assert!(matches!(session.take_fd("f"), Ok(FdParam::Named(_))));
-        assert_eq!(session.fd_names().count(), 0);
+        assert_eq!(session.fds.names().count(), 1);
+        assert!(matches!(session.fds.take_fd("f"), Ok(crate::fd::FdParam::Named(_))));
+        assert_eq!(session.fds.names().count(), 0);
     }
 }

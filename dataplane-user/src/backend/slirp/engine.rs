@@ -29,7 +29,7 @@ use super::{
     rules,
 };
 use super::offload::{Coalescer, VNET_HDR_LEN, complete_checksum};
-use crate::backend::{BackendStats, pipe::MAX_FRAME};
+use crate::{backend::BackendStats, port::pipe::MAX_FRAME};
 
 /// Serializes every call into libslirp across instances (see the module documentation).
 static SLIRP_LOCK: Mutex<()> = Mutex::new(());

@@ -35,7 +35,8 @@ use self::{
     engine::{Command, Engine, EngineConfig, Shared},
     rules::GuestTarget,
 };
-use super::{BackendContext, BackendError, BackendStats, HubPipe};
+use super::{BackendContext, BackendError, BackendStats};
+use crate::port::pipe::HubPipe;
 use crate::netdev::user::UserOptions;
 
 /// QEMU's `CONFIG_SMBD_COMMAND`.

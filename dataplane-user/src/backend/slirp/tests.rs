@@ -13,7 +13,10 @@ use tokio::{sync::mpsc, task::JoinHandle, time::timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::backend::{BackendContext, BackendStats, HubPipe, pipe::MAX_FRAME};
+use crate::{
+    backend::{BackendContext, BackendStats},
+    port::pipe::{HubPipe, MAX_FRAME},
+};
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 10, 0, 2, 2];
@@ -441,10 +444,7 @@ async fn hostfwd_add_and_remove_at_run_time() {
 /// loopback address, made visible to the engine thread only (private mount namespace; root).
 #[tokio::test]
 async fn dns_goes_to_the_resolv_conf_server() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root for a private mount namespace and port 53");
-        return;
-    }
+    assert!(nix::unistd::geteuid().is_root(), "this test needs root: a private mount namespace and port 53");
     let stub_ip = Ipv4Addr::new(127, 53, 0, 1 + u8::try_from(std::process::id() % 200).unwrap());
     let stub = std::net::UdpSocket::bind((stub_ip, 53)).unwrap();
     stub.set_read_timeout(Some(WAIT)).unwrap();

@@ -27,7 +27,7 @@ use aya::{
 };
 use serde_json::{Value, json};
 
-use crate::Netns;
+use dataplane_tests::Netns;
 
 /// The generator's address on g0.
 pub const ADDR_GEN: &str = "10.77.1.1";

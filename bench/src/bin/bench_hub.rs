@@ -19,12 +19,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, DevMapHash};
-use dataplane_tests::{
-    Daemon,
-    Netns,
-    bench::{ADDR_GEN, ADDR_SINK, Bench, FRAME_LEN, Options, Sample, Topology, ethtool, median, pps_cell, summarize, udp_frame},
-    require_root,
-};
+use dataplane_bench::{ADDR_GEN, ADDR_SINK, Bench, FRAME_LEN, Options, Sample, Topology, ethtool, median, pps_cell, summarize, udp_frame};
+use dataplane_tests::{Daemon, Netns, require_root};
 use serde_json::{Value, json};
 
 const ADDR_DIRECT_GEN: &str = "10.78.0.1";

@@ -49,11 +49,8 @@ use aya::{
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
 };
 use dataplane::{client::QmpClient, qmp::server::ListenAddr};
-use dataplane_tests::{
-    Daemon, Netns, TempDir,
-    bench::{Bench, Options, Topology, busy_ns, ethtool, machine, median},
-    require_root,
-};
+use dataplane_bench::{Bench, Options, Topology, busy_ns, ethtool, machine, median};
+use dataplane_tests::{Daemon, Netns, TempDir, require_root};
 use nix::sched::{CloneFlags, CpuSet, sched_setaffinity, setns};
 use serde_json::{Value, json};
 

@@ -11,7 +11,21 @@
 //! the counter; `pincounter` without `counter` occupies no bytes; a 4-byte cookie is the low half
 //! of the configured value, and on receive it is compared with the whole configured `rxcookie`.
 
-use super::L2tpHeader;
+/// The L2TPv3 data header as QEMU lays it out (see `netdev::l2tpv3`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L2tpHeader {
+    pub tx_session: u32,
+    pub rx_session: u32,
+    /// 0, 4 or 8 bytes.
+    pub cookie_len: u8,
+    pub tx_cookie: u64,
+    pub rx_cookie: u64,
+    /// A 4-byte counter follows the cookie (`counter`), sent as 0 with `pincounter`.
+    pub counter: bool,
+    pub pin_counter: bool,
+    /// Zero bytes between the header and the frame.
+    pub offset: u16,
+}
 
 /// The first word of a data packet over UDP: T bit clear, version 3.
 pub const DATA_PACKET: u32 = 0x0003_0000;

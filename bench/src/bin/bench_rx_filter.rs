@@ -27,15 +27,12 @@
 //! time (all CPUs) are counted at TC sinks on c1..c4; input pps is what `hub_tc` took in on p0.
 
 use anyhow::{Context, Result, anyhow, bail};
-use dataplane::rxfilter::format_mac;
-use dataplane_tests::{
-    Daemon,
-    bench::{
-        Bench, FRAME_LEN, Generator, Options, Sample, Topology, machine, median, pps_cell, summarize, udp_frame,
-        udp_frame_tagged,
-    },
-    require_root,
+use dataplane::model::rx_filter::format_mac;
+use dataplane_bench::{
+    Bench, FRAME_LEN, Generator, Options, Sample, Topology, machine, median, pps_cell, summarize, udp_frame,
+    udp_frame_tagged,
 };
+use dataplane_tests::{Daemon, require_root};
 use serde_json::{Value, json};
 
 /// The cost the issue allows: the filter may take at most this share of the pps.

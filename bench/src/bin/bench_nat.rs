@@ -28,7 +28,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use dataplane_tests::{Background, Daemon, Netns, bench::{Options, machine, median}, require_root};
+use dataplane_bench::{Options, machine, median};
+use dataplane_tests::{Background, Daemon, Netns, require_root};
 use nix::sched::{CloneFlags, setns};
 use serde_json::{Value, json};
 

@@ -1,4 +1,6 @@
-//! The planner: netdev graph → the kernel state that forwards it. Pure; no I/O.
+//! The planner: the model (netdev graph, receive filters, tunnels) and the interfaces netdevs
+//! brought → the kernel state that forwards them. Pure; no I/O. It owns the descriptions of its
+//! inputs that the model does not: [`Device`] and [`HubSide`], and the filter tables.
 //!
 //! A hub port whose `netdev=` has an interface becomes a kernel port. Hubs joined port to port
 //! (`hubport,hubid=B,netdev=<a port of hub A>`) flood into each other, so they form one
@@ -12,11 +14,12 @@ use dataplane_common::{
     PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PORT_FLAG_LINK_UP, PortConfig,
 };
 
+pub mod rx_filter;
+
+pub use self::rx_filter::RxFilterTables;
 use crate::{
-    port::tunnel::TunnelKernel,
+    model::{registry::Registry, rx_filter::RxFilter, tunnel::TunnelFastPath},
     netdev::NetdevOptions,
-    registry::Registry,
-    rxfilter::{KernelRxFilter, RxFilter},
 };
 
 /// Which side of an interface faces the hub.
@@ -132,7 +135,7 @@ pub struct Plan {
     pub segments: BTreeMap<i32, Vec<HubMember>>,
     /// Where the kernel keeps each segment's member list.
     pub segment_slots: BTreeMap<i32, u32>,
-    pub rx_filters: BTreeMap<u32, KernelRxFilter>,
+    pub rx_filters: BTreeMap<u32, RxFilterTables>,
     /// Tunnels by the ifindex of their port device.
     pub tunnels: BTreeMap<u32, TunnelPlan>,
     pub tunnel_rx: BTreeMap<TunnelRxKey, u32>,
@@ -219,7 +222,7 @@ pub fn plan(
     registry: &Registry,
     devices: &HashMap<String, Device>,
     filters: &HashMap<String, RxFilter>,
-    tunnels: &HashMap<String, TunnelKernel>,
+    tunnels: &HashMap<String, TunnelFastPath>,
     previous: &Plan,
 ) -> Result<Plan, PlanError> {
     let hub_of = |id: &str| match registry.get(id).map(|e| &e.netdev.options) {
@@ -276,7 +279,7 @@ pub fn plan(
             nic: nic.map(str::to_owned),
         };
         if let Some(filter) = nic.and_then(|id| filters.get(id)) {
-            plan.rx_filters.insert(device.ifindex, filter.kernel());
+            plan.rx_filters.insert(device.ifindex, RxFilterTables::from(filter));
         }
         let members = plan.segments.entry(port.segment).or_default();
         if members.len() >= MAX_HUB_PORTS {
@@ -433,7 +436,7 @@ mod tests {
         let with_nic = plan(&registry, &devices, &filters, &HashMap::new(), &Plan::default()).unwrap();
         assert_eq!(with_nic.ports[&3].nic.as_deref(), Some("n0"));
         assert_eq!(with_nic.segments[&0][0].flags, MEMBER_LINK_UP | MEMBER_RX_FILTER);
-        assert_eq!(with_nic.rx_filters[&3], filter.kernel());
+        assert_eq!(with_nic.rx_filters[&3], RxFilterTables::from(&filter));
         // The NIC's link is the port's too.
         registry.set_link("n0", false).unwrap();
         assert!(!plan(&registry, &devices, &filters, &HashMap::new(), &Plan::default()).unwrap().ports[&3].link_up);

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 
-use dataplane_common::{RX_MAC_MULTICAST, RX_MAC_UNICAST, RxFilterConfig, RxVlanTable, rx};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -187,47 +186,6 @@ impl RxFilter {
             "broadcast-allowed": self.nobcast,
         })
     }
-
-    /// The kernel's copy: mode flags and main MAC, the VLAN bitmap, the MAC table entries.
-    #[must_use]
-    pub fn kernel(&self) -> KernelRxFilter {
-        let mut flags = 0;
-        for (on, bit) in [
-            (self.promisc, rx::PROMISC),
-            (self.allmulti, rx::ALLMULTI),
-            (self.alluni, rx::ALLUNI),
-            (self.nomulti, rx::NOMULTI),
-            (self.nouni, rx::NOUNI),
-            (self.nobcast, rx::NOBCAST),
-            (self.uni_overflow, rx::UNI_OVERFLOW),
-            (self.multi_overflow, rx::MULTI_OVERFLOW),
-            (self.vlan_filtering, rx::VLAN_FILTER),
-        ] {
-            if on {
-                flags |= bit;
-            }
-        }
-        let mut vlans = RxVlanTable { bits: [0; 128] };
-        for vid in &self.vlans {
-            vlans.bits[usize::from(vid >> 5)] |= 1 << (vid & 31);
-        }
-        let macs = self
-            .unicast
-            .iter()
-            .map(|m| (*m, RX_MAC_UNICAST))
-            .chain(self.multicast.iter().map(|m| (*m, RX_MAC_MULTICAST)))
-            .collect();
-        KernelRxFilter { config: RxFilterConfig { flags, main_mac: self.main_mac, _pad: [0; 2] }, vlans, macs }
-    }
-}
-
-/// What the kernel holds of one NIC's filter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelRxFilter {
-    pub config: RxFilterConfig,
-    pub vlans: RxVlanTable,
-    /// Address → `RX_MAC_UNICAST` or `RX_MAC_MULTICAST` (a unicast entry wins over a duplicate).
-    pub macs: std::collections::BTreeMap<[u8; 6], u32>,
 }
 
 /// `xx:xx:xx:xx:xx:xx`, lower case, as QEMU prints MACs.
@@ -274,11 +232,6 @@ mod tests {
         assert_eq!(info["vlan-table"], json!([100, 5]));
         assert_eq!(info["unicast-table"], json!(["02:00:00:00:00:02", "02:00:00:00:00:01"]));
         assert_eq!(info["broadcast-allowed"], true);
-        let kernel = filter.kernel();
-        assert_eq!(kernel.config.flags, rx::ALLMULTI | rx::NOUNI | rx::NOBCAST | rx::VLAN_FILTER);
-        assert_eq!(kernel.vlans.bits[0], 1 << 5);
-        assert_eq!(kernel.vlans.bits[3], 1 << 4);
-        assert_eq!(kernel.macs.len(), 3);
     }
 
     #[test]
@@ -293,7 +246,6 @@ mod tests {
             RxFilter::new(MAC).changed(&change(json!({"name": "n", "unicast-table": uni, "multicast-table": multi}))).unwrap();
         assert!(!filter.uni_overflow && filter.unicast.len() == 60);
         assert!(filter.multi_overflow && filter.multicast.is_empty());
-        assert_eq!(filter.kernel().config.flags & rx::MULTI_OVERFLOW, rx::MULTI_OVERFLOW);
     }
 
     #[test]
@@ -316,6 +268,6 @@ mod tests {
         assert_eq!(none.info("n")["vlan"], "none");
         assert_eq!(none.info("n")["vlan-table"], json!([]));
         let all = none.changed(&change(json!({"name": "n", "vlan": "all"}))).unwrap();
-        assert_eq!(all.kernel().config.flags & rx::VLAN_FILTER, 0);
+        assert_eq!(all.info("n")["vlan"], "all");
     }
 }

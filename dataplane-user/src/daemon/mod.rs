@@ -1,0 +1,174 @@
+//! The daemon: the netdev graph, the port devices, the running backends and the kernel dataplane,
+//! behind one lock, and the event bus and shutdown signal.
+//!
+//! Every change goes the same way: check it against the graph (pure), create what it needs
+//! (interfaces, sockets), plan the kernel state (pure), apply the difference; on any failure, undo
+//! the steps already taken, so bad input changes nothing.
+//!
+//! * [`lifecycle`]: `netdev_add`, `netdev_del`, `set_link`;
+//! * [`backends`]: running user-space backends, their events, tunnels' next hops, `hostfwd`;
+//! * [`nic`]: receive filters and `announce-self`;
+//! * [`queries`]: `x-query-netdevs`, `x-query-netdev-counters`;
+//! * [`events`]: the typed events the daemon broadcasts, and shutdown.
+
+mod backends;
+pub mod events;
+mod lifecycle;
+pub mod nic;
+pub mod queries;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Weak},
+};
+
+use tokio::sync::{Mutex, broadcast};
+use tokio_util::sync::CancellationToken;
+
+pub use self::{
+    events::{Emitted, Event, ShutdownCause},
+    nic::AnnounceParameters,
+    queries::PortCountersInfo,
+};
+use self::backends::RunningBackend;
+use crate::{
+    backend::BackendError,
+    kernel::{self, Dataplane, KernelError},
+    model::{
+        registry::{Registry, RegistryError},
+        rx_filter::RxFilter,
+        tunnel::TunnelFastPath,
+    },
+    plan::{self, Device, Plan, PlanError},
+    port::{PortDevice, PortError, link::Netlink},
+};
+
+/// An error of a daemon operation; `Display` is what the QMP client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Port(#[from] PortError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("netdev '{id}' needs the kernel dataplane, which is not loaded")]
+    NoDataplane { id: String },
+    /// A rejected request with QEMU's text (`query-rx-filter`, `x-set-rx-filter`).
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// Events queued for one slow client before it starts missing some.
+const EVENT_BACKLOG: usize = 1024;
+
+/// What the daemon drives on this host: the loaded dataplane and the netlink handle. Absent in
+/// unit tests that only exercise the graph.
+pub struct Host {
+    pub dataplane: Box<dyn Dataplane>,
+    pub netlink: Netlink,
+}
+
+struct State {
+    registry: Registry,
+    devices: HashMap<String, PortDevice>,
+    /// Kernel fast paths of UDP-based tunnels, by netdev id.
+    tunnels: HashMap<String, TunnelFastPath>,
+    backends: HashMap<String, RunningBackend>,
+    /// Receive filters of the NICs, by NIC id.
+    rx_filters: HashMap<String, RxFilter>,
+    /// NICs that reported `NIC_RX_FILTER_CHANGED` and stay silent until `query-rx-filter`.
+    rx_notify_disarmed: HashSet<String>,
+    /// The MAC each NIC was created with (its `macaddr`, or the default it was given).
+    nic_macs: HashMap<String, [u8; 6]>,
+    /// What the kernel holds now.
+    plan: Plan,
+    host: Option<Host>,
+}
+
+impl State {
+    fn device_map(&self) -> HashMap<String, Device> {
+        self.devices.iter().map(|(id, port)| (id.clone(), port.device.clone())).collect()
+    }
+
+    /// Plans the current graph and applies it; on failure the kernel is put back as it was.
+    fn replan(&mut self) -> Result<(), DaemonError> {
+        let next = plan::plan(&self.registry, &self.device_map(), &self.rx_filters, &self.tunnels, &self.plan)?;
+        if next == self.plan {
+            return Ok(());
+        }
+        let Some(host) = self.host.as_mut() else {
+            let id = next.ports.values().next().map(|p| p.hubport.clone()).unwrap_or_default();
+            return Err(DaemonError::NoDataplane { id });
+        };
+        if let Err(error) = kernel::apply(host.dataplane.as_mut(), &self.plan, &next) {
+            if let Err(undo) = kernel::apply(host.dataplane.as_mut(), &next, &self.plan) {
+                tracing::error!(%undo, "could not restore the previous kernel state");
+            }
+            return Err(error.into());
+        }
+        self.plan = next;
+        Ok(())
+    }
+}
+
+pub struct Daemon {
+    /// Itself, for the tasks it spawns (announce timers).
+    me: Weak<Daemon>,
+    /// The file `user` netdevs read as `/etc/resolv.conf` (their DNS upstream), if not the host's.
+    user_resolv_conf: std::sync::OnceLock<std::path::PathBuf>,
+    /// `announce-self` timers by id (`""` for none).
+    announce_timers: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    state: Mutex<State>,
+    /// Events, fanned out to every listener (the QMP server's negotiated clients).
+    events: broadcast::Sender<Emitted>,
+    shutdown: CancellationToken,
+}
+
+impl Daemon {
+    /// A daemon; without `host` only netdevs with no interface can be created.
+    #[must_use]
+    pub fn new(host: Option<Host>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self::with_host(me.clone(), host))
+    }
+
+    fn with_host(me: Weak<Self>, host: Option<Host>) -> Self {
+        let state = State {
+            registry: Registry::default(),
+            devices: HashMap::new(),
+            tunnels: HashMap::new(),
+            backends: HashMap::new(),
+            rx_filters: HashMap::new(),
+            rx_notify_disarmed: HashSet::new(),
+            nic_macs: HashMap::new(),
+            plan: Plan::default(),
+            host,
+        };
+        Self {
+            me,
+            user_resolv_conf: std::sync::OnceLock::new(),
+            announce_timers: std::sync::Mutex::default(),
+            state: Mutex::new(state),
+            events: broadcast::channel(EVENT_BACKLOG).0,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+
+    /// Removes every netdev, newest first, so that ports leave their hubs before their netdevs go.
+    pub async fn tear_down(&self) {
+        let ids: Vec<String> = {
+            let state = self.state.lock().await;
+            state.registry.entries().map(|e| e.netdev.id.clone()).collect()
+        };
+        for id in ids.iter().rev() {
+            if let Err(error) = self.remove_netdev(id).await {
+                tracing::warn!(netdev = %id, %error, "could not remove netdev at shutdown");
+            }
+        }
+    }
+}

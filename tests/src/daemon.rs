@@ -1,0 +1,180 @@
+//! A `netdevd` running inside a test's namespace, driven over its control socket.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use dataplane::{client::QmpClient, qmp::protocol::QmpError, qmp::server::ListenAddr};
+use serde_json::{Value, json};
+
+use super::{namespaces::Netns, netdevd_bin, unique};
+
+/// `netdevd` running inside a namespace, stopped with SIGTERM on drop.
+pub struct Daemon {
+    pub(super) child: Child,
+    pub socket: PathBuf,
+    pub(super) _dir: TempDir,
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    #[must_use]
+    pub fn new() -> Self {
+        let path = std::env::temp_dir().join(unique("netdevd-test-"));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Daemon {
+    /// Starts netdevd in `ns` on a private socket with no start-up netdevs.
+    #[must_use]
+    pub fn start(ns: &Netns) -> Self {
+        Self::start_with_args(ns, &[])
+    }
+
+    /// As [`Daemon::start`], with `extra` arguments after the config and socket options (e.g.
+    /// `--user-resolv-conf FILE`).
+    #[must_use]
+    pub fn start_with_args(ns: &Netns, extra: &[&str]) -> Self {
+        let dir = TempDir::new();
+        let socket = dir.0.join("qmp.sock");
+        let config = dir.0.join("netdevd.toml");
+        std::fs::write(&config, "netdevs = []\n").expect("write config");
+        let child = ns
+            .command(netdevd_bin().to_str().expect("utf-8 path"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--qmp")
+            .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .args(extra)
+            .env("RUST_LOG", std::env::var("NETDEVD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start netdevd");
+        let daemon = Self { child, socket, _dir: dir };
+        // The socket file exists from bind(2) on, a moment before listen(2): wait for a connect.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::os::unix::net::UnixStream::connect(&daemon.socket) {
+                Ok(_) => return daemon,
+                Err(error) => {
+                    assert!(Instant::now() < deadline, "netdevd did not accept connections within 10 s: {error}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    /// A negotiated QMP client.
+    #[must_use]
+    pub fn client(&self) -> QmpClient {
+        let client = QmpClient::connect_negotiated(&ListenAddr::Unix(self.socket.clone())).expect("connect to netdevd");
+        client.set_timeout(Some(Duration::from_secs(30))).expect("set timeout");
+        client
+    }
+
+    /// Runs a command on a fresh connection.
+    pub fn execute(&self, name: &str, arguments: Value) -> Result<Value, QmpError> {
+        self.client().execute(name, arguments).expect("QMP I/O")
+    }
+
+    /// `netdev_add` from keyval, panicking on error.
+    pub fn add(&self, keyval: &str) {
+        let arguments = dataplane::qmp::commands::arguments_from_keyval("netdev_add", keyval).expect("valid keyval");
+        if let Err(error) = self.execute("netdev_add", arguments) {
+            panic!("netdev_add {keyval}: {}", error.desc);
+        }
+    }
+
+    /// `netdev_add` from keyval, returning QEMU's error text.
+    pub fn add_err(&self, keyval: &str) -> String {
+        let arguments = dataplane::qmp::commands::arguments_from_keyval("netdev_add", keyval).expect("valid keyval");
+        self.execute("netdev_add", arguments).expect_err("netdev_add should fail").desc
+    }
+
+    pub fn del(&self, id: &str) {
+        self.execute("netdev_del", json!({"id": id})).unwrap_or_else(|e| panic!("netdev_del {id}: {}", e.desc));
+    }
+
+    pub fn set_link(&self, id: &str, up: bool) {
+        self.execute("set_link", json!({"name": id, "up": up})).unwrap_or_else(|e| panic!("set_link {id}: {}", e.desc));
+    }
+
+    /// `x-query-netdev-counters` of one hub port.
+    #[must_use]
+    pub fn counters(&self, port: &str) -> Value {
+        let rows = self.execute("x-query-netdev-counters", json!({"id": port})).expect("counters");
+        rows.as_array().and_then(|r| r.first()).cloned().unwrap_or(Value::Null)
+    }
+
+    /// Stops the daemon with SIGTERM and returns its exit status code.
+    pub fn stop(mut self) -> Option<i32> {
+        self.terminate()
+    }
+
+    pub(super) fn terminate(&mut self) -> Option<i32> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(0));
+        // `ip netns exec` execs netdevd, so the child is the daemon itself.
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's process id (`ip netns exec` execs it, so the child is the daemon).
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `x-query-netdevs` rows.
+    #[must_use]
+    pub fn netdevs(&self) -> Vec<Value> {
+        let rows = self.execute("x-query-netdevs", json!({})).unwrap_or_else(|e| panic!("x-query-netdevs: {}", e.desc));
+        rows.as_array().cloned().unwrap_or_default()
+    }
+
+    /// The ids listed by `x-query-netdevs`.
+    #[must_use]
+    pub fn netdev_ids(&self) -> Vec<String> {
+        self.netdevs().iter().filter_map(|row| row["id"].as_str().map(str::to_owned)).collect()
+    }
+
+    /// The interface of netdev `id` as `x-query-netdevs` reports it.
+    #[must_use]
+    pub fn ifname_of(&self, id: &str) -> Option<String> {
+        self.netdevs().iter().find(|row| row["id"] == json!(id))?["ifname"].as_str().map(str::to_owned)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
