@@ -584,6 +584,11 @@ impl Daemon {
         }
     }
 
+    /// The kernel dataplane's start-up report (`x-query-dataplane`).
+    pub async fn dataplane(&self) -> Option<Value> {
+        self.state.lock().await.kernel.as_ref().and_then(|kernel| kernel.forwarding.describe())
+    }
+
     pub async fn netdevs(&self) -> Vec<NetdevInfo> {
         let state = self.state.lock().await;
         let mut infos = state.registry.info();
