@@ -329,7 +329,8 @@ pub fn delete_filter(ifindex: u32, direction: Direction, filter: &Filter) -> Res
 }
 
 /// Removes the `clsact` qdisc of `ifindex` if no filter is left on it: one the daemon added
-/// itself, so that an interface is left as it was found.
+/// itself, so that an interface is left as it was found. `false` while filters remain; `true`
+/// once the qdisc is gone (removed here, or with its interface).
 pub fn remove_clsact_if_empty(ifindex: u32) -> Result<bool, AttachError> {
     if !filters(ifindex, Direction::Ingress)?.is_empty() || !filters(ifindex, Direction::Egress)?.is_empty() {
         return Ok(false);
@@ -340,7 +341,8 @@ pub fn remove_clsact_if_empty(ifindex: u32) -> Result<bool, AttachError> {
     message.header.handle = TcHandle { major: 0xffff, minor: 0 };
     match socket.request(RouteNetlinkMessage::DelQueueDiscipline(message), NLM_F_REQUEST | NLM_F_ACK) {
         Ok(_) => Ok(true),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)) => Ok(false),
+        // The interface or its qdisc is gone already.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)) => Ok(true),
         Err(e) => Err(error(e)),
     }
 }
@@ -414,7 +416,7 @@ mod tests {
 
     #[test]
     fn only_our_priority_handle_and_name_are_ours() {
-        let ours = u32::from(HANDLE_MAJOR) << 16 | 1;
+        let ours = (u32::from(HANDLE_MAJOR) << 16) | 1;
         assert!(filter("hub_tc", PRIORITY_HUB, ours).is_marked());
         assert!(filter("tunnel_rx", PRIORITY_TUNNEL_RX, ours).is_marked());
         // Another tool's program under our priority and handle, ours at another priority, and
@@ -422,7 +424,7 @@ mod tests {
         assert!(!filter("other", PRIORITY_HUB, ours).is_marked());
         assert!(!filter("hub_tc", PRIORITY_TUNNEL_RX, ours).is_marked());
         assert!(!filter("hub_tc", PRIORITY_HUB, 1).is_marked());
-        assert!(!filter("hub_tc", PRIORITY_HUB, u32::from(HANDLE_MAJOR) << 16 | 65).is_marked());
+        assert!(!filter("hub_tc", PRIORITY_HUB, (u32::from(HANDLE_MAJOR) << 16) | 65).is_marked());
     }
 
     #[test]
