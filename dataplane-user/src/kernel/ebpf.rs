@@ -224,7 +224,7 @@ impl EbpfDataplane {
             }
         }
         self.forget_clsact(ifindex);
-        Err(attach_error(last_error.map_or_else(|| "no free filter handle".into(), |e| boxed(e))))
+        Err(attach_error(last_error.map_or_else(|| "no free filter handle".into(), boxed)))
     }
 
     /// Removes the `clsact` qdisc of `ifindex` if the daemon added it and no filter is left.
