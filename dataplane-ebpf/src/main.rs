@@ -165,7 +165,7 @@ pub fn hub_tc(ctx: TcContext) -> i32 {
             continue;
         }
         if member.flags & MEMBER_RX_FILTER != 0
-            && !rx_filter_accepts(member.ifindex, destination, *vlan.get_or_insert_with(|| vlan_id(&ctx)))
+            && !rx_filter_accepts(member.ifindex, destination, vlan_key(*vlan.get_or_insert_with(|| vlan_id(&ctx))))
         {
             count_drop(member.slot, DropReason::RxFilter);
             continue;
@@ -221,23 +221,34 @@ fn vlan_id(ctx: &TcContext) -> Option<u16> {
     Some(u16::from_be_bytes(tci) & 0x0fff)
 }
 
+/// No 802.1Q tag, as [`rx_filter_accepts`] takes it.
+const UNTAGGED: u64 = u64::MAX;
+
+/// A VLAN id as a whole register: [`rx_filter_accepts`] bounds it with a compare on that very
+/// register. An `Option<u16>` arrives with undefined upper bits, which the compiler masks off in a
+/// copy, and Linux 6.1's verifier does not carry a bound from the copy back to the original.
+#[inline(always)]
+fn vlan_key(vlan: Option<u16>) -> u64 {
+    vlan.map_or(UNTAGGED, u64::from)
+}
+
 /// virtio-net's `receive_filter` (QEMU `hw/net/virtio-net.c`) for the NIC behind `ifindex`, in
-/// its order: promiscuous; the VLAN table for tagged frames; broadcast, multicast, unicast rules.
+/// its order: promiscuous; the VLAN table for tagged frames (`vlan` from [`vlan_key`]);
+/// broadcast, multicast, unicast rules.
 #[inline(never)]
-fn rx_filter_accepts(ifindex: u32, destination: u64, vlan: Option<u16>) -> bool {
+#[unsafe(no_mangle)]
+pub extern "C" fn rx_filter_accepts(ifindex: u32, destination: u64, vlan: u64) -> bool {
     // SAFETY: read-only lookup, as above.
     let Some(filter) = (unsafe { RX_FILTERS.get(ifindex) }) else { return true };
     let flags = filter.flags;
     if flags & rx::PROMISC != 0 {
         return true;
     }
-    if let Some(vid) = vlan
-        && flags & rx::VLAN_FILTER != 0
-    {
+    if vlan <= 0x0fff && flags & rx::VLAN_FILTER != 0 {
         // SAFETY: read-only lookup, as above.
         let Some(table) = (unsafe { RX_VLANS.get(ifindex) }) else { return false };
-        let word = table.bits.get(usize::from(vid >> 5)).copied().unwrap_or(0);
-        if word & (1 << (vid & 31)) == 0 {
+        let word = table.bits.get((vlan >> 5) as usize).copied().unwrap_or(0);
+        if word & (1 << (vlan & 31)) == 0 {
             return false;
         }
     }

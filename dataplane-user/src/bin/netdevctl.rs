@@ -132,9 +132,21 @@ fn print_readable(command: &str, result: &Value) {
         }
         "x-query-netdevs" => print_netdevs(result),
         "x-query-netdev-counters" => print_counters(result),
+        "x-query-dataplane" => print_dataplane(result),
         _ if result.as_object().is_some_and(serde_json::Map::is_empty) => {}
         _ => println!("{}", serde_json::to_string_pretty(result).unwrap_or_default()),
     }
+}
+
+fn print_dataplane(result: &Value) {
+    let text = |key: &str| result.get(key).map_or_else(String::new, |v| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+    println!("kernel {}", text("kernel"));
+    let forced = if result["forced"].as_bool() == Some(true) { " (forced)" } else { "" };
+    println!("attach mode {}{forced}", text("attach-mode"));
+    for (feature, present) in result["features"].as_object().into_iter().flatten() {
+        println!("  {feature}: {}", if present.as_bool() == Some(true) { "yes" } else { "no" });
+    }
+    println!("leftover filters removed at start: {}", text("leftovers-removed"));
 }
 
 fn print_counters(result: &Value) {

@@ -7,8 +7,11 @@ use clap::Parser;
 use dataplane::{
     config::{Overrides, Settings},
     daemon::{Daemon, Host, ShutdownCause},
-    kernel::ebpf::{EbpfDataplane, ObjectSource},
     fd::NoFds,
+    kernel::{
+        attach::{self, AttachChoice},
+        ebpf::{EbpfDataplane, ObjectSource},
+    },
     port::link::Netlink,
     qmp::server::{self, Listener},
 };
@@ -34,6 +37,10 @@ struct Args {
     /// /etc/resolv.conf: tests point it at a local stub server.
     #[arg(long, value_name = "FILE")]
     user_resolv_conf: Option<PathBuf>,
+    /// How programs are attached: `auto` (TCX where the kernel has it, else TC filters through
+    /// netlink) or `netlink` (TC filters even where TCX works). Default from NETDEVD_X_ATTACH.
+    #[arg(long, value_name = "MODE")]
+    x_attach: Option<AttachChoice>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +56,13 @@ fn main() -> std::process::ExitCode {
 
 fn start() -> Result<()> {
     let args = Args::parse();
+    let attach = match args.x_attach {
+        Some(choice) => choice,
+        None => match std::env::var("NETDEVD_X_ATTACH") {
+            Ok(text) => text.parse().map_err(|e: String| anyhow::anyhow!("NETDEVD_X_ATTACH: {e}"))?,
+            Err(_) => AttachChoice::Auto,
+        },
+    };
     let overrides = Overrides { config: args.config, qmp: args.qmp, netdevs: args.netdev, bpf_object: args.bpf_object };
     let mut settings = Settings::load(&overrides)?;
     settings.user_resolv_conf = args.user_resolv_conf;
@@ -61,17 +75,27 @@ fn start() -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(run(settings))
+        .block_on(run(settings, attach))
 }
 
-async fn run(settings: Settings) -> Result<()> {
+async fn run(settings: Settings, attach: AttachChoice) -> Result<()> {
     let source = match settings.bpf_object.clone() {
         Some(path) => ObjectSource::File(path),
         None => ObjectSource::default_source()
             .context("this netdevd was built without the eBPF object: pass --bpf-object (run cargo xtask build-ebpf)")?,
     };
-    let dataplane = EbpfDataplane::load(&source)?;
+    let mut dataplane = EbpfDataplane::load(&source)?;
     let netlink = Netlink::connect().context("cannot open a netlink socket")?;
+    // The trial attach needs an interface of its own: a veth that exists only for it.
+    let scratch = format!("ndprobe{}", std::process::id() % 100_000);
+    let made = netlink.add_veth(&scratch, &format!("{scratch}p"), 1500).await.is_ok();
+    let info = attach::choose(&mut dataplane, attach, made.then_some(scratch.as_str()));
+    if made && let Ok(Some(link)) = netlink.find(&scratch).await {
+        let _ = netlink.delete(link.ifindex).await;
+    }
+    tracing::info!(kernel = %info.kernel, mode = ?info.attach_mode, forced = info.forced,
+        leftovers_removed = info.leftovers_removed, "dataplane attach mode");
+    dataplane.set_info(info);
     let daemon = Daemon::new(Some(Host { dataplane: Box::new(dataplane), netlink }));
     if let Some(path) = settings.user_resolv_conf.clone() {
         daemon.set_user_resolv_conf(path);

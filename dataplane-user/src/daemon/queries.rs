@@ -27,6 +27,11 @@ pub struct PortCountersInfo {
 }
 
 impl Daemon {
+    /// The kernel dataplane's start-up report (`x-query-dataplane`).
+    pub async fn dataplane(&self) -> Option<Value> {
+        self.state.lock().await.host.as_ref().and_then(|host| host.dataplane.describe())
+    }
+
     pub async fn netdevs(&self) -> Vec<NetdevInfo> {
         let state = self.state.lock().await;
         let mut infos = state.registry.info();

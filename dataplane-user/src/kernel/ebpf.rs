@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 
+use std::collections::HashSet;
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, tc::SchedClassifierLinkId,
-        tc::TcAttachOptions,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
+        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError, TcHandle},
     },
     util::nr_cpus,
 };
@@ -16,7 +18,10 @@ use dataplane_common::{
     TunnelConfig, TunnelCounters, TunnelRxKey, maps, programs,
 };
 
-use super::{Dataplane, KernelError};
+use super::{
+    Dataplane, KernelError,
+    attach::{self, AttachMode, DataplaneInfo},
+};
 use crate::plan::{Hook, RxFilterTables, TunnelProgram};
 
 /// Where the object comes from.
@@ -56,6 +61,12 @@ pub struct EbpfDataplane {
     tunnel_counters: PerCpuHashMap<MapData, u32, TunnelCounters>,
     tunnel_links: HashMap<(u32, TunnelProgram), SchedClassifierLinkId>,
     cpus: usize,
+    mode: AttachMode,
+    /// What start-up probed, once the mode is chosen.
+    info: Option<DataplaneInfo>,
+    /// Interfaces whose `clsact` qdisc the daemon added (netlink mode): removed again with the
+    /// daemon's last filter on them.
+    clsact_added: HashSet<u32>,
 }
 
 const fn tunnel_program_name(program: TunnelProgram) -> &'static str {
@@ -112,6 +123,9 @@ impl EbpfDataplane {
                 .try_into()
                 .map_err(|e| load_error(boxed(e)))?;
             program.load().map_err(|e| load_error(boxed(e)))?;
+            if let Ok(Some(count)) = program.info().map(|info| info.verified_instruction_count()) {
+                tracing::debug!(program = name, instructions = count, "verified");
+            }
         }
         let mut take = |map: &'static str| {
             ebpf.take_map(map).ok_or_else(|| load_error(format!("the object has no {map} map").into()))
@@ -143,23 +157,124 @@ impl EbpfDataplane {
             tunnel_counters,
             tunnel_links: HashMap::new(),
             cpus,
+            mode: AttachMode::Tcx,
+            info: None,
+            clsact_added: HashSet::new(),
         })
     }
 
+    /// Attaches the hub program to `ifname` with TCX and detaches it again: whether this kernel
+    /// has TCX links.
+    pub fn trial_tcx(&mut self, ifname: &str) -> bool {
+        match self.program().attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default())) {
+            Ok(link) => {
+                let _ = self.program().detach(link);
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%error, "TCX trial attach");
+                false
+            }
+        }
+    }
+
+    /// Uses `info.attach_mode` from now on.
+    pub fn set_info(&mut self, info: DataplaneInfo) {
+        self.mode = info.attach_mode;
+        self.info = Some(info);
+    }
+
+    /// Attaches `name` at `attach_type` of `ifname` in the chosen mode.
+    fn attach_program(
+        &mut self,
+        name: &'static str,
+        ifindex: u32,
+        ifname: &str,
+        attach_type: TcAttachType,
+    ) -> Result<SchedClassifierLinkId, KernelError> {
+        let attach_error = |source| KernelError::Attach { ifname: ifname.to_owned(), source };
+        if self.mode == AttachMode::Tcx {
+            // TCX (kernel ≥ 6.6): a link per interface, gone with the interface or the daemon.
+            return classifier(&mut self.ebpf, name)
+                .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|e| attach_error(boxed(e)));
+        }
+        match aya::programs::tc::qdisc_add_clsact(ifname) {
+            Ok(()) => {
+                self.clsact_added.insert(ifindex);
+            }
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(attach_error(boxed(e))),
+        }
+        let priority = attach::priority(name).unwrap_or(attach::PRIORITY_HUB);
+        // The first handle of the range no other daemon on this interface holds.
+        let mut last_error = None;
+        for minor in attach::HANDLE_MINORS {
+            let options = NlOptions { priority, handle: TcHandle::new(attach::HANDLE_MAJOR, minor), classid: None };
+            match classifier(&mut self.ebpf, name).attach_with_options(ifname, attach_type, TcAttachOptions::Netlink(options)) {
+                Ok(link) => return Ok(link),
+                Err(ProgramError::TcError(TcError::NetlinkError(e))) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    last_error = Some(e);
+                }
+                Err(e) => {
+                    self.forget_clsact(ifindex);
+                    return Err(attach_error(boxed(e)));
+                }
+            }
+        }
+        self.forget_clsact(ifindex);
+        Err(attach_error(last_error.map_or_else(|| "no free filter handle".into(), boxed)))
+    }
+
+    /// Removes the `clsact` qdisc of `ifindex` if the daemon added it and no filter is left.
+    fn forget_clsact(&mut self, ifindex: u32) {
+        if self.mode != AttachMode::Netlink || !self.clsact_added.contains(&ifindex) {
+            return;
+        }
+        match attach::remove_clsact_if_empty(ifindex) {
+            Ok(true) => {
+                self.clsact_added.remove(&ifindex);
+            }
+            // Another filter still uses it (a program of ours in the other direction, or
+            // another tool's added since): it stays.
+            Ok(false) => {}
+            Err(error) => tracing::debug!(ifindex, %error, "clsact removal"),
+        }
+    }
+
     fn program(&mut self) -> &mut SchedClassifier {
-        // `load` checked that the program exists and has this type.
-        self.ebpf
-            .program_mut(programs::HUB_TC)
-            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
-            .expect("hub_tc was checked at load")
+        classifier(&mut self.ebpf, programs::HUB_TC)
     }
 
     fn tunnel_program(&mut self, program: TunnelProgram) -> &mut SchedClassifier {
-        // `load` checked that both tunnel programs exist and have this type.
-        self.ebpf
-            .program_mut(tunnel_program_name(program))
-            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
-            .expect("tunnel programs were checked at load")
+        classifier(&mut self.ebpf, tunnel_program_name(program))
+    }
+}
+
+/// One of the classifiers `load` checked.
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {
+    // `load` checked that the program exists and has this type.
+    ebpf.program_mut(name)
+        .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+        .expect("the classifiers were checked at load")
+}
+
+impl Drop for EbpfDataplane {
+    /// Detaches every program explicitly (dropping `ebpf` would too) so that the `clsact` qdiscs
+    /// the daemon added can go after them.
+    fn drop(&mut self) {
+        let hub_links: Vec<u32> = self.links.keys().copied().collect();
+        for ifindex in hub_links {
+            self.detach(ifindex);
+        }
+        let tunnel_links: Vec<(u32, TunnelProgram)> = self.tunnel_links.keys().copied().collect();
+        for (ifindex, program) in tunnel_links {
+            self.detach_tunnel(ifindex, program);
+        }
+        let added: Vec<u32> = self.clsact_added.iter().copied().collect();
+        for ifindex in added {
+            self.forget_clsact(ifindex);
+        }
     }
 }
 
@@ -169,11 +284,7 @@ impl Dataplane for EbpfDataplane {
             Hook::Ingress => TcAttachType::Ingress,
             Hook::Egress => TcAttachType::Egress,
         };
-        // TCX (kernel ≥ 6.6): a link per interface, gone with the interface or the daemon.
-        let link = self
-            .program()
-            .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
-            .map_err(|e| KernelError::Attach { ifname: ifname.to_owned(), source: boxed(e) })?;
+        let link = self.attach_program(programs::HUB_TC, ifindex, ifname, attach_type)?;
         self.links.insert(ifindex, link);
         Ok(())
     }
@@ -185,6 +296,7 @@ impl Dataplane for EbpfDataplane {
             // The interface may already be gone, which detaches the link by itself.
             tracing::debug!(ifindex, %error, "detach");
         }
+        self.forget_clsact(ifindex);
     }
 
     fn set_port(&mut self, ifindex: u32, config: PortConfig) -> Result<(), KernelError> {
@@ -299,10 +411,7 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn attach_tunnel(&mut self, ifindex: u32, ifname: &str, program: TunnelProgram) -> Result<(), KernelError> {
-        let link = self
-            .tunnel_program(program)
-            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-            .map_err(|e| KernelError::Attach { ifname: ifname.to_owned(), source: boxed(e) })?;
+        let link = self.attach_program(tunnel_program_name(program), ifindex, ifname, TcAttachType::Ingress)?;
         self.tunnel_links.insert((ifindex, program), link);
         Ok(())
     }
@@ -313,9 +422,14 @@ impl Dataplane for EbpfDataplane {
         {
             tracing::debug!(ifindex, %error, "detach tunnel program");
         }
+        self.forget_clsact(ifindex);
     }
 
     fn tunnel_counters(&self, port_ifindex: u32) -> TunnelCounters {
         summed(self.tunnel_counters.get(&port_ifindex, 0), TunnelCounters::accumulate)
+    }
+
+    fn describe(&self) -> Option<serde_json::Value> {
+        self.info.as_ref().and_then(|info| serde_json::to_value(info).ok())
     }
 }

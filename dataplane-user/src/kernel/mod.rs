@@ -2,6 +2,7 @@
 //! ([`Dataplane`], implemented by [`ebpf::EbpfDataplane`]) and the step that moves the kernel
 //! from one plan to the next ([`apply`]).
 
+pub mod attach;
 pub mod ebpf;
 
 use std::collections::BTreeSet;
@@ -72,6 +73,10 @@ pub trait Dataplane: Send + Sync {
     fn detach_tunnel(&mut self, ifindex: u32, program: TunnelProgram);
     /// Counters of the tunnel port `port_ifindex` summed over CPUs.
     fn tunnel_counters(&self, port_ifindex: u32) -> TunnelCounters;
+    /// What start-up probed (`x-query-dataplane`): kernel, attach mode, features.
+    fn describe(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// Moves the kernel from `old` to `new`. New ports get their map entries before their program, and

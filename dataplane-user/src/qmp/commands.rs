@@ -37,6 +37,7 @@ pub const ALL: &[&str] = &[
     "x-hostfwd-add",
     "x-hostfwd-remove",
     "x-query-usernet",
+    "x-query-dataplane",
 ];
 
 #[must_use]
@@ -230,6 +231,10 @@ pub async fn execute(daemon: &Daemon, fds: &mut SessionFds, name: &str, argument
         "x-hostfwd-remove" => {
             let args: HostfwdArgs = qapi::from_json(arguments)?;
             Ok(Value::String(daemon.hostfwd_remove(args.id.as_deref(), &args.rule).await?))
+        }
+        "x-query-dataplane" => {
+            qapi::from_json::<NoArgs>(arguments)?;
+            daemon.dataplane().await.ok_or_else(|| QmpError::generic("netdevd runs without a kernel dataplane"))
         }
         "x-query-usernet" => {
             let args: OptionalIdArgs = qapi::from_json(arguments)?;
