@@ -80,6 +80,18 @@ impl RxFilter {
         }
     }
 
+    /// The filter of an endpoint that is no guest (a user-mode network stack): unicast for its own
+    /// addresses only, every broadcast and multicast frame, every VLAN.
+    #[must_use]
+    pub fn endpoint(macs: &[[u8; 6]]) -> Self {
+        let Some((main, others)) = macs.split_first() else {
+            return Self { promisc: false, allmulti: true, ..Self::new([0; 6]) };
+        };
+        let mut filter = Self { promisc: false, allmulti: true, ..Self::new(*main) };
+        filter.set_mac_table(others, &[]);
+        filter
+    }
+
     /// The filter after `change`, or an error that leaves `self` as it was.
     pub fn changed(&self, change: &RxFilterChange) -> Result<Self, String> {
         let mut next = self.clone();
@@ -308,6 +320,15 @@ mod tests {
             "Invalid MAC address 'zz'"
         );
         assert_eq!(filter, RxFilter::new(MAC));
+    }
+
+    #[test]
+    fn endpoint_takes_its_own_unicast_and_every_group_frame() {
+        let others = [[0x52, 0x55, 10, 0, 2, 3]];
+        let kernel = RxFilter::endpoint(&[[0x52, 0x55, 10, 0, 2, 2], others[0]]).kernel();
+        assert_eq!(kernel.config.flags, rx::ALLMULTI);
+        assert_eq!(kernel.config.main_mac, [0x52, 0x55, 10, 0, 2, 2]);
+        assert_eq!(kernel.macs.into_iter().collect::<Vec<_>>(), [(others[0], RX_MAC_UNICAST)]);
     }
 
     #[test]
