@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     backend::{self, BackendContext, BackendError, BackendEvent, BackendStats},
+    monitor::{Monitor, MonitorError},
     kernel::{
         self, Forwarding, KernelError,
         plan::{self, Device, Plan, PlanError},
@@ -67,6 +68,10 @@ pub enum DaemonError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error("{source}")]
+    Monitor { id: String, source: MonitorError },
+    #[error("nic '{id}' cannot follow QEMU's NIC: {reason}")]
+    Follow { id: String, reason: String },
     #[error("netdev '{id}' needs the kernel dataplane, which is not loaded")]
     NoDataplane { id: String },
     /// A rejected request with QEMU's text (`query-rx-filter`, `x-set-rx-filter`).
@@ -100,6 +105,24 @@ const NEXT_HOP_PENDING_REFRESH: Duration = Duration::from_millis(100);
 /// How long `netdev_del` waits for a backend to close its sockets.
 const BACKEND_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A NIC that follows a NIC of a running QEMU (`x-qemu-monitor`, `x-qemu-device`).
+struct Follower {
+    /// The NIC's id in that QEMU.
+    device: String,
+    /// The monitor connection while it stands.
+    monitor: Arc<std::sync::Mutex<Option<Arc<Monitor>>>>,
+    cancel: CancellationToken,
+}
+
+impl Follower {
+    fn monitor(&self) -> Option<Arc<Monitor>> {
+        self.monitor.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+/// How long a follower waits before connecting again to a QEMU monitor that went away.
+const MONITOR_RECONNECT: Duration = Duration::from_millis(500);
+
 struct State {
     registry: Registry,
     devices: HashMap<String, PortDevice>,
@@ -112,6 +135,8 @@ struct State {
     rx_notify_disarmed: HashSet<String>,
     /// The MAC each NIC was created with (its `macaddr`, or the default it was given).
     nic_macs: HashMap<String, [u8; 6]>,
+    /// NICs that follow a QEMU NIC, by NIC id.
+    followers: HashMap<String, Follower>,
     /// What the kernel holds now.
     plan: Plan,
     kernel: Option<Kernel>,
@@ -231,6 +256,7 @@ impl Daemon {
             rx_filters: HashMap::new(),
             rx_notify_disarmed: HashSet::new(),
             nic_macs: HashMap::new(),
+            followers: HashMap::new(),
             plan: Plan::default(),
             kernel,
         };
@@ -271,13 +297,24 @@ impl Daemon {
             tunnel = resolved;
             pending_backend = Some((prepared, pipe));
         }
+        let mut followed = None;
         if let NetdevOptions::Nic(nic) = &netdev.options {
             let mac = match nic.macaddr.as_deref().and_then(parse_mac) {
                 Some(mac) => mac,
                 None => default_mac(state.nic_macs.values()),
             };
+            let mut filter = RxFilter::new(mac);
+            if let Some((path, device)) = nic.followed() {
+                // The monitor must answer before anything exists: a wrong path creates nothing.
+                let (monitor, events) = Monitor::connect(std::path::Path::new(path))
+                    .await
+                    .map_err(|source| DaemonError::Monitor { id: id.clone(), source })?;
+                let info = monitor.rx_filter(device).await.map_err(|source| DaemonError::Monitor { id: id.clone(), source })?;
+                filter = RxFilter::from_info(&info).map_err(|reason| DaemonError::Follow { id: id.clone(), reason })?;
+                followed = Some((path.to_owned(), device.to_owned(), monitor, events));
+            }
             state.nic_macs.insert(id.clone(), mac);
-            state.rx_filters.insert(id.clone(), RxFilter::new(mac));
+            state.rx_filters.insert(id.clone(), filter);
         }
         state.registry.add(netdev)?;
         if pending_backend.as_ref().is_some_and(|(prepared, _)| !prepared.link_up_at_start()) {
@@ -306,6 +343,15 @@ impl Daemon {
                 self.watch_next_hop(&id, running.cancel.clone());
             }
             state.backends.insert(id.clone(), running);
+        }
+        if let Some((path, device, monitor, events)) = followed {
+            let follower = Follower {
+                device: device.clone(),
+                monitor: Arc::default(),
+                cancel: self.shutdown.child_token(),
+            };
+            self.follow(&id, path.into(), device, (monitor, events), &follower);
+            state.followers.insert(id.clone(), follower);
         }
         let ifname = state.devices.get(&id).map(|d| d.device.ifname.clone());
         tracing::info!(netdev = %id, kind, ifname, "netdev added");
@@ -455,6 +501,9 @@ impl Daemon {
         state.tunnels.remove(id);
         state.rx_filters.remove(id);
         state.nic_macs.remove(id);
+        if let Some(follower) = state.followers.remove(id) {
+            follower.cancel.cancel();
+        }
         state.rx_notify_disarmed.remove(id);
         if let Err(error) = state.replan() {
             // The netdev is gone from the graph either way; the kernel keeps what failed to go.
@@ -478,6 +527,18 @@ impl Daemon {
             let _ = state.registry.set_link(id, was_up);
             return Err(error);
         }
+        // A followed NIC's guest sees its carrier change, as with QEMU's own `set_link`; while
+        // the monitor is away the change waits for it to come back.
+        if let Some(follower) = state.followers.get(id)
+            && let Some(monitor) = follower.monitor()
+            && let Err(source) = monitor.set_link(&follower.device, up).await
+        {
+            let _ = state.registry.set_link(id, was_up);
+            if let Err(error) = state.replan() {
+                tracing::error!(netdev = %id, %error, "link state not restored");
+            }
+            return Err(DaemonError::Monitor { id: id.to_owned(), source });
+        }
         tracing::info!(netdev = %id, up, "link state set");
         Ok(())
     }
@@ -494,14 +555,114 @@ impl Daemon {
             state.rx_filters.insert(name.to_owned(), current);
             return Err(error);
         }
+        self.notify_filter_changed(&mut state, name);
+        tracing::info!(nic = %name, "receive filter set");
+        Ok(())
+    }
+
+    /// Follows QEMU's NIC `device` through its monitor at `path`, starting with `connection`: on
+    /// every `NIC_RX_FILTER_CHANGED` of that NIC its filter is read and applied; when the monitor
+    /// goes away (the VM stops or restarts) it is connected again, the filter read again and
+    /// QEMU's link set to the NIC's.
+    fn follow(
+        &self,
+        id: &str,
+        path: std::path::PathBuf,
+        device: String,
+        connection: (Monitor, tokio::sync::mpsc::UnboundedReceiver<Value>),
+        follower: &Follower,
+    ) {
+        let (me, id, held, cancel) = (self.me.clone(), id.to_owned(), Arc::clone(&follower.monitor), follower.cancel.clone());
+        tokio::spawn(async move {
+            let mut first = Some(connection);
+            let mut reconnected = false;
+            loop {
+                let (monitor, mut events) = match first.take() {
+                    Some(connection) => connection,
+                    None => {
+                        tokio::select! {
+                            () = cancel.cancelled() => return,
+                            () = tokio::time::sleep(MONITOR_RECONNECT) => {}
+                        }
+                        match Monitor::connect(&path).await {
+                            Ok(connection) => connection,
+                            Err(error) => {
+                                tracing::debug!(nic = %id, %error, "QEMU monitor not back yet");
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let monitor = Arc::new(monitor);
+                *held.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(&monitor));
+                if reconnected
+                    && let Some(daemon) = me.upgrade()
+                {
+                    tracing::info!(nic = %id, "QEMU monitor connected again");
+                    daemon.follow_reconnected(&id, &device, &monitor).await;
+                }
+                reconnected = true;
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        event = events.recv() => match event {
+                            None => break,
+                            Some(event) if is_filter_change_of(&event, &device) => {
+                                let Some(daemon) = me.upgrade() else { return };
+                                daemon.follow_filter(&id, &device, &monitor).await;
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                }
+                *held.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                tracing::warn!(nic = %id, path = %path.display(), "QEMU monitor went away; connecting again");
+            }
+        });
+    }
+
+    /// A monitor that came back: QEMU's filter may be new (a restarted guest), and QEMU's link
+    /// must be the NIC's.
+    async fn follow_reconnected(&self, id: &str, device: &str, monitor: &Monitor) {
+        let up = self.state.lock().await.registry.get(id).is_none_or(|e| e.link_up);
+        if let Err(error) = monitor.set_link(device, up).await {
+            tracing::warn!(nic = %id, %error, "could not set the link of QEMU's NIC");
+        }
+        self.follow_filter(id, device, monitor).await;
+    }
+
+    /// Reads QEMU's filter of `device` (which re-arms QEMU's event) and applies it to NIC `id`.
+    async fn follow_filter(&self, id: &str, device: &str, monitor: &Monitor) {
+        let filter = match monitor.rx_filter(device).await.map_err(|e| e.to_string()).and_then(|info| RxFilter::from_info(&info)) {
+            Ok(filter) => filter,
+            Err(error) => {
+                tracing::warn!(nic = %id, %error, "could not read the receive filter of QEMU's NIC");
+                return;
+            }
+        };
+        let mut state = self.state.lock().await;
+        let Some(current) = state.rx_filters.get(id).cloned() else { return };
+        if current == filter {
+            return;
+        }
+        state.rx_filters.insert(id.to_owned(), filter);
+        if let Err(error) = state.replan() {
+            state.rx_filters.insert(id.to_owned(), current);
+            tracing::error!(nic = %id, %error, "receive filter of QEMU's NIC not applied");
+            return;
+        }
+        self.notify_filter_changed(&mut state, id);
+        tracing::info!(nic = %id, "receive filter follows QEMU's NIC");
+    }
+
+    /// `NIC_RX_FILTER_CHANGED`, once until the next `query-rx-filter` of that NIC (as QEMU).
+    fn notify_filter_changed(&self, state: &mut State, name: &str) {
         if state.rx_notify_disarmed.insert(name.to_owned()) {
             self.emit(
                 "NIC_RX_FILTER_CHANGED",
                 Some(json!({"name": name, "path": format!("/machine/peripheral/{name}/virtio-backend")})),
             );
         }
-        tracing::info!(nic = %name, "receive filter set");
-        Ok(())
     }
 
     /// `query-rx-filter`: every NIC with a receive filter, or the one named; re-arms the event
@@ -724,6 +885,12 @@ fn default_mac<'m>(taken: impl Iterator<Item = &'m [u8; 6]>) -> [u8; 6] {
     // QEMU falls back to the first index once all are taken.
     let last = (0x56..=0xfe).find(|index| !used.contains(index)).unwrap_or(0x56);
     [0x52, 0x54, 0x00, 0x12, 0x34, last]
+}
+
+/// Whether `event` is QEMU's `NIC_RX_FILTER_CHANGED` for its NIC `device`.
+fn is_filter_change_of(event: &Value, device: &str) -> bool {
+    event.get("event").and_then(Value::as_str) == Some("NIC_RX_FILTER_CHANGED")
+        && event.pointer("/data/name").and_then(Value::as_str) == Some(device)
 }
 
 /// Only virtio-net NICs keep a receive filter QEMU can report (the default model here).

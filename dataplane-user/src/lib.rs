@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod kernel;
+pub mod monitor;
 pub mod netdev;
 pub mod port;
 pub mod qapi;
