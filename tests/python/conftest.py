@@ -133,3 +133,51 @@ def start_qemu(short_tmp: Path) -> Iterator:
     yield start
     for qemu in started:
         qemu.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Real guests (guest.py)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item, so fixtures can tell at teardown whether the
+    test failed (the guest fixture then prints the guests' serial logs)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
+@pytest.fixture
+def start_guest(request, short_tmp: Path) -> Iterator:
+    """Factory: `start_guest(name, commands=[...], nics=[Nic(...)], netns=NAME, ...)` boots a real
+    guest (see guest.py) without waiting for it; every guest is stopped at teardown, and when the
+    test failed, each guest's serial log is printed."""
+    import guest
+
+    started: list = []
+
+    def start(name: str, **options):
+        machine = guest.Guest(short_tmp / f"guest-{name}", name, **options)
+        started.append(machine)
+        return machine.start()
+
+    yield start
+    for machine in started:
+        machine.stop()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for machine in started:
+            print(f"--- serial log of guest {machine.name} ({machine.accel}) ---\n{machine.serial()}")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The accelerator and boot time of every guest this run booted (reported, never asserted)."""
+    import guest
+
+    lines = guest.boot_summary()
+    if lines:
+        terminalreporter.section("guests")
+        for line in lines:
+            terminalreporter.write_line(line)

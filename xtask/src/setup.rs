@@ -33,7 +33,14 @@ const APT_PACKAGES: &[&str] = &[
     // The NAT benchmark's references.
     "slirp4netns",
     "passt",
+    // The guests' kernel (bookworm's 6.1, with its modules) for the real-guest tests and the
+    // kernel-6.1 run.
+    "linux-image-amd64",
 ];
+
+/// busybox-static for the guests' initramfs, unpacked from its .deb: installing it would replace
+/// the `busybox` package the namespace tests use.
+const BUSYBOX_STATIC_PACKAGE: &str = "busybox-static";
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -43,8 +50,50 @@ const PYTHON_PACKAGES: &[&str] = &["qemu.qmp==0.0.6", "pytest==8.3.5"];
 
 pub fn run(root: &Path) -> Result<()> {
     apt_packages()?;
+    busybox_static(root)?;
     bpf_linker()?;
     python_venv(root)
+}
+
+/// Where the guest harness (tests/python/guest.py) finds busybox-static and caches initramfs
+/// archives.
+pub fn guest_cache_dir(root: &Path) -> PathBuf {
+    root.join("target/guest")
+}
+
+fn busybox_static(root: &Path) -> Result<()> {
+    let cache = guest_cache_dir(root);
+    let unpacked = cache.join("busybox-static");
+    if unpacked.join("bin/busybox").is_file() {
+        return Ok(());
+    }
+    shell::step("fetching busybox-static for the guests (unpacked under target/guest, not installed)");
+    let download = cache.join("download");
+    std::fs::create_dir_all(&download).with_context(|| format!("creating {}", download.display()))?;
+    let fetch = || Command::new("apt-get").args(["download", "-q", BUSYBOX_STATIC_PACKAGE]).current_dir(&download).status();
+    if !fetch().is_ok_and(|status| status.success()) {
+        // Package lists may be missing (a fresh container): refresh them once.
+        shell::run(Command::new("apt-get").args(["update", "-q"]))?;
+        shell::run(Command::new("apt-get").args(["download", "-q", BUSYBOX_STATIC_PACKAGE]).current_dir(&download))?;
+    }
+    let deb = std::fs::read_dir(&download)?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .find(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(BUSYBOX_STATIC_PACKAGE) && name.ends_with(".deb"))
+        })
+        .context("apt-get download left no busybox-static .deb")?;
+    // Unpacked next to its final place, then renamed, so an interrupted run leaves no half tree.
+    let partial = cache.join("busybox-static.partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    shell::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&partial))?;
+    if !partial.join("bin/busybox").is_file() {
+        bail!("{} holds no bin/busybox", deb.display());
+    }
+    std::fs::rename(&partial, &unpacked)?;
+    std::fs::remove_dir_all(&download)?;
+    Ok(())
 }
 
 fn apt_packages() -> Result<()> {

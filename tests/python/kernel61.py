@@ -1,0 +1,159 @@
+"""Runs the kernel-facing Rust test binaries inside a guest booting Debian's 6.1 kernel.
+
+    python kernel61.py [--filter SUBSTRING] [--suites hub_taps,ebpf_test_run,...] [--cpus 2]
+
+The guest (guest.py, `hostroot` mode) sees the host's root read-only over 9p with a tmpfs
+overlay, loads the modules the suites need, mounts bpffs, and runs each test binary chrooted into
+that root with the same NETDEVD_* variables `cargo xtask test` sets: the binaries, the daemon and
+the eBPF object are the host's own build, so only the kernel differs. Each binary's libtest
+output is printed, then a summary (per suite: passed, failed, ignored, seconds); the exit status
+is 1 when any suite failed or did not report, 0 otherwise.
+
+The binaries come from `cargo test --release --no-run -p dataplane-tests` (cargo builds nothing
+when the host suites already built them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import guest  # noqa: E402
+
+REPO_ROOT = guest.REPO_ROOT
+#: The suites that touch the kernel (issue 14): hubs, vnet_hdr, tunnels, receive filters, user
+#: NAT, BPF test-run, hub errors.
+KERNEL_SUITES = (
+    "ebpf_test_run", "ebpf_rx_filter", "hub_taps", "hub_vnet_hdr", "hub_namespaces", "hub_errors",
+    "nic_rx_filter", "tunnels", "user_nat",
+)
+#: Modules the suites use; on the host they are built in or auto-loaded, in the guest the
+#: kernel's own request_module would look in the initramfs, so they are loaded up front.
+MODULES = ("tun", "veth", "sch_ingress", "cls_bpf", "act_bpf", "bridge", "8021q", "dummy")
+#: The whole run inside TCG on a shared machine: generous.
+RUN_TIMEOUT = 4 * 3600
+
+
+def test_binaries(suites: list[str]) -> dict[str, str]:
+    """suite name → executable path, from cargo's build messages."""
+    done = subprocess.run(
+        [os.environ.get("CARGO", "cargo"), "test", "--release", "--no-run", "-p", "dataplane-tests", "--message-format=json",
+         *(arg for suite in suites for arg in ("--test", suite))],
+        cwd=REPO_ROOT, capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        sys.exit(f"building the test binaries failed:\n{done.stderr}")
+    binaries = {}
+    for line in done.stdout.splitlines():
+        message = json.loads(line)
+        if message.get("reason") == "compiler-artifact" and message.get("executable") and message["profile"]["test"]:
+            binaries[message["target"]["name"]] = message["executable"]
+    missing = [suite for suite in suites if suite not in binaries]
+    if missing:
+        sys.exit(f"cargo built no test binary for {', '.join(missing)}")
+    return {suite: binaries[suite] for suite in suites}
+
+
+def suite_command(suite: str, binary: str, filter_: str | None) -> str:
+    """The guest's shell command for one suite: libtest's output, then its wall time."""
+    env = {
+        "NETDEVD_BIN": REPO_ROOT / "target/release/netdevd",
+        "NETDEVCTL_BIN": REPO_ROOT / "target/release/netdevctl",
+        "NETDEVD_BPF_OBJECT": Path(os.environ.get(
+            "NETDEVD_BPF_OBJECT", REPO_ROOT / "dataplane-ebpf/target/bpfel-unknown-none/release/dataplane")),
+    }
+    assignments = " ".join(f"{key}={guest.shell_quote(str(value))}" for key, value in env.items())
+    arguments = guest.shell_quote(filter_) if filter_ else ""
+    return (
+        f"cd {guest.shell_quote(str(REPO_ROOT / 'tests'))} && start=$(cut -d' ' -f1 /proc/uptime) && "
+        f"{assignments} RUST_BACKTRACE=1 {guest.shell_quote(binary)} {arguments}; rc=$?; "
+        f"echo \"@@suite {suite} seconds $(awk -v s=$start '{{print $1 - s}}' /proc/uptime)\"; exit $rc"
+    )
+
+
+def parse(output: str) -> dict:
+    """libtest's tallies (`test result: … N passed; M failed; K ignored`) and failed names."""
+    tally = {"passed": 0, "failed": 0, "ignored": 0}
+    found = False
+    for match in re.finditer(r"test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored", output):
+        found = True
+        tally["passed"] += int(match.group(1))
+        tally["failed"] += int(match.group(2))
+        tally["ignored"] += int(match.group(3))
+    tally["reported"] = found
+    tally["failures"] = re.findall(r"^test (\S+) \.\.\. FAILED", output, re.M)
+    seconds = re.search(r"@@suite \S+ seconds ([\d.]+)", output)
+    tally["seconds"] = float(seconds.group(1)) if seconds else None
+    return tally
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--filter", help="libtest filter passed to every suite")
+    parser.add_argument("--suites", default=",".join(KERNEL_SUITES), help="comma-separated test binaries")
+    parser.add_argument("--cpus", type=int, default=2, help="guest vCPUs (multi-threaded TCG)")
+    parser.add_argument("--memory", type=int, default=2048, help="guest memory in MiB")
+    parser.add_argument("--workdir", type=Path, help="keep the guest's files (serial log) here")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("the kernel-6.1 run needs root (QEMU on taps, 9p of /, the suites themselves)")
+
+    suites = [suite for suite in args.suites.split(",") if suite]
+    binaries = test_binaries(suites)
+    kernel = guest.find_kernel()
+    workdir = args.workdir or guest.make_tempdir("netdevd-k61-")
+    commands = [
+        "grep -E ' (overlay|9p|bpf) ' /proc/mounts",  # the chroot's mounts are in place
+        f"modprobe -a {' '.join(MODULES)}; uname -r; cat /proc/cmdline",
+        *(suite_command(suite, binary, args.filter) for suite, binary in binaries.items()),
+    ]
+    machine = guest.Guest(
+        workdir, "kernel61", commands=commands, agent=False, hostroot=True,
+        memory_mb=args.memory, cpus=args.cpus,
+    )
+    print(f"kernel61: booting {kernel.image.name} ({len(suites)} suites, {args.cpus} vCPUs), log {machine.serial_path}",
+          flush=True)
+    started = time.monotonic()
+    machine.start()
+    failed = False
+    try:
+        results = machine.wait_results(timeout=RUN_TIMEOUT)
+        machine.wait_exit(60)
+    except guest.GuestError as error:
+        print(error)
+        return 1
+    finally:
+        machine.stop()
+    elapsed = time.monotonic() - started
+    for command, result in zip(commands[:2], results[:2]):
+        if result.rc != 0:
+            print(f"kernel61: set-up command `{command}` exited with {result.rc}:\n{result.output}")
+            failed = True
+    print(f"\n==> kernel61 summary (kernel {kernel.release}, accelerator {machine.accel}, "
+          f"boot {machine.boot_seconds:.1f} s, total {elapsed:.0f} s)")
+    for suite, result in zip(binaries, results[2:]):
+        print(f"\n--- {suite} (exit {result.rc}) ---\n{result.output}")
+    for suite, result in zip(binaries, results[2:]):
+        tally = parse(result.output)
+        ok = result.rc == 0 and tally["reported"] and tally["failed"] == 0
+        failed |= not ok
+        seconds = f"{tally['seconds']:.0f} s" if tally["seconds"] is not None else "?"
+        status = "ok" if ok else ("FAILED" if tally["reported"] else f"NO RESULT (exit {result.rc})")
+        print(f"{suite:16} {status:10} passed {tally['passed']:3}  failed {tally['failed']:3}  "
+              f"ignored {tally['ignored']:3}  {seconds}")
+        for name in tally["failures"]:
+            print(f"    failed: {name}")
+    print(f"kernel61: {'FAILED' if failed else 'ok'} in {elapsed:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
