@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod fd;
 pub mod kernel;
 pub mod model;
+pub mod monitor;
 pub mod netdev;
 pub mod plan;
 pub mod port;

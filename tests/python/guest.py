@@ -450,6 +450,7 @@ class Guest:
     cpus: int = 1
     spec: ImageSpec = field(default_factory=ImageSpec)
     kernel_args: str = ""
+    extra_args: Sequence[str] = ()  # more QEMU options (a second monitor, say)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -491,6 +492,7 @@ class Guest:
                 "-netdev", f"tap,id=net{index},ifname={nic.ifname},script=no,downscript=no,vnet_hdr={'on' if nic.vnet_hdr else 'off'}",
                 "-device", f"virtio-net-pci,netdev=net{index},mac={nic.mac},id=nic{index}",
             ]
+        line += list(self.extra_args)
         if self.hostroot:
             line += ["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"]
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []

@@ -171,13 +171,6 @@ def test_two_guests_on_a_hub(netns, start_daemon_in, start_guest):
     b.poweroff()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=GuestTcpRefused,
-    reason="issue 13: the hub floods guest-to-guest unicast to the user port, and libslirp answers "
-    "the TCP segments itself (RSTs; ICMP unreachable in a namespace without routes): the user "
-    "port needs a receive filter",
-)
 def test_two_guests_and_user_netdev(netns, start_daemon_in, start_guest, short_tmp):
     """Two guests and a `user` netdev on one hub: DHCP leases from netdevd's libslirp, each
     guest downloads a file from the namespace's 127.0.0.1 through 10.0.2.2 (checksums match),

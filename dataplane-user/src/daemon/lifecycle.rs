@@ -2,11 +2,12 @@
 
 use std::time::Duration;
 
-use super::{Daemon, DaemonError, nic::default_mac};
+use super::{Daemon, DaemonError, follow::Follower, nic::default_mac};
 use crate::{
     backend,
     fd::FdSource,
     model::rx_filter::RxFilter,
+    monitor::Monitor,
     netdev::{Netdev, NetdevOptions, nic::parse_mac},
     port,
 };
@@ -42,13 +43,23 @@ impl Daemon {
             tunnel = resolved;
             pending_backend = Some((prepared, pipe));
         }
+        let mut followed = None;
         if let NetdevOptions::Nic(nic) = &netdev.options {
             let mac = match nic.macaddr.as_deref().and_then(parse_mac) {
                 Some(mac) => mac,
                 None => default_mac(state.nic_macs.values()),
             };
+            let mut filter = RxFilter::new(mac);
+            if let Some((path, device)) = nic.followed() {
+                // The monitor must answer before anything exists: a wrong path creates nothing.
+                let monitor_error = |source| DaemonError::Monitor { id: id.clone(), source };
+                let (monitor, events) = Monitor::connect(std::path::Path::new(path)).await.map_err(monitor_error)?;
+                let info = monitor.rx_filter(device).await.map_err(monitor_error)?;
+                filter = RxFilter::from_info(&info).map_err(|reason| DaemonError::Follow { id: id.clone(), reason })?;
+                followed = Some((path.to_owned(), device.to_owned(), monitor, events));
+            }
             state.nic_macs.insert(id.clone(), mac);
-            state.rx_filters.insert(id.clone(), RxFilter::new(mac));
+            state.rx_filters.insert(id.clone(), filter);
         }
         state.registry.add(netdev)?;
         if pending_backend.as_ref().is_some_and(|(prepared, _)| !prepared.link_up_at_start()) {
@@ -78,6 +89,11 @@ impl Daemon {
             }
             state.backends.insert(id.clone(), running);
         }
+        if let Some((path, device, monitor, events)) = followed {
+            let follower = Follower::new(device.clone(), self.shutdown.child_token());
+            self.follow(&id, path.into(), device, (monitor, events), &follower);
+            state.followers.insert(id.clone(), follower);
+        }
         let ifname = state.devices.get(&id).map(|d| d.device.ifname.clone());
         tracing::info!(netdev = %id, kind, ifname, "netdev added");
         Ok(())
@@ -97,6 +113,9 @@ impl Daemon {
         state.tunnels.remove(id);
         state.rx_filters.remove(id);
         state.nic_macs.remove(id);
+        if let Some(follower) = state.followers.remove(id) {
+            follower.stop();
+        }
         state.rx_notify_disarmed.remove(id);
         if let Err(error) = state.replan() {
             // The netdev is gone from the graph either way; the kernel keeps what failed to go.
@@ -119,6 +138,18 @@ impl Daemon {
         if let Err(error) = state.replan() {
             let _ = state.registry.set_link(id, was_up);
             return Err(error);
+        }
+        // A followed NIC's guest sees its carrier change, as with QEMU's own `set_link`; while
+        // the monitor is away the change waits for it to come back.
+        if let Some(follower) = state.followers.get(id)
+            && let Some(monitor) = follower.monitor()
+            && let Err(source) = monitor.set_link(follower.device(), up).await
+        {
+            let _ = state.registry.set_link(id, was_up);
+            if let Err(error) = state.replan() {
+                tracing::error!(netdev = %id, %error, "link state not restored");
+            }
+            return Err(DaemonError::Monitor { id: id.to_owned(), source });
         }
         tracing::info!(netdev = %id, up, "link state set");
         Ok(())

@@ -8,11 +8,13 @@
 //! * [`lifecycle`]: `netdev_add`, `netdev_del`, `set_link`;
 //! * [`backends`]: running user-space backends, their events, tunnels' next hops, `hostfwd`;
 //! * [`nic`]: receive filters and `announce-self`;
+//! * [`follow`]: NICs that follow a NIC of a running QEMU through its monitor;
 //! * [`queries`]: `x-query-netdevs`, `x-query-netdev-counters`;
 //! * [`events`]: the typed events the daemon broadcasts, and shutdown.
 
 mod backends;
 pub mod events;
+mod follow;
 mod lifecycle;
 pub mod nic;
 pub mod queries;
@@ -30,10 +32,11 @@ pub use self::{
     nic::AnnounceParameters,
     queries::PortCountersInfo,
 };
-use self::backends::RunningBackend;
+use self::{backends::RunningBackend, follow::Follower};
 use crate::{
     backend::BackendError,
     kernel::{self, Dataplane, KernelError},
+    monitor::MonitorError,
     model::{
         registry::{Registry, RegistryError},
         rx_filter::RxFilter,
@@ -56,6 +59,10 @@ pub enum DaemonError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error("{source}")]
+    Monitor { id: String, source: MonitorError },
+    #[error("nic '{id}' cannot follow QEMU's NIC: {reason}")]
+    Follow { id: String, reason: String },
     #[error("netdev '{id}' needs the kernel dataplane, which is not loaded")]
     NoDataplane { id: String },
     /// A rejected request with QEMU's text (`query-rx-filter`, `x-set-rx-filter`).
@@ -85,6 +92,8 @@ struct State {
     rx_notify_disarmed: HashSet<String>,
     /// The MAC each NIC was created with (its `macaddr`, or the default it was given).
     nic_macs: HashMap<String, [u8; 6]>,
+    /// NICs that follow a QEMU NIC, by NIC id.
+    followers: HashMap<String, Follower>,
     /// What the kernel holds now.
     plan: Plan,
     host: Option<Host>,
@@ -145,6 +154,7 @@ impl Daemon {
             rx_filters: HashMap::new(),
             rx_notify_disarmed: HashSet::new(),
             nic_macs: HashMap::new(),
+            followers: HashMap::new(),
             plan: Plan::default(),
             host,
         };

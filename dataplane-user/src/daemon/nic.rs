@@ -68,11 +68,16 @@ impl Daemon {
             state.rx_filters.insert(name.to_owned(), current);
             return Err(error);
         }
+        self.notify_filter_changed(&mut state, name);
+        tracing::info!(nic = %name, "receive filter set");
+        Ok(())
+    }
+
+    /// `NIC_RX_FILTER_CHANGED`, once until the next `query-rx-filter` of that NIC (as QEMU).
+    pub(super) fn notify_filter_changed(&self, state: &mut State, name: &str) {
         if state.rx_notify_disarmed.insert(name.to_owned()) {
             self.emit(Event::NicRxFilterChanged { nic: name.to_owned() });
         }
-        tracing::info!(nic = %name, "receive filter set");
-        Ok(())
     }
 
     /// `query-rx-filter`: every NIC with a receive filter, or the one named; re-arms the event

@@ -79,6 +79,18 @@ impl RxFilter {
         }
     }
 
+    /// The filter of an endpoint that is no guest (a user-mode network stack): unicast for its own
+    /// addresses only, every broadcast and multicast frame, every VLAN.
+    #[must_use]
+    pub fn endpoint(macs: &[[u8; 6]]) -> Self {
+        let Some((main, others)) = macs.split_first() else {
+            return Self { promisc: false, allmulti: true, ..Self::new([0; 6]) };
+        };
+        let mut filter = Self { promisc: false, allmulti: true, ..Self::new(*main) };
+        filter.set_mac_table(others, &[]);
+        filter
+    }
+
     /// The filter after `change`, or an error that leaves `self` as it was.
     pub fn changed(&self, change: &RxFilterChange) -> Result<Self, String> {
         let mut next = self.clone();
@@ -186,6 +198,48 @@ impl RxFilter {
             "broadcast-allowed": self.nobcast,
         })
     }
+
+    /// The state behind a QEMU `RxFilterInfo` (what [`Self::info`] produces): the inverse of
+    /// QEMU's mapping, its inverted `broadcast-allowed` and reversed lists included.
+    pub fn from_info(info: &Value) -> Result<Self, String> {
+        let field = |name: &str| info.get(name).ok_or_else(|| format!("RxFilterInfo without '{name}'"));
+        let flag = |name: &str| field(name)?.as_bool().ok_or_else(|| format!("RxFilterInfo '{name}' is no boolean"));
+        let state = |name: &str| -> Result<RxState, String> {
+            serde_json::from_value(field(name)?.clone()).map_err(|_| format!("RxFilterInfo '{name}' is no RxState"))
+        };
+        let mac = |value: &Value| {
+            value.as_str().and_then(parse_mac).ok_or_else(|| format!("RxFilterInfo has an invalid MAC address {value}"))
+        };
+        let macs = |name: &str| -> Result<Vec<[u8; 6]>, String> {
+            let list = field(name)?.as_array().ok_or_else(|| format!("RxFilterInfo '{name}' is no list"))?;
+            list.iter().rev().map(mac).collect()
+        };
+        let (unicast, multicast, vlan) = (state("unicast")?, state("multicast")?, state("vlan")?);
+        let vlans = field("vlan-table")?
+            .as_array()
+            .ok_or("RxFilterInfo 'vlan-table' is no list")?
+            .iter()
+            .map(|vid| vid.as_u64().and_then(|v| u16::try_from(v).ok()).filter(|v| *v < MAX_VLAN))
+            .collect::<Option<BTreeSet<u16>>>()
+            .ok_or("RxFilterInfo 'vlan-table' holds an invalid VLAN id")?;
+        Ok(Self {
+            promisc: flag("promiscuous")?,
+            allmulti: multicast == RxState::All,
+            alluni: unicast == RxState::All,
+            nomulti: multicast == RxState::None,
+            nouni: unicast == RxState::None,
+            // QEMU reports `nobcast` under this name.
+            nobcast: flag("broadcast-allowed")?,
+            main_mac: mac(field("main-mac")?)?,
+            unicast: macs("unicast-table")?,
+            multicast: macs("multicast-table")?,
+            uni_overflow: flag("unicast-overflow")?,
+            multi_overflow: flag("multicast-overflow")?,
+            // Without VLAN filtering QEMU's bitmap is full, which is what `info` reports then.
+            vlan_filtering: vlan != RxState::All,
+            vlans: if vlan == RxState::All { BTreeSet::new() } else { vlans },
+        })
+    }
 }
 
 /// `xx:xx:xx:xx:xx:xx`, lower case, as QEMU prints MACs.
@@ -260,6 +314,41 @@ mod tests {
             "Invalid MAC address 'zz'"
         );
         assert_eq!(filter, RxFilter::new(MAC));
+    }
+
+    #[test]
+    fn endpoint_takes_its_own_unicast_and_every_group_frame() {
+        let others = [[0x52, 0x55, 10, 0, 2, 3]];
+        let filter = RxFilter::endpoint(&[[0x52, 0x55, 10, 0, 2, 2], others[0]]);
+        assert!(!filter.promisc && filter.allmulti && !filter.nobcast && !filter.vlan_filtering);
+        assert_eq!(filter.main_mac, [0x52, 0x55, 10, 0, 2, 2]);
+        assert_eq!((filter.unicast, filter.multicast), (others.to_vec(), Vec::new()));
+    }
+
+    #[test]
+    fn qemus_report_reads_back_as_the_same_state() {
+        let states = [
+            RxFilter::new(MAC),
+            RxFilter::new(MAC)
+                .changed(&change(json!({
+                    "name": "n", "promiscuous": false, "multicast": "none", "unicast": "all",
+                    "broadcast-allowed": false, "vlan-table": [7, 4095],
+                    "unicast-table": ["02:00:00:00:00:01", "02:00:00:00:00:02"],
+                    "multicast-table": ["33:33:00:00:00:01", "01:00:5e:00:00:01"]
+                })))
+                .unwrap(),
+            RxFilter::new(MAC).changed(&change(json!({"name": "n", "vlan": "none"}))).unwrap(),
+        ];
+        for state in states {
+            let info = state.info("net0");
+            assert_eq!(RxFilter::from_info(&info).unwrap(), state, "{info}");
+        }
+        let mut overflow = RxFilter::new(MAC);
+        overflow.set_mac_table(&[[2, 0, 0, 0, 0, 1]; 65], &[]);
+        assert_eq!(RxFilter::from_info(&overflow.info("n")).unwrap(), overflow);
+        // QEMU's inversion: `false` means broadcast passes.
+        assert!(!RxFilter::from_info(&RxFilter::new(MAC).info("n")).unwrap().nobcast);
+        assert_eq!(RxFilter::from_info(&json!({"name": "n"})).unwrap_err(), "RxFilterInfo without 'unicast'");
     }
 
     #[test]

@@ -10,6 +10,13 @@ pub struct NicOptions {
     pub model: Option<String>,
     pub addr: Option<String>,
     pub vectors: Option<u32>,
+    /// Extension: the QMP monitor (unix socket path) of a running QEMU whose NIC this one follows:
+    /// its receive filter comes from that NIC's, and `set_link` reaches it.
+    #[serde(rename = "x-qemu-monitor")]
+    pub x_qemu_monitor: Option<String>,
+    /// Extension: the id of the followed NIC in that QEMU (`-device virtio-net-pci,id=…`).
+    #[serde(rename = "x-qemu-device")]
+    pub x_qemu_device: Option<String>,
 }
 
 impl NicOptions {
@@ -17,7 +24,22 @@ impl NicOptions {
         if let Some(mac) = &self.macaddr {
             parse_mac(mac).ok_or_else(|| format!("Parameter 'macaddr' expects a valid MAC address, got '{mac}'"))?;
         }
-        Ok(())
+        match (&self.x_qemu_monitor, &self.x_qemu_device) {
+            (Some(_), None) => Err("Parameter 'x-qemu-device' is missing".to_owned()),
+            (None, Some(_)) => Err("Parameter 'x-qemu-monitor' is missing".to_owned()),
+            (Some(path), Some(_)) if !path.starts_with('/') => {
+                Err(format!("Parameter 'x-qemu-monitor' expects an absolute path, got '{path}'"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl NicOptions {
+    /// The QEMU monitor and NIC id this NIC follows, if any.
+    #[must_use]
+    pub fn followed(&self) -> Option<(&str, &str)> {
+        self.x_qemu_monitor.as_deref().zip(self.x_qemu_device.as_deref())
     }
 }
 

@@ -191,6 +191,49 @@ impl UserOptions {
     }
 }
 
+impl UserOptions {
+    /// The unicast MACs libslirp answers from: `52:55` and the IPv4 address of the gateway, the
+    /// DNS server, the SMB server and each `guestfwd` address (ARP replies and IPv4 frames), and
+    /// `52:56` and the last four bytes of the IPv6 gateway and DNS server (neighbour
+    /// advertisements and IPv6 frames). libslirp takes any TCP segment as addressed to itself and
+    /// resets what it has no socket for, so its port must only see these (and group frames).
+    /// `None` when an address cannot be told (a `guestfwd` server in a form only `inet_aton`
+    /// reads): the port then takes all unicast, as a QEMU hub gives it.
+    #[must_use]
+    pub fn stack_macs(&self) -> Option<Vec<[u8; 6]>> {
+        let plan = self.address_plan().ok()?;
+        let default_fwd = u32::from(plan.net) | (0x0204 & !u32::from(plan.mask));
+        let mut ipv4 = vec![plan.host, plan.dns];
+        if self.smb.is_some() {
+            ipv4.push(plan.smb);
+        }
+        for rule in self.guestfwd.iter().flatten() {
+            // `[tcp]:[server]:port-device`: the server is the second field.
+            let server = rule.str.split('-').next()?.split(':').nth(1)?;
+            ipv4.push(if server.is_empty() { default_fwd.into() } else { server.parse().ok()? });
+        }
+        let mut macs: Vec<[u8; 6]> = Vec::new();
+        let mut add = |mac: [u8; 6]| {
+            if !macs.contains(&mac) {
+                macs.push(mac);
+            }
+        };
+        if plan.ipv4 {
+            for addr in ipv4 {
+                let [a, b, c, d] = addr.octets();
+                add([0x52, 0x55, a, b, c, d]);
+            }
+        }
+        if plan.ipv6 {
+            for addr in [plan.ipv6_host, plan.ipv6_dns] {
+                let [.., a, b, c, d] = addr.octets();
+                add([0x52, 0x56, a, b, c, d]);
+            }
+        }
+        Some(macs)
+    }
+}
+
 fn parse_v4(text: &str) -> Option<u32> {
     text.parse::<Ipv4Addr>().ok().map(u32::from)
 }
@@ -246,4 +289,49 @@ fn classful_mask(addr: u32) -> u32 {
         28
     };
     u32::MAX << (32 - prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(json: serde_json::Value) -> UserOptions {
+        serde_json::from_value(json).expect("valid options")
+    }
+
+    #[test]
+    fn stack_macs_are_libslirps_hosts() {
+        let macs = options(serde_json::json!({})).stack_macs().expect("default addresses");
+        assert_eq!(
+            macs,
+            [
+                [0x52, 0x55, 10, 0, 2, 2],
+                [0x52, 0x55, 10, 0, 2, 3],
+                [0x52, 0x56, 0, 0, 0, 2],
+                [0x52, 0x56, 0, 0, 0, 3],
+            ]
+        );
+        let macs = options(serde_json::json!({
+            "net": "192.168.7.0/24", "ipv6": false, "smb": "/srv",
+            "guestfwd": [{"str": "tcp:192.168.7.100:80-cmd:cat"}, {"str": "::81-tcp:127.0.0.1:81"}]
+        }))
+        .stack_macs()
+        .expect("addresses");
+        assert_eq!(
+            macs,
+            [
+                [0x52, 0x55, 192, 168, 7, 2],
+                [0x52, 0x55, 192, 168, 7, 3],
+                [0x52, 0x55, 192, 168, 7, 4],
+                [0x52, 0x55, 192, 168, 7, 100],
+            ],
+            "the default guestfwd server is the SMB address, listed once"
+        );
+    }
+
+    #[test]
+    fn an_address_only_inet_aton_reads_leaves_unicast_open() {
+        let user = options(serde_json::json!({"guestfwd": [{"str": "tcp:10.2:80-cmd:cat"}]}));
+        assert_eq!(user.stack_macs(), None);
+    }
 }

@@ -90,6 +90,9 @@ pub struct Port {
     pub deliver_peer: bool,
     /// The guest NIC behind the port, whose receive filter applies to what it is delivered.
     pub nic: Option<String>,
+    /// Whether a receive filter applies to what the port is delivered: a NIC's, or the one of an
+    /// endpoint that must only see its own unicast (a `user` netdev).
+    pub filtered: bool,
 }
 
 impl Port {
@@ -120,7 +123,7 @@ impl Port {
         if self.deliver_peer {
             flags |= MEMBER_DELIVER_PEER;
         }
-        if self.nic.is_some() {
+        if self.filtered {
             flags |= MEMBER_RX_FILTER;
         }
         HubMember { ifindex, flags, slot: self.slot }
@@ -260,6 +263,13 @@ pub fn plan(
         let too_many = || PlanError::TooManyPorts { id: entry.netdev.id.clone() };
         let slot = port_slots.slot(device.ifindex).ok_or_else(too_many)?;
         let segment_slot = segment_slots.slot(segment).ok_or_else(too_many)?;
+        let filter = match (nic.and_then(|id| filters.get(id)), &peer_entry.netdev.options) {
+            (Some(filter), _) => Some(RxFilterTables::from(filter)),
+            (None, NetdevOptions::User(user)) => {
+                user.stack_macs().map(|macs| RxFilterTables::from(&RxFilter::endpoint(&macs)))
+            }
+            (None, _) => None,
+        };
         let port = Port {
             hubport: entry.netdev.id.clone(),
             netdev: netdev.to_owned(),
@@ -277,9 +287,10 @@ pub fn plan(
             deliver_ingress: device.hub_side == HubSide::Fd,
             deliver_peer: device.peer_elsewhere && device.hub_side == HubSide::Interface,
             nic: nic.map(str::to_owned),
+            filtered: filter.is_some(),
         };
-        if let Some(filter) = nic.and_then(|id| filters.get(id)) {
-            plan.rx_filters.insert(device.ifindex, RxFilterTables::from(filter));
+        if let Some(filter) = filter {
+            plan.rx_filters.insert(device.ifindex, filter);
         }
         let members = plan.segments.entry(port.segment).or_default();
         if members.len() >= MAX_HUB_PORTS {
@@ -440,6 +451,18 @@ mod tests {
         // The NIC's link is the port's too.
         registry.set_link("n0", false).unwrap();
         assert!(!plan(&registry, &devices, &filters, &HashMap::new(), &Plan::default()).unwrap().ports[&3].link_up);
+    }
+
+    #[test]
+    fn a_user_netdev_only_receives_its_own_unicast() {
+        let registry = registry(&["user,id=u", "hubport,id=pu,hubid=0,netdev=u"]);
+        let devices = devices(&[("u", 4, HubSide::Interface)]);
+        let plan = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
+        assert_eq!(plan.segments[&0][0].flags & MEMBER_RX_FILTER, MEMBER_RX_FILTER);
+        let filter = &plan.rx_filters[&4];
+        assert_eq!(filter.config.main_mac, [0x52, 0x55, 10, 0, 2, 2]);
+        assert_eq!(filter.config.flags, dataplane_common::rx::ALLMULTI);
+        assert_eq!(filter.macs.len(), 3, "the DNS server and the IPv6 gateway and DNS server");
     }
 
     #[test]
