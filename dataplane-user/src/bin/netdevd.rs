@@ -89,7 +89,7 @@ async fn run(settings: Settings, attach: AttachChoice) -> Result<()> {
     // The trial attach needs an interface of its own: a veth that exists only for it.
     let scratch = format!("ndprobe{}", std::process::id() % 100_000);
     let made = netlink.add_veth(&scratch, &format!("{scratch}p"), 1500).await.is_ok();
-    let info = attach::choose(&mut dataplane, attach, made.then_some(scratch.as_str()));
+    let info = attach::choose(attach, made.then(|| dataplane.trial_tcx(&scratch)));
     if made && let Ok(Some(link)) = netlink.find(&scratch).await {
         let _ = netlink.delete(link.ifindex).await;
     }

@@ -132,11 +132,11 @@ pub fn tcx_by_version() -> bool {
     KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0))
 }
 
-/// Chooses the attach mode: a trial TCX attach on `scratch` (a throw-away veth the caller made,
-/// or `None` if it could not, when the kernel version decides), netlink if that fails or was
+/// Chooses the attach mode: TCX if the trial attach on a throw-away veth worked (`trial`; `None`
+/// when no veth could be made, and the kernel version decides), netlink if it did not or was
 /// asked for. In netlink mode, removes what a killed daemon left first.
-pub fn choose(forwarding: &mut super::ebpf::EbpfDataplane, choice: AttachChoice, scratch: Option<&str>) -> DataplaneInfo {
-    let tcx = scratch.map_or_else(tcx_by_version, |ifname| forwarding.trial_tcx(ifname));
+pub fn choose(choice: AttachChoice, trial: Option<bool>) -> DataplaneInfo {
+    let tcx = trial.unwrap_or_else(tcx_by_version);
     let mut features = probe_features();
     features.insert("tcx", tcx);
     let attach_mode = if tcx && choice == AttachChoice::Auto { AttachMode::Tcx } else { AttachMode::Netlink };
