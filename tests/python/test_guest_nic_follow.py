@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import time
 
 import pytest
 
-from guest import DEFAULT_PROGRAMS, ImageSpec, tap_name
+from guest import DEFAULT_PROGRAMS, ImageSpec
 from harness import Netns, RawQmp, assert_error
-from test_guests import COMMAND_TIMEOUT, add, add_tap_port
+from test_guests import add, add_container_port, add_tap_port, container_veth
 
 #: iproute2's `ip` (busybox's has no `maddr`), under its own path in the guest.
 IPROUTE2 = "/usr/bin/ip"
@@ -44,20 +43,9 @@ for _ in range(int(sys.argv[2])):
 """
 
 
-def monitor_command(path: str, execute: str, arguments: dict | None = None) -> dict:
-    """One command on QEMU's own monitor; its events are skipped."""
-    with RawQmp(path, negotiate=True) as qemu:
-        request: dict = {"execute": execute}
-        if arguments is not None:
-            request["arguments"] = arguments
-        qemu.send(json.dumps(request) + "\n")
-        while "event" in (reply := qemu.recv()):
-            pass
-        return reply
-
-
 def command(qmp: RawQmp, execute: str, arguments: dict | None = None) -> dict:
-    """A command on netdevd's socket; its events (it mirrors `NIC_RX_FILTER_CHANGED`) are skipped."""
+    """One command; the events that come before its answer are skipped (netdevd mirrors
+    `NIC_RX_FILTER_CHANGED`, QEMU's monitor emits its own)."""
     request: dict = {"execute": execute}
     if arguments is not None:
         request["arguments"] = arguments
@@ -65,6 +53,12 @@ def command(qmp: RawQmp, execute: str, arguments: dict | None = None) -> dict:
     while "event" in (reply := qmp.recv()):
         pass
     return reply
+
+
+def monitor_command(path: str, execute: str, arguments: dict | None = None) -> dict:
+    """One command on a QEMU monitor of its own connection."""
+    with RawQmp(path, negotiate=True) as qemu:
+        return command(qemu, execute, arguments)
 
 
 def without_name(info: dict) -> dict:
@@ -111,17 +105,11 @@ def test_nic_follows_its_guest(netns, start_daemon_in, start_guest, short_tmp):
         # No IPv6 in the container: its router solicitations and MLD reports would be more
         # frames for groups the guest did not join.
         container.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
-        outer = tap_name("gf")
-        subprocess.run(
-            ["ip", "-n", netns.name, "link", "add", outer, "type", "veth", "peer", "name", "eth0",
-             "netns", container.name],
-            check=True, capture_output=True,
-        )
+        outer = container_veth(netns, container)
         container.run("ip", "link", "set", "eth0", "up")
         daemon = start_daemon_in(netns)
         with RawQmp(daemon.socket_path, negotiate=True) as qmp:
-            add(qmp, type="af-xdp", id="c", ifname=outer)
-            add(qmp, type="hubport", id="pc", hubid=0, netdev="c")
+            add_container_port(qmp, outer)
             nic = add_tap_port(qmp, 0)
             machine = start_guest("f", nics=[nic], **guest_options)
             machine.check_results()
@@ -160,7 +148,8 @@ def test_nic_follows_its_guest(netns, start_daemon_in, start_guest, short_tmp):
             # set_link reaches QEMU's NIC: the guest loses its carrier, then gets it back.
             assert command(qmp, "set_link", {"name": "n0", "up": False}) == {"return": {}}
             wait_until("NO-CARRIER in the guest", lambda: carrier(machine) == "0")
-            assert "NO-CARRIER" in machine.run("ip link show eth0").output
+            # The operational state follows the carrier asynchronously (the kernel's linkwatch).
+            wait_until("NO-CARRIER in `ip link`", lambda: "NO-CARRIER" in machine.run(f"{IPROUTE2} link show eth0").output)
             assert command(qmp, "set_link", {"name": "n0", "up": True}) == {"return": {}}
             wait_until("the carrier back in the guest", lambda: carrier(machine) == "1")
 

@@ -57,6 +57,23 @@ def add_tap_port(qmp: RawQmp, index: int, hub: int = 0) -> Nic:
     return Nic(ifname, guest_mac(index))
 
 
+def container_veth(netns: Netns, container: Netns) -> str:
+    """A veth from `netns` into `container` (named eth0 there); returns the outer end's name."""
+    outer = tap_name("gv")
+    subprocess.run(
+        ["ip", "-n", netns.name, "link", "add", outer, "type", "veth", "peer", "name", "eth0",
+         "netns", container.name],
+        check=True, capture_output=True,
+    )
+    return outer
+
+
+def add_container_port(qmp: RawQmp, outer: str, hub: int = 0) -> None:
+    """The container's veth as an `af-xdp` netdev `c` and its hub port `pc`."""
+    add(qmp, type="af-xdp", id="c", ifname=outer)
+    add(qmp, type="hubport", id="pc", hubid=hub, netdev="c")
+
+
 def static_address(address: str) -> str:
     return f"ip addr add {address} dev eth0 && ip link set eth0 up"
 
@@ -208,18 +225,12 @@ def test_guest_and_container(netns, start_daemon_in, start_guest, short_tmp):
     matching checksums."""
     container = Netns("ndc")
     try:
-        outer = tap_name("gv")
-        subprocess.run(
-            ["ip", "-n", netns.name, "link", "add", outer, "type", "veth", "peer", "name", "eth0",
-             "netns", container.name],
-            check=True, capture_output=True,
-        )
+        outer = container_veth(netns, container)
         container.run("ip", "addr", "add", "10.0.8.2/24", "dev", "eth0")
         container.run("ip", "link", "set", "eth0", "up")
         daemon = start_daemon_in(netns)
         with RawQmp(daemon.socket_path, negotiate=True) as qmp:
-            add(qmp, type="af-xdp", id="c", ifname=outer)
-            add(qmp, type="hubport", id="pc", hubid=0, netdev="c")
+            add_container_port(qmp, outer)
             nic = add_tap_port(qmp, 0)
         machine = start_guest("g", commands=[static_address("10.0.8.1/24")], nics=[nic], netns=netns.name)
         machine.check_results()
