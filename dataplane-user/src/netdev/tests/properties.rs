@@ -453,4 +453,41 @@ proptest! {
         // Validation is a pure function of the input: asking twice gives the same answer.
         prop_assert_eq!(from_json.validate().map_err(|e| e.to_string()), from_kv.validate().map_err(|e| e.to_string()));
     }
+
+    /// The same inputs as `netdev_add` commands on a QMP stream, cut at arbitrary points: each
+    /// command decodes whole and in order, and its arguments parse to the netdev built directly.
+    #[test]
+    fn schema_built_netdev_adds_survive_a_chunked_qmp_stream(
+        netdevs in prop::collection::vec(arb_parsing_netdev(), 1..4),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+    ) {
+        use crate::qmp::codec::{Decoder, Inbound, encode};
+        let commands: Vec<Value> = netdevs
+            .iter()
+            .enumerate()
+            .map(|(n, (args, _))| json!({"execute": "netdev_add", "arguments": args, "id": n}))
+            .collect();
+        let stream: Vec<u8> = commands.iter().flat_map(encode).collect();
+        let mut cuts: Vec<usize> = cuts.iter().map(|cut| cut.index(stream.len())).collect();
+        cuts.push(stream.len());
+        cuts.sort_unstable();
+        let mut decoder = Decoder::new(1 << 16);
+        let mut buf = bytes::BytesMut::new();
+        let mut decoded = Vec::new();
+        let mut start = 0;
+        for end in cuts {
+            buf.extend_from_slice(&stream[start..end]);
+            start = end;
+            while let Some(inbound) = decoder.decode(&mut buf) {
+                decoded.push(inbound);
+            }
+        }
+        let expected: Vec<Inbound> = commands.iter().cloned().map(Inbound::Value).collect();
+        prop_assert_eq!(&decoded, &expected);
+        for ((args, text), command) in netdevs.iter().zip(&commands) {
+            let from_stream = Netdev::from_json(&command["arguments"]).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(Netdev::from_json(args).ok(), Some(from_stream.clone()));
+            prop_assert_eq!(Netdev::from_keyval(text).ok(), Some(from_stream));
+        }
+    }
 }
