@@ -225,6 +225,8 @@ fn bad_hosts_and_taken_ports_fail_with_clear_texts() {
         error.to_string(),
         "host address '300.0.0.1' is not a valid IPv4 address"
     );
+    // Names other than `localhost` are refused before any resolver is asked (`parse_inet`,
+    // `resolve_l2tp_host`): these checks never reach the machine's resolver.
     let options = DgramOptions {
         local: Some(inet("nosuchhost.invalid", 1)),
         remote: Some(inet("127.0.0.1", 2)),

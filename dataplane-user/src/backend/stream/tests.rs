@@ -44,6 +44,36 @@ async fn read_frame<R: AsyncRead + Unpin>(peer: &mut R) -> Vec<u8> {
     frame
 }
 
+/// Polls `done` until it holds; the deadline is generous, only a hang reaches it.
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let polled = tokio::time::timeout(Duration::from_secs(10), async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(polled.is_ok(), "{what} did not happen within 10 s");
+}
+
+/// Runs every ready task until `done` holds, without letting a paused clock move:
+/// `yield_now` never lets the runtime park, so no timer is auto-advanced.
+async fn settle_until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("{what} did not happen while the clock stood still");
+}
+
+/// Runs every ready task for a while, the clock standing still.
+async fn settle() {
+    for _ in 0..1_000 {
+        tokio::task::yield_now().await;
+    }
+}
+
 #[tokio::test]
 async fn tcp_client_frames_flow_both_ways_in_batches() {
     let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -222,8 +252,7 @@ async fn client_reconnects_after_the_delay() {
     let (hub, task) = start(prepared, &ctx);
 
     // Nobody listens yet: attempts fail and are counted.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(counter(&ctx.stats.connect_failures) >= 1);
+    wait_for("a failed connect attempt", || counter(&ctx.stats.connect_failures) >= 1).await;
     assert!(
         info(&ctx).starts_with("error: could not connect to"),
         "{}",
@@ -439,5 +468,58 @@ async fn a_socketpair_fd_is_a_connected_stream() {
     write_frame(&mut theirs, &frame(9, 100)).await;
     assert_eq!(recv_frame(&hub).await, frame(9, 100));
     assert!(info(&ctx).starts_with("socket: fd="));
+    stop(&ctx, task).await;
+}
+
+/// The reconnect schedule on tokio's paused clock: after the peer goes away the client tries
+/// again exactly one delay later, not a tick before.
+#[tokio::test(start_paused = true)]
+async fn after_a_disconnect_the_client_waits_exactly_one_delay() {
+    const DELAY: Duration = Duration::from_millis(50);
+    let dir = TempDir::new("delay");
+    let path = dir.path("peer.sock");
+    // A std listener polled without blocking: waiting on a tokio accept would let the paused
+    // clock jump to the client's next timer.
+    let server = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    server.set_nonblocking(true).unwrap();
+    let accept = |server: &std::os::unix::net::UnixListener| match server.accept() {
+        Ok((peer, _)) => Some(peer),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Err(e) => panic!("accept: {e}"),
+    };
+    let reconnect_ms = i64::try_from(DELAY.as_millis()).unwrap();
+    let prepared = prepare_stream("n0", &options(unix(&path), false, Some(reconnect_ms)), &mut NoFds)
+        .await
+        .unwrap();
+    let (ctx, _events) = context();
+    let (_hub, task) = start(prepared, &ctx);
+
+    let mut peer = None;
+    settle_until("the first connection", || {
+        peer = peer.take().or_else(|| accept(&server));
+        peer.is_some() && counter(&ctx.stats.connects) == 1
+    })
+    .await;
+    let disconnected_at = tokio::time::Instant::now();
+    drop(peer);
+    settle_until("the client seeing the disconnect", || counter(&ctx.stats.disconnects) == 1).await;
+    assert_eq!(tokio::time::Instant::now(), disconnected_at, "the clock moved by itself");
+
+    // One millisecond short of the delay: no new attempt.
+    tokio::time::advance(DELAY - Duration::from_millis(1)).await;
+    settle().await;
+    assert!(accept(&server).is_none(), "reconnected before the delay was over");
+    assert_eq!(counter(&ctx.stats.connects), 1);
+
+    // The delay is over: the client connects again.
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let mut second = None;
+    settle_until("the reconnect after one delay", || {
+        second = second.take().or_else(|| accept(&server));
+        second.is_some() && counter(&ctx.stats.connects) == 2
+    })
+    .await;
+    assert_eq!(tokio::time::Instant::now() - disconnected_at, DELAY);
+    assert_eq!(counter(&ctx.stats.connect_failures), 0);
     stop(&ctx, task).await;
 }

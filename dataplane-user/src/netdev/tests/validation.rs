@@ -88,6 +88,8 @@ fn socket_rules() {
             (json!({"udp": "127.0.0.1:2"}), "localaddr= is mandatory with udp="),
             (json!({"listen": "127.0.0.1"}), "host address '127.0.0.1' doesn't contain ':' separating host from port"),
             (json!({"connect": "300.0.0.1:1"}), "host address '300.0.0.1' is not a valid IPv4 address"),
+            // Names other than `localhost` are refused before any resolver is asked
+            // (`parse_ipv4_host_port`), so this asks no DNS server.
             (json!({"connect": "nosuchhost.invalid:1"}), "can't resolve host address 'nosuchhost.invalid'"),
             (json!({"mcast": "127.0.0.1:1234"}), "specified mcastaddr 127.0.0.1 (0x7f000001) does not contain a multicast address"),
             (json!({"mcast": "10.1.2.3:1234"}), "specified mcastaddr 10.1.2.3 (0x0a010203) does not contain a multicast address"),
