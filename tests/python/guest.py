@@ -509,7 +509,8 @@ class Guest:
         return self
 
     def _connect_agent(self) -> None:
-        deadline = time.monotonic() + 10
+        # QEMU opens the socket before the guest runs; a loaded machine can still take a while.
+        deadline = time.monotonic() + 60
         while True:
             self._check_running()
             with contextlib.suppress(OSError):

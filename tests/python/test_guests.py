@@ -30,6 +30,9 @@ from harness import Netns, RawQmp
 TRANSFER_BYTES = 8 * 1024 * 1024
 #: A TCG guest on a shared 2-CPU machine: generous bounds for one command.
 COMMAND_TIMEOUT = 180
+#: How long a server started by a test may take to listen on a loaded machine: only a broken one
+#: takes this long.
+LISTEN_DEADLINE = 120
 DHCP = "udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 10 -T 2"
 
 
@@ -157,7 +160,7 @@ class HttpServer:
             [*netns.prefix(), "busybox", "httpd", "-f", "-p", f"{address}:{port}", "-h", str(directory)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + LISTEN_DEADLINE
         while f":{port:04X}" not in netns.run("cat", "/proc/net/tcp"):
             assert self.proc.poll() is None, "busybox httpd exited"
             assert time.monotonic() < deadline, "busybox httpd did not listen"
@@ -249,7 +252,7 @@ def test_guest_and_container(netns, start_daemon_in, start_guest, short_tmp):
         server = subprocess.Popen([*container.prefix(), "iperf3", "-s", "-1"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + LISTEN_DEADLINE
             while ":1451" not in container.run("cat", "/proc/net/tcp"):  # port 5201
                 assert time.monotonic() < deadline, "iperf3 server in the container did not listen"
                 time.sleep(0.05)
