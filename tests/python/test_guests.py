@@ -145,6 +145,17 @@ def two_guests_talk(a: Guest, b: Guest, address_a: str, address_b: str) -> None:
     guest_file_transfer(b, a, address_b)
 
 
+def wait_listening(netns: Netns, port: int, proc: subprocess.Popen, what: str) -> None:
+    """Waits until a TCP socket listens on `port` in `netns`, over IPv4 or IPv6 (iperf3 listens on
+    `[::]` where IPv6 is up, which only /proc/net/tcp6 lists)."""
+    listening = re.compile(rf"^\s*\d+: [0-9A-F]+:{port:04X} [0-9A-F]+:0000 0A ", re.M)
+    deadline = time.monotonic() + LISTEN_DEADLINE
+    while not listening.search(netns.run("cat", "/proc/net/tcp", "/proc/net/tcp6")):
+        assert proc.poll() is None, f"{what} exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"{what} did not listen on port {port}"
+        time.sleep(0.05)
+
+
 class HttpServer:
     """busybox httpd on ADDRESS:PORT (127.0.0.1 unless told) inside `netns`, serving one random
     file."""
@@ -160,11 +171,7 @@ class HttpServer:
             [*netns.prefix(), "busybox", "httpd", "-f", "-p", f"{address}:{port}", "-h", str(directory)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + LISTEN_DEADLINE
-        while f":{port:04X}" not in netns.run("cat", "/proc/net/tcp"):
-            assert self.proc.poll() is None, "busybox httpd exited"
-            assert time.monotonic() < deadline, "busybox httpd did not listen"
-            time.sleep(0.05)
+        wait_listening(netns, port, self.proc, "busybox httpd")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -252,10 +259,7 @@ def test_guest_and_container(netns, start_daemon_in, start_guest, short_tmp):
         server = subprocess.Popen([*container.prefix(), "iperf3", "-s", "-1"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + LISTEN_DEADLINE
-            while ":1451" not in container.run("cat", "/proc/net/tcp"):  # port 5201
-                assert time.monotonic() < deadline, "iperf3 server in the container did not listen"
-                time.sleep(0.05)
+            wait_listening(container, 5201, server, "iperf3 in the container")
             guest_transfer(machine, "10.0.8.2")
         finally:
             server.kill()
