@@ -30,14 +30,15 @@ import guest  # noqa: E402
 
 REPO_ROOT = guest.REPO_ROOT
 #: The suites that touch the kernel (issue 14): hubs, vnet_hdr, tunnels, receive filters, user
-#: NAT, BPF test-run, hub errors.
+#: NAT, BPF test-run, hub errors, and both attach modes next to another tool's filters.
 KERNEL_SUITES = (
     "ebpf_test_run", "ebpf_rx_filter", "hub_taps", "hub_vnet_hdr", "hub_namespaces", "hub_errors",
-    "nic_rx_filter", "tunnels", "user_nat",
+    "nic_rx_filter", "tunnels", "user_nat", "attach_modes",
 )
 #: Modules the suites use; on the host they are built in or auto-loaded, in the guest the
 #: kernel's own request_module would look in the initramfs, so they are loaded up front.
-MODULES = ("tun", "veth", "sch_ingress", "cls_bpf", "act_bpf", "bridge", "8021q", "dummy")
+#: `cls_u32` and `act_mirred` are the other tool's filters in attach_modes.
+MODULES = ("tun", "veth", "sch_ingress", "cls_bpf", "act_bpf", "cls_u32", "act_mirred", "bridge", "8021q", "dummy")
 #: The whole run inside TCG on a shared machine: generous.
 RUN_TIMEOUT = 4 * 3600
 
@@ -72,7 +73,8 @@ def test_binaries(suites: list[str]) -> dict[str, str]:
 
 
 def suite_command(suite: str, binary: str, filter_: str | None) -> str:
-    """The guest's shell command for one suite: libtest's output, then its wall time."""
+    """The guest's shell command for one suite: libtest's output, then its wall time. One test at
+    a time: under TCG a daemon's start-up alone takes seconds, and parallel tests starve each other."""
     env = {
         "NETDEVD_BIN": REPO_ROOT / "target/release/netdevd",
         "NETDEVCTL_BIN": REPO_ROOT / "target/release/netdevctl",
@@ -83,7 +85,7 @@ def suite_command(suite: str, binary: str, filter_: str | None) -> str:
     arguments = guest.shell_quote(filter_) if filter_ else ""
     return (
         f"cd {guest.shell_quote(str(REPO_ROOT / 'tests'))} && start=$(cut -d' ' -f1 /proc/uptime) && "
-        f"{assignments} RUST_BACKTRACE=1 {guest.shell_quote(binary)} --color never {arguments}; rc=$?; "
+        f"{assignments} RUST_BACKTRACE=1 {guest.shell_quote(binary)} --color never --test-threads=1 {arguments}; rc=$?; "
         f"echo \"@@suite {suite} seconds $(awk -v s=$start '{{print $1 - s}}' /proc/uptime)\"; exit $rc"
     )
 

@@ -153,6 +153,19 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Whether the daemon hooks its programs with TCX links (`x-query-dataplane`'s attach mode);
+    /// otherwise they are TC filters added through netlink, and `bpftool` lists no link of theirs.
+    #[must_use]
+    pub fn attaches_with_tcx(&self) -> bool {
+        let info =
+            self.execute("x-query-dataplane", json!({})).unwrap_or_else(|e| panic!("x-query-dataplane: {}", e.desc));
+        match info["attach-mode"].as_str() {
+            Some("tcx") => true,
+            Some("netlink") => false,
+            _ => panic!("x-query-dataplane reports no attach mode: {info}"),
+        }
+    }
+
     /// `x-query-netdevs` rows.
     #[must_use]
     pub fn netdevs(&self) -> Vec<Value> {

@@ -143,10 +143,24 @@ impl Netns {
         !String::from_utf8_lossy(&output.stdout).trim().is_empty()
     }
 
-    /// The ids of the programs attached with tcx to `ifname` (ingress, egress) in this namespace.
+    /// The ids of netdevd's programs on `ifname` (ingress, egress) in this namespace, whichever
+    /// way the daemon attached them: TCX links where the kernel has TCX, and TC filters on a
+    /// `clsact` qdisc marked with netdevd's handle (major `0x6e64`) in either mode.
     #[must_use]
-    pub fn tcx_programs(&self, ifname: &str) -> (Vec<u32>, Vec<u32>) {
+    pub fn attached_programs(&self, ifname: &str) -> (Vec<u32>, Vec<u32>) {
+        let (mut ingress, mut egress) = self.tcx_programs(ifname);
+        ingress.extend(self.netlink_programs(ifname, "ingress"));
+        egress.extend(self.netlink_programs(ifname, "egress"));
+        (ingress, egress)
+    }
+
+    /// The ids of the programs attached with TCX to `ifname` (ingress, egress); none on a kernel
+    /// without TCX (before 6.6).
+    fn tcx_programs(&self, ifname: &str) -> (Vec<u32>, Vec<u32>) {
         use aya::programs::{SchedClassifier, TcAttachType};
+        if !tcx_supported() {
+            return (vec![], vec![]);
+        }
         let name = ifname.to_owned();
         self.within(move || {
             let ids = |attach| {
@@ -158,15 +172,34 @@ impl Netns {
         })
     }
 
-    /// Every tcx attachment in the namespace: `(ifname, ingress program ids, egress program ids)`
-    /// for each interface that has one.
+    /// The program ids of netdevd's TC filters on `ifname`'s `direction` (`ingress`/`egress`):
+    /// the `tc filter show` entries whose handle has netdevd's major number.
+    fn netlink_programs(&self, ifname: &str, direction: &str) -> Vec<u32> {
+        let output = self.exec("tc", &["filter", "show", "dev", ifname, direction]);
+        // No clsact qdisc (or no interface) means no filter.
+        if !output.status.success() {
+            return vec![];
+        }
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1)).copied();
+                let handle = u32::from_str_radix(after("handle")?.strip_prefix("0x")?, 16).ok()?;
+                (handle >> 16 == NETDEVD_HANDLE_MAJOR).then(|| after("id")?.parse().ok())?
+            })
+            .collect()
+    }
+
+    /// Every interface in the namespace that carries one of netdevd's programs:
+    /// `(ifname, ingress program ids, egress program ids)`, TCX links and TC filters alike.
     #[must_use]
-    pub fn tcx_attachments(&self) -> Vec<(String, Vec<u32>, Vec<u32>)> {
+    pub fn attachments(&self) -> Vec<(String, Vec<u32>, Vec<u32>)> {
         let mut all: Vec<_> = self
             .links()
             .into_iter()
             .filter_map(|ifname| {
-                let (ingress, egress) = self.tcx_programs(&ifname);
+                let (ingress, egress) = self.attached_programs(&ifname);
                 (!ingress.is_empty() || !egress.is_empty()).then_some((ifname, ingress, egress))
             })
             .collect();
@@ -196,6 +229,17 @@ impl Netns {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+/// Major number of the handle netdevd gives its TC filters ("nd"), as in `kernel::attach`.
+const NETDEVD_HANDLE_MAJOR: u32 = 0x6e64;
+
+/// Whether the running kernel has TCX: a query on the root namespace's `lo` succeeds there and
+/// fails (`EINVAL`) on kernels before 6.6. Asked once.
+fn tcx_supported() -> bool {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| SchedClassifier::query_tcx("lo", TcAttachType::Ingress).is_ok())
 }
 
 impl Drop for Netns {

@@ -23,8 +23,21 @@ pub(super) const BPF_LINK_TYPE_TCX: u64 = 11;
 /// lists every namespace's; filter by program id to keep one daemon's.
 #[must_use]
 pub fn tcx_links(ns: &Netns) -> Vec<TcxLink> {
-    let output = ns.exec("bpftool", &["link", "show", "-j"]);
-    assert!(output.status.success(), "bpftool link show: {}", String::from_utf8_lossy(&output.stderr));
+    // bpftool fails when a link it just listed is gone before it opens it (another test's daemon
+    // detaching); a few more tries see a settled list. Its errors are JSON on stdout with -j.
+    let mut output = ns.exec("bpftool", &["link", "show", "-j"]);
+    for _ in 0..5 {
+        if output.status.success() {
+            break;
+        }
+        output = ns.exec("bpftool", &["link", "show", "-j"]);
+    }
+    assert!(
+        output.status.success(),
+        "bpftool link show: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     let links: Value = serde_json::from_slice(&output.stdout).expect("bpftool JSON");
     links
         .as_array()

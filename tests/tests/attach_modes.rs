@@ -81,7 +81,7 @@ impl Net {
         assert!(bpftool.status.success(), "bpftool net show: {}", String::from_utf8_lossy(&bpftool.stderr));
         text += &String::from_utf8_lossy(&bpftool.stdout);
         if tcx {
-            text += &format!("tcx {:?}\n", self.switch.tcx_attachments());
+            text += &format!("tcx {:?}\n", self.switch.attachments());
         }
         text
     }
@@ -174,7 +174,7 @@ fn check_attached(net: &Net, daemon: &Daemon, mode: Mode) {
     let filters = net.netdevd_filters();
     if mode == Mode::Auto && tcx {
         assert!(filters.is_empty(), "TCX mode adds no TC filter: {filters:?}");
-        let (ingress, _) = net.switch.tcx_programs(UNDERLAY);
+        let (ingress, _) = net.switch.attached_programs(UNDERLAY);
         assert_eq!(ingress.len(), 1, "tunnel_rx is a TCX link on {UNDERLAY}");
     } else {
         assert_eq!(filters.len(), 1, "one netdevd filter on {UNDERLAY}: {filters:?}");

@@ -233,7 +233,7 @@ fn assert_clean_delete(t: &Topology, udp_ports: &[(&Side, SocketAddr)], tcp_port
         let deadline = Instant::now() + dataplane_tests::settle::DEADLINE;
         loop {
             let left = side.daemon_links();
-            let (ingress, egress) = side.ns.tcx_programs(&side.underlay);
+            let (ingress, egress) = side.ns.attached_programs(&side.underlay);
             if left.is_empty() && ingress.is_empty() && egress.is_empty() {
                 break;
             }
@@ -245,7 +245,7 @@ fn assert_clean_delete(t: &Topology, udp_ports: &[(&Side, SocketAddr)], tcp_port
             std::thread::sleep(Duration::from_millis(50));
         }
         // The guest's port is still forwarded.
-        assert_eq!(side.ns.tcx_attachments().len(), 1, "only the guest's hub port keeps a program");
+        assert_eq!(side.ns.attachments().len(), 1, "only the guest's hub port keeps a program");
     }
     for (side, address) in udp_ports {
         let address = *address;
