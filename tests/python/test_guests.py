@@ -33,6 +33,9 @@ COMMAND_TIMEOUT = 180
 #: How long a server started by a test may take to listen on a loaded machine: only a broken one
 #: takes this long.
 LISTEN_DEADLINE = 120
+#: iperf3 as a daemon in a guest, returning once it listens (it forks before it binds).
+GUEST_IPERF3_SERVER = ("iperf3 -s -D && for i in $(seq 600); do netstat -ltn | grep -q ':5201 ' && break; "
+                       "sleep 0.1; done; netstat -ltn | grep ':5201 '")
 DHCP = "udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 10 -T 2"
 
 
@@ -138,7 +141,7 @@ def two_guests_talk(a: Guest, b: Guest, address_a: str, address_b: str) -> None:
     """Ping both ways, iperf3 TCP both ways (a serves), and a file each way over HTTP."""
     b.run(f"ping -c 3 -W 10 {address_a}", timeout=COMMAND_TIMEOUT)
     a.run(f"ping -c 3 -W 10 {address_b}", timeout=COMMAND_TIMEOUT)
-    a.run("iperf3 -s -D")
+    a.run(GUEST_IPERF3_SERVER, timeout=COMMAND_TIMEOUT)
     guest_transfer(b, address_a)
     guest_transfer(b, address_a, reverse=True)
     guest_file_transfer(a, b, address_a)
@@ -246,7 +249,7 @@ def test_guest_and_container(netns, start_daemon_in, start_guest, short_tmp):
         machine.check_results()
         machine.run("ping -c 3 -W 10 10.0.8.2", timeout=COMMAND_TIMEOUT)
         # The guest serves; the container's iperf3 (the host's) sends, then receives (-R).
-        machine.run("iperf3 -s -D")
+        machine.run(GUEST_IPERF3_SERVER, timeout=COMMAND_TIMEOUT)
         for reverse in ([], ["-R"]):
             done = subprocess.run(
                 [*container.prefix(), "iperf3", "-c", "10.0.8.1", "-n", str(TRANSFER_BYTES), "-J",
