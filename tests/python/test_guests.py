@@ -34,7 +34,8 @@ COMMAND_TIMEOUT = 180
 #: takes this long.
 LISTEN_DEADLINE = 120
 #: iperf3 as a daemon in a guest, returning once it listens (it forks before it binds).
-GUEST_IPERF3_SERVER = "iperf3 -s -D"
+GUEST_IPERF3_SERVER = ("iperf3 -s -D && for i in $(seq 600); do netstat -ltn | grep -q ':5201 ' && break; "
+                       "sleep 0.1; done; netstat -ltn | grep ':5201 '")
 DHCP = "udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 10 -T 2"
 
 
