@@ -130,16 +130,7 @@ impl TapVm {
     /// Frames carrying `marker` received within `timeout` (the header stripped), other traffic
     /// ignored.
     pub fn recv_marked(&mut self, marker: &[u8], timeout: Duration) -> Vec<Vec<u8>> {
-        let deadline = Instant::now() + timeout;
-        let mut frames = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            let Some(packet) = self.recv_raw(left) else { break };
-            let frame = if self.vnet_hdr { packet[VirtioNetHdr::LEN..].to_vec() } else { packet };
-            if contains(&frame, marker) {
-                frames.push(frame);
-            }
-        }
-        frames
+        self.recv_marked_count(marker, usize::MAX, timeout)
     }
 
     /// A "VM" on a tap queue fd it already holds (e.g. a copy of one passed to the daemon).
