@@ -224,3 +224,26 @@ def test_qmp_over_tcp(netns, start_daemon_in):
     netdevs = json.loads(netns.run(*over_tcp, "--json", "x-query-netdevs"))
     assert [(n["id"], n["hubid"]) for n in netdevs] == [("p0", 7)]
     assert [(n["id"], n["hubid"]) for n in json.loads(ok(daemon, "--json", "x-query-netdevs"))] == [("p0", 7)]
+
+
+def test_results_read_as_text(netns, start_daemon_in):
+    """Results without a table of their own read as text, never as JSON: `x-query-usernet`'s
+    string is printed as its lines (no `\\n` escapes, no quotes), `query-rx-filter` as a block
+    per NIC; `--json` still gives the raw value."""
+    daemon = start_daemon_in(netns)
+    netdevctl = [str(NETDEVCTL_BIN), "--qmp", daemon.address]
+    netns.run(*netdevctl, "netdev_add", "user,id=u,hostfwd=tcp:127.0.0.1:5555-:22")
+    usernet = netns.run(*netdevctl, "x-query-usernet", "id=u")
+    assert "\\n" not in usernet and not usernet.startswith('"'), usernet
+    forward = [line for line in usernet.splitlines() if "HOST_FORWARD" in line]
+    assert len(forward) == 1 and "5555" in forward[0], usernet
+    assert json.loads(netns.run(*netdevctl, "--json", "x-query-usernet", "id=u")).splitlines() == usernet.splitlines()
+
+    netns.run(*netdevctl, "netdev_add", "nic,id=n,macaddr=52:54:00:12:34:56")
+    rx_filter = netns.run(*netdevctl, "query-rx-filter", "name=n").splitlines()
+    assert rx_filter[0] == "n (main MAC 52:54:00:12:34:56)", rx_filter
+    # QEMU's `broadcast-allowed` is virtio-net's `nobcast` (false: broadcasts arrive); the text
+    # says what happens. A realized NIC takes every VLAN: one range, not 4096 numbers.
+    assert "  broadcast: accepted" in rx_filter and "  promiscuous: yes" in rx_filter, rx_filter
+    assert "  vlan: all, table: 0-4095" in rx_filter, rx_filter
+    assert not any(line.lstrip().startswith(("{", "[", '"')) for line in rx_filter), rx_filter

@@ -133,9 +133,107 @@ fn print_readable(command: &str, result: &Value) {
         "x-query-netdevs" => print_netdevs(result),
         "x-query-netdev-counters" => print_counters(result),
         "x-query-dataplane" => print_dataplane(result),
-        _ if result.as_object().is_some_and(serde_json::Map::is_empty) => {}
-        _ => println!("{}", serde_json::to_string_pretty(result).unwrap_or_default()),
+        "query-rx-filter" => print_rx_filters(result),
+        _ => print!("{}", text(result)),
     }
+}
+
+/// Any other result as text: a string as it is (`x-query-usernet`'s table), an object as
+/// `key: value` lines, a list as one item per line, nested values indented; an empty object
+/// (what most commands return) prints nothing.
+fn text(result: &Value) -> String {
+    let mut out = String::new();
+    write_text(&mut out, result, 0);
+    out
+}
+
+fn write_text(out: &mut String, value: &Value, depth: usize) {
+    let indent = "  ".repeat(depth);
+    match value {
+        Value::String(text) => {
+            for line in text.lines() {
+                out.push_str(&format!("{indent}{line}\n"));
+            }
+        }
+        Value::Object(map) => {
+            for (key, value) in map {
+                match scalar(value) {
+                    Some(text) => out.push_str(&format!("{indent}{key}: {text}\n")),
+                    None => {
+                        out.push_str(&format!("{indent}{key}:\n"));
+                        write_text(out, value, depth + 1);
+                    }
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                match scalar(item) {
+                    Some(text) => out.push_str(&format!("{indent}{text}\n")),
+                    None => {
+                        write_text(out, item, depth);
+                        out.push_str(&format!("{indent}\n"));
+                    }
+                }
+            }
+        }
+        other => out.push_str(&format!("{indent}{}\n", scalar(other).unwrap_or_default())),
+    }
+}
+
+/// A value that fits on one line: numbers, booleans, null, strings without a line break and
+/// lists of those.
+fn scalar(value: &Value) -> Option<String> {
+    match value {
+        Value::String(text) if !text.contains('\n') => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        Value::Bool(flag) => Some(if *flag { "yes" } else { "no" }.to_owned()),
+        Value::Null => Some("-".to_owned()),
+        Value::Array(items) if items.is_empty() => Some("-".to_owned()),
+        Value::Array(items) => items.iter().map(|item| match item {
+            Value::Array(_) | Value::Object(_) => None,
+            other => scalar(other),
+        }).collect::<Option<Vec<_>>>().map(|items| items.join(" ")),
+        _ => None,
+    }
+}
+
+/// One block per NIC, as a person reads a receive filter: what it accepts, then its tables.
+fn print_rx_filters(result: &Value) {
+    for (index, nic) in result.as_array().into_iter().flatten().enumerate() {
+        if index > 0 {
+            println!();
+        }
+        let field = |key: &str| nic.get(key).and_then(scalar).unwrap_or_else(|| "-".to_owned());
+        println!("{} (main MAC {})", field("name"), field("main-mac"));
+        println!("  promiscuous: {}", field("promiscuous"));
+        // QEMU reports virtio-net's `nobcast` under this name: true means broadcasts are dropped.
+        let broadcast = if nic["broadcast-allowed"].as_bool() == Some(true) { "dropped" } else { "accepted" };
+        println!("  broadcast: {broadcast}");
+        println!("  unicast: {} (overflow: {}), table: {}", field("unicast"), field("unicast-overflow"), field("unicast-table"));
+        println!("  multicast: {} (overflow: {}), table: {}", field("multicast"), field("multicast-overflow"), field("multicast-table"));
+        println!("  vlan: {}, table: {}", field("vlan"), ranges(&nic["vlan-table"]));
+    }
+}
+
+/// A list of numbers as ascending ranges (`0-4095`, `1 5-7`); `-` when empty.
+fn ranges(list: &Value) -> String {
+    let mut numbers: Vec<u64> = list.as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for number in numbers {
+        match spans.last_mut() {
+            Some((_, end)) if *end + 1 == number => *end = number,
+            _ => spans.push((number, number)),
+        }
+    }
+    if spans.is_empty() {
+        return "-".to_owned();
+    }
+    let spans: Vec<String> =
+        spans.iter().map(|&(start, end)| if start == end { start.to_string() } else { format!("{start}-{end}") }).collect();
+    spans.join(" ")
 }
 
 fn print_dataplane(result: &Value) {
