@@ -11,6 +11,9 @@ use serde_json::{Value, json};
 
 use super::{namespaces::Netns, netdevd_bin, unique};
 
+/// How long a daemon may take to accept its first connection before the test gives up on it.
+const START_DEADLINE: Duration = Duration::from_secs(120);
+
 /// `netdevd` running inside a namespace, stopped with SIGTERM on drop.
 pub struct Daemon {
     pub(super) child: Child,
@@ -68,14 +71,19 @@ impl Daemon {
             .stdout(Stdio::null())
             .spawn()
             .expect("start netdevd");
-        let daemon = Self { child, socket, _dir: dir };
+        let mut daemon = Self { child, socket, _dir: dir };
         // The socket file exists from bind(2) on, a moment before listen(2): wait for a connect.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Start-up loads and probes the programs: seconds under TCG on a loaded machine, so the
+        // deadline is only there to end a test whose daemon hangs; one that exits fails at once.
+        let deadline = Instant::now() + START_DEADLINE;
         loop {
             match std::os::unix::net::UnixStream::connect(&daemon.socket) {
                 Ok(_) => return daemon,
                 Err(error) => {
-                    assert!(Instant::now() < deadline, "netdevd did not accept connections within 10 s: {error}");
+                    if let Ok(Some(status)) = daemon.child.try_wait() {
+                        panic!("netdevd exited before accepting connections: {status}");
+                    }
+                    assert!(Instant::now() < deadline, "netdevd did not accept connections within {START_DEADLINE:?}: {error}");
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
