@@ -150,9 +150,12 @@ async fn create_tap(
             (held, HubSide::Interface)
         };
         let ifname = tun::tap_name_of(&held[0]).map_err(|e| tun_error("fd", e))?;
-        if let Some(sndbuf) = options.sndbuf {
-            for fd in &held {
-                tun::set_sndbuf(fd, sndbuf.0).map_err(|e| tun_error(&ifname, e))?;
+        // As QEMU: every held queue gets `sndbuf` (unlimited when absent); only a given one that
+        // cannot be set is an error.
+        for fd in &held {
+            let result = tun::set_sndbuf(fd, options.sndbuf.map_or(0, |s| s.0));
+            if options.sndbuf.is_some() {
+                result.map_err(|e| tun_error(&ifname, e))?;
             }
         }
         let ifindex = ifindex_of(id, &ifname, netlink).await?;
