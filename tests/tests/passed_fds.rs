@@ -355,17 +355,15 @@ fn bridge_ports(ns: &Netns, bridge: &str) -> Vec<String> {
     ports
 }
 
-/// A helper that refuses (its ACL does not allow the bridge) or cannot run: QEMU's error, and
-/// nothing changes.
+/// A helper that refuses (its ACL does not allow the bridge: it exits with an error and sends no
+/// fd): QEMU's error, and nothing changes.
 #[test]
-fn failing_bridge_helper_is_an_error_that_changes_nothing() {
+fn refusing_bridge_helper_is_an_error_that_changes_nothing() {
     let setup = bridge_setup(|_| "allow some-other-bridge\n".to_owned());
     let (switch, daemon) = (&setup.switch, &setup.daemon);
     let before = snapshot(switch, daemon);
-    for helper in [HELPER, "/nonexistent/qemu-bridge-helper"] {
-        let arguments = json!({"type": "tap", "id": "hb", "br": setup.bridge, "helper": helper});
-        let error = daemon.execute("netdev_add", arguments).expect_err("the helper fails");
-        assert_eq!(error.desc, "bridge helper failed", "helper {helper}");
-        assert_eq!(snapshot(switch, daemon), before, "helper {helper} changed something");
-    }
+    let arguments = json!({"type": "tap", "id": "hb", "br": setup.bridge, "helper": HELPER});
+    let error = daemon.execute("netdev_add", arguments).expect_err("the helper refuses");
+    assert_eq!(error.desc, "bridge helper failed");
+    assert_eq!(snapshot(switch, daemon), before, "the refused helper changed something");
 }
