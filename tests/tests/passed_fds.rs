@@ -1,9 +1,10 @@
 //! The ways a netdev gets its descriptors from outside, for real: the test plays the VMM (or
 //! QEMU's manager) and passes what it opened with `getfd`, or names the bridge helper the daemon
 //! runs. A multi-queue tap's queues (`tap,fds=`) with `sndbuf`, a connected stream and a datagram
-//! socket (`socket,fd=`), and a tap from QEMU's own `qemu-bridge-helper` (`tap,br=,helper=`), each
-//! carrying frames to and from a tap "VM" on the same hub. Needs root, iproute2 and QEMU's bridge
-//! helper (`/usr/lib/qemu/qemu-bridge-helper`, installed with QEMU by `cargo xtask setup`).
+//! socket (`socket,fd=`), and a tap from QEMU's own `qemu-bridge-helper` (`tap,br=,helper=` and
+//! `bridge,br=,helper=`), each carrying frames to and from the hub. Needs root, iproute2 and
+//! QEMU's bridge helper (`/usr/lib/qemu/qemu-bridge-helper`, installed with QEMU by
+//! `cargo xtask setup`).
 
 use std::{
     io::{Read, Write},
@@ -313,12 +314,12 @@ fn bridge_setup(bridge_conf: impl FnOnce(&str) -> String) -> BridgeSetup {
     BridgeSetup { switch, behind_bridge, bridge, daemon, _dir: dir }
 }
 
-/// `tap,br=,helper=`: the daemon runs QEMU's real bridge helper (`--use-vnet --fd=N --br=BR`),
-/// which creates a tap, enslaves it to the bridge and sends its fd back; the daemon holds that
-/// fd as the guest side and joins it to a hub. A namespace behind the bridge then pings one on
-/// the hub, and `netdev_del` lets the tap go (the daemon held its only fd).
-#[test]
-fn bridge_helper_tap_joins_the_bridge_and_the_hub() {
+/// `tap,br=,helper=` and `bridge,br=,helper=`: the daemon runs QEMU's real bridge helper
+/// (`--use-vnet --fd=N --br=BR`), which creates a tap, enslaves it to the bridge and sends its fd
+/// back; the daemon holds that fd as the guest side and joins it to a hub. A namespace behind the
+/// bridge then pings one on the hub, and `netdev_del` lets the tap go (the daemon held its only
+/// fd).
+fn helper_tap_joins_the_bridge_and_the_hub(netdev_type: &str) {
     let setup = bridge_setup(|bridge| format!("allow {bridge}\n"));
     let (switch, daemon) = (&setup.switch, &setup.daemon);
     let on_hub = Netns::new("oh");
@@ -328,10 +329,12 @@ fn bridge_helper_tap_joins_the_bridge_and_the_hub() {
     daemon.add(&format!("af-xdp,id=x0,ifname={adopted}"));
     daemon.add("hubport,id=px0,hubid=0,netdev=x0");
 
+    let links_before = switch.links();
     let before_bridge_ports = bridge_ports(switch, &setup.bridge);
-    daemon.add(&format!("tap,id=hb,br={},helper={HELPER}", setup.bridge));
+    daemon.add(&format!("{netdev_type},id=hb,br={},helper={HELPER}", setup.bridge));
     daemon.add("hubport,id=phb,hubid=0,netdev=hb");
     let tap = daemon.ifname_of("hb").expect("the helper's tap has a name");
+    assert!(!links_before.contains(&tap), "{tap} is new");
     assert_eq!(switch.link_json(&tap)["master"], json!(setup.bridge), "the helper enslaved {tap} to the bridge");
     let (ingress, egress) = switch.attached_programs(&tap);
     assert_eq!((ingress.len(), egress.len()), (0, 1), "the hub faces the tap's fd side: its program at egress");
@@ -345,6 +348,16 @@ fn bridge_helper_tap_joins_the_bridge_and_the_hub() {
     assert_eq!(bridge_ports(switch, &setup.bridge), before_bridge_ports, "the bridge is as before");
 }
 
+#[test]
+fn tap_with_bridge_helper_joins_the_bridge_and_the_hub() {
+    helper_tap_joins_the_bridge_and_the_hub("tap");
+}
+
+#[test]
+fn bridge_with_helper_runs_it_and_joins_the_bridge_and_the_hub() {
+    helper_tap_joins_the_bridge_and_the_hub("bridge");
+}
+
 /// The bridge's ports.
 fn bridge_ports(ns: &Netns, bridge: &str) -> Vec<String> {
     let output = ns.ip(&["-j", "link", "show", "master", bridge]);
@@ -356,14 +369,16 @@ fn bridge_ports(ns: &Netns, bridge: &str) -> Vec<String> {
 }
 
 /// A helper that refuses (its ACL does not allow the bridge: it exits with an error and sends no
-/// fd): QEMU's error, and nothing changes.
+/// fd), for `tap` and `bridge` alike: QEMU's error, and nothing changes.
 #[test]
 fn refusing_bridge_helper_is_an_error_that_changes_nothing() {
     let setup = bridge_setup(|_| "allow some-other-bridge\n".to_owned());
     let (switch, daemon) = (&setup.switch, &setup.daemon);
     let before = snapshot(switch, daemon);
-    let arguments = json!({"type": "tap", "id": "hb", "br": setup.bridge, "helper": HELPER});
-    let error = daemon.execute("netdev_add", arguments).expect_err("the helper refuses");
-    assert_eq!(error.desc, "bridge helper failed");
-    assert_eq!(snapshot(switch, daemon), before, "the refused helper changed something");
+    for netdev_type in ["tap", "bridge"] {
+        let arguments = json!({"type": netdev_type, "id": "hb", "br": setup.bridge, "helper": HELPER});
+        let error = daemon.execute("netdev_add", arguments).expect_err("the helper refuses");
+        assert_eq!(error.desc, "bridge helper failed", "{netdev_type}");
+        assert_eq!(snapshot(switch, daemon), before, "{netdev_type}: the refused helper changed something");
+    }
 }
