@@ -90,6 +90,36 @@ impl Daemon {
         }
     }
 
+    /// Starts netdevd in `ns` as [`private_etc_command`] runs it; `socket` is the control
+    /// socket's path as the daemon sees it, which the test reaches through `/proc/PID/root`.
+    #[must_use]
+    pub fn start_with_private_etc(
+        ns: &Netns,
+        etc_files: &[(&str, &str)],
+        etc_removed: &[&str],
+        args: &[&str],
+        socket: &std::path::Path,
+    ) -> Self {
+        let (mut command, dir) = private_etc_command(ns, etc_files, etc_removed, args);
+        let child = command.stdout(Stdio::null()).spawn().expect("start netdevd");
+        // `ip netns exec` and the shell exec, so the child is the daemon.
+        let socket = PathBuf::from(format!("/proc/{}/root{}", child.id(), socket.display()));
+        let mut daemon = Self { child, socket, _dir: dir };
+        let deadline = Instant::now() + super::settle::DEADLINE;
+        loop {
+            match std::os::unix::net::UnixStream::connect(&daemon.socket) {
+                Ok(_) => return daemon,
+                Err(error) => {
+                    if let Ok(Some(status)) = daemon.child.try_wait() {
+                        panic!("netdevd exited before it listened on {}: {status}", daemon.socket.display());
+                    }
+                    assert!(Instant::now() < deadline, "netdevd did not listen on {}: {error}", daemon.socket.display());
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
     /// A negotiated QMP client.
     #[must_use]
     pub fn client(&self) -> QmpClient {
@@ -198,4 +228,49 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.terminate();
     }
+}
+
+/// netdevd in `ns` with `args` (all of its arguments), in a mount namespace of its own (the one
+/// `ip netns exec` makes) in which `/etc` is an overlay of the machine's with `etc_files` (paths
+/// under `/etc`, contents) added and `etc_removed` (paths under `/etc`) hidden, and `/run` is an
+/// empty tmpfs. The machine's `/etc` and `/run` are never written: the overlay's upper layer is
+/// in the returned directory (keep it while the command runs), and every mount goes with the
+/// daemon's namespace.
+#[must_use]
+pub fn private_etc_command(
+    ns: &Netns,
+    etc_files: &[(&str, &str)],
+    etc_removed: &[&str],
+    args: &[&str],
+) -> (std::process::Command, TempDir) {
+    let dir = TempDir::new();
+    let (upper, work) = (dir.0.join("etc-upper"), dir.0.join("etc-work"));
+    for (path, contents) in etc_files {
+        let file = upper.join(path);
+        std::fs::create_dir_all(file.parent().expect("a file under /etc")).expect("create overlay directory");
+        std::fs::write(&file, contents).expect("write overlay file");
+    }
+    std::fs::create_dir_all(&upper).expect("create overlay upper");
+    std::fs::create_dir_all(&work).expect("create overlay work");
+    // `ip netns exec` has unshared the mount namespace and made `/` a slave: nothing mounted
+    // here propagates back to the machine.
+    let mut script = format!(
+        "set -e; mount -t overlay netdevd-test-etc -o lowerdir=/etc,upperdir={},workdir={} /etc; \
+         mount -t tmpfs netdevd-test-run /run;",
+        upper.display(),
+        work.display()
+    );
+    for path in etc_removed {
+        script.push_str(&format!(" rm -rf /etc/{path};"));
+    }
+    script.push_str(r#" exec "$@""#);
+    let mut command = ns.command("/bin/sh");
+    command
+        .arg("-c")
+        .arg(script)
+        .arg("netdevd")
+        .arg(netdevd_bin())
+        .args(args)
+        .env("RUST_LOG", std::env::var("NETDEVD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()));
+    (command, dir)
 }

@@ -1,12 +1,15 @@
 //! Helpers shared by the integration tests, by helper: network namespaces ([`namespaces`]), a
 //! running `netdevd` inside one ([`daemon`]), test processes playing VMs on taps ([`tap_vm`]),
-//! traffic generators and background processes ([`traffic`]) and tcx attachments ([`tc`]); the
+//! traffic generators and background processes ([`traffic`]), tcx attachments ([`tc`]), a QMP
+//! connection that passes fds ([`fd_qmp`]) and a daemon's BPF maps ([`maps`]); the
 //! eBPF object under `BPF_PROG_TEST_RUN` is [`testrun`]. Every name is also reachable here.
 //!
 //! Everything here needs root and panics with a clear message without it. Every namespace made
 //! here is deleted on drop, so a failing test leaves nothing behind.
 
 mod daemon;
+mod fd_qmp;
+pub mod maps;
 mod namespaces;
 pub mod settle;
 mod tap_vm;
@@ -14,7 +17,7 @@ mod tc;
 pub mod testrun;
 mod traffic;
 
-pub use self::{daemon::*, namespaces::*, tap_vm::*, tc::*, traffic::*};
+pub use self::{daemon::*, fd_qmp::*, namespaces::*, tap_vm::*, tc::*, traffic::*};
 
 use std::{
     path::PathBuf,

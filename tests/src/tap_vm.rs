@@ -192,3 +192,46 @@ pub fn open_tap_fd(ns: &Netns, ifname: &str, vnet_hdr: bool) -> OwnedFd {
     let vm = TapVm::open(ns, ifname, vnet_hdr);
     OwnedFd::from(vm.file)
 }
+
+/// Opens `count` queues of the multi-queue tap `ifname` in `ns` (`IFF_MULTI_QUEUE`, no virtio-net
+/// header), creating it with the first: a tap that lives as long as one of them is open.
+#[must_use]
+pub fn open_tap_queues(ns: &Netns, ifname: &str, count: usize) -> Vec<OwnedFd> {
+    let name = ifname.to_owned();
+    ns.within(move || {
+        (0..count)
+            .map(|queue| {
+                let file = File::options().read(true).write(true).open("/dev/net/tun").expect("open /dev/net/tun");
+                let mut request = IfReq { name: [0; 16], flags: 0, _pad: [0; 22] };
+                request.name[..name.len()].copy_from_slice(name.as_bytes());
+                request.flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE) as libc::c_short;
+                // SAFETY: TUNSETIFF reads and writes the `ifreq` the pointer refers to.
+                let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &raw mut request) };
+                assert!(rc == 0, "TUNSETIFF {name} queue {queue}: {}", std::io::Error::last_os_error());
+                OwnedFd::from(file)
+            })
+            .collect()
+    })
+}
+
+/// The send buffer of the tap behind queue `fd` (`TUNGETSNDBUF`): what `TUNSETSNDBUF` on any of
+/// its queues set, `i32::MAX` if nobody set one.
+#[must_use]
+pub fn tap_sndbuf(fd: &OwnedFd) -> i32 {
+    /// `_IOR('T', 211, int)` from <linux/if_tun.h>.
+    const TUNGETSNDBUF: libc::c_ulong = 0x8004_54d3;
+    let mut value: libc::c_int = 0;
+    // SAFETY: TUNGETSNDBUF writes one int through the pointer.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETSNDBUF, &raw mut value) };
+    assert!(rc == 0, "TUNGETSNDBUF: {}", std::io::Error::last_os_error());
+    value
+}
+
+/// How many queues the tap `ifname` in `ns` has attached: the kernel keeps the device's real
+/// number of transmit queues, listed in sysfs, equal to them.
+#[must_use]
+pub fn tap_queue_count(ns: &Netns, ifname: &str) -> usize {
+    let output = ns.exec("ls", &[&format!("/sys/class/net/{ifname}/queues")]);
+    assert!(output.status.success(), "no sysfs queues of {ifname}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).split_whitespace().filter(|entry| entry.starts_with("tx-")).count()
+}

@@ -150,9 +150,12 @@ async fn create_tap(
             (held, HubSide::Interface)
         };
         let ifname = tun::tap_name_of(&held[0]).map_err(|e| tun_error("fd", e))?;
-        if let Some(sndbuf) = options.sndbuf {
-            for fd in &held {
-                tun::set_sndbuf(fd, sndbuf.0).map_err(|e| tun_error(&ifname, e))?;
+        // As QEMU: every held queue gets `sndbuf` (unlimited when absent); only a given one that
+        // cannot be set is an error.
+        for fd in &held {
+            let result = tun::set_sndbuf(fd, options.sndbuf.map_or(0, |s| s.0));
+            if options.sndbuf.is_some() {
+                result.map_err(|e| tun_error(&ifname, e))?;
             }
         }
         let ifindex = ifindex_of(id, &ifname, netlink).await?;
@@ -289,6 +292,10 @@ async fn create_bridge_tap(id: &str, options: &BridgeOptions, netlink: &Netlink)
     if link.kind.as_deref() != Some("bridge") {
         return Err(PortError::NotABridge { id: id.to_owned(), bridge: bridge.to_owned() });
     }
+    // A helper given explicitly runs, as in QEMU; without one the daemon (root) needs none.
+    if let Some(helper) = &options.helper {
+        return helper_tap(id, helper, bridge, netlink).await;
+    }
     let (fd, ifname) = tun::create_tap(None, tun::TapFlags { vnet_hdr: true, multi_queue: false })
         .map_err(|source| PortError::Tun { id: id.to_owned(), ifname: "tap%d".to_owned(), source })?;
     let mut device = PortDevice {
@@ -313,6 +320,22 @@ async fn create_bridge_tap(id: &str, options: &BridgeOptions, netlink: &Netlink)
             Err(error)
         }
     }
+}
+
+/// The tap the bridge helper made and enslaved: the daemon holds its only fd, facing the hub, and
+/// the tap goes when the daemon lets go of it.
+async fn helper_tap(id: &str, helper: &str, bridge: &str, netlink: &Netlink) -> Result<PortDevice, PortError> {
+    let fd = run_bridge_helper(id, helper, bridge)?;
+    let ifname = tun::tap_name_of(&fd)
+        .map_err(|source| PortError::Tun { id: id.to_owned(), ifname: "fd".to_owned(), source })?;
+    let ifindex = ifindex_of(id, &ifname, netlink).await?;
+    set_up(id, &ifname, ifindex, netlink).await?;
+    Ok(PortDevice {
+        device: Device { ifindex, ifname, hub_side: HubSide::Fd, peer_elsewhere: false },
+        held_fds: vec![fd],
+        owned: false,
+        downscript: None,
+    })
 }
 
 async fn adopt_interface(id: &str, options: &AfXdpOptions, netlink: &Netlink) -> Result<PortDevice, PortError> {
