@@ -5,11 +5,12 @@ use std::{
     net::SocketAddr,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-        unix::fs::PermissionsExt,
+        unix::fs::{DirBuilderExt, MetadataExt},
     },
     path::{Path, PathBuf},
     str::FromStr,
     sync::Arc,
+    time::Duration,
 };
 
 use bytes::BytesMut;
@@ -17,12 +18,14 @@ use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest},
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
-    sync::broadcast,
+    sync::{broadcast, mpsc},
     task::JoinSet,
 };
+use tokio_util::sync::CancellationToken;
 
 use super::{
     codec::{self, Decoder, Inbound},
+    fds::MAX_FDS_PER_MESSAGE,
     protocol,
     session::{Session, Transport},
 };
@@ -33,8 +36,9 @@ use crate::{
 
 /// Largest request accepted by default; QMP requests are small.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
-/// fds accepted in one SCM_RIGHTS message; more are closed by the kernel (MSG_CTRUNC).
-const MAX_FDS_PER_MESSAGE: usize = 16;
+/// The pause after a failed `accept` (EMFILE when the fd table is full): doubles from the
+/// first to the second after each failure in a row, so that a full table is not a busy loop.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Where a QMP server listens.
@@ -54,6 +58,8 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    #[error("QMP socket directory {}: {reason}", dir.display())]
+    UnsafeDirectory { dir: PathBuf, reason: String },
 }
 
 impl FromStr for ListenAddr {
@@ -113,24 +119,73 @@ impl Drop for Listener {
 }
 
 impl Listener {
-    /// Binds `addr`; a unix socket is created with mode 0600 in a directory created 0700 if needed.
+    /// Binds `addr`. A unix socket is mode 0600 from the moment it exists (set on the socket
+    /// before bind(2), so there is no window in which another user can connect), in a directory
+    /// that only root can change ([`check_socket_dir`]), created 0700 if missing.
     pub async fn bind(addr: &ListenAddr) -> Result<Self, ServerError> {
         let bind_error = |source| ServerError::Bind { addr: addr.to_string(), source };
         match addr {
             ListenAddr::Unix(path) => {
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-                    std::fs::create_dir_all(dir).map_err(bind_error)?;
-                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(bind_error)?;
+                let dir = match path.parent() {
+                    Some(dir) if !dir.as_os_str().is_empty() => dir,
+                    _ => Path::new("."),
+                };
+                if !dir.exists() {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(dir)
+                        .map_err(bind_error)?;
                 }
+                check_socket_dir(dir)?;
                 remove_stale_socket(path).map_err(bind_error)?;
-                let listener = UnixListener::bind(path).map_err(bind_error)?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
-                Ok(Self::Unix { listener, path: path.clone() })
+                let listener = bind_private_unix(path).map_err(bind_error)?;
+                Ok(Self::Unix { listener: UnixListener::from_std(listener).map_err(bind_error)?, path: path.clone() })
             }
             ListenAddr::Tcp(socket_addr) => Ok(Self::Tcp(TcpListener::bind(socket_addr).await.map_err(bind_error)?)),
         }
     }
+}
 
+/// The socket's directory must be owned by root (or netdevd's user) and writable by nobody else,
+/// or else carry the sticky bit (as /tmp, where nobody can remove or rename another's file):
+/// otherwise another user could replace the socket and have root's clients talk to them.
+pub fn check_socket_dir(dir: &Path) -> Result<(), ServerError> {
+    let unsafe_dir = |reason: String| ServerError::UnsafeDirectory { dir: dir.to_owned(), reason };
+    let meta = std::fs::metadata(dir).map_err(|e| unsafe_dir(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(unsafe_dir("not a directory".to_owned()));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(unsafe_dir(format!("owned by uid {}, not by root or netdevd's user ({euid})", meta.uid())));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(unsafe_dir(format!("mode {mode:04o}: writable by other users without the sticky bit")));
+    }
+    Ok(())
+}
+
+/// A listening unix socket whose file is mode 0600 whatever the umask: the socket's mode is set
+/// before bind(2) creates the file.
+fn bind_private_unix(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
+    socket.set_nonblocking(true)?;
+    // fchmod on a socket sets the mode bind(2) gives its file (less the umask).
+    nix::sys::stat::fchmod(&socket, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    socket.bind(&SockAddr::unix(path)?)?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Something that hands out client connections (a [`Listener`]; a failing one in tests).
+trait Accept {
+    async fn accept(&self) -> io::Result<Connection>;
+}
+
+impl Accept for Listener {
     async fn accept(&self) -> io::Result<Connection> {
         match self {
             Self::Unix { listener, .. } => Ok(Connection::Unix(listener.accept().await?.0)),
@@ -139,6 +194,34 @@ impl Listener {
                 stream.set_nodelay(true)?;
                 Ok(Connection::Tcp(stream))
             }
+        }
+    }
+}
+
+/// Accepts clients until shutdown; after a failure (EMFILE, ENFILE, ENOMEM) it waits before the
+/// next try, longer after each failure in a row, instead of spinning.
+async fn accept_loop(listener: &impl Accept, accepted: &mpsc::Sender<Connection>, shutdown: &CancellationToken) {
+    let (first_pause, longest_pause) = ACCEPT_BACKOFF;
+    let mut pause = first_pause;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            result = listener.accept() => match result {
+                Ok(connection) => {
+                    pause = first_pause;
+                    if accepted.send(connection).await.is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, ?pause, "accept failed; waiting before the next");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(longest_pause);
+                }
+            },
         }
     }
 }
@@ -159,24 +242,12 @@ pub async fn serve(daemon: Arc<Daemon>, listeners: Vec<Listener>, max_message_by
     let shutdown = daemon.shutdown_token();
     let mut connections = JoinSet::new();
     let mut acceptors = JoinSet::new();
-    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::channel::<Connection>(16);
+    let (accepted_tx, mut accepted_rx) = mpsc::channel::<Connection>(16);
     for listener in listeners {
         let accepted_tx = accepted_tx.clone();
         let shutdown = shutdown.clone();
         acceptors.spawn(async move {
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(connection) => {
-                            if accepted_tx.send(connection).await.is_err() {
-                                break;
-                            }
-                        }
-                        Err(error) => tracing::warn!(%error, "accept failed"),
-                    },
-                }
-            }
+            accept_loop(&listener, &accepted_tx, &shutdown).await;
             // Dropping the listener here removes its socket file.
             drop(listener);
         });
@@ -220,8 +291,11 @@ impl Connection {
                 stream.readable().await?;
                 let mut chunk = [0u8; READ_CHUNK];
                 match stream.try_io(Interest::READABLE, || recv_with_fds(stream.as_raw_fd(), &mut chunk)) {
-                    Ok((len, fds)) => {
-                        session.receive_fds(fds);
+                    Ok((len, fds, truncated)) => {
+                        if truncated {
+                            tracing::warn!(limit = MAX_FDS_PER_MESSAGE, "a QMP client sent too many fds at once; all closed");
+                        }
+                        session.receive_fds(fds, truncated);
                         buf.extend_from_slice(&chunk[..len]);
                         return Ok(len);
                     }
@@ -245,8 +319,9 @@ async fn read_plain<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, buf: &mut
     stream.read_buf(buf).await
 }
 
-/// One `recvmsg` with room for SCM_RIGHTS.
-fn recv_with_fds(socket: RawFd, chunk: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+/// One `recvmsg` with room for SCM_RIGHTS: the bytes, the fds, and whether the control message
+/// was truncated (more fds than fit; the kernel closed the rest, and the caller closes these).
+fn recv_with_fds(socket: RawFd, chunk: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
     let mut iov = [IoSliceMut::new(chunk)];
     let mut control = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
     let message = recvmsg::<()>(socket, &mut iov, Some(&mut control), MsgFlags::MSG_CMSG_CLOEXEC)?;
@@ -258,7 +333,7 @@ fn recv_with_fds(socket: RawFd, chunk: &mut [u8]) -> io::Result<(usize, Vec<Owne
             fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
         }
     }
-    Ok((message.bytes, fds))
+    Ok((message.bytes, fds, message.flags.contains(MsgFlags::MSG_CTRUNC)))
 }
 
 /// Waits for the next event, or forever if the client has not negotiated yet.
@@ -301,6 +376,7 @@ async fn converse(daemon: &Daemon, connection: &mut Connection, max_message_byte
                     outcome.response
                 }
             };
+            session.fds.request_done();
             connection.write(&codec::encode(&response)).await?;
         }
         tokio::select! {
@@ -341,6 +417,78 @@ mod tests {
         );
         for bad in ["unix:", "tcp:nohost", "file:/x", "unix:/x,server=off", "unix:/x,wait=on", "unix:/x,foo=1"] {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
+        }
+    }
+
+    /// An accept that always fails as with a full fd table, noting when it was called.
+    struct FullTable {
+        calls: std::sync::Mutex<Vec<tokio::time::Instant>>,
+        shutdown: CancellationToken,
+    }
+
+    impl Accept for FullTable {
+        async fn accept(&self) -> io::Result<Connection> {
+            let mut calls = self.calls.lock().expect("not poisoned");
+            calls.push(tokio::time::Instant::now());
+            if calls.len() == 12 {
+                self.shutdown.cancel();
+            }
+            Err(io::Error::from_raw_os_error(libc::EMFILE))
+        }
+    }
+
+    /// Failed accepts are retried after a pause that grows, not in a busy loop (the clock is
+    /// tokio's paused test clock: the pauses are the loop's own sleeps, not measured time).
+    #[tokio::test(start_paused = true)]
+    async fn failed_accepts_back_off() {
+        let shutdown = CancellationToken::new();
+        let listener = FullTable { calls: std::sync::Mutex::default(), shutdown: shutdown.clone() };
+        let (tx, _rx) = mpsc::channel(1);
+        accept_loop(&listener, &tx, &shutdown).await;
+        let calls = listener.calls.lock().expect("not poisoned");
+        assert_eq!(calls.len(), 12);
+        let pauses: Vec<Duration> = calls.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(pauses[0] >= ACCEPT_BACKOFF.0, "{pauses:?}");
+        assert!(pauses.windows(2).all(|w| w[1] >= w[0]), "the pause grows: {pauses:?}");
+        assert!(pauses.iter().all(|&p| p <= ACCEPT_BACKOFF.1), "{pauses:?}");
+        assert_eq!(pauses.last().copied(), Some(ACCEPT_BACKOFF.1));
+    }
+
+    /// The socket file is 0600 as bind(2) creates it, whatever the umask: there is no moment in
+    /// which another user could connect.
+    #[test]
+    fn socket_is_private_from_its_creation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        // SAFETY: umask only changes this (single-test) process's file creation mask.
+        let old = unsafe { libc::umask(0) };
+        let bound = bind_private_unix(&path);
+        // SAFETY: as above, restoring the mask.
+        unsafe { libc::umask(old) };
+        let _listener = bound.expect("bind");
+        let mode = std::fs::metadata(&path).expect("stat").mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn socket_directory_must_be_roots_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let set_mode = |mode| std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).expect("chmod");
+        for ok in [0o700, 0o755, 0o1777, 0o1770] {
+            set_mode(ok);
+            check_socket_dir(dir.path()).unwrap_or_else(|e| panic!("{ok:o}: {e}"));
+        }
+        for bad in [0o777, 0o770, 0o702] {
+            set_mode(bad);
+            let error = check_socket_dir(dir.path()).expect_err("writable by others").to_string();
+            assert!(error.contains("writable by other users without the sticky bit"), "{error}");
+        }
+        set_mode(0o700);
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(dir.path(), Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+            let error = check_socket_dir(dir.path()).expect_err("owned by nobody").to_string();
+            assert!(error.contains("owned by uid 65534"), "{error}");
         }
     }
 }
