@@ -1,7 +1,7 @@
 //! QMP listeners (`--qmp unix:PATH,server=on,wait=off`, `tcp:HOST:PORT,…`) and connections.
 
 use std::{
-    io::{self, IoSliceMut},
+    io,
     net::SocketAddr,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
@@ -14,7 +14,6 @@ use std::{
 };
 
 use bytes::BytesMut;
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest},
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
@@ -320,20 +319,48 @@ async fn read_plain<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, buf: &mut
 }
 
 /// One `recvmsg` with room for SCM_RIGHTS: the bytes, the fds, and whether the control message
-/// was truncated (more fds than fit; the kernel closed the rest, and the caller closes these).
+/// was truncated (more fds than fit: the kernel closed the rest, and the caller closes these).
+/// The control messages are read directly, as nix refuses to list a truncated one (and its fds
+/// would then leak).
 fn recv_with_fds(socket: RawFd, chunk: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
-    let mut iov = [IoSliceMut::new(chunk)];
-    let mut control = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
-    let message = recvmsg::<()>(socket, &mut iov, Some(&mut control), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    const FD_BYTES: usize = std::mem::size_of::<RawFd>();
+    #[expect(clippy::cast_possible_truncation, reason = "16 descriptors")]
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS_PER_MESSAGE * FD_BYTES) as u32) } as usize;
+    // u64 elements: cmsghdr alignment.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec { iov_base: chunk.as_mut_ptr().cast(), iov_len: chunk.len() };
+    // SAFETY: an all-zero msghdr is a valid empty one; the pointers are set below.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &raw mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.as_mut_ptr().cast();
+    header.msg_controllen = space;
+    // SAFETY: `header` points at `iov` (into `chunk`) and `control`, both live and of the sizes
+    // given, for the duration of the call.
+    let received = unsafe { libc::recvmsg(socket, &raw mut header, libc::MSG_CMSG_CLOEXEC) };
+    let Ok(len) = usize::try_from(received) else { return Err(io::Error::last_os_error()) };
     let mut fds = Vec::new();
-    for cmsg in message.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = cmsg {
-            // SAFETY: the kernel just installed these descriptors in our table for us; nothing
-            // else refers to them, so taking ownership is sound.
-            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+    // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR walk the control buffer within the msg_controllen the
+    // kernel set; each header's length was written by the kernel (shortened when truncated), so
+    // the descriptors read lie inside the buffer.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const header);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg);
+                let header_bytes = data as usize - cmsg as usize;
+                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header_bytes) / FD_BYTES;
+                for i in 0..count {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    // The kernel just installed these descriptors for us: nothing else owns them.
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const header, cmsg);
         }
     }
-    Ok((message.bytes, fds, message.flags.contains(MsgFlags::MSG_CTRUNC)))
+    Ok((len, fds, header.msg_flags & libc::MSG_CTRUNC != 0))
 }
 
 /// Waits for the next event, or forever if the client has not negotiated yet.
@@ -417,6 +444,26 @@ mod tests {
         );
         for bad in ["unix:", "tcp:nohost", "file:/x", "unix:/x,server=off", "unix:/x,wait=on", "unix:/x,foo=1"] {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
+        }
+    }
+
+    /// A message with more fds than fit is reported truncated, with the fds that were installed
+    /// handed over (to be closed), not leaked.
+    #[test]
+    fn truncated_fds_are_reported_and_owned() {
+        use nix::sys::socket::{AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair};
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).expect("socketpair");
+        let files: Vec<std::fs::File> = (0..20).map(|_| std::fs::File::open("/dev/null").expect("open")).collect();
+        let raw: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        for count in [20, 3] {
+            let iov = [std::io::IoSlice::new(b" ")];
+            sendmsg::<()>(a.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&raw[..count])], MsgFlags::empty(), None)
+                .expect("sendmsg");
+            let mut chunk = [0u8; 16];
+            let (len, fds, truncated) = recv_with_fds(b.as_raw_fd(), &mut chunk).expect("recv");
+            assert_eq!(len, 1);
+            assert_eq!(truncated, count > MAX_FDS_PER_MESSAGE, "{count}");
+            assert_eq!(fds.len(), count.min(MAX_FDS_PER_MESSAGE));
         }
     }
 
