@@ -292,7 +292,7 @@ impl Connection {
                 match stream.try_io(Interest::READABLE, || recv_with_fds(stream.as_raw_fd(), &mut chunk)) {
                     Ok((len, fds, truncated)) => {
                         if truncated {
-                            tracing::warn!(limit = MAX_FDS_PER_MESSAGE, "a QMP client sent too many fds at once; all closed");
+                            tracing::debug!(limit = MAX_FDS_PER_MESSAGE, "a QMP client sent too many fds at once; all closed");
                         }
                         session.receive_fds(fds, truncated);
                         buf.extend_from_slice(&chunk[..len]);
