@@ -90,7 +90,7 @@ impl Scan {
             }
             return Step::More;
         }
-        let word_ended = std::mem::take(&mut self.in_word);
+        let was_in_word = std::mem::take(&mut self.in_word);
         match byte {
             b' ' | b'\t' | b'\r' | b'\n' => {
                 if self.bare {
@@ -137,7 +137,7 @@ impl Scan {
             }
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'+' | b'-' | b'.' => {
                 self.in_word = true;
-                if !word_ended {
+                if !was_in_word {
                     self.tokens += 1;
                 }
                 self.bare |= self.depth == 0;
@@ -161,12 +161,6 @@ impl Decoder {
     #[must_use]
     pub const fn work(&self) -> u64 {
         self.work
-    }
-
-    /// Whether no value is partly read.
-    #[must_use]
-    pub fn is_idle(&self, buf: &BytesMut) -> bool {
-        buf.is_empty() && !self.discarding
     }
 
     /// Takes the next complete value (or error) out of `buf`, if there is one.
