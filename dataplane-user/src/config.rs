@@ -9,7 +9,10 @@ use serde::Deserialize;
 
 use crate::{
     netdev::{Netdev, NetdevError},
-    qmp::server::{DEFAULT_MAX_MESSAGE_BYTES, ListenAddr, ServerError},
+    qmp::{
+        codec::MAX_MESSAGE_BYTES_LIMIT,
+        server::{DEFAULT_MAX_MESSAGE_BYTES, ListenAddr, ServerError},
+    },
 };
 
 /// Read when netdevd is started without `--config`, if it exists.
@@ -31,6 +34,14 @@ pub enum ConfigError {
     Syntax { path: PathBuf, message: String },
     #[error(transparent)]
     Listen(#[from] ServerError),
+    #[error(
+        "QMP address '{addr}': a TCP listener lets every local user (and any host that can reach \
+         it) control netdevd as root; pass --insecure-tcp-qmp (or set insecure-tcp = true under \
+         [qmp]) to allow it"
+    )]
+    InsecureTcp { addr: String },
+    #[error("max-message-bytes {value} is over QEMU's limit of {MAX_MESSAGE_BYTES_LIMIT} bytes")]
+    MessageLimit { value: usize },
     #[error("netdev '{spec}': {source}")]
     Netdev {
         spec: String,
@@ -57,11 +68,14 @@ struct QmpSection {
     listen: Vec<String>,
     #[serde(default = "default_max_message_bytes")]
     max_message_bytes: usize,
+    /// Allows `tcp:` listeners (see [`ConfigError::InsecureTcp`]).
+    #[serde(default)]
+    insecure_tcp: bool,
 }
 
 impl Default for QmpSection {
     fn default() -> Self {
-        Self { listen: default_listen(), max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES }
+        Self { listen: default_listen(), max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES, insecure_tcp: false }
     }
 }
 
@@ -119,6 +133,8 @@ pub struct Overrides {
     pub qmp: Vec<String>,
     pub netdevs: Vec<String>,
     pub bpf_object: Option<PathBuf>,
+    /// `--insecure-tcp-qmp`: allows `tcp:` listeners.
+    pub insecure_tcp_qmp: bool,
 }
 
 impl Settings {
@@ -139,6 +155,14 @@ impl Settings {
             toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.to_owned(), message: e.to_string() })?;
         let listen_specs = if overrides.qmp.is_empty() { &file.qmp.listen } else { &overrides.qmp };
         let listen = listen_specs.iter().map(|spec| spec.parse()).collect::<Result<Vec<ListenAddr>, _>>()?;
+        if !(file.qmp.insecure_tcp || overrides.insecure_tcp_qmp)
+            && let Some(tcp) = listen.iter().find(|addr| matches!(addr, ListenAddr::Tcp(_)))
+        {
+            return Err(ConfigError::InsecureTcp { addr: tcp.to_string() });
+        }
+        if file.qmp.max_message_bytes > MAX_MESSAGE_BYTES_LIMIT {
+            return Err(ConfigError::MessageLimit { value: file.qmp.max_message_bytes });
+        }
         let mut netdevs = Vec::new();
         for spec in &file.netdevs {
             netdevs.push(match spec {
@@ -198,9 +222,29 @@ mod tests {
 
     #[test]
     fn command_line_listen_overrides_file() {
-        let overrides = Overrides { qmp: vec!["tcp:127.0.0.1:4444".into()], ..Overrides::default() };
+        let overrides =
+            Overrides { qmp: vec!["tcp:127.0.0.1:4444".into()], insecure_tcp_qmp: true, ..Overrides::default() };
         let settings = Settings::from_toml(Path::new("t"), "", &overrides).unwrap();
         assert_eq!(settings.listen, vec![ListenAddr::Tcp("127.0.0.1:4444".parse().unwrap())]);
+    }
+
+    #[test]
+    fn tcp_needs_the_insecure_flag() {
+        let tcp = Overrides { qmp: vec!["tcp:127.0.0.1:4444".into()], ..Overrides::default() };
+        let error = Settings::from_toml(Path::new("t"), "", &tcp).unwrap_err().to_string();
+        assert!(error.starts_with("QMP address 'tcp:127.0.0.1:4444': a TCP listener"), "{error}");
+        assert!(error.contains("--insecure-tcp-qmp"), "{error}");
+        let file = "[qmp]\nlisten = [\"tcp:127.0.0.1:1\"]\n";
+        assert!(Settings::from_toml(Path::new("t"), file, &Overrides::default()).is_err());
+        let allowed = "[qmp]\nlisten = [\"tcp:127.0.0.1:1\"]\ninsecure-tcp = true\n";
+        assert!(Settings::from_toml(Path::new("t"), allowed, &Overrides::default()).is_ok());
+    }
+
+    #[test]
+    fn message_limit_is_qemus_at_most() {
+        let text = format!("[qmp]\nmax-message-bytes = {}\n", MAX_MESSAGE_BYTES_LIMIT + 1);
+        let error = Settings::from_toml(Path::new("t"), &text, &Overrides::default()).unwrap_err();
+        assert!(error.to_string().contains("over QEMU's limit"), "{error}");
     }
 
     #[test]

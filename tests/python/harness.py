@@ -39,8 +39,11 @@ EMPTY_CONFIG = "netdevs = []\n"
 class Daemon:
     """A running netdevd with its socket path, its process and its log."""
 
-    def __init__(self, workdir: Path, config: str, extra_args: list[str], prefix: Sequence[str] = ()):
-        """Starts netdevd; `prefix` runs it through a wrapper (`ip netns exec NS`)."""
+    def __init__(
+        self, workdir: Path, config: str, extra_args: list[str], prefix: Sequence[str] = (), pass_fds: Sequence[int] = ()
+    ):
+        """Starts netdevd; `prefix` runs it through a wrapper (`ip netns exec NS`); `pass_fds` are
+        inherited under their numbers."""
         self.workdir = workdir
         # A short path: unix socket paths are limited to 108 bytes.
         self.socket_path = str(workdir / "qmp.sock")
@@ -60,6 +63,7 @@ class Daemon:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "NO_COLOR": "1"},
+            pass_fds=pass_fds,
         )
         self.signalled = False
 

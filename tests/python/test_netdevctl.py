@@ -218,7 +218,7 @@ def test_qmp_over_tcp(netns, start_daemon_in):
     """`--qmp tcp:IP:PORT` (inside the test's own namespace, so its 127.0.0.1 is private): the
     daemon listens there as well as on its unix socket, and a netdev added over TCP is the one the
     unix socket sees."""
-    daemon = start_daemon_in(netns, args=["--qmp", "tcp:127.0.0.1:4444,server=on,wait=off"])
+    daemon = start_daemon_in(netns, args=["--insecure-tcp-qmp", "--qmp", "tcp:127.0.0.1:4444,server=on,wait=off"])
     over_tcp = [str(NETDEVCTL_BIN), "--qmp", "tcp:127.0.0.1:4444"]
     assert netns.run(*over_tcp, "netdev_add", "hubport,id=p0,hubid=7") == ""
     netdevs = json.loads(netns.run(*over_tcp, "--json", "x-query-netdevs"))
@@ -247,3 +247,38 @@ def test_results_read_as_text(netns, start_daemon_in):
     assert "  broadcast: accepted" in rx_filter and "  promiscuous: yes" in rx_filter, rx_filter
     assert "  vlan: all, table: 0-4095" in rx_filter, rx_filter
     assert not any(line.lstrip().startswith(("{", "[", '"')) for line in rx_filter), rx_filter
+
+
+def test_tcp_clients_cannot_run_programs(netns, start_daemon_in, short_tmp):
+    """Even with --insecure-tcp-qmp, a TCP client gets no option that runs a program as root
+    (tap scripts, QEMU's default ones included, the bridge helper, smb, guestfwd cmd:): QEMU's
+    error form, and nothing is created or run. The unix socket still accepts them."""
+    daemon = start_daemon_in(netns, args=["--insecure-tcp-qmp", "--qmp", "tcp:127.0.0.1:4445,server=on,wait=off"])
+    marker = short_tmp / "ran"
+    script = short_tmp / "ifup"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    script.chmod(0o755)
+    over_tcp = [*netns.prefix(), str(NETDEVCTL_BIN), "--qmp", "tcp:127.0.0.1:4445"]
+    refused = [
+        (f"tap,id=t0,ifname=ndtcp0,script={script},downscript=no", "script"),
+        (f"tap,id=t0,ifname=ndtcp0,script=no,downscript={script}", "downscript"),
+        ("tap,id=t0,ifname=ndtcp0", "script"),
+        (f"tap,id=t0,helper={script},br=br0", "helper"),
+        (f"user,id=u0,smb={short_tmp}", "smb"),
+        (f"user,id=u0,guestfwd=tcp:10.0.2.100:80-cmd:{script}", "guestfwd"),
+    ]
+    for keyval, option in refused:
+        result = subprocess.run([*over_tcp, "netdev_add", keyval], capture_output=True, text=True, timeout=TIMEOUT)
+        assert result.returncode != 0, keyval
+        assert f"Parameter '{option}' runs a program as root and is refused on a TCP QMP connection" in result.stderr, (
+            keyval, result.stderr,
+        )
+    assert json.loads(ok(daemon, "--json", "x-query-netdevs")) == []
+    assert "ndtcp0" not in netns.links()
+    assert not marker.exists(), "a refused script ran"
+    # Without programs the same tap is fine over TCP.
+    assert netns.run(*over_tcp[len(netns.prefix()):], "netdev_add", "tap,id=t0,ifname=ndtcp0,script=no,downscript=no") == ""
+    assert "ndtcp0" in netns.links()
+    # From the unix socket the script runs (as QEMU's would).
+    ok(daemon, "netdev_add", f"tap,id=t1,ifname=ndtcp1,script={script},downscript=no")
+    assert marker.exists()

@@ -6,12 +6,16 @@ and §7 (error texts).
 
 from __future__ import annotations
 
+import array
 import asyncio
+import contextlib
 import json
 import os
 import random
+import resource
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -711,3 +715,204 @@ def test_invalid_utf8_in_string(daemon):
         assert response.keys() == {"error"}
         assert response["error"]["desc"].startswith("JSON parse error")
         assert qmp.cmd("query-version", id=1)["id"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# 9. Hardening (issue 15): duplicate keys, descriptor bounds, numeric fds, hostile clients
+# --------------------------------------------------------------------------------------------
+
+
+def test_duplicate_key_is_a_parse_error(daemon):
+    """A repeated key is QEMU's `JSON parse error, duplicate key` (no id: the request never
+    parsed), at any depth; the next request is answered."""
+    with RawQmp(daemon.socket_path, negotiate=True) as qmp:
+        qmp.send('{"execute": "query-version", "id": 1, "id": 2}\n')
+        assert qmp.recv() == {"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}
+        qmp.send('{"execute": "netdev_add", "arguments": {"type": "hubport", "id": "a", "id": "b", "hubid": 0}}')
+        assert qmp.recv() == {"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}
+        assert qmp.cmd("x-query-netdevs", id=3) == {"return": [], "id": 3}
+
+
+def test_nesting_limit_is_qemus(daemon):
+    """More than 1024 open brackets: QEMU's `JSON nesting depth limit exceeded`; the rest of the
+    value is dropped and the connection goes on."""
+    with RawQmp(daemon.socket_path, negotiate=True) as qmp:
+        qmp.send("[" * 1100 + "]" * 1100 + "\n")
+        assert qmp.recv() == {"error": {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}}
+        assert qmp.cmd("query-version", id=1)["id"] == 1
+
+
+def pipe_watch() -> tuple[int, int]:
+    """(write end to send, read end that sees EOF once every copy of the write end is closed)."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    return w, r
+
+
+def closed_everywhere(read_end: int, deadline: float = 10.0) -> bool:
+    """Whether every copy of the pipe's write end gets closed within `deadline` seconds (EOF)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            if os.read(read_end, 1) == b"":
+                return True
+        except BlockingIOError:
+            pass
+        time.sleep(0.02)
+    return False
+
+
+def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def test_too_many_fds_in_one_message_are_all_closed(daemon):
+    """20 fds with one getfd: the control message is truncated at 16; the daemon closes every fd
+    it got and getfd says why; nothing is named."""
+    watches = [pipe_watch() for _ in range(20)]
+    with RawQmp(daemon.socket_path, negotiate=True) as qmp:
+        send_with_fds(qmp.sock, b'{"execute": "getfd", "arguments": {"fdname": "f"}, "id": 1}', [w for w, _ in watches])
+        for w, _ in watches:
+            os.close(w)
+        response = qmp.recv()
+        assert response["id"] == 1
+        assert response["error"]["desc"].startswith("Too many file descriptors in one message: at most 16"), response
+        for _, r in watches:
+            assert closed_everywhere(r), "the daemon kept a descriptor of a truncated message"
+            os.close(r)
+        assert qmp.cmd("closefd", {"fdname": "f"})["error"]["desc"] == "File descriptor named 'f' not found"
+
+
+def test_unclaimed_fds_are_closed(daemon):
+    """fds sent with a request that is not getfd are closed once a later request completes
+    without claiming them (they cannot pile up)."""
+    w, r = pipe_watch()
+    with RawQmp(daemon.socket_path, negotiate=True) as qmp:
+        send_with_fds(qmp.sock, b'{"execute": "query-version", "id": 1}', [w])
+        os.close(w)
+        assert qmp.recv()["id"] == 1
+        assert qmp.cmd("query-version", id=2)["id"] == 2
+        assert closed_everywhere(r), "an fd sent without getfd stayed open in the daemon"
+        os.close(r)
+
+
+def test_numeric_fd_is_refused_over_qmp(daemon):
+    """QEMU would take `fd: "N"` as any descriptor of its own process; netdevd refuses numbers
+    from QMP clients (names from getfd only) and creates nothing."""
+    for fd in ("0", "3", "9"):
+        with RawQmp(daemon.socket_path, negotiate=True) as qmp:
+            response = qmp.cmd("netdev_add", {"type": "socket", "id": "s0", "fd": fd}, id="n")
+            assert response == {
+                "id": "n",
+                "error": {
+                    "class": "GenericError",
+                    "desc": f"File descriptor number '{fd}' is refused over QMP: pass the descriptor with getfd and use its name",
+                },
+            }
+            assert qmp.cmd("x-query-netdevs") == {"return": []}
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_hostile_clients_do_not_starve_others(daemon):
+    """While thousands of clients connect and never read, some send requests a byte at a time,
+    some pipeline requests without reading answers, and some flood descriptors (16 at a time
+    without getfd, and 20 at a time, which truncates), a client connected before still gets its
+    query-version answered (a generous 10 s: not answering is the failure), and so does a client
+    that connects during the flood. Afterwards the daemon's descriptors are back to where they
+    were and a new client is served."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    idle_count = max(0, min(2000, hard - 300))
+    assert idle_count >= 500, f"the open-files limit ({hard}) leaves too few descriptors for this test"
+    probe = RawQmp(daemon.socket_path, negotiate=True)
+    probe.sock.settimeout(10.0)
+    baseline = fd_count(daemon.proc.pid)
+    idle: list[socket.socket] = []
+    busy: list[socket.socket] = []
+    stop = threading.Event()
+    donors = [os.open(os.devnull, os.O_RDONLY) for _ in range(20)]
+    errors: list[BaseException] = []
+
+    def connect() -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                s.connect(daemon.socket_path)
+                return s
+            except BlockingIOError:  # the listen backlog is full: the daemon is accepting
+                if time.monotonic() > deadline:
+                    s.close()
+                    raise
+                time.sleep(0.001)
+
+    def flood(byte_writers, pipeliners, fd_flooders) -> None:
+        """Keeps every attacker busy until `stop`; one the daemon hangs up on just stops."""
+        request = b'{"execute": "query-commands"}' * 200
+        sends = [(s, lambda s: s.send(b"[" if random.random() < 0.5 else b'"')) for s in byte_writers]
+        sends += [(s, lambda s: s.send(request)) for s in pipeliners]
+        sends += [
+            (s, lambda s, n=n: send_with_fds(s, b" ", donors[: 16 if n % 2 else 20])) for n, s in enumerate(fd_flooders)
+        ]
+        try:
+            while not stop.is_set() and sends:
+                for entry in list(sends):
+                    s, send = entry
+                    try:
+                        send(s)
+                    except BlockingIOError:
+                        pass
+                    except (BrokenPipeError, ConnectionResetError):
+                        sends.remove(entry)
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    try:
+        for _ in range(idle_count):
+            idle.append(connect())
+        byte_writers = [connect() for _ in range(50)]
+        pipeliners = [connect() for _ in range(20)]
+        fd_flooders = [connect() for _ in range(20)]
+        busy = byte_writers + pipeliners + fd_flooders
+        for s in pipeliners + fd_flooders:
+            s.setblocking(True)
+            s.settimeout(TIMEOUT)
+            s.sendall(b'{"execute": "qmp_capabilities"}')
+            s.setblocking(False)
+        attacker = threading.Thread(target=flood, args=(byte_writers, pipeliners, fd_flooders), daemon=True)
+        attacker.start()
+        for n in range(10):
+            try:
+                answer = probe.cmd("query-version", id=n)
+            except socket.timeout:
+                pytest.fail(f"query-version did not answer within 10 s during the flood (round {n})")
+            assert answer["id"] == n and "return" in answer, answer
+            time.sleep(0.2)
+        # A client that comes during the flood is served too.
+        try:
+            with RawQmp(daemon.socket_path, negotiate=True) as late:
+                late.sock.settimeout(10.0)
+                assert late.cmd("query-version", id="late")["id"] == "late"
+        except socket.timeout:
+            pytest.fail("a new client was not answered within 10 s during the flood")
+        assert not errors, errors
+        assert daemon.proc.poll() is None, daemon.log()
+    finally:
+        stop.set()
+        for s in idle + busy:
+            s.close()
+        for fd in donors:
+            os.close(fd)
+    attacker.join(TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while fd_count(daemon.proc.pid) != baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fd_count(daemon.proc.pid) == baseline, "the daemon holds descriptors of clients that left"
+    assert probe.cmd("query-version", id="after")["id"] == "after"
+    probe.close()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert_answers_new_client(daemon)

@@ -130,3 +130,75 @@ def test_file_in_the_way_is_kept(short_tmp):
     )
     assert result.returncode != 0
     assert in_the_way.read_text() == "precious"
+
+
+# --------------------------------------------------------------------------------------------
+# Who may talk to the daemon, and which descriptors netdevs may take (issue 15)
+# --------------------------------------------------------------------------------------------
+
+
+def test_tcp_listener_needs_the_insecure_flag(short_tmp):
+    """`--qmp tcp:…` alone stops netdevd at start, naming the flag that allows it."""
+    result = run_failing(short_tmp, EMPTY_CONFIG, ["--qmp", "tcp:127.0.0.1:0,server=on,wait=off"])
+    assert result.returncode != 0
+    assert "QMP address 'tcp:127.0.0.1:0': a TCP listener" in result.stderr, result.stderr
+    assert "--insecure-tcp-qmp" in result.stderr, result.stderr
+    config = '[qmp]\nlisten = ["tcp:127.0.0.1:0"]\n'
+    result = run_failing(short_tmp, config, ["--qmp", "tcp:127.0.0.1:0"])
+    assert "insecure-tcp = true" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o703])
+def test_socket_directory_writable_by_others_is_refused(short_tmp, mode):
+    """A socket directory that others may write (without the sticky bit) is refused: they could
+    replace the socket. The sticky bit (as /tmp) is accepted."""
+    shared = short_tmp / "shared"
+    shared.mkdir()
+    os.chmod(shared, mode)
+    config_path = short_tmp / "netdevd.toml"
+    config_path.write_text(EMPTY_CONFIG)
+    sock = shared / "qmp.sock"
+    command = [str(NETDEVD_BIN), "--qmp", f"unix:{sock},server=on,wait=off", "--config", str(config_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode != 0
+    assert f"QMP socket directory {shared}: mode {mode:04o}: writable by other users without the sticky bit" in result.stderr
+    assert not sock.exists()
+    os.chmod(shared, mode | 0o1000)
+    daemon = Daemon(shared, EMPTY_CONFIG, [])
+    try:
+        daemon.wait_ready()
+        assert stat.S_IMODE(os.stat(daemon.socket_path).st_mode) == 0o600
+    finally:
+        daemon.stop()
+
+
+def test_socket_is_private_under_any_umask(short_tmp):
+    """Even with umask 0 the socket is 0600: its mode is set before bind(2) creates it."""
+    old = os.umask(0)
+    try:
+        daemon = Daemon(short_tmp, EMPTY_CONFIG, [])
+    finally:
+        os.umask(old)
+    try:
+        daemon.wait_ready()
+        assert stat.S_IMODE(os.stat(daemon.socket_path).st_mode) == 0o600
+    finally:
+        daemon.stop()
+
+
+def test_inherited_fd_at_start_up(short_tmp):
+    """`--netdev socket,fd=N` takes a descriptor netdevd inherited, once; a number netdevd did
+    not inherit is QEMU's `Invalid file descriptor number`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        fd = udp.fileno()
+        daemon = Daemon(short_tmp, EMPTY_CONFIG, ["--netdev", f"socket,id=s0,fd={fd}"], pass_fds=[fd])
+        try:
+            daemon.wait_ready()
+            assert [(n["id"], n["type"]) for n in netdevs(daemon)] == [("s0", "socket")]
+        finally:
+            daemon.stop()
+    (short_tmp / "again").mkdir()
+    result = run_failing(short_tmp / "again", EMPTY_CONFIG, ["--netdev", "socket,id=s0,fd=57"])
+    assert result.returncode != 0
+    assert "Invalid file descriptor number '57'" in result.stderr, result.stderr

@@ -1,4 +1,6 @@
 //! netdevd: the daemon. `netdevd [--config FILE] [--qmp unix:PATH,server=on,wait=off]… [--netdev KEYVAL]…`
+//!
+//! Descriptors open when it starts (beyond 0-2) are the ones `--netdev tap,fd=N` may name.
 
 use std::path::PathBuf;
 
@@ -7,7 +9,7 @@ use clap::Parser;
 use dataplane::{
     config::{Overrides, Settings},
     daemon::{Daemon, Host, ShutdownCause},
-    fd::NoFds,
+    fd::InheritedFds,
     kernel::{
         attach::{self, AttachChoice},
         ebpf::{EbpfDataplane, ObjectSource},
@@ -24,9 +26,14 @@ struct Args {
     /// Configuration file (default: /etc/netdevd/netdevd.toml if present, else built-in defaults).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// QMP server socket, as QEMU's -qmp: unix:PATH[,server=on,wait=off] or tcp:IP:PORT (repeatable).
+    /// QMP server socket, as QEMU's -qmp: unix:PATH[,server=on,wait=off] or tcp:IP:PORT (repeatable;
+    /// tcp needs --insecure-tcp-qmp).
     #[arg(long, value_name = "ADDRESS")]
     qmp: Vec<String>,
+    /// Allows tcp: QMP listeners. Whoever can connect controls a root daemon (only options that
+    /// run programs are refused to TCP clients); prefer the unix socket.
+    #[arg(long)]
+    insecure_tcp_qmp: bool,
     /// A netdev to create at start, as QEMU's -netdev: TYPE,id=ID[,KEY=VALUE…] (repeatable).
     #[arg(long, value_name = "KEYVAL")]
     netdev: Vec<String>,
@@ -44,7 +51,9 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    match start() {
+    // First of all, before netdevd opens descriptors of its own.
+    let inherited = InheritedFds::snapshot();
+    match start(inherited) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // The whole chain on one line, as QEMU reports start-up errors; no backtrace.
@@ -54,7 +63,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn start() -> Result<()> {
+fn start(inherited: InheritedFds) -> Result<()> {
     let args = Args::parse();
     let attach = match args.x_attach {
         Some(choice) => choice,
@@ -63,7 +72,13 @@ fn start() -> Result<()> {
             Err(_) => AttachChoice::Auto,
         },
     };
-    let overrides = Overrides { config: args.config, qmp: args.qmp, netdevs: args.netdev, bpf_object: args.bpf_object };
+    let overrides = Overrides {
+        config: args.config,
+        qmp: args.qmp,
+        netdevs: args.netdev,
+        bpf_object: args.bpf_object,
+        insecure_tcp_qmp: args.insecure_tcp_qmp,
+    };
     let mut settings = Settings::load(&overrides)?;
     settings.user_resolv_conf = args.user_resolv_conf;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log_level));
@@ -71,14 +86,29 @@ fn start() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("netdevd must run as root: it creates interfaces and loads eBPF programs");
     }
+    raise_fd_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(run(settings, attach))
+        .block_on(run(settings, attach, inherited))
 }
 
-async fn run(settings: Settings, attach: AttachChoice) -> Result<()> {
+/// Many clients and netdevs each hold descriptors: the soft limit goes up to the hard one.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the `rlimit` passed by pointer, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("cannot raise the open-files limit");
+            }
+        }
+    }
+}
+
+async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedFds) -> Result<()> {
     let source = match settings.bpf_object.clone() {
         Some(path) => ObjectSource::File(path),
         None => ObjectSource::default_source()
@@ -102,7 +132,7 @@ async fn run(settings: Settings, attach: AttachChoice) -> Result<()> {
     }
     for netdev in settings.netdevs {
         let id = netdev.id.clone();
-        if let Err(error) = daemon.add_netdev(netdev, &mut NoFds).await {
+        if let Err(error) = daemon.add_netdev(netdev, &mut inherited).await {
             daemon.tear_down().await;
             bail!("-netdev {id}: {error}");
         }

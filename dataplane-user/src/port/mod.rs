@@ -7,6 +7,8 @@ pub mod pair;
 pub mod pipe;
 pub mod tunnel;
 pub mod tun;
+#[cfg(test)]
+mod exec_tests;
 
 use std::{
     io,
@@ -37,6 +39,8 @@ pub enum PortError {
     Script { id: String, script: String, status: i32 },
     #[error("bridge helper failed")]
     Helper { id: String, reason: String },
+    #[error("{what} '{path}' must be an absolute path: netdevd runs programs without a shell or PATH search")]
+    NotAbsolute { id: String, what: &'static str, path: String },
     #[error("failed to get ifindex for '{ifname}'")]
     NoInterface { id: String, ifname: String },
     #[error("bridge '{bridge}' not found")]
@@ -77,7 +81,7 @@ impl PortDevice {
 
     /// Undoes everything `create` did: downscript, fds, the interface if it is ours.
     pub async fn destroy(self, netlink: &Netlink) {
-        if let Some(script) = &self.downscript {
+        if let Some(script) = self.downscript.as_deref().filter(|s| Path::new(s).is_absolute()) {
             match Command::new(script).arg(&self.device.ifname).status() {
                 Ok(status) if !status.success() => {
                     tracing::warn!(script, ifname = %self.device.ifname, %status, "downscript failed");
@@ -188,6 +192,9 @@ async fn create_tap(
     let prepared = async {
         device.device.ifindex = ifindex_of(id, &ifname, netlink).await?;
         set_up(id, &ifname, device.device.ifindex, netlink).await?;
+        if let Some(downscript) = options.downscript() {
+            absolute(id, "downscript", downscript)?;
+        }
         if let Some(script) = options.script() {
             run_script(id, script, &ifname)?;
         }
@@ -217,10 +224,21 @@ pub(crate) async fn set_up(id: &str, ifname: &str, ifindex: u32, netlink: &Netli
         .map_err(|source| PortError::Netlink { id: id.to_owned(), ifname: ifname.to_owned(), source })
 }
 
+/// A program netdevd runs as root is named by absolute path: it is executed directly (execv, as
+/// QEMU does), never through a shell or a PATH search.
+fn absolute<'p>(id: &str, what: &'static str, path: &'p str) -> Result<&'p Path, PortError> {
+    let path = Path::new(path);
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(PortError::NotAbsolute { id: id.to_owned(), what, path: path.display().to_string() })
+    }
+}
+
 /// QEMU's `launch_script`: `SCRIPT IFNAME`, failure reported with the raw wait status.
 fn run_script(id: &str, script: &str, ifname: &str) -> Result<(), PortError> {
     let failed = |status| PortError::Script { id: id.to_owned(), script: script.to_owned(), status };
-    let status = Command::new(script).arg(ifname).status().map_err(|_| failed(256))?;
+    let status = Command::new(absolute(id, "script", script)?).arg(ifname).status().map_err(|_| failed(256))?;
     if status.success() {
         return Ok(());
     }
@@ -229,21 +247,18 @@ fn run_script(id: &str, script: &str, ifname: &str) -> Result<(), PortError> {
 }
 
 /// QEMU's bridge helper protocol: `HELPER --use-vnet --fd=N --br=BR` sends a tap fd back over a
-/// socketpair with SCM_RIGHTS.
-fn run_bridge_helper(id: &str, helper: &str, bridge: &str) -> Result<OwnedFd, PortError> {
+/// socketpair with SCM_RIGHTS. Where QEMU hands a helper string with spaces to `/bin/sh -c` (with
+/// `br` pasted in), netdevd splits it at whitespace into a program (absolute) and its arguments,
+/// and executes it directly: nothing in `helper` or `br` is ever read by a shell.
+pub(crate) fn run_bridge_helper(id: &str, helper: &str, bridge: &str) -> Result<OwnedFd, PortError> {
     use nix::sys::socket::{AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, socketpair};
     let failed = |reason: String| PortError::Helper { id: id.to_owned(), reason };
-    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::empty())
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|e| failed(e.to_string()))?;
-    let mut command = if helper.contains(' ') {
-        let mut sh = Command::new("/bin/sh");
-        sh.arg("-c").arg(format!("{helper} --use-vnet --fd={} --br={bridge}", theirs.as_raw_fd()));
-        sh
-    } else {
-        let mut direct = Command::new(helper);
-        direct.arg("--use-vnet").arg(format!("--fd={}", theirs.as_raw_fd())).arg(format!("--br={bridge}"));
-        direct
-    };
+    let mut words = helper.split_ascii_whitespace();
+    let program = absolute(id, "helper", words.next().unwrap_or_default())?;
+    let mut command = Command::new(program);
+    command.args(words).arg("--use-vnet").arg(format!("--fd={}", theirs.as_raw_fd())).arg(format!("--br={bridge}"));
     let their_fd = theirs.as_raw_fd();
     // SAFETY: between fork and exec only async-signal-safe calls: fcntl clears close-on-exec on
     // the helper's end of the socketpair so that it survives exec.

@@ -1,9 +1,30 @@
 //! QMP framing. Input is a stream of JSON values (QEMU does not require newlines); output is one
 //! JSON object per line, ASCII only, with QEMU's `": "`/`", "` spacing and CRLF line ends.
+//!
+//! Input is scanned once, incrementally, as QEMU's JSON lexer and streamer do: the scanner keeps
+//! its place (string, escape, nesting) across reads, so a request sent a byte at a time costs no
+//! more than one sent at once. A complete value is parsed once, and checked for duplicate keys.
+
+use std::fmt;
 
 use bytes::{Buf, BytesMut};
-use serde::Serialize;
-use serde_json::{Value, ser::Formatter};
+use serde::{
+    Serialize,
+    de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor},
+};
+use serde_json::{Map, Value, ser::Formatter};
+
+/// QEMU's `MAX_TOKEN_SIZE` (qobject/json-streamer.c): the most bytes one value may hold.
+pub const MAX_MESSAGE_BYTES_LIMIT: usize = 64 << 20;
+/// QEMU's `MAX_TOKEN_COUNT`.
+const MAX_TOKEN_COUNT: usize = 2 << 20;
+/// QEMU's `MAX_NESTING`.
+const MAX_NESTING: usize = 1024;
+
+const SIZE_LIMIT: &str = "JSON token size limit exceeded";
+const COUNT_LIMIT: &str = "JSON token count limit exceeded";
+const NESTING_LIMIT: &str = "JSON nesting depth limit exceeded";
+const DUPLICATE_KEY: &str = "duplicate key";
 
 /// What the reader found in the input stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,107 +35,296 @@ pub enum Inbound {
     SyntaxError(String),
 }
 
-/// Splits a byte stream into JSON values, with a bound on the size of one value.
+/// Splits a byte stream into JSON values, with QEMU's bounds on one value.
 #[derive(Debug)]
 pub struct Decoder {
     max_message_bytes: usize,
-    /// After an error: the rest of the broken value is being skipped.
-    skipping: Option<Skip>,
+    scan: Scan,
+    /// Bytes at the front of the buffer that belong to the current value and have been scanned.
+    scanned: usize,
+    /// The current value broke a limit: its bytes are dropped until it ends.
+    discarding: bool,
+    /// Bytes examined so far, by the scanner and the parser (tests check the work stays linear).
+    work: u64,
 }
 
-/// Where the skipper is inside the broken value, carried across reads.
+/// Where the scanner is inside the current value, carried across reads.
 #[derive(Debug, Default, Clone, Copy)]
-struct Skip {
+struct Scan {
     depth: usize,
     in_string: bool,
     escaped: bool,
-    /// A bare token (or string) outside any brackets is being skipped.
+    /// Inside a keyword or number.
+    in_word: bool,
+    /// The value is a bare token (string, keyword, number) outside any brackets.
     bare: bool,
+    tokens: usize,
 }
 
-impl Skip {
-    /// Consumes bytes of the broken value; returns how many, and whether it is over. Like QEMU's
-    /// JSON streamer, a value ends where its brackets balance; a bare token ends at the next
-    /// delimiter.
-    fn advance(&mut self, bytes: &[u8]) -> (usize, bool) {
-        for (i, &byte) in bytes.iter().enumerate() {
-            if self.in_string {
-                match (self.escaped, byte) {
-                    (true, _) => self.escaped = false,
-                    (false, b'\\') => self.escaped = true,
-                    (false, b'"') => self.in_string = false,
-                    _ => {}
+/// What one byte did to the current value.
+enum Step {
+    More,
+    /// The value ends before this byte (a bare token ended at a delimiter).
+    EndsBefore,
+    /// The value ends with this byte.
+    EndsWith,
+    /// A byte that no JSON token can hold: QEMU's lexer resets on it.
+    Stray(u8),
+    Limit(&'static str),
+}
+
+impl Scan {
+    fn step(&mut self, byte: u8) -> Step {
+        if self.in_string {
+            match (self.escaped, byte) {
+                (_, 0x00..=0x1f | 0xfe | 0xff) => return Step::Stray(byte),
+                (true, _) => self.escaped = false,
+                (false, b'\\') => self.escaped = true,
+                (false, b'"') => {
+                    self.in_string = false;
+                    if self.depth == 0 {
+                        return Step::EndsWith;
+                    }
                 }
-                continue;
+                _ => {}
             }
-            let outside = self.depth == 0;
-            match byte {
-                b'{' | b'[' if outside && self.bare => return (i, true),
-                b'{' | b'[' => self.depth += 1,
-                b'}' | b']' if self.depth <= 1 => return (i + 1, true),
-                b'}' | b']' => self.depth -= 1,
-                b' ' | b'\t' | b'\r' | b'\n' if outside && self.bare => return (i, true),
-                b' ' | b'\t' | b'\r' | b'\n' => {}
-                b'"' => {
-                    self.in_string = true;
-                    self.bare |= outside;
-                }
-                _ => self.bare |= outside,
-            }
+            return Step::More;
         }
-        (bytes.len(), false)
+        let was_in_word = std::mem::take(&mut self.in_word);
+        match byte {
+            b' ' | b'\t' | b'\r' | b'\n' => {
+                if self.bare {
+                    return Step::EndsBefore;
+                }
+            }
+            b'{' | b'[' => {
+                if self.bare {
+                    return Step::EndsBefore;
+                }
+                self.depth += 1;
+                self.tokens += 1;
+                if self.depth > MAX_NESTING {
+                    return Step::Limit(NESTING_LIMIT);
+                }
+            }
+            b'}' | b']' => {
+                if self.bare {
+                    return Step::EndsBefore;
+                }
+                self.tokens += 1;
+                // A closer with nothing open is a value of its own, as in QEMU's streamer.
+                if self.depth <= 1 {
+                    return Step::EndsWith;
+                }
+                self.depth -= 1;
+            }
+            b',' | b':' => {
+                if self.bare {
+                    return Step::EndsBefore;
+                }
+                self.tokens += 1;
+                if self.depth == 0 {
+                    return Step::EndsWith;
+                }
+            }
+            b'"' => {
+                if self.bare {
+                    return Step::EndsBefore;
+                }
+                self.in_string = true;
+                self.tokens += 1;
+                self.bare = self.depth == 0;
+            }
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'+' | b'-' | b'.' => {
+                self.in_word = true;
+                if !was_in_word {
+                    self.tokens += 1;
+                }
+                self.bare |= self.depth == 0;
+            }
+            other => return Step::Stray(other),
+        }
+        if self.tokens > MAX_TOKEN_COUNT {
+            return Step::Limit(COUNT_LIMIT);
+        }
+        Step::More
     }
 }
 
 impl Decoder {
     #[must_use]
-    pub const fn new(max_message_bytes: usize) -> Self {
-        Self { max_message_bytes, skipping: None }
+    pub fn new(max_message_bytes: usize) -> Self {
+        Self { max_message_bytes, scan: Scan::default(), scanned: 0, discarding: false, work: 0 }
     }
 
-    /// Takes the next complete value out of `buf`, if there is one.
+    /// Bytes examined so far: each input byte is scanned once and parsed at most once.
+    #[must_use]
+    pub const fn work(&self) -> u64 {
+        self.work
+    }
+
+    /// Takes the next complete value (or error) out of `buf`, if there is one.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Option<Inbound> {
         loop {
-            if let Some(skip) = self.skipping.as_mut() {
-                let (consumed, done) = skip.advance(buf);
-                buf.advance(consumed);
-                if !done {
-                    return None;
-                }
-                self.skipping = None;
+            if self.scanned == 0 && !self.discarding {
+                let start = buf.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(buf.len());
+                self.work += start as u64;
+                buf.advance(start);
             }
-            let start = buf.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(buf.len());
-            buf.advance(start);
-            if buf.is_empty() {
+            if buf.len() == self.scanned {
                 return None;
             }
-            let mut values = serde_json::Deserializer::from_slice(buf).into_iter::<Value>();
-            match values.next() {
-                Some(Ok(value)) => {
-                    let consumed = values.byte_offset();
-                    buf.advance(consumed);
-                    return Some(Inbound::Value(value));
+            let from = self.scanned;
+            let found = buf[from..].iter().enumerate().find_map(|(offset, &byte)| match self.scan.step(byte) {
+                Step::More => None,
+                Step::EndsBefore => Some((from + offset, Step::EndsBefore)),
+                other => Some((from + offset + 1, other)),
+            });
+            let Some((end, step)) = found else {
+                self.work += (buf.len() - from) as u64;
+                self.scanned = buf.len();
+                if self.discarding {
+                    buf.clear();
+                    self.scanned = 0;
+                } else if buf.len() > self.max_message_bytes {
+                    return Some(self.start_discarding(buf, SIZE_LIMIT));
                 }
-                Some(Err(error)) if error.is_eof() => {
-                    if buf.len() > self.max_message_bytes {
-                        self.skipping = Some(Skip::default());
-                        return Some(Inbound::SyntaxError(format!(
-                            "JSON token size limit exceeded (a message may hold at most {} bytes)",
-                            self.max_message_bytes
-                        )));
+                return None;
+            };
+            self.work += (end - from) as u64;
+            match step {
+                Step::Limit(limit) => {
+                    if self.discarding {
+                        buf.advance(end);
+                        self.scanned = 0;
+                        continue;
                     }
-                    return None;
+                    self.scanned = end;
+                    return Some(self.start_discarding(buf, limit));
                 }
-                Some(Err(error)) => {
-                    self.skipping = Some(Skip::default());
-                    return Some(Inbound::SyntaxError(format!("JSON parse error, {error}")));
+                Step::Stray(byte) => {
+                    // QEMU's lexer drops everything up to a stray byte and starts afresh.
+                    buf.advance(end);
+                    self.finish_value();
+                    if std::mem::take(&mut self.discarding) {
+                        continue;
+                    }
+                    return Some(Inbound::SyntaxError(format!("JSON parse error, stray '{}'", char::from(byte))));
                 }
-                None => continue,
+                Step::More | Step::EndsBefore | Step::EndsWith => {
+                    let value = buf.split_to(end);
+                    self.finish_value();
+                    if std::mem::take(&mut self.discarding) {
+                        continue;
+                    }
+                    if end > self.max_message_bytes {
+                        return Some(Inbound::SyntaxError(SIZE_LIMIT.to_owned()));
+                    }
+                    self.work += end as u64;
+                    return Some(parse(&value));
+                }
             }
         }
     }
+
+    fn finish_value(&mut self) {
+        self.scan = Scan::default();
+        self.scanned = 0;
+    }
+
+    /// Reports a broken limit and drops what there is of the value; the scanner keeps its place
+    /// to find the value's end, and drops the rest as it comes.
+    fn start_discarding(&mut self, buf: &mut BytesMut, error: &str) -> Inbound {
+        buf.advance(self.scanned);
+        self.scanned = 0;
+        self.discarding = true;
+        Inbound::SyntaxError(error.to_owned())
+    }
 }
 
+/// Parses one complete value, refusing duplicate keys as QEMU's parser does.
+fn parse(bytes: &[u8]) -> Inbound {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let parsed = StrictValue.deserialize(&mut deserializer).and_then(|value| deserializer.end().map(|()| value));
+    match parsed {
+        Ok(value) => Inbound::Value(value),
+        Err(error) if error.to_string().starts_with(DUPLICATE_KEY) => {
+            Inbound::SyntaxError(format!("JSON parse error, {DUPLICATE_KEY}"))
+        }
+        Err(error) => Inbound::SyntaxError(format!("JSON parse error, {error}")),
+    }
+}
+
+/// A JSON value whose objects may not repeat a key.
+struct StrictValue;
+
+impl<'de> DeserializeSeed<'de> for StrictValue {
+    type Value = Value;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StrictValue {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(Self)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut members = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if members.contains_key(&key) {
+                return Err(de::Error::custom(DUPLICATE_KEY));
+            }
+            let value = map.next_value_seed(Self)?;
+            members.insert(key, value);
+        }
+        Ok(Value::Object(members))
+    }
+}
 /// Serialises one server message as QEMU does, including the line end.
 #[must_use]
 pub fn encode(message: &Value) -> Vec<u8> {
@@ -220,22 +430,86 @@ mod tests {
         let out = decode_all(&mut decoder, br#"{"execute": nope, "x": "}{"}{"id": 1}"#);
         assert_eq!(out.len(), 2);
         assert_eq!(out[1], Inbound::Value(json!({"id": 1})));
+        // As QEMU's streamer, a broken value ends where its brackets balance.
         let mut buf = BytesMut::from(&br#"{"a": [nope, {"#[..]);
-        assert!(matches!(decoder.decode(&mut buf), Some(Inbound::SyntaxError(_))));
         assert_eq!(decoder.decode(&mut buf), None);
         buf.extend_from_slice(br#"}]} garbage{"ok": 2}"#);
         let rest: Vec<_> = std::iter::from_fn(|| decoder.decode(&mut buf)).collect();
+        assert_eq!(rest.len(), 3, "{rest:?}");
         assert!(matches!(&rest[0], Inbound::SyntaxError(_)), "{rest:?}");
-        assert_eq!(rest[1], Inbound::Value(json!({"ok": 2})));
+        assert!(matches!(&rest[1], Inbound::SyntaxError(_)), "{rest:?}");
+        assert_eq!(rest[2], Inbound::Value(json!({"ok": 2})));
+    }
+
+    #[test]
+    fn stray_byte_resets_like_qemus_lexer() {
+        // Clients recover a confused parser by sending a control character.
+        let mut decoder = Decoder::new(1024);
+        let out = decode_all(&mut decoder, b"{\"execute\": [\"unfinished\x01{\"id\": 1}");
+        assert_eq!(out, vec![Inbound::SyntaxError("JSON parse error, stray '\u{1}'".into()), Inbound::Value(json!({"id": 1}))]);
+        let out = decode_all(&mut decoder, b"{\"a\": \xff}{\"id\": 2}");
+        assert_eq!(out[0], Inbound::SyntaxError("JSON parse error, stray '\u{ff}'".into()));
+        assert_eq!(out[2], Inbound::Value(json!({"id": 2})), "{out:?}");
+    }
+
+    #[test]
+    fn duplicate_key_is_refused_as_qemu_does() {
+        let mut decoder = Decoder::new(1024);
+        let out = decode_all(
+            &mut decoder,
+            br#"{"execute": "a", "execute": "b"}{"id": 1, "arguments": {"x": 1, "x": 2}}{"id": 2, "arguments": {"x": {"y": 1}, "y": {"y": 2}}}"#,
+        );
+        assert_eq!(out[0], Inbound::SyntaxError("JSON parse error, duplicate key".into()));
+        assert_eq!(out[1], Inbound::SyntaxError("JSON parse error, duplicate key".into()));
+        // The same key in different objects is fine.
+        assert_eq!(out[2], Inbound::Value(json!({"id": 2, "arguments": {"x": {"y": 1}, "y": {"y": 2}}})));
     }
 
     #[test]
     fn oversized_message_is_refused() {
         let mut decoder = Decoder::new(16);
         let mut buf = BytesMut::from(&br#"{"execute": "aaaaaaaaaaaaaaaaaaaaaaaa"#[..]);
-        assert!(matches!(decoder.decode(&mut buf), Some(Inbound::SyntaxError(e)) if e.contains("size limit")));
-        buf.extend_from_slice(b"\"}\n{\"ok\": 1}\n");
+        assert_eq!(decoder.decode(&mut buf), Some(Inbound::SyntaxError("JSON token size limit exceeded".into())));
+        assert!(buf.is_empty(), "the refused bytes are dropped");
+        buf.extend_from_slice(b"aaaa\", \"}\": [\"]\"]}\n{\"ok\": 1}\n");
         assert_eq!(decoder.decode(&mut buf), Some(Inbound::Value(json!({"ok": 1}))));
+        // A value that arrives whole but too big is refused too.
+        let out = decode_all(&mut decoder, br#"{"execute": "aaaaaaaaaaaaaaaaaaaaaaaa"}{"ok": 2}"#);
+        assert_eq!(out, vec![Inbound::SyntaxError("JSON token size limit exceeded".into()), Inbound::Value(json!({"ok": 2}))]);
+    }
+
+    #[test]
+    fn nesting_is_bounded_as_in_qemu() {
+        let mut decoder = Decoder::new(1 << 20);
+        let deep = format!("{}{}", "[".repeat(MAX_NESTING + 1), "]".repeat(MAX_NESTING + 1));
+        let out = decode_all(&mut decoder, format!("{deep}{{\"ok\": 1}}").as_bytes());
+        assert_eq!(out, vec![Inbound::SyntaxError("JSON nesting depth limit exceeded".into()), Inbound::Value(json!({"ok": 1}))]);
+    }
+
+    #[test]
+    fn token_count_is_bounded_as_in_qemu() {
+        let mut decoder = Decoder::new(MAX_MESSAGE_BYTES_LIMIT);
+        let many = format!("[{}1]{{\"ok\": 1}}", "1,".repeat(MAX_TOKEN_COUNT / 2 + 1));
+        let out = decode_all(&mut decoder, many.as_bytes());
+        assert_eq!(out, vec![Inbound::SyntaxError("JSON token count limit exceeded".into()), Inbound::Value(json!({"ok": 1}))]);
+    }
+
+    /// A request sent a byte at a time is scanned once, not re-parsed from its start on every read
+    /// (which made a slowly sent request cost the square of its size).
+    #[test]
+    fn byte_at_a_time_costs_linear_work() {
+        let request = format!(r#"{{"execute": "query-version", "id": "{}"}}"#, "x".repeat(100_000));
+        let mut decoder = Decoder::new(1 << 20);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for &byte in request.as_bytes() {
+            buf.extend_from_slice(&[byte]);
+            out.extend(std::iter::from_fn(|| decoder.decode(&mut buf)));
+        }
+        assert_eq!(out.len(), 1);
+        assert!(matches!(&out[0], Inbound::Value(v) if v["execute"] == "query-version"));
+        let len = request.len() as u64;
+        assert!(decoder.work() <= 2 * len, "{} bytes examined for a {len}-byte request", decoder.work());
     }
 
     #[test]

@@ -6,12 +6,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    fds::SessionFds,
+    fds::{SessionFds, Transport},
     protocol::{self, QmpError},
 };
 use crate::{
+    backend::slirp::rules::{GuestTarget, parse_guestfwd},
     daemon::{AnnounceParameters, Daemon, DaemonError, ShutdownCause},
-    netdev::Netdev,
+    netdev::{Netdev, NetdevOptions},
     qapi::{self, QapiError},
     model::{registry::RegistryError, rx_filter::RxFilterChange},
 };
@@ -172,6 +173,9 @@ pub async fn execute(daemon: &Daemon, fds: &mut SessionFds, name: &str, argument
         }
         "netdev_add" => {
             let netdev = Netdev::from_json(arguments).map_err(|e| QmpError::generic(e.to_string()))?;
+            if fds.transport() == Transport::Tcp {
+                refuse_programs(&netdev)?;
+            }
             daemon.add_netdev(netdev, fds).await?;
             Ok(empty)
         }
@@ -244,10 +248,54 @@ pub async fn execute(daemon: &Daemon, fds: &mut SessionFds, name: &str, argument
     }
 }
 
+/// The first option of `netdev` that would have netdevd run a program as root: a tap's scripts
+/// (QEMU's defaults included) and bridge helper, `user`'s `smb` (smbd) and `guestfwd` `cmd:`.
+#[must_use]
+pub fn program_option(netdev: &Netdev) -> Option<&'static str> {
+    match &netdev.options {
+        NetdevOptions::Tap(tap) => {
+            if tap.helper.is_some() {
+                Some("helper")
+            } else if tap.fd.is_some() || tap.fds.is_some() {
+                None
+            } else if tap.script().is_some() {
+                Some("script")
+            } else if tap.downscript().is_some() {
+                Some("downscript")
+            } else {
+                None
+            }
+        }
+        NetdevOptions::User(user) => {
+            let runs_command = |rule: &crate::qapi::QapiString| {
+                matches!(parse_guestfwd(&rule.str), Ok(fwd) if matches!(fwd.target, GuestTarget::Exec(_)))
+            };
+            if user.smb.is_some() {
+                Some("smb")
+            } else if user.guestfwd.iter().flatten().any(runs_command) {
+                Some("guestfwd")
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
+/// A TCP client may be any local user (or another host): it gets no option that runs a program.
+fn refuse_programs(netdev: &Netdev) -> Result<(), QmpError> {
+    match program_option(netdev) {
+        Some(option) => Err(QmpError::generic(format!(
+            "Parameter '{option}' runs a program as root and is refused on a TCP QMP connection (use the unix socket{})",
+            if matches!(option, "script" | "downscript") { ", or script=no,downscript=no" } else { "" }
+        ))),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmp::fds::Transport;
 
     async fn negotiated() -> (std::sync::Arc<Daemon>, SessionFds) {
         (Daemon::new(None), SessionFds::new(Transport::Unix))
@@ -286,6 +334,44 @@ mod tests {
         assert_eq!(e.desc, "net client(u0) isn't a NIC");
         let e = call(&daemon, &mut s, "query-rx-filter", json!({"name": "zz"})).await.unwrap_err();
         assert_eq!(e.desc, "invalid net client name: zz");
+    }
+
+    /// Over TCP nothing that runs a program is accepted, and nothing is created.
+    #[tokio::test]
+    async fn tcp_clients_cannot_run_programs() {
+        let daemon = Daemon::new(None);
+        let mut tcp = SessionFds::new(Transport::Tcp);
+        let refused = [
+            (json!({"type": "tap", "id": "t", "ifname": "x0", "script": "/bin/true", "downscript": "no"}), "script"),
+            (json!({"type": "tap", "id": "t", "ifname": "x0", "script": "no", "downscript": "/bin/true"}), "downscript"),
+            (json!({"type": "tap", "id": "t", "ifname": "x0"}), "script"),
+            (json!({"type": "tap", "id": "t", "ifname": "x0", "script": "", "downscript": ""}), ""),
+            (json!({"type": "tap", "id": "t", "helper": "/usr/lib/qemu/qemu-bridge-helper", "br": "br0"}), "helper"),
+            (json!({"type": "user", "id": "u", "smb": "/srv"}), "smb"),
+            (json!({"type": "user", "id": "u", "guestfwd": [{"str": "tcp:10.0.2.100:80-cmd:id"}]}), "guestfwd"),
+        ];
+        for (arguments, option) in refused {
+            let result = call(&daemon, &mut tcp, "netdev_add", arguments.clone()).await;
+            if option.is_empty() {
+                // script=no and downscript=no run nothing: this one gets past the check (and
+                // fails later only because this daemon has no host).
+                assert!(!matches!(&result, Err(e) if e.desc.contains("TCP")), "{arguments}: {result:?}");
+                continue;
+            }
+            let error = result.expect_err("refused");
+            assert_eq!(error.class, protocol::ErrorClass::GenericError);
+            assert!(
+                error.desc.starts_with(&format!("Parameter '{option}' runs a program as root and is refused on a TCP QMP connection")),
+                "{arguments}: {}",
+                error.desc
+            );
+        }
+        assert_eq!(daemon.netdevs().await.len(), 0, "nothing was created");
+        // The same netdev from the unix socket passes the check.
+        let user = json!({"type": "user", "id": "u", "guestfwd": [{"str": "tcp:10.0.2.100:80-cmd:id"}]});
+        assert_eq!(program_option(&Netdev::from_json(&user).unwrap()), Some("guestfwd"));
+        let plain = json!({"type": "user", "id": "u", "guestfwd": [{"str": "tcp:10.0.2.100:80-tcp:127.0.0.1:1"}]});
+        assert_eq!(program_option(&Netdev::from_json(&plain).unwrap()), None);
     }
 
     #[tokio::test]

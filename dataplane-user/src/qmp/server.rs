@@ -1,28 +1,30 @@
 //! QMP listeners (`--qmp unix:PATH,server=on,wait=off`, `tcp:HOST:PORT,…`) and connections.
 
 use std::{
-    io::{self, IoSliceMut},
+    io,
     net::SocketAddr,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-        unix::fs::PermissionsExt,
+        unix::fs::{DirBuilderExt, MetadataExt},
     },
     path::{Path, PathBuf},
     str::FromStr,
     sync::Arc,
+    time::Duration,
 };
 
 use bytes::BytesMut;
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest},
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
-    sync::broadcast,
+    sync::{broadcast, mpsc},
     task::JoinSet,
 };
+use tokio_util::sync::CancellationToken;
 
 use super::{
     codec::{self, Decoder, Inbound},
+    fds::MAX_FDS_PER_MESSAGE,
     protocol,
     session::{Session, Transport},
 };
@@ -33,8 +35,9 @@ use crate::{
 
 /// Largest request accepted by default; QMP requests are small.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
-/// fds accepted in one SCM_RIGHTS message; more are closed by the kernel (MSG_CTRUNC).
-const MAX_FDS_PER_MESSAGE: usize = 16;
+/// The pause after a failed `accept` (EMFILE when the fd table is full): doubles from the
+/// first to the second after each failure in a row, so that a full table is not a busy loop.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Where a QMP server listens.
@@ -54,6 +57,8 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    #[error("QMP socket directory {}: {reason}", dir.display())]
+    UnsafeDirectory { dir: PathBuf, reason: String },
 }
 
 impl FromStr for ListenAddr {
@@ -113,24 +118,73 @@ impl Drop for Listener {
 }
 
 impl Listener {
-    /// Binds `addr`; a unix socket is created with mode 0600 in a directory created 0700 if needed.
+    /// Binds `addr`. A unix socket is mode 0600 from the moment it exists (set on the socket
+    /// before bind(2), so there is no window in which another user can connect), in a directory
+    /// that only root can change ([`check_socket_dir`]), created 0700 if missing.
     pub async fn bind(addr: &ListenAddr) -> Result<Self, ServerError> {
         let bind_error = |source| ServerError::Bind { addr: addr.to_string(), source };
         match addr {
             ListenAddr::Unix(path) => {
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-                    std::fs::create_dir_all(dir).map_err(bind_error)?;
-                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(bind_error)?;
+                let dir = match path.parent() {
+                    Some(dir) if !dir.as_os_str().is_empty() => dir,
+                    _ => Path::new("."),
+                };
+                if !dir.exists() {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(dir)
+                        .map_err(bind_error)?;
                 }
+                check_socket_dir(dir)?;
                 remove_stale_socket(path).map_err(bind_error)?;
-                let listener = UnixListener::bind(path).map_err(bind_error)?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
-                Ok(Self::Unix { listener, path: path.clone() })
+                let listener = bind_private_unix(path).map_err(bind_error)?;
+                Ok(Self::Unix { listener: UnixListener::from_std(listener).map_err(bind_error)?, path: path.clone() })
             }
             ListenAddr::Tcp(socket_addr) => Ok(Self::Tcp(TcpListener::bind(socket_addr).await.map_err(bind_error)?)),
         }
     }
+}
 
+/// The socket's directory must be owned by root (or netdevd's user) and writable by nobody else,
+/// or else carry the sticky bit (as /tmp, where nobody can remove or rename another's file):
+/// otherwise another user could replace the socket and have root's clients talk to them.
+pub fn check_socket_dir(dir: &Path) -> Result<(), ServerError> {
+    let unsafe_dir = |reason: String| ServerError::UnsafeDirectory { dir: dir.to_owned(), reason };
+    let meta = std::fs::metadata(dir).map_err(|e| unsafe_dir(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(unsafe_dir("not a directory".to_owned()));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(unsafe_dir(format!("owned by uid {}, not by root or netdevd's user ({euid})", meta.uid())));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(unsafe_dir(format!("mode {mode:04o}: writable by other users without the sticky bit")));
+    }
+    Ok(())
+}
+
+/// A listening unix socket whose file is mode 0600 whatever the umask: the socket's mode is set
+/// before bind(2) creates the file.
+fn bind_private_unix(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
+    socket.set_nonblocking(true)?;
+    // fchmod on a socket sets the mode bind(2) gives its file (less the umask).
+    nix::sys::stat::fchmod(&socket, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    socket.bind(&SockAddr::unix(path)?)?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Something that hands out client connections (a [`Listener`]; a failing one in tests).
+trait Accept {
+    async fn accept(&self) -> io::Result<Connection>;
+}
+
+impl Accept for Listener {
     async fn accept(&self) -> io::Result<Connection> {
         match self {
             Self::Unix { listener, .. } => Ok(Connection::Unix(listener.accept().await?.0)),
@@ -139,6 +193,34 @@ impl Listener {
                 stream.set_nodelay(true)?;
                 Ok(Connection::Tcp(stream))
             }
+        }
+    }
+}
+
+/// Accepts clients until shutdown; after a failure (EMFILE, ENFILE, ENOMEM) it waits before the
+/// next try, longer after each failure in a row, instead of spinning.
+async fn accept_loop(listener: &impl Accept, accepted: &mpsc::Sender<Connection>, shutdown: &CancellationToken) {
+    let (first_pause, longest_pause) = ACCEPT_BACKOFF;
+    let mut pause = first_pause;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            result = listener.accept() => match result {
+                Ok(connection) => {
+                    pause = first_pause;
+                    if accepted.send(connection).await.is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, ?pause, "accept failed; waiting before the next");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(longest_pause);
+                }
+            },
         }
     }
 }
@@ -159,24 +241,12 @@ pub async fn serve(daemon: Arc<Daemon>, listeners: Vec<Listener>, max_message_by
     let shutdown = daemon.shutdown_token();
     let mut connections = JoinSet::new();
     let mut acceptors = JoinSet::new();
-    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::channel::<Connection>(16);
+    let (accepted_tx, mut accepted_rx) = mpsc::channel::<Connection>(16);
     for listener in listeners {
         let accepted_tx = accepted_tx.clone();
         let shutdown = shutdown.clone();
         acceptors.spawn(async move {
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(connection) => {
-                            if accepted_tx.send(connection).await.is_err() {
-                                break;
-                            }
-                        }
-                        Err(error) => tracing::warn!(%error, "accept failed"),
-                    },
-                }
-            }
+            accept_loop(&listener, &accepted_tx, &shutdown).await;
             // Dropping the listener here removes its socket file.
             drop(listener);
         });
@@ -220,8 +290,11 @@ impl Connection {
                 stream.readable().await?;
                 let mut chunk = [0u8; READ_CHUNK];
                 match stream.try_io(Interest::READABLE, || recv_with_fds(stream.as_raw_fd(), &mut chunk)) {
-                    Ok((len, fds)) => {
-                        session.receive_fds(fds);
+                    Ok((len, fds, truncated)) => {
+                        if truncated {
+                            tracing::debug!(limit = MAX_FDS_PER_MESSAGE, "a QMP client sent too many fds at once; all closed");
+                        }
+                        session.receive_fds(fds, truncated);
                         buf.extend_from_slice(&chunk[..len]);
                         return Ok(len);
                     }
@@ -245,20 +318,49 @@ async fn read_plain<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, buf: &mut
     stream.read_buf(buf).await
 }
 
-/// One `recvmsg` with room for SCM_RIGHTS.
-fn recv_with_fds(socket: RawFd, chunk: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut iov = [IoSliceMut::new(chunk)];
-    let mut control = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
-    let message = recvmsg::<()>(socket, &mut iov, Some(&mut control), MsgFlags::MSG_CMSG_CLOEXEC)?;
+/// One `recvmsg` with room for SCM_RIGHTS: the bytes, the fds, and whether the control message
+/// was truncated (more fds than fit: the kernel closed the rest, and the caller closes these).
+/// The control messages are read directly, as nix refuses to list a truncated one (and its fds
+/// would then leak).
+fn recv_with_fds(socket: RawFd, chunk: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
+    const FD_BYTES: usize = std::mem::size_of::<RawFd>();
+    #[expect(clippy::cast_possible_truncation, reason = "16 descriptors")]
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS_PER_MESSAGE * FD_BYTES) as u32) } as usize;
+    // u64 elements: cmsghdr alignment.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec { iov_base: chunk.as_mut_ptr().cast(), iov_len: chunk.len() };
+    // SAFETY: an all-zero msghdr is a valid empty one; the pointers are set below.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &raw mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.as_mut_ptr().cast();
+    header.msg_controllen = space;
+    // SAFETY: `header` points at `iov` (into `chunk`) and `control`, both live and of the sizes
+    // given, for the duration of the call.
+    let received = unsafe { libc::recvmsg(socket, &raw mut header, libc::MSG_CMSG_CLOEXEC) };
+    let Ok(len) = usize::try_from(received) else { return Err(io::Error::last_os_error()) };
     let mut fds = Vec::new();
-    for cmsg in message.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = cmsg {
-            // SAFETY: the kernel just installed these descriptors in our table for us; nothing
-            // else refers to them, so taking ownership is sound.
-            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+    // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR walk the control buffer within the msg_controllen the
+    // kernel set; each header's length was written by the kernel (shortened when truncated), so
+    // the descriptors read lie inside the buffer.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const header);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg);
+                let header_bytes = data as usize - cmsg as usize;
+                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header_bytes) / FD_BYTES;
+                for i in 0..count {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    // The kernel just installed these descriptors for us: nothing else owns them.
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const header, cmsg);
         }
     }
-    Ok((message.bytes, fds))
+    Ok((len, fds, header.msg_flags & libc::MSG_CTRUNC != 0))
 }
 
 /// Waits for the next event, or forever if the client has not negotiated yet.
@@ -301,6 +403,7 @@ async fn converse(daemon: &Daemon, connection: &mut Connection, max_message_byte
                     outcome.response
                 }
             };
+            session.fds.request_done();
             connection.write(&codec::encode(&response)).await?;
         }
         tokio::select! {
@@ -341,6 +444,98 @@ mod tests {
         );
         for bad in ["unix:", "tcp:nohost", "file:/x", "unix:/x,server=off", "unix:/x,wait=on", "unix:/x,foo=1"] {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
+        }
+    }
+
+    /// A message with more fds than fit is reported truncated, with the fds that were installed
+    /// handed over (to be closed), not leaked.
+    #[test]
+    fn truncated_fds_are_reported_and_owned() {
+        use nix::sys::socket::{AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair};
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).expect("socketpair");
+        let files: Vec<std::fs::File> = (0..20).map(|_| std::fs::File::open("/dev/null").expect("open")).collect();
+        let raw: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        for count in [20, 3] {
+            let iov = [std::io::IoSlice::new(b" ")];
+            sendmsg::<()>(a.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&raw[..count])], MsgFlags::empty(), None)
+                .expect("sendmsg");
+            let mut chunk = [0u8; 16];
+            let (len, fds, truncated) = recv_with_fds(b.as_raw_fd(), &mut chunk).expect("recv");
+            assert_eq!(len, 1);
+            assert_eq!(truncated, count > MAX_FDS_PER_MESSAGE, "{count}");
+            assert_eq!(fds.len(), count.min(MAX_FDS_PER_MESSAGE));
+        }
+    }
+
+    /// An accept that always fails as with a full fd table, noting when it was called.
+    struct FullTable {
+        calls: std::sync::Mutex<Vec<tokio::time::Instant>>,
+        shutdown: CancellationToken,
+    }
+
+    impl Accept for FullTable {
+        async fn accept(&self) -> io::Result<Connection> {
+            let mut calls = self.calls.lock().expect("not poisoned");
+            calls.push(tokio::time::Instant::now());
+            if calls.len() == 12 {
+                self.shutdown.cancel();
+            }
+            Err(io::Error::from_raw_os_error(libc::EMFILE))
+        }
+    }
+
+    /// Failed accepts are retried after a pause that grows, not in a busy loop (the clock is
+    /// tokio's paused test clock: the pauses are the loop's own sleeps, not measured time).
+    #[tokio::test(start_paused = true)]
+    async fn failed_accepts_back_off() {
+        let shutdown = CancellationToken::new();
+        let listener = FullTable { calls: std::sync::Mutex::default(), shutdown: shutdown.clone() };
+        let (tx, _rx) = mpsc::channel(1);
+        accept_loop(&listener, &tx, &shutdown).await;
+        let calls = listener.calls.lock().expect("not poisoned");
+        assert_eq!(calls.len(), 12);
+        let pauses: Vec<Duration> = calls.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(pauses[0] >= ACCEPT_BACKOFF.0, "{pauses:?}");
+        assert!(pauses.windows(2).all(|w| w[1] >= w[0]), "the pause grows: {pauses:?}");
+        assert!(pauses.iter().all(|&p| p <= ACCEPT_BACKOFF.1), "{pauses:?}");
+        assert_eq!(pauses.last().copied(), Some(ACCEPT_BACKOFF.1));
+    }
+
+    /// The socket file is 0600 as bind(2) creates it, whatever the umask: there is no moment in
+    /// which another user could connect.
+    #[test]
+    fn socket_is_private_from_its_creation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        // SAFETY: umask only changes this (single-test) process's file creation mask.
+        let old = unsafe { libc::umask(0) };
+        let bound = bind_private_unix(&path);
+        // SAFETY: as above, restoring the mask.
+        unsafe { libc::umask(old) };
+        let _listener = bound.expect("bind");
+        let mode = std::fs::metadata(&path).expect("stat").mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn socket_directory_must_be_roots_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let set_mode = |mode| std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).expect("chmod");
+        for ok in [0o700, 0o755, 0o1777, 0o1770] {
+            set_mode(ok);
+            check_socket_dir(dir.path()).unwrap_or_else(|e| panic!("{ok:o}: {e}"));
+        }
+        for bad in [0o777, 0o770, 0o702] {
+            set_mode(bad);
+            let error = check_socket_dir(dir.path()).expect_err("writable by others").to_string();
+            assert!(error.contains("writable by other users without the sticky bit"), "{error}");
+        }
+        set_mode(0o700);
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(dir.path(), Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+            let error = check_socket_dir(dir.path()).expect_err("owned by nobody").to_string();
+            assert!(error.contains("owned by uid 65534"), "{error}");
         }
     }
 }

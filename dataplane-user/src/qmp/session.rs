@@ -41,9 +41,9 @@ impl Session {
         Self { negotiated: false, oob: false, fds: SessionFds::new(transport) }
     }
 
-    /// fds that arrived with the last bytes read.
-    pub fn receive_fds(&mut self, fds: impl IntoIterator<Item = OwnedFd>) {
-        self.fds.receive(fds);
+    /// fds that arrived with the last bytes read, or that the control message was truncated.
+    pub fn receive_fds(&mut self, fds: Vec<OwnedFd>, truncated: bool) {
+        self.fds.receive(fds, truncated);
     }
 
     /// Answers a JSON syntax error (no id: the request never parsed).
@@ -200,7 +200,7 @@ mod tests {
         assert_eq!(desc(&r), "No file descriptor supplied via SCM_RIGHTS");
         let r = run(&mut session, &daemon, json!({"execute": "getfd", "arguments": {"fdname": "1f"}})).await;
         assert_eq!(desc(&r), "No file descriptor supplied via SCM_RIGHTS");
-        session.receive_fds([OwnedFd::from(std::fs::File::open("/dev/null").unwrap())]);
+        session.receive_fds(vec![OwnedFd::from(std::fs::File::open("/dev/null").unwrap())], false);
         let r = run(&mut session, &daemon, json!({"execute": "getfd", "arguments": {"fdname": "1f"}})).await;
         assert_eq!(desc(&r), "Parameter 'fdname' expects a name not starting with a digit");
         // The refused fd was consumed.
@@ -220,7 +220,7 @@ mod tests {
         let mut session = Session::new(Transport::Unix);
         session.negotiate(false);
         let file = std::fs::File::open("/dev/null").unwrap();
-        session.receive_fds([OwnedFd::from(file)]);
+        session.receive_fds(vec![OwnedFd::from(file)], false);
         let r = run(&mut session, &daemon, json!({"execute": "getfd", "arguments": {"fdname": "f"}})).await;
         assert_eq!(r, json!({"return": {}}));
         assert_eq!(session.fds.names().count(), 1);
