@@ -155,19 +155,28 @@ pub(super) fn is_fatal_hub_error(error: &io::Error) -> bool {
     ) || error.raw_os_error().is_none()
 }
 
-/// Hands a frame to the hub; a transient failure drops the frame (counted), only a fatal one
-/// returns `false`: the backend must end.
-pub(super) async fn send_to_hub(pipe: &HubPipe, frame: &[u8], ctx: &BackendContext) -> bool {
+/// What became of a frame handed to the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Handed {
+    Delivered,
+    /// A transient failure of the port device (counted): the backend goes on.
+    Dropped,
+    /// The port device is gone: the backend must end.
+    Failed,
+}
+
+/// Hands a frame to the hub; only a fatal failure of the port device ends the backend.
+pub(super) async fn send_to_hub(pipe: &HubPipe, frame: &[u8], ctx: &BackendContext) -> Handed {
     match pipe.send(frame).await {
-        Ok(()) => true,
+        Ok(()) => Handed::Delivered,
         Err(error) if is_fatal_hub_error(&error) => {
             tracing::error!(netdev = %ctx.id, "the port device failed: {error}");
-            false
+            Handed::Failed
         }
         Err(error) => {
             BackendStats::count(&ctx.stats.hub_drops);
             tracing::debug!(netdev = %ctx.id, "frame to the hub dropped: {error}");
-            true
+            Handed::Dropped
         }
     }
 }

@@ -15,7 +15,7 @@ use super::{Destination, L2tpFraming, own_frames::OwnFrames};
 use crate::{
     backend::{
         BackendContext, BackendStats,
-        socket::{MIN_FRAME, count_frame, recv_from_hub, send_to_hub, try_recv_from_hub},
+        socket::{Handed, MIN_FRAME, count_frame, recv_from_hub, send_to_hub, try_recv_from_hub},
     },
     model::tunnel::l2tp,
     port::pipe::{HubPipe, MAX_FRAME},
@@ -130,14 +130,11 @@ impl Runner<'_> {
                 let Some(frame) = self.frame_of(&buf, len, source, &mut l2tp_warned) else {
                     continue;
                 };
-                if !send_to_hub(self.pipe, frame, self.ctx).await {
-                    return;
+                match send_to_hub(self.pipe, frame, self.ctx).await {
+                    Handed::Failed => return,
+                    Handed::Dropped => {}
+                    Handed::Delivered => count_frame(&self.ctx.stats.rx_frames, &self.ctx.stats.rx_bytes, frame.len()),
                 }
-                count_frame(
-                    &self.ctx.stats.rx_frames,
-                    &self.ctx.stats.rx_bytes,
-                    frame.len(),
-                );
             }
         }
     }

@@ -22,7 +22,7 @@ use super::{
     Target,
 };
 use crate::{
-    backend::socket::{MIN_FRAME, count_frame, recv_from_hub, send_to_hub, try_recv_from_hub},
+    backend::socket::{Handed, MIN_FRAME, count_frame, recv_from_hub, send_to_hub, try_recv_from_hub},
     backend::{BackendContext, BackendEvent, BackendStats},
     port::pipe::{HubPipe, MAX_FRAME},
 };
@@ -258,10 +258,11 @@ pub(super) async fn exchange_frames<S: AsyncRead + AsyncWrite>(
                 BackendStats::count(&stats.runt_frames);
                 continue;
             }
-            if !send_to_hub(pipe, &frame, ctx).await {
-                return Ended::PipeClosed;
+            match send_to_hub(pipe, &frame, ctx).await {
+                Handed::Failed => return Ended::PipeClosed,
+                Handed::Dropped => {}
+                Handed::Delivered => count_frame(&stats.rx_frames, &stats.rx_bytes, frame.len()),
             }
-            count_frame(&stats.rx_frames, &stats.rx_bytes, frame.len());
         }
     };
     let hub_to_peer = async {
