@@ -185,6 +185,106 @@ fn receives(socket: &OwnedFd, marker: &[u8]) -> bool {
     false
 }
 
+/// One of the parallel clients: its own netdevs (ids, interfaces, paths, ports) on its own hub,
+/// added and deleted in batches on its own connection.
+struct Worker {
+    batch: Batch,
+    adds: Vec<Value>,
+    dels: Vec<Value>,
+    /// The other end of its af-xdp veth, where the hub's frames come out.
+    probe: OwnedFd,
+    stream_path: std::path::PathBuf,
+    _dgram_peer: std::os::unix::net::UnixDatagram,
+    index: usize,
+}
+
+impl Worker {
+    fn new(index: usize, ns: &Netns, daemon: &Daemon, dir: &std::path::Path, bridge: &str) -> Self {
+        let (port, probe) = (unique("cx"), unique("cp"));
+        ns.ip(&["link", "add", &port, "type", "veth", "peer", "name", &probe]);
+        ns.ip(&["link", "set", &probe, "up"]);
+        let stream_path = dir.join(format!("stream{index}.sock"));
+        let (dgram_local, dgram_remote) = (dir.join(format!("dgram{index}.sock")), dir.join(format!("peer{index}.sock")));
+        let dgram_peer = std::os::unix::net::UnixDatagram::bind(&dgram_remote).unwrap();
+        let udp = 7000 + 10 * index;
+        let netdevs = [
+            ("t", format!("tap,ifname={},script=no,downscript=no", unique("ct"))),
+            ("b", format!("bridge,br={bridge}")),
+            ("x", format!("af-xdp,ifname={port}")),
+            ("u", "user,restrict=on".to_owned()),
+            ("st", format!("stream,server=on,addr.type=unix,addr.path={}", stream_path.display())),
+            ("so", format!("socket,udp=192.168.99.2:{},localaddr=192.168.99.1:{}", udp + 1, udp + 2)),
+            (
+                "dg",
+                format!(
+                    "dgram,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                    dgram_local.display(),
+                    dgram_remote.display()
+                ),
+            ),
+            (
+                "l2",
+                format!(
+                    "l2tpv3,src=192.168.99.1,dst=192.168.99.2,udp=on,srcport={},dstport={},txsession=5,rxsession=6",
+                    udp + 3,
+                    udp + 4
+                ),
+            ),
+        ];
+        let hub = 10 + index;
+        let mut adds = Vec::new();
+        for (kind, keyval) in &netdevs {
+            adds.push(add(&format!("{keyval},id={kind}{index}")));
+            adds.push(add(&format!("hubport,id=h{kind}{index},hubid={hub},netdev={kind}{index}")));
+        }
+        adds.push(add(&format!("nic,id=n{index},netdev=t{index}")));
+        let mut dels = vec![del(&format!("n{index}"))];
+        for (kind, _) in netdevs.iter().rev() {
+            dels.push(del(&format!("h{kind}{index}")));
+            dels.push(del(&format!("{kind}{index}")));
+        }
+        Self {
+            batch: Batch::connect(daemon),
+            adds,
+            dels,
+            probe: packet_socket(ns, &probe),
+            stream_path,
+            _dgram_peer: dgram_peer,
+            index,
+        }
+    }
+
+    /// Adds everything, sends traffic (a broadcast into the hub through the veth, a frame in
+    /// over a stream connection; with `check`, waits for the stream's frame to come out of the
+    /// veth), deletes everything and waits for the daemon to close the stream connection.
+    fn cycle(&mut self, number: usize, check: bool) {
+        self.batch.run(&self.adds);
+        let broadcast = dataplane_tests::test_frame([0xff; 6], [0x52, 0x54, 0, 0xc0, 0, 1], b"churn-broadcast");
+        send_frame(&self.probe, &broadcast);
+        let mut client = UnixStream::connect(&self.stream_path).expect("connect to the stream netdev");
+        let stream_id = format!("st{}", self.index);
+        if check {
+            // The port passes frames once the connection brought its link up.
+            dataplane_tests::settle::wait_until("the stream's link comes up", || self.batch.link_up(&stream_id));
+        }
+        let marker = format!("churn-stream-{}-{number}", self.index);
+        let frame = dataplane_tests::test_frame([0xff; 6], [0x52, 0x54, 0, 0xc0, 0, 2], marker.as_bytes());
+        let mut framed = u32::try_from(frame.len()).unwrap().to_be_bytes().to_vec();
+        framed.extend_from_slice(&frame);
+        client.write_all(&framed).unwrap();
+        if check {
+            assert!(receives(&self.probe, marker.as_bytes()), "cycle {number}: the stream's frame crosses the hub to the veth");
+        }
+        self.batch.run(&self.dels);
+        client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest);
+    }
+}
+
+/// Clients adding and deleting at once (the daemon does the slow part of each without its lock).
+const WORKERS: usize = 4;
+
 #[test]
 fn a_thousand_add_delete_cycles_of_every_kind_leave_nothing_behind() {
     let cycles: usize = std::env::var("NETDEVD_CHURN_CYCLES").ok().and_then(|n| n.parse().ok()).unwrap_or(1000);
@@ -198,10 +298,6 @@ fn a_thousand_add_delete_cycles_of_every_kind_leave_nothing_behind() {
     ns.ip(&["link", "set", &underlay, "up"]);
     far.ip(&["addr", "add", "192.168.99.2/24", "dev", "eth0"]);
     far.ip(&["link", "set", "eth0", "up"]);
-    // The af-xdp port's veth; the test sends and listens on its other end.
-    let (port, probe) = (unique("cx"), unique("cp"));
-    ns.ip(&["link", "add", &port, "type", "veth", "peer", "name", &probe]);
-    ns.ip(&["link", "set", &probe, "up"]);
     let bridge = unique("cb");
     ns.ip(&["link", "add", &bridge, "type", "bridge"]);
     ns.ip(&["link", "set", &bridge, "up"]);
@@ -209,75 +305,19 @@ fn a_thousand_add_delete_cycles_of_every_kind_leave_nothing_behind() {
     let daemon = Daemon::start(&ns);
     let pid = daemon.pid();
     let dir = TempDir::new();
-    let stream_path = dir.0.join("stream.sock");
-    let (dgram_local, dgram_remote) = (dir.0.join("dgram.sock"), dir.0.join("peer.sock"));
-    let _dgram_peer = std::os::unix::net::UnixDatagram::bind(&dgram_remote).unwrap();
     // A netdev that stays for the whole test: its hub program gives the daemon's maps.
     let base = unique("ct");
-    let mut batch = Batch::connect(&daemon);
-    batch.run(&[add(&format!("tap,id=base,ifname={base},script=no,downscript=no")), add("hubport,id=pbase,hubid=1,netdev=base")]);
+    Batch::connect(&daemon)
+        .run(&[add(&format!("tap,id=base,ifname={base},script=no,downscript=no")), add("hubport,id=pbase,hubid=1,netdev=base")]);
     let (programs, _) = ns.attached_programs(&base);
     let program = *programs.first().expect("the hub program on the base tap");
-    let probe_socket = packet_socket(&ns, &probe);
-
-    let tap = unique("ct");
-    let netdevs = [
-        ("t", format!("tap,id=t,ifname={tap},script=no,downscript=no")),
-        ("b", format!("bridge,id=b,br={bridge}")),
-        ("x", format!("af-xdp,id=x,ifname={port}")),
-        ("u", "user,id=u,restrict=on".to_owned()),
-        ("st", format!("stream,id=st,server=on,addr.type=unix,addr.path={}", stream_path.display())),
-        ("so", "socket,id=so,udp=192.168.99.2:7001,localaddr=192.168.99.1:7002".to_owned()),
-        (
-            "dg",
-            format!(
-                "dgram,id=dg,local.type=unix,local.path={},remote.type=unix,remote.path={}",
-                dgram_local.display(),
-                dgram_remote.display()
-            ),
-        ),
-        ("l2", "l2tpv3,id=l2,src=192.168.99.1,dst=192.168.99.2,udp=on,srcport=7003,dstport=7004,txsession=5,rxsession=6".to_owned()),
-    ];
-    let mut adds: Vec<Value> = Vec::new();
-    for (id, keyval) in &netdevs {
-        adds.push(add(keyval));
-        adds.push(add(&format!("hubport,id=h{id},hubid=0,netdev={id}")));
-    }
-    adds.push(add("nic,id=n,netdev=t"));
-    let mut dels: Vec<Value> = vec![del("n")];
-    for (id, _) in netdevs.iter().rev() {
-        dels.push(del(&format!("h{id}")));
-        dels.push(del(id));
-    }
-
-    let broadcast = dataplane_tests::test_frame([0xff; 6], [0x52, 0x54, 0, 0xc0, 0, 1], b"churn-broadcast");
-    let mut cycle = |number: usize, check_traffic: bool| {
-        batch.run(&adds);
-        // Traffic: a broadcast into the hub through the veth, and a frame in over the stream.
-        send_frame(&probe_socket, &broadcast);
-        let mut client = UnixStream::connect(&stream_path).expect("connect to the stream netdev");
-        if check_traffic {
-            // The port passes frames once the connection brought its link up.
-            dataplane_tests::settle::wait_until("the stream's link comes up", || batch.link_up("st"));
-        }
-        let marker = format!("churn-stream-{number}");
-        let frame = dataplane_tests::test_frame([0xff; 6], [0x52, 0x54, 0, 0xc0, 0, 2], marker.as_bytes());
-        let mut framed = u32::try_from(frame.len()).unwrap().to_be_bytes().to_vec();
-        framed.extend_from_slice(&frame);
-        client.write_all(&framed).unwrap();
-        if check_traffic {
-            assert!(receives(&probe_socket, marker.as_bytes()), "cycle {number}: the stream's frame crosses the hub to the veth");
-        }
-        batch.run(&dels);
-        // The connection was closed by the delete.
-        client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut rest = Vec::new();
-        let _ = client.read_to_end(&mut rest);
-    };
+    let mut workers: Vec<Worker> = (0..WORKERS).map(|index| Worker::new(index, &ns, &daemon, &dir.0, &bridge)).collect();
 
     // The first cycle loads what stays loaded (libslirp, lazily opened sockets): the reference
     // is taken after it.
-    cycle(0, true);
+    for worker in &mut workers {
+        worker.cycle(0, true);
+    }
     let footprint = || Footprint {
         fds: fd_count(pid),
         links: {
@@ -290,9 +330,16 @@ fn a_thousand_add_delete_cycles_of_every_kind_leave_nothing_behind() {
     };
     let before = footprint();
     let rss_before = rss_kib(pid);
-    for number in 1..cycles {
-        cycle(number, number % 100 == 0 || number + 1 == cycles);
-    }
+    let per_worker = cycles.div_ceil(WORKERS);
+    std::thread::scope(|scope| {
+        for worker in &mut workers {
+            scope.spawn(move || {
+                for number in 1..per_worker {
+                    worker.cycle(number, number % 50 == 0 || number + 1 == per_worker);
+                }
+            });
+        }
+    });
     let after = footprint();
     let rss_after = rss_kib(pid);
     assert_eq!(after, before, "after {cycles} cycles the daemon holds what it held after the first");
@@ -303,5 +350,5 @@ fn a_thousand_add_delete_cycles_of_every_kind_leave_nothing_behind() {
         "resident memory grew from {rss_before} KiB to {rss_after} KiB over {cycles} cycles"
     );
     assert_eq!(daemon.netdev_ids(), ["base", "pbase"]);
-    eprintln!("churn: {cycles} cycles; fds {}, RSS {rss_before} -> {rss_after} KiB", before.fds);
+    eprintln!("churn: {} cycles of {} netdevs; fds {}, RSS {rss_before} -> {rss_after} KiB", per_worker * WORKERS, workers[0].adds.len(), before.fds);
 }
