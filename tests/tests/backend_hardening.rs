@@ -154,3 +154,22 @@ fn a_deleted_port_tap_ends_the_backend_with_an_event_and_its_link_down() {
     assert!(!dgram.local.exists(), "the backend's socket file goes with the netdev");
     assert!(dgram.daemon.netdev_ids().is_empty());
 }
+
+#[test]
+fn the_netdev_limit_is_a_clear_error_that_creates_nothing() {
+    let ns = Netns::new("lim");
+    let daemon = Daemon::start_with_args(&ns, &["--max-netdevs", "2"]);
+    daemon.add("hubport,id=p0,hubid=0");
+    daemon.add("hubport,id=p1,hubid=0");
+    let links = ns.links();
+    let ifname = unique("lim");
+    assert_eq!(
+        daemon.add_err(&format!("tap,id=t,ifname={ifname},script=no,downscript=no")),
+        "cannot add netdev 't': the limit of 2 netdevs is reached (max-netdevs)"
+    );
+    assert_eq!(daemon.netdev_ids(), ["p0", "p1"]);
+    assert_eq!(ns.links(), links, "the refused tap was never created");
+    daemon.del("p1");
+    daemon.add(&format!("tap,id=t,ifname={ifname},script=no,downscript=no"));
+    daemon.del("t");
+}
