@@ -83,13 +83,13 @@ impl Daemon {
                 }
             }
         });
-        let (me, id) = (self.me.clone(), id.to_owned());
+        let (me, id, stats) = (self.me.clone(), id.to_owned(), Arc::clone(&running.stats));
         tokio::spawn(async move {
             // Ends once the forwarding task has ended and the last wanted state is applied.
             while wanted_link.changed().await.is_ok() {
                 let Some(up) = *wanted_link.borrow_and_update() else { continue };
                 let Some(daemon) = me.upgrade() else { return };
-                daemon.follow_backend_link(&id, up).await;
+                daemon.follow_backend_link(&id, &stats, up).await;
             }
         });
         running
@@ -141,9 +141,10 @@ impl Daemon {
 
     /// The link a backend asks for (it follows the connection; as QEMU, this overrides an
     /// earlier `set_link`), while the backend is still the netdev's.
-    async fn follow_backend_link(&self, id: &str, up: bool) {
+    async fn follow_backend_link(&self, id: &str, stats: &Arc<BackendStats>, up: bool) {
         let mut state = self.state.lock().await;
-        if !state.backends.contains_key(id) {
+        // This backend's, not a later netdev's with the same id (the stats are its identity).
+        if !state.backends.get(id).is_some_and(|running| Arc::ptr_eq(&running.stats, stats)) {
             return;
         }
         let was_up = state.registry.get(id).is_some_and(|e| e.link_up);

@@ -54,7 +54,7 @@ impl Daemon {
     pub async fn add_netdev(&self, netdev: Netdev, fds: &mut dyn FdSource) -> Result<(), DaemonError> {
         let id = netdev.id.clone();
         let kind = netdev.kind();
-        let (netlink, _in_flight) = {
+        let (netlink, in_flight) = {
             let state = self.state.lock().await;
             state.registry.check_add(&netdev)?;
             let limit = state.registry.limit();
@@ -66,7 +66,10 @@ impl Daemon {
         };
         let made = self.make(&netdev, netlink.as_ref(), fds).await?;
         let mut state = self.state.lock().await;
-        match self.commit(&mut state, netdev, made) {
+        let committed = self.commit(&mut state, netdev, made);
+        // Released under the lock: a netdev_del right after the commit finds the id free to take.
+        drop(in_flight);
+        match committed {
             Ok(()) => {
                 let ifname = state.devices.get(&id).map(|d| d.device.ifname.clone());
                 tracing::info!(netdev = %id, kind, ifname, "netdev added");
