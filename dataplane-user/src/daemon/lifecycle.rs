@@ -64,9 +64,9 @@ impl Daemon {
             let in_flight = self.reserve(&id).ok_or_else(|| RegistryError::from(NetdevError::DuplicateId { id: id.clone() }))?;
             (state.host.as_ref().map(|host| host.netlink.clone()), in_flight)
         };
-        let made = self.make(&netdev, netlink.as_ref(), fds).await?;
+        let mut made = self.make(&netdev, netlink.as_ref(), fds).await?;
         let mut state = self.state.lock().await;
-        let committed = self.commit(&mut state, netdev, made);
+        let committed = self.commit(&mut state, netdev, &mut made);
         // Released under the lock: a netdev_del right after the commit finds the id free to take.
         drop(in_flight);
         match committed {
@@ -75,7 +75,7 @@ impl Daemon {
                 tracing::info!(netdev = %id, kind, ifname, "netdev added");
                 Ok(())
             }
-            Err((error, made)) => {
+            Err(error) => {
                 drop(state);
                 made.undo(netlink.as_ref()).await;
                 Err(error)
@@ -132,8 +132,8 @@ impl Daemon {
 
     /// The quick part of `netdev_add`, under the lock: the graph is checked again (it may have
     /// changed meanwhile), the kernel planned, the backend started. On failure what was made is
-    /// handed back to be undone.
-    fn commit(&self, state: &mut State, netdev: Netdev, mut made: Made) -> Result<(), (DaemonError, Made)> {
+    /// left in `made`, to be undone.
+    fn commit(&self, state: &mut State, netdev: Netdev, made: &mut Made) -> Result<(), DaemonError> {
         let id = netdev.id.clone();
         let nic_mac = match &netdev.options {
             NetdevOptions::Nic(nic) => {
@@ -141,9 +141,7 @@ impl Daemon {
             }
             _ => None,
         };
-        if let Err(error) = state.registry.add(netdev) {
-            return Err((error.into(), made));
-        }
+        state.registry.add(netdev)?;
         if let Some(mac) = nic_mac {
             let filter = made.followed.as_ref().map_or_else(|| RxFilter::new(mac), |followed| followed.4.clone());
             state.nic_macs.insert(id.clone(), mac);
@@ -165,7 +163,7 @@ impl Daemon {
             state.nic_macs.remove(&id);
             state.tunnels.remove(&id);
             made.device = state.devices.remove(&id);
-            return Err((error, made));
+            return Err(error);
         }
         if let Some((prepared, pipe)) = made.backend.take() {
             let running = self.start_backend(&id, prepared, pipe);
