@@ -173,3 +173,23 @@ fn the_netdev_limit_is_a_clear_error_that_creates_nothing() {
     daemon.add(&format!("tap,id=t,ifname={ifname},script=no,downscript=no"));
     daemon.del("t");
 }
+
+#[test]
+fn a_hung_bridge_helper_is_killed_after_the_setup_timeout() {
+    let ns = Netns::new("hh");
+    let daemon = Daemon::start_with_args(&ns, &["--setup-timeout", "2"]);
+    let dir = TempDir::new();
+    let pid_file = dir.0.join("helper.pid");
+    let helper = dir.0.join("helper.sh");
+    std::fs::write(&helper, format!("#!/bin/sh\necho $$ > {}\nexec sleep 1000\n", pid_file.display())).unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let links = ns.links();
+    let error = daemon.add_err(&format!("tap,id=h,helper={},br=br0", helper.display()));
+    assert_eq!(error, "bridge helper failed");
+    assert_eq!(ns.links(), links);
+    assert!(daemon.netdev_ids().is_empty());
+    let pid = std::fs::read_to_string(&pid_file).expect("the helper ran");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("sleep"), "the helper was killed");
+    assert_eq!(daemon.execute("query-version", json!({})).map(|_| ()).map_err(|e| e.desc), Ok(()));
+}
