@@ -58,7 +58,35 @@ struct ConfigFile {
     #[serde(default)]
     log: LogSection,
     #[serde(default)]
+    limits: LimitsSection,
+    #[serde(default)]
     netdevs: Vec<NetdevSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct LimitsSection {
+    #[serde(default = "default_max_netdevs")]
+    max_netdevs: usize,
+    #[serde(default = "default_setup_timeout")]
+    setup_timeout: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self { max_netdevs: default_max_netdevs(), setup_timeout: default_setup_timeout() }
+    }
+}
+
+const fn default_max_netdevs() -> usize {
+    crate::model::registry::DEFAULT_MAX_NETDEVS
+}
+
+/// Seconds a `script=`, `downscript=` or `helper=` program may run before it is killed.
+pub const DEFAULT_SETUP_TIMEOUT_SECS: u64 = 10;
+
+const fn default_setup_timeout() -> u64 {
+    DEFAULT_SETUP_TIMEOUT_SECS
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +152,10 @@ pub struct Settings {
     pub bpf_object: Option<PathBuf>,
     /// What `user` netdevs read as `/etc/resolv.conf`.
     pub user_resolv_conf: Option<PathBuf>,
+    /// Netdevs the daemon holds at most (`limits.max-netdevs`).
+    pub max_netdevs: usize,
+    /// Seconds a network script or bridge helper may run (`limits.setup-timeout`).
+    pub setup_timeout: u64,
 }
 
 /// The command-line part of the settings.
@@ -186,6 +218,8 @@ impl Settings {
             netdevs,
             bpf_object: overrides.bpf_object.clone(),
             user_resolv_conf: None,
+            max_netdevs: file.limits.max_netdevs,
+            setup_timeout: file.limits.setup_timeout,
         })
     }
 }

@@ -44,6 +44,8 @@ pub enum BackendEvent {
     StreamDisconnected,
     /// The port's link follows the connection (QEMU: a stream is down until connected).
     Link { up: bool },
+    /// The backend stopped for good before `netdev_del` (sent by the daemon's wrapper).
+    Ended,
 }
 
 /// Counters of a backend's socket side, shown by `x-query-netdevs`.
@@ -65,6 +67,9 @@ pub struct BackendStats {
     pub own_frames: AtomicU64,
     /// Sends that failed (peer gone, buffer full).
     pub send_errors: AtomicU64,
+    /// Frames the hub's port device refused or failed to give (interface down, queue full):
+    /// dropped, and the backend goes on.
+    pub hub_drops: AtomicU64,
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
     pub disconnects: AtomicU64,
@@ -86,7 +91,7 @@ impl BackendStats {
             "rx-frames": get(&self.rx_frames), "rx-bytes": get(&self.rx_bytes),
             "runt-frames": get(&self.runt_frames), "oversized-frames": get(&self.oversized_frames),
             "bad-headers": get(&self.bad_headers), "own-frames": get(&self.own_frames),
-            "send-errors": get(&self.send_errors), "connects": get(&self.connects),
+            "send-errors": get(&self.send_errors), "hub-drops": get(&self.hub_drops), "connects": get(&self.connects),
             "connect-failures": get(&self.connect_failures), "disconnects": get(&self.disconnects),
             "gso-frames": get(&self.gso_frames), "gso-segments": get(&self.gso_segments),
         })

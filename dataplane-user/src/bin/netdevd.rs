@@ -48,6 +48,13 @@ struct Args {
     /// netlink) or `netlink` (TC filters even where TCX works). Default from NETDEVD_X_ATTACH.
     #[arg(long, value_name = "MODE")]
     x_attach: Option<AttachChoice>,
+    /// Netdevs the daemon holds at most (default from the config's limits.max-netdevs, 4096).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_netdevs: Option<u64>,
+    /// Seconds a script=, downscript= or helper= program may run before it is killed (default
+    /// from the config's limits.setup-timeout, 10).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    setup_timeout: Option<u64>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -81,6 +88,15 @@ fn start(inherited: InheritedFds) -> Result<()> {
     };
     let mut settings = Settings::load(&overrides)?;
     settings.user_resolv_conf = args.user_resolv_conf;
+    if let Some(limit) = args.max_netdevs {
+        settings.max_netdevs = usize::try_from(limit).unwrap_or(usize::MAX);
+    }
+    if let Some(seconds) = args.setup_timeout {
+        settings.setup_timeout = seconds;
+    }
+    if settings.max_netdevs == 0 || settings.setup_timeout == 0 {
+        bail!("limits.max-netdevs and limits.setup-timeout must be at least 1");
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if !nix::unistd::geteuid().is_root() {
@@ -130,6 +146,8 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
     if let Some(path) = settings.user_resolv_conf.clone() {
         daemon.set_user_resolv_conf(path);
     }
+    daemon.set_max_netdevs(settings.max_netdevs).await;
+    dataplane::port::set_program_timeout(std::time::Duration::from_secs(settings.setup_timeout));
     for netdev in settings.netdevs {
         let id = netdev.id.clone();
         if let Err(error) = daemon.add_netdev(netdev, &mut inherited).await {

@@ -29,6 +29,11 @@ const NEXT_HOP_PENDING_REFRESH: Duration = Duration::from_millis(100);
 
 impl Daemon {
     /// Runs a prepared backend; its events come back through a task that holds the daemon weakly.
+    ///
+    /// Events are never queued behind the state lock: stream events go straight to the clients,
+    /// and the link state a backend asks for is kept as the latest value only, which one task per
+    /// backend applies under the lock (a peer cycling connections costs at most one re-plan per
+    /// lock acquisition, not one per connection).
     pub(super) fn start_backend(&self, id: &str, prepared: backend::Prepared, pipe: HubPipe) -> RunningBackend {
         let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
         let ctx = BackendContext {
@@ -42,18 +47,49 @@ impl Daemon {
             backend::Prepared::User(user) => Some(user.control()),
             _ => None,
         };
+        let backend_ctx = ctx.clone();
+        let task = tokio::spawn(async move {
+            prepared.run(pipe, backend_ctx.clone()).await;
+            if !backend_ctx.cancel.is_cancelled() {
+                backend_ctx.emit(BackendEvent::Ended);
+            }
+        });
         let running = RunningBackend {
             user_control,
             cancel: ctx.cancel.clone(),
             stats: ctx.stats.clone(),
             info: ctx.info.clone(),
-            task: tokio::spawn(prepared.run(pipe, ctx)),
+            task,
         };
+        drop(ctx);
+        let (link, mut wanted_link) = tokio::sync::watch::channel(None::<bool>);
         let me = self.me.clone();
         tokio::spawn(async move {
             while let Some((id, event)) = received.recv().await {
                 let Some(daemon) = me.upgrade() else { return };
-                daemon.backend_event(&id, event).await;
+                match event {
+                    BackendEvent::StreamConnected { addr } => {
+                        daemon.emit(Event::StreamConnected { netdev: id, addr });
+                    }
+                    BackendEvent::StreamDisconnected => daemon.emit(Event::StreamDisconnected { netdev: id }),
+                    BackendEvent::Link { up } => {
+                        link.send_replace(Some(up));
+                    }
+                    BackendEvent::Ended => {
+                        tracing::error!(netdev = %id, "backend ended: its link is down until the netdev is deleted");
+                        link.send_replace(Some(false));
+                        daemon.emit(Event::BackendEnded { netdev: id });
+                    }
+                }
+            }
+        });
+        let (me, id, stats) = (self.me.clone(), id.to_owned(), Arc::clone(&running.stats));
+        tokio::spawn(async move {
+            // Ends once the forwarding task has ended and the last wanted state is applied.
+            while wanted_link.changed().await.is_ok() {
+                let Some(up) = *wanted_link.borrow_and_update() else { continue };
+                let Some(daemon) = me.upgrade() else { return };
+                daemon.follow_backend_link(&id, &stats, up).await;
             }
         });
         running
@@ -73,9 +109,18 @@ impl Daemon {
                     () = tokio::time::sleep(delay) => {}
                 }
                 let Some(daemon) = me.upgrade() else { return };
+                // The neighbour table is read without the lock; only the update takes it.
+                let (tunnel, netlink) = {
+                    let state = daemon.state.lock().await;
+                    let (Some(tunnel), Some(host)) = (state.tunnels.get(&id), state.host.as_ref()) else { return };
+                    (tunnel.clone(), host.netlink.clone())
+                };
+                let refreshed = port::tunnel::refresh_next_hop(&tunnel, &netlink).await;
                 let mut state = daemon.state.lock().await;
-                let (Some(tunnel), Some(host)) = (state.tunnels.get(&id), state.host.as_ref()) else { return };
-                if let Some(config) = port::tunnel::refresh_next_hop(tunnel, &host.netlink).await {
+                if cancel.is_cancelled() {
+                    return;
+                }
+                if let Some(config) = refreshed {
                     let Some(tunnel) = state.tunnels.get_mut(&id) else { return };
                     let old = std::mem::replace(&mut tunnel.config, config);
                     if let Err(error) = state.replan() {
@@ -94,27 +139,18 @@ impl Daemon {
         });
     }
 
-    /// A backend's news: QEMU's stream events, and the link following the connection (as QEMU,
-    /// this overrides an earlier `set_link`).
-    async fn backend_event(&self, id: &str, event: BackendEvent) {
-        match event {
-            BackendEvent::StreamConnected { addr } => {
-                self.emit(Event::StreamConnected { netdev: id.to_owned(), addr });
-            }
-            BackendEvent::StreamDisconnected => {
-                self.emit(Event::StreamDisconnected { netdev: id.to_owned() });
-            }
-            BackendEvent::Link { up } => {
-                let mut state = self.state.lock().await;
-                if !state.backends.contains_key(id) {
-                    return;
-                }
-                let was_up = state.registry.get(id).is_some_and(|e| e.link_up);
-                if was_up != up && state.registry.set_link(id, up).is_ok() && let Err(error) = state.replan() {
-                    tracing::warn!(netdev = %id, %error, "link change not applied");
-                    let _ = state.registry.set_link(id, was_up);
-                }
-            }
+    /// The link a backend asks for (it follows the connection; as QEMU, this overrides an
+    /// earlier `set_link`), while the backend is still the netdev's.
+    async fn follow_backend_link(&self, id: &str, stats: &Arc<BackendStats>, up: bool) {
+        let mut state = self.state.lock().await;
+        // This backend's, not a later netdev's with the same id (the stats are its identity).
+        if !state.backends.get(id).is_some_and(|running| Arc::ptr_eq(&running.stats, stats)) {
+            return;
+        }
+        let was_up = state.registry.get(id).is_some_and(|e| e.link_up);
+        if was_up != up && state.registry.set_link(id, up).is_ok() && let Err(error) = state.replan() {
+            tracing::warn!(netdev = %id, %error, "link change not applied");
+            let _ = state.registry.set_link(id, was_up);
         }
     }
 

@@ -34,6 +34,9 @@ pub enum Event {
     /// A stream netdev connected; `addr` is the `SocketAddress` QEMU reports.
     StreamConnected { netdev: String, addr: Value },
     StreamDisconnected { netdev: String },
+    /// A user-space backend stopped for good on an error (its port device or socket failed):
+    /// netdevd's own `X_NETDEV_BACKEND_ENDED`; the netdev stays, link down, until deleted.
+    BackendEnded { netdev: String },
     /// A NIC's receive filter changed (reported once until the next `query-rx-filter`).
     NicRxFilterChanged { nic: String },
     Shutdown { cause: ShutdownCause },

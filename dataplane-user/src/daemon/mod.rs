@@ -68,6 +68,9 @@ pub enum DaemonError {
     /// A rejected request with QEMU's text (`query-rx-filter`, `x-set-rx-filter`).
     #[error("{0}")]
     Rejected(String),
+    /// A step of `netdev_add` that did not finish within the setup timeout.
+    #[error("netdev '{id}': {what} did not complete within {seconds} s")]
+    TimedOut { id: String, what: &'static str, seconds: u64 },
 }
 
 /// Events queued for one slow client before it starts missing some.
@@ -132,6 +135,9 @@ pub struct Daemon {
     user_resolv_conf: std::sync::OnceLock<std::path::PathBuf>,
     /// `announce-self` timers by id (`""` for none).
     announce_timers: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Ids being added or deleted: the slow I/O of both runs without the state lock, and the id
+    /// stays taken until it is done.
+    in_flight: std::sync::Mutex<HashSet<String>>,
     state: Mutex<State>,
     /// Events, fanned out to every listener (the QMP server's negotiated clients).
     events: broadcast::Sender<Emitted>,
@@ -162,12 +168,27 @@ impl Daemon {
             me,
             user_resolv_conf: std::sync::OnceLock::new(),
             announce_timers: std::sync::Mutex::default(),
+            in_flight: std::sync::Mutex::default(),
             state: Mutex::new(state),
             events: broadcast::channel(EVENT_BACKLOG).0,
             shutdown: CancellationToken::new(),
         }
     }
 
+    /// At most `limit` netdevs exist at once (`max-netdevs`); those already there stay.
+    pub async fn set_max_netdevs(&self, limit: usize) {
+        self.state.lock().await.registry.set_limit(limit);
+    }
+
+    /// Takes `id` for an add or delete in progress; `None` if another one holds it.
+    fn reserve(&self, id: &str) -> Option<InFlight<'_>> {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        in_flight.insert(id.to_owned()).then(|| InFlight { daemon: self, id: id.to_owned() })
+    }
+
+    fn in_flight_count(&self) -> usize {
+        self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
 
     /// Removes every netdev, newest first, so that ports leave their hubs before their netdevs go.
     pub async fn tear_down(&self) {
@@ -180,5 +201,17 @@ impl Daemon {
                 tracing::warn!(netdev = %id, %error, "could not remove netdev at shutdown");
             }
         }
+    }
+}
+
+/// An id taken by an add or delete in progress; released on drop, on every path.
+struct InFlight<'d> {
+    daemon: &'d Daemon,
+    id: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.daemon.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.id);
     }
 }

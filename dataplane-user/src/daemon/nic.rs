@@ -28,7 +28,23 @@ pub struct AnnounceParameters {
     pub id: Option<String>,
 }
 
+/// `announce-self` timers that may run at once (distinct `id`s).
+pub const MAX_ANNOUNCE_TIMERS: usize = 64;
+
 impl AnnounceParameters {
+    /// QEMU's bounds on the announce timing (`migrate_params_check`, with its texts): a client
+    /// cannot ask for a RARP flood or a timer that never ends.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, value, max) in
+            [("initial", self.initial, 100_000), ("max", self.max, 100_000), ("rounds", self.rounds, 1000), ("step", self.step, 10_000)]
+        {
+            if !(0..=max).contains(&value) {
+                return Err(format!("Parameter '{name}' expects a value between 0 and {max}"));
+            }
+        }
+        Ok(())
+    }
+
     /// QEMU's `qemu_announce_timer_step`: the wait after `sent` rounds (≥ 1), clamped to `max`.
     #[must_use]
     pub fn delay_after(&self, sent: i64) -> Duration {
@@ -106,15 +122,23 @@ impl Daemon {
         Ok(infos)
     }
 
-    /// `announce-self`: (re)starts the timer `params.id`; the first round goes out now.
-    pub fn announce_self(&self, params: AnnounceParameters) {
+    /// `announce-self`: (re)starts the timer `params.id`; the first round goes out now. Finished
+    /// timers are forgotten, and at most [`MAX_ANNOUNCE_TIMERS`] run at once.
+    pub fn announce_self(&self, params: AnnounceParameters) -> Result<(), DaemonError> {
+        params.check().map_err(DaemonError::Rejected)?;
         let id = params.id.clone().unwrap_or_default();
         let mut timers = self.announce_timers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        timers.retain(|_, timer| !timer.is_finished());
         if let Some(previous) = timers.remove(&id) {
             previous.abort();
         }
         if params.rounds <= 0 {
-            return;
+            return Ok(());
+        }
+        if timers.len() >= MAX_ANNOUNCE_TIMERS {
+            return Err(DaemonError::Rejected(format!(
+                "too many announce-self timers: at most {MAX_ANNOUNCE_TIMERS} may run at once"
+            )));
         }
         let me = self.me.clone();
         let task = tokio::spawn(async move {
@@ -127,6 +151,15 @@ impl Daemon {
             }
         });
         timers.insert(id, task);
+        Ok(())
+    }
+
+    /// `announce-self` timers still running.
+    #[must_use]
+    pub fn announce_timers(&self) -> usize {
+        let mut timers = self.announce_timers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        timers.retain(|_, timer| !timer.is_finished());
+        timers.len()
     }
 
     /// One round: every NIC (or the named ones) sends its RARP towards its backend, that is into
@@ -211,6 +244,44 @@ mod tests {
         assert_eq!(capped.delay_after(3), Duration::from_millis(150));
         // QEMU clamps a negative delay to max too.
         assert_eq!(params(-5, 20, 2, 0).delay_after(1), Duration::from_millis(20));
+    }
+
+    #[test]
+    fn announce_parameters_have_qemus_bounds() {
+        assert_eq!(params(50, 550, 5, 100).check(), Ok(()));
+        assert_eq!(params(0, 0, 0, 0).check(), Ok(()));
+        assert_eq!(params(100_000, 100_000, 1000, 10_000).check(), Ok(()));
+        let error = |p: AnnounceParameters| p.check().unwrap_err();
+        assert_eq!(error(params(100_001, 550, 5, 100)), "Parameter 'initial' expects a value between 0 and 100000");
+        assert_eq!(error(params(-1, 550, 5, 100)), "Parameter 'initial' expects a value between 0 and 100000");
+        assert_eq!(error(params(50, 100_001, 5, 100)), "Parameter 'max' expects a value between 0 and 100000");
+        assert_eq!(error(params(50, 550, 1001, 100)), "Parameter 'rounds' expects a value between 0 and 1000");
+        assert_eq!(error(params(50, 550, 5, 10_001)), "Parameter 'step' expects a value between 0 and 10000");
+    }
+
+    #[tokio::test]
+    async fn announce_timers_are_capped_and_finished_ones_forgotten() {
+        let daemon = Daemon::new(None);
+        let long = |id: usize| AnnounceParameters { id: Some(format!("t{id}")), ..params(100_000, 100_000, 1000, 0) };
+        for id in 0..MAX_ANNOUNCE_TIMERS {
+            daemon.announce_self(long(id)).unwrap();
+        }
+        let refused = daemon.announce_self(long(MAX_ANNOUNCE_TIMERS)).unwrap_err();
+        assert_eq!(refused.to_string(), "too many announce-self timers: at most 64 may run at once");
+        // The same id replaces its timer; `rounds: 0` stops it and frees a place.
+        daemon.announce_self(long(0)).unwrap();
+        daemon.announce_self(AnnounceParameters { id: Some("t0".into()), ..params(0, 0, 0, 0) }).unwrap();
+        assert_eq!(daemon.announce_timers(), MAX_ANNOUNCE_TIMERS - 1);
+        // A one-round timer finishes at once (no dataplane here) and is forgotten.
+        daemon.announce_self(AnnounceParameters { id: Some("once".into()), ..params(0, 0, 1, 0) }).unwrap();
+        for _ in 0..100 {
+            if daemon.announce_timers() == MAX_ANNOUNCE_TIMERS - 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(daemon.announce_timers(), MAX_ANNOUNCE_TIMERS - 1);
+        daemon.announce_self(long(MAX_ANNOUNCE_TIMERS)).unwrap();
     }
 
     #[test]

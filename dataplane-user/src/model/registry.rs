@@ -3,7 +3,7 @@
 //! Pure state with QEMU's rules (`net/net.c`, `net/hub.c`); no I/O. The daemon checks a change here
 //! first and applies it to the kernel only once the graph accepts it, so bad input changes nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -27,7 +27,12 @@ pub enum RegistryError {
     NicTaken { id: String, netdev: String, nic: String },
     #[error("a NIC goes behind a backend netdev, not '{netdev}' ({kind})")]
     NicBackend { id: String, netdev: String, kind: &'static str },
+    #[error("cannot add netdev '{id}': the limit of {limit} netdevs is reached (max-netdevs)")]
+    TooMany { id: String, limit: usize },
 }
+
+/// How many netdevs the daemon holds unless configured otherwise (`max-netdevs`).
+pub const DEFAULT_MAX_NETDEVS: usize = 4096;
 
 /// One netdev and its place in the graph.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,12 +69,26 @@ pub struct NetdevInfo {
     pub options: Value,
 }
 
-#[derive(Debug, Default)]
+/// The graph, indexed so that every lookup the planner makes per entry is O(1).
+#[derive(Debug)]
 pub struct Registry {
-    /// In creation order, as QEMU lists clients.
-    entries: Vec<Entry>,
+    /// By creation sequence number: iteration is creation order, as QEMU lists clients.
+    entries: BTreeMap<u64, Entry>,
+    /// Sequence number by id.
+    index: HashMap<String, u64>,
+    /// The NIC of each backend that has one, by backend id.
+    nics: HashMap<String, String>,
+    next: u64,
     /// Hubs exist from their first port on and never go away (QEMU).
     hubs: BTreeSet<i32>,
+    /// Netdevs at most (`max-netdevs`).
+    limit: usize,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::with_limit(DEFAULT_MAX_NETDEVS)
+    }
 }
 
 /// Which netdev types this build of netdevd can create, and why not the others.
@@ -104,17 +123,50 @@ fn check_available(netdev: &Netdev) -> Result<(), NetdevError> {
 }
 
 impl Registry {
+    /// An empty graph that takes at most `limit` netdevs.
+    #[must_use]
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            index: HashMap::new(),
+            nics: HashMap::new(),
+            next: 0,
+            hubs: BTreeSet::new(),
+            limit,
+        }
+    }
+
     #[must_use]
     pub fn get(&self, id: &str) -> Option<&Entry> {
-        self.entries.iter().find(|e| e.netdev.id == id)
+        self.index.get(id).and_then(|seq| self.entries.get(seq))
     }
 
     fn get_mut(&mut self, id: &str) -> Option<&mut Entry> {
-        self.entries.iter_mut().find(|e| e.netdev.id == id)
+        self.index.get(id).and_then(|seq| self.entries.get_mut(seq))
     }
 
-    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.entries.iter()
+    pub fn entries(&self) -> impl DoubleEndedIterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    #[must_use]
+    pub const fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Takes at most `limit` netdevs from now on; those already there stay.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
     }
 
     /// Every hub id ever used, ascending.
@@ -126,6 +178,9 @@ impl Registry {
     pub fn check_add(&self, netdev: &Netdev) -> Result<(), RegistryError> {
         if self.get(&netdev.id).is_some() {
             return Err(NetdevError::DuplicateId { id: netdev.id.clone() }.into());
+        }
+        if self.entries.len() >= self.limit {
+            return Err(RegistryError::TooMany { id: netdev.id.clone(), limit: self.limit });
         }
         if let NetdevOptions::None(_) = netdev.options {
             check_available(netdev)?;
@@ -162,10 +217,7 @@ impl Registry {
     /// The NIC whose backend is `netdev`, if any.
     #[must_use]
     pub fn nic_of(&self, netdev: &str) -> Option<&str> {
-        self.entries.iter().find_map(|e| match &e.netdev.options {
-            NetdevOptions::Nic(nic) if nic.netdev.as_deref() == Some(netdev) => Some(e.netdev.id.as_str()),
-            _ => None,
-        })
+        self.nics.get(netdev).map(String::as_str)
     }
 
     /// Adds a netdev, peering a hubport with its `netdev=`.
@@ -175,6 +227,9 @@ impl Registry {
         if let NetdevOptions::Nic(nic) = &netdev.options {
             // The NIC sits on the guest side of its backend: the backend keeps its hub-side peer.
             peer.clone_from(&nic.netdev);
+            if let Some(backend) = &nic.netdev {
+                self.nics.insert(backend.clone(), netdev.id.clone());
+            }
         }
         if let NetdevOptions::Hubport(port) = &netdev.options {
             self.hubs.insert(port.hubid);
@@ -185,22 +240,30 @@ impl Registry {
                 peer = Some(target.clone());
             }
         }
-        self.entries.push(Entry { netdev, link_up: true, peer });
+        let seq = self.next;
+        self.next += 1;
+        self.index.insert(netdev.id.clone(), seq);
+        self.entries.insert(seq, Entry { netdev, link_up: true, peer });
         Ok(())
     }
 
     /// Removes a netdev; its peer survives unpeered (QEMU `qemu_del_net_client`).
     pub fn remove(&mut self, id: &str) -> Result<Entry, RegistryError> {
-        let index = self
-            .entries
-            .iter()
-            .position(|e| e.netdev.id == id)
-            .ok_or_else(|| RegistryError::DeviceNotFound { id: id.to_owned() })?;
-        let entry = self.entries.remove(index);
-        // Whatever was peered with it (a hub port, a NIC) survives unpeered.
-        for survivor in &mut self.entries {
-            if survivor.peer.as_deref() == Some(id) {
-                survivor.peer = None;
+        let seq = self.index.remove(id).ok_or_else(|| RegistryError::DeviceNotFound { id: id.to_owned() })?;
+        let entry = self.entries.remove(&seq).ok_or_else(|| RegistryError::DeviceNotFound { id: id.to_owned() })?;
+        if let NetdevOptions::Nic(nic) = &entry.netdev.options
+            && let Some(backend) = &nic.netdev
+            && self.nics.get(backend).is_some_and(|n| n == id)
+        {
+            self.nics.remove(backend);
+        }
+        // Whatever was peered with it survives unpeered: its hub-port partner, and its NIC.
+        let survivors = [entry.peer.clone(), self.nics.remove(id)];
+        for survivor in survivors.into_iter().flatten() {
+            if let Some(other) = self.get_mut(&survivor)
+                && other.peer.as_deref() == Some(id)
+            {
+                other.peer = None;
             }
         }
         Ok(entry)
@@ -216,7 +279,7 @@ impl Registry {
     #[must_use]
     pub fn info(&self) -> Vec<NetdevInfo> {
         self.entries
-            .iter()
+            .values()
             .map(|entry| NetdevInfo {
                 id: entry.netdev.id.clone(),
                 kind: entry.netdev.kind(),
@@ -321,5 +384,54 @@ mod tests {
         assert_eq!(registry.add(dgram).unwrap_err().to_string(), "dgram requires local= parameter");
         assert_eq!(registry.entries().count(), 0);
         assert_eq!(registry.hubs().count(), 0);
+    }
+
+    #[test]
+    fn the_netdev_limit_is_a_clear_error_that_changes_nothing() {
+        let mut registry = Registry::with_limit(2);
+        registry.add(hubport("p0", 0, None)).unwrap();
+        registry.add(hubport("p1", 1, None)).unwrap();
+        assert_eq!(
+            registry.add(hubport("p2", 2, None)).unwrap_err().to_string(),
+            "cannot add netdev 'p2': the limit of 2 netdevs is reached (max-netdevs)"
+        );
+        assert_eq!(registry.len(), 2);
+        assert!(registry.get("p2").is_none());
+        registry.remove("p0").unwrap();
+        registry.add(hubport("p2", 2, None)).unwrap();
+    }
+
+    #[test]
+    fn entries_keep_creation_order_through_removals() {
+        let mut registry = Registry::default();
+        for id in ["a", "b", "c", "d"] {
+            registry.add(hubport(id, 0, None)).unwrap();
+        }
+        registry.remove("b").unwrap();
+        registry.add(hubport("b", 0, None)).unwrap();
+        let ids: Vec<&str> = registry.entries().map(|e| e.netdev.id.as_str()).collect();
+        assert_eq!(ids, ["a", "c", "d", "b"]);
+    }
+
+    #[test]
+    fn a_large_graph_stays_consistent() {
+        // Thousands of peered pairs and NICs: every lookup is indexed, and removals unpeer.
+        let mut registry = Registry::default();
+        for i in 0..1000 {
+            registry.add(Netdev::from_keyval(&format!("af-xdp,id=x{i},ifname=v{i}")).unwrap()).unwrap();
+            registry.add(hubport(&format!("h{i}"), i % 7, Some(&format!("x{i}")))).unwrap();
+            registry.add(Netdev::from_keyval(&format!("nic,id=n{i},netdev=x{i}")).unwrap()).unwrap();
+        }
+        assert_eq!(registry.len(), 3000);
+        for i in (0..1000).step_by(2) {
+            registry.remove(&format!("x{i}")).unwrap();
+        }
+        for i in 0..1000 {
+            let (h, n) = (registry.get(&format!("h{i}")).unwrap(), registry.get(&format!("n{i}")).unwrap());
+            let expected = (i % 2 == 1).then(|| format!("x{i}"));
+            assert_eq!(h.peer, expected);
+            assert_eq!(n.peer, expected);
+            assert_eq!(registry.nic_of(&format!("x{i}")).is_some(), i % 2 == 1);
+        }
     }
 }

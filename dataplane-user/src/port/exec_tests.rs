@@ -34,16 +34,16 @@ fn helper_words_and_bridge_reach_no_shell() {
     assert!(!witness.exists(), "a shell ran the helper string");
 }
 
-#[test]
-fn programs_must_be_absolute_paths() {
+#[tokio::test]
+async fn programs_must_be_absolute_paths() {
     let error = run_bridge_helper("h0", "qemu-bridge-helper", "br0").unwrap_err();
     assert_eq!(
         error.to_string(),
         "helper 'qemu-bridge-helper' must be an absolute path: netdevd runs programs without a shell or PATH search"
     );
-    let error = run_script("t0", "true", "tap0").unwrap_err();
+    let error = run_script("t0", "true", "tap0").await.unwrap_err();
     assert!(matches!(error, PortError::NotAbsolute { what: "script", .. }), "{error}");
-    let error = run_script("t0", "/bin/true --x", "tap0").unwrap_err();
+    let error = run_script("t0", "/bin/true --x", "tap0").await.unwrap_err();
     assert_eq!(error.to_string(), "network script /bin/true --x failed with status 256", "no splitting for scripts, as QEMU");
-    run_script("t0", "/bin/true", "tap0").expect("an absolute script runs");
+    run_script("t0", "/bin/true", "tap0").await.expect("an absolute script runs");
 }

@@ -15,6 +15,8 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::Path,
     process::Command,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
 };
 
 use self::link::Netlink;
@@ -25,6 +27,35 @@ use crate::{
 };
 
 const VHOST_NET: &str = "/dev/vhost-net";
+
+/// How long a script or the bridge helper may run before it is killed, in milliseconds.
+static PROGRAM_TIMEOUT_MS: AtomicU64 = AtomicU64::new(10_000);
+
+/// Sets how long `script=`, `downscript=` and `helper=` programs may run before they are killed
+/// (the daemon's `setup-timeout`).
+pub fn set_program_timeout(timeout: Duration) {
+    PROGRAM_TIMEOUT_MS.store(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1), Ordering::Relaxed);
+}
+
+#[must_use]
+pub fn program_timeout() -> Duration {
+    Duration::from_millis(PROGRAM_TIMEOUT_MS.load(Ordering::Relaxed))
+}
+
+/// Runs `command` to its end without blocking a runtime thread; killed (and reaped) when it
+/// outlives [`program_timeout`].
+async fn run_program(command: Command) -> io::Result<std::process::ExitStatus> {
+    let mut command = tokio::process::Command::from(command);
+    command.kill_on_drop(true);
+    let mut child = command.spawn()?;
+    match tokio::time::timeout(program_timeout(), child.wait()).await {
+        Ok(status) => status,
+        Err(_elapsed) => {
+            let _ = child.kill().await;
+            Err(io::Error::new(io::ErrorKind::TimedOut, format!("killed after {} ms", program_timeout().as_millis())))
+        }
+    }
+}
 
 /// An error while creating a port device; `Display` is QEMU's text where QEMU has one.
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +113,9 @@ impl PortDevice {
     /// Undoes everything `create` did: downscript, fds, the interface if it is ours.
     pub async fn destroy(self, netlink: &Netlink) {
         if let Some(script) = self.downscript.as_deref().filter(|s| Path::new(s).is_absolute()) {
-            match Command::new(script).arg(&self.device.ifname).status() {
+            let mut command = Command::new(script);
+            command.arg(&self.device.ifname);
+            match run_program(command).await {
                 Ok(status) if !status.success() => {
                     tracing::warn!(script, ifname = %self.device.ifname, %status, "downscript failed");
                 }
@@ -144,7 +177,7 @@ async fn create_tap(
             let bridge = options.br.as_deref().unwrap_or(crate::netdev::tap::DEFAULT_BRIDGE);
             let helper = options.helper.as_deref().unwrap_or(crate::netdev::tap::DEFAULT_HELPER);
             // The daemon holds the only fd: it is the tap's guest side, facing the hub.
-            (vec![run_bridge_helper(id, helper, bridge)?], HubSide::Fd)
+            (vec![bridge_helper(id, helper, bridge).await?], HubSide::Fd)
         } else {
             let mut held = Vec::with_capacity(passed.len());
             for name in passed {
@@ -196,7 +229,7 @@ async fn create_tap(
             absolute(id, "downscript", downscript)?;
         }
         if let Some(script) = options.script() {
-            run_script(id, script, &ifname)?;
+            run_script(id, script, &ifname).await?;
         }
         Ok(())
     }
@@ -235,10 +268,16 @@ fn absolute<'p>(id: &str, what: &'static str, path: &'p str) -> Result<&'p Path,
     }
 }
 
-/// QEMU's `launch_script`: `SCRIPT IFNAME`, failure reported with the raw wait status.
-fn run_script(id: &str, script: &str, ifname: &str) -> Result<(), PortError> {
+/// QEMU's `launch_script`: `SCRIPT IFNAME`, failure reported with the raw wait status (a script
+/// killed for running too long reports 256, as one that could not start).
+async fn run_script(id: &str, script: &str, ifname: &str) -> Result<(), PortError> {
     let failed = |status| PortError::Script { id: id.to_owned(), script: script.to_owned(), status };
-    let status = Command::new(absolute(id, "script", script)?).arg(ifname).status().map_err(|_| failed(256))?;
+    let mut command = Command::new(absolute(id, "script", script)?);
+    command.arg(ifname);
+    let status = run_program(command).await.map_err(|error| {
+        tracing::warn!(netdev = id, script, %error, "network script did not complete");
+        failed(256)
+    })?;
     if status.success() {
         return Ok(());
     }
@@ -272,6 +311,13 @@ pub(crate) fn run_bridge_helper(id: &str, helper: &str, bridge: &str) -> Result<
             Ok(())
         });
     }
+    // A helper that never answers must not hold a thread for ever.
+    let timeout = nix::sys::time::TimeVal::new(
+        i64::try_from(program_timeout().as_secs()).unwrap_or(i64::MAX),
+        i64::from(program_timeout().subsec_micros()),
+    );
+    nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
+        .map_err(|e| failed(e.to_string()))?;
     let mut child = command.spawn().map_err(|e| failed(e.to_string()))?;
     drop(theirs);
     let mut byte = [0u8; 1];
@@ -290,11 +336,30 @@ pub(crate) fn run_bridge_helper(id: &str, helper: &str, bridge: &str) -> Result<
                 })
                 .ok_or_else(|| failed("the helper sent no fd".to_owned()))
         });
-    let status = child.wait().map_err(|e| failed(e.to_string()))?;
+    if received.is_err() {
+        // It timed out or hung up without an fd: it must not outlive the request.
+        let _ = child.kill();
+    }
+    let status = wait_or_kill(&mut child).map_err(|e| failed(e.to_string()))?;
     if !status.success() {
         return Err(failed(format!("exited with {status}")));
     }
     received
+}
+
+/// Waits for a child on a blocking thread, killing it once it outlives [`program_timeout`].
+fn wait_or_kill(child: &mut std::process::Child) -> io::Result<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + program_timeout();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            return child.wait();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 async fn create_bridge_tap(id: &str, options: &BridgeOptions, netlink: &Netlink) -> Result<PortDevice, PortError> {
@@ -337,10 +402,18 @@ async fn create_bridge_tap(id: &str, options: &BridgeOptions, netlink: &Netlink)
     }
 }
 
+/// The helper protocol blocks: it runs on a blocking thread, bounded by the program timeout.
+async fn bridge_helper(id: &str, helper: &str, bridge: &str) -> Result<OwnedFd, PortError> {
+    let (owned_id, helper, bridge) = (id.to_owned(), helper.to_owned(), bridge.to_owned());
+    tokio::task::spawn_blocking(move || run_bridge_helper(&owned_id, &helper, &bridge))
+        .await
+        .map_err(|e| PortError::Helper { id: id.to_owned(), reason: e.to_string() })?
+}
+
 /// The tap the bridge helper made and enslaved: the daemon holds its only fd, facing the hub, and
 /// the tap goes when the daemon lets go of it.
 async fn helper_tap(id: &str, helper: &str, bridge: &str, netlink: &Netlink) -> Result<PortDevice, PortError> {
-    let fd = run_bridge_helper(id, helper, bridge)?;
+    let fd = bridge_helper(id, helper, bridge).await?;
     let ifname = tun::tap_name_of(&fd)
         .map_err(|source| PortError::Tun { id: id.to_owned(), ifname: "fd".to_owned(), source })?;
     let ifindex = ifindex_of(id, &ifname, netlink).await?;

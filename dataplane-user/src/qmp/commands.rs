@@ -195,7 +195,7 @@ pub async fn execute(daemon: &Daemon, fds: &mut SessionFds, name: &str, argument
         }
         "announce-self" => {
             let params: AnnounceParameters = qapi::from_json(arguments)?;
-            daemon.announce_self(params);
+            daemon.announce_self(params)?;
             Ok(empty)
         }
         "x-set-rx-filter" => {

@@ -103,6 +103,7 @@ pub fn event(emitted: &Emitted) -> Value {
             ("NETDEV_STREAM_CONNECTED", Some(json!({"netdev-id": netdev, "addr": addr})))
         }
         Event::StreamDisconnected { netdev } => ("NETDEV_STREAM_DISCONNECTED", Some(json!({"netdev-id": netdev}))),
+        Event::BackendEnded { netdev } => ("X_NETDEV_BACKEND_ENDED", Some(json!({"netdev-id": netdev}))),
         Event::NicRxFilterChanged { nic } => (
             "NIC_RX_FILTER_CHANGED",
             Some(json!({"name": nic, "path": format!("/machine/peripheral/{nic}/virtio-backend")})),

@@ -15,7 +15,7 @@ use super::{Destination, L2tpFraming, own_frames::OwnFrames};
 use crate::{
     backend::{
         BackendContext, BackendStats,
-        socket::{MIN_FRAME, count_frame},
+        socket::{Handed, MIN_FRAME, count_frame, recv_from_hub, send_to_hub, try_recv_from_hub},
     },
     model::tunnel::l2tp,
     port::pipe::{HubPipe, MAX_FRAME},
@@ -44,7 +44,7 @@ impl Runner<'_> {
         let mut packet = Vec::with_capacity(RECEIVE_BUFFER);
         let mut counter = l2tp::TxCounter::default();
         loop {
-            let Ok(len @ 1..) = self.pipe.recv(&mut frame).await else {
+            let Some(len) = recv_from_hub(self.pipe, &mut frame, self.ctx).await else {
                 return;
             };
             let mut next = Some(len);
@@ -53,8 +53,8 @@ impl Runner<'_> {
                 taken += 1;
                 self.send_frame(&frame[..len], &mut packet, &mut counter)
                     .await;
-                next = match self.pipe.try_recv(&mut frame) {
-                    Ok(Some(0)) | Err(_) => return,
+                next = match try_recv_from_hub(self.pipe, &mut frame, self.ctx) {
+                    Err(()) => return,
                     Ok(more) if taken < BATCH => more,
                     Ok(_) => None,
                 };
@@ -130,14 +130,11 @@ impl Runner<'_> {
                 let Some(frame) = self.frame_of(&buf, len, source, &mut l2tp_warned) else {
                     continue;
                 };
-                if self.pipe.send(frame).await.is_err() {
-                    return;
+                match send_to_hub(self.pipe, frame, self.ctx).await {
+                    Handed::Failed => return,
+                    Handed::Dropped => {}
+                    Handed::Delivered => count_frame(&self.ctx.stats.rx_frames, &self.ctx.stats.rx_bytes, frame.len()),
                 }
-                count_frame(
-                    &self.ctx.stats.rx_frames,
-                    &self.ctx.stats.rx_bytes,
-                    frame.len(),
-                );
             }
         }
     }

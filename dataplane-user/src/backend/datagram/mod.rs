@@ -20,7 +20,6 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     os::fd::{AsRawFd, OwnedFd},
-    path::PathBuf,
     sync::Mutex,
 };
 
@@ -30,7 +29,7 @@ use tokio::io::unix::AsyncFd;
 use self::{exchange::Runner, filter::attach_mark_filter, own_frames::OwnFrames};
 use super::{
     BackendContext, BackendError,
-    socket::{io_failure, unix_sockaddr},
+    socket::{BoundPath, io_failure, remove_stale_socket, unix_sockaddr},
 };
 use crate::{
     fd::{FdSource, take_owned},
@@ -72,8 +71,8 @@ pub struct PreparedDatagram {
     multicast_port: Option<u16>,
     endpoint: Option<TunnelEndpoint>,
     info: String,
-    /// A unix socket file we created, removed when the netdev goes.
-    created_path: Option<PathBuf>,
+    /// A unix socket file we created, removed when the backend goes (if still ours).
+    created_path: Option<BoundPath>,
 }
 
 pub fn prepare_dgram(
@@ -145,13 +144,8 @@ pub fn prepare_dgram(
                 .map_err(|e| io_failure(id, format!("invalid remote {}", remote.path), e))?;
             let is_file = local.abstract_ != Some(true);
             if is_file {
-                match std::fs::remove_file(&local.path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(io_failure(id, format!("can't unlink {}", local.path), e));
-                    }
-                }
+                remove_stale_socket(std::path::Path::new(&local.path))
+                    .map_err(|e| io_failure(id, format!("can't unlink {}", local.path), e))?;
             }
             let socket = Socket::new(Domain::UNIX, Type::DGRAM, None)
                 .map_err(|e| io_failure(id, "can't create datagram socket", e))?;
@@ -165,7 +159,7 @@ pub fn prepare_dgram(
                 multicast_port: None,
                 endpoint: None,
                 info: format!("udp={}:{}", local.path, remote.path),
-                created_path: is_file.then(|| PathBuf::from(&local.path)),
+                created_path: if is_file { BoundPath::record(std::path::Path::new(&local.path)) } else { None },
             })
         }
         (Some(SocketAddress::Fd(fd)), None) => {
@@ -376,9 +370,8 @@ impl PreparedDatagram {
                 ctx.cancel.cancelled().await;
             }
         }
-        if let Some(path) = created_path {
-            let _ = std::fs::remove_file(path);
-        }
+        // The socket file goes now, if it is still ours.
+        drop(created_path);
     }
 }
 

@@ -378,3 +378,31 @@ fn ipv4_header_length_honours_options() {
     assert_eq!(ipv4_header_len(&[0x65; 40]), None);
     assert_eq!(ipv4_header_len(&[]), None);
 }
+
+#[tokio::test]
+async fn a_unix_dgram_unlinks_only_stale_sockets_and_removes_only_its_own() {
+    let dir = TempDir::new("dgram");
+    let (local, remote) = (dir.path("local.sock"), dir.path("remote.sock"));
+    let options = DgramOptions { local: Some(unix(&local)), remote: Some(unix(&remote)) };
+    // A regular file at the path stays, and the bind fails.
+    std::fs::write(&local, "not a socket").unwrap();
+    let error = prepare_dgram("n0", &options, &mut NoFds).unwrap_err();
+    assert_eq!(error.to_string(), format!("can't bind unix={local} to socket: Address already in use"));
+    assert_eq!(std::fs::read_to_string(&local).unwrap(), "not a socket");
+    std::fs::remove_file(&local).unwrap();
+
+    drop(prepare_dgram("n0", &options, &mut NoFds).unwrap());
+    assert!(!std::path::Path::new(&local).exists(), "a backend never run leaves no file");
+
+    let (old_ctx, _old_events) = context();
+    let (_old_hub, old_task) = start(prepare_dgram("old", &options, &mut NoFds).unwrap(), &old_ctx);
+    let (new_ctx, _new_events) = context();
+    let (new_hub, new_task) = start(prepare_dgram("new", &options, &mut NoFds).unwrap(), &new_ctx);
+    stop(&old_ctx, old_task).await;
+    assert!(std::path::Path::new(&local).exists(), "the newer netdev's socket file survives the older one");
+    let peer = UnixDatagram::unbound().unwrap();
+    peer.send_to(&frame(7, 60), &local).unwrap();
+    assert_eq!(recv_frame(&new_hub).await, frame(7, 60));
+    stop(&new_ctx, new_task).await;
+    assert!(!std::path::Path::new(&local).exists());
+}

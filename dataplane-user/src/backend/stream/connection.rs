@@ -22,7 +22,7 @@ use super::{
     Target,
 };
 use crate::{
-    backend::socket::{MIN_FRAME, count_frame},
+    backend::socket::{Handed, MIN_FRAME, count_frame, recv_from_hub, send_to_hub, try_recv_from_hub},
     backend::{BackendContext, BackendEvent, BackendStats},
     port::pipe::{HubPipe, MAX_FRAME},
 };
@@ -92,7 +92,7 @@ impl Runner<'_> {
     pub(super) async fn idle_until_cancelled(&self) {
         tokio::select! {
             () = self.ctx.cancel.cancelled() => {}
-            () = discard_hub_frames(self.pipe) => {}
+            () = discard_hub_frames(self.pipe, self.ctx) => {}
         }
     }
 
@@ -110,7 +110,7 @@ impl Runner<'_> {
                     self.ctx.set_info(idle_info);
                     let accepted = tokio::select! {
                         () = self.ctx.cancel.cancelled() => break,
-                        () = discard_hub_frames(self.pipe) => break,
+                        () = discard_hub_frames(self.pipe, self.ctx) => break,
                         accepted = listener.accept() => accepted,
                     };
                     match accepted.and_then(|(stream, address)| Ok((stream.into_std()?, address))) {
@@ -155,7 +155,7 @@ impl Runner<'_> {
                         self.ctx.set_info(idle_info);
                         let accepted = tokio::select! {
                             () = self.ctx.cancel.cancelled() => break,
-                            () = discard_hub_frames(self.pipe) => break,
+                            () = discard_hub_frames(self.pipe, self.ctx) => break,
                             accepted = listener.accept() => accepted,
                         };
                         match accepted.and_then(|(stream, _)| stream.into_std()) {
@@ -177,13 +177,8 @@ impl Runner<'_> {
                 }
             }
         }
-        if let Listener::Unix {
-            created_path: Some(path),
-            ..
-        } = &listener
-        {
-            let _ = std::fs::remove_file(path);
-        }
+        // The socket file goes with the listener (dropped here), if it is still ours.
+        drop(listener);
     }
 
     pub(super) async fn accept_failed(&self, error: &io::Error) {
@@ -198,7 +193,7 @@ impl Runner<'_> {
             ctx.set_info("connecting");
             let attempt = tokio::select! {
                 () = ctx.cancel.cancelled() => return,
-                () = discard_hub_frames(self.pipe) => return,
+                () = discard_hub_frames(self.pipe, self.ctx) => return,
                 attempt = connect(target) => attempt,
             };
             match attempt {
@@ -216,7 +211,7 @@ impl Runner<'_> {
             }
             tokio::select! {
                 () = ctx.cancel.cancelled() => return,
-                () = discard_hub_frames(self.pipe) => return,
+                () = discard_hub_frames(self.pipe, self.ctx) => return,
                 () = tokio::time::sleep(delay) => {}
             }
         }
@@ -263,18 +258,18 @@ pub(super) async fn exchange_frames<S: AsyncRead + AsyncWrite>(
                 BackendStats::count(&stats.runt_frames);
                 continue;
             }
-            if pipe.send(&frame).await.is_err() {
-                return Ended::PipeClosed;
+            match send_to_hub(pipe, &frame, ctx).await {
+                Handed::Failed => return Ended::PipeClosed,
+                Handed::Dropped => {}
+                Handed::Delivered => count_frame(&stats.rx_frames, &stats.rx_bytes, frame.len()),
             }
-            count_frame(&stats.rx_frames, &stats.rx_bytes, frame.len());
         }
     };
     let hub_to_peer = async {
         let mut buf = vec![0; MAX_FRAME];
         loop {
-            let len = match pipe.recv(&mut buf).await {
-                Ok(0) | Err(_) => return Ended::PipeClosed,
-                Ok(len) => len,
+            let Some(len) = recv_from_hub(pipe, &mut buf, ctx).await else {
+                return Ended::PipeClosed;
             };
             let mut next = Some(len);
             let mut taken = 0;
@@ -288,8 +283,8 @@ pub(super) async fn exchange_frames<S: AsyncRead + AsyncWrite>(
                 } else {
                     count_frame(&stats.tx_frames, &stats.tx_bytes, len);
                 }
-                next = match pipe.try_recv(&mut buf) {
-                    Ok(Some(0)) | Err(_) => return Ended::PipeClosed,
+                next = match try_recv_from_hub(pipe, &mut buf, ctx) {
+                    Err(()) => return Ended::PipeClosed,
                     Ok(more) if taken < BATCH => more,
                     Ok(_) => None,
                 };
@@ -308,11 +303,7 @@ pub(super) async fn exchange_frames<S: AsyncRead + AsyncWrite>(
 }
 
 /// While nobody is connected the hub's frames have nowhere to go; returns when the pipe closes.
-pub(super) async fn discard_hub_frames(pipe: &HubPipe) {
+pub(super) async fn discard_hub_frames(pipe: &HubPipe, ctx: &BackendContext) {
     let mut buf = vec![0; MAX_FRAME];
-    while let Ok(len) = pipe.recv(&mut buf).await {
-        if len == 0 {
-            return;
-        }
-    }
+    while recv_from_hub(pipe, &mut buf, ctx).await.is_some() {}
 }

@@ -20,7 +20,6 @@ use std::{
     io,
     net::SocketAddr,
     os::fd::{AsRawFd, OwnedFd},
-    path::PathBuf,
     time::Duration,
 };
 
@@ -31,7 +30,7 @@ use self::{
     connection::Runner,
     sockets::{bind_tcp, connect, connect_tcp, connection_from_fd, listen_inet, listen_on_fd, listen_unix},
 };
-use super::{BackendContext, BackendError, socket::io_failure};
+use super::{BackendContext, BackendError, socket::{BoundPath, io_failure}};
 use crate::{
     fd::{FdSource, take_owned},
     netdev::{
@@ -63,8 +62,9 @@ enum Listener {
         /// `stream` reports the listening address as the peer of every unix client.
         local: Value,
         local_uri: String,
-        /// The socket file we created, removed when the netdev goes.
-        created_path: Option<PathBuf>,
+        /// The socket file we created, held for its `Drop`: removed with the listener (if
+        /// still ours).
+        _created_path: Option<BoundPath>,
     },
 }
 

@@ -4,7 +4,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::OwnedFd,
-    path::PathBuf,
+    path::Path,
     time::Duration,
 };
 
@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     backend::BackendError,
-    backend::socket::{io_failure, os_error_text, unix_sockaddr},
+    backend::socket::{BoundPath, io_failure, os_error_text, remove_stale_socket, unix_sockaddr},
     netdev::sockaddr::{InetSocketAddress, UnixSocketAddress},
 };
 
@@ -51,26 +51,15 @@ pub(super) fn listen_unix(id: &str, address: &UnixSocketAddress) -> Result<Liste
     let sockaddr = unix_sockaddr(address).map_err(bind_error)?;
     if !is_abstract {
         // A socket file left by an earlier listener would make bind fail.
-        match std::fs::remove_file(&address.path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(io_failure(
-                    id,
-                    format!("Failed to unlink socket {}", address.path),
-                    e,
-                ));
-            }
-        }
+        remove_stale_socket(Path::new(&address.path))
+            .map_err(|e| io_failure(id, format!("Failed to unlink socket {}", address.path), e))?;
     }
     let socket = Socket::new(Domain::UNIX, Type::STREAM, None)
         .map_err(|e| io_failure(id, "Failed to create socket", e))?;
     socket.bind(&sockaddr).map_err(bind_error)?;
-    let created_path = (!is_abstract).then(|| PathBuf::from(&address.path));
+    // Removed on every path from here on (a failed listen, netdev_del), if still ours.
+    let created_path = if is_abstract { None } else { BoundPath::record(Path::new(&address.path)) };
     if let Err(e) = socket.listen(BACKLOG) {
-        if let Some(path) = &created_path {
-            let _ = std::fs::remove_file(path);
-        }
         return Err(io_failure(
             id,
             format!("Failed to listen on socket {}", address.path),
@@ -81,7 +70,7 @@ pub(super) fn listen_unix(id: &str, address: &UnixSocketAddress) -> Result<Liste
         listener: OwnedFd::from(socket).into(),
         local: unix_address_json(address),
         local_uri: format!("unix:{}", address.path),
-        created_path,
+        _created_path: created_path,
     })
 }
 
@@ -136,7 +125,7 @@ pub(super) fn listen_on_fd(id: &str, fd: OwnedFd) -> Result<Listener, BackendErr
             listener: OwnedFd::from(socket).into(),
             local: unix_json(&path, false, true),
             local_uri: format!("unix:{path}"),
-            created_path: None,
+            _created_path: None,
         })
     } else {
         Ok(Listener::Tcp(OwnedFd::from(socket).into()))

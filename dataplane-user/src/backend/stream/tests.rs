@@ -523,3 +523,35 @@ async fn after_a_disconnect_the_client_waits_exactly_one_delay() {
     assert_eq!(counter(&ctx.stats.connect_failures), 0);
     stop(&ctx, task).await;
 }
+
+#[tokio::test]
+async fn a_unix_server_unlinks_only_stale_sockets_and_removes_only_its_own() {
+    let dir = TempDir::new("stream");
+    let path = dir.path("server.sock");
+    let server = |id: &'static str| {
+        let path = path.clone();
+        async move { prepare_stream(id, &options(unix(&path), true, None), &mut NoFds).await }
+    };
+    // A regular file at the path is not a socket left behind: it stays, and the bind fails.
+    std::fs::write(&path, "not a socket").unwrap();
+    let error = server("n0").await.unwrap_err();
+    assert_eq!(error.to_string(), format!("Failed to bind socket to {path}: Address already in use"));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
+    std::fs::remove_file(&path).unwrap();
+
+    // A backend prepared but never run (a netdev_add that failed later) leaves no file.
+    drop(server("n0").await.unwrap());
+    assert!(!std::path::Path::new(&path).exists());
+
+    // A newer netdev takes over the path; the older one going leaves the newer one's socket.
+    let (old_ctx, _old_events) = context();
+    let (_old_hub, old_task) = start(server("old").await.unwrap(), &old_ctx);
+    let (new_ctx, mut new_events) = context();
+    let (_new_hub, new_task) = start(server("new").await.unwrap(), &new_ctx);
+    stop(&old_ctx, old_task).await;
+    assert!(std::path::Path::new(&path).exists(), "the newer netdev's socket file survives the older one");
+    let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
+    assert_eq!(next_event(&mut new_events).await, BackendEvent::Link { up: true });
+    stop(&new_ctx, new_task).await;
+    assert!(!std::path::Path::new(&path).exists());
+}
