@@ -8,6 +8,7 @@ use dataplane::{
     config::{Overrides, Settings},
     daemon::{Daemon, Host, ShutdownCause},
     fd::NoFds,
+    instance::{self, Instance},
     kernel::{
         attach::{self, AttachChoice},
         ebpf::{EbpfDataplane, ObjectSource},
@@ -41,6 +42,10 @@ struct Args {
     /// netlink) or `netlink` (TC filters even where TCX works). Default from NETDEVD_X_ATTACH.
     #[arg(long, value_name = "MODE")]
     x_attach: Option<AttachChoice>,
+    /// The directory of the daemon's lock and state: one daemon per directory; the interfaces a
+    /// crashed run of it left are removed at start.
+    #[arg(long, value_name = "DIR", default_value = instance::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,24 +76,29 @@ fn start() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("netdevd must run as root: it creates interfaces and loads eBPF programs");
     }
+    // Held until the process ends: before anything is created, so a second daemon touches nothing.
+    let instance = Instance::acquire(&args.state_dir)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(run(settings, attach))
+        .block_on(run(settings, attach, &instance))
 }
 
-async fn run(settings: Settings, attach: AttachChoice) -> Result<()> {
+async fn run(settings: Settings, attach: AttachChoice, instance: &Instance) -> Result<()> {
+    let netlink = Netlink::connect().context("cannot open a netlink socket")?.with_mark(instance.mark());
+    let leftovers = instance::remove_leftovers(&netlink, &instance.mark()).await;
+    tracing::info!(state_dir = %instance.dir().display(), mark = instance.mark(), leftovers_removed = leftovers.len(),
+        "state directory locked");
     let source = match settings.bpf_object.clone() {
         Some(path) => ObjectSource::File(path),
         None => ObjectSource::default_source()
             .context("this netdevd was built without the eBPF object: pass --bpf-object (run cargo xtask build-ebpf)")?,
     };
     let mut dataplane = EbpfDataplane::load(&source)?;
-    let netlink = Netlink::connect().context("cannot open a netlink socket")?;
     // The trial attach needs an interface of its own: a veth that exists only for it.
-    let scratch = format!("ndprobe{}", std::process::id() % 100_000);
-    let made = netlink.add_veth(&scratch, &format!("{scratch}p"), 1500).await.is_ok();
+    let (scratch, scratch_peer) = dataplane::port::pair::pair_names();
+    let made = netlink.add_veth(&scratch, &scratch_peer, 1500).await.is_ok();
     let info = attach::choose(attach, made.then(|| dataplane.trial_tcx(&scratch)));
     if made && let Ok(Some(link)) = netlink.find(&scratch).await {
         let _ = netlink.delete(link.ifindex).await;
