@@ -1,7 +1,7 @@
 //! Restart and crashes: one daemon per state directory (a second one refuses and the first keeps
 //! working), a QMP socket another server took over is left alone, and what a daemon killed with
 //! `kill -9` left behind is removed by the next one on the same state directory — only what
-//! carries that directory's mark. Needs root and iproute2.
+//! carries that directory's mark. The state file follows every change. Needs root and iproute2.
 
 use std::{
     collections::BTreeSet,
@@ -32,6 +32,23 @@ fn aliases(ns: &Netns) -> Vec<(String, String)> {
 /// The interfaces of `ns` that carry `mark`.
 fn marked(ns: &Netns, mark: &str) -> BTreeSet<String> {
     aliases(ns).into_iter().filter(|(_, alias)| alias == mark).map(|(name, _)| name).collect()
+}
+
+/// The state file's netdevs: (id, interface names), in creation order.
+fn recorded(state_dir: &std::path::Path) -> Vec<(String, Vec<String>)> {
+    let text = std::fs::read(state_dir.join("netdevs.json")).expect("the state file exists");
+    let state: Value = serde_json::from_slice(&text).expect("the state file is JSON");
+    assert_eq!(state["version"], 1);
+    state["netdevs"]
+        .as_array()
+        .expect("a netdevs list")
+        .iter()
+        .map(|netdev| {
+            let id = netdev["arguments"]["id"].as_str().expect("an id").to_owned();
+            let names = netdev["interfaces"].as_array().into_iter().flatten();
+            (id, names.map(|i| i["ifname"].as_str().expect("an ifname").to_owned()).collect())
+        })
+        .collect()
 }
 
 /// The mark of the daemons on `state_dir`: `netdevd:` and the directory's instance id.
@@ -146,6 +163,14 @@ fn kill_9_leftovers_are_removed_by_the_next_daemon_and_nobody_elses() {
     // The tap, the stream's and the user netdev's taps, the dgram's veth pair.
     assert_eq!(created.len(), 5, "marked interfaces: {created:?}");
     assert!(created.contains("ndrestart0"), "{created:?}");
+    // The state file names every netdev and exactly the interfaces made for them.
+    let record = recorded(&crashed.state_dir);
+    assert_eq!(record.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["t0", "u0", "s0", "d0"]);
+    assert_eq!(record.iter().flat_map(|(_, names)| names.iter().cloned()).collect::<BTreeSet<_>>(), created);
+    assert_eq!(record[0].1, ["ndrestart0"]);
+    crashed.del("u0");
+    assert_eq!(recorded(&crashed.state_dir).len(), 3, "netdev_del is recorded");
+    crashed.add(netdevs[1]);
     signal::kill(Pid::from_raw(i32::try_from(crashed.pid()).expect("pid")), signal::Signal::SIGKILL).expect("kill -9");
     assert_eq!(crashed.terminate(), None, "netdevd was killed, it did not exit");
     let left = marked(&ns, &mark);
@@ -156,6 +181,7 @@ fn kill_9_leftovers_are_removed_by_the_next_daemon_and_nobody_elses() {
     let mut next = Daemon::start_on(&ns, Some(&crashed.state_dir), &extra);
     assert_eq!(mark_of(&next.state_dir), mark);
     assert_eq!(marked(&ns, &mark), BTreeSet::new(), "leftovers after the restart");
+    assert_eq!(recorded(&next.state_dir), [], "the crashed run's record outlived its interfaces");
     // ... and nobody else's.
     for interface in &foreign {
         assert!(aliases(&ns).contains(interface), "{interface:?} was touched: {:?}", aliases(&ns));
@@ -166,6 +192,8 @@ fn kill_9_leftovers_are_removed_by_the_next_daemon_and_nobody_elses() {
     }
     assert_eq!(next.ifname_of("t0").as_deref(), Some("ndrestart0"));
     assert_eq!(marked(&ns, &mark).len(), 5);
+    assert_eq!(recorded(&next.state_dir).len(), 4);
     assert_eq!(next.terminate(), Some(0));
     assert_eq!(aliases(&ns), foreign, "after a clean stop only the test's own interfaces remain");
+    assert_eq!(recorded(&next.state_dir), [], "a clean stop records no netdev");
 }

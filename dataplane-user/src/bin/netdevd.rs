@@ -107,6 +107,8 @@ async fn run(settings: Settings, attach: AttachChoice, instance: &Instance) -> R
         leftovers_removed = info.leftovers_removed, "dataplane attach mode");
     dataplane.set_info(info);
     let daemon = Daemon::new(Some(Host { dataplane: Box::new(dataplane), netlink }));
+    // What a crashed run recorded is gone with its leftovers: the file starts afresh.
+    daemon.record_state_in(instance.dir().join("netdevs.json")).await;
     if let Some(path) = settings.user_resolv_conf.clone() {
         daemon.set_user_resolv_conf(path);
     }

@@ -18,6 +18,7 @@ mod follow;
 mod lifecycle;
 pub mod nic;
 pub mod queries;
+mod record;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -97,6 +98,8 @@ struct State {
     /// What the kernel holds now.
     plan: Plan,
     host: Option<Host>,
+    /// The state file, rewritten after every change (`record`).
+    state_file: Option<std::path::PathBuf>,
 }
 
 impl State {
@@ -108,6 +111,7 @@ impl State {
     fn replan(&mut self) -> Result<(), DaemonError> {
         let next = plan::plan(&self.registry, &self.device_map(), &self.rx_filters, &self.tunnels, &self.plan)?;
         if next == self.plan {
+            self.record();
             return Ok(());
         }
         let Some(host) = self.host.as_mut() else {
@@ -121,7 +125,17 @@ impl State {
             return Err(error.into());
         }
         self.plan = next;
+        self.record();
         Ok(())
+    }
+
+    /// Rewrites the state file, if there is one; a failure is logged, never the change's.
+    fn record(&self) {
+        if let Some(path) = &self.state_file
+            && let Err(error) = record::write_atomically(path, &record::describe(self))
+        {
+            tracing::warn!(path = %path.display(), %error, "cannot write the state file");
+        }
     }
 }
 
@@ -157,6 +171,7 @@ impl Daemon {
             followers: HashMap::new(),
             plan: Plan::default(),
             host,
+            state_file: None,
         };
         Self {
             me,
@@ -168,6 +183,13 @@ impl Daemon {
         }
     }
 
+
+    /// Keeps the state file at `path` from now on (written at once, with the netdevs there are).
+    pub async fn record_state_in(&self, path: std::path::PathBuf) {
+        let mut state = self.state.lock().await;
+        state.state_file = Some(path);
+        state.record();
+    }
 
     /// Removes every netdev, newest first, so that ports leave their hubs before their netdevs go.
     pub async fn tear_down(&self) {
