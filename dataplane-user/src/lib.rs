@@ -16,6 +16,7 @@
 //! * [`daemon`]: the state behind one lock, every change planned and applied, typed events;
 //! * [`qmp`]: the control socket, which encodes the daemon's events as QEMU's;
 //! * [`config`]: the configuration file and command line;
+//! * [`instance`]: one daemon per state directory, and the mark on the interfaces it creates;
 //! * [`client`]: a small QMP client for `netdevctl` and tests.
 
 pub mod backend;
@@ -23,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod fd;
+pub mod instance;
 pub mod kernel;
 pub mod model;
 pub mod monitor;

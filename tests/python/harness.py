@@ -57,6 +57,8 @@ class Daemon:
                 str(NETDEVD_BIN),
                 "--qmp", f"unix:{self.socket_path},server=on,wait=off",
                 "--config", str(self.config_path),
+                # A private state directory (lock, instance id), not the shared /run/netdevd.
+                "--state-dir", str(workdir / "state"),
                 *extra_args,
             ],
             stdin=subprocess.DEVNULL,

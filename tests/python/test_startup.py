@@ -59,7 +59,8 @@ def run_failing(short_tmp, config: str, args: list[str]) -> subprocess.Completed
     config_path = short_tmp / "netdevd.toml"
     config_path.write_text(config)
     result = subprocess.run(
-        [str(NETDEVD_BIN), "--qmp", f"unix:{sock},server=on,wait=off", "--config", str(config_path), *args],
+        [str(NETDEVD_BIN), "--qmp", f"unix:{sock},server=on,wait=off", "--config", str(config_path),
+         "--state-dir", str(short_tmp / "state"), *args],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -123,7 +124,8 @@ def test_file_in_the_way_is_kept(short_tmp):
     config_path = short_tmp / "netdevd.toml"
     config_path.write_text(EMPTY_CONFIG)
     result = subprocess.run(
-        [str(NETDEVD_BIN), "--qmp", f"unix:{in_the_way},server=on,wait=off", "--config", str(config_path)],
+        [str(NETDEVD_BIN), "--qmp", f"unix:{in_the_way},server=on,wait=off", "--config", str(config_path),
+         "--state-dir", str(short_tmp / "state")],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,

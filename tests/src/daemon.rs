@@ -18,6 +18,8 @@ const START_DEADLINE: Duration = Duration::from_secs(120);
 pub struct Daemon {
     pub(super) child: Child,
     pub socket: PathBuf,
+    /// Its `--state-dir` (lock, instance id): private to the daemon unless given.
+    pub state_dir: PathBuf,
     pub(super) _dir: TempDir,
 }
 
@@ -56,7 +58,15 @@ impl Daemon {
     /// `--user-resolv-conf FILE`).
     #[must_use]
     pub fn start_with_args(ns: &Netns, extra: &[&str]) -> Self {
+        Self::start_on(ns, None, extra)
+    }
+
+    /// As [`Daemon::start_with_args`], on the state directory `state_dir` (shared with another
+    /// daemon's) instead of a private one.
+    #[must_use]
+    pub fn start_on(ns: &Netns, state_dir: Option<&std::path::Path>, extra: &[&str]) -> Self {
         let dir = TempDir::new();
+        let state_dir = state_dir.map_or_else(|| dir.0.join("state"), std::path::Path::to_path_buf);
         let socket = dir.0.join("qmp.sock");
         let config = dir.0.join("netdevd.toml");
         std::fs::write(&config, "netdevs = []\n").expect("write config");
@@ -66,24 +76,34 @@ impl Daemon {
             .arg(&config)
             .arg("--qmp")
             .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .arg("--state-dir")
+            .arg(&state_dir)
             .args(extra)
             .env("RUST_LOG", std::env::var("NETDEVD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()))
             .stdout(Stdio::null())
             .spawn()
             .expect("start netdevd");
-        let mut daemon = Self { child, socket, _dir: dir };
-        // The socket file exists from bind(2) on, a moment before listen(2): wait for a connect.
-        // Start-up loads and probes the programs: seconds under TCG on a loaded machine, so the
-        // deadline is only there to end a test whose daemon hangs; one that exits fails at once.
+        Self { child, socket, state_dir, _dir: dir }.accepting()
+    }
+
+    /// Waits until the daemon accepts connections (the socket file exists from bind(2) on, a
+    /// moment before listen(2)). Start-up loads and probes the programs: seconds under TCG on a
+    /// loaded machine, so the deadline only ends a test whose daemon hangs; one that exits fails
+    /// at once.
+    fn accepting(mut self) -> Self {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
-            match std::os::unix::net::UnixStream::connect(&daemon.socket) {
-                Ok(_) => return daemon,
+            match std::os::unix::net::UnixStream::connect(&self.socket) {
+                Ok(_) => return self,
                 Err(error) => {
-                    if let Ok(Some(status)) = daemon.child.try_wait() {
-                        panic!("netdevd exited before accepting connections: {status}");
+                    if let Ok(Some(status)) = self.child.try_wait() {
+                        panic!("netdevd exited before it listened on {}: {status}", self.socket.display());
                     }
-                    assert!(Instant::now() < deadline, "netdevd did not accept connections within {START_DEADLINE:?}: {error}");
+                    assert!(
+                        Instant::now() < deadline,
+                        "netdevd did not listen on {} within {START_DEADLINE:?}: {error}",
+                        self.socket.display()
+                    );
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
@@ -104,20 +124,9 @@ impl Daemon {
         let child = command.stdout(Stdio::null()).spawn().expect("start netdevd");
         // `ip netns exec` and the shell exec, so the child is the daemon.
         let socket = PathBuf::from(format!("/proc/{}/root{}", child.id(), socket.display()));
-        let mut daemon = Self { child, socket, _dir: dir };
-        let deadline = Instant::now() + super::settle::DEADLINE;
-        loop {
-            match std::os::unix::net::UnixStream::connect(&daemon.socket) {
-                Ok(_) => return daemon,
-                Err(error) => {
-                    if let Ok(Some(status)) = daemon.child.try_wait() {
-                        panic!("netdevd exited before it listened on {}: {status}", daemon.socket.display());
-                    }
-                    assert!(Instant::now() < deadline, "netdevd did not listen on {}: {error}", daemon.socket.display());
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
+        // Its state directory is the default one, inside its private /run.
+        let state_dir = PathBuf::from(format!("/proc/{}/root/run/netdevd", child.id()));
+        Self { child, socket, state_dir, _dir: dir }.accepting()
     }
 
     /// A negotiated QMP client.
@@ -167,7 +176,9 @@ impl Daemon {
         self.terminate()
     }
 
-    pub(super) fn terminate(&mut self) -> Option<i32> {
+    /// Stops the daemon with SIGTERM (or reaps it, if it is gone already) and returns its exit
+    /// status code; its socket directory stays until the value is dropped.
+    pub fn terminate(&mut self) -> Option<i32> {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(0));
         // `ip netns exec` execs netdevd, so the child is the daemon itself.
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

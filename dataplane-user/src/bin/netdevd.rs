@@ -10,6 +10,7 @@ use dataplane::{
     config::{Overrides, Settings},
     daemon::{Daemon, Host, ShutdownCause},
     fd::InheritedFds,
+    instance::{self, Instance},
     kernel::{
         attach::{self, AttachChoice},
         ebpf::{EbpfDataplane, ObjectSource},
@@ -55,6 +56,10 @@ struct Args {
     /// from the config's limits.setup-timeout, 10).
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     setup_timeout: Option<u64>,
+    /// The directory of the daemon's lock and state: one daemon per directory; the interfaces a
+    /// crashed run of it left are removed at start.
+    #[arg(long, value_name = "DIR", default_value = instance::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
 }
 
 fn main() -> std::process::ExitCode {
@@ -103,11 +108,13 @@ fn start(inherited: InheritedFds) -> Result<()> {
         bail!("netdevd must run as root: it creates interfaces and loads eBPF programs");
     }
     raise_fd_limit();
+    // Held until the process ends: before anything is created, so a second daemon touches nothing.
+    let instance = Instance::acquire(&args.state_dir)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(run(settings, attach, inherited))
+        .block_on(run(settings, attach, inherited, &instance))
 }
 
 /// Many clients and netdevs each hold descriptors: the soft limit goes up to the hard one.
@@ -124,17 +131,20 @@ fn raise_fd_limit() {
     }
 }
 
-async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedFds) -> Result<()> {
+async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedFds, instance: &Instance) -> Result<()> {
+    let netlink = Netlink::connect().context("cannot open a netlink socket")?.with_mark(instance.mark());
+    let leftovers = instance::remove_leftovers(&netlink, &instance.mark()).await;
+    tracing::info!(state_dir = %instance.dir().display(), mark = instance.mark(), leftovers_removed = leftovers.len(),
+        "state directory locked");
     let source = match settings.bpf_object.clone() {
         Some(path) => ObjectSource::File(path),
         None => ObjectSource::default_source()
             .context("this netdevd was built without the eBPF object: pass --bpf-object (run cargo xtask build-ebpf)")?,
     };
     let mut dataplane = EbpfDataplane::load(&source)?;
-    let netlink = Netlink::connect().context("cannot open a netlink socket")?;
     // The trial attach needs an interface of its own: a veth that exists only for it.
-    let scratch = format!("ndprobe{}", std::process::id() % 100_000);
-    let made = netlink.add_veth(&scratch, &format!("{scratch}p"), 1500).await.is_ok();
+    let (scratch, scratch_peer) = dataplane::port::pair::pair_names();
+    let made = netlink.add_veth(&scratch, &scratch_peer, 1500).await.is_ok();
     let info = attach::choose(attach, made.then(|| dataplane.trial_tcx(&scratch)));
     if made && let Ok(Some(link)) = netlink.find(&scratch).await {
         let _ = netlink.delete(link.ifindex).await;
@@ -143,6 +153,8 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
         leftovers_removed = info.leftovers_removed, "dataplane attach mode");
     dataplane.set_info(info);
     let daemon = Daemon::new(Some(Host { dataplane: Box::new(dataplane), netlink }));
+    // What a crashed run recorded is gone with its leftovers: the file starts afresh.
+    daemon.record_state_in(instance.dir().join("netdevs.json")).await;
     if let Some(path) = settings.user_resolv_conf.clone() {
         daemon.set_user_resolv_conf(path);
     }

@@ -18,6 +18,7 @@ mod follow;
 mod lifecycle;
 pub mod nic;
 pub mod queries;
+mod record;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -100,6 +101,8 @@ struct State {
     /// What the kernel holds now.
     plan: Plan,
     host: Option<Host>,
+    /// The state file, rewritten after every change (`record`).
+    state_file: Option<std::path::PathBuf>,
 }
 
 impl State {
@@ -111,6 +114,7 @@ impl State {
     fn replan(&mut self) -> Result<(), DaemonError> {
         let next = plan::plan(&self.registry, &self.device_map(), &self.rx_filters, &self.tunnels, &self.plan)?;
         if next == self.plan {
+            self.record();
             return Ok(());
         }
         let Some(host) = self.host.as_mut() else {
@@ -124,7 +128,17 @@ impl State {
             return Err(error.into());
         }
         self.plan = next;
+        self.record();
         Ok(())
+    }
+
+    /// Rewrites the state file, if there is one; a failure is logged, never the change's.
+    fn record(&self) {
+        if let Some(path) = &self.state_file
+            && let Err(error) = record::write_atomically(path, &record::describe(self))
+        {
+            tracing::warn!(path = %path.display(), %error, "cannot write the state file");
+        }
     }
 }
 
@@ -163,6 +177,7 @@ impl Daemon {
             followers: HashMap::new(),
             plan: Plan::default(),
             host,
+            state_file: None,
         };
         Self {
             me,
@@ -188,6 +203,13 @@ impl Daemon {
 
     fn in_flight_count(&self) -> usize {
         self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    /// Keeps the state file at `path` from now on (written at once, with the netdevs there are).
+    pub async fn record_state_in(&self, path: std::path::PathBuf) {
+        let mut state = self.state.lock().await;
+        state.state_file = Some(path);
+        state.record();
     }
 
     /// Removes every netdev, newest first, so that ports leave their hubs before their netdevs go.

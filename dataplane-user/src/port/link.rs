@@ -44,6 +44,8 @@ impl LinkInfoSummary {
 #[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
+    /// The alias given to every interface created through this handle (`instance::Instance::mark`).
+    mark: Option<std::sync::Arc<str>>,
 }
 
 impl Netlink {
@@ -51,7 +53,42 @@ impl Netlink {
     pub fn connect() -> std::io::Result<Self> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
-        Ok(Self { handle })
+        Ok(Self { handle, mark: None })
+    }
+
+    /// The same socket, marking what it creates with `mark` (see [`Netlink::mark_created`]).
+    #[must_use]
+    pub fn with_mark(mut self, mark: String) -> Self {
+        self.mark = Some(mark.into());
+        self
+    }
+
+    /// Gives an interface the daemon created its mark, so that it is known as the daemon's even
+    /// after a crash. Without a mark, nothing is done.
+    pub async fn mark_created(&self, ifindex: u32) -> Result<(), rtnetlink::Error> {
+        let Some(mark) = &self.mark else { return Ok(()) };
+        self.handle.link().set(LinkUnspec::new_with_index(ifindex).alias(mark.to_string()).build()).execute().await
+    }
+
+    /// The interfaces (ifindex, name) whose alias is `mark`.
+    pub async fn marked(&self, mark: &str) -> Result<Vec<(u32, String)>, rtnetlink::Error> {
+        let mut links = self.handle.link().get().execute();
+        let mut found = Vec::new();
+        while let Some(message) = links.try_next().await? {
+            let mut name = None;
+            let mut alias = None;
+            for attribute in &message.attributes {
+                match attribute {
+                    LinkAttribute::IfName(text) => name = Some(text.clone()),
+                    LinkAttribute::IfAlias(text) => alias = Some(text.as_str()),
+                    _ => {}
+                }
+            }
+            if alias == Some(mark) {
+                found.push((message.header.index, name.unwrap_or_default()));
+            }
+        }
+        Ok(found)
     }
 
     /// The interface called `name`, if any.
@@ -127,13 +164,28 @@ impl Netlink {
         Ok(None)
     }
 
-    /// Creates a veth pair `name` / `peer` in the daemon's namespace, both down, with `mtu`.
+    /// Creates a veth pair `name` / `peer` in the daemon's namespace, both down, with `mtu`, both
+    /// ends marked. On failure after the creation the pair is deleted again.
     pub async fn add_veth(&self, name: &str, peer: &str, mtu: u32) -> Result<(), rtnetlink::Error> {
         self.handle.link().add(LinkVeth::new(name, peer).mtu(mtu).build()).execute().await?;
-        if let Some(peer) = self.find(peer).await? {
-            self.handle.link().set(LinkUnspec::new_with_index(peer.ifindex).mtu(mtu).build()).execute().await?;
+        let configured = async {
+            for end in [name, peer] {
+                if let Some(link) = self.find(end).await? {
+                    self.mark_created(link.ifindex).await?;
+                    if end == peer {
+                        self.handle.link().set(LinkUnspec::new_with_index(link.ifindex).mtu(mtu).build()).execute().await?;
+                    }
+                }
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        if configured.is_err()
+            && let Ok(Some(link)) = self.find(name).await
+        {
+            let _ = self.delete(link.ifindex).await;
+        }
+        configured
     }
 
     pub async fn delete(&self, ifindex: u32) -> Result<(), rtnetlink::Error> {

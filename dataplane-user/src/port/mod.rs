@@ -224,6 +224,7 @@ async fn create_tap(
     };
     let prepared = async {
         device.device.ifindex = ifindex_of(id, &ifname, netlink).await?;
+        mark_created(id, &ifname, device.device.ifindex, netlink).await?;
         set_up(id, &ifname, device.device.ifindex, netlink).await?;
         if let Some(downscript) = options.downscript() {
             absolute(id, "downscript", downscript)?;
@@ -248,6 +249,14 @@ async fn create_tap(
             Err(error)
         }
     }
+}
+
+/// Marks an interface the daemon created as its own (`instance`).
+pub(crate) async fn mark_created(id: &str, ifname: &str, ifindex: u32, netlink: &Netlink) -> Result<(), PortError> {
+    netlink
+        .mark_created(ifindex)
+        .await
+        .map_err(|source| PortError::Netlink { id: id.to_owned(), ifname: ifname.to_owned(), source })
 }
 
 pub(crate) async fn set_up(id: &str, ifname: &str, ifindex: u32, netlink: &Netlink) -> Result<(), PortError> {
@@ -386,6 +395,7 @@ async fn create_bridge_tap(id: &str, options: &BridgeOptions, netlink: &Netlink)
     };
     let prepared = async {
         device.device.ifindex = ifindex_of(id, &ifname, netlink).await?;
+        mark_created(id, &ifname, device.device.ifindex, netlink).await?;
         netlink
             .set_controller(device.device.ifindex, link.ifindex)
             .await

@@ -43,13 +43,29 @@ const TAP_MTU: u32 = 65521;
 
 static NEXT_PAIR: AtomicU32 = AtomicU32::new(0);
 
-/// Interface names unique among daemons in one namespace: pid and a counter, in 15 bytes.
+/// Interface names unique among daemons in one namespace and across restarts: a stem drawn at
+/// random once per process (a PID repeats on every start in a container) and a counter, in 15
+/// bytes with the one-letter suffix. A name that is taken anyway fails the creation, never
+/// reuses an interface.
 fn device_stem() -> String {
-    let serial = NEXT_PAIR.fetch_add(1, Ordering::Relaxed);
-    format!("nd{:x}x{serial:x}", std::process::id() & 0xfffff)
+    static STEM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let stem = STEM.get_or_init(|| {
+        let mut bytes = [0u8; 4];
+        let random = fs::File::open("/dev/urandom").and_then(|mut f| io::Read::read_exact(&mut f, &mut bytes));
+        if random.is_err() {
+            // Without randomness, the clock's nanoseconds still differ from one start to the next.
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            bytes = nanos.subsec_nanos().to_ne_bytes();
+        }
+        format!("nd{:06x}", u32::from_ne_bytes(bytes) & 0xff_ffff)
+    });
+    let serial = NEXT_PAIR.fetch_add(1, Ordering::Relaxed) & 0xf_ffff;
+    format!("{stem}x{serial:x}")
 }
 
-fn pair_names() -> (String, String) {
+/// The names of a new veth pair: hub end, port end.
+#[must_use]
+pub fn pair_names() -> (String, String) {
     let stem = device_stem();
     (format!("{stem}h"), format!("{stem}p"))
 }
@@ -70,6 +86,7 @@ pub async fn create_tap_port(id: &str, vnet_hdr: bool, netlink: &Netlink) -> Res
     }
     // The tap lives as long as `fd`: any failure below drops it, and the interface with it.
     let ifindex = super::ifindex_of(id, &ifname, netlink).await?;
+    super::mark_created(id, &ifname, ifindex, netlink).await?;
     disable_ipv6(&ifname).map_err(tun_error)?;
     netlink
         .set_mtu(ifindex, TAP_MTU)

@@ -103,15 +103,25 @@ impl std::fmt::Display for ListenAddr {
     }
 }
 
-/// A bound listener; a unix socket file is removed again on drop.
+/// A bound listener; a unix socket file is removed again on drop, if it is still the one bound.
 pub enum Listener {
-    Unix { listener: UnixListener, path: PathBuf },
+    /// `bound`: the socket file's device and inode, as bind(2) made it.
+    Unix { listener: UnixListener, path: PathBuf, bound: Option<(u64, u64)> },
     Tcp(TcpListener),
+}
+
+/// The device and inode of the file at `path` (not following a symlink).
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|meta| (meta.dev(), meta.ino()))
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Self::Unix { path, .. } = self {
+        // Another server may have replaced the path since: its socket is not ours to remove.
+        if let Self::Unix { path, bound: Some(bound), .. } = self
+            && file_identity(path) == Some(*bound)
+        {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -139,7 +149,8 @@ impl Listener {
                 check_socket_dir(dir)?;
                 remove_stale_socket(path).map_err(bind_error)?;
                 let listener = bind_private_unix(path).map_err(bind_error)?;
-                Ok(Self::Unix { listener: UnixListener::from_std(listener).map_err(bind_error)?, path: path.clone() })
+                let bound = file_identity(path);
+                Ok(Self::Unix { listener: UnixListener::from_std(listener).map_err(bind_error)?, path: path.clone(), bound })
             }
             ListenAddr::Tcp(socket_addr) => Ok(Self::Tcp(TcpListener::bind(socket_addr).await.map_err(bind_error)?)),
         }
@@ -225,11 +236,17 @@ async fn accept_loop(listener: &impl Accept, accepted: &mpsc::Sender<Connection>
     }
 }
 
-/// A socket path left by a previous run is replaced; any other file there is an error.
+/// A socket path left by a previous run is replaced; a socket some server still listens on, or
+/// any other file there, is an error.
 fn remove_stale_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(io::ErrorKind::AddrInUse, "another server is listening on it"));
+            }
+            std::fs::remove_file(path)
+        }
         Ok(_) => Err(io::Error::new(io::ErrorKind::AlreadyExists, "a file that is not a socket is in the way")),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
