@@ -19,7 +19,7 @@ use aya_ebpf::{
         BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_head},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_head, bpf_skb_vlan_pop},
     macros::{classifier, map},
     maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
@@ -36,6 +36,12 @@ const UDP_LEN: usize = 8;
 const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
 const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
 const PACKET_HOST: u32 = 0;
+const PACKET_MULTICAST: u32 = 2;
+/// A multicast packet this host sent, looped back to its local members.
+const PACKET_LOOPBACK: u32 = 5;
+const VLAN_TAG_LEN: usize = 4;
+/// Tags of a guest's frame put back into it: 802.1ad and 802.1Q (QinQ).
+const MAX_VLAN_TAGS: usize = 2;
 /// TCX: not ours, let the next program (or the stack) have it. Other daemons in the namespace may
 /// run their own `tunnel_rx` on the same device.
 const TCX_NEXT: i32 = -1;
@@ -121,10 +127,26 @@ fn steer(ctx: &TcContext, outer: &Outer) -> Option<(u32, u16)> {
 
 #[classifier]
 pub fn tunnel_rx(ctx: TcContext) -> i32 {
+    // SAFETY: `skb` points at the kernel's `__sk_buff` for this run.
+    let (pkt_type, tagged) = unsafe { ((*ctx.skb.skb).pkt_type, (*ctx.skb.skb).vlan_present) };
+    // A packet on a VLAN (no device of its own took it) is not for this host's addresses.
+    if tagged != 0 {
+        return TCX_NEXT;
+    }
     let Some(outer) = parse_outer(&ctx) else { return TCX_NEXT };
     let Some((port, source_port)) = steer(&ctx, &outer) else { return TCX_NEXT };
     // SAFETY: read-only lookup, as above.
     let Some(config) = (unsafe { TUNNELS.get(port) }) else { return TCX_NEXT };
+    // Only what the stack would take as this host's: a frame for another MAC (a promiscuous
+    // device) is not, whatever its IP destination says.
+    let for_this_host = if config.flags & tunnel::MULTICAST != 0 {
+        pkt_type == PACKET_MULTICAST || pkt_type == PACKET_LOOPBACK
+    } else {
+        pkt_type == PACKET_HOST
+    };
+    if !for_this_host {
+        return TCX_NEXT;
+    }
     if config.flags & tunnel::MULTICAST != 0 {
         if outer.src == config.src_addr && source_port == config.src_port && is_own_frame(&ctx, port, config, &outer) {
             // Our own packet looped back: other listeners get it, our hub and socket do not.
@@ -313,11 +335,59 @@ pub fn tunnel_port(ctx: TcContext) -> i32 {
         let Some(outer) = parse_outer(&ctx) else { return TC_ACT_SHOT };
         return decapsulate_into_hub(&ctx, port, config, &outer);
     }
-    if ctx.load::<[u8; 2]>(12).is_ok_and(|ethertype| ethertype == tunnel::SLOW_PATH_ETHERTYPE.to_be_bytes()) {
-        // Back from `to_user_space`: on to the backend's packet socket.
+    if mark == marks::SLOW_PATH
+        && ctx.load::<[u8; 2]>(12).is_ok_and(|ethertype| ethertype == tunnel::SLOW_PATH_ETHERTYPE.to_be_bytes())
+    {
+        // Back from `to_user_space`: on to the backend's packet socket. A guest's own frame of
+        // that EtherType has no mark and is sent as any other.
         return TC_ACT_OK;
     }
+    if !tags_into_frame(&ctx) {
+        return count_error(port);
+    }
     encapsulate(&ctx, port, config, Sent::FromHub)
+}
+
+/// A guest's VLAN tag is in the skb's metadata here, not in the frame: the stack takes the outer
+/// tag out of every frame a device receives, before TC. The tag belongs to the guest's frame, so
+/// it goes back into the frame's bytes, and off the skb, where the underlay would put it on the
+/// outer packet, before the frame is encapsulated or handed to the backend's socket.
+#[inline(always)]
+fn tags_into_frame(ctx: &TcContext) -> bool {
+    let skb = ctx.skb.skb;
+    for depth in 0..MAX_VLAN_TAGS {
+        // SAFETY: `skb` points at the kernel's `__sk_buff` for this run.
+        let (present, tci, proto) = unsafe { ((*skb).vlan_present, (*skb).vlan_tci, (*skb).vlan_proto) };
+        if present == 0 {
+            return true;
+        }
+        // Taking the tag off the skb moves a next tag in the frame (QinQ) into the metadata; the
+        // next round puts that one back after this one.
+        // SAFETY: the helpers take no pointers besides the skb; the second one zeroes the new
+        // headroom.
+        if unsafe { bpf_skb_vlan_pop(skb) } != 0 || unsafe { bpf_skb_change_head(skb, VLAN_TAG_LEN as u32, 0) } != 0 {
+            return false;
+        }
+        // `vlan_proto` holds the big-endian EtherType in its low 16 bits.
+        let proto = (proto as u16).to_ne_bytes();
+        let tci = (tci as u16).to_be_bytes();
+        let tag = [proto[0], proto[1], tci[0], tci[1]];
+        // The MACs (and a tag already put back) move to the front; the tag goes after them.
+        let at = 12 + VLAN_TAG_LEN * depth;
+        let moved = if depth == 0 { move_to_front::<12>(ctx) } else { move_to_front::<16>(ctx) };
+        if moved.is_err() || ctx.store(at, &tag, 0).is_err() {
+            return false;
+        }
+    }
+    // SAFETY: as above.
+    (unsafe { (*skb).vlan_present }) == 0
+}
+
+/// Moves the `N` bytes after the new headroom of a tag to the frame's start.
+#[inline(always)]
+fn move_to_front<const N: usize>(ctx: &TcContext) -> Result<(), i64> {
+    let bytes = ctx.load::<[u8; N]>(VLAN_TAG_LEN)?;
+    ctx.store(0, &bytes, 0)
 }
 
 #[inline(always)]
@@ -564,6 +634,7 @@ fn to_user_space(ctx: &TcContext, port: u32) -> i32 {
     if ctx.store(0, &wrapper, 0).is_err() {
         return count_error(port);
     }
+    ctx.set_mark(marks::SLOW_PATH);
     if let Some(c) = counters(port) {
         c.to_user_space += 1;
     }

@@ -45,6 +45,8 @@ pub enum PortError {
     NotABridge { id: String, bridge: String },
     #[error("vhost-net requested but could not be initialized: {VHOST_NET} does not exist on this host")]
     NoVhostNet { id: String },
+    #[error("'{ifname}' is not an Ethernet interface")]
+    NotEthernet { id: String, ifname: String },
     #[error("tunnel: {reason}")]
     Tunnel { id: String, reason: String },
     #[error("netlink request for {ifname} failed: {source}")]
@@ -150,6 +152,11 @@ async fn create_tap(
             (held, HubSide::Interface)
         };
         let ifname = tun::tap_name_of(&held[0]).map_err(|e| tun_error("fd", e))?;
+        // A tap from another namespace would be looked up by its name in ours: another interface.
+        if !tun::in_own_namespace(&held[0]).map_err(|e| tun_error(&ifname, e))? {
+            let foreign = io::Error::other("the tap is in another network namespace than netdevd");
+            return Err(tun_error(&ifname, foreign));
+        }
         if let Some(sndbuf) = options.sndbuf {
             for fd in &held {
                 tun::set_sndbuf(fd, sndbuf.0).map_err(|e| tun_error(&ifname, e))?;
@@ -321,6 +328,11 @@ async fn adopt_interface(id: &str, options: &AfXdpOptions, netlink: &Netlink) ->
         .await
         .map_err(|source| PortError::Netlink { id: id.to_owned(), ifname: options.ifname.clone(), source })?
         .ok_or_else(|| PortError::NoInterface { id: id.to_owned(), ifname: options.ifname.clone() })?;
+    // The hub forwards Ethernet frames: loopback and L3 devices (tun, wireguard, ip tunnels)
+    // carry none.
+    if !link.ethernet {
+        return Err(PortError::NotEthernet { id: id.to_owned(), ifname: options.ifname.clone() });
+    }
     let ifindex = link.ifindex;
     let peer_elsewhere = link.is_veth_with_peer_elsewhere();
     // A port forwards only while its interface is up; it is left up when the netdev goes.
