@@ -163,6 +163,11 @@ async fn create_tap(
             }
         }
         let ifindex = ifindex_of(id, &ifname, netlink).await?;
+        // From here on the tap is its ifindex; a rename between the two look-ups would have
+        // found another interface.
+        if tun::tap_name_of(&held[0]).map_err(|e| tun_error(&ifname, e))? != ifname {
+            return Err(tun_error(&ifname, io::Error::other("the tap was renamed while being adopted")));
+        }
         set_up(id, &ifname, ifindex, netlink).await?;
         return Ok(PortDevice {
             device: Device { ifindex, ifname, hub_side, peer_elsewhere: false },
