@@ -16,7 +16,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_head, bpf_skb_vlan_pop},
@@ -24,6 +24,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
+use aya_log_ebpf::{debug, warn};
 use dataplane_common::{TunnelConfig, TunnelCounters, TunnelMacKey, TunnelRxKey, marks, tunnel};
 use crate::peek;
 
@@ -157,10 +158,11 @@ pub fn tunnel_rx(ctx: TcContext) -> i32 {
             return TCX_NEXT;
         }
         ctx.set_mark(marks::TUNNEL_DECAP);
-        if ctx.clone_redirect(port, u64::from(BPF_F_INGRESS)).is_err()
-            && let Some(c) = counters(port)
-        {
-            c.errors += 1;
+        if ctx.clone_redirect(port, u64::from(BPF_F_INGRESS)).is_err() {
+            if let Some(c) = counters(port) {
+                c.errors += 1;
+            }
+            warn!(&ctx, "tunnel port {}: a multicast copy could not be redirected for decapsulation", port);
         }
         ctx.set_mark(marks::TUNNEL_HANDLED);
         return TCX_NEXT;
@@ -197,6 +199,8 @@ fn decapsulate_into_hub(ctx: &TcContext, port: u32, config: &TunnelConfig, outer
         if let Some(c) = counters(port) {
             c.bad_header += 1;
         }
+        // Debug only: a remote sender decides how many of these arrive.
+        debug!(ctx, "tunnel port {}: dropped a packet whose L2TPv3 session or cookie is not the tunnel's", port);
         return TC_ACT_SHOT;
     }
     let inner = payload + usize::from(config.header_len) + usize::from(config.offset);
@@ -225,6 +229,7 @@ fn decapsulate_into_hub(ctx: &TcContext, port: u32, config: &TunnelConfig, outer
         if let Some(c) = counters(port) {
             c.bad_header += 1;
         }
+        debug!(ctx, "tunnel port {}: dropped a packet too short to carry an Ethernet frame", port);
         return TC_ACT_SHOT;
     };
     // Remove everything between the outer Ethernet header and the inner frame's payload, then put
@@ -235,14 +240,15 @@ fn decapsulate_into_hub(ctx: &TcContext, port: u32, config: &TunnelConfig, outer
         return TCX_NEXT;
     }
     if ctx.store(0, &inner_ethernet, 0).is_err() {
-        return count_error(port);
+        return count_error(ctx, port);
     }
     count_decapsulated(ctx, port, relay.is_some(), false, frame_len);
     if let Some((next, next_config)) = relay {
         return encapsulate(ctx, next, next_config, Sent::Relayed);
     }
     // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
-    unsafe { bpf_redirect(config.hub_ifindex, u64::from(BPF_F_INGRESS)) as i32 }
+    let verdict = unsafe { bpf_redirect(config.hub_ifindex, u64::from(BPF_F_INGRESS)) as i32 };
+    checked_redirect(ctx, port, verdict)
 }
 
 /// Counts a decapsulated frame, and whether it is relayed to the other tunnel in this pass.
@@ -343,7 +349,7 @@ pub fn tunnel_port(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     }
     if !tags_into_frame(&ctx) {
-        return count_error(port);
+        return count_error(&ctx, port);
     }
     encapsulate(&ctx, port, config, Sent::FromHub)
 }
@@ -430,14 +436,14 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig, sent: Sent) ->
         if ctx.adjust_room(encap_len as i32, BPF_ADJ_ROOM_MAC, 0).is_err()
             || ctx.store(encap_len, &inner_ethernet, 0).is_err()
         {
-            return count_error(port);
+            return count_error(ctx, port);
         }
     } else if unsafe {
         // SAFETY: the helper grows the skb's headroom (zeroed); it takes no pointers besides the skb.
         bpf_skb_change_head(ctx.skb.skb, encap_len as u32, 0)
     } != 0
     {
-        return count_error(port);
+        return count_error(ctx, port);
     }
     write_outer_headers(ctx, port, config, sent, delivery, frame_len, ip_payload, 0)
 }
@@ -526,7 +532,7 @@ fn write_outer_headers(
     };
     let written = written.and_then(|()| store_l2tp_header(ctx, config, port, l2tp_at, store_flags));
     if written.is_err() {
-        return count_error(port);
+        return count_error(ctx, port);
     }
     if let Some(c) = counters(port) {
         c.encap_packets += 1;
@@ -538,7 +544,7 @@ fn write_outer_headers(
     }
     // The frame came in for another host's MAC; the packet is now for this one or the next hop.
     let _ = ctx.change_type(PACKET_HOST);
-    match delivery {
+    let verdict = match delivery {
         // SAFETY: no next-hop parameters (a null pointer of length 0): the helper routes itself.
         Delivery::Local => unsafe { bpf_redirect_neigh(config.out_ifindex, core::ptr::null_mut(), 0, 0) as i32 },
         // Both programs run at an ingress hook, where the helper is allowed.
@@ -546,7 +552,21 @@ fn write_outer_headers(
         Delivery::Peer => unsafe { bpf_redirect_peer(config.out_ifindex, 0) as i32 },
         // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
         Delivery::Transmit => unsafe { bpf_redirect(config.out_ifindex, 0) as i32 },
+    };
+    checked_redirect(ctx, port, verdict)
+}
+
+/// A redirect helper's verdict, logged when the helper refused the redirect (the device went
+/// away, a peer redirect outside a veth): the packet is then dropped.
+#[inline(always)]
+fn checked_redirect(ctx: &TcContext, port: u32, verdict: i32) -> i32 {
+    if verdict != TC_ACT_REDIRECT as i32 {
+        if let Some(c) = counters(port) {
+            c.errors += 1;
+        }
+        warn!(ctx, "tunnel port {}: redirect refused (verdict {}); packet dropped", port, verdict);
     }
+    verdict
 }
 
 /// Writes the first `N` bytes of `bytes` at `at` (a constant size, as the verifier wants).
@@ -627,25 +647,28 @@ fn store_l2tp_header(ctx: &TcContext, config: &TunnelConfig, port: u32, at: usiz
 fn to_user_space(ctx: &TcContext, port: u32) -> i32 {
     // SAFETY: the helper grows the skb's headroom (zeroed); it takes no pointers besides the skb.
     if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_LEN as u32, 0) } != 0 {
-        return count_error(port);
+        return count_error(ctx, port);
     }
     let ethertype = tunnel::SLOW_PATH_ETHERTYPE.to_be_bytes();
     let wrapper = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, ethertype[0], ethertype[1]];
     if ctx.store(0, &wrapper, 0).is_err() {
-        return count_error(port);
+        return count_error(ctx, port);
     }
     ctx.set_mark(marks::SLOW_PATH);
     if let Some(c) = counters(port) {
         c.to_user_space += 1;
     }
     // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
-    unsafe { bpf_redirect(port, u64::from(BPF_F_INGRESS)) as i32 }
+    let verdict = unsafe { bpf_redirect(port, u64::from(BPF_F_INGRESS)) as i32 };
+    checked_redirect(ctx, port, verdict)
 }
 
+/// Counts and logs a helper's failure (room, store, tag): rare, and worth an operator's look.
 #[inline(always)]
-fn count_error(port: u32) -> i32 {
+fn count_error(ctx: &TcContext, port: u32) -> i32 {
     if let Some(c) = counters(port) {
         c.errors += 1;
     }
+    warn!(ctx, "tunnel port {}: a helper failed on a frame (room, store or VLAN tag); dropped", port);
     TC_ACT_SHOT
 }
