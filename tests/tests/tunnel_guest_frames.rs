@@ -20,7 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_tests::{Daemon, Netns, TapVm, contains, settle, unique};
+use dataplane::{client::QmpClient, qmp::commands::arguments_from_keyval, qmp::server::ListenAddr};
+use dataplane_tests::{Daemon, Netns, TapVm, TempDir, contains, netdevd_bin, settle, unique};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde_json::{Value, json};
 
@@ -63,9 +64,8 @@ fn counter(kernel: &Value, name: &str) -> u64 {
     kernel[name].as_u64().unwrap_or_else(|| panic!("counter {name} missing in {kernel}"))
 }
 
-/// D1 and D2 with the underlay, each with a daemon and a tap on hub 0; the underlay's neighbours
-/// resolved, so that a tunnel's first frames take the fast path.
-fn topology() -> (Side, Side) {
+/// D1 and D2 joined by the underlay (its ends in each), neighbours resolved.
+fn underlay() -> (Netns, Netns, String, String) {
     let d1 = Netns::new("d");
     let d2 = Netns::new("d");
     let (u1, u2) = (unique("u"), unique("u"));
@@ -76,6 +76,13 @@ fn topology() -> (Side, Side) {
         ns.ip(&["link", "set", link, "up"]);
     }
     assert!(d1.ping(D2, 1), "the underlay works");
+    (d1, d2, u1, u2)
+}
+
+/// D1 and D2 with the underlay, each with a daemon and a tap on hub 0; the underlay's neighbours
+/// resolved, so that a tunnel's first frames take the fast path.
+fn topology() -> (Side, Side) {
+    let (d1, d2, u1, u2) = underlay();
     let side = |ns: Netns, underlay: String| {
         let daemon = Daemon::start(&ns);
         let tap = unique("t");
@@ -334,11 +341,17 @@ fn tunnel_packet(from: [u8; 6], to: [u8; 6], destination: &str, tag: &[u8]) -> V
     inner.extend_from_slice(&[0x88, 0xb5]);
     inner.extend_from_slice(tag);
     inner.resize(64, 0);
+    udp_packet(from, to, destination, (5090, 5091), &inner)
+}
+
+/// An IPv4 UDP packet from D1 in an Ethernet frame.
+fn udp_packet(from: [u8; 6], to: [u8; 6], destination: &str, ports: (u16, u16), payload: &[u8]) -> Vec<u8> {
     let source: std::net::Ipv4Addr = D1.parse().expect("address");
     let destination: std::net::Ipv4Addr = destination.parse().expect("address");
-    let builder = etherparse::PacketBuilder::ethernet2(from, to).ipv4(source.octets(), destination.octets(), 64).udp(5090, 5091);
-    let mut packet = Vec::with_capacity(builder.size(inner.len()));
-    builder.write(&mut packet, &inner).expect("build the packet");
+    let builder =
+        etherparse::PacketBuilder::ethernet2(from, to).ipv4(source.octets(), destination.octets(), 64).udp(ports.0, ports.1);
+    let mut packet = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut packet, payload).expect("build the packet");
     packet
 }
 
@@ -370,4 +383,81 @@ fn transit_packets_stay_with_the_stack() {
     assert!(b.vm.recv_until_marker(tag, marker).is_empty(), "a packet not for D2 reached its hub");
     let kernel = b.kernel();
     assert_eq!(counter(&kernel, "decap-packets"), 1, "only the packet for D2 was taken: {kernel}");
+}
+
+/// A netdevd whose log goes to a file, killed on drop.
+struct LoggingDaemon {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+    log: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+impl LoggingDaemon {
+    fn start(ns: &Netns, filter: &str) -> Self {
+        let dir = TempDir::new();
+        let (socket, config, log) = (dir.0.join("qmp.sock"), dir.0.join("netdevd.toml"), dir.0.join("netdevd.log"));
+        std::fs::write(&config, "netdevs = []\n").expect("write config");
+        let child = ns
+            .command(netdevd_bin().to_str().expect("utf-8 path"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--qmp")
+            .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .env("RUST_LOG", filter)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start netdevd");
+        Self { child, socket, log, _dir: dir }
+    }
+
+    fn client(&self) -> QmpClient {
+        let mut client = None;
+        settle::wait_until("netdevd accepts connections", || {
+            client = QmpClient::connect_negotiated(&ListenAddr::Unix(self.socket.clone())).ok();
+            client.is_some()
+        });
+        client.expect("connected")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for LoggingDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The kernel programs' log (aya-log) reaches netdevd's own, at netdevd's level: an L2TPv3 packet
+/// with the wrong cookie is dropped in the kernel and said so at debug level.
+#[test]
+fn kernel_program_logs_reach_netdevd_log() {
+    let (d1, d2, u1, u2) = underlay();
+    let daemon = LoggingDaemon::start(&d2, "info,dataplane::tunnel=debug");
+    let mut client = daemon.client();
+    let keyval = format!(
+        "l2tpv3,id=t,src={D2},dst={D1},udp=on,srcport=1702,dstport=1701,txsession=18,rxsession=17,\
+         txcookie=2271560481,rxcookie=305419896"
+    );
+    let arguments = arguments_from_keyval("netdev_add", &keyval).expect("valid keyval");
+    client.execute("netdev_add", arguments).expect("QMP").expect("netdev_add");
+    let arguments = arguments_from_keyval("netdev_add", "hubport,id=pt,hubid=0,netdev=t").expect("valid keyval");
+    client.execute("netdev_add", arguments).expect("QMP").expect("netdev_add hubport");
+    // Version word, session 17, a cookie that is not 305419896, then a frame.
+    let mut payload = vec![0, 3, 0, 0, 0, 0, 0, 17, 0xde, 0xad, 0xbe, 0xef];
+    payload.extend_from_slice(&[0xff; 6]);
+    payload.resize(80, 0x5a);
+    let sender = PacketSocket::open(&d1, &u1);
+    sender.send(&udp_packet(mac_of(&d1, &u1), mac_of(&d2, &u2), D2, (1701, 1702), &payload));
+    settle::wait_until("the kernel's word on the bad cookie in netdevd's log", || {
+        daemon.log().contains("dropped a packet whose L2TPv3 session or cookie is not the tunnel's")
+    });
+    let rows = client.execute("x-query-netdevs", json!({})).expect("QMP").expect("x-query-netdevs");
+    let row = rows.as_array().and_then(|rows| rows.iter().find(|row| row["id"] == json!("t"))).cloned().unwrap_or_default();
+    assert_eq!(counter(&row["backend"]["kernel"], "bad-header"), 1, "{row}");
 }
