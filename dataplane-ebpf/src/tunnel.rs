@@ -139,12 +139,10 @@ pub fn tunnel_rx(ctx: TcContext) -> i32 {
     // SAFETY: read-only lookup, as above.
     let Some(config) = (unsafe { TUNNELS.get(port) }) else { return TCX_NEXT };
     // Only what the stack would take as this host's: a frame for another MAC (a promiscuous
-    // device) is not, whatever its IP destination says.
-    let for_this_host = if config.flags & tunnel::MULTICAST != 0 {
-        pkt_type == PACKET_MULTICAST || pkt_type == PACKET_LOOPBACK
-    } else {
-        pkt_type == PACKET_HOST
-    };
+    // device) is not, whatever its IP destination says. A group's packets come in group frames,
+    // as the host's own looped-back copies, or on `lo` (no multicast MACs) as the host's.
+    let for_this_host = pkt_type == PACKET_HOST
+        || (config.flags & tunnel::MULTICAST != 0 && (pkt_type == PACKET_MULTICAST || pkt_type == PACKET_LOOPBACK));
     if !for_this_host {
         return TCX_NEXT;
     }
