@@ -49,6 +49,9 @@ pub mod marks {
     pub const TUNNEL_HANDLED: u32 = 0x4e44_7401;
     /// A copy of a received multicast tunnel packet sent to the port device for decapsulation.
     pub const TUNNEL_DECAP: u32 = 0x4e44_7402;
+    /// A frame `tunnel_port` wrapped for the backend's socket (`tunnel::SLOW_PATH_ETHERTYPE`). Only
+    /// the kernel program sets it, so a guest's own frame of that EtherType is not taken for one.
+    pub const SLOW_PATH: u32 = 0x4e44_7403;
 }
 
 pub mod programs {

@@ -16,14 +16,15 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_head},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_head, bpf_skb_vlan_pop},
     macros::{classifier, map},
     maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
+use aya_log_ebpf::{debug, warn};
 use dataplane_common::{TunnelConfig, TunnelCounters, TunnelMacKey, TunnelRxKey, marks, tunnel};
 use crate::peek;
 
@@ -36,6 +37,12 @@ const UDP_LEN: usize = 8;
 const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
 const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
 const PACKET_HOST: u32 = 0;
+const PACKET_MULTICAST: u32 = 2;
+/// A multicast packet this host sent, looped back to its local members.
+const PACKET_LOOPBACK: u32 = 5;
+const VLAN_TAG_LEN: usize = 4;
+/// Tags of a guest's frame put back into it: 802.1ad and 802.1Q (QinQ).
+const MAX_VLAN_TAGS: usize = 2;
 /// TCX: not ours, let the next program (or the stack) have it. Other daemons in the namespace may
 /// run their own `tunnel_rx` on the same device.
 const TCX_NEXT: i32 = -1;
@@ -121,10 +128,24 @@ fn steer(ctx: &TcContext, outer: &Outer) -> Option<(u32, u16)> {
 
 #[classifier]
 pub fn tunnel_rx(ctx: TcContext) -> i32 {
+    // SAFETY: `skb` points at the kernel's `__sk_buff` for this run.
+    let (pkt_type, tagged) = unsafe { ((*ctx.skb.skb).pkt_type, (*ctx.skb.skb).vlan_present) };
+    // A packet on a VLAN (no device of its own took it) is not for this host's addresses.
+    if tagged != 0 {
+        return TCX_NEXT;
+    }
     let Some(outer) = parse_outer(&ctx) else { return TCX_NEXT };
     let Some((port, source_port)) = steer(&ctx, &outer) else { return TCX_NEXT };
     // SAFETY: read-only lookup, as above.
     let Some(config) = (unsafe { TUNNELS.get(port) }) else { return TCX_NEXT };
+    // Only what the stack would take as this host's: a frame for another MAC (a promiscuous
+    // device) is not, whatever its IP destination says. A group's packets come in group frames,
+    // as the host's own looped-back copies, or on `lo` (no multicast MACs) as the host's.
+    let for_this_host = pkt_type == PACKET_HOST
+        || (config.flags & tunnel::MULTICAST != 0 && (pkt_type == PACKET_MULTICAST || pkt_type == PACKET_LOOPBACK));
+    if !for_this_host {
+        return TCX_NEXT;
+    }
     if config.flags & tunnel::MULTICAST != 0 {
         if outer.src == config.src_addr && source_port == config.src_port && is_own_frame(&ctx, port, config, &outer) {
             // Our own packet looped back: other listeners get it, our hub and socket do not.
@@ -135,10 +156,11 @@ pub fn tunnel_rx(ctx: TcContext) -> i32 {
             return TCX_NEXT;
         }
         ctx.set_mark(marks::TUNNEL_DECAP);
-        if ctx.clone_redirect(port, u64::from(BPF_F_INGRESS)).is_err()
-            && let Some(c) = counters(port)
-        {
-            c.errors += 1;
+        if ctx.clone_redirect(port, u64::from(BPF_F_INGRESS)).is_err() {
+            if let Some(c) = counters(port) {
+                c.errors += 1;
+            }
+            warn!(&ctx, "tunnel port {}: a multicast copy could not be redirected for decapsulation", port);
         }
         ctx.set_mark(marks::TUNNEL_HANDLED);
         return TCX_NEXT;
@@ -175,6 +197,8 @@ fn decapsulate_into_hub(ctx: &TcContext, port: u32, config: &TunnelConfig, outer
         if let Some(c) = counters(port) {
             c.bad_header += 1;
         }
+        // Debug only: a remote sender decides how many of these arrive.
+        debug!(ctx, "tunnel port {}: dropped a packet whose L2TPv3 session or cookie is not the tunnel's", port);
         return TC_ACT_SHOT;
     }
     let inner = payload + usize::from(config.header_len) + usize::from(config.offset);
@@ -203,6 +227,7 @@ fn decapsulate_into_hub(ctx: &TcContext, port: u32, config: &TunnelConfig, outer
         if let Some(c) = counters(port) {
             c.bad_header += 1;
         }
+        debug!(ctx, "tunnel port {}: dropped a packet too short to carry an Ethernet frame", port);
         return TC_ACT_SHOT;
     };
     // Remove everything between the outer Ethernet header and the inner frame's payload, then put
@@ -213,14 +238,15 @@ fn decapsulate_into_hub(ctx: &TcContext, port: u32, config: &TunnelConfig, outer
         return TCX_NEXT;
     }
     if ctx.store(0, &inner_ethernet, 0).is_err() {
-        return count_error(port);
+        return count_error(ctx, port);
     }
     count_decapsulated(ctx, port, relay.is_some(), false, frame_len);
     if let Some((next, next_config)) = relay {
         return encapsulate(ctx, next, next_config, Sent::Relayed);
     }
     // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
-    unsafe { bpf_redirect(config.hub_ifindex, u64::from(BPF_F_INGRESS)) as i32 }
+    let verdict = unsafe { bpf_redirect(config.hub_ifindex, u64::from(BPF_F_INGRESS)) as i32 };
+    checked_redirect(ctx, port, verdict)
 }
 
 /// Counts a decapsulated frame, and whether it is relayed to the other tunnel in this pass.
@@ -313,11 +339,59 @@ pub fn tunnel_port(ctx: TcContext) -> i32 {
         let Some(outer) = parse_outer(&ctx) else { return TC_ACT_SHOT };
         return decapsulate_into_hub(&ctx, port, config, &outer);
     }
-    if ctx.load::<[u8; 2]>(12).is_ok_and(|ethertype| ethertype == tunnel::SLOW_PATH_ETHERTYPE.to_be_bytes()) {
-        // Back from `to_user_space`: on to the backend's packet socket.
+    if mark == marks::SLOW_PATH
+        && ctx.load::<[u8; 2]>(12).is_ok_and(|ethertype| ethertype == tunnel::SLOW_PATH_ETHERTYPE.to_be_bytes())
+    {
+        // Back from `to_user_space`: on to the backend's packet socket. A guest's own frame of
+        // that EtherType has no mark and is sent as any other.
         return TC_ACT_OK;
     }
+    if !tags_into_frame(&ctx) {
+        return count_error(&ctx, port);
+    }
     encapsulate(&ctx, port, config, Sent::FromHub)
+}
+
+/// A guest's VLAN tag is in the skb's metadata here, not in the frame: the stack takes the outer
+/// tag out of every frame a device receives, before TC. The tag belongs to the guest's frame, so
+/// it goes back into the frame's bytes, and off the skb, where the underlay would put it on the
+/// outer packet, before the frame is encapsulated or handed to the backend's socket.
+#[inline(always)]
+fn tags_into_frame(ctx: &TcContext) -> bool {
+    let skb = ctx.skb.skb;
+    for depth in 0..MAX_VLAN_TAGS {
+        // SAFETY: `skb` points at the kernel's `__sk_buff` for this run.
+        let (present, tci, proto) = unsafe { ((*skb).vlan_present, (*skb).vlan_tci, (*skb).vlan_proto) };
+        if present == 0 {
+            return true;
+        }
+        // Taking the tag off the skb moves a next tag in the frame (QinQ) into the metadata; the
+        // next round puts that one back after this one.
+        // SAFETY: the helpers take no pointers besides the skb; the second one zeroes the new
+        // headroom.
+        if unsafe { bpf_skb_vlan_pop(skb) } != 0 || unsafe { bpf_skb_change_head(skb, VLAN_TAG_LEN as u32, 0) } != 0 {
+            return false;
+        }
+        // `vlan_proto` holds the big-endian EtherType in its low 16 bits.
+        let proto = (proto as u16).to_ne_bytes();
+        let tci = (tci as u16).to_be_bytes();
+        let tag = [proto[0], proto[1], tci[0], tci[1]];
+        // The MACs (and a tag already put back) move to the front; the tag goes after them.
+        let at = 12 + VLAN_TAG_LEN * depth;
+        let moved = if depth == 0 { move_to_front::<12>(ctx) } else { move_to_front::<16>(ctx) };
+        if moved.is_err() || ctx.store(at, &tag, 0).is_err() {
+            return false;
+        }
+    }
+    // SAFETY: as above.
+    (unsafe { (*skb).vlan_present }) == 0
+}
+
+/// Moves the `N` bytes after the new headroom of a tag to the frame's start.
+#[inline(always)]
+fn move_to_front<const N: usize>(ctx: &TcContext) -> Result<(), i64> {
+    let bytes = ctx.load::<[u8; N]>(VLAN_TAG_LEN)?;
+    ctx.store(0, &bytes, 0)
 }
 
 #[inline(always)]
@@ -360,14 +434,14 @@ fn encapsulate(ctx: &TcContext, port: u32, config: &TunnelConfig, sent: Sent) ->
         if ctx.adjust_room(encap_len as i32, BPF_ADJ_ROOM_MAC, 0).is_err()
             || ctx.store(encap_len, &inner_ethernet, 0).is_err()
         {
-            return count_error(port);
+            return count_error(ctx, port);
         }
     } else if unsafe {
         // SAFETY: the helper grows the skb's headroom (zeroed); it takes no pointers besides the skb.
         bpf_skb_change_head(ctx.skb.skb, encap_len as u32, 0)
     } != 0
     {
-        return count_error(port);
+        return count_error(ctx, port);
     }
     write_outer_headers(ctx, port, config, sent, delivery, frame_len, ip_payload, 0)
 }
@@ -456,7 +530,7 @@ fn write_outer_headers(
     };
     let written = written.and_then(|()| store_l2tp_header(ctx, config, port, l2tp_at, store_flags));
     if written.is_err() {
-        return count_error(port);
+        return count_error(ctx, port);
     }
     if let Some(c) = counters(port) {
         c.encap_packets += 1;
@@ -468,7 +542,7 @@ fn write_outer_headers(
     }
     // The frame came in for another host's MAC; the packet is now for this one or the next hop.
     let _ = ctx.change_type(PACKET_HOST);
-    match delivery {
+    let verdict = match delivery {
         // SAFETY: no next-hop parameters (a null pointer of length 0): the helper routes itself.
         Delivery::Local => unsafe { bpf_redirect_neigh(config.out_ifindex, core::ptr::null_mut(), 0, 0) as i32 },
         // Both programs run at an ingress hook, where the helper is allowed.
@@ -476,7 +550,21 @@ fn write_outer_headers(
         Delivery::Peer => unsafe { bpf_redirect_peer(config.out_ifindex, 0) as i32 },
         // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
         Delivery::Transmit => unsafe { bpf_redirect(config.out_ifindex, 0) as i32 },
+    };
+    checked_redirect(ctx, port, verdict)
+}
+
+/// A redirect helper's verdict, logged when the helper refused the redirect (the device went
+/// away, a peer redirect outside a veth): the packet is then dropped.
+#[inline(always)]
+fn checked_redirect(ctx: &TcContext, port: u32, verdict: i32) -> i32 {
+    if verdict != TC_ACT_REDIRECT as i32 {
+        if let Some(c) = counters(port) {
+            c.errors += 1;
+        }
+        warn!(ctx, "tunnel port {}: redirect refused (verdict {}); packet dropped", port, verdict);
     }
+    verdict
 }
 
 /// Writes the first `N` bytes of `bytes` at `at` (a constant size, as the verifier wants).
@@ -557,24 +645,28 @@ fn store_l2tp_header(ctx: &TcContext, config: &TunnelConfig, port: u32, at: usiz
 fn to_user_space(ctx: &TcContext, port: u32) -> i32 {
     // SAFETY: the helper grows the skb's headroom (zeroed); it takes no pointers besides the skb.
     if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_LEN as u32, 0) } != 0 {
-        return count_error(port);
+        return count_error(ctx, port);
     }
     let ethertype = tunnel::SLOW_PATH_ETHERTYPE.to_be_bytes();
     let wrapper = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, ethertype[0], ethertype[1]];
     if ctx.store(0, &wrapper, 0).is_err() {
-        return count_error(port);
+        return count_error(ctx, port);
     }
+    ctx.set_mark(marks::SLOW_PATH);
     if let Some(c) = counters(port) {
         c.to_user_space += 1;
     }
     // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
-    unsafe { bpf_redirect(port, u64::from(BPF_F_INGRESS)) as i32 }
+    let verdict = unsafe { bpf_redirect(port, u64::from(BPF_F_INGRESS)) as i32 };
+    checked_redirect(ctx, port, verdict)
 }
 
+/// Counts and logs a helper's failure (room, store, tag): rare, and worth an operator's look.
 #[inline(always)]
-fn count_error(port: u32) -> i32 {
+fn count_error(ctx: &TcContext, port: u32) -> i32 {
     if let Some(c) = counters(port) {
         c.errors += 1;
     }
+    warn!(ctx, "tunnel port {}: a helper failed on a frame (room, store or VLAN tag); dropped", port);
     TC_ACT_SHOT
 }

@@ -13,7 +13,7 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
     util::nr_cpus,
 };
-use dataplane_common::{TunnelConfig, TunnelCounters, TunnelRxKey, maps, programs, tunnel};
+use dataplane_common::{TunnelConfig, TunnelCounters, TunnelRxKey, maps, marks, programs, tunnel};
 use dataplane_tests::testrun::{LO, SKB_CTX_LEN, SKB_IFINDEX_OFFSET, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunObject};
 
 /// The tunnel's port device, and the hub port decapsulated frames are injected at.
@@ -21,6 +21,10 @@ const PORT: u32 = 9100;
 const HUB: u32 = 9101;
 /// TCX_NEXT (-1): not this program's packet, left to the next program or the stack.
 const NEXT: u32 = u32::MAX;
+/// `struct __sk_buff`'s `mark`.
+const SKB_MARK_OFFSET: usize = 8;
+/// A test run's skb is on `lo`: a frame for lo's all-zero MAC is the host's (`PACKET_HOST`).
+const HOST_MAC: [u8; 6] = [0; 6];
 
 const LOCAL: [u8; 4] = [10, 9, 0, 1];
 const REMOTE: [u8; 4] = [10, 9, 0, 2];
@@ -112,8 +116,14 @@ impl Tunnels {
 
     /// Runs the program on `packet` as seen on `lo`: the verdict and the packet afterwards.
     fn run(&self, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.run_marked(packet, 0)
+    }
+
+    /// [`Self::run`] with the skb's mark set to `mark`.
+    fn run_marked(&self, packet: &[u8], mark: u32) -> (u32, Vec<u8>) {
         let mut ctx = [0u8; SKB_CTX_LEN];
         ctx[SKB_IFINDEX_OFFSET..SKB_IFINDEX_OFFSET + 4].copy_from_slice(&LO.to_ne_bytes());
+        ctx[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
         let program: &SchedClassifier =
             self.object.ebpf.program(self.program).expect("the program").try_into().expect("TC");
         let mut out = vec![0u8; packet.len() + 256];
@@ -163,7 +173,8 @@ fn l2tp_header(carrier: Carrier, session: [u8; 4], cookie: [u8; 4]) -> Vec<u8> {
     header
 }
 
-/// Outer Ethernet + IPv4 (`frag` as flags/fragment offset) + (UDP) + `payload`, REMOTE → LOCAL.
+/// Outer Ethernet (to [`HOST_MAC`]) + IPv4 (`frag` as flags/fragment offset) + (UDP) +
+/// `payload`, REMOTE → LOCAL.
 fn outer(carrier: Carrier, frag: [u8; 2], payload: &[u8]) -> Vec<u8> {
     let l4 = match carrier {
         Carrier::Udp => {
@@ -181,7 +192,8 @@ fn outer(carrier: Carrier, frag: [u8; 2], payload: &[u8]) -> Vec<u8> {
         Carrier::Udp => tunnel::PROTO_UDP,
         Carrier::Ip => tunnel::PROTO_L2TP,
     };
-    let mut packet = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+    let mut packet = HOST_MAC.to_vec();
+    packet.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00]);
     let total = u16::try_from(20 + l4.len()).expect("short");
     packet.extend_from_slice(&[0x45, 0]);
     packet.extend_from_slice(&total.to_be_bytes());
@@ -263,6 +275,10 @@ fn decapsulates_and_refuses(carrier: Carrier) {
     let mut elsewhere = full.clone();
     elsewhere[33] = 9;
     check("another destination address", elsewhere, NEXT, None, (0, 0, 0));
+    // In a frame for another MAC (a promiscuous device): not the host's, whatever its address.
+    let mut other_mac = full.clone();
+    other_mac[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    check("a frame for another MAC", other_mac, NEXT, None, (0, 0, 0));
     if matches!(carrier, Carrier::Udp) {
         let mut other_port = full.clone();
         other_port[36..38].copy_from_slice(&1702u16.to_be_bytes());
@@ -321,11 +337,18 @@ fn tunnel_port_encapsulates_or_leaves_it_to_user_space() {
     let (verdict, out) = tunnels.run(&long);
     assert_eq!(verdict, TC_ACT_REDIRECT, "turned back into the port device");
     assert_eq!((&out[..14], &out[14..]), (&wrapped[..], &long[..]), "wrapped in the slow-path EtherType, whole");
-    // Back from user space's detour: left to the backend's socket, untouched.
-    let (verdict, back) = tunnels.run(&out);
-    assert_eq!((verdict, back), (0, out), "a wrapped frame is TC_ACT_OK and unchanged");
+    // Back from user space's detour (marked by the program): left to the backend's socket,
+    // untouched.
+    let (verdict, back) = tunnels.run_marked(&out, marks::SLOW_PATH);
+    assert_eq!((verdict, &back), (0, &out), "a wrapped frame is TC_ACT_OK and unchanged");
     let counters = tunnels.counters();
     assert_eq!((counters.encap_packets, counters.to_user_space), (1, 1));
+    // The same bytes from a guest, unmarked: a frame like any other (too long here, so wrapped
+    // in turn for the socket, which sends it whole).
+    let (verdict, forged) = tunnels.run(&out);
+    assert_eq!((verdict, &forged[..14], &forged[14..]), (TC_ACT_REDIRECT, &wrapped[..], &out[..]), "a guest's 0x88b6 frame");
+    let counters = tunnels.counters();
+    assert_eq!((counters.encap_packets, counters.to_user_space), (1, 2));
 
     // Next hop not resolved yet: every frame to user space.
     let pending = Tunnels::with(Carrier::Udp, programs::TUNNEL_PORT, LO, tunnel::NEIGHBOUR_PENDING);

@@ -104,15 +104,66 @@ fn summed<T: aya::Pod + Default, E>(per_cpu: Result<PerCpuValues<T>, E>, add: fn
     )
 }
 
+/// aya-log's global in the object: the most verbose level its log statements emit.
+const KERNEL_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
+
+/// netdevd's most verbose log level as aya-log's (`Error` = 1 … `Trace` = 5, 0 for none).
+fn kernel_log_level() -> u8 {
+    use tracing::level_filters::LevelFilter;
+    match LevelFilter::current() {
+        LevelFilter::OFF => 0,
+        LevelFilter::ERROR => 1,
+        LevelFilter::WARN => 2,
+        LevelFilter::INFO => 3,
+        LevelFilter::DEBUG => 4,
+        _ => 5,
+    }
+}
+
+/// Drains the programs' log ring (aya-log) into netdevd's log, where the records appear with the
+/// programs' module as target (`dataplane::tunnel`). Needs the runtime; without one (a unit test)
+/// the records stay in the ring.
+fn forward_kernel_logs(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(error) => {
+            tracing::debug!(%error, "the eBPF object has no log ring");
+            return;
+        }
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    runtime.spawn(async move {
+        // SAFETY: the logger owns the ring's map fd, open and the same for as long as it lives,
+        // and the `AsyncFd` owns the logger.
+        let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+        let mut ring = match registered.map_err(std::io::Error::from) {
+            Ok(ring) => ring,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch the eBPF log ring: kernel program logs are lost");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut ready) = ring.readable_mut().await else { return };
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
+}
+
 fn boxed(error: impl std::error::Error + Send + Sync + 'static) -> Box<dyn std::error::Error + Send + Sync> {
     Box::new(error)
 }
 
 impl EbpfDataplane {
     pub fn load(source: &ObjectSource) -> Result<Self, KernelError> {
+        // The programs' log statements above netdevd's level are dead code to the verifier.
+        let level = kernel_log_level();
+        let mut loader = EbpfLoader::new();
+        loader.override_global(KERNEL_LOG_LEVEL, &level, false);
         let (name, loaded) = match source {
-            ObjectSource::Embedded => ("<embedded>".to_owned(), EbpfLoader::new().load(EMBEDDED_OBJECT)),
-            ObjectSource::File(path) => (path.display().to_string(), EbpfLoader::new().load_file(path)),
+            ObjectSource::Embedded => ("<embedded>".to_owned(), loader.load(EMBEDDED_OBJECT)),
+            ObjectSource::File(path) => (path.display().to_string(), loader.load_file(path)),
         };
         let load_error = |source| KernelError::Load { path: name.clone(), source };
         let mut ebpf = loaded.map_err(|e| load_error(boxed(e)))?;
@@ -127,6 +178,7 @@ impl EbpfDataplane {
                 tracing::debug!(program = name, instructions = count, "verified");
             }
         }
+        forward_kernel_logs(&mut ebpf);
         let mut take = |map: &'static str| {
             ebpf.take_map(map).ok_or_else(|| load_error(format!("the object has no {map} map").into()))
         };

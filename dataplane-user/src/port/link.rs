@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage};
 use netlink_packet_route::{
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteType},
@@ -30,6 +30,8 @@ pub struct LinkInfoSummary {
     pub controller: Option<u32>,
     /// Set when the link's other end (a veth peer) is in another network namespace.
     pub link_netns: Option<i32>,
+    /// An Ethernet device (`ARPHRD_ETHER`): not loopback, not an L3 device.
+    pub ethernet: bool,
 }
 
 impl LinkInfoSummary {
@@ -194,7 +196,13 @@ impl Netlink {
 }
 
 fn summarize(message: &LinkMessage) -> LinkInfoSummary {
-    let mut summary = LinkInfoSummary { ifindex: message.header.index, kind: None, controller: None, link_netns: None };
+    let mut summary = LinkInfoSummary {
+        ifindex: message.header.index,
+        kind: None,
+        controller: None,
+        link_netns: None,
+        ethernet: message.header.link_layer_type == LinkLayerType::Ether,
+    };
     for attribute in &message.attributes {
         match attribute {
             LinkAttribute::Controller(index) => summary.controller = Some(*index),

@@ -80,6 +80,8 @@ pub enum PortError {
     NotABridge { id: String, bridge: String },
     #[error("vhost-net requested but could not be initialized: {VHOST_NET} does not exist on this host")]
     NoVhostNet { id: String },
+    #[error("'{ifname}' is not an Ethernet interface")]
+    NotEthernet { id: String, ifname: String },
     #[error("tunnel: {reason}")]
     Tunnel { id: String, reason: String },
     #[error("netlink request for {ifname} failed: {source}")]
@@ -187,6 +189,11 @@ async fn create_tap(
             (held, HubSide::Interface)
         };
         let ifname = tun::tap_name_of(&held[0]).map_err(|e| tun_error("fd", e))?;
+        // A tap from another namespace would be looked up by its name in ours: another interface.
+        if !tun::in_own_namespace(&held[0]).map_err(|e| tun_error(&ifname, e))? {
+            let foreign = io::Error::other("the tap is in another network namespace than netdevd");
+            return Err(tun_error(&ifname, foreign));
+        }
         // As QEMU: every held queue gets `sndbuf` (unlimited when absent); only a given one that
         // cannot be set is an error.
         for fd in &held {
@@ -196,6 +203,11 @@ async fn create_tap(
             }
         }
         let ifindex = ifindex_of(id, &ifname, netlink).await?;
+        // From here on the tap is its ifindex; a rename between the two look-ups would have
+        // found another interface.
+        if tun::tap_name_of(&held[0]).map_err(|e| tun_error(&ifname, e))? != ifname {
+            return Err(tun_error(&ifname, io::Error::other("the tap was renamed while being adopted")));
+        }
         set_up(id, &ifname, ifindex, netlink).await?;
         return Ok(PortDevice {
             device: Device { ifindex, ifname, hub_side, peer_elsewhere: false },
@@ -442,6 +454,11 @@ async fn adopt_interface(id: &str, options: &AfXdpOptions, netlink: &Netlink) ->
         .await
         .map_err(|source| PortError::Netlink { id: id.to_owned(), ifname: options.ifname.clone(), source })?
         .ok_or_else(|| PortError::NoInterface { id: id.to_owned(), ifname: options.ifname.clone() })?;
+    // The hub forwards Ethernet frames: loopback and L3 devices (tun, wireguard, ip tunnels)
+    // carry none.
+    if !link.ethernet {
+        return Err(PortError::NotEthernet { id: id.to_owned(), ifname: options.ifname.clone() });
+    }
     let ifindex = link.ifindex;
     let peer_elsewhere = link.is_veth_with_peer_elsewhere();
     // A port forwards only while its interface is up; it is left up when the netdev goes.

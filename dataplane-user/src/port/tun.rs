@@ -133,6 +133,22 @@ pub fn tap_name_of(fd: &OwnedFd) -> io::Result<String> {
     Ok(request.name())
 }
 
+/// Whether the tap behind a passed fd lives in the daemon's network namespace
+/// (`TUNGETDEVNETNS`): its name means the daemon's interface of that name only then.
+pub fn in_own_namespace(fd: &OwnedFd) -> io::Result<bool> {
+    // SAFETY: TUNGETDEVNETNS takes no argument and returns a new fd of the device's namespace.
+    let raw = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETDEVNETNS) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just installed this descriptor for us; nothing else owns it.
+    let theirs = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    let theirs = std::fs::File::from(theirs).metadata()?;
+    let ours = std::fs::metadata("/proc/thread-self/ns/net")?;
+    use std::os::unix::fs::MetadataExt;
+    Ok((theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()))
+}
+
 /// `TUNSETSNDBUF` on a tap fd the daemon holds.
 pub fn set_sndbuf(fd: &OwnedFd, bytes: u64) -> io::Result<()> {
     let mut value: libc::c_int = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);

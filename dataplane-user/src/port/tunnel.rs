@@ -4,7 +4,7 @@
 //! [`refresh_next_hop`]; until it is known, frames take the backend's socket, which resolves it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     net::{IpAddr, Ipv4Addr},
 };
@@ -143,18 +143,40 @@ pub async fn resolve(
     let mtu = mtu_of(&interface.name).unwrap_or(1500);
     config.max_frame = u32::try_from(mtu.saturating_sub(encap_overhead)).unwrap_or(0);
 
-    let local_addr = if multicast { remote.ip() } else { endpoint.local.ip() };
-    let mut key = TunnelRxKey { addr: address_bytes(local_addr), ..TunnelRxKey::default() };
+    let mut template = TunnelRxKey::default();
     if over_udp {
-        key.proto = tunnel::PROTO_UDP;
-        key.port = config.src_port;
+        template.proto = tunnel::PROTO_UDP;
+        template.port = config.src_port;
     } else {
-        key.proto = tunnel::PROTO_L2TP;
-        key.session = u32::from_ne_bytes(config.rx_match[..4].try_into().unwrap_or_default());
+        template.proto = tunnel::PROTO_L2TP;
+        template.session = u32::from_ne_bytes(config.rx_match[..4].try_into().unwrap_or_default());
     }
+    let rx_keys = receive_addresses(multicast, endpoint, ipv6)
+        .into_iter()
+        .map(|addr| TunnelRxKey { addr: address_bytes(addr), ..template })
+        .collect();
     let mut underlays = BTreeMap::new();
     underlays.insert(interface.ifindex, interface.name);
-    Ok(TunnelFastPath { port_ifindex, port_ifname: port_ifname.to_owned(), config, rx_keys: vec![key], underlays, next_hop })
+    Ok(TunnelFastPath { port_ifindex, port_ifname: port_ifname.to_owned(), config, rx_keys, underlays, next_hop })
+}
+
+/// The destinations whose packets the kernel takes for the tunnel: the group, the bound address,
+/// or for a socket bound to the wildcard address every address of its family the host has now.
+/// Not a wildcard key: a packet routed through this host to another address must stay with the
+/// stack. An address added later takes the socket's path, which the stack serves as ever.
+fn receive_addresses(multicast: bool, endpoint: &TunnelEndpoint, ipv6: bool) -> BTreeSet<IpAddr> {
+    if multicast {
+        return BTreeSet::from([endpoint.remote.ip()]);
+    }
+    let local = endpoint.local.ip();
+    if !local.is_unspecified() {
+        return BTreeSet::from([local]);
+    }
+    interfaces()
+        .into_iter()
+        .filter_map(|(_, address)| address)
+        .filter(|address| address.is_ipv6() == ipv6 && !address.is_unspecified())
+        .collect()
 }
 
 /// The tunnel's configuration with its next hop's current MAC, if that changed (a neighbour was
