@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::{
+    logging::LogFormat,
     netdev::{Netdev, NetdevError},
     qmp::server::{DEFAULT_MAX_MESSAGE_BYTES, ListenAddr, ServerError},
 };
@@ -78,11 +79,13 @@ const fn default_max_message_bytes() -> usize {
 struct LogSection {
     #[serde(default = "default_level")]
     level: String,
+    #[serde(default)]
+    format: LogFormat,
 }
 
 impl Default for LogSection {
     fn default() -> Self {
-        Self { level: default_level() }
+        Self { level: default_level(), format: LogFormat::default() }
     }
 }
 
@@ -104,6 +107,7 @@ pub struct Settings {
     pub listen: Vec<ListenAddr>,
     pub max_message_bytes: usize,
     pub log_level: String,
+    pub log_format: LogFormat,
     /// Created at start, in this order.
     pub netdevs: Vec<Netdev>,
     /// The eBPF object to load instead of the embedded one.
@@ -159,6 +163,7 @@ impl Settings {
             listen,
             max_message_bytes: file.qmp.max_message_bytes,
             log_level: file.log.level,
+            log_format: file.log.format,
             netdevs,
             bpf_object: overrides.bpf_object.clone(),
             user_resolv_conf: None,

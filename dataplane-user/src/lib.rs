@@ -16,6 +16,7 @@
 //! * [`daemon`]: the state behind one lock, every change planned and applied, typed events;
 //! * [`qmp`]: the control socket, which encodes the daemon's events as QEMU's;
 //! * [`config`]: the configuration file and command line;
+//! * [`logging`]: the daemon's log format;
 //! * [`client`]: a small QMP client for `netdevctl` and tests.
 
 pub mod backend;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod fd;
 pub mod kernel;
+pub mod logging;
 pub mod model;
 pub mod monitor;
 pub mod netdev;

@@ -8,6 +8,7 @@ use dataplane::{
     config::{Overrides, Settings},
     daemon::{Daemon, Host, ShutdownCause},
     fd::NoFds,
+    logging::{self, LogFormat},
     kernel::{
         attach::{self, AttachChoice},
         ebpf::{EbpfDataplane, ObjectSource},
@@ -16,7 +17,6 @@ use dataplane::{
     qmp::server::{self, Listener},
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(version, about = "QEMU's netdev API over QMP, forwarded in the kernel by eBPF")]
@@ -41,6 +41,9 @@ struct Args {
     /// netlink) or `netlink` (TC filters even where TCX works). Default from NETDEVD_X_ATTACH.
     #[arg(long, value_name = "MODE")]
     x_attach: Option<AttachChoice>,
+    /// Log lines as `text` or `json` (one object a line); default from the config file's [log] format.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -66,8 +69,7 @@ fn start() -> Result<()> {
     let overrides = Overrides { config: args.config, qmp: args.qmp, netdevs: args.netdev, bpf_object: args.bpf_object };
     let mut settings = Settings::load(&overrides)?;
     settings.user_resolv_conf = args.user_resolv_conf;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    logging::init(&settings.log_level, args.log_format.unwrap_or(settings.log_format));
     if !nix::unistd::geteuid().is_root() {
         bail!("netdevd must run as root: it creates interfaces and loads eBPF programs");
     }
