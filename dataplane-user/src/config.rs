@@ -49,6 +49,15 @@ struct ConfigFile {
     log: LogSection,
     #[serde(default)]
     netdevs: Vec<NetdevSpec>,
+    #[serde(default)]
+    metrics: MetricsSection,
+}
+
+/// `[metrics] listen = "unix:PATH"` or `"tcp:IP:PORT"`: the opt-in Prometheus endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +117,8 @@ pub struct Settings {
     pub max_message_bytes: usize,
     pub log_level: String,
     pub log_format: LogFormat,
+    /// The Prometheus endpoint's address (`unix:PATH`, `tcp:IP:PORT`), if enabled.
+    pub metrics: Option<String>,
     /// Created at start, in this order.
     pub netdevs: Vec<Netdev>,
     /// The eBPF object to load instead of the embedded one.
@@ -164,6 +175,7 @@ impl Settings {
             max_message_bytes: file.qmp.max_message_bytes,
             log_level: file.log.level,
             log_format: file.log.format,
+            metrics: file.metrics.listen,
             netdevs,
             bpf_object: overrides.bpf_object.clone(),
             user_resolv_conf: None,

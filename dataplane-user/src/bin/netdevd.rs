@@ -1,4 +1,6 @@
 //! netdevd: the daemon. `netdevd [--config FILE] [--qmp unix:PATH,server=on,wait=off]… [--netdev KEYVAL]…`
+//!
+//! SIGTERM and SIGINT stop it; SIGHUP reloads the configuration file.
 
 use std::path::PathBuf;
 
@@ -9,6 +11,9 @@ use dataplane::{
     daemon::{Daemon, Host, ShutdownCause},
     fd::NoFds,
     logging::{self, LogFormat},
+    metrics::{MetricsAddr, MetricsListener},
+    netdev::Netdev,
+    systemd,
     kernel::{
         attach::{self, AttachChoice},
         ebpf::{EbpfDataplane, ObjectSource},
@@ -44,6 +49,10 @@ struct Args {
     /// Log lines as `text` or `json` (one object a line); default from the config file's [log] format.
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics at GET /metrics on unix:PATH or tcp:IP:PORT (default: the config
+    /// file's [metrics] listen; off when neither is given).
+    #[arg(long, value_name = "ADDRESS")]
+    metrics: Option<MetricsAddr>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +78,13 @@ fn start() -> Result<()> {
     let overrides = Overrides { config: args.config, qmp: args.qmp, netdevs: args.netdev, bpf_object: args.bpf_object };
     let mut settings = Settings::load(&overrides)?;
     settings.user_resolv_conf = args.user_resolv_conf;
+    let metrics = match (args.metrics, &settings.metrics) {
+        (Some(addr), _) => Some(addr),
+        (None, Some(spec)) => Some(spec.parse::<MetricsAddr>().map_err(anyhow::Error::msg)?),
+        (None, None) => None,
+    };
+    // Before any thread starts: taking them edits the environment.
+    let inherited = systemd::take_listeners().context("socket activation")?;
     logging::init(&settings.log_level, args.log_format.unwrap_or(settings.log_format));
     if !nix::unistd::geteuid().is_root() {
         bail!("netdevd must run as root: it creates interfaces and loads eBPF programs");
@@ -77,10 +93,18 @@ fn start() -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(run(settings, attach))
+        .block_on(run(settings, attach, Startup { overrides, metrics, inherited }))
 }
 
-async fn run(settings: Settings, attach: AttachChoice) -> Result<()> {
+/// What `run` needs besides the settings: how to read them again, and the sockets to serve.
+struct Startup {
+    overrides: Overrides,
+    metrics: Option<MetricsAddr>,
+    /// QMP sockets passed by systemd; they replace the configured addresses.
+    inherited: Vec<std::os::unix::net::UnixListener>,
+}
+
+async fn run(settings: Settings, attach: AttachChoice, startup: Startup) -> Result<()> {
     let source = match settings.bpf_object.clone() {
         Some(path) => ObjectSource::File(path),
         None => ObjectSource::default_source()
@@ -102,6 +126,7 @@ async fn run(settings: Settings, attach: AttachChoice) -> Result<()> {
     if let Some(path) = settings.user_resolv_conf.clone() {
         daemon.set_user_resolv_conf(path);
     }
+    let mut configured: Vec<Netdev> = settings.netdevs.clone();
     for netdev in settings.netdevs {
         let id = netdev.id.clone();
         if let Err(error) = daemon.add_netdev(netdev, &mut NoFds).await {
@@ -110,7 +135,12 @@ async fn run(settings: Settings, attach: AttachChoice) -> Result<()> {
         }
     }
     let mut listeners = Vec::new();
-    for addr in &settings.listen {
+    for listener in startup.inherited {
+        listeners.push(Listener::inherited(listener).context("socket activation")?);
+        tracing::info!("QMP listening on a socket passed by systemd");
+    }
+    let configured_listen = if listeners.is_empty() { settings.listen.as_slice() } else { &[] };
+    for addr in configured_listen {
         match Listener::bind(addr).await {
             Ok(listener) => listeners.push(listener),
             Err(error) => {
@@ -120,26 +150,67 @@ async fn run(settings: Settings, attach: AttachChoice) -> Result<()> {
         }
         tracing::info!(%addr, "QMP listening");
     }
+    if let Some(addr) = &startup.metrics {
+        match MetricsListener::bind(addr).await {
+            Ok(listener) => {
+                tokio::spawn(listener.serve(daemon.clone()));
+                tracing::info!(%addr, "metrics served");
+            }
+            Err(error) => {
+                daemon.tear_down().await;
+                bail!("cannot serve metrics on {addr}: {error}");
+            }
+        }
+    }
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
     let signals = {
         let daemon = daemon.clone();
+        let overrides = startup.overrides;
         tokio::spawn(async move {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = interrupt.recv() => {}
-                _ = hangup.recv() => {}
+            loop {
+                tokio::select! {
+                    _ = terminate.recv() => break,
+                    _ = interrupt.recv() => break,
+                    _ = hangup.recv() => reload(&daemon, &overrides, &mut configured).await,
+                }
             }
             tracing::info!("signal received, shutting down");
+            systemd::notify_or_warn("STOPPING=1");
             daemon.shut_down(ShutdownCause::HostSignal);
         })
     };
 
+    // Clients can connect, the configured netdevs exist and SIGTERM is handled: systemd may start
+    // what depends on us.
+    systemd::notify_or_warn("READY=1\nSTATUS=serving QMP");
     server::serve(daemon.clone(), listeners, settings.max_message_bytes).await;
     signals.abort();
     daemon.tear_down().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP (`systemctl reload`): reads the configuration again with the same command line and
+/// brings the configured netdevs in line with it; a file that does not parse changes nothing.
+async fn reload(daemon: &Daemon, overrides: &Overrides, configured: &mut Vec<Netdev>) {
+    systemd::notify_or_warn(&systemd::reloading_message());
+    match Settings::load(overrides) {
+        Ok(next) => {
+            let outcome = daemon.reload_netdevs(configured, &next.netdevs).await;
+            for failure in &outcome.failed {
+                tracing::error!(%failure, "reload: a configured netdev could not be changed");
+            }
+            tracing::info!(removed = outcome.removed, added = outcome.added, failed = outcome.failed.len(),
+                "configuration reloaded");
+            *configured = next.netdevs;
+        }
+        Err(error) => {
+            let error = anyhow::Error::from(error);
+            tracing::error!(error = format!("{error:#}"), "reload: configuration not read, nothing changed");
+        }
+    }
+    systemd::notify_or_warn("READY=1");
 }

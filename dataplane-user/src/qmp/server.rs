@@ -106,7 +106,10 @@ pub enum Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Self::Unix { path, .. } = self {
+        // An inherited socket's file belongs to whoever made it (systemd): its path is empty.
+        if let Self::Unix { path, .. } = self
+            && !path.as_os_str().is_empty()
+        {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -129,6 +132,11 @@ impl Listener {
             }
             ListenAddr::Tcp(socket_addr) => Ok(Self::Tcp(TcpListener::bind(socket_addr).await.map_err(bind_error)?)),
         }
+    }
+
+    /// A listening unix socket passed by systemd (socket activation); its file is left in place.
+    pub fn inherited(listener: std::os::unix::net::UnixListener) -> io::Result<Self> {
+        Ok(Self::Unix { listener: UnixListener::from_std(listener)?, path: PathBuf::new() })
     }
 
     async fn accept(&self) -> io::Result<Connection> {
