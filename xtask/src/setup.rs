@@ -155,6 +155,15 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
+/// cargo-deb builds the Debian package (`cargo xtask package`).
+pub fn cargo_deb(root: &Path) -> Result<()> {
+    if shell::succeeds(shell::cargo(root).args(["deb", "--version"])) {
+        return Ok(());
+    }
+    shell::step("installing cargo-deb (compiles from source, a few minutes)");
+    shell::run(shell::cargo(root).args(["install", "cargo-deb", "--locked"]))
+}
+
 /// nextest runs every Rust suite, here and in CI (crates.io is the only source it needs).
 pub fn nextest(root: &Path) -> Result<()> {
     if shell::succeeds(shell::cargo(root).args(["nextest", "--version"])) {
