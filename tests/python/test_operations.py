@@ -183,6 +183,20 @@ def test_ready_only_once_serving(launch, short_tmp):
         notify.close()
 
 
+def test_quit_reports_stopping(launch, short_tmp):
+    """`quit` over QMP tells the service manager the daemon is stopping, as a signal does."""
+    notify = NotifySocket(short_tmp)
+    try:
+        daemon = launch(env={"NOTIFY_SOCKET": notify.path})
+        assert notify.next().get("READY") == "1"
+        with RawQmp(daemon.socket_path, negotiate=True) as qmp:
+            assert qmp.cmd("quit") == {"return": {}}
+        assert notify.next().get("STOPPING") == "1"
+        assert daemon.proc.wait(timeout=TIMEOUT) == 0
+    finally:
+        notify.close()
+
+
 def test_abstract_notify_socket(launch):
     """NOTIFY_SOCKET=@name is an abstract socket, as systemd may pass it."""
     name = f"netdevd-test-{os.getpid()}"

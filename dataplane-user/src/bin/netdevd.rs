@@ -178,7 +178,6 @@ async fn run(settings: Settings, attach: AttachChoice, startup: Startup) -> Resu
                 }
             }
             tracing::info!("signal received, shutting down");
-            systemd::notify_or_warn("STOPPING=1");
             daemon.shut_down(ShutdownCause::HostSignal);
         })
     };
@@ -187,6 +186,8 @@ async fn run(settings: Settings, attach: AttachChoice, startup: Startup) -> Resu
     // what depends on us.
     systemd::notify_or_warn("READY=1\nSTATUS=serving QMP");
     server::serve(daemon.clone(), listeners, settings.max_message_bytes).await;
+    // A signal or `quit`: the netdevs go now.
+    systemd::notify_or_warn("STOPPING=1");
     signals.abort();
     daemon.tear_down().await;
     tracing::info!("stopped");
