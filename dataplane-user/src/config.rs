@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::{
+    logging::LogFormat,
     netdev::{Netdev, NetdevError},
     qmp::{
         codec::MAX_MESSAGE_BYTES_LIMIT,
@@ -61,6 +62,15 @@ struct ConfigFile {
     limits: LimitsSection,
     #[serde(default)]
     netdevs: Vec<NetdevSpec>,
+    #[serde(default)]
+    metrics: MetricsSection,
+}
+
+/// `[metrics] listen = "unix:PATH"` or `"tcp:IP:PORT"`: the opt-in Prometheus endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,11 +130,13 @@ const fn default_max_message_bytes() -> usize {
 struct LogSection {
     #[serde(default = "default_level")]
     level: String,
+    #[serde(default)]
+    format: LogFormat,
 }
 
 impl Default for LogSection {
     fn default() -> Self {
-        Self { level: default_level() }
+        Self { level: default_level(), format: LogFormat::default() }
     }
 }
 
@@ -146,6 +158,9 @@ pub struct Settings {
     pub listen: Vec<ListenAddr>,
     pub max_message_bytes: usize,
     pub log_level: String,
+    pub log_format: LogFormat,
+    /// The Prometheus endpoint's address (`unix:PATH`, `tcp:IP:PORT`), if enabled.
+    pub metrics: Option<String>,
     /// Created at start, in this order.
     pub netdevs: Vec<Netdev>,
     /// The eBPF object to load instead of the embedded one.
@@ -215,6 +230,8 @@ impl Settings {
             listen,
             max_message_bytes: file.qmp.max_message_bytes,
             log_level: file.log.level,
+            log_format: file.log.format,
+            metrics: file.metrics.listen,
             netdevs,
             bpf_object: overrides.bpf_object.clone(),
             user_resolv_conf: None,

@@ -69,6 +69,13 @@ impl InheritedFds {
         Self { numbers }
     }
 
+    /// Leaves out descriptors something else took at start (systemd's activated sockets).
+    pub fn exclude(&mut self, taken: impl IntoIterator<Item = RawFd>) {
+        for fd in taken {
+            self.numbers.remove(&fd);
+        }
+    }
+
     /// The inherited numbers not used yet.
     pub fn numbers(&self) -> impl Iterator<Item = RawFd> + '_ {
         self.numbers.iter().copied()

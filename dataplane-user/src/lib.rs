@@ -17,6 +17,9 @@
 //! * [`qmp`]: the control socket, which encodes the daemon's events as QEMU's;
 //! * [`config`]: the configuration file and command line;
 //! * [`instance`]: one daemon per state directory, and the mark on the interfaces it creates;
+//! * [`logging`]: the daemon's log format;
+//! * [`metrics`]: the opt-in Prometheus endpoint;
+//! * [`systemd`]: readiness notification and socket activation;
 //! * [`client`]: a small QMP client for `netdevctl` and tests.
 
 pub mod backend;
@@ -26,6 +29,8 @@ pub mod daemon;
 pub mod fd;
 pub mod instance;
 pub mod kernel;
+pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod monitor;
 pub mod netdev;
@@ -33,6 +38,7 @@ pub mod plan;
 pub mod port;
 pub mod qapi;
 pub mod qmp;
+pub mod systemd;
 
 /// The model and the planner are pure: they name no crate that does I/O.
 #[cfg(test)]

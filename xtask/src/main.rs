@@ -41,6 +41,8 @@ enum Command {
         /// Only run tests whose name contains this filter.
         filter: Option<String>,
     },
+    /// Build, then the Debian package (cargo-deb): target/debian/netdevd_VERSION_ARCH.deb.
+    Package,
     /// Build, then run a benchmark (`hub`, `rx-filter`, `tunnels`, `nat`, `guests`); extra arguments go to the benchmark.
     Bench {
         /// Which benchmark: hub, rx-filter, tunnels, nat, guests.
@@ -76,7 +78,24 @@ fn main() -> Result<()> {
             shell::run(&mut kernel61(&root, filter.as_deref()))
         }
         Command::Bench { name, args } => bench(&root, &name, &args),
+        Command::Package => package(&root).map(|deb| eprintln!("    {}", deb.display())),
     }
+}
+
+/// Builds the .deb from the release binaries and dataplane-user's [package.metadata.deb];
+/// returns its path.
+fn package(root: &std::path::Path) -> Result<PathBuf> {
+    build(root)?;
+    setup::cargo_deb(root)?;
+    shell::step("building the Debian package (cargo-deb)");
+    let out = root.join("target/debian");
+    shell::run(shell::cargo(root).args(["deb", "-p", "dataplane-user", "--no-build", "--strip", "--output"]).arg(&out))?;
+    let mut debs: Vec<PathBuf> = std::fs::read_dir(&out)?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|e| e == "deb"))
+        .collect();
+    debs.sort_by_key(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok());
+    debs.pop().ok_or_else(|| anyhow::anyhow!("cargo deb wrote no .deb into {}", out.display()))
 }
 
 /// Benchmarks write their JSON here, and BENCHMARKS.md's tables are taken from it.
@@ -194,7 +213,10 @@ struct Suite {
 
 fn test(root: &std::path::Path, filter: Option<&str>) -> Result<()> {
     shell::require_root("cargo xtask test")?;
-    build(root)?;
+    // The package test installs this .deb into a scratch root (tests/python/test_package.py).
+    let deb = package(root)?;
+    // SAFETY: single-threaded here; the suites inherit the variable.
+    unsafe { std::env::set_var("NETDEVD_DEB", &deb) };
     // Every suite runs even when an earlier one fails; the failures are reported together at the end.
     let suites = [
         Suite {

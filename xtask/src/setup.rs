@@ -28,6 +28,8 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "busybox",
     "python3-venv",
+    // systemd-analyze, which checks the shipped unit files.
+    "systemd",
     // Interop peer for the socket netdevs and the tunnel benchmark's reference.
     "qemu-system-x86",
     // The NAT benchmark's references.
@@ -45,8 +47,8 @@ const BUSYBOX_STATIC_PACKAGE: &str = "busybox-static";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
-/// Python packages for the protocol tests, pinned.
-const PYTHON_PACKAGES: &[&str] = &["qemu.qmp==0.0.6", "pytest==8.3.5"];
+/// Python packages for the protocol tests (prometheus-client: the metrics endpoint's parser), pinned.
+const PYTHON_PACKAGES: &[&str] = &["qemu.qmp==0.0.6", "pytest==8.3.5", "prometheus-client==0.21.1"];
 
 pub fn run(root: &Path) -> Result<()> {
     apt_packages()?;
@@ -153,6 +155,15 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
+/// cargo-deb builds the Debian package (`cargo xtask package`).
+pub fn cargo_deb(root: &Path) -> Result<()> {
+    if shell::succeeds(shell::cargo(root).args(["deb", "--version"])) {
+        return Ok(());
+    }
+    shell::step("installing cargo-deb (compiles from source, a few minutes)");
+    shell::run(shell::cargo(root).args(["install", "cargo-deb", "--locked"]))
+}
+
 /// nextest runs every Rust suite, here and in CI (crates.io is the only source it needs).
 pub fn nextest(root: &Path) -> Result<()> {
     if shell::succeeds(shell::cargo(root).args(["nextest", "--version"])) {
@@ -173,11 +184,11 @@ pub fn venv_python(root: &Path) -> PathBuf {
 
 fn python_venv(root: &Path) -> Result<()> {
     let python = venv_python(root);
-    let probe = "import qemu.qmp, pytest; assert pytest.__version__ == '8.3.5'";
+    let probe = "import qemu.qmp, pytest, prometheus_client; assert pytest.__version__ == '8.3.5'";
     if shell::succeeds(Command::new(&python).args(["-c", probe])) {
         return Ok(());
     }
-    shell::step("creating the Python test environment (qemu.qmp, pytest)");
+    shell::step("creating the Python test environment (qemu.qmp, pytest, prometheus-client)");
     let host_python = ["python3", "/usr/bin/python3"]
         .into_iter()
         .find(|p| shell::succeeds(Command::new(p).args(["-m", "venv", "--help"])))

@@ -1,6 +1,7 @@
 //! netdevd: the daemon. `netdevd [--config FILE] [--qmp unix:PATH,server=on,wait=off]… [--netdev KEYVAL]…`
 //!
-//! Descriptors open when it starts (beyond 0-2) are the ones `--netdev tap,fd=N` may name.
+//! Descriptors open when it starts (beyond 0-2, and beyond systemd's activated sockets) are the
+//! ones `--netdev tap,fd=N` may name. SIGTERM and SIGINT stop it; SIGHUP reloads the configuration file.
 
 use std::path::PathBuf;
 
@@ -11,6 +12,10 @@ use dataplane::{
     daemon::{Daemon, Host, ShutdownCause},
     fd::InheritedFds,
     instance::{self, Instance},
+    logging::{self, LogFormat},
+    metrics::{MetricsAddr, MetricsListener},
+    netdev::Netdev,
+    systemd,
     kernel::{
         attach::{self, AttachChoice},
         ebpf::{EbpfDataplane, ObjectSource},
@@ -19,7 +24,6 @@ use dataplane::{
     qmp::server::{self, Listener},
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(version, about = "QEMU's netdev API over QMP, forwarded in the kernel by eBPF")]
@@ -60,12 +64,25 @@ struct Args {
     /// crashed run of it left are removed at start.
     #[arg(long, value_name = "DIR", default_value = instance::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// Log lines as `text` or `json` (one object a line); default from the config file's [log] format.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics at GET /metrics on unix:PATH or tcp:IP:PORT (default: the config
+    /// file's [metrics] listen; off when neither is given).
+    #[arg(long, value_name = "ADDRESS")]
+    metrics: Option<MetricsAddr>,
 }
 
 fn main() -> std::process::ExitCode {
     // First of all, before netdevd opens descriptors of its own.
-    let inherited = InheritedFds::snapshot();
-    match start(inherited) {
+    // systemd's activated sockets first (taking them edits the environment, before any thread
+    // starts); every other descriptor open now is one `--netdev …,fd=N` may name.
+    let activated = systemd::take_listeners();
+    let mut inherited = InheritedFds::snapshot();
+    if let Ok(listeners) = &activated {
+        inherited.exclude(listeners.iter().map(std::os::fd::AsRawFd::as_raw_fd));
+    }
+    match activated.context("socket activation").and_then(|activated| start(inherited, activated)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // The whole chain on one line, as QEMU reports start-up errors; no backtrace.
@@ -75,7 +92,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn start(inherited: InheritedFds) -> Result<()> {
+fn start(inherited: InheritedFds, activated: Vec<std::os::unix::net::UnixListener>) -> Result<()> {
     let args = Args::parse();
     let attach = match args.x_attach {
         Some(choice) => choice,
@@ -102,8 +119,12 @@ fn start(inherited: InheritedFds) -> Result<()> {
     if settings.max_netdevs == 0 || settings.setup_timeout == 0 {
         bail!("limits.max-netdevs and limits.setup-timeout must be at least 1");
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let metrics = match (args.metrics, &settings.metrics) {
+        (Some(addr), _) => Some(addr),
+        (None, Some(spec)) => Some(spec.parse::<MetricsAddr>().map_err(anyhow::Error::msg)?),
+        (None, None) => None,
+    };
+    logging::init(&settings.log_level, args.log_format.unwrap_or(settings.log_format));
     if !nix::unistd::geteuid().is_root() {
         bail!("netdevd must run as root: it creates interfaces and loads eBPF programs");
     }
@@ -114,7 +135,7 @@ fn start(inherited: InheritedFds) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(run(settings, attach, inherited, &instance))
+        .block_on(run(settings, attach, inherited, Startup { overrides, metrics, activated, instance }))
 }
 
 /// Many clients and netdevs each hold descriptors: the soft limit goes up to the hard one.
@@ -131,7 +152,18 @@ fn raise_fd_limit() {
     }
 }
 
-async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedFds, instance: &Instance) -> Result<()> {
+/// What `run` needs besides the settings: how to read them again, the sockets to serve and the
+/// state directory it holds.
+struct Startup {
+    overrides: Overrides,
+    metrics: Option<MetricsAddr>,
+    /// QMP sockets passed by systemd; they replace the configured addresses.
+    activated: Vec<std::os::unix::net::UnixListener>,
+    instance: Instance,
+}
+
+async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedFds, startup: Startup) -> Result<()> {
+    let instance = &startup.instance;
     let netlink = Netlink::connect().context("cannot open a netlink socket")?.with_mark(instance.mark());
     let leftovers = instance::remove_leftovers(&netlink, &instance.mark()).await;
     tracing::info!(state_dir = %instance.dir().display(), mark = instance.mark(), leftovers_removed = leftovers.len(),
@@ -160,6 +192,7 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
     }
     daemon.set_max_netdevs(settings.max_netdevs).await;
     dataplane::port::set_program_timeout(std::time::Duration::from_secs(settings.setup_timeout));
+    let mut configured: Vec<Netdev> = settings.netdevs.clone();
     for netdev in settings.netdevs {
         let id = netdev.id.clone();
         if let Err(error) = daemon.add_netdev(netdev, &mut inherited).await {
@@ -168,7 +201,12 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
         }
     }
     let mut listeners = Vec::new();
-    for addr in &settings.listen {
+    for listener in startup.activated {
+        listeners.push(Listener::inherited(listener).context("socket activation")?);
+        tracing::info!("QMP listening on a socket passed by systemd");
+    }
+    let configured_listen = if listeners.is_empty() { settings.listen.as_slice() } else { &[] };
+    for addr in configured_listen {
         match Listener::bind(addr).await {
             Ok(listener) => listeners.push(listener),
             Err(error) => {
@@ -178,26 +216,68 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
         }
         tracing::info!(%addr, "QMP listening");
     }
+    if let Some(addr) = &startup.metrics {
+        match MetricsListener::bind(addr).await {
+            Ok(listener) => {
+                tokio::spawn(listener.serve(daemon.clone()));
+                tracing::info!(%addr, "metrics served");
+            }
+            Err(error) => {
+                daemon.tear_down().await;
+                bail!("cannot serve metrics on {addr}: {error}");
+            }
+        }
+    }
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
     let signals = {
         let daemon = daemon.clone();
+        let overrides = startup.overrides;
         tokio::spawn(async move {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = interrupt.recv() => {}
-                _ = hangup.recv() => {}
+            loop {
+                tokio::select! {
+                    _ = terminate.recv() => break,
+                    _ = interrupt.recv() => break,
+                    _ = hangup.recv() => reload(&daemon, &overrides, &mut configured).await,
+                }
             }
             tracing::info!("signal received, shutting down");
             daemon.shut_down(ShutdownCause::HostSignal);
         })
     };
 
+    // Clients can connect, the configured netdevs exist and SIGTERM is handled: systemd may start
+    // what depends on us.
+    systemd::notify_or_warn("READY=1\nSTATUS=serving QMP");
     server::serve(daemon.clone(), listeners, settings.max_message_bytes).await;
+    // A signal or `quit`: the netdevs go now.
+    systemd::notify_or_warn("STOPPING=1");
     signals.abort();
     daemon.tear_down().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP (`systemctl reload`): reads the configuration again with the same command line and
+/// brings the configured netdevs in line with it; a file that does not parse changes nothing.
+async fn reload(daemon: &Daemon, overrides: &Overrides, configured: &mut Vec<Netdev>) {
+    systemd::notify_or_warn(&systemd::reloading_message());
+    match Settings::load(overrides) {
+        Ok(next) => {
+            let outcome = daemon.reload_netdevs(configured, &next.netdevs).await;
+            for failure in &outcome.failed {
+                tracing::error!(%failure, "reload: a configured netdev could not be changed");
+            }
+            tracing::info!(removed = outcome.removed, added = outcome.added, failed = outcome.failed.len(),
+                "configuration reloaded");
+            *configured = next.netdevs;
+        }
+        Err(error) => {
+            let error = anyhow::Error::from(error);
+            tracing::error!(error = format!("{error:#}"), "reload: configuration not read, nothing changed");
+        }
+    }
+    systemd::notify_or_warn("READY=1");
 }

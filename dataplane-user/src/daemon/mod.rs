@@ -10,6 +10,7 @@
 //! * [`nic`]: receive filters and `announce-self`;
 //! * [`follow`]: NICs that follow a NIC of a running QEMU through its monitor;
 //! * [`queries`]: `x-query-netdevs`, `x-query-netdev-counters`;
+//! * [`reload`]: bringing the configured netdevs in line with a reloaded configuration;
 //! * [`events`]: the typed events the daemon broadcasts, and shutdown.
 
 mod backends;
@@ -19,6 +20,7 @@ mod lifecycle;
 pub mod nic;
 pub mod queries;
 mod record;
+mod reload;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -32,6 +34,7 @@ pub use self::{
     events::{Emitted, Event, ShutdownCause},
     nic::AnnounceParameters,
     queries::PortCountersInfo,
+    reload::{ReloadOutcome, ReloadSteps, reload_steps},
 };
 use self::{backends::RunningBackend, follow::Follower};
 use crate::{

@@ -155,6 +155,12 @@ impl Listener {
             ListenAddr::Tcp(socket_addr) => Ok(Self::Tcp(TcpListener::bind(socket_addr).await.map_err(bind_error)?)),
         }
     }
+
+    /// A listening unix socket passed by systemd (socket activation): its file belongs to
+    /// whoever made it, so none is recorded and none is removed.
+    pub fn inherited(listener: std::os::unix::net::UnixListener) -> io::Result<Self> {
+        Ok(Self::Unix { listener: UnixListener::from_std(listener)?, path: PathBuf::new(), bound: None })
+    }
 }
 
 /// The socket's directory must be owned by root (or netdevd's user) and writable by nobody else,
