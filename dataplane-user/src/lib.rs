@@ -16,6 +16,7 @@
 //! * [`daemon`]: the state behind one lock, every change planned and applied, typed events;
 //! * [`qmp`]: the control socket, which encodes the daemon's events as QEMU's;
 //! * [`config`]: the configuration file and command line;
+//! * [`privileges`]: the capabilities the daemon keeps, the unprivileged account of the `user` stack;
 //! * [`client`]: a small QMP client for `netdevctl` and tests.
 
 pub mod backend;
@@ -29,6 +30,7 @@ pub mod monitor;
 pub mod netdev;
 pub mod plan;
 pub mod port;
+pub mod privileges;
 pub mod qapi;
 pub mod qmp;
 

@@ -71,6 +71,7 @@ fn start() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("netdevd must run as root: it creates interfaces and loads eBPF programs");
     }
+    dataplane::privileges::drop_unneeded_capabilities().context("cannot drop the capabilities netdevd does not need")?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
