@@ -7,7 +7,8 @@
 //! set at `execve`, as it does when QEMU runs as root.
 //!
 //! The `user` netdev's engine thread goes further with [`enter_account`]: it becomes `nobody`
-//! (uid, gid, no supplementary groups, no capabilities, no new privileges), so libslirp's file
+//! (uid, gid, no supplementary groups, no new privileges, no capabilities but `CAP_NET_RAW` for
+//! the ICMP NAT, which a program it starts does not inherit), so libslirp's file
 //! reads (TFTP), the sockets it opens for the guest and the programs it starts (smbd, `guestfwd`
 //! commands) have an unprivileged user's rights, as under a QEMU that does not run as root.
 
@@ -134,30 +135,47 @@ pub fn stack_account() -> Account {
     }
 }
 
+/// What the user stack's thread keeps as `nobody`: libslirp's ICMP NAT falls back to a raw
+/// socket when ping sockets are not allowed (`net.ipv4.ping_group_range`, off by default).
+pub const STACK_KEPT: &[u32] = &[cap::NET_RAW];
+
 /// Makes the calling thread (only it: raw system calls, not the C library's process-wide
-/// wrappers) `account`, with no supplementary groups, no capabilities and no way to gain any
-/// (`PR_SET_NO_NEW_PRIVS`); what it starts inherits all that. A thread not running as root is
-/// left as it is.
-pub fn enter_account(account: &Account) -> io::Result<()> {
+/// wrappers) `account`, with no supplementary groups, only the capabilities in `keep` (effective
+/// and permitted; never inheritable, so a program it starts has none) and no way to gain any
+/// (`PR_SET_NO_NEW_PRIVS`). A thread not running as root is left as it is.
+pub fn enter_account(account: &Account, keep: &[u32]) -> io::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
     }
     let check = |rc: libc::c_long| if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
-    // SAFETY: prctl with integer arguments only.
+    let kept: u64 = keep.iter().fold(0, |mask, capability| mask | (1 << capability));
+    // Only what is kept survives the change of uid (KEEPCAPS keeps the permitted set).
+    let now = current()?;
+    let needed = kept | SETID;
+    set(CapSets { effective: now.effective & needed, permitted: now.permitted & needed, inheritable: 0 })?;
+    // SAFETY: prctl with integer arguments only (both per thread).
     check(libc::c_long::from(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }))?;
+    // SAFETY: as above.
+    check(libc::c_long::from(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) }))?;
     // SAFETY: setgroups with an empty list (a null pointer is allowed for size 0).
     check(unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) })?;
     // SAFETY: integer arguments only; the raw call changes this thread's ids only.
     check(unsafe { libc::syscall(libc::SYS_setresgid, account.gid, account.gid, account.gid) })?;
-    // SAFETY: as above. Leaving uid 0 clears the permitted and effective sets.
+    // SAFETY: as above. Leaving uid 0 clears the effective set; KEEPCAPS keeps the permitted.
     check(unsafe { libc::syscall(libc::SYS_setresuid, account.uid, account.uid, account.uid) })?;
+    // SAFETY: prctl with integer arguments only.
+    check(libc::c_long::from(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) }))?;
+    set(CapSets { effective: kept, permitted: kept, inheritable: 0 })?;
     let left = current()?;
-    if left.effective != 0 || left.permitted != 0 {
-        return Err(io::Error::other(format!("capabilities left after becoming {}: {left:?}", account.name)));
+    if left.effective != kept || left.permitted != kept {
+        return Err(io::Error::other(format!("capabilities other than {keep:?} left after becoming {}: {left:?}", account.name)));
     }
     Ok(())
 }
+
+/// CAP_SETUID and CAP_SETGID, needed until the ids are changed.
+const SETID: u64 = (1 << cap::SETUID) | (1 << cap::SETGID);
 
 #[cfg(test)]
 mod tests {
@@ -193,7 +211,7 @@ mod tests {
         require_root();
         let account = stack_account();
         let (ids, sets, child) = on_thread(move || {
-            enter_account(&account).expect("enter account");
+            enter_account(&account, STACK_KEPT).expect("enter account");
             // SAFETY: getuid/getgid have no preconditions.
             let ids = unsafe { (libc::getuid(), libc::getgid()) };
             let child = std::process::Command::new("/bin/sh")
@@ -204,7 +222,7 @@ mod tests {
         });
         let account = stack_account();
         assert_eq!(ids, (account.uid, account.gid));
-        assert_eq!((sets.effective, sets.permitted), (0, 0));
+        assert_eq!((sets.effective, sets.permitted), (1 << cap::NET_RAW, 1 << cap::NET_RAW), "only CAP_NET_RAW kept");
         assert!(child.starts_with(&format!("{}\n", account.uid)), "the child runs as the account: {child}");
         assert!(child.contains("CapEff:\t0000000000000000"), "no capabilities in the child: {child}");
         assert!(child.contains("NoNewPrivs:\t1"), "the child cannot gain privileges: {child}");

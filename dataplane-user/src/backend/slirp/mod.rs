@@ -320,7 +320,7 @@ impl PreparedUser {
             }
             // Everything libslirp does from here (sockets for the guest, TFTP reads, smbd and
             // guestfwd commands) is done as the unprivileged account.
-            if let Err(err) = privileges::enter_account(&account) {
+            if let Err(err) = privileges::enter_account(&account, privileges::STACK_KEPT) {
                 let _ = ready_tx.send(Err(err));
                 drop(engine);
                 let _ = done_tx.send(());
