@@ -20,6 +20,7 @@
 //! * [`logging`]: the daemon's log format;
 //! * [`metrics`]: the opt-in Prometheus endpoint;
 //! * [`systemd`]: readiness notification and socket activation;
+//! * [`privileges`]: the capabilities the daemon keeps, the unprivileged account of the `user` stack;
 //! * [`client`]: a small QMP client for `netdevctl` and tests.
 
 pub mod backend;
@@ -36,6 +37,7 @@ pub mod monitor;
 pub mod netdev;
 pub mod plan;
 pub mod port;
+pub mod privileges;
 pub mod qapi;
 pub mod qmp;
 pub mod systemd;

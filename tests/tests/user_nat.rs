@@ -916,3 +916,84 @@ fn x_mtu_sets_the_stacks_mtu() {
     assert!(default > 1160 && default <= 1460, "the default MTU of 1500 allows an MSS above 1160: {default}");
     assert!(lowered <= 1160, "x-mtu=1200 makes the stack offer at most 1160: {lowered}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// smb= and privileges (issue 15 item 11)
+
+/// The numeric `Uid:` (real) and `CapEff:` of one `status` file.
+fn uid_and_capeff(status: &str) -> (u32, u64) {
+    let field = |name: &str| status.lines().find_map(|line| line.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned();
+    let uid = field("Uid:").split_whitespace().next().and_then(|uid| uid.parse().ok()).expect("Uid: line");
+    let capeff = u64::from_str_radix(&field("CapEff:"), 16).expect("CapEff: line");
+    (uid, capeff)
+}
+
+const CAP_NET_ADMIN: u64 = 1 << 12;
+const CAP_NET_RAW: u64 = 1 << 13;
+const CAP_SYS_MODULE: u64 = 1 << 16;
+const CAP_DAC_OVERRIDE: u64 = 1 << 1;
+
+/// `smb=DIR`: a guest's smbclient, through libslirp's SMB address 10.0.2.4, reads a file of the
+/// shared directory and writes one; smbd was started by the user stack as `nobody`, so the
+/// written file belongs to nobody. The engine thread itself runs as nobody with CAP_NET_RAW alone,
+/// the daemon's other threads keep only what the kernel work needs.
+#[test]
+fn smb_serves_the_directory_as_nobody() {
+    let (host, daemon) = host(&[]);
+    assert!(Path::new("/usr/bin/smbclient").exists(), "smbclient missing: run cargo xtask setup (samba, smbclient)");
+    let dir = TempDir::new();
+    let share = dir.0.join("share");
+    std::fs::create_dir(&share).expect("mkdir share");
+    // Writable for nobody, as the share's files must be.
+    std::fs::set_permissions(&share, std::fs::Permissions::from_mode(0o777)).expect("chmod share");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+    std::fs::write(share.join("hello.txt"), b"served by smbd\n").expect("write shared file");
+    std::fs::write(dir.0.join("upload.txt"), b"written by the guest\n").expect("write upload source");
+    user(&daemon, json!({"smb": share.to_str().expect("utf-8")}));
+    let g = guest(&host, &daemon, false);
+    g.configure_static();
+
+    let got = dir.0.join("got.txt");
+    let commands = format!("get hello.txt {}; put {} upload.txt", got.display(), dir.0.join("upload.txt").display());
+    let output = g.ns.exec("timeout", &["60", "smbclient", "//10.0.2.4/qemu", "-N", "-c", &commands]);
+    assert!(output.status.success(), "smbclient failed: {}", stdout_and_stderr(&output));
+    assert_eq!(std::fs::read(&got).expect("downloaded file"), b"served by smbd\n");
+    let uploaded = share.join("upload.txt");
+    assert_eq!(std::fs::read(&uploaded).expect("uploaded file"), b"written by the guest\n");
+    use std::os::unix::fs::MetadataExt;
+    let nobody = nix::unistd::User::from_name("nobody").expect("passwd").expect("a nobody account");
+    assert_eq!(std::fs::metadata(&uploaded).expect("stat").uid(), nobody.uid.as_raw(), "smbd wrote as nobody");
+
+    // The engine thread (named slirp-<id>) is nobody without capabilities; the rest keep a few.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.pid())).expect("daemon tasks");
+    let mut engine = None;
+    let mut others = Vec::new();
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.path().join("status")).expect("task status");
+        if comm.trim() == "slirp-u" {
+            engine = Some(uid_and_capeff(&status));
+        } else {
+            others.push(uid_and_capeff(&status));
+        }
+    }
+    assert_eq!(engine, Some((nobody.uid.as_raw(), CAP_NET_RAW)), "the user stack's thread: nobody with CAP_NET_RAW alone");
+    for (uid, capeff) in others {
+        assert_eq!(uid, 0);
+        assert_ne!(capeff & CAP_NET_ADMIN, 0, "CAP_NET_ADMIN kept");
+        assert_eq!(capeff & (CAP_SYS_MODULE | CAP_DAC_OVERRIDE), 0, "capabilities the daemon does not need are dropped");
+    }
+}
+
+/// A directory whose text would rewrite smb.conf (a line end starting a share of `/`) is refused
+/// before anything is made.
+#[test]
+fn smb_directory_with_a_line_end_is_refused_and_creates_nothing() {
+    let (host, daemon) = host(&[]);
+    refused(
+        &host,
+        &daemon,
+        json!({"type": "user", "id": "bad", "smb": "/tmp\n[root]\npath=/"}),
+        "Invalid shared directory '/tmp\\n[root]\\npath=/': it must not contain control characters, '[', ']' or '%' (found '\\n')",
+    );
+}

@@ -2,6 +2,7 @@
 //! `cargo xtask run` and `cargo xtask test` (as root).
 
 mod ebpf;
+mod fuzz;
 mod setup;
 mod shell;
 
@@ -43,6 +44,14 @@ enum Command {
     },
     /// Build, then the Debian package (cargo-deb): target/debian/netdevd_VERSION_ARCH.deb.
     Package,
+    /// Build the libFuzzer targets (fuzz/) and run each for a bounded time; fails on a crash.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
+        seconds: u64,
+        /// Only targets whose name contains this filter.
+        filter: Option<String>,
+    },
     /// Build, then run a benchmark (`hub`, `rx-filter`, `tunnels`, `nat`, `guests`); extra arguments go to the benchmark.
     Bench {
         /// Which benchmark: hub, rx-filter, tunnels, nat, guests.
@@ -76,6 +85,10 @@ fn main() -> Result<()> {
             build(&root)?;
             shell::step("kernel-facing Rust suites inside a Debian 6.1 guest");
             shell::run(&mut kernel61(&root, filter.as_deref()))
+        }
+        Command::Fuzz { seconds, filter } => {
+            setup::run(&root)?;
+            fuzz::run(&root, seconds, filter.as_deref())
         }
         Command::Bench { name, args } => bench(&root, &name, &args),
         Command::Package => package(&root).map(|deb| eprintln!("    {}", deb.display())),
@@ -230,6 +243,11 @@ fn test(root: &std::path::Path, filter: Option<&str>) -> Result<()> {
             nothing_selected: &[],
         },
         Suite {
+            name: "fuzz targets, one per parser of outside bytes (libFuzzer, 20 s each)",
+            command: fuzz_suite(filter),
+            nothing_selected: &[],
+        },
+        Suite {
             name: "Python tests (qemu.qmp, netdevctl, QEMU interop, real guests)",
             command: pytest(root, filter),
             nothing_selected: &[5],
@@ -267,6 +285,14 @@ fn test(root: &std::path::Path, filter: Option<&str>) -> Result<()> {
         anyhow::bail!("{} suite(s) failed:\n  {}", failed.len(), failed.join("\n  "));
     }
     Ok(())
+}
+
+/// `cargo xtask fuzz` in a process of its own, so that its failure is one suite's.
+fn fuzz_suite(filter: Option<&str>) -> std::process::Command {
+    let xtask = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("xtask"));
+    let mut command = std::process::Command::new(xtask);
+    command.args(["fuzz", "--seconds", &fuzz::TEST_SECONDS.to_string()]).args(filter);
+    command
 }
 
 /// The environment every test suite needs: the built binaries and the eBPF object.

@@ -35,6 +35,9 @@ const APT_PACKAGES: &[&str] = &[
     // The NAT benchmark's references.
     "slirp4netns",
     "passt",
+    // `user,smb=DIR`: libslirp starts smbd per connection; smbclient is the test's client.
+    "samba",
+    "smbclient",
     // The guests' kernel (bookworm's 6.1, with its modules) for the real-guest tests and the
     // kernel-6.1 run.
     "linux-image-amd64",

@@ -131,6 +131,7 @@ fn start(inherited: InheritedFds, activated: Vec<std::os::unix::net::UnixListene
     raise_fd_limit();
     // Held until the process ends: before anything is created, so a second daemon touches nothing.
     let instance = Instance::acquire(&args.state_dir)?;
+    dataplane::privileges::drop_unneeded_capabilities().context("cannot drop the capabilities netdevd does not need")?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -66,6 +66,9 @@ impl UserOptions {
         {
             return Err(format!("'x-mtu' must be between {} and {}", MTU_RANGE.start(), MTU_RANGE.end()));
         }
+        if let Some(dir) = &self.smb {
+            check_smb_dir_text(dir)?;
+        }
         self.address_plan().map(|_| ())
     }
 
@@ -234,6 +237,19 @@ impl UserOptions {
     }
 }
 
+/// `smb=DIR` is written into smb.conf as `path=DIR`: a line end would start a line of its own
+/// (`[root]`, `path=/`: a share of the whole file system), brackets a section, `%` one of
+/// Samba's substitutions. None of them may appear.
+fn check_smb_dir_text(dir: &str) -> Result<(), String> {
+    match dir.chars().find(|c| c.is_control() || matches!(c, '[' | ']' | '%')) {
+        Some(bad) => Err(format!(
+            "Invalid shared directory '{}': it must not contain control characters, '[', ']' or '%' (found {bad:?})",
+            dir.escape_default()
+        )),
+        None => Ok(()),
+    }
+}
+
 fn parse_v4(text: &str) -> Option<u32> {
     text.parse::<Ipv4Addr>().ok().map(u32::from)
 }
@@ -327,6 +343,18 @@ mod tests {
             ],
             "the default guestfwd server is the SMB address, listed once"
         );
+    }
+
+    #[test]
+    fn smb_directories_that_would_rewrite_smb_conf_are_refused() {
+        for dir in ["/srv\n[root]\npath=/", "/srv\r", "/srv/[x]", "/srv/]", "/srv/%H", "/srv\0x", "/srv\u{7f}"] {
+            let err = options(serde_json::json!({"smb": dir})).validate().expect_err(dir);
+            assert!(err.starts_with("Invalid shared directory '"), "{err}");
+            assert!(!err.contains('\n'), "the message itself stays on one line: {err}");
+        }
+        for dir in ["/srv/share", "/srv/with space", "/srv/ünïcode", "relative/dir"] {
+            options(serde_json::json!({"smb": dir})).validate().expect(dir);
+        }
     }
 
     #[test]

@@ -203,7 +203,7 @@ pub(super) fn receive(socket: &Socket, buf: &mut [u8]) -> io::Result<(usize, Opt
 }
 
 /// The length of a raw socket's IPv4 header, options included.
-pub(super) fn ipv4_header_len(packet: &[u8]) -> Option<usize> {
+pub fn ipv4_header_len(packet: &[u8]) -> Option<usize> {
     let first = *packet.first()?;
     let len = usize::from(first & 0x0f) * 4;
     (first >> 4 == 4 && len >= 20 && len <= packet.len()).then_some(len)

@@ -13,6 +13,9 @@
 mod exchange;
 mod filter;
 mod own_frames;
+/// The raw-socket IPv4 header check, for the fuzz targets.
+#[doc(hidden)]
+pub use exchange::ipv4_header_len;
 #[cfg(test)]
 mod tests;
 

@@ -334,56 +334,80 @@ impl Engine {
         shared: &Shared,
         commands: &mpsc::Receiver<Command>,
     ) {
+        self.attach(pipe, vnet_hdr, &stats);
+        let mut round = Round { pipe, pipe_open: true, header_len: header_len(vnet_hdr), buf: vec![0u8; MAX_FRAME] };
+        while !shared.stop.load(Ordering::Acquire) {
+            self.round(&mut round, &stats, shared, commands, None);
+        }
+        self.detach();
+    }
+
+    /// Makes `pipe` the way to the hub: libslirp's frames are written to it.
+    pub fn attach(&mut self, pipe: &OwnedFd, vnet_hdr: bool, stats: &Arc<BackendStats>) {
         self.state().pipe.set(pipe.as_raw_fd());
         *self.state().to_guest.borrow_mut() = vnet_hdr.then(Coalescer::default);
-        let header_len = if vnet_hdr { VNET_HDR_LEN } else { 0 };
-        *self.state().stats.borrow_mut() = Arc::clone(&stats);
-        let mut buf = vec![0u8; MAX_FRAME];
-        let mut pipe_open = true;
-        while !shared.stop.load(Ordering::Acquire) {
-            let forward_slots = self.fill_pollfds(shared, pipe, pipe_open);
-            let mut timeout = self.next_timer_ms();
-            {
-                let _lock = slirp_lock();
-                // SAFETY: the instance is alive; add_poll only appends to the State's pollfds.
-                unsafe { ffi::slirp_pollfds_fill(self.slirp.as_ptr(), &raw mut timeout, cb_add_poll, self.opaque()) };
-            }
-            let timeout = if timeout == u32::MAX { -1 } else { c_int::try_from(timeout).unwrap_or(c_int::MAX) };
-            let rc = {
-                let mut fds = self.state().pollfds.borrow_mut();
-                let len = libc::nfds_t::try_from(fds.len()).unwrap_or(libc::nfds_t::MAX);
-                // SAFETY: `fds` is a valid array of `len` pollfd for the call.
-                let rc = unsafe { libc::poll(fds.as_mut_ptr(), len, timeout) };
-                if rc < 0 {
-                    fds.iter_mut().for_each(|fd| fd.revents = 0);
-                }
-                rc
-            };
-            {
-                let _lock = slirp_lock();
-                // SAFETY: the instance is alive; get_revents only reads the State's pollfds.
-                unsafe { ffi::slirp_pollfds_poll(self.slirp.as_ptr(), c_int::from(rc < 0), cb_get_revents, self.opaque()) };
-            }
-            self.fire_timers();
-            if self.revents(0) & libc::POLLIN != 0 {
-                drain_eventfd(&shared.wake);
-                while let Ok(command) = commands.try_recv() {
-                    self.command(command);
-                }
-            }
-            let pipe_events = self.revents(1);
-            if pipe_open && pipe_events != 0 {
-                pipe_open = self.read_pipe(pipe, pipe_events, header_len, &mut buf, &stats);
-            }
-            for (index, slot) in forward_slots {
-                if self.revents(slot) != 0 {
-                    self.read_forward(index, &mut buf);
-                }
-            }
-            // What libslirp sent during this round goes out before the loop sleeps again.
-            self.flush_to_guest(&stats);
-        }
+        *self.state().stats.borrow_mut() = Arc::clone(stats);
+    }
+
+    pub fn detach(&mut self) {
         self.state().pipe.set(-1);
+    }
+
+    /// One turn of the poll loop; `max_wait_ms` caps the wait (`Some(0)`: only what is ready).
+    pub fn round(
+        &mut self,
+        round: &mut Round<'_>,
+        stats: &BackendStats,
+        shared: &Shared,
+        commands: &mpsc::Receiver<Command>,
+        max_wait_ms: Option<c_int>,
+    ) {
+        let forward_slots = self.fill_pollfds(shared, round.pipe, round.pipe_open);
+        let mut timeout = self.next_timer_ms();
+        {
+            let _lock = slirp_lock();
+            // SAFETY: the instance is alive; add_poll only appends to the State's pollfds.
+            unsafe { ffi::slirp_pollfds_fill(self.slirp.as_ptr(), &raw mut timeout, cb_add_poll, self.opaque()) };
+        }
+        let mut timeout = if timeout == u32::MAX { -1 } else { c_int::try_from(timeout).unwrap_or(c_int::MAX) };
+        if let Some(cap) = max_wait_ms
+            && (timeout < 0 || timeout > cap)
+        {
+            timeout = cap;
+        }
+        let rc = {
+            let mut fds = self.state().pollfds.borrow_mut();
+            let len = libc::nfds_t::try_from(fds.len()).unwrap_or(libc::nfds_t::MAX);
+            // SAFETY: `fds` is a valid array of `len` pollfd for the call.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), len, timeout) };
+            if rc < 0 {
+                fds.iter_mut().for_each(|fd| fd.revents = 0);
+            }
+            rc
+        };
+        {
+            let _lock = slirp_lock();
+            // SAFETY: the instance is alive; get_revents only reads the State's pollfds.
+            unsafe { ffi::slirp_pollfds_poll(self.slirp.as_ptr(), c_int::from(rc < 0), cb_get_revents, self.opaque()) };
+        }
+        self.fire_timers();
+        if self.revents(0) & libc::POLLIN != 0 {
+            drain_eventfd(&shared.wake);
+            while let Ok(command) = commands.try_recv() {
+                self.command(command);
+            }
+        }
+        let pipe_events = self.revents(1);
+        if round.pipe_open && pipe_events != 0 {
+            round.pipe_open = self.read_pipe(round.pipe, pipe_events, round.header_len, &mut round.buf, stats);
+        }
+        for (index, slot) in forward_slots {
+            if self.revents(slot) != 0 {
+                self.read_forward(index, &mut round.buf);
+            }
+        }
+        // What libslirp sent during this round goes out before the loop sleeps again.
+        self.flush_to_guest(stats);
     }
 
     fn flush_to_guest(&self, stats: &BackendStats) {
@@ -568,6 +592,20 @@ impl Engine {
             }
         }
     }
+}
+
+/// What the poll loop carries from one round to the next.
+pub struct Round<'p> {
+    pub pipe: &'p OwnedFd,
+    /// False once the hub closed the pipe.
+    pub pipe_open: bool,
+    pub header_len: usize,
+    pub buf: Vec<u8>,
+}
+
+/// Bytes of virtio-net header before each frame on the pipe.
+pub const fn header_len(vnet_hdr: bool) -> usize {
+    if vnet_hdr { VNET_HDR_LEN } else { 0 }
 }
 
 impl Drop for Engine {

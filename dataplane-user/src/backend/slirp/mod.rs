@@ -15,6 +15,8 @@
 mod offload;
 mod engine;
 mod ffi;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod rules;
 #[cfg(test)]
 mod tests;
@@ -36,7 +38,7 @@ use self::{
     rules::GuestTarget,
 };
 use super::{BackendContext, BackendError, BackendStats};
-use crate::port::pipe::HubPipe;
+use crate::{port::pipe::HubPipe, privileges};
 use crate::netdev::user::UserOptions;
 
 /// QEMU's `CONFIG_SMBD_COMMAND`.
@@ -175,41 +177,70 @@ fn connect_device(addr: &str) -> io::Result<TcpStream> {
 }
 
 /// `smb=DIR`: a private smbd configuration, started by libslirp per connection to the SMB
-/// server address (ports 139 and 445).
+/// server address (ports 139 and 445). libslirp starts it from the engine thread, which runs as
+/// the stack's unprivileged account (see [`crate::privileges`]): smbd serves `DIR` with that
+/// account's rights, as under a QEMU that does not run as root. The directory's text was checked
+/// by [`UserOptions::validate`] (nothing in it can end a line or start a section of smb.conf).
 fn add_smb(engine: &mut Engine, dir: &str, server: Ipv4Addr) -> Result<(), String> {
-    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .ok()
-        .flatten()
-        .ok_or_else(|| "Failed to retrieve user name".to_owned())?;
+    let account = privileges::stack_account();
     if !Path::new(SMBD_COMMAND).exists() {
         return Err(format!("Could not find '{SMBD_COMMAND}', please install it"));
     }
-    let c_dir = CString::new(dir.as_bytes()).map_err(|_| format!("Error accessing shared directory '{dir}': Invalid argument"))?;
-    // SAFETY: a valid C string for the call.
-    if unsafe { libc::access(c_dir.as_ptr(), libc::R_OK | libc::X_OK) } != 0 {
-        let err = io::Error::last_os_error();
-        return Err(format!("Error accessing shared directory '{dir}': {}", strerror(&err)));
-    }
+    check_smb_dir(dir, &account).map_err(|err| format!("Error accessing shared directory '{dir}': {}", strerror(&err)))?;
     let smb_dir = make_temp_dir().map_err(|_| "Could not create samba server dir".to_owned())?;
     // From here the engine removes the directory when it goes.
     engine.own_dir(smb_dir.clone());
     let conf = smb_dir.join("smb.conf");
-    let d = smb_dir.display();
-    let text = format!(
-        "[global]\nprivate dir={d}\ninterfaces=127.0.0.1\nbind interfaces only=yes\npid directory={d}\n\
-         lock directory={d}\nstate directory={d}\ncache directory={d}\nncalrpc dir={d}/ncalrpc\n\
-         log file={d}/log.smbd\nsmb passwd file={d}/smbpasswd\nsecurity = user\nmap to guest = Bad User\n\
-         load printers = no\nprinting = bsd\ndisable spoolss = yes\nusershare max shares = 0\n\
-         [qemu]\npath={dir}\nread only=no\nguest ok=yes\nforce user={}\n",
-        user.name
-    );
-    std::fs::write(&conf, text)
+    std::fs::write(&conf, smb_conf(&smb_dir, dir, &account.name))
         .map_err(|_| format!("Could not create samba server configuration file '{}'", conf.display()))?;
-    let command = format!("{SMBD_COMMAND} -l {d} -s {}", conf.display());
+    // smbd writes its pid, locks and logs there, as the account.
+    if is_root() {
+        std::os::unix::fs::chown(&smb_dir, Some(account.uid), Some(account.gid))
+            .map_err(|_| "Could not create samba server dir".to_owned())?;
+    }
+    let command = format!("{SMBD_COMMAND} -l {} -s {}", smb_dir.display(), conf.display());
     if !engine.add_exec(server, 139, &command) || !engine.add_exec(server, 445, &command) {
         return Err("Conflicting/invalid smbserver address".to_owned());
     }
     Ok(())
+}
+
+/// QEMU's smb.conf, with the stack's account as the one user.
+fn smb_conf(smb_dir: &Path, share: &str, user: &str) -> String {
+    let d = smb_dir.display();
+    format!(
+        "[global]\nprivate dir={d}\ninterfaces=127.0.0.1\nbind interfaces only=yes\npid directory={d}\n\
+         lock directory={d}\nstate directory={d}\ncache directory={d}\nncalrpc dir={d}/ncalrpc\n\
+         log file={d}/log.smbd\nsmb passwd file={d}/smbpasswd\nsecurity = user\nmap to guest = Bad User\n\
+         load printers = no\nprinting = bsd\ndisable spoolss = yes\nusershare max shares = 0\n\
+         [qemu]\npath={share}\nread only=no\nguest ok=yes\nforce user={user}\n"
+    )
+}
+
+/// The shared directory must exist and be readable and searchable by the account smbd runs as
+/// (QEMU checks `access(R_OK|X_OK)` as itself).
+fn check_smb_dir(dir: &str, account: &privileges::Account) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+    }
+    let mode = meta.mode();
+    let bits = if meta.uid() == account.uid {
+        mode >> 6
+    } else if meta.gid() == account.gid {
+        mode >> 3
+    } else {
+        mode
+    };
+    if bits & 0o5 != 0o5 {
+        return Err(io::Error::from_raw_os_error(libc::EACCES));
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }
 
 fn make_temp_dir() -> io::Result<PathBuf> {
@@ -277,10 +308,19 @@ impl PreparedUser {
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
         let (done_tx, done_rx) = oneshot::channel();
         let thread_shared = Arc::clone(&shared);
+        let account = privileges::stack_account();
         let thread = std::thread::Builder::new().name(format!("slirp-{id}")).spawn(move || {
             if let Some(path) = &resolv_conf
                 && let Err(err) = private_resolv_conf(path)
             {
+                let _ = ready_tx.send(Err(err));
+                drop(engine);
+                let _ = done_tx.send(());
+                return;
+            }
+            // Everything libslirp does from here (sockets for the guest, TFTP reads, smbd and
+            // guestfwd commands) is done as the unprivileged account.
+            if let Err(err) = privileges::enter_account(&account, privileges::STACK_KEPT) {
                 let _ = ready_tx.send(Err(err));
                 drop(engine);
                 let _ = done_tx.send(());

@@ -219,7 +219,7 @@ impl Runner<'_> {
 }
 
 /// The 4-byte big-endian length framing with QEMU's size limit.
-pub(super) fn codec() -> LengthDelimitedCodec {
+pub fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .length_field_length(4)
         .big_endian()
@@ -227,7 +227,7 @@ pub(super) fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
-pub(super) fn is_oversize(error: &io::Error) -> bool {
+pub fn is_oversize(error: &io::Error) -> bool {
     error
         .get_ref()
         .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())

@@ -13,6 +13,9 @@
 mod address;
 mod connection;
 mod sockets;
+/// The frame codec and its size check, for the fuzz targets.
+#[doc(hidden)]
+pub use connection::{codec as frame_codec, is_oversize};
 #[cfg(test)]
 mod tests;
 
