@@ -76,6 +76,8 @@ pub struct BackendStats {
     /// `user`: frames to the hub that join several TCP segments (GSO), and the segments in them.
     pub gso_frames: AtomicU64,
     pub gso_segments: AtomicU64,
+    /// `user`: IPv4 fragments from the guest, dropped before libslirp (see `slirp::engine`).
+    pub ip_fragments: AtomicU64,
 }
 
 impl BackendStats {
@@ -94,6 +96,7 @@ impl BackendStats {
             "send-errors": get(&self.send_errors), "hub-drops": get(&self.hub_drops), "connects": get(&self.connects),
             "connect-failures": get(&self.connect_failures), "disconnects": get(&self.disconnects),
             "gso-frames": get(&self.gso_frames), "gso-segments": get(&self.gso_segments),
+            "ip-fragments": get(&self.ip_fragments),
         })
     }
 }

@@ -73,6 +73,12 @@ impl FrameFeed {
         self.turn();
     }
 
+    /// The counters of the engine's input path.
+    #[must_use]
+    pub fn stats(&self) -> &BackendStats {
+        &self.stats
+    }
+
     /// One round of the engine (timers, sockets, the pipe), then the guest-bound frames are
     /// dropped.
     pub fn turn(&mut self) {
