@@ -32,7 +32,9 @@ fn keyval_args(keyval: &str) -> Value {
 #[test]
 fn a_hung_script_blocks_no_other_client_and_fails_after_the_setup_timeout() {
     let ns = Netns::new("hs");
-    let daemon = Daemon::start_with_args(&ns, &["--setup-timeout", "3"]);
+    // The script hangs until the daemon kills it at the setup timeout; the other client's checks
+    // run in that window, which is long only so that a loaded machine does not close it first.
+    let daemon = Daemon::start_with_args(&ns, &["--setup-timeout", "30"]);
     let dir = TempDir::new();
     let pid_file = dir.0.join("script.pid");
     let script = dir.0.join("hang.sh");
@@ -44,9 +46,10 @@ fn a_hung_script_blocks_no_other_client_and_fails_after_the_setup_timeout() {
     std::thread::scope(|scope| {
         let adding = scope.spawn(|| daemon.execute("netdev_add", keyval_args(&hung)));
         wait_until("the script runs", || std::fs::read_to_string(&pid_file).is_ok_and(|pid| !pid.trim().is_empty()));
-        // Another client is served while the script hangs, within a short read timeout.
+        // Another client is served while the script hangs (a daemon that held its lock across
+        // the script would answer only after the script's 30 s).
         let mut other = daemon.client();
-        other.set_timeout(Some(Duration::from_secs(2))).unwrap();
+        other.set_timeout(Some(Duration::from_secs(20))).unwrap();
         let version = other.execute("query-version", json!({})).expect("query-version answers while a script hangs");
         assert!(version.is_ok(), "query-version: {version:?}");
         let added = other.execute("netdev_add", json!({"type": "hubport", "id": "other", "hubid": 0})).expect("answer");
@@ -177,7 +180,7 @@ fn the_netdev_limit_is_a_clear_error_that_creates_nothing() {
 #[test]
 fn a_hung_bridge_helper_is_killed_after_the_setup_timeout() {
     let ns = Netns::new("hh");
-    let daemon = Daemon::start_with_args(&ns, &["--setup-timeout", "2"]);
+    let daemon = Daemon::start_with_args(&ns, &["--setup-timeout", "5"]);
     let dir = TempDir::new();
     let pid_file = dir.0.join("helper.pid");
     let helper = dir.0.join("helper.sh");

@@ -4,67 +4,8 @@
 //! netdev, no program attached, no descriptor kept.
 //! Needs root and iproute2.
 
-use std::{
-    io::{BufRead, BufReader, IoSlice, Write},
-    os::{
-        fd::{AsRawFd, OwnedFd},
-        unix::net::UnixStream,
-    },
-    time::Duration,
-};
-
-use dataplane_tests::{Daemon, Netns, open_tap_fd, settle, unique};
-use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-use serde_json::{Value, json};
-
-/// A QMP connection that can pass a descriptor with a request (`getfd`).
-struct FdQmp {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl FdQmp {
-    fn connect(daemon: &Daemon) -> Self {
-        let mut stream = None;
-        settle::wait_until("the daemon accepts connections", || {
-            stream = UnixStream::connect(&daemon.socket).ok();
-            stream.is_some()
-        });
-        let stream = stream.expect("connected");
-        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
-        let mut qmp = Self { stream, reader };
-        assert!(qmp.read().get("QMP").is_some(), "greeting");
-        assert_eq!(qmp.execute(&json!({"execute": "qmp_capabilities"}), None), json!({"return": {}}));
-        qmp
-    }
-
-    fn read(&mut self) -> Value {
-        loop {
-            let mut line = String::new();
-            assert!(self.reader.read_line(&mut line).expect("read from netdevd") > 0, "netdevd closed the connection");
-            let message: Value = serde_json::from_str(line.trim_end()).expect("JSON line");
-            if message.get("event").is_none() {
-                return message;
-            }
-        }
-    }
-
-    fn execute(&mut self, request: &Value, fd: Option<&OwnedFd>) -> Value {
-        let text = format!("{request}\n");
-        match fd {
-            Some(fd) => {
-                let fds = [fd.as_raw_fd()];
-                let control = [ControlMessage::ScmRights(&fds)];
-                let sent = sendmsg::<()>(self.stream.as_raw_fd(), &[IoSlice::new(text.as_bytes())], &control, MsgFlags::empty(), None)
-                    .expect("sendmsg");
-                assert_eq!(sent, text.len(), "the whole request went with the fd");
-            }
-            None => self.stream.write_all(text.as_bytes()).expect("write to netdevd"),
-        }
-        self.read()
-    }
-}
+use dataplane_tests::{Daemon, FdQmp, Netns, open_tap_fd, settle, unique};
+use serde_json::json;
 
 /// Descriptors the daemon holds.
 fn fd_count(daemon: &Daemon) -> usize {
@@ -86,9 +27,9 @@ fn tap_fd_from_another_namespace_is_refused() {
 
     let fd = open_tap_fd(&elsewhere, &name, false);
     let mut qmp = FdQmp::connect(&daemon);
-    assert_eq!(qmp.execute(&json!({"execute": "getfd", "arguments": {"fdname": "tapfd"}}), Some(&fd)), json!({"return": {}}));
+    assert_eq!(qmp.request(&json!({"execute": "getfd", "arguments": {"fdname": "tapfd"}}), Some(&fd)), json!({"return": {}}));
     let reply =
-        qmp.execute(&json!({"execute": "netdev_add", "arguments": {"type": "tap", "id": "tf", "fd": "tapfd"}}), None);
+        qmp.request(&json!({"execute": "netdev_add", "arguments": {"type": "tap", "id": "tf", "fd": "tapfd"}}), None);
     assert_eq!(
         reply["error"]["desc"],
         json!(format!("could not configure /dev/net/tun ({name}): the tap is in another network namespace than netdevd")),

@@ -5,16 +5,11 @@
 //! itself, handed over SCM_RIGHTS, carries frames on a hub. Needs root, iproute2 and bpftool.
 
 use std::{
-    io::{BufRead, BufReader, IoSlice, Write},
-    os::{
-        fd::{AsRawFd, OwnedFd},
-        unix::net::UnixStream,
-    },
+    os::fd::OwnedFd,
     time::{Duration, Instant},
 };
 
-use dataplane_tests::{Daemon, Netns, TapVm, open_tap_fd, tcx_links, test_frame, unique};
-use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
+use dataplane_tests::{Daemon, FdQmp, Netns, TapVm, open_tap_fd, tcx_links, test_frame, unique};
 use serde_json::{Value, json};
 
 
@@ -284,69 +279,6 @@ fn hubport_on_an_interface_that_already_is_a_port() {
     assert_eq!(error, format!("interface {} is already a port of hub 0 through 'pbase'", fixture.base_tap));
 }
 
-/// A raw QMP connection, for what the client library does not do: sending fds.
-struct RawQmp {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl RawQmp {
-    fn connect(daemon: &Daemon) -> Self {
-        // The socket file appears at bind(), a moment before listen(): retry a refused connect.
-        let deadline = Instant::now() + dataplane_tests::settle::DEADLINE;
-        let stream = loop {
-            match UnixStream::connect(&daemon.socket) {
-                Ok(stream) => break stream,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("connect to netdevd: {e}"),
-            }
-        };
-        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
-        let mut qmp = Self { stream, reader };
-        let greeting = qmp.read();
-        assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
-        let negotiated = qmp.execute(&json!({"execute": "qmp_capabilities"}), None);
-        assert_eq!(negotiated, json!({"return": {}}));
-        qmp
-    }
-
-    fn read(&mut self) -> Value {
-        loop {
-            let mut line = String::new();
-            assert!(self.reader.read_line(&mut line).expect("read from netdevd") > 0, "netdevd closed the connection");
-            let message: Value = serde_json::from_str(line.trim_end()).expect("JSON line");
-            if message.get("event").is_none() {
-                return message;
-            }
-        }
-    }
-
-    /// Sends one request, with `fd` attached (SCM_RIGHTS) if given, and returns the response.
-    fn execute(&mut self, request: &Value, fd: Option<&OwnedFd>) -> Value {
-        let mut bytes = serde_json::to_vec(request).expect("JSON");
-        bytes.push(b'\n');
-        match fd {
-            None => self.stream.write_all(&bytes).expect("write request"),
-            Some(fd) => {
-                let fds = [fd.as_raw_fd()];
-                let sent = sendmsg::<UnixAddr>(
-                    self.stream.as_raw_fd(),
-                    &[IoSlice::new(&bytes)],
-                    &[ControlMessage::ScmRights(&fds)],
-                    MsgFlags::empty(),
-                    None,
-                )
-                .expect("sendmsg with SCM_RIGHTS");
-                assert_eq!(sent, bytes.len(), "the request went in one message");
-            }
-        }
-        self.read()
-    }
-}
-
 /// Waits until `ifname` is up with carrier and its qdisc is no longer `noop` (linkwatch activates
 /// it asynchronously; until then the tap drops what it is sent).
 fn wait_transmits(ns: &Netns, ifname: &str) {
@@ -375,8 +307,8 @@ fn tap_fd_passed_with_getfd_carries_frames() {
     let passed_tap = unique("pt");
     let fd = open_tap_fd(&switch, &passed_tap, false);
     let ours = fd.try_clone().expect("dup the tap fd");
-    let mut qmp = RawQmp::connect(&daemon);
-    let reply = qmp.execute(&json!({"execute": "getfd", "arguments": {"fdname": "tapfd"}}), Some(&fd));
+    let mut qmp = FdQmp::connect(&daemon);
+    let reply = qmp.request(&json!({"execute": "getfd", "arguments": {"fdname": "tapfd"}}), Some(&fd));
     assert_eq!(reply, json!({"return": {}}), "getfd");
     drop(fd);
     // Passed fds belong to the connection that passed them, as in QEMU's monitor.
@@ -385,11 +317,11 @@ fn tap_fd_passed_with_getfd_carries_frames() {
     assert_eq!(elsewhere.desc, "File descriptor named 'tapfd' has not been found");
     assert_eq!(daemon.netdev_ids(), Vec::<String>::new(), "nothing was created");
     let reply =
-        qmp.execute(&json!({"execute": "netdev_add", "arguments": {"type": "tap", "id": "tf", "fd": "tapfd"}}), None);
+        qmp.request(&json!({"execute": "netdev_add", "arguments": {"type": "tap", "id": "tf", "fd": "tapfd"}}), None);
     assert_eq!(reply, json!({"return": {}}), "netdev_add with the passed fd");
     // The name was consumed by the netdev, as in QEMU.
     let reply =
-        qmp.execute(&json!({"execute": "netdev_add", "arguments": {"type": "tap", "id": "tf2", "fd": "tapfd"}}), None);
+        qmp.request(&json!({"execute": "netdev_add", "arguments": {"type": "tap", "id": "tf2", "fd": "tapfd"}}), None);
     assert_eq!(reply["error"]["desc"], json!("File descriptor named 'tapfd' has not been found"), "{reply}");
     daemon.add("hubport,id=ptf,hubid=0,netdev=tf");
     assert_eq!(daemon.ifname_of("tf").as_deref(), Some(passed_tap.as_str()), "the daemon found the tap behind the fd");
@@ -445,12 +377,12 @@ fn dgram_fd_passed_with_getfd_carries_frames() {
     let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().expect("socketpair");
     ours.set_read_timeout(Some(dataplane_tests::settle::DEADLINE)).expect("read timeout");
     let theirs = OwnedFd::from(theirs);
-    let mut qmp = RawQmp::connect(&daemon);
-    let reply = qmp.execute(&json!({"execute": "getfd", "arguments": {"fdname": "dg"}}), Some(&theirs));
+    let mut qmp = FdQmp::connect(&daemon);
+    let reply = qmp.request(&json!({"execute": "getfd", "arguments": {"fdname": "dg"}}), Some(&theirs));
     assert_eq!(reply, json!({"return": {}}), "getfd");
     drop(theirs);
     let add = json!({"execute": "netdev_add", "arguments": {"type": "dgram", "id": "d0", "local": {"type": "fd", "str": "dg"}}});
-    assert_eq!(qmp.execute(&add, None), json!({"return": {}}), "netdev_add dgram with the passed fd");
+    assert_eq!(qmp.request(&add, None), json!({"return": {}}), "netdev_add dgram with the passed fd");
     daemon.add("hubport,id=pd0,hubid=0,netdev=d0");
     let tap = unique("t");
     daemon.add(&format!("tap,id=t0,ifname={tap},script=no,downscript=no"));

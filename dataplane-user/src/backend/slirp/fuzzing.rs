@@ -11,7 +11,7 @@ use std::{
 };
 
 use super::{
-    engine::{self, Command, Engine, EngineConfig, Round, Shared},
+    engine::{self, Command, Engine, Round, Shared},
     offload::{self, Coalescer, VNET_HDR_LEN},
 };
 use crate::{backend::BackendStats, netdev::user::UserOptions, port::pipe::MAX_FRAME};
@@ -32,30 +32,13 @@ pub struct FrameFeed {
 
 impl FrameFeed {
     pub fn new(restricted: bool, vnet_hdr: bool) -> Result<Self, String> {
-        let options: UserOptions =
-            serde_json::from_value(serde_json::json!({"restrict": restricted})).map_err(|e| e.to_string())?;
+        let options: UserOptions = serde_json::from_value(serde_json::json!({
+            "restrict": restricted, "hostname": "fuzz", "dnssearch": [{"str": "example.test"}],
+            "domainname": "example.test",
+        }))
+        .map_err(|e| e.to_string())?;
         let plan = options.address_plan()?;
-        let config = EngineConfig {
-            restricted,
-            ipv4: plan.ipv4,
-            net: plan.net,
-            mask: plan.mask,
-            host: plan.host,
-            dhcp_start: plan.dhcp_start,
-            dns: plan.dns,
-            ipv6: plan.ipv6,
-            ipv6_prefix: plan.ipv6_prefix,
-            ipv6_prefixlen: plan.ipv6_prefixlen,
-            ipv6_host: plan.ipv6_host,
-            ipv6_dns: plan.ipv6_dns,
-            hostname: Some("fuzz".to_owned()),
-            tftp_server_name: None,
-            tftp: None,
-            bootfile: None,
-            dnssearch: vec!["example.test".to_owned()],
-            domainname: Some("example.test".to_owned()),
-            mtu: 0,
-        };
+        let config = super::engine_config(&options, &plan, None);
         let mut engine = Engine::new(&config)?;
         let (pipe, hub) = seqpacket_pair().map_err(|e| e.to_string())?;
         let stats = Arc::new(BackendStats::default());

@@ -39,7 +39,7 @@ use self::{
 };
 use super::{BackendContext, BackendError, BackendStats};
 use crate::{port::pipe::HubPipe, privileges};
-use crate::netdev::user::UserOptions;
+use crate::netdev::user::{AddressPlan, UserOptions};
 
 /// QEMU's `CONFIG_SMBD_COMMAND`.
 pub const SMBD_COMMAND: &str = "/usr/sbin/smbd";
@@ -68,15 +68,9 @@ struct Inner {
     commands: mpsc::Receiver<Command>,
 }
 
-/// Creates the libslirp instance of a `user` netdev and sets up its forwards and smb export.
-pub fn prepare(id: &str, options: &UserOptions) -> Result<PreparedUser, BackendError> {
-    let setup = |reason: String| BackendError::setup(id, reason);
-    let plan = options.address_plan().map_err(setup)?;
-    let tftp = options.tftp.as_deref().map(tftp_root).transpose().map_err(setup)?;
-    if options.bootfile.as_ref().is_some_and(|file| file.len() > 127) {
-        return Err(setup("'bootfile' parameter cannot exceed 127 bytes".to_owned()));
-    }
-    let config = EngineConfig {
+/// The libslirp configuration of `options` with its address plan; `tftp` is the checked root.
+pub(crate) fn engine_config(options: &UserOptions, plan: &AddressPlan, tftp: Option<String>) -> EngineConfig {
+    EngineConfig {
         restricted: options.restrict == Some(true),
         ipv4: plan.ipv4,
         net: plan.net,
@@ -96,7 +90,18 @@ pub fn prepare(id: &str, options: &UserOptions) -> Result<PreparedUser, BackendE
         dnssearch: options.dnssearch.iter().flatten().map(|s| s.str.clone()).collect(),
         domainname: options.domainname.clone(),
         mtu: options.x_mtu.map_or(0, |mtu| mtu as usize),
-    };
+    }
+}
+
+/// Creates the libslirp instance of a `user` netdev and sets up its forwards and smb export.
+pub fn prepare(id: &str, options: &UserOptions) -> Result<PreparedUser, BackendError> {
+    let setup = |reason: String| BackendError::setup(id, reason);
+    let plan = options.address_plan().map_err(setup)?;
+    let tftp = options.tftp.as_deref().map(tftp_root).transpose().map_err(setup)?;
+    if options.bootfile.as_ref().is_some_and(|file| file.len() > 127) {
+        return Err(setup("'bootfile' parameter cannot exceed 127 bytes".to_owned()));
+    }
+    let config = engine_config(options, &plan, tftp);
     let mut engine = Engine::new(&config).map_err(setup)?;
 
     // QEMU prepends each rule to one list, host rules first: guest rules run last to first,
