@@ -21,12 +21,14 @@
 //! * [`metrics`]: the opt-in Prometheus endpoint;
 //! * [`systemd`]: readiness notification and socket activation;
 //! * [`privileges`]: the capabilities the daemon keeps, the unprivileged account of the `user` stack;
+//! * [`docs`]: man pages and shell completions from the binaries' clap definitions;
 //! * [`client`]: a small QMP client for `netdevctl` and tests.
 
 pub mod backend;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod docs;
 pub mod fd;
 pub mod instance;
 pub mod kernel;

@@ -21,6 +21,14 @@ EXPECTED_FILES = {
     "./usr/lib/systemd/system/netdevd.service",
     "./usr/lib/systemd/system/netdevd.socket",
     "./usr/share/doc/netdevd/README.md",
+    "./usr/share/man/man8/netdevd.8.gz",
+    "./usr/share/man/man1/netdevctl.1.gz",
+    "./usr/share/bash-completion/completions/netdevd",
+    "./usr/share/bash-completion/completions/netdevctl",
+    "./usr/share/zsh/vendor-completions/_netdevd",
+    "./usr/share/zsh/vendor-completions/_netdevctl",
+    "./usr/share/fish/vendor_completions.d/netdevd.fish",
+    "./usr/share/fish/vendor_completions.d/netdevctl.fish",
 }
 
 
@@ -44,6 +52,26 @@ def test_package_contents(deb, short_tmp):
     assert control_files <= {"control", "md5sums", "conffiles"}, control_files
     conffiles = (short_tmp / "DEBIAN" / "conffiles").read_text().split()
     assert conffiles == ["/etc/netdevd/netdevd.toml"]
+
+
+def test_man_pages_and_completions_follow_the_binaries(deb, short_tmp):
+    """The man pages name every option the binaries parse (they are generated from the same
+    clap definitions), and the bash completion offers them."""
+    root = short_tmp / "root"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    for binary, page, options in [
+        ("usr/sbin/netdevd", "usr/share/man/man8/netdevd.8.gz", ["--config", "--qmp", "--netdev", "--state-dir", "--metrics"]),
+        ("usr/bin/netdevctl", "usr/share/man/man1/netdevctl.1.gz", ["--qmp", "--json"]),
+    ]:
+        text = subprocess.run(["zcat", str(root / page)], capture_output=True, text=True, check=True).stdout
+        assert text.startswith(".ie") or ".TH" in text, text[:200]
+        usage = subprocess.run([str(root / binary), "--help"], capture_output=True, text=True, check=True).stdout
+        name = Path(binary).name
+        completion = (root / "usr/share/bash-completion/completions" / name).read_text()
+        for option in options:
+            assert option in usage, (binary, option)
+            assert option.replace("-", "\\-") in text, (page, option)
+            assert option in completion, (name, option)
 
 
 def test_installed_daemon_and_client(deb, short_tmp):

@@ -100,6 +100,11 @@ fn main() -> Result<()> {
 fn package(root: &std::path::Path) -> Result<PathBuf> {
     build(root)?;
     setup::cargo_deb(root)?;
+    // Man pages and completions come from the binaries' own clap definitions.
+    let docs = root.join("target/debian-docs");
+    for binary in ["netdevd", "netdevctl"] {
+        shell::run(std::process::Command::new(root.join("target/release").join(binary)).arg("--x-generate-docs").arg(&docs))?;
+    }
     shell::step("building the Debian package (cargo-deb)");
     let out = root.join("target/debian");
     shell::run(shell::cargo(root).args(["deb", "-p", "dataplane-user", "--no-build", "--strip", "--output"]).arg(&out))?;

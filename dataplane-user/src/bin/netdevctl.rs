@@ -21,7 +21,7 @@ use dataplane::{
 use serde_json::Value;
 
 #[derive(Parser)]
-#[command(version, about = "Client for netdevd's QMP control socket")]
+#[command(name = "netdevctl", version, about = "Client for netdevd's QMP control socket")]
 struct Args {
     /// The daemon's socket: unix:PATH or tcp:IP:PORT.
     #[arg(long, value_name = "ADDRESS", default_value_t = format!("unix:{DEFAULT_QMP_SOCKET}"))]
@@ -29,9 +29,12 @@ struct Args {
     /// Print the JSON result instead of a table.
     #[arg(long)]
     json: bool,
+    /// Write the man page and shell completions into DIR and exit (used by packaging).
+    #[arg(long, value_name = "DIR", hide = true)]
+    x_generate_docs: Option<std::path::PathBuf>,
     /// A command name and its arguments in keyval form, a raw JSON request, or `events`.
-    #[arg(required = true, value_name = "COMMAND")]
-    command: String,
+    #[arg(required_unless_present = "x_generate_docs", value_name = "COMMAND")]
+    command: Option<String>,
     #[arg(value_name = "ARGUMENTS")]
     arguments: Option<String>,
 }
@@ -48,15 +51,22 @@ fn main() -> ExitCode {
 
 fn run() -> Result<ExitCode> {
     let args = Args::parse();
+    if let Some(dir) = &args.x_generate_docs {
+        use clap::CommandFactory;
+        dataplane::docs::generate(Args::command(), "1", dir).context("cannot write the man page and completions")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // clap requires the command unless docs are asked for.
+    let Some(command) = args.command.clone() else { anyhow::bail!("a command is required") };
     let addr: ListenAddr = args.qmp.parse()?;
     let mut client = QmpClient::connect_negotiated(&addr).with_context(|| format!("cannot reach netdevd at {addr}"))?;
 
-    if args.command == "events" {
+    if command == "events" {
         return follow_events(&mut client, args.json);
     }
-    if args.command.trim_start().starts_with('{') {
+    if command.trim_start().starts_with('{') {
         // Raw passthrough: the whole response, as the daemon sent it.
-        let request: Value = serde_json::from_str(&args.command).context("the raw request is not JSON")?;
+        let request: Value = serde_json::from_str(&command).context("the raw request is not JSON")?;
         let response = client.request(&request)?;
         println!("{response}");
         return Ok(match response.get("error") {
@@ -69,10 +79,10 @@ fn run() -> Result<ExitCode> {
     }
     let response = {
         let arguments = match &args.arguments {
-            Some(text) => commands::arguments_from_keyval(&args.command, text).map_err(anyhow::Error::msg)?,
+            Some(text) => commands::arguments_from_keyval(&command, text).map_err(anyhow::Error::msg)?,
             None => Value::Object(serde_json::Map::new()),
         };
-        client.request(&serde_json::json!({"execute": args.command, "arguments": arguments}))?
+        client.request(&serde_json::json!({"execute": command, "arguments": arguments}))?
     };
 
     if let Some(error) = response.get("error") {
@@ -87,7 +97,7 @@ fn run() -> Result<ExitCode> {
     if args.json {
         println!("{result}");
     } else {
-        print_readable(&args.command, &result);
+        print_readable(&command, &result);
     }
     Ok(ExitCode::SUCCESS)
 }

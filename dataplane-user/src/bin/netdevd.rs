@@ -26,8 +26,11 @@ use dataplane::{
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
-#[command(version, about = "QEMU's netdev API over QMP, forwarded in the kernel by eBPF")]
+#[command(name = "netdevd", version, about = "QEMU's netdev API over QMP, forwarded in the kernel by eBPF")]
 struct Args {
+    /// Write the man page and shell completions into DIR and exit (used by packaging).
+    #[arg(long, value_name = "DIR", hide = true)]
+    x_generate_docs: Option<PathBuf>,
     /// Configuration file (default: /etc/netdevd/netdevd.toml if present, else built-in defaults).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -94,6 +97,10 @@ fn main() -> std::process::ExitCode {
 
 fn start(inherited: InheritedFds, activated: Vec<std::os::unix::net::UnixListener>) -> Result<()> {
     let args = Args::parse();
+    if let Some(dir) = &args.x_generate_docs {
+        use clap::CommandFactory;
+        return dataplane::docs::generate(Args::command(), "8", dir).context("cannot write the man page and completions");
+    }
     let attach = match args.x_attach {
         Some(choice) => choice,
         None => match std::env::var("NETDEVD_X_ATTACH") {
