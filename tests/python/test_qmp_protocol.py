@@ -910,9 +910,11 @@ def test_hostile_clients_do_not_starve_others(daemon):
             os.close(fd)
     attacker.join(TIMEOUT)
     deadline = time.monotonic() + TIMEOUT
-    while fd_count(daemon.proc.pid) != baseline and time.monotonic() < deadline:
+    # At most the baseline: a connection of the start-up readiness check may still have been open
+    # when it was taken, and closes on the daemon's schedule.
+    while fd_count(daemon.proc.pid) > baseline and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert fd_count(daemon.proc.pid) == baseline, "the daemon holds descriptors of clients that left"
+    assert fd_count(daemon.proc.pid) <= baseline, "the daemon holds descriptors of clients that left"
     assert probe.cmd("query-version", id="after")["id"] == "after"
     probe.close()
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
