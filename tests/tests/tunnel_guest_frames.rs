@@ -404,6 +404,8 @@ impl LoggingDaemon {
             .arg(&config)
             .arg("--qmp")
             .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .arg("--state-dir")
+            .arg(dir.0.join("state"))
             .env("RUST_LOG", filter)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
