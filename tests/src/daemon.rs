@@ -70,20 +70,28 @@ impl Daemon {
         let socket = dir.0.join("qmp.sock");
         let config = dir.0.join("netdevd.toml");
         std::fs::write(&config, "netdevs = []\n").expect("write config");
-        let child = ns
-            .command(netdevd_bin().to_str().expect("utf-8 path"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--qmp")
-            .arg(format!("unix:{},server=on,wait=off", socket.display()))
-            .arg("--state-dir")
-            .arg(&state_dir)
+        let child = Self::command(ns, &config, &socket, &state_dir)
             .args(extra)
             .env("RUST_LOG", std::env::var("NETDEVD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()))
             .stdout(Stdio::null())
             .spawn()
             .expect("start netdevd");
         Self { child, socket, state_dir, _dir: dir }.accepting()
+    }
+
+    /// netdevd in `ns` on `config`, serving QMP on the unix socket `socket`, with its lock and
+    /// state in `state_dir`: what every test daemon starts from (callers add output and log level).
+    #[must_use]
+    pub fn command(ns: &Netns, config: &std::path::Path, socket: &std::path::Path, state_dir: &std::path::Path) -> std::process::Command {
+        let mut command = ns.command(netdevd_bin().to_str().expect("utf-8 path"));
+        command
+            .arg("--config")
+            .arg(config)
+            .arg("--qmp")
+            .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .arg("--state-dir")
+            .arg(state_dir);
+        command
     }
 
     /// Waits until the daemon accepts connections (the socket file exists from bind(2) on, a

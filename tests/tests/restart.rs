@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_tests::{Daemon, Netns, TempDir, netdevd_bin};
+use dataplane_tests::{Daemon, Netns, TempDir};
 use nix::{sys::signal, unistd::Pid};
 use serde_json::Value;
 
@@ -69,14 +69,7 @@ fn a_second_daemon_on_a_state_directory_refuses_and_the_first_keeps_working() {
     let socket = dir.0.join("qmp.sock");
     let config = dir.0.join("netdevd.toml");
     std::fs::write(&config, "netdevs = [\"hubport,id=h9,hubid=9\"]\n").expect("write config");
-    let mut second = ns
-        .command(netdevd_bin().to_str().expect("utf-8 path"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--qmp")
-        .arg(format!("unix:{},server=on,wait=off", socket.display()))
-        .arg("--state-dir")
-        .arg(&first.state_dir)
+    let mut second = Daemon::command(&ns, &config, &socket, &first.state_dir)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

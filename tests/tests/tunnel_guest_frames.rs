@@ -21,7 +21,7 @@ use std::{
 };
 
 use dataplane::{client::QmpClient, qmp::commands::arguments_from_keyval, qmp::server::ListenAddr};
-use dataplane_tests::{Daemon, Netns, TapVm, TempDir, contains, netdevd_bin, settle, unique};
+use dataplane_tests::{Daemon, Netns, TapVm, TempDir, contains, settle, unique};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde_json::{Value, json};
 
@@ -398,14 +398,7 @@ impl LoggingDaemon {
         let dir = TempDir::new();
         let (socket, config, log) = (dir.0.join("qmp.sock"), dir.0.join("netdevd.toml"), dir.0.join("netdevd.log"));
         std::fs::write(&config, "netdevs = []\n").expect("write config");
-        let child = ns
-            .command(netdevd_bin().to_str().expect("utf-8 path"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--qmp")
-            .arg(format!("unix:{},server=on,wait=off", socket.display()))
-            .arg("--state-dir")
-            .arg(dir.0.join("state"))
+        let child = Daemon::command(ns, &config, &socket, &dir.0.join("state"))
             .env("RUST_LOG", filter)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
