@@ -236,6 +236,14 @@ impl Daemon {
         self.netdevs().iter().filter_map(|row| row["id"].as_str().map(str::to_owned)).collect()
     }
 
+    /// The `backend` object of netdev `id` in `x-query-netdevs`; panics if there is no such netdev.
+    #[must_use]
+    pub fn backend_of(&self, id: &str) -> Value {
+        let rows = self.netdevs();
+        let row = rows.iter().find(|row| row["id"] == json!(id)).unwrap_or_else(|| panic!("no netdev {id} in {rows:?}"));
+        row["backend"].clone()
+    }
+
     /// The interface of netdev `id` as `x-query-netdevs` reports it.
     #[must_use]
     pub fn ifname_of(&self, id: &str) -> Option<String> {

@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests, by helper: network namespaces ([`namespaces`]), a
 //! running `netdevd` inside one ([`daemon`]), test processes playing VMs on taps ([`tap_vm`]),
 //! traffic generators and background processes ([`traffic`]), tcx attachments ([`tc`]), a QMP
-//! connection that passes fds ([`fd_qmp`]) and a daemon's BPF maps ([`maps`]); the
+//! connection that passes fds ([`fd_qmp`]), a daemon's BPF maps ([`maps`]) and the tunnel suites'
+//! underlay between two daemons ([`underlay`]); the
 //! eBPF object under `BPF_PROG_TEST_RUN` is [`testrun`]. Every name is also reachable here.
 //!
 //! Everything here needs root and panics with a clear message without it. Every namespace made
@@ -16,6 +17,7 @@ mod tap_vm;
 mod tc;
 pub mod testrun;
 mod traffic;
+pub mod underlay;
 
 pub use self::{daemon::*, fd_qmp::*, namespaces::*, tap_vm::*, tc::*, traffic::*};
 

@@ -21,12 +21,13 @@ use std::{
 };
 
 use dataplane::{client::QmpClient, qmp::commands::arguments_from_keyval, qmp::server::ListenAddr};
-use dataplane_tests::{Daemon, Netns, TapVm, TempDir, contains, settle, unique};
+use dataplane_tests::{
+    Daemon, Netns, TapVm, TempDir, contains, settle, unique,
+    underlay::{D1, D2, Underlay, counter, join_tunnel, tunnel_kernel_counters},
+};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde_json::{Value, json};
 
-const D1: &str = "192.168.77.1";
-const D2: &str = "192.168.77.2";
 /// On the underlay's subnet, but no host's.
 const ELSEWHERE: &str = "192.168.77.3";
 const GUEST_A: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x01];
@@ -46,43 +47,19 @@ struct Side {
 impl Side {
     /// Adds the tunnel netdev `t` and joins it to hub 0.
     fn tunnel(&self, keyval: &str) {
-        self.daemon.add(&format!("{keyval},id=t"));
-        self.daemon.add("hubport,id=pt,hubid=0,netdev=t");
+        join_tunnel(&self.daemon, keyval);
     }
 
     /// The tunnel's kernel counters (`backend.kernel` of `x-query-netdevs`).
     fn kernel(&self) -> Value {
-        let rows = self.daemon.netdevs();
-        let row = rows.iter().find(|row| row["id"] == json!("t")).unwrap_or_else(|| panic!("no netdev t in {rows:?}"));
-        let kernel = row["backend"]["kernel"].clone();
-        assert!(kernel.is_object(), "a UDP-based tunnel reports kernel counters: {row}");
-        kernel
+        tunnel_kernel_counters(&self.daemon)
     }
-}
-
-fn counter(kernel: &Value, name: &str) -> u64 {
-    kernel[name].as_u64().unwrap_or_else(|| panic!("counter {name} missing in {kernel}"))
-}
-
-/// D1 and D2 joined by the underlay (its ends in each), neighbours resolved.
-fn underlay() -> (Netns, Netns, String, String) {
-    let d1 = Netns::new("d");
-    let d2 = Netns::new("d");
-    let (u1, u2) = (unique("u"), unique("u"));
-    d1.ip(&["link", "add", &u1, "type", "veth", "peer", "name", &u2, "netns", &d2.name]);
-    for (ns, link, address) in [(&d1, &u1, D1), (&d2, &u2, D2)] {
-        ns.quiet();
-        ns.ip(&["addr", "add", &format!("{address}/24"), "dev", link]);
-        ns.ip(&["link", "set", link, "up"]);
-    }
-    assert!(d1.ping(D2, 1), "the underlay works");
-    (d1, d2, u1, u2)
 }
 
 /// D1 and D2 with the underlay, each with a daemon and a tap on hub 0; the underlay's neighbours
 /// resolved, so that a tunnel's first frames take the fast path.
 fn topology() -> (Side, Side) {
-    let (d1, d2, u1, u2) = underlay();
+    let (d1, d2, u1, u2) = Underlay::DEFAULT_MTU.build();
     let side = |ns: Netns, underlay: String| {
         let daemon = Daemon::start(&ns);
         let tap = unique("t");
@@ -432,7 +409,7 @@ impl Drop for LoggingDaemon {
 /// with the wrong cookie is dropped in the kernel and said so at debug level.
 #[test]
 fn kernel_program_logs_reach_netdevd_log() {
-    let (d1, d2, u1, u2) = underlay();
+    let (d1, d2, u1, u2) = Underlay::DEFAULT_MTU.build();
     let daemon = LoggingDaemon::start(&d2, "info,dataplane::tunnel=debug");
     let mut client = daemon.client();
     let keyval = format!(

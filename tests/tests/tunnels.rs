@@ -12,13 +12,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_tests::{Daemon, Netns, TempDir, require_root, settle, unique, veth};
+use dataplane_tests::{
+    Daemon, Netns, TempDir, require_root, settle, unique,
+    underlay::{D1, D1_V6, D2, D2_V6, Underlay, counter, join_tunnel, tunnel_kernel_counters},
+    veth,
+};
 use serde_json::{Value, json};
 
-const D1: &str = "192.168.77.1";
-const D2: &str = "192.168.77.2";
-const D1_V6: &str = "fd77::1";
-const D2_V6: &str = "fd77::2";
 const G1: &str = "10.0.0.1";
 const G2: &str = "10.0.0.2";
 const MIB: u64 = 1 << 20;
@@ -36,15 +36,12 @@ struct Side {
 impl Side {
     /// Adds the tunnel netdev `t` and joins it to hub 0 as port `pt`.
     fn tunnel(&self, keyval: &str) {
-        self.daemon.add(&format!("{keyval},id=t"));
-        self.daemon.add("hubport,id=pt,hubid=0,netdev=t");
+        join_tunnel(&self.daemon, keyval);
     }
 
     /// `backend` of the tunnel netdev `t` in `x-query-netdevs`.
     fn backend(&self) -> Value {
-        let rows = self.daemon.netdevs();
-        let row = rows.iter().find(|row| row["id"] == json!("t")).unwrap_or_else(|| panic!("no netdev t in {rows:?}"));
-        row["backend"].clone()
+        self.daemon.backend_of("t")
     }
 
     /// Interfaces the daemon made in its namespace (`nd…` veth pairs of user-space ports).
@@ -59,42 +56,13 @@ struct Topology {
     b: Side,
 }
 
-#[derive(Clone, Copy)]
-struct Underlay {
-    mtu: u32,
-    ipv6: bool,
-    multicast: bool,
-}
-
-const JUMBO: Underlay = Underlay { mtu: 9000, ipv6: false, multicast: false };
-const DEFAULT_MTU: Underlay = Underlay { mtu: 1500, ipv6: false, multicast: false };
+const JUMBO: Underlay = Underlay::JUMBO;
+const DEFAULT_MTU: Underlay = Underlay::DEFAULT_MTU;
 
 /// Builds D1, D2, the underlay, both guests and both daemons with their guest on hub 0.
 fn topology(underlay: Underlay) -> Topology {
     require_root();
-    let d1 = Netns::new("d");
-    let d2 = Netns::new("d");
-    for ns in [&d1, &d2] {
-        ns.quiet();
-    }
-    let (u1, u2) = (unique("u"), unique("u"));
-    d1.ip(&["link", "add", &u1, "type", "veth", "peer", "name", &u2, "netns", &d2.name]);
-    let mtu = underlay.mtu.to_string();
-    for (ns, link, v4, v6) in [(&d1, &u1, D1, D1_V6), (&d2, &u2, D2, D2_V6)] {
-        ns.ip(&["link", "set", link, "mtu", &mtu]);
-        ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", link]);
-        if underlay.ipv6 {
-            ns.sysctl(&format!("net.ipv6.conf.{link}.disable_ipv6"), "0");
-            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", link, "nodad"]);
-        }
-        if underlay.multicast {
-            ns.ip(&["link", "set", link, "multicast", "on"]);
-        }
-        ns.ip(&["link", "set", link, "up"]);
-        if underlay.multicast {
-            ns.ip(&["route", "add", "224.0.0.0/4", "dev", link]);
-        }
-    }
+    let (d1, d2, u1, u2) = underlay.build();
     let side = |ns: Netns, underlay: String, address: &str| {
         let guest = Netns::new("g");
         guest.quiet();
@@ -108,10 +76,6 @@ fn topology(underlay: Underlay) -> Topology {
     let a = side(d1, u1, G1);
     let b = side(d2, u2, G2);
     Topology { a, b }
-}
-
-fn counter(object: &Value, name: &str) -> u64 {
-    object[name].as_u64().unwrap_or_else(|| panic!("counter {name} missing in {object}"))
 }
 
 /// Pings both ways, retrying for a while: a stream may still be connecting, a neighbour may still
@@ -136,14 +100,6 @@ fn ping_both_ways(t: &Topology) {
 fn tcp_both_ways(t: &Topology, amount: u64) {
     settle::tcp_amount(&t.b.guest, &t.a.guest, G2, 5201, amount);
     settle::tcp_amount(&t.a.guest, &t.b.guest, G1, 5201, amount);
-}
-
-/// The kernel fast-path counters of a UDP-based tunnel (`backend.kernel`).
-fn kernel(side: &Side) -> Value {
-    let backend = side.backend();
-    let kernel = backend["kernel"].clone();
-    assert!(kernel.is_object(), "a UDP-based tunnel reports kernel counters: {backend}");
-    kernel
 }
 
 /// A UDP-based tunnel's traffic mostly took the kernel's fast path on both sides: encap and
@@ -309,13 +265,13 @@ fn dgram_inet_unicast_slow_path_on_1500_underlay() {
     ping_both_ways(&t);
     // Small frames (ping, ACKs) still take the kernel path.
     for side in [&t.a, &t.b] {
-        let kernel = kernel(side);
+        let kernel = tunnel_kernel_counters(&side.daemon);
         assert!(counter(&kernel, "encap-packets") > 0 && counter(&kernel, "decap-packets") > 0, "ping in the kernel: {kernel}");
     }
-    let encap_before: Vec<u64> = [&t.a, &t.b].iter().map(|side| counter(&kernel(side), "encap-packets")).collect();
+    let encap_before: Vec<u64> = [&t.a, &t.b].iter().map(|side| counter(&tunnel_kernel_counters(&side.daemon), "encap-packets")).collect();
     tcp_both_ways(&t, 4 * MIB);
     for ((name, side), before) in [("D1", &t.a), ("D2", &t.b)].into_iter().zip(encap_before) {
-        let kernel = kernel(side);
+        let kernel = tunnel_kernel_counters(&side.daemon);
         let backend = side.backend();
         eprintln!("{label}: {name} backend counters: {backend}");
         // Full-sized TCP segments (1514-byte frames) do not fit 1500 bytes with 28 more: the
