@@ -30,10 +30,12 @@ const NEXT_HOP_PENDING_REFRESH: Duration = Duration::from_millis(100);
 impl Daemon {
     /// Runs a prepared backend; its events come back through a task that holds the daemon weakly.
     ///
-    /// Events are never queued behind the state lock: stream events go straight to the clients,
-    /// and the link state a backend asks for is kept as the latest value only, which one task per
+    /// The link state a backend asks for is kept as the latest value only, which one task per
     /// backend applies under the lock (a peer cycling connections costs at most one re-plan per
-    /// lock acquisition, not one per connection).
+    /// lock acquisition, not one per connection). An event that follows a link change (a stream
+    /// connected or disconnected, a backend ended) goes out once that change is applied, as in
+    /// QEMU, where the link and the event change together: a client that queries on the event
+    /// sees the new link state.
     pub(super) fn start_backend(&self, id: &str, prepared: backend::Prepared, pipe: HubPipe) -> RunningBackend {
         let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
         let ctx = BackendContext {
@@ -62,34 +64,42 @@ impl Daemon {
             task,
         };
         drop(ctx);
-        let (link, mut wanted_link) = tokio::sync::watch::channel(None::<bool>);
+        // Link changes are numbered; the follower reports the last number it applied.
+        let (link, mut wanted_link) = tokio::sync::watch::channel(None::<(u64, bool)>);
+        let (applied, mut applied_seen) = tokio::sync::watch::channel(0_u64);
         let me = self.me.clone();
         tokio::spawn(async move {
+            let mut requested = 0_u64;
             while let Some((id, event)) = received.recv().await {
-                let Some(daemon) = me.upgrade() else { return };
-                match event {
-                    BackendEvent::StreamConnected { addr } => {
-                        daemon.emit(Event::StreamConnected { netdev: id, addr });
-                    }
-                    BackendEvent::StreamDisconnected => daemon.emit(Event::StreamDisconnected { netdev: id }),
+                let event = match event {
                     BackendEvent::Link { up } => {
-                        link.send_replace(Some(up));
+                        requested += 1;
+                        link.send_replace(Some((requested, up)));
+                        continue;
                     }
+                    BackendEvent::StreamConnected { addr } => Event::StreamConnected { netdev: id, addr },
+                    BackendEvent::StreamDisconnected => Event::StreamDisconnected { netdev: id },
                     BackendEvent::Ended => {
                         tracing::error!(netdev = %id, "backend ended: its link is down until the netdev is deleted");
-                        link.send_replace(Some(false));
-                        daemon.emit(Event::BackendEnded { netdev: id });
+                        requested += 1;
+                        link.send_replace(Some((requested, false)));
+                        Event::BackendEnded { netdev: id }
                     }
-                }
+                };
+                // An error means the follower is gone (the netdev with it): nothing to wait for.
+                let _ = applied_seen.wait_for(|done| *done >= requested).await;
+                let Some(daemon) = me.upgrade() else { return };
+                daemon.emit(event);
             }
         });
         let (me, id, stats) = (self.me.clone(), id.to_owned(), Arc::clone(&running.stats));
         tokio::spawn(async move {
             // Ends once the forwarding task has ended and the last wanted state is applied.
             while wanted_link.changed().await.is_ok() {
-                let Some(up) = *wanted_link.borrow_and_update() else { continue };
+                let Some((number, up)) = *wanted_link.borrow_and_update() else { continue };
                 let Some(daemon) = me.upgrade() else { return };
                 daemon.follow_backend_link(&id, &stats, up).await;
+                applied.send_replace(number);
             }
         });
         running
