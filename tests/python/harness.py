@@ -40,10 +40,17 @@ class Daemon:
     """A running netdevd with its socket path, its process and its log."""
 
     def __init__(
-        self, workdir: Path, config: str, extra_args: list[str], prefix: Sequence[str] = (), pass_fds: Sequence[int] = ()
+        self,
+        workdir: Path,
+        config: str,
+        extra_args: list[str],
+        prefix: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
+        env: Optional[dict] = None,
     ):
         """Starts netdevd; `prefix` runs it through a wrapper (`ip netns exec NS`); `pass_fds` are
-        inherited under their numbers."""
+        inherited under their numbers; `env` replaces the environment (by default this process's,
+        with NO_COLOR set)."""
         self.workdir = workdir
         # A short path: unix socket paths are limited to 108 bytes.
         self.socket_path = str(workdir / "qmp.sock")
@@ -64,7 +71,7 @@ class Daemon:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "NO_COLOR": "1"},
+            env={**os.environ, "NO_COLOR": "1"} if env is None else env,
             pass_fds=pass_fds,
         )
         self.signalled = False
@@ -77,6 +84,10 @@ class Daemon:
     def log(self) -> str:
         """Everything the daemon printed so far."""
         return self.log_path.read_text(errors="replace")
+
+    def log_bytes(self) -> bytes:
+        """Everything the daemon printed so far, as it wrote it."""
+        return self.log_path.read_bytes()
 
     def wait_ready(self) -> None:
         """Waits until the socket accepts connections (the daemon greets, then we hang up)."""

@@ -15,71 +15,26 @@ from typing import Iterator, Optional
 
 import pytest
 
-from harness import NETDEVD_BIN, TIMEOUT, RawQmp
+from harness import NETDEVD_BIN, TIMEOUT, Daemon, RawQmp
 
 
-class Launched:
-    """A netdevd started with exactly the environment the test gives it (the shared harness sets
-    NO_COLOR, which would hide what the log tests look for)."""
-
-    def __init__(self, workdir: Path, config: str, args: list[str], env: Optional[dict] = None):
-        self.socket_path = str(workdir / "qmp.sock")
-        self.config_path = workdir / "netdevd.toml"
-        self.config_path.write_text(config)
-        self.log_path = workdir / "netdevd.log"
-        environment = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "RUST_LOG", "NOTIFY_SOCKET")}
-        environment.update(env or {})
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(NETDEVD_BIN),
-                    "--qmp", f"unix:{self.socket_path},server=on,wait=off",
-                    "--config", str(self.config_path),
-                    "--state-dir", str(workdir / "state"),
-                    *args,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=environment,
-            )
-
-    def log_bytes(self) -> bytes:
-        return self.log_path.read_bytes()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"netdevd exited with {self.proc.returncode}:\n{self.log_bytes()!r}")
-            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
-                probe.connect(self.socket_path)
-                return
-            time.sleep(0.01)
-        pytest.fail(f"netdevd did not listen within {TIMEOUT} s:\n{self.log_bytes()!r}")
-
-    def stop(self) -> None:
-        """SIGTERM, then the exit must be clean."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=TIMEOUT)
-            pytest.fail(f"netdevd ignored SIGTERM:\n{self.log_bytes()!r}")
-        assert code == 0, f"netdevd exited with {code}:\n{self.log_bytes()!r}"
+def operator_environment(env: Optional[dict]) -> dict:
+    """The environment an operator's netdevd gets: this one without what the shared harness sets
+    (NO_COLOR would hide what the log tests look for), plus `env`."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "RUST_LOG", "NOTIFY_SOCKET")}
+    environment.update(env or {})
+    return environment
 
 
 @pytest.fixture
 def launch(short_tmp: Path) -> Iterator:
     """Factory: `launch(config, args, env)`; every daemon is stopped (and must exit 0) at the end."""
-    started: list[Launched] = []
+    started: list[Daemon] = []
 
     def start(config: str = "netdevs = []\n", args: Optional[list[str]] = None, env: Optional[dict] = None):
         workdir = short_tmp / f"d{len(started)}"
         workdir.mkdir()
-        daemon = Launched(workdir, config, args or [], env)
+        daemon = Daemon(workdir, config, args or [], env=operator_environment(env))
         started.append(daemon)
         return daemon
 
