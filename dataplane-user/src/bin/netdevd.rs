@@ -45,6 +45,10 @@ struct Args {
     /// A netdev to create at start, as QEMU's -netdev: TYPE,id=ID[,KEY=VALUE…] (repeatable).
     #[arg(long, value_name = "KEYVAL")]
     netdev: Vec<String>,
+    /// A socket chardev to create at start, before the netdevs, as QEMU's -chardev:
+    /// socket,id=ID,path=PATH[,server=on,wait=off][,reconnect=SECONDS] or fd=N (repeatable).
+    #[arg(long, value_name = "KEYVAL")]
+    chardev: Vec<String>,
     /// The eBPF object to load instead of the one built into netdevd.
     #[arg(long, value_name = "FILE")]
     bpf_object: Option<PathBuf>,
@@ -112,6 +116,7 @@ fn start(inherited: InheritedFds, activated: Vec<std::os::unix::net::UnixListene
         config: args.config,
         qmp: args.qmp,
         netdevs: args.netdev,
+        chardevs: args.chardev,
         bpf_object: args.bpf_object,
         insecure_tcp_qmp: args.insecure_tcp_qmp,
     };
@@ -200,6 +205,13 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
     }
     daemon.set_max_netdevs(settings.max_netdevs).await;
     dataplane::port::set_program_timeout(std::time::Duration::from_secs(settings.setup_timeout));
+    for chardev in settings.chardevs {
+        let id = chardev.id.clone();
+        if let Err(error) = daemon.add_chardev(chardev, &mut inherited).await {
+            daemon.tear_down().await;
+            bail!("-chardev {id}: {error}");
+        }
+    }
     let mut configured: Vec<Netdev> = settings.netdevs.clone();
     for netdev in settings.netdevs {
         let id = netdev.id.clone();
