@@ -10,14 +10,17 @@ answers are checked apart. Needs root (netdevd runs as root) and QEMU (installed
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
 from qemu.qmp import ExecuteError
 
-from harness import qmp_client, run
+from harness import TIMEOUT, qmp_client, run
 
 
 
@@ -221,9 +224,32 @@ def test_command_line_and_config_chardevs(start_daemon, short_tmp: Path) -> None
                 probe.connect(str(directory / "cli0.sock"))
             kind, text = await answer(client, "netdev_add", {"type": "vhost-user", "id": "v0", "chardev": "cli0"})
             assert "its data path is not implemented" in text, text
+            assert await answer(client, *add("q0", addr=unix(f"{directory}/q0.sock"), server=True, wait=False)) == ("ok", {})
 
     run(body())
     assert (directory / "file0.sock").exists() and (directory / "cli0.sock").exists()
+
+    # SIGHUP: a changed chardev is made again, a gone one removed, a new one made; --chardev and
+    # QMP chardevs stay.
+    daemon.config_path.write_text(
+        "netdevs = []\n"
+        f'chardevs = ["socket,id=file0,path={directory}/file0b.sock,server=on,wait=off",\n'
+        f'  "socket,id=file2,path={directory}/file2.sock,server=on,wait=off"]\n'
+    )
+    daemon.proc.send_signal(signal.SIGHUP)
+
+    async def reloaded():
+        async with qmp_client(daemon.socket_path) as client:
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:
+                labels = [r["label"] for r in await client.execute("query-chardev")]
+                if labels == ["cli0", "q0", "file0", "file2"]:
+                    return
+                await asyncio.sleep(0.05)
+            pytest.fail(f"query-chardev after the reload: {labels}\n{daemon.log()}")
+
+    run(reloaded())
+    assert sorted(p.name for p in directory.iterdir()) == ["cli0.sock", "file0b.sock", "file2.sock", "q0.sock"]
     daemon.terminate()
     assert daemon.wait() == 0
     assert sorted(p.name for p in directory.iterdir()) == [], "the daemon removed its chardevs' socket files"

@@ -14,6 +14,7 @@ use dataplane::{
     instance::{self, Instance},
     logging::{self, LogFormat},
     metrics::{MetricsAddr, MetricsListener},
+    chardev::ChardevSpec,
     netdev::Netdev,
     systemd,
     kernel::{
@@ -205,6 +206,7 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
     }
     daemon.set_max_netdevs(settings.max_netdevs).await;
     dataplane::port::set_program_timeout(std::time::Duration::from_secs(settings.setup_timeout));
+    let mut configured_chardevs = settings.chardevs.clone();
     for chardev in settings.chardevs {
         let id = chardev.id.clone();
         if let Err(error) = daemon.add_chardev(chardev, &mut inherited).await {
@@ -260,7 +262,7 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
                 tokio::select! {
                     _ = terminate.recv() => break,
                     _ = interrupt.recv() => break,
-                    _ = hangup.recv() => reload(&daemon, &overrides, &mut configured).await,
+                    _ = hangup.recv() => reload(&daemon, &overrides, &mut configured_chardevs, &mut configured).await,
                 }
             }
             tracing::info!("signal received, shutting down");
@@ -282,10 +284,16 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
 
 /// SIGHUP (`systemctl reload`): reads the configuration again with the same command line and
 /// brings the configured netdevs in line with it; a file that does not parse changes nothing.
-async fn reload(daemon: &Daemon, overrides: &Overrides, configured: &mut Vec<Netdev>) {
+async fn reload(daemon: &Daemon, overrides: &Overrides, chardevs: &mut Vec<ChardevSpec>, configured: &mut Vec<Netdev>) {
     systemd::notify_or_warn(&systemd::reloading_message());
     match Settings::load(overrides) {
         Ok(next) => {
+            // Chardevs first: a new vhost-user netdev names one.
+            let outcome = daemon.reload_chardevs(chardevs, &next.chardevs).await;
+            for failure in &outcome.failed {
+                tracing::error!(%failure, "reload: a configured chardev could not be changed");
+            }
+            *chardevs = next.chardevs;
             let outcome = daemon.reload_netdevs(configured, &next.netdevs).await;
             for failure in &outcome.failed {
                 tracing::error!(%failure, "reload: a configured netdev could not be changed");

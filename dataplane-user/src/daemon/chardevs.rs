@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use super::{Daemon, DaemonError, State};
+use super::{Daemon, DaemonError, ReloadOutcome, State};
 use crate::{
     chardev::{ChardevError, ChardevInfo, ChardevSpec, SocketChardev},
-    fd::FdSource,
+    fd::{FdSource, NoFds},
     netdev::{Netdev, NetdevError, NetdevOptions, vhost_user::VhostUserOptions},
 };
 
@@ -40,11 +40,56 @@ impl Daemon {
         self.state.lock().await.chardevs.query()
     }
 
+    /// A reload's part for chardevs, before the netdevs': one gone from the configuration is
+    /// removed (unless a netdev uses it: then it stays and the failure is reported), one changed
+    /// is made again, one new is made; chardevs added over QMP are left alone.
+    pub async fn reload_chardevs(&self, previous: &[ChardevSpec], next: &[ChardevSpec]) -> ReloadOutcome {
+        let current: Vec<ChardevSpec> = self.state.lock().await.chardevs.specs().cloned().collect();
+        let (remove, add) = chardev_reload_steps(previous, &current, next);
+        let mut outcome = ReloadOutcome::default();
+        for id in remove {
+            match self.remove_chardev(&id).await {
+                Ok(()) => outcome.removed += 1,
+                Err(error) => outcome.failed.push(format!("chardev-remove {id}: {error}")),
+            }
+        }
+        for spec in add {
+            let id = spec.id.clone();
+            match self.add_chardev(spec, &mut NoFds).await {
+                Ok(()) => outcome.added += 1,
+                Err(error) => outcome.failed.push(format!("chardev-add {id}: {error}")),
+            }
+        }
+        outcome
+    }
+
     /// Closes every chardev (at shutdown, after the netdevs): servers' socket files go.
     pub(super) async fn close_chardevs(&self) {
         let closed = std::mem::take(&mut self.state.lock().await.chardevs);
         drop(closed);
     }
+}
+
+/// Which configured chardevs a reload removes (newest first) and which it makes (in file order),
+/// given what exists now (`current`, in creation order).
+fn chardev_reload_steps(
+    previous: &[ChardevSpec],
+    current: &[ChardevSpec],
+    next: &[ChardevSpec],
+) -> (Vec<String>, Vec<ChardevSpec>) {
+    let configured = |id: &str| previous.iter().any(|c| c.id == id);
+    let remove: Vec<String> = current
+        .iter()
+        .rev()
+        .filter(|c| configured(&c.id) && next.iter().find(|n| n.id == c.id) != Some(*c))
+        .map(|c| c.id.clone())
+        .collect();
+    let add = next
+        .iter()
+        .filter(|n| remove.contains(&n.id) || !current.iter().any(|c| c.id == n.id))
+        .cloned()
+        .collect();
+    (remove, add)
 }
 
 /// The chardev a `vhost-user` netdev names, checked before anything else of the netdev, as QEMU
@@ -76,4 +121,25 @@ pub(super) fn serve_vhost_user(
         why: "its data path is not implemented in this version of netdevd".to_owned(),
     })
     .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(id: &str, path: &str) -> ChardevSpec {
+        ChardevSpec::from_opts(&format!("socket,id={id},path={path},server=on,wait=off")).expect("valid")
+    }
+
+    #[test]
+    fn reload_keeps_changes_and_leaves_qmp_chardevs() {
+        let previous = [server("keep", "/a"), server("change", "/b"), server("gone", "/c")];
+        let from_qmp = server("qmp", "/q");
+        let current = [previous[0].clone(), previous[1].clone(), previous[2].clone(), from_qmp];
+        let next = [server("keep", "/a"), server("change", "/b2"), server("new", "/d"), server("qmp", "/other")];
+        let (remove, add) = chardev_reload_steps(&previous, &current, &next);
+        assert_eq!(remove, ["gone", "change"]);
+        assert_eq!(add, [server("change", "/b2"), server("new", "/d")]);
+        assert_eq!(chardev_reload_steps(&previous, &previous, &previous), (vec![], vec![]));
+    }
 }
