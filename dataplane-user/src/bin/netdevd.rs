@@ -1,4 +1,4 @@
-//! netdevd: the daemon. `netdevd [--config FILE] [--qmp unix:PATH,server=on,wait=off]… [--netdev KEYVAL]…`
+//! netdevd: the daemon. `netdevd [--config FILE] [--qmp unix:PATH,server=on,wait=off]… [--chardev KEYVAL]… [--netdev KEYVAL]…`
 //!
 //! Descriptors open when it starts (beyond 0-2, and beyond systemd's activated sockets) are the
 //! ones `--netdev tap,fd=N` may name. SIGTERM and SIGINT stop it; SIGHUP reloads the configuration file.
