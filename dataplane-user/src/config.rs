@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::{
+    chardev::{ChardevError, ChardevSpec},
     logging::LogFormat,
     netdev::{Netdev, NetdevError},
     qmp::{
@@ -43,6 +44,12 @@ pub enum ConfigError {
     InsecureTcp { addr: String },
     #[error("max-message-bytes {value} is over QEMU's limit of {MAX_MESSAGE_BYTES_LIMIT} bytes")]
     MessageLimit { value: usize },
+    #[error("chardev '{spec}': {source}")]
+    Chardev {
+        spec: String,
+        #[source]
+        source: ChardevError,
+    },
     #[error("netdev '{spec}': {source}")]
     Netdev {
         spec: String,
@@ -62,6 +69,9 @@ struct ConfigFile {
     limits: LimitsSection,
     #[serde(default)]
     netdevs: Vec<NetdevSpec>,
+    /// Socket chardevs, made before the netdevs (a `vhost-user` netdev names one).
+    #[serde(default)]
+    chardevs: Vec<NetdevSpec>,
     #[serde(default)]
     metrics: MetricsSection,
 }
@@ -144,7 +154,8 @@ fn default_level() -> String {
     "info".to_owned()
 }
 
-/// A netdev in the file: a `-netdev` string or a `netdev_add` table.
+/// A netdev (chardev) in the file: a `-netdev` (`-chardev`) string or a `netdev_add`
+/// (`chardev-add`) table.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum NetdevSpec {
@@ -161,6 +172,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// The Prometheus endpoint's address (`unix:PATH`, `tcp:IP:PORT`), if enabled.
     pub metrics: Option<String>,
+    /// Created at start, in this order, before the netdevs.
+    pub chardevs: Vec<ChardevSpec>,
     /// Created at start, in this order.
     pub netdevs: Vec<Netdev>,
     /// The eBPF object to load instead of the embedded one.
@@ -179,6 +192,8 @@ pub struct Overrides {
     pub config: Option<PathBuf>,
     pub qmp: Vec<String>,
     pub netdevs: Vec<String>,
+    /// `--chardev`, in QEMU's `-chardev` syntax.
+    pub chardevs: Vec<String>,
     pub bpf_object: Option<PathBuf>,
     /// `--insecure-tcp-qmp`: allows `tcp:` listeners.
     pub insecure_tcp_qmp: bool,
@@ -226,12 +241,29 @@ impl Settings {
         for text in &overrides.netdevs {
             netdevs.push(parse_keyval(text)?);
         }
+        let mut chardevs: Vec<ChardevSpec> = Vec::new();
+        let from_file = file.chardevs.iter().map(|spec| match spec {
+            NetdevSpec::Keyval(text) => (text.clone(), ChardevSpec::from_opts(text)),
+            NetdevSpec::Table(table) => match serde_json::to_value(table) {
+                Ok(json) => (json.to_string(), ChardevSpec::from_json(&json)),
+                Err(e) => (format!("{table:?}"), Err(ChardevError::Keyval(crate::qapi::keyval::KeyvalError::InvalidKey(e.to_string())))),
+            },
+        });
+        let from_command_line = overrides.chardevs.iter().map(|text| (text.clone(), ChardevSpec::from_opts(text)));
+        for (spec, parsed) in from_file.chain(from_command_line) {
+            let chardev = parsed.map_err(|source| ConfigError::Chardev { spec: spec.clone(), source })?;
+            if chardevs.iter().any(|c| c.id == chardev.id) {
+                return Err(ConfigError::Chardev { spec, source: ChardevError::DuplicateOption { id: chardev.id } });
+            }
+            chardevs.push(chardev);
+        }
         Ok(Self {
             listen,
             max_message_bytes: file.qmp.max_message_bytes,
             log_level: file.log.level,
             log_format: file.log.format,
             metrics: file.metrics.listen,
+            chardevs,
             netdevs,
             bpf_object: overrides.bpf_object.clone(),
             user_resolv_conf: None,
@@ -269,6 +301,23 @@ mod tests {
         assert_eq!(settings.netdevs[0], json);
         assert_eq!(settings.netdevs[1].options, json.options);
         assert_eq!(settings.netdevs[2].options, json.options);
+    }
+
+    #[test]
+    fn chardevs_from_file_and_command_line() {
+        let text = r#"chardevs = ["socket,id=a,path=/run/a.sock,server=on,wait=off",
+            { id = "b", backend = { type = "socket", data = { addr = { type = "unix", data = { path = "/run/b.sock" } }, server = false, reconnect = 1 } } }]"#;
+        let overrides = Overrides { chardevs: vec!["socket,id=c,path=/run/c.sock,reconnect=2".into()], ..Overrides::default() };
+        let settings = Settings::from_toml(Path::new("t"), text, &overrides).unwrap();
+        let ids: Vec<&str> = settings.chardevs.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert!(settings.chardevs[0].server && !settings.chardevs[1].server);
+        let twice = Overrides { chardevs: vec!["socket,id=a,path=/x,server=on".into()], ..Overrides::default() };
+        let error = Settings::from_toml(Path::new("t"), text, &twice).unwrap_err();
+        assert_eq!(error.to_string(), "chardev 'socket,id=a,path=/x,server=on': Duplicate ID 'a' for chardev");
+        let bad = Overrides { chardevs: vec!["socket,id=d,path=/x,server=on,reconnect=1".into()], ..Overrides::default() };
+        let error = Settings::from_toml(Path::new("t"), "", &bad).unwrap_err();
+        assert!(error.to_string().ends_with("'reconnect' option is incompatible with socket in server listen mode"), "{error}");
     }
 
     #[test]

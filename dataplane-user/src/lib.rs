@@ -5,6 +5,7 @@
 //!
 //! * [`qapi`]: QEMU's input rules: the typed visitor, keyval syntax, error texts;
 //! * [`netdev`]: the schema: the `Netdev` union, one module per type, with QEMU's validation;
+//! * [`chardev`]: socket chardevs (`chardev-add`, `-chardev`), the sockets `vhost-user` netdevs name;
 //! * [`model`]: what was asked for, pure: the netdev graph, NIC receive filters, tunnels;
 //! * [`plan`]: the pure planner: model and interfaces → the kernel state that forwards them;
 //! * [`kernel`]: the dataplane (the loaded eBPF programs and maps) and [`kernel::apply`], which
@@ -25,6 +26,7 @@
 //! * [`client`]: a small QMP client for `netdevctl` and tests.
 
 pub mod backend;
+pub mod chardev;
 pub mod client;
 pub mod config;
 pub mod daemon;

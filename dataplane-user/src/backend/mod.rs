@@ -12,7 +12,7 @@
 
 pub mod datagram;
 pub mod slirp;
-mod socket;
+pub(crate) mod socket;
 pub mod stream;
 #[cfg(test)]
 mod test_support;

@@ -28,7 +28,7 @@ pub(super) fn io_failure(
     BackendError::setup(id, format!("{context}: {}", os_error_text(&error)))
 }
 
-pub(super) fn os_error_text(error: &io::Error) -> String {
+pub(crate) fn os_error_text(error: &io::Error) -> String {
     let text = error.to_string();
     match text.rfind(" (os error ") {
         Some(at) => text[..at].to_owned(),
@@ -49,7 +49,7 @@ pub(super) fn count_frame(
 }
 
 /// A unix socket address, also abstract (`tight`: the length covers only the name).
-pub(super) fn unix_sockaddr(address: &UnixSocketAddress) -> io::Result<SockAddr> {
+pub(crate) fn unix_sockaddr(address: &UnixSocketAddress) -> io::Result<SockAddr> {
     let is_abstract = address.abstract_ == Some(true);
     if !is_abstract {
         return SockAddr::unix(&address.path);
@@ -102,7 +102,7 @@ pub(super) fn socket_type(fd: &OwnedFd) -> std::io::Result<libc::c_int> {
 
 /// Before a unix socket is bound at `path`: a socket file left there goes, as QEMU unlinks it;
 /// anything else (a regular file, a directory, a link) stays, and the bind reports the path in use.
-pub(super) fn remove_stale_socket(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(metadata) if metadata.file_type().is_socket() => match std::fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -116,7 +116,7 @@ pub(super) fn remove_stale_socket(path: &Path) -> io::Result<()> {
 /// The socket file a backend bound: removed on drop, and only while the path still names that
 /// very socket (same device and inode), never a file that replaced it since.
 #[derive(Debug)]
-pub(super) struct BoundPath {
+pub(crate) struct BoundPath {
     path: PathBuf,
     dev: u64,
     ino: u64,
@@ -124,7 +124,7 @@ pub(super) struct BoundPath {
 
 impl BoundPath {
     /// Records the socket just bound at `path`; `None` if it cannot be seen (then it is left).
-    pub(super) fn record(path: &Path) -> Option<Self> {
+    pub(crate) fn record(path: &Path) -> Option<Self> {
         let metadata = std::fs::symlink_metadata(path).ok()?;
         metadata
             .file_type()

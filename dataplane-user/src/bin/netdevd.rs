@@ -1,4 +1,4 @@
-//! netdevd: the daemon. `netdevd [--config FILE] [--qmp unix:PATH,server=on,wait=off]… [--netdev KEYVAL]…`
+//! netdevd: the daemon. `netdevd [--config FILE] [--qmp unix:PATH,server=on,wait=off]… [--chardev KEYVAL]… [--netdev KEYVAL]…`
 //!
 //! Descriptors open when it starts (beyond 0-2, and beyond systemd's activated sockets) are the
 //! ones `--netdev tap,fd=N` may name. SIGTERM and SIGINT stop it; SIGHUP reloads the configuration file.
@@ -14,6 +14,7 @@ use dataplane::{
     instance::{self, Instance},
     logging::{self, LogFormat},
     metrics::{MetricsAddr, MetricsListener},
+    chardev::ChardevSpec,
     netdev::Netdev,
     systemd,
     kernel::{
@@ -45,6 +46,10 @@ struct Args {
     /// A netdev to create at start, as QEMU's -netdev: TYPE,id=ID[,KEY=VALUE…] (repeatable).
     #[arg(long, value_name = "KEYVAL")]
     netdev: Vec<String>,
+    /// A socket chardev to create at start, before the netdevs, as QEMU's -chardev:
+    /// socket,id=ID,path=PATH[,server=on,wait=off][,reconnect=SECONDS] or fd=N (repeatable).
+    #[arg(long, value_name = "KEYVAL")]
+    chardev: Vec<String>,
     /// The eBPF object to load instead of the one built into netdevd.
     #[arg(long, value_name = "FILE")]
     bpf_object: Option<PathBuf>,
@@ -112,6 +117,7 @@ fn start(inherited: InheritedFds, activated: Vec<std::os::unix::net::UnixListene
         config: args.config,
         qmp: args.qmp,
         netdevs: args.netdev,
+        chardevs: args.chardev,
         bpf_object: args.bpf_object,
         insecure_tcp_qmp: args.insecure_tcp_qmp,
     };
@@ -200,6 +206,14 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
     }
     daemon.set_max_netdevs(settings.max_netdevs).await;
     dataplane::port::set_program_timeout(std::time::Duration::from_secs(settings.setup_timeout));
+    let mut configured_chardevs = settings.chardevs.clone();
+    for chardev in settings.chardevs {
+        let id = chardev.id.clone();
+        if let Err(error) = daemon.add_chardev(chardev, &mut inherited).await {
+            daemon.tear_down().await;
+            bail!("-chardev {id}: {error}");
+        }
+    }
     let mut configured: Vec<Netdev> = settings.netdevs.clone();
     for netdev in settings.netdevs {
         let id = netdev.id.clone();
@@ -248,7 +262,7 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
                 tokio::select! {
                     _ = terminate.recv() => break,
                     _ = interrupt.recv() => break,
-                    _ = hangup.recv() => reload(&daemon, &overrides, &mut configured).await,
+                    _ = hangup.recv() => reload(&daemon, &overrides, &mut configured_chardevs, &mut configured).await,
                 }
             }
             tracing::info!("signal received, shutting down");
@@ -270,10 +284,16 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
 
 /// SIGHUP (`systemctl reload`): reads the configuration again with the same command line and
 /// brings the configured netdevs in line with it; a file that does not parse changes nothing.
-async fn reload(daemon: &Daemon, overrides: &Overrides, configured: &mut Vec<Netdev>) {
+async fn reload(daemon: &Daemon, overrides: &Overrides, chardevs: &mut Vec<ChardevSpec>, configured: &mut Vec<Netdev>) {
     systemd::notify_or_warn(&systemd::reloading_message());
     match Settings::load(overrides) {
         Ok(next) => {
+            // Chardevs first: a new vhost-user netdev names one.
+            let outcome = daemon.reload_chardevs(chardevs, &next.chardevs).await;
+            for failure in &outcome.failed {
+                tracing::error!(%failure, "reload: a configured chardev could not be changed");
+            }
+            *chardevs = next.chardevs;
             let outcome = daemon.reload_netdevs(configured, &next.netdevs).await;
             for failure in &outcome.failed {
                 tracing::error!(%failure, "reload: a configured netdev could not be changed");

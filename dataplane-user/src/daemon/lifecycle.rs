@@ -11,7 +11,13 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::{Daemon, DaemonError, State, backends::RunningBackend, follow::Follower, nic::default_mac};
+use super::{
+    Daemon, DaemonError, State,
+    backends::RunningBackend,
+    chardevs::{serve_vhost_user, vhost_user_chardev},
+    follow::Follower,
+    nic::default_mac,
+};
 use crate::{
     backend,
     fd::FdSource,
@@ -54,16 +60,20 @@ impl Daemon {
     pub async fn add_netdev(&self, netdev: Netdev, fds: &mut dyn FdSource) -> Result<(), DaemonError> {
         let id = netdev.id.clone();
         let kind = netdev.kind();
-        let (netlink, in_flight) = {
+        let (netlink, in_flight, chardev) = {
             let state = self.state.lock().await;
+            let chardev = vhost_user_chardev(&state, &netdev)?;
             state.registry.check_add(&netdev)?;
             let limit = state.registry.limit();
             if state.registry.len() + self.in_flight_count() >= limit {
                 return Err(RegistryError::TooMany { id, limit }.into());
             }
             let in_flight = self.reserve(&id).ok_or_else(|| RegistryError::from(NetdevError::DuplicateId { id: id.clone() }))?;
-            (state.host.as_ref().map(|host| host.netlink.clone()), in_flight)
+            (state.host.as_ref().map(|host| host.netlink.clone()), in_flight, chardev)
         };
+        if let (Some(chardev), NetdevOptions::VhostUser(options)) = (&chardev, &netdev.options) {
+            serve_vhost_user(&netdev, options, chardev)?;
+        }
         let mut made = self.make(&netdev, netlink.as_ref(), fds).await?;
         let mut state = self.state.lock().await;
         let committed = self.commit(&mut state, netdev, &mut made);
@@ -141,7 +151,14 @@ impl Daemon {
             }
             _ => None,
         };
-        state.registry.add(netdev)?;
+        if let NetdevOptions::VhostUser(options) = &netdev.options {
+            // Checked again: the chardev may have been removed meanwhile.
+            state.chardevs.claim(&options.chardev, &id)?;
+        }
+        if let Err(error) = state.registry.add(netdev) {
+            state.chardevs.release(&id);
+            return Err(error.into());
+        }
         if let Some(mac) = nic_mac {
             let filter = made.followed.as_ref().map_or_else(|| RxFilter::new(mac), |followed| followed.4.clone());
             state.nic_macs.insert(id.clone(), mac);
@@ -159,6 +176,7 @@ impl Daemon {
         }
         if let Err(error) = state.replan() {
             let _ = state.registry.remove(&id);
+            state.chardevs.release(&id);
             state.rx_filters.remove(&id);
             state.nic_macs.remove(&id);
             state.tunnels.remove(&id);
@@ -192,6 +210,7 @@ impl Daemon {
                 backend.cancel.cancel();
             }
             state.tunnels.remove(id);
+            state.chardevs.release(id);
             state.rx_filters.remove(id);
             state.nic_macs.remove(id);
             if let Some(follower) = state.followers.remove(id) {

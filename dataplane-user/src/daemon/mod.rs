@@ -7,6 +7,7 @@
 //!
 //! * [`lifecycle`]: `netdev_add`, `netdev_del`, `set_link`;
 //! * [`backends`]: running user-space backends, their events, tunnels' next hops, `hostfwd`;
+//! * [`chardevs`]: socket chardevs, and the chardev a `vhost-user` netdev uses;
 //! * [`nic`]: receive filters and `announce-self`;
 //! * [`follow`]: NICs that follow a NIC of a running QEMU through its monitor;
 //! * [`queries`]: `x-query-netdevs`, `x-query-netdev-counters`;
@@ -14,6 +15,7 @@
 //! * [`events`]: the typed events the daemon broadcasts, and shutdown.
 
 mod backends;
+mod chardevs;
 pub mod events;
 mod follow;
 mod lifecycle;
@@ -39,6 +41,7 @@ pub use self::{
 use self::{backends::RunningBackend, follow::Follower};
 use crate::{
     backend::BackendError,
+    chardev::{ChardevError, Chardevs},
     kernel::{self, Dataplane, KernelError},
     monitor::MonitorError,
     model::{
@@ -63,6 +66,9 @@ pub enum DaemonError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    /// A `vhost-user` netdev's chardev (QEMU's texts).
+    #[error(transparent)]
+    Chardev(#[from] ChardevError),
     #[error("{source}")]
     Monitor { id: String, source: MonitorError },
     #[error("nic '{id}' cannot follow QEMU's NIC: {reason}")]
@@ -101,6 +107,8 @@ struct State {
     nic_macs: HashMap<String, [u8; 6]>,
     /// NICs that follow a QEMU NIC, by NIC id.
     followers: HashMap<String, Follower>,
+    /// Socket chardevs (`chardev-add`), which `vhost-user` netdevs use.
+    chardevs: Chardevs,
     /// What the kernel holds now.
     plan: Plan,
     host: Option<Host>,
@@ -178,6 +186,7 @@ impl Daemon {
             rx_notify_disarmed: HashSet::new(),
             nic_macs: HashMap::new(),
             followers: HashMap::new(),
+            chardevs: Chardevs::default(),
             plan: Plan::default(),
             host,
             state_file: None,
@@ -226,6 +235,7 @@ impl Daemon {
                 tracing::warn!(netdev = %id, %error, "could not remove netdev at shutdown");
             }
         }
+        self.close_chardevs().await;
     }
 }
 

@@ -11,6 +11,7 @@ use super::{
 };
 use crate::{
     backend::slirp::rules::{GuestTarget, parse_guestfwd},
+    chardev::ChardevSpec,
     daemon::{AnnounceParameters, Daemon, DaemonError, ShutdownCause},
     netdev::{Netdev, NetdevOptions},
     qapi::{self, QapiError},
@@ -39,6 +40,9 @@ pub const ALL: &[&str] = &[
     "x-hostfwd-remove",
     "x-query-usernet",
     "x-query-dataplane",
+    "chardev-add",
+    "chardev-remove",
+    "query-chardev",
 ];
 
 #[must_use]
@@ -51,7 +55,7 @@ pub fn exists(name: &str) -> bool {
 pub fn implied_key(name: &str) -> Option<&'static str> {
     match name {
         "netdev_add" => Some("type"),
-        "netdev_del" | "x-query-netdev-counters" | "x-query-usernet" => Some("id"),
+        "netdev_del" | "x-query-netdev-counters" | "x-query-usernet" | "chardev-remove" => Some("id"),
         "x-hostfwd-add" | "x-hostfwd-remove" => Some("rule"),
         "set_link" | "query-rx-filter" | "x-set-rx-filter" => Some("name"),
         "getfd" | "closefd" => Some("fdname"),
@@ -64,6 +68,8 @@ pub fn implied_key(name: &str) -> Option<&'static str> {
 pub fn arguments_from_keyval(name: &str, text: &str) -> Result<Value, String> {
     match name {
         "netdev_add" => Netdev::from_keyval(text).map(|n| n.to_json()).map_err(|e| e.to_string()),
+        // `-chardev` syntax, turned into chardev-add's nested form.
+        "chardev-add" => ChardevSpec::from_opts(text).map(|c| c.to_json()).map_err(|e| e.to_string()),
         "set_link" => {
             let value = qapi::keyval::parse(text, implied_key(name)).map_err(|e| e.to_string())?;
             let args = SetLinkArgs::deserialize(qapi::Input::root(&value, qapi::Mode::Keyval)).map_err(|e| e.to_string())?;
@@ -239,6 +245,20 @@ pub async fn execute(daemon: &Daemon, fds: &mut SessionFds, name: &str, argument
         "x-query-dataplane" => {
             qapi::from_json::<NoArgs>(arguments)?;
             daemon.dataplane().await.ok_or_else(|| QmpError::generic("netdevd runs without a kernel dataplane"))
+        }
+        "chardev-add" => {
+            let spec = ChardevSpec::from_json(arguments).map_err(|e| QmpError::generic(e.qmp_text()))?;
+            daemon.add_chardev(spec, fds).await.map_err(|e| QmpError::generic(e.qmp_text()))?;
+            Ok(empty)
+        }
+        "chardev-remove" => {
+            let args: IdArgs = qapi::from_json(arguments)?;
+            daemon.remove_chardev(&args.id).await.map_err(|e| QmpError::generic(e.to_string()))?;
+            Ok(empty)
+        }
+        "query-chardev" => {
+            qapi::from_json::<NoArgs>(arguments)?;
+            serde_json::to_value(daemon.query_chardevs().await).map_err(|e| QmpError::generic(e.to_string()))
         }
         "x-query-usernet" => {
             let args: OptionalIdArgs = qapi::from_json(arguments)?;
