@@ -11,8 +11,9 @@ other host program with the shared libraries `ldd` names, and an `/init` that
 2. runs the guest's command list in order, each framed on the serial console by
    `@@guest begin N` / `@@guest end N rc=RC` (what `Guest.wait_results` parses);
 3. then, when the guest has an agent, serves commands from the host on a second serial port
-   (`Guest.run`): one line `ID BASE64(script)` in, `@@begin ID`, the output in base64 and
-   `@@end ID RC` back, everything also echoed on the console for the log;
+   (`Guest.run`): one line `ID LENGTH BASE64(script)` in, `@@begin ID`, the output in base64 and
+   `@@end ID RC` back, everything also echoed on the console for the log (a line that lost bytes
+   on the way, which a loaded TCG guest's UART can do, is answered `@@garbled` and sent again);
 4. prints `@@guest done` and powers off (QEMU runs with `-no-reboot`, and `panic=-1` turns a
    panic into an exit too).
 
@@ -72,6 +73,8 @@ ERROR_LOG_CHARS = 200_000
 
 #: What every guest's /init prints first; the boot time is measured up to it.
 INIT_MARKER = "@@guest init"
+#: How often a command line that reached the agent garbled is sent again.
+AGENT_RESENDS = 5
 DONE_MARKER = "@@guest done"
 
 #: Boot records of this process: (guest name, accelerator, seconds to /init), for the summary.
@@ -261,9 +264,15 @@ if [ -n "$AGENT" ]; then
     stty -F /dev/ttyS1 raw -echo
     exec 3<>/dev/ttyS1
     echo "@@agent ready" >&3
-    while read -r id code <&3; do
+    while read -r id size code <&3; do
         [ "$id" = exit ] && break
-        echo "$code" | base64 -d > /tmp/agent.sh
+        # The serial line can lose bytes when the guest is slow to drain it: a line whose
+        # script is not the length announced is asked for again, never run.
+        if [ "${#code}" != "$size" ] || ! echo "$code" | base64 -d > /tmp/agent.sh 2>/dev/null; then
+            echo "@@guest garbled line"
+            echo "@@garbled" >&3
+            continue
+        fi
         echo "@@guest run $id"
         cat /tmp/agent.sh
         run /tmp/agent.sh </dev/null >/tmp/agent.out 2>&1
@@ -646,8 +655,16 @@ class Guest:
             self._agent_ready = True
         self._serial += 1
         ident = str(self._serial).encode()
-        self.agent_sock.sendall(ident + b" " + base64.b64encode(script.encode()) + b"\n")
-        match = self._receive_until(re.compile(rb"@@begin " + ident + rb"\n(.*?)@@end " + ident + rb" (\d+)\n", re.S), deadline, script)
+        code = base64.b64encode(script.encode())
+        line = ident + b" " + str(len(code)).encode() + b" " + code + b"\n"
+        answer = re.compile(rb"@@garbled\n|@@begin " + ident + rb"\n(.*?)@@end " + ident + rb" (\d+)\n", re.S)
+        for _ in range(AGENT_RESENDS):
+            self.agent_sock.sendall(line)
+            match = self._receive_until(answer, deadline, script)
+            if match.group(0) != b"@@garbled\n":
+                break
+        else:
+            raise self.error(f"`{script}` reached the guest garbled {AGENT_RESENDS} times")
         output = base64.b64decode(match.group(1)).decode(errors="replace")
         result = Result(int(match.group(2)), output)
         if check and result.rc != 0:
