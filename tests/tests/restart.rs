@@ -310,8 +310,9 @@ fn bpf_object_exists(ns: &Netns, kind: &str, id: u64) -> bool {
 /// In-kernel traffic (iperf3 TCP and a ping flood between two namespaces through one hub, a
 /// frame flood between two taps through another) runs while the daemon stops as `stop` says
 /// and a new one starts on the same state directory: nothing is lost, the counters go on, and
-/// `x-query-netdevs` answers as before.
-fn restart_under_traffic(stop: Stop, attach: &[&str]) {
+/// `x-query-netdevs` answers as before. With `new_abi`, the second daemon's object counts as
+/// another ABI: it makes new maps, and the first run's maps, links and pins all go.
+fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
     let switch = Netns::new("rst");
     switch.quiet();
     let bpffs = Bpffs::mount();
@@ -382,7 +383,11 @@ fn restart_under_traffic(stop: Stop, attach: &[&str]) {
     });
     std::thread::sleep(Duration::from_secs(1));
     stop_first(&mut first, stop);
-    let second = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    let mut second_extra = extra.clone();
+    if let Some(abi) = new_abi {
+        second_extra.extend_from_slice(&["--x-abi-hash", abi]);
+    }
+    let second = Daemon::start_on(&switch, Some(&state_dir), &second_extra);
     assert!(!collector.is_finished() && !flood.is_finished(), "the restart happened while the taps' frames flowed");
 
     let seen = collector.join().expect("the collector");
@@ -406,13 +411,18 @@ fn restart_under_traffic(stop: Stop, attach: &[&str]) {
     eprintln!("{stop:?}: iperf3 retransmits across the restart: {retransmits}");
 
     // The new daemon answers as the old one did, and the counters went on: the sender's port
-    // counted every frame, from both daemons.
+    // counted every frame, from both daemons (new maps of another ABI count from zero).
     assert_eq!(second.netdevs(), netdevs_before, "x-query-netdevs after the restart");
-    let sent = second.counters(&format!("p{t0}"));
-    assert_eq!(counter(&sent, "rx-packets"), u64::from(FRAMES), "the sender's port counted every frame: {sent}");
-    let delivered = second.counters(&format!("p{t1}"));
-    assert_eq!(counter(&delivered, "tx-packets"), u64::from(FRAMES), "the receiver's port: {delivered}");
+    let sent = counter(&second.counters(&format!("p{t0}")), "rx-packets");
+    let delivered = counter(&second.counters(&format!("p{t1}")), "tx-packets");
+    if new_abi.is_none() {
+        assert_eq!((sent, delivered), (u64::from(FRAMES), u64::from(FRAMES)), "the tap ports counted every frame");
+    } else {
+        assert!(sent > 0 && sent < u64::from(FRAMES), "the new maps counted from the restart on: {sent}");
+    }
     assert!(second.netdev_ids().len() == 8, "{:?}", second.netdev_ids());
+    let own: BTreeSet<String> = [t0.clone(), t1.clone()].into();
+    assert_eq!(marked(&switch, &mark_of(&state_dir)), own, "netdevd's interfaces are the two taps, kept");
 
     // One program per port, the new daemon's; the old run's links are gone, its maps reused.
     for ifname in [&va, &vb, &t0, &t1] {
@@ -421,11 +431,21 @@ fn restart_under_traffic(stop: Stop, attach: &[&str]) {
     }
     let pins_after = pinned_ids(&switch, &bpffs);
     for (kind, id) in &pins_before {
-        if kind == "link" {
-            assert!(!bpf_object_exists(&switch, kind, *id), "the old run's link {id} is gone");
+        if kind == "link" || new_abi.is_some() {
+            // Freed once its last reference goes (after an RCU grace period).
+            dataplane_tests::settle::wait_until(&format!("the old run's {kind} {id} is gone"), || {
+                !bpf_object_exists(&switch, kind, *id)
+            });
         } else {
             assert!(pins_after.contains(&(kind.clone(), *id)), "map {id} is reused: {pins_after:?}");
         }
+    }
+    if let Some(abi) = new_abi {
+        let listing = bpffs.listing();
+        assert!(
+            !listing.is_empty() && listing.iter().all(|pin| pin.split('/').nth(2) == Some(abi)),
+            "only the new ABI's pins remain: {listing:?}"
+        );
     }
     assert!(a.ping("10.78.0.2", 3), "a pings b after the restart");
 
@@ -435,31 +455,43 @@ fn restart_under_traffic(stop: Stop, attach: &[&str]) {
     assert_eq!(bpffs.listing(), BTreeSet::new(), "pins after SIGTERM");
     assert!(!switch.links().contains(&t0), "the taps go with a clean stop");
     for (kind, id) in pins_after {
-        assert!(!bpf_object_exists(&switch, &kind, id), "{kind} {id} outlived a clean stop");
+        dataplane_tests::settle::wait_until(&format!("{kind} {id} goes with a clean stop"), || {
+            !bpf_object_exists(&switch, &kind, id)
+        });
     }
 }
 
 #[test]
 fn x_exit_preserve_keeps_in_kernel_traffic_and_the_next_daemon_adopts_it() {
-    restart_under_traffic(Stop::Preserve, &[]);
+    restart_under_traffic(Stop::Preserve, &[], None);
 }
 
 #[test]
 fn sigusr2_exits_preserving_like_x_exit_preserve() {
-    restart_under_traffic(Stop::Signal, &[]);
+    restart_under_traffic(Stop::Signal, &[], None);
 }
 
 #[test]
 fn kill_9_keeps_in_kernel_traffic_and_the_next_daemon_adopts_it() {
-    restart_under_traffic(Stop::Kill, &[]);
+    restart_under_traffic(Stop::Kill, &[], None);
 }
 
 #[test]
 fn netlink_mode_restart_keeps_in_kernel_traffic() {
-    restart_under_traffic(Stop::Preserve, &["--x-attach", "netlink"]);
+    restart_under_traffic(Stop::Preserve, &["--x-attach", "netlink"], None);
 }
 
 #[test]
 fn netlink_mode_kill_9_keeps_in_kernel_traffic() {
-    restart_under_traffic(Stop::Kill, &["--x-attach", "netlink"]);
+    restart_under_traffic(Stop::Kill, &["--x-attach", "netlink"], None);
+}
+
+#[test]
+fn a_new_abi_rebuilds_from_the_state_file_and_nothing_old_remains() {
+    restart_under_traffic(Stop::Preserve, &[], Some("changedabi"));
+}
+
+#[test]
+fn netlink_mode_new_abi_after_kill_9_rebuilds_and_nothing_old_remains() {
+    restart_under_traffic(Stop::Kill, &["--x-attach", "netlink"], Some("changedabi"));
 }
