@@ -495,3 +495,77 @@ fn a_new_abi_rebuilds_from_the_state_file_and_nothing_old_remains() {
 fn netlink_mode_new_abi_after_kill_9_rebuilds_and_nothing_old_remains() {
     restart_under_traffic(Stop::Kill, &["--x-attach", "netlink"], Some("changedabi"));
 }
+
+/// Runs busybox `udhcpc` once on `eth0` of `ns` and returns the address it was offered.
+fn dhcp_address(ns: &Netns, dir: &std::path::Path) -> String {
+    let out = dir.join("lease.txt");
+    let _ = std::fs::remove_file(&out);
+    let script = dir.join("udhcpc.sh");
+    std::fs::write(&script, format!("#!/bin/sh\n[ \"$1\" = bound ] && echo \"$ip\" > {}\nexit 0\n", out.display()))
+        .expect("write the udhcpc script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let script = script.to_str().expect("utf-8 path");
+    let output = ns.exec("timeout", &["30", "busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "8", "-T", "1", "-s", script]);
+    assert!(output.status.success(), "udhcpc: {}", String::from_utf8_lossy(&output.stderr));
+    std::fs::read_to_string(&out).expect("a bound lease").trim().to_owned()
+}
+
+/// Waits up to `timeout` for a connection on `listener` (non-blocking).
+fn accepted(listener: &std::net::TcpListener, timeout: Duration) -> Option<std::net::TcpStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => return Some(stream),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(error) => panic!("accept: {error}"),
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn user_space_backends_start_anew_after_x_exit_preserve() {
+    let switch = Netns::new("rsb");
+    switch.quiet();
+    switch.ip(&["link", "set", "lo", "up"]);
+    let bpffs = Bpffs::mount();
+    let state = TempDir::new();
+    let state_dir = state.0.join("state");
+    let resolv = state.0.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.1\n").expect("write resolv.conf");
+    let extra = ["--bpffs", bpffs.path(), "--user-resolv-conf", resolv.to_str().expect("utf-8 path")];
+    let mut first = Daemon::start_on(&switch, Some(&state_dir), &extra);
+
+    // A stream client with reconnect, to a server the test holds in the namespace.
+    let listener = switch.within(|| std::net::TcpListener::bind("127.0.0.1:5310").expect("bind the stream server"));
+    listener.set_nonblocking(true).expect("non-blocking");
+    first.add("stream,id=s0,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port=5310,reconnect-ms=200");
+    let before = accepted(&listener, Duration::from_secs(20)).expect("the stream connects");
+
+    // A `user` netdev on a hub with a guest namespace that takes a DHCP lease.
+    let guest = Netns::new("rsbg");
+    guest.quiet();
+    let veth = dataplane_tests::unique("v");
+    switch.ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &guest.name]);
+    guest.ip(&["link", "set", "eth0", "address", "52:54:00:12:34:77"]);
+    guest.ip(&["link", "set", "eth0", "up"]);
+    first.add(&format!("af-xdp,id={veth},ifname={veth}"));
+    first.add(&format!("hubport,id=pg,hubid=0,netdev={veth}"));
+    first.add("user,id=u0");
+    first.add("hubport,id=pu,hubid=0,netdev=u0");
+    let lease = dhcp_address(&guest, &state.0);
+    let ids = first.netdev_ids();
+
+    stop_first(&mut first, Stop::Preserve);
+    let second = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    assert_eq!(second.netdev_ids(), ids, "the netdevs are back");
+    // The stream connects again (a new connection: the old one closed with its process) ...
+    let after = accepted(&listener, Duration::from_secs(20)).expect("the stream reconnects after the restart");
+    drop((before, after));
+    // ... and the user netdev's new NAT state leases the same address to the same MAC.
+    guest.ip(&["addr", "flush", "dev", "eth0"]);
+    assert_eq!(dhcp_address(&guest, &state.0), lease, "the same DHCP address after the restart");
+}
