@@ -5,7 +5,8 @@
 //! process however it ends (`kill -9` included). The directory also keeps a random instance id,
 //! created once: every interface the daemon creates carries `netdevd:<id>` as its alias
 //! (`IFLA_IFALIAS`). Holding the lock means no live daemon owns an interface with that mark, so
-//! those found at start-up are what a crashed run left, and [`remove_leftovers`] deletes them.
+//! those found at start-up are what an earlier run left: the ones its state file names for
+//! adoption are kept, [`remove_leftovers`] deletes the rest.
 //! Interfaces without the mark, or with another instance's, are never touched.
 
 use std::{
@@ -84,6 +85,12 @@ impl Instance {
         &self.dir
     }
 
+    /// The directory's instance id (16 hex digits).
+    #[must_use]
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// The alias every interface this daemon creates carries.
     #[must_use]
     pub fn mark(&self) -> String {
@@ -112,10 +119,10 @@ fn is_id(text: &str) -> bool {
     text.len() == 16 && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Deletes the interfaces that carry `mark`: called with the lock held, before anything is
-/// created, so every one of them is a leftover of a run that ended without its shutdown. Returns
-/// their names.
-pub async fn remove_leftovers(netlink: &Netlink, mark: &str) -> Vec<String> {
+/// Deletes the interfaces that carry `mark` except those in `kept` (by ifindex: the ones the
+/// state file says the daemon adopts): called with the lock held, before anything is created,
+/// so every one of them is a leftover of a run that nothing owns any more. Returns their names.
+pub async fn remove_leftovers(netlink: &Netlink, mark: &str, kept: &std::collections::HashSet<u32>) -> Vec<String> {
     let marked = match netlink.marked(mark).await {
         Ok(marked) => marked,
         Err(error) => {
@@ -125,6 +132,9 @@ pub async fn remove_leftovers(netlink: &Netlink, mark: &str) -> Vec<String> {
     };
     let mut removed = Vec::new();
     for (ifindex, ifname) in marked {
+        if kept.contains(&ifindex) {
+            continue;
+        }
         match netlink.delete(ifindex).await {
             Ok(()) => {
                 tracing::info!(%ifname, "removed an interface left by an earlier run of this state directory");

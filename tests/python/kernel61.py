@@ -30,11 +30,12 @@ import guest  # noqa: E402
 
 REPO_ROOT = guest.REPO_ROOT
 #: The suites that touch the kernel (issue 14): hubs, vnet_hdr, tunnels, receive filters, user
-#: NAT, BPF test-run, hub errors, and both attach modes next to another tool's filters.
+#: NAT, BPF test-run, hub errors, both attach modes next to another tool's filters, and restarts
+#: that adopt pinned maps and netlink filters.
 KERNEL_SUITES = (
     "ebpf_test_run", "ebpf_rx_filter", "hub_taps", "hub_vnet_hdr", "hub_namespaces", "hub_errors",
     "nic_rx_filter", "tunnels", "user_nat", "attach_modes", "ebpf_tunnel_test_run", "tunnel_guest_frames",
-    "foreign_interfaces",
+    "foreign_interfaces", "restart",
 )
 #: Modules the suites use; on the host they are built in or auto-loaded, in the guest the
 #: kernel's own request_module would look in the initramfs, so they are loaded up front.

@@ -1,7 +1,9 @@
 //! Restart and crashes: one daemon per state directory (a second one refuses and the first keeps
-//! working), a QMP socket another server took over is left alone, and what a daemon killed with
-//! `kill -9` left behind is removed by the next one on the same state directory — only what
-//! carries that directory's mark. The state file follows every change. Needs root and iproute2.
+//! working), a QMP socket another server took over is left alone, and the next daemon on a state
+//! directory adopts what the last one left (after `x-exit-preserve`, SIGUSR2 or `kill -9`): in-kernel
+//! traffic goes on without a lost frame, counters go on, what cannot be kept is made again and the
+//! rest removed — only what carries that directory's mark. A changed ABI rebuilds from the state
+//! file. Needs root, iproute2, iperf3, ping and bpftool, and mounts bpffs instances of its own.
 
 use std::{
     collections::BTreeSet,
@@ -124,7 +126,7 @@ fn a_socket_another_server_took_over_is_not_removed_at_exit() {
 }
 
 #[test]
-fn kill_9_leftovers_are_removed_by_the_next_daemon_and_nobody_elses() {
+fn kill_9_leftovers_are_adopted_or_removed_by_the_next_daemon_and_nobody_elses_touched() {
     let ns = Netns::new("rsk");
     ns.quiet();
     // Interfaces that are not this state directory's, named as netdevd names its own: one
@@ -170,23 +172,400 @@ fn kill_9_leftovers_are_removed_by_the_next_daemon_and_nobody_elses() {
     // The persistent tap and the veth pair outlive the process; taps held by fd do not.
     assert!(left.contains("ndrestart0") && left.len() >= 3, "kill -9 left {left:?}");
 
-    // The next daemon on the same state directory starts and removes them...
+    // The next daemon on the same state directory adopts the run: the persistent tap is kept as
+    // it is, the other netdevs are made again and what the killed run made for them goes...
+    let tap_index = ns.ifindex("ndrestart0").expect("the persistent tap outlived the kill");
     let mut next = Daemon::start_on(&ns, Some(&crashed.state_dir), &extra);
     assert_eq!(mark_of(&next.state_dir), mark);
-    assert_eq!(marked(&ns, &mark), BTreeSet::new(), "leftovers after the restart");
-    assert_eq!(recorded(&next.state_dir), [], "the crashed run's record outlived its interfaces");
+    assert_eq!(next.netdev_ids(), ["t0", "s0", "d0", "u0"], "the killed run's netdevs are back");
+    assert_eq!(next.ifname_of("t0").as_deref(), Some("ndrestart0"));
+    assert_eq!(ns.ifindex("ndrestart0"), Some(tap_index), "the very same tap");
+    let now = marked(&ns, &mark);
+    assert_eq!(now.len(), 5, "one set of interfaces: {now:?}");
+    for old in left.iter().filter(|name| *name != "ndrestart0") {
+        assert!(!now.contains(old), "{old} of the killed run outlived the restart: {now:?}");
+    }
+    assert_eq!(recorded(&next.state_dir).len(), 4);
     // ... and nobody else's.
     for interface in &foreign {
         assert!(aliases(&ns).contains(interface), "{interface:?} was touched: {:?}", aliases(&ns));
     }
-    // The same netdevs again, under the same names.
-    for netdev in netdevs {
-        next.add(netdev);
-    }
-    assert_eq!(next.ifname_of("t0").as_deref(), Some("ndrestart0"));
-    assert_eq!(marked(&ns, &mark).len(), 5);
-    assert_eq!(recorded(&next.state_dir).len(), 4);
     assert_eq!(next.terminate(), Some(0));
     assert_eq!(aliases(&ns), foreign, "after a clean stop only the test's own interfaces remain");
     assert_eq!(recorded(&next.state_dir), [], "a clean stop records no netdev");
+}
+
+/// A bpffs of the test's own, mounted on a temporary directory (the daemons' `--bpffs`): what
+/// they pin is visible to the test and goes when it is unmounted.
+struct Bpffs(TempDir);
+
+impl Bpffs {
+    fn mount() -> Self {
+        let dir = TempDir::new();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir.0)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount -t bpf on {}: {status}", dir.0.display());
+        Self(dir)
+    }
+
+    fn path(&self) -> &str {
+        self.0.0.to_str().expect("utf-8 path")
+    }
+
+    /// Every pin under the mount's `netdevd/` (bpffs shows files of its own at the top), as
+    /// paths relative to the mount.
+    fn listing(&self) -> BTreeSet<String> {
+        fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut BTreeSet<String>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, root, out);
+                } else {
+                    out.insert(path.strip_prefix(root).expect("under the root").display().to_string());
+                }
+            }
+        }
+        let mut out = BTreeSet::new();
+        walk(&self.0.0.join("netdevd"), &self.0.0, &mut out);
+        out
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0.0).status();
+    }
+}
+
+/// How the first daemon goes away under traffic.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Stop {
+    /// `x-exit-preserve`: exits 0 leaving the kernel datapath.
+    Preserve,
+    /// SIGUSR2, the same as a signal.
+    Signal,
+    /// `kill -9`: no shutdown at all.
+    Kill,
+}
+
+fn stop_first(daemon: &mut Daemon, stop: Stop) {
+    let pid = Pid::from_raw(i32::try_from(daemon.pid()).expect("pid"));
+    match stop {
+        Stop::Preserve => {
+            daemon.execute("x-exit-preserve", serde_json::json!({})).expect("x-exit-preserve");
+        }
+        Stop::Signal => signal::kill(pid, signal::Signal::SIGUSR2).expect("SIGUSR2"),
+        Stop::Kill => signal::kill(pid, signal::Signal::SIGKILL).expect("kill -9"),
+    }
+    let status = daemon.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| panic!("netdevd did not exit after {stop:?}"));
+    if stop == Stop::Kill {
+        assert_eq!(status.code(), None, "killed, not exited");
+    } else {
+        assert_eq!(status.code(), Some(0), "{stop:?} exits 0");
+    }
+}
+
+/// Tagged frames the tap "VMs" exchange: `TAG` and a sequence number.
+const FLOOD_TAG: &[u8] = b"netdevd-restart-flood";
+
+fn flood_frame(sequence: u32) -> Vec<u8> {
+    let mut payload = FLOOD_TAG.to_vec();
+    payload.extend_from_slice(&sequence.to_be_bytes());
+    dataplane_tests::test_frame([0x52, 0x54, 0, 0, 0, 2], [0x52, 0x54, 0, 0, 0, 1], &payload)
+}
+
+/// The sequence number of a flood frame, if `frame` is one.
+fn flood_sequence(frame: &[u8]) -> Option<u32> {
+    let at = frame.windows(FLOOD_TAG.len()).position(|w| w == FLOOD_TAG)? + FLOOD_TAG.len();
+    Some(u32::from_be_bytes(frame.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn counter(row: &Value, name: &str) -> u64 {
+    row[name].as_u64().unwrap_or_else(|| panic!("counter {name} missing in {row}"))
+}
+
+/// Link and map ids the daemons' pins under `bpffs` refer to (bpftool).
+fn pinned_ids(ns: &Netns, bpffs: &Bpffs) -> BTreeSet<(String, u64)> {
+    let mut ids = BTreeSet::new();
+    for pin in bpffs.listing() {
+        let path = format!("{}/{pin}", bpffs.path());
+        let kind = if pin.contains("/links/") { "link" } else { "map" };
+        let output = ns.exec("bpftool", &["-j", kind, "show", "pinned", &path]);
+        let shown: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+        if let Some(id) = shown["id"].as_u64() {
+            ids.insert((kind.to_owned(), id));
+        }
+    }
+    ids
+}
+
+/// Whether bpftool still finds the link or map `id`.
+fn bpf_object_exists(ns: &Netns, kind: &str, id: u64) -> bool {
+    ns.exec("bpftool", &[kind, "show", "id", &id.to_string()]).status.success()
+}
+
+/// In-kernel traffic (iperf3 TCP and a ping flood between two namespaces through one hub, a
+/// frame flood between two taps through another) runs while the daemon stops as `stop` says
+/// and a new one starts on the same state directory: nothing is lost, the counters go on, and
+/// `x-query-netdevs` answers as before. With `new_abi`, the second daemon's object counts as
+/// another ABI: it makes new maps, and the first run's maps, links and pins all go.
+fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
+    let switch = Netns::new("rst");
+    switch.quiet();
+    let bpffs = Bpffs::mount();
+    let state = TempDir::new();
+    let state_dir = state.0.join("state");
+    let mut extra = vec!["--bpffs", bpffs.path()];
+    extra.extend_from_slice(attach);
+    let mut first = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    let tcx = first.attaches_with_tcx();
+
+    let a = Netns::new("rsta");
+    let b = Netns::new("rstb");
+    a.quiet();
+    b.quiet();
+    let (va, vb) = (dataplane_tests::unique("v"), dataplane_tests::unique("v"));
+    dataplane_tests::veth(&switch, &va, &a, "10.78.0.1/24");
+    dataplane_tests::veth(&switch, &vb, &b, "10.78.0.2/24");
+    for v in [&va, &vb] {
+        first.add(&format!("af-xdp,id={v},ifname={v}"));
+        first.add(&format!("hubport,id=p{v},hubid=0,netdev={v}"));
+    }
+    let (t0, t1) = (dataplane_tests::unique("t"), dataplane_tests::unique("t"));
+    for t in [&t0, &t1] {
+        first.add(&format!("tap,id={t},ifname={t},script=no,downscript=no"));
+        first.add(&format!("hubport,id=p{t},hubid=1,netdev={t}"));
+    }
+    let mut sender = dataplane_tests::TapVm::open(&switch, &t0, false);
+    let mut receiver = dataplane_tests::TapVm::open(&switch, &t1, false);
+    switch.wait_link_ready(&t0, dataplane_tests::settle::DEADLINE);
+    switch.wait_link_ready(&t1, dataplane_tests::settle::DEADLINE);
+    assert!(a.ping("10.78.0.2", 3), "a pings b before the restart");
+    let netdevs_before = first.netdevs();
+    let pins_before = pinned_ids(&switch, &bpffs);
+    assert!(pins_before.iter().any(|(kind, _)| kind == "map"), "maps are pinned: {:?}", bpffs.listing());
+    assert_eq!(pins_before.iter().any(|(kind, _)| kind == "link"), tcx, "TCX links are pinned: {:?}", bpffs.listing());
+
+    // The traffic: iperf3 moves a fixed amount at a bounded rate, ping floods at a fixed
+    // interval, the tap "VM" sends numbered frames; all of it spans the restart.
+    const FRAMES: u32 = 40_000;
+    const PINGS: u32 = 20_000;
+    let _server = dataplane_tests::iperf3_server(&a);
+    let mut iperf = b.spawn("iperf3", &["-c", "10.78.0.1", "-n", "400M", "-b", "300M", "-J"]);
+    let mut ping = b.spawn("ping", &["-q", "-n", "-i", "0.0005", "-c", &PINGS.to_string(), "10.78.0.1"]);
+    let flood = std::thread::spawn(move || {
+        for sequence in 0..FRAMES {
+            sender.send(&flood_frame(sequence));
+            std::thread::sleep(Duration::from_micros(250));
+        }
+        sender
+    });
+    let collector = std::thread::spawn(move || {
+        let mut seen = vec![0u32; FRAMES as usize];
+        while let Some(frame) = receiver.recv_raw(Duration::from_secs(10)) {
+            if let Some(sequence) = flood_sequence(&frame).filter(|s| *s < FRAMES) {
+                seen[sequence as usize] += 1;
+                if sequence == FRAMES - 1 {
+                    break;
+                }
+            }
+        }
+        // Stragglers of the last instant.
+        while let Some(frame) = receiver.recv_raw(Duration::from_millis(500)) {
+            if let Some(sequence) = flood_sequence(&frame).filter(|s| *s < FRAMES) {
+                seen[sequence as usize] += 1;
+            }
+        }
+        seen
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stop_first(&mut first, stop);
+    let mut second_extra = extra.clone();
+    if let Some(abi) = new_abi {
+        second_extra.extend_from_slice(&["--x-abi-hash", abi]);
+    }
+    let second = Daemon::start_on(&switch, Some(&state_dir), &second_extra);
+    assert!(!collector.is_finished() && !flood.is_finished(), "the restart happened while the taps' frames flowed");
+
+    let seen = collector.join().expect("the collector");
+    let _sender = flood.join().expect("the sender");
+    let missing = seen.iter().filter(|count| **count == 0).count();
+    let doubled = seen.iter().filter(|count| **count > 1).count();
+    assert_eq!((missing, doubled), (0, 0), "tap frames lost or doubled across the restart ({FRAMES} sent)");
+    let (status, output) = ping.output_within(Duration::from_secs(120)).expect("ping ends");
+    let text = String::from_utf8_lossy(&output);
+    assert!(
+        status.success() && text.contains(&format!("{PINGS} packets transmitted, {PINGS} received")),
+        "ping flood across the restart: {text}"
+    );
+    let (status, output) = iperf.output_within(Duration::from_secs(120)).expect("iperf3 ends");
+    let report: Value = serde_json::from_slice(&output).expect("iperf3 JSON");
+    assert!(status.success(), "iperf3 across the restart: {}", report["error"]);
+    // TCP delivers what it sent or fails; the whole amount went.
+    let sent = report["end"]["sum_sent"]["bytes"].as_u64().expect("bytes sent");
+    assert_eq!(sent, 400 << 20, "iperf3 moved its whole amount");
+    let retransmits = report["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    eprintln!("{stop:?}: iperf3 retransmits across the restart: {retransmits}");
+
+    // The new daemon answers as the old one did, and the counters went on: the sender's port
+    // counted every frame, from both daemons (new maps of another ABI count from zero).
+    assert_eq!(second.netdevs(), netdevs_before, "x-query-netdevs after the restart");
+    let sent = counter(&second.counters(&format!("p{t0}")), "rx-packets");
+    let delivered = counter(&second.counters(&format!("p{t1}")), "tx-packets");
+    if new_abi.is_none() {
+        assert_eq!((sent, delivered), (u64::from(FRAMES), u64::from(FRAMES)), "the tap ports counted every frame");
+    } else {
+        assert!(sent > 0 && sent < u64::from(FRAMES), "the new maps counted from the restart on: {sent}");
+    }
+    assert!(second.netdev_ids().len() == 8, "{:?}", second.netdev_ids());
+    let own: BTreeSet<String> = [t0.clone(), t1.clone()].into();
+    assert_eq!(marked(&switch, &mark_of(&state_dir)), own, "netdevd's interfaces are the two taps, kept");
+
+    // One program per port, the new daemon's; the old run's links are gone, its maps reused.
+    for ifname in [&va, &vb, &t0, &t1] {
+        let (ingress, egress) = switch.attached_programs(ifname);
+        assert_eq!((ingress.len(), egress.len()), (1, 0), "programs on {ifname}: {ingress:?} {egress:?}");
+    }
+    let pins_after = pinned_ids(&switch, &bpffs);
+    for (kind, id) in &pins_before {
+        if kind == "link" || new_abi.is_some() {
+            // Freed once its last reference goes (after an RCU grace period).
+            dataplane_tests::settle::wait_until(&format!("the old run's {kind} {id} is gone"), || {
+                !bpf_object_exists(&switch, kind, *id)
+            });
+        } else {
+            assert!(pins_after.contains(&(kind.clone(), *id)), "map {id} is reused: {pins_after:?}");
+        }
+    }
+    if let Some(abi) = new_abi {
+        let listing = bpffs.listing();
+        assert!(
+            !listing.is_empty() && listing.iter().all(|pin| pin.split('/').nth(2) == Some(abi)),
+            "only the new ABI's pins remain: {listing:?}"
+        );
+    }
+    assert!(a.ping("10.78.0.2", 3), "a pings b after the restart");
+
+    // A clean stop takes everything: netdevd's interfaces and every pin.
+    let mut second = second;
+    assert_eq!(second.terminate(), Some(0));
+    assert_eq!(bpffs.listing(), BTreeSet::new(), "pins after SIGTERM");
+    assert!(!switch.links().contains(&t0), "the taps go with a clean stop");
+    for (kind, id) in pins_after {
+        dataplane_tests::settle::wait_until(&format!("{kind} {id} goes with a clean stop"), || {
+            !bpf_object_exists(&switch, &kind, id)
+        });
+    }
+}
+
+#[test]
+fn x_exit_preserve_keeps_in_kernel_traffic_and_the_next_daemon_adopts_it() {
+    restart_under_traffic(Stop::Preserve, &[], None);
+}
+
+#[test]
+fn sigusr2_exits_preserving_like_x_exit_preserve() {
+    restart_under_traffic(Stop::Signal, &[], None);
+}
+
+#[test]
+fn kill_9_keeps_in_kernel_traffic_and_the_next_daemon_adopts_it() {
+    restart_under_traffic(Stop::Kill, &[], None);
+}
+
+#[test]
+fn netlink_mode_restart_keeps_in_kernel_traffic() {
+    restart_under_traffic(Stop::Preserve, &["--x-attach", "netlink"], None);
+}
+
+#[test]
+fn netlink_mode_kill_9_keeps_in_kernel_traffic() {
+    restart_under_traffic(Stop::Kill, &["--x-attach", "netlink"], None);
+}
+
+#[test]
+fn a_new_abi_rebuilds_from_the_state_file_and_nothing_old_remains() {
+    restart_under_traffic(Stop::Preserve, &[], Some("changedabi"));
+}
+
+#[test]
+fn netlink_mode_new_abi_after_kill_9_rebuilds_and_nothing_old_remains() {
+    restart_under_traffic(Stop::Kill, &["--x-attach", "netlink"], Some("changedabi"));
+}
+
+/// Runs busybox `udhcpc` once on `eth0` of `ns` and returns the address it was offered.
+fn dhcp_address(ns: &Netns, dir: &std::path::Path) -> String {
+    let out = dir.join("lease.txt");
+    let _ = std::fs::remove_file(&out);
+    let script = dir.join("udhcpc.sh");
+    std::fs::write(&script, format!("#!/bin/sh\n[ \"$1\" = bound ] && echo \"$ip\" > {}\nexit 0\n", out.display()))
+        .expect("write the udhcpc script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let script = script.to_str().expect("utf-8 path");
+    let output = ns.exec("timeout", &["30", "busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "8", "-T", "1", "-s", script]);
+    assert!(output.status.success(), "udhcpc: {}", String::from_utf8_lossy(&output.stderr));
+    std::fs::read_to_string(&out).expect("a bound lease").trim().to_owned()
+}
+
+/// Waits up to `timeout` for a connection on `listener` (non-blocking).
+fn accepted(listener: &std::net::TcpListener, timeout: Duration) -> Option<std::net::TcpStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => return Some(stream),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(error) => panic!("accept: {error}"),
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn user_space_backends_start_anew_after_x_exit_preserve() {
+    let switch = Netns::new("rsb");
+    switch.quiet();
+    switch.ip(&["link", "set", "lo", "up"]);
+    let bpffs = Bpffs::mount();
+    let state = TempDir::new();
+    let state_dir = state.0.join("state");
+    let resolv = state.0.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.1\n").expect("write resolv.conf");
+    let extra = ["--bpffs", bpffs.path(), "--user-resolv-conf", resolv.to_str().expect("utf-8 path")];
+    let mut first = Daemon::start_on(&switch, Some(&state_dir), &extra);
+
+    // A stream client with reconnect, to a server the test holds in the namespace.
+    let listener = switch.within(|| std::net::TcpListener::bind("127.0.0.1:5310").expect("bind the stream server"));
+    listener.set_nonblocking(true).expect("non-blocking");
+    first.add("stream,id=s0,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port=5310,reconnect-ms=200");
+    let before = accepted(&listener, Duration::from_secs(20)).expect("the stream connects");
+
+    // A `user` netdev on a hub with a guest namespace that takes a DHCP lease.
+    let guest = Netns::new("rsbg");
+    guest.quiet();
+    let veth = dataplane_tests::unique("v");
+    switch.ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &guest.name]);
+    guest.ip(&["link", "set", "eth0", "address", "52:54:00:12:34:77"]);
+    guest.ip(&["link", "set", "eth0", "up"]);
+    first.add(&format!("af-xdp,id={veth},ifname={veth}"));
+    first.add(&format!("hubport,id=pg,hubid=0,netdev={veth}"));
+    first.add("user,id=u0");
+    first.add("hubport,id=pu,hubid=0,netdev=u0");
+    let lease = dhcp_address(&guest, &state.0);
+    let ids = first.netdev_ids();
+
+    stop_first(&mut first, Stop::Preserve);
+    let second = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    assert_eq!(second.netdev_ids(), ids, "the netdevs are back");
+    // The stream connects again (a new connection: the old one closed with its process) ...
+    let after = accepted(&listener, Duration::from_secs(20)).expect("the stream reconnects after the restart");
+    drop((before, after));
+    // ... and the user netdev's new NAT state leases the same address to the same MAC.
+    guest.ip(&["addr", "flush", "dev", "eth0"]);
+    assert_eq!(dhcp_address(&guest, &state.0), lease, "the same DHCP address after the restart");
 }

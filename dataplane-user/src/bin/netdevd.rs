@@ -1,7 +1,9 @@
 //! netdevd: the daemon. `netdevd [--config FILE] [--qmp unix:PATH,server=on,wait=off]… [--chardev KEYVAL]… [--netdev KEYVAL]…`
 //!
 //! Descriptors open when it starts (beyond 0-2, and beyond systemd's activated sockets) are the
-//! ones `--netdev tap,fd=N` may name. SIGTERM and SIGINT stop it; SIGHUP reloads the configuration file.
+//! ones `--netdev tap,fd=N` may name. SIGTERM and SIGINT stop it (every netdev goes); SIGUSR2 stops
+//! it leaving the kernel datapath running for the next daemon (as `x-exit-preserve`); SIGHUP
+//! reloads the configuration file.
 
 use std::path::PathBuf;
 
@@ -9,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use dataplane::{
     config::{Overrides, Settings},
-    daemon::{Daemon, Host, ShutdownCause},
+    daemon::{Daemon, Host, ShutdownCause, adopt, record},
     fd::InheritedFds,
     instance::{self, Instance},
     logging::{self, LogFormat},
@@ -19,7 +21,8 @@ use dataplane::{
     systemd,
     kernel::{
         attach::{self, AttachChoice},
-        ebpf::{EbpfDataplane, ObjectSource},
+        ebpf::{self, EbpfDataplane, ObjectSource},
+        pins::{self, PinDir},
     },
     port::link::Netlink,
     qmp::server::{self, Listener},
@@ -72,6 +75,14 @@ struct Args {
     /// crashed run of it left are removed at start.
     #[arg(long, value_name = "DIR", default_value = instance::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// The bpffs mount where maps and TCX links are pinned (under netdevd/INSTANCE/ABI), so the
+    /// kernel datapath can outlive the daemon (x-exit-preserve, SIGUSR2, a crash) and the next
+    /// daemon adopts it. Not a bpffs: nothing is pinned.
+    #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// Use HASH as the ABI hash instead of the object's (tests simulate an incompatible upgrade).
+    #[arg(long, value_name = "HASH", hide = true, value_parser = abi_override)]
+    x_abi_hash: Option<String>,
     /// Log lines as `text` or `json` (one object a line); default from the config file's [log] format.
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
@@ -149,7 +160,16 @@ fn start(inherited: InheritedFds, activated: Vec<std::os::unix::net::UnixListene
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(run(settings, attach, inherited, Startup { overrides, metrics, activated, instance }))
+        .block_on(run(settings, attach, inherited, Startup { overrides, metrics, activated, instance, bpffs: args.bpffs, abi: args.x_abi_hash }))
+}
+
+/// A forced ABI hash becomes a directory name: letters and digits only.
+fn abi_override(text: &str) -> Result<String, String> {
+    if !text.is_empty() && text.len() <= 64 && text.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        Ok(text.to_owned())
+    } else {
+        Err("an ABI hash is 1 to 64 letters and digits".to_owned())
+    }
 }
 
 /// Many clients and netdevs each hold descriptors: the soft limit goes up to the hard one.
@@ -174,33 +194,64 @@ struct Startup {
     /// QMP sockets passed by systemd; they replace the configured addresses.
     activated: Vec<std::os::unix::net::UnixListener>,
     instance: Instance,
+    bpffs: PathBuf,
+    /// The ABI hash forced by `--x-abi-hash`.
+    abi: Option<String>,
 }
 
 async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedFds, startup: Startup) -> Result<()> {
     let instance = &startup.instance;
     let netlink = Netlink::connect().context("cannot open a netlink socket")?.with_mark(instance.mark());
-    let leftovers = instance::remove_leftovers(&netlink, &instance.mark()).await;
+    // An earlier run's record: what it had, to adopt. A damaged one adopts nothing.
+    let state_file = instance.dir().join("netdevs.json");
+    let record = record::read(&state_file).unwrap_or_else(|error| {
+        tracing::warn!(path = %state_file.display(), %error, "the state file cannot be read: nothing is adopted");
+        None
+    });
+    let record = record.filter(|r| !r.netdevs.is_empty());
+    let kept = record.as_ref().map(adopt::kept_interfaces).unwrap_or_default();
+    let leftovers = instance::remove_leftovers(&netlink, &instance.mark(), &kept).await;
     tracing::info!(state_dir = %instance.dir().display(), mark = instance.mark(), leftovers_removed = leftovers.len(),
-        "state directory locked");
+        adopting = record.as_ref().map_or(0, |r| r.netdevs.len()), "state directory locked");
     let source = match settings.bpf_object.clone() {
         Some(path) => ObjectSource::File(path),
         None => ObjectSource::default_source()
             .context("this netdevd was built without the eBPF object: pass --bpf-object (run cargo xtask build-ebpf)")?,
     };
-    let mut dataplane = EbpfDataplane::load(&source)?;
+    let abi = match startup.abi.clone() {
+        Some(forced) => forced,
+        None => ebpf::abi_hash(&source)?,
+    };
+    let mut pin_dir = PinDir::prepare(&startup.bpffs, instance.id(), &abi);
+    if record.is_none()
+        && let Some(stale) = pin_dir.take()
+    {
+        // Nothing to adopt: pins of an earlier run (a crash before anything was recorded) go,
+        // and the maps start empty.
+        stale.remove_all();
+        pin_dir = PinDir::prepare(&startup.bpffs, instance.id(), &abi);
+    }
+    // An earlier run's pins: its links go once the new programs are attached; maps of the
+    // same ABI are taken over by the load, maps of another ABI go with their directory.
+    let earlier_links = pin_dir.as_ref().map(PinDir::link_pins).unwrap_or_default();
+    let other_abis = pin_dir.as_ref().map(PinDir::other_abis).unwrap_or_default();
+    let reused_maps = pin_dir.as_ref().is_some_and(PinDir::has_maps);
+    let mut dataplane = EbpfDataplane::load(&source, pin_dir.clone(), &abi)?;
+    tracing::info!(abi, pinned = pin_dir.is_some(), reused_maps, earlier_links = earlier_links.len(),
+        other_abis = other_abis.len(), "eBPF object loaded");
     // The trial attach needs an interface of its own: a veth that exists only for it.
     let (scratch, scratch_peer) = dataplane::port::pair::pair_names();
     let made = netlink.add_veth(&scratch, &scratch_peer, 1500).await.is_ok();
-    let info = attach::choose(attach, made.then(|| dataplane.trial_tcx(&scratch)));
+    let info = attach::choose(attach, made.then(|| dataplane.trial_tcx(&scratch)), record.is_some());
     if made && let Ok(Some(link)) = netlink.find(&scratch).await {
         let _ = netlink.delete(link.ifindex).await;
     }
     tracing::info!(kernel = %info.kernel, mode = ?info.attach_mode, forced = info.forced,
         leftovers_removed = info.leftovers_removed, "dataplane attach mode");
+    let netlink_mode = info.attach_mode == attach::AttachMode::Netlink;
     dataplane.set_info(info);
     let daemon = Daemon::new(Some(Host { dataplane: Box::new(dataplane), netlink }));
-    // What a crashed run recorded is gone with its leftovers: the file starts afresh.
-    daemon.record_state_in(instance.dir().join("netdevs.json")).await;
+    daemon.set_can_preserve(pin_dir.is_some());
     if let Some(path) = settings.user_resolv_conf.clone() {
         daemon.set_user_resolv_conf(path);
     }
@@ -215,12 +266,51 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
         }
     }
     let mut configured: Vec<Netdev> = settings.netdevs.clone();
-    for netdev in settings.netdevs {
-        let id = netdev.id.clone();
-        if let Err(error) = daemon.add_netdev(netdev, &mut inherited).await {
-            daemon.tear_down().await;
-            bail!("-netdev {id}: {error}");
+    let started = match &record {
+        Some(record) => {
+            let adopted = daemon.adopt(record, &mut inherited).await;
+            for failure in &adopted.failed {
+                tracing::warn!(%failure, "a netdev of the earlier run could not be adopted");
+            }
+            tracing::info!(kept = adopted.kept.len(), recreated = adopted.recreated.len(), failed = adopted.failed.len(),
+                "earlier run adopted");
+            let previous = Daemon::recorded_configuration(record);
+            daemon.reconcile_configured(&previous, &settings.netdevs, &mut inherited).await
         }
+        None => {
+            let mut result = Ok(());
+            for netdev in settings.netdevs {
+                let id = netdev.id.clone();
+                if let Err(error) = daemon.add_netdev(netdev, &mut inherited).await {
+                    result = Err((id, error));
+                    break;
+                }
+            }
+            result
+        }
+    };
+    if let Err((id, error)) = started {
+        daemon.tear_down().await;
+        if let Some(pins) = &pin_dir {
+            pins.remove_all();
+        }
+        bail!("-netdev {id}: {error}");
+    }
+    daemon.set_configured(configured.iter().map(|n| n.id.clone())).await;
+    // From here on the file is this run's.
+    daemon.record_state_in(state_file).await;
+    // The new programs are in place: what the earlier run left stops now.
+    for link in &earlier_links {
+        if let Err(error) = std::fs::remove_file(link) {
+            tracing::warn!(pin = %link.display(), %error, "cannot remove an earlier run's link");
+        }
+    }
+    for dir in &other_abis {
+        pins::remove_tree(dir);
+    }
+    if netlink_mode && record.is_some() {
+        let removed = attach::remove_leftovers();
+        tracing::info!(removed, "earlier run's TC filters removed");
     }
     let mut listeners = Vec::new();
     for listener in startup.activated {
@@ -254,6 +344,7 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
+    let mut preserve = signal(SignalKind::user_defined2())?;
     let signals = {
         let daemon = daemon.clone();
         let overrides = startup.overrides;
@@ -263,6 +354,13 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
                     _ = terminate.recv() => break,
                     _ = interrupt.recv() => break,
                     _ = hangup.recv() => reload(&daemon, &overrides, &mut configured_chardevs, &mut configured).await,
+                    _ = preserve.recv() => match daemon.exit_preserving(ShutdownCause::HostSignal) {
+                        Ok(()) => {
+                            tracing::info!("SIGUSR2 received, exiting with the kernel datapath preserved");
+                            return;
+                        }
+                        Err(error) => tracing::error!(%error, "SIGUSR2 ignored"),
+                    },
                 }
             }
             tracing::info!("signal received, shutting down");
@@ -274,10 +372,20 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
     // what depends on us.
     systemd::notify_or_warn("READY=1\nSTATUS=serving QMP");
     server::serve(daemon.clone(), listeners, settings.max_message_bytes).await;
-    // A signal or `quit`: the netdevs go now.
     systemd::notify_or_warn("STOPPING=1");
     signals.abort();
+    if daemon.preserving() {
+        // `x-exit-preserve` or SIGUSR2: interfaces, pinned maps and links, filters and the state
+        // file stay for the next daemon. Nothing is dropped: dropping the loaded object would
+        // detach the filters it owns. The kernel releases the lock and every descriptor.
+        tracing::info!("stopped, kernel datapath preserved");
+        std::process::exit(0);
+    }
+    // A signal or `quit`: the netdevs go now, and the pins with them.
     daemon.tear_down().await;
+    if let Some(pins) = &pin_dir {
+        pins.remove_all();
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -301,6 +409,7 @@ async fn reload(daemon: &Daemon, overrides: &Overrides, chardevs: &mut Vec<Chard
             tracing::info!(removed = outcome.removed, added = outcome.added, failed = outcome.failed.len(),
                 "configuration reloaded");
             *configured = next.netdevs;
+            daemon.set_configured(configured.iter().map(|n| n.id.clone())).await;
         }
         Err(error) => {
             let error = anyhow::Error::from(error);

@@ -35,8 +35,8 @@ const MONITOR_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What `netdev_add` made outside the lock, to commit or to undo.
 #[derive(Default)]
-struct Made {
-    device: Option<PortDevice>,
+pub(super) struct Made {
+    pub(super) device: Option<PortDevice>,
     tunnel: Option<TunnelFastPath>,
     backend: Option<(backend::Prepared, HubPipe)>,
     /// A NIC that follows QEMU's: monitor path, QEMU's NIC id, the connection and QEMU's filter.
@@ -45,7 +45,7 @@ struct Made {
 
 impl Made {
     /// Removes what was made; the backend's sockets close as it is dropped.
-    async fn undo(self, netlink: Option<&Netlink>) {
+    pub(super) async fn undo(self, netlink: Option<&Netlink>) {
         drop(self.backend);
         drop(self.followed);
         if let (Some(device), Some(netlink)) = (self.device, netlink) {
@@ -143,7 +143,7 @@ impl Daemon {
     /// The quick part of `netdev_add`, under the lock: the graph is checked again (it may have
     /// changed meanwhile), the kernel planned, the backend started. On failure what was made is
     /// left in `made`, to be undone.
-    fn commit(&self, state: &mut State, netdev: Netdev, made: &mut Made) -> Result<(), DaemonError> {
+    pub(super) fn commit(&self, state: &mut State, netdev: Netdev, made: &mut Made) -> Result<(), DaemonError> {
         let id = netdev.id.clone();
         let nic_mac = match &netdev.options {
             NetdevOptions::Nic(nic) => {

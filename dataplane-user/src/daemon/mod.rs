@@ -12,8 +12,10 @@
 //! * [`follow`]: NICs that follow a NIC of a running QEMU through its monitor;
 //! * [`queries`]: `x-query-netdevs`, `x-query-netdev-counters`;
 //! * [`reload`]: bringing the configured netdevs in line with a reloaded configuration;
+//! * [`record`], [`adopt`]: the state file, and taking over what an earlier run left;
 //! * [`events`]: the typed events the daemon broadcasts, and shutdown.
 
+pub mod adopt;
 mod backends;
 mod chardevs;
 pub mod events;
@@ -21,7 +23,7 @@ mod follow;
 mod lifecycle;
 pub mod nic;
 pub mod queries;
-mod record;
+pub mod record;
 mod reload;
 
 use std::{
@@ -114,6 +116,12 @@ struct State {
     host: Option<Host>,
     /// The state file, rewritten after every change (`record`).
     state_file: Option<std::path::PathBuf>,
+    /// Netdevs the configuration file made (recorded, so a restart can reconcile them).
+    configured: HashSet<String>,
+    /// While an earlier run is adopted: the slots it used, kept for its ports and given to no
+    /// other (`adopt`). Plans are then checked but not applied: the kernel keeps the earlier
+    /// run's state until every netdev is back, and takes the whole plan at once.
+    slot_hint: Option<Plan>,
 }
 
 impl State {
@@ -123,7 +131,18 @@ impl State {
 
     /// Plans the current graph and applies it; on failure the kernel is put back as it was.
     fn replan(&mut self) -> Result<(), DaemonError> {
-        let next = plan::plan(&self.registry, &self.device_map(), &self.rx_filters, &self.tunnels, &self.plan)?;
+        let merged;
+        let previous = match &self.slot_hint {
+            Some(hint) => {
+                merged = adopt::with_hint(&self.plan, hint);
+                &merged
+            }
+            None => &self.plan,
+        };
+        let next = plan::plan(&self.registry, &self.device_map(), &self.rx_filters, &self.tunnels, previous)?;
+        if self.slot_hint.is_some() {
+            return Ok(());
+        }
         if next == self.plan {
             self.record();
             return Ok(());
@@ -167,6 +186,10 @@ pub struct Daemon {
     /// Events, fanned out to every listener (the QMP server's negotiated clients).
     events: broadcast::Sender<Emitted>,
     shutdown: CancellationToken,
+    /// The kernel datapath can outlive the daemon (its maps and links are pinned).
+    can_preserve: std::sync::atomic::AtomicBool,
+    /// `x-exit-preserve` (or SIGUSR2) asked to exit leaving the kernel datapath running.
+    preserve: std::sync::atomic::AtomicBool,
 }
 
 impl Daemon {
@@ -190,6 +213,8 @@ impl Daemon {
             plan: Plan::default(),
             host,
             state_file: None,
+            configured: HashSet::new(),
+            slot_hint: None,
         };
         Self {
             me,
@@ -199,6 +224,8 @@ impl Daemon {
             state: Mutex::new(state),
             events: broadcast::channel(EVENT_BACKLOG).0,
             shutdown: CancellationToken::new(),
+            can_preserve: std::sync::atomic::AtomicBool::new(false),
+            preserve: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -222,6 +249,37 @@ impl Daemon {
         let mut state = self.state.lock().await;
         state.state_file = Some(path);
         state.record();
+    }
+
+    /// The netdevs the configuration file made are `ids` (recorded in the state file).
+    pub async fn set_configured(&self, ids: impl IntoIterator<Item = String>) {
+        let mut state = self.state.lock().await;
+        state.configured = ids.into_iter().collect();
+        state.record();
+    }
+
+    /// Whether the kernel datapath can outlive the daemon: set once its maps and links are pinned.
+    pub fn set_can_preserve(&self, can: bool) {
+        self.can_preserve.store(can, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `x-exit-preserve`: stop serving and exit, leaving interfaces, pinned maps and links,
+    /// filters and the state file for the next daemon. Refused when nothing is pinned.
+    pub fn exit_preserving(&self, cause: ShutdownCause) -> Result<(), DaemonError> {
+        if !self.can_preserve.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(DaemonError::Rejected(
+                "the kernel datapath cannot be preserved: netdevd pins nothing (no bpffs at --bpffs)".to_owned(),
+            ));
+        }
+        self.preserve.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shut_down(cause);
+        Ok(())
+    }
+
+    /// Whether the daemon is exiting with the kernel datapath preserved.
+    #[must_use]
+    pub fn preserving(&self) -> bool {
+        self.preserve.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Removes every netdev, newest first, so that ports leave their hubs before their netdevs go.

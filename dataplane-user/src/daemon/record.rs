@@ -1,12 +1,15 @@
-//! The state file: every netdev's `netdev_add` arguments, link state and the interfaces the
-//! daemon made or took for it, rewritten (atomically: a new file renamed over the old) after
-//! every change the kernel took. Nothing reads it back yet; it is what a later daemon will need
-//! to adopt a previous run's netdevs, and it tells an operator what a crashed run had.
+//! The state file: every netdev's `netdev_add` arguments, link state, whether the configuration
+//! made it, and the interfaces the daemon made or took for it, and the kernel slots of the hub
+//! ports and segments, rewritten (atomically: a new file renamed over the old) after every
+//! change the kernel took. A daemon starting on the same state directory reads it back to adopt
+//! the run's netdevs (`adopt`), and it tells an operator what a crashed run had.
 //!
 //! ```json
 //! {"version": 1, "netdevs": [{"arguments": {"id": "d0", "type": "dgram", …}, "link-up": true,
+//!   "configured": false,
 //!   "interfaces": [{"role": "hub", "ifname": "nd1a2b3cx0h", "ifindex": 7},
-//!                  {"role": "tunnel-port", "ifname": "nd1a2b3cx0p", "ifindex": 6}]}]}
+//!                  {"role": "tunnel-port", "ifname": "nd1a2b3cx0p", "ifindex": 6}]}],
+//!  "port-slots": [{"ifindex": 7, "slot": 0}], "segment-slots": [{"segment": 0, "slot": 0}]}
 //! ```
 
 use std::{
@@ -15,9 +18,11 @@ use std::{
     path::Path,
 };
 
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::State;
+use crate::plan::{Hook, Plan, Port};
 
 const VERSION: u32 = 1;
 
@@ -35,10 +40,101 @@ pub(super) fn describe(state: &State) -> Value {
             if let Some(tunnel) = state.tunnels.get(id) {
                 interfaces.push(json!({"role": "tunnel-port", "ifname": tunnel.port_ifname, "ifindex": tunnel.port_ifindex}));
             }
-            json!({"arguments": entry.netdev.to_json(), "link-up": entry.link_up, "interfaces": interfaces})
+            json!({"arguments": entry.netdev.to_json(), "link-up": entry.link_up,
+                "configured": state.configured.contains(id), "interfaces": interfaces})
         })
         .collect();
-    json!({"version": VERSION, "netdevs": netdevs})
+    let port_slots: Vec<Value> =
+        state.plan.ports.iter().map(|(ifindex, port)| json!({"ifindex": ifindex, "slot": port.slot})).collect();
+    let segment_slots: Vec<Value> =
+        state.plan.segment_slots.iter().map(|(segment, slot)| json!({"segment": segment, "slot": slot})).collect();
+    json!({"version": VERSION, "netdevs": netdevs, "port-slots": port_slots, "segment-slots": segment_slots})
+}
+
+/// A state file as read back.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Record {
+    pub version: u32,
+    pub netdevs: Vec<RecordedNetdev>,
+    #[serde(default)]
+    pub port_slots: Vec<PortSlot>,
+    #[serde(default)]
+    pub segment_slots: Vec<SegmentSlot>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RecordedNetdev {
+    pub arguments: Value,
+    pub link_up: bool,
+    #[serde(default)]
+    pub configured: bool,
+    #[serde(default)]
+    pub interfaces: Vec<RecordedInterface>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RecordedInterface {
+    pub role: String,
+    pub ifname: String,
+    pub ifindex: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct PortSlot {
+    pub ifindex: u32,
+    pub slot: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct SegmentSlot {
+    pub segment: i32,
+    pub slot: u32,
+}
+
+impl Record {
+    /// The slots the recorded run used, as a plan the planner takes its slots from: a port whose
+    /// interface is adopted keeps its counters, and no slot of the old run goes to another port.
+    #[must_use]
+    pub fn slots(&self) -> Plan {
+        let mut plan = Plan::default();
+        for PortSlot { ifindex, slot } in &self.port_slots {
+            // Only the slot counts: the planner reads nothing else of a previous plan's port.
+            let port = Port {
+                hubport: String::new(),
+                netdev: String::new(),
+                ifname: String::new(),
+                hubid: 0,
+                segment: 0,
+                slot: *slot,
+                segment_slot: 0,
+                link_up: false,
+                hook: Hook::Ingress,
+                deliver_ingress: false,
+                deliver_peer: false,
+                nic: None,
+                filtered: false,
+            };
+            plan.ports.insert(*ifindex, port);
+        }
+        plan.segment_slots = self.segment_slots.iter().map(|s| (s.segment, s.slot)).collect();
+        plan
+    }
+}
+
+/// The state file at `path`; `None` if there is none.
+pub fn read(path: &Path) -> io::Result<Option<Record>> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let record: Record = serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if record.version != VERSION {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("state file version {} (expected {VERSION})", record.version)));
+    }
+    Ok(Some(record))
 }
 
 /// Replaces `path` with `content` so that a reader (or a crash) sees the old file or the new
@@ -73,5 +169,24 @@ mod tests {
         assert_eq!(read, json!({"version": 1, "netdevs": []}));
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["netdevs.json"]);
+    }
+
+    #[test]
+    fn a_record_reads_back_with_its_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("netdevs.json");
+        assert!(read(&path).unwrap().is_none());
+        let content = json!({"version": 1, "netdevs": [{"arguments": {"id": "t0", "type": "tap"}, "link-up": false,
+            "configured": true, "interfaces": [{"role": "hub", "ifname": "tap0", "ifindex": 7}]}],
+            "port-slots": [{"ifindex": 7, "slot": 3}], "segment-slots": [{"segment": 0, "slot": 1}]});
+        write_atomically(&path, &content).unwrap();
+        let record = read(&path).unwrap().unwrap();
+        assert!(record.netdevs[0].configured && !record.netdevs[0].link_up);
+        assert_eq!(record.netdevs[0].interfaces[0].ifindex, 7);
+        let slots = record.slots();
+        assert_eq!(slots.ports[&7].slot, 3);
+        assert_eq!(slots.segment_slots[&0], 1);
+        write_atomically(&path, &json!({"version": 9, "netdevs": []})).unwrap();
+        assert!(read(&path).is_err());
     }
 }

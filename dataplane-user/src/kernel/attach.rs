@@ -134,13 +134,15 @@ pub fn tcx_by_version() -> bool {
 
 /// Chooses the attach mode: TCX if the trial attach on a throw-away veth worked (`trial`; `None`
 /// when no veth could be made, and the kernel version decides), netlink if it did not or was
-/// asked for. In netlink mode, removes what a killed daemon left first.
-pub fn choose(choice: AttachChoice, trial: Option<bool>) -> DataplaneInfo {
+/// asked for. In netlink mode, removes what a killed daemon left first, unless `adopting`: an
+/// earlier run's filters then keep forwarding until the new ones are in place, and the caller
+/// removes them afterwards ([`remove_leftovers`]).
+pub fn choose(choice: AttachChoice, trial: Option<bool>, adopting: bool) -> DataplaneInfo {
     let tcx = trial.unwrap_or_else(tcx_by_version);
     let mut features = probe_features();
     features.insert("tcx", tcx);
     let attach_mode = if tcx && choice == AttachChoice::Auto { AttachMode::Tcx } else { AttachMode::Netlink };
-    let leftovers_removed = if attach_mode == AttachMode::Netlink { remove_leftovers() } else { 0 };
+    let leftovers_removed = if attach_mode == AttachMode::Netlink && !adopting { remove_leftovers() } else { 0 };
     DataplaneInfo {
         kernel: kernel_release(),
         attach_mode,

@@ -8,7 +8,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
+        LinkOrder, ProgramError,
+        links::{FdLink, PinnedLink}, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
         tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError, TcHandle},
     },
     util::nr_cpus,
@@ -21,6 +22,7 @@ use dataplane_common::{
 use super::{
     Dataplane, KernelError,
     attach::{self, AttachMode, DataplaneInfo},
+    pins::{self, PinDir},
 };
 use crate::plan::{Hook, RxFilterTables, TunnelProgram};
 
@@ -45,9 +47,24 @@ static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("NETDEVD_BPF_OB
 #[cfg(not(embedded_bpf))]
 static EMBEDDED_OBJECT: &[u8] = &[];
 
+/// A program hooked to an interface: owned by its program (netlink filters, and TCX links when
+/// nothing is pinned), or a TCX link pinned in bpffs, which outlives the daemon.
+enum Attachment {
+    Program(SchedClassifierLinkId),
+    Pinned(PinnedLink),
+}
+
 pub struct EbpfDataplane {
     /// Owns the programs and links; dropping it detaches every port.
     ebpf: Ebpf,
+    /// Where maps and TCX links are pinned; `None` without bpffs.
+    pins: Option<PinDir>,
+    /// Tells this run's link pins from an earlier run's.
+    run_stem: String,
+    /// Link pins made so far, for unique names.
+    pinned_count: u64,
+    /// The ABI hash of the loaded object.
+    abi: String,
     ports: BpfHashMap<MapData, u32, PortConfig>,
     hubs: Array<MapData, HubMembers>,
     counters: PerCpuArray<MapData, PortCounters>,
@@ -55,11 +72,11 @@ pub struct EbpfDataplane {
     rx_filters: BpfHashMap<MapData, u32, RxFilterConfig>,
     rx_vlans: BpfHashMap<MapData, u32, RxVlanTable>,
     rx_macs: BpfHashMap<MapData, RxMacKey, u32>,
-    links: HashMap<u32, SchedClassifierLinkId>,
+    links: HashMap<u32, Attachment>,
     tunnels: BpfHashMap<MapData, u32, TunnelConfig>,
     tunnel_rx: BpfHashMap<MapData, TunnelRxKey, u32>,
     tunnel_counters: PerCpuHashMap<MapData, u32, TunnelCounters>,
-    tunnel_links: HashMap<(u32, TunnelProgram), SchedClassifierLinkId>,
+    tunnel_links: HashMap<(u32, TunnelProgram), Attachment>,
     cpus: usize,
     mode: AttachMode,
     /// What start-up probed, once the mode is chosen.
@@ -155,18 +172,52 @@ fn boxed(error: impl std::error::Error + Send + Sync + 'static) -> Box<dyn std::
     Box::new(error)
 }
 
+/// The object's bytes and a name for errors.
+fn object_bytes(source: &ObjectSource) -> Result<(String, std::borrow::Cow<'static, [u8]>), KernelError> {
+    match source {
+        ObjectSource::Embedded => Ok(("<embedded>".to_owned(), std::borrow::Cow::Borrowed(EMBEDDED_OBJECT))),
+        ObjectSource::File(path) => {
+            let name = path.display().to_string();
+            let bytes = std::fs::read(path).map_err(|e| KernelError::Load { path: name.clone(), source: boxed(e) })?;
+            Ok((name, std::borrow::Cow::Owned(bytes)))
+        }
+    }
+}
+
+/// The ABI hash of the object `source` names (see [`pins`]).
+pub fn abi_hash(source: &ObjectSource) -> Result<String, KernelError> {
+    let (name, bytes) = object_bytes(source)?;
+    pins::abi_hash(&bytes).map_err(|e| KernelError::Load { path: name, source: e.into() })
+}
+
+/// 8 random hex digits.
+fn random_stem() -> String {
+    let mut bytes = [0u8; 4];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    format!("{:08x}", u32::from_ne_bytes(bytes) ^ std::process::id())
+}
+
 impl EbpfDataplane {
-    pub fn load(source: &ObjectSource) -> Result<Self, KernelError> {
+    /// Loads the object; with `pins` (the directory of ABI `abi`), every map is re-opened from its
+    /// pin there if an earlier run left one, else created and pinned.
+    pub fn load(source: &ObjectSource, pins: Option<PinDir>, abi: &str) -> Result<Self, KernelError> {
+        let (name, bytes) = object_bytes(source)?;
+        let load_error = |source| KernelError::Load { path: name.clone(), source };
+        let abi = abi.to_owned();
+        let pinned_names = match &pins {
+            Some(_) => pins::pinned_map_names(&bytes).map_err(|e| load_error(e.into()))?,
+            None => Vec::new(),
+        };
         // The programs' log statements above netdevd's level are dead code to the verifier.
         let level = kernel_log_level();
         let mut loader = EbpfLoader::new();
         loader.override_global(KERNEL_LOG_LEVEL, &level, false);
-        let (name, loaded) = match source {
-            ObjectSource::Embedded => ("<embedded>".to_owned(), loader.load(EMBEDDED_OBJECT)),
-            ObjectSource::File(path) => (path.display().to_string(), loader.load_file(path)),
-        };
-        let load_error = |source| KernelError::Load { path: name.clone(), source };
-        let mut ebpf = loaded.map_err(|e| load_error(boxed(e)))?;
+        if let Some(pins) = &pins {
+            for map in &pinned_names {
+                loader.map_pin_path(map, pins.maps().join(map));
+            }
+        }
+        let mut ebpf = loader.load(&bytes).map_err(|e| load_error(boxed(e)))?;
         for name in [programs::HUB_TC, programs::INJECT, programs::TUNNEL_RX, programs::TUNNEL_PORT] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -196,6 +247,10 @@ impl EbpfDataplane {
         let cpus = nr_cpus().map_err(|(_, e)| load_error(boxed(e)))?;
         Ok(Self {
             ebpf,
+            pins,
+            run_stem: random_stem(),
+            pinned_count: 0,
+            abi,
             ports,
             hubs,
             counters,
@@ -243,13 +298,24 @@ impl EbpfDataplane {
         ifindex: u32,
         ifname: &str,
         attach_type: TcAttachType,
-    ) -> Result<SchedClassifierLinkId, KernelError> {
+    ) -> Result<Attachment, KernelError> {
         let attach_error = |source| KernelError::Attach { ifname: ifname.to_owned(), source };
         if self.mode == AttachMode::Tcx {
-            // TCX (kernel ≥ 6.6): a link per interface, gone with the interface or the daemon.
-            return classifier(&mut self.ebpf, name)
+            // TCX (kernel ≥ 6.6): a link per interface, appended after any there is (an earlier
+            // run's, which goes once this one runs), gone with the interface, or with the daemon
+            // unless pinned.
+            let program = classifier(&mut self.ebpf, name);
+            let id = program
                 .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                .map_err(|e| attach_error(boxed(e)));
+                .map_err(|e| attach_error(boxed(e)))?;
+            let Some(pins) = &self.pins else { return Ok(Attachment::Program(id)) };
+            self.pinned_count += 1;
+            let direction = if attach_type == TcAttachType::Ingress { "ingress" } else { "egress" };
+            let path = pins.links().join(format!("{name}-{ifindex}-{direction}-{}-{}", self.run_stem, self.pinned_count));
+            let link = program.take_link(id).map_err(|e| attach_error(boxed(e)))?;
+            let fd_link = FdLink::try_from(link).map_err(|e| attach_error(boxed(e)))?;
+            // A link that cannot be pinned is detached as it drops here: the attach fails.
+            return fd_link.pin(&path).map(Attachment::Pinned).map_err(|e| attach_error(boxed(e)));
         }
         match aya::programs::tc::qdisc_add_clsact(ifname) {
             Ok(()) => {
@@ -264,7 +330,7 @@ impl EbpfDataplane {
         for minor in attach::HANDLE_MINORS {
             let options = NlOptions { priority, handle: TcHandle::new(attach::HANDLE_MAJOR, minor), classid: None };
             match classifier(&mut self.ebpf, name).attach_with_options(ifname, attach_type, TcAttachOptions::Netlink(options)) {
-                Ok(link) => return Ok(link),
+                Ok(link) => return Ok(Attachment::Program(link)),
                 Err(ProgramError::TcError(TcError::NetlinkError(e))) if e.raw_os_error() == Some(libc::EEXIST) => {
                     last_error = Some(e);
                 }
@@ -298,9 +364,23 @@ impl EbpfDataplane {
         classifier(&mut self.ebpf, programs::HUB_TC)
     }
 
-    fn tunnel_program(&mut self, program: TunnelProgram) -> &mut SchedClassifier {
-        classifier(&mut self.ebpf, tunnel_program_name(program))
+    /// Detaches `attachment` of program `name`; a vanished interface is not an error.
+    fn release(&mut self, name: &'static str, ifindex: u32, attachment: Attachment) {
+        match attachment {
+            Attachment::Program(id) => {
+                if let Err(error) = classifier(&mut self.ebpf, name).detach(id) {
+                    // The interface may already be gone, which detaches the link by itself.
+                    tracing::debug!(ifindex, %error, "detach");
+                }
+            }
+            // Unpinned and closed, the link has no reference left and detaches.
+            Attachment::Pinned(link) => match link.unpin() {
+                Ok(link) => drop(link),
+                Err(error) => tracing::warn!(ifindex, %error, "cannot unpin a link"),
+            },
+        }
     }
+
 }
 
 /// One of the classifiers `load` checked.
@@ -342,11 +422,8 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn detach(&mut self, ifindex: u32) {
-        if let Some(link) = self.links.remove(&ifindex)
-            && let Err(error) = self.program().detach(link)
-        {
-            // The interface may already be gone, which detaches the link by itself.
-            tracing::debug!(ifindex, %error, "detach");
+        if let Some(link) = self.links.remove(&ifindex) {
+            self.release(programs::HUB_TC, ifindex, link);
         }
         self.forget_clsact(ifindex);
     }
@@ -469,10 +546,8 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn detach_tunnel(&mut self, ifindex: u32, program: TunnelProgram) {
-        if let Some(link) = self.tunnel_links.remove(&(ifindex, program))
-            && let Err(error) = self.tunnel_program(program).detach(link)
-        {
-            tracing::debug!(ifindex, %error, "detach tunnel program");
+        if let Some(link) = self.tunnel_links.remove(&(ifindex, program)) {
+            self.release(tunnel_program_name(program), ifindex, link);
         }
         self.forget_clsact(ifindex);
     }
@@ -482,6 +557,11 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn describe(&self) -> Option<serde_json::Value> {
-        self.info.as_ref().and_then(|info| serde_json::to_value(info).ok())
+        let mut described = self.info.as_ref().and_then(|info| serde_json::to_value(info).ok())?;
+        if let Some(object) = described.as_object_mut() {
+            object.insert("abi".to_owned(), self.abi.clone().into());
+            object.insert("pinned".to_owned(), self.pins.is_some().into());
+        }
+        Some(described)
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod attach;
 pub mod ebpf;
+pub mod pins;
 
 use std::collections::BTreeSet;
 

@@ -106,6 +106,14 @@ impl PortDevice {
         Self { device, held_fds: Vec::new(), owned: true, downscript: None }
     }
 
+    /// An interface an earlier run of the daemon left (a persistent tap it created, `owned`, or
+    /// one a VMM's fd keeps alive), taken over as it is: no script runs again, `downscript` runs
+    /// when it goes.
+    #[must_use]
+    pub const fn adopted(device: Device, owned: bool, downscript: Option<String>) -> Self {
+        Self { device, held_fds: Vec::new(), owned, downscript }
+    }
+
     /// An interface that lives as long as the daemon holds `fd` (a tap without persistence).
     #[must_use]
     pub fn holding(device: Device, fd: OwnedFd) -> Self {

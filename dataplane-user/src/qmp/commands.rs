@@ -34,6 +34,7 @@ pub const ALL: &[&str] = &[
     "getfd",
     "closefd",
     "quit",
+    "x-exit-preserve",
     "x-query-netdevs",
     "x-query-netdev-counters",
     "x-hostfwd-add",
@@ -222,6 +223,11 @@ pub async fn execute(daemon: &Daemon, fds: &mut SessionFds, name: &str, argument
         "quit" => {
             qapi::from_json::<NoArgs>(arguments)?;
             daemon.shut_down(ShutdownCause::HostQmpQuit);
+            Ok(empty)
+        }
+        "x-exit-preserve" => {
+            qapi::from_json::<NoArgs>(arguments)?;
+            daemon.exit_preserving(ShutdownCause::HostQmpQuit)?;
             Ok(empty)
         }
         "x-query-netdevs" => {

@@ -1,0 +1,300 @@
+//! Taking over what an earlier run on the same state directory left: its netdevs come back from
+//! the state file in their order, with the interfaces that outlived it and their kernel slots.
+//!
+//! * A `tap` netdevd created (persistent, marked) or one a VMM's fd keeps alive is kept as it is:
+//!   same name and ifindex, no script run again; the VMM sees nothing.
+//! * Every other netdev is created again from its arguments: `af-xdp` takes its interface again,
+//!   user-space backends start anew (a stream reconnects, a `user` netdev gets new NAT state),
+//!   taps only the old process held are gone and made again.
+//! * Hub ports keep the slots the state file names, so the pinned counters go on counting.
+//!
+//! The new programs are attached next to the old ones (TCX appends the new link, a netlink filter
+//! takes the next handle), so a frame always meets one of them; the old links, filters and pins
+//! are removed once everything is adopted (`netdevd`'s start-up), and the stale kernel entries of
+//! the old ports that did not come back are cleared here.
+
+use std::collections::{BTreeSet, HashSet};
+
+use super::{Daemon, DaemonError, lifecycle::Made, record::Record, reload::reload_steps};
+use crate::{
+    fd::FdSource,
+    kernel,
+    plan,
+    netdev::{Netdev, NetdevOptions, NetdevError},
+    model::registry::RegistryError,
+    plan::{Device, HubSide, Plan},
+    port::PortDevice,
+};
+
+/// What adoption did, for the log.
+#[derive(Debug, Default)]
+pub struct Adopted {
+    /// Netdevs whose interface was kept as it was.
+    pub kept: Vec<String>,
+    /// Netdevs created again from their arguments.
+    pub recreated: Vec<String>,
+    /// Netdevs that could not come back, with the reason.
+    pub failed: Vec<String>,
+}
+
+/// A recorded netdev whose interface outlives the daemon: its hub interface, whether netdevd
+/// created it (and deletes it with the netdev), and its downscript.
+struct Survivor {
+    ifindex: u32,
+    ifname: String,
+    owned: bool,
+    downscript: Option<String>,
+}
+
+fn survivor(netdev: &Netdev, recorded: &super::record::RecordedNetdev) -> Option<Survivor> {
+    let NetdevOptions::Tap(tap) = &netdev.options else { return None };
+    // A helper's tap lived on the daemon's fd only.
+    if tap.helper.is_some() {
+        return None;
+    }
+    let interface = recorded.interfaces.iter().find(|i| i.role == "hub")?;
+    Some(Survivor {
+        ifindex: interface.ifindex,
+        ifname: interface.ifname.clone(),
+        // Passed fds: the VMM's tap, never deleted by netdevd.
+        owned: tap.fd.is_none() && tap.fds.is_none(),
+        downscript: tap.downscript().map(str::to_owned),
+    })
+}
+
+/// The ifindexes of the marked interfaces `record` names that the next daemon keeps: start-up
+/// deletes every other interface with the mark.
+#[must_use]
+pub fn kept_interfaces(record: &Record) -> HashSet<u32> {
+    record
+        .netdevs
+        .iter()
+        .filter_map(|recorded| {
+            let netdev = Netdev::from_json(&recorded.arguments).ok()?;
+            survivor(&netdev, recorded).filter(|s| s.owned).map(|s| s.ifindex)
+        })
+        .collect()
+}
+
+/// `current` for the planner's slots, with the slots of `hint` that `current` does not hold
+/// (ports and segments of the earlier run that are not back yet).
+#[must_use]
+pub(super) fn with_hint(current: &Plan, hint: &Plan) -> Plan {
+    let mut merged = current.clone();
+    let used: BTreeSet<u32> = current.ports.values().map(|p| p.slot).collect();
+    for (ifindex, port) in &hint.ports {
+        if !merged.ports.contains_key(ifindex) && !used.contains(&port.slot) {
+            merged.ports.insert(*ifindex, port.clone());
+        }
+    }
+    let used: BTreeSet<u32> = current.segment_slots.values().copied().collect();
+    for (segment, slot) in &hint.segment_slots {
+        if !merged.segment_slots.contains_key(segment) && !used.contains(slot) {
+            merged.segment_slots.insert(*segment, *slot);
+        }
+    }
+    merged
+}
+
+impl Daemon {
+    /// Brings back the netdevs of `record` (see the module). Never fails as a whole: a netdev
+    /// that cannot come back is reported and what it left is removed.
+    pub async fn adopt(&self, record: &Record, fds: &mut dyn FdSource) -> Adopted {
+        let mut adopted = Adopted::default();
+        self.state.lock().await.slot_hint = Some(record.slots());
+        for recorded in &record.netdevs {
+            let netdev = match Netdev::from_json(&recorded.arguments) {
+                Ok(netdev) => netdev,
+                Err(error) => {
+                    adopted.failed.push(format!("{}: {error}", recorded.arguments["id"]));
+                    continue;
+                }
+            };
+            let id = netdev.id.clone();
+            let result = match survivor(&netdev, recorded) {
+                Some(survivor) => self.adopt_interface(netdev, survivor).await.map(|()| adopted.kept.push(id.clone())),
+                None => self.add_netdev(netdev, fds).await.map(|()| adopted.recreated.push(id.clone())),
+            };
+            if let Err(error) = result {
+                adopted.failed.push(format!("{id}: {error}"));
+                continue;
+            }
+            let mut state = self.state.lock().await;
+            if recorded.configured {
+                state.configured.insert(id.clone());
+            }
+            // A backend's link follows its connection; any other keeps the state it had.
+            let up = state.registry.get(&id).is_some_and(|e| e.link_up);
+            if up != recorded.link_up && !state.backends.contains_key(&id) {
+                drop(state);
+                if let Err(error) = self.set_link(&id, recorded.link_up).await {
+                    adopted.failed.push(format!("{id}: set_link: {error}"));
+                }
+            }
+        }
+        self.finish_adoption(&mut adopted).await;
+        adopted
+    }
+
+    /// Takes over a netdev whose interface outlived the earlier run, if the interface is still
+    /// the one recorded (same name, same ifindex).
+    async fn adopt_interface(&self, netdev: Netdev, survivor: Survivor) -> Result<(), DaemonError> {
+        let id = netdev.id.clone();
+        let netlink = self.state.lock().await.host.as_ref().map(|h| h.netlink.clone());
+        let Some(netlink) = netlink else { return Err(DaemonError::NoDataplane { id }) };
+        let found = netlink.find(&survivor.ifname).await.ok().flatten();
+        if found.is_none_or(|link| link.ifindex != survivor.ifindex) {
+            return Err(DaemonError::Rejected(format!("its interface {} is gone", survivor.ifname)));
+        }
+        let device = Device { ifindex: survivor.ifindex, ifname: survivor.ifname, hub_side: HubSide::Interface, peer_elsewhere: false };
+        let _in_flight = self.reserve(&id).ok_or_else(|| RegistryError::from(NetdevError::DuplicateId { id: id.clone() }))?;
+        let mut made = Made::default();
+        made.device = Some(PortDevice::adopted(device, survivor.owned, survivor.downscript));
+        let committed = {
+            let mut state = self.state.lock().await;
+            state.registry.check_add(&netdev).map_err(DaemonError::from).and_then(|()| self.commit(&mut state, netdev, &mut made))
+        };
+        if committed.is_err() {
+            made.undo(Some(&netlink)).await;
+        }
+        committed
+    }
+
+    /// Ends adoption: the kernel takes the whole plan at once (ports, filters and member lists
+    /// before the new programs, which join the old ones), then slots of the earlier run that no
+    /// port took again are cleared (their port entry, counters and learned MAC; their segment's
+    /// member list), so a later port starts from zero there.
+    async fn finish_adoption(&self, adopted: &mut Adopted) {
+        let mut guard = self.state.lock().await;
+        let state = &mut *guard;
+        let Some(hint) = state.slot_hint.clone() else { return };
+        // Planned with the hint's slots, applied for real.
+        let merged = with_hint(&state.plan, &hint);
+        let next = plan::plan(&state.registry, &state.device_map(), &state.rx_filters, &state.tunnels, &merged);
+        state.slot_hint = None;
+        let applied = match next {
+            Ok(next) => match state.host.as_mut() {
+                Some(host) => kernel::apply(host.dataplane.as_mut(), &state.plan, &next).map(|()| next).map_err(DaemonError::from),
+                None => Ok(next),
+            },
+            Err(error) => Err(error.into()),
+        };
+        match applied {
+            Ok(next) => state.plan = next,
+            Err(error) => {
+                // What went in stays; the next change plans from an empty kernel view again.
+                adopted.failed.push(format!("the adopted netdevs' kernel state: {error}"));
+            }
+        }
+        let plan = state.plan.clone();
+        let Some(host) = state.host.as_mut() else { return };
+        let used: BTreeSet<u32> = plan.ports.values().map(|p| p.slot).collect();
+        for (ifindex, port) in &hint.ports {
+            if !plan.ports.contains_key(ifindex) {
+                // The entry keyed by the old interface goes; the slot is cleared if unused.
+                let slot = if used.contains(&port.slot) { u32::MAX } else { port.slot };
+                host.dataplane.remove_port(*ifindex, slot);
+            }
+        }
+        let used: BTreeSet<u32> = plan.segment_slots.values().copied().collect();
+        for slot in hint.segment_slots.values() {
+            if !used.contains(slot) {
+                host.dataplane.remove_segment(*slot);
+            }
+        }
+    }
+
+    /// Brings the configured netdevs in line with the configuration after an adoption:
+    /// `previous` are the ones the earlier run's configuration made. Same arguments: kept;
+    /// different: replaced; gone from the file: deleted; new: created. The first failure is
+    /// returned with the netdev's id.
+    pub async fn reconcile_configured(
+        &self,
+        previous: &[Netdev],
+        next: &[Netdev],
+        fds: &mut dyn FdSource,
+    ) -> Result<(), (String, DaemonError)> {
+        let current: Vec<Netdev> = {
+            let state = self.state.lock().await;
+            state.registry.entries().map(|e| e.netdev.clone()).collect()
+        };
+        let steps = reload_steps(previous, &current, next);
+        for id in &steps.remove {
+            self.remove_netdev(id).await.map_err(|e| (id.clone(), e))?;
+        }
+        for netdev in steps.add {
+            let id = netdev.id.clone();
+            self.add_netdev(netdev, fds).await.map_err(|e| (id, e))?;
+        }
+        Ok(())
+    }
+
+    /// The configured netdevs the state file recorded (as `reconcile_configured`'s `previous`).
+    #[must_use]
+    pub fn recorded_configuration(record: &Record) -> Vec<Netdev> {
+        record
+            .netdevs
+            .iter()
+            .filter(|n| n.configured)
+            .filter_map(|n| Netdev::from_json(&n.arguments).ok())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Hook, Port};
+
+    fn port(slot: u32) -> Port {
+        Port {
+            hubport: String::new(),
+            netdev: String::new(),
+            ifname: String::new(),
+            hubid: 0,
+            segment: 0,
+            slot,
+            segment_slot: 0,
+            link_up: true,
+            hook: Hook::Ingress,
+            deliver_ingress: false,
+            deliver_peer: false,
+            nic: None,
+            filtered: false,
+        }
+    }
+
+    #[test]
+    fn the_hint_fills_in_only_what_the_current_plan_lacks() {
+        let mut current = Plan::default();
+        current.ports.insert(10, port(0));
+        current.segment_slots.insert(0, 0);
+        let mut hint = Plan::default();
+        hint.ports.insert(10, port(5));
+        hint.ports.insert(11, port(1));
+        hint.ports.insert(12, port(0));
+        hint.segment_slots.insert(0, 3);
+        hint.segment_slots.insert(4, 2);
+        let merged = with_hint(&current, &hint);
+        let slots: Vec<(u32, u32)> = merged.ports.iter().map(|(i, p)| (*i, p.slot)).collect();
+        // 10 keeps its current slot; 12's old slot is taken by 10, so it is left out.
+        assert_eq!(slots, [(10, 0), (11, 1)]);
+        assert_eq!(merged.segment_slots, [(0, 0), (4, 2)].into());
+    }
+
+    #[test]
+    fn only_taps_netdevd_made_are_kept_at_start_up() {
+        let record: Record = serde_json::from_value(serde_json::json!({"version": 1, "netdevs": [
+            {"arguments": {"id": "t0", "type": "tap", "ifname": "vm0", "script": "no", "downscript": "no"},
+             "link-up": true, "interfaces": [{"role": "hub", "ifname": "vm0", "ifindex": 7}]},
+            {"arguments": {"id": "t1", "type": "tap", "fd": "3"},
+             "link-up": true, "interfaces": [{"role": "hub", "ifname": "vm1", "ifindex": 8}]},
+            {"arguments": {"id": "s0", "type": "stream", "server": true,
+              "addr": {"type": "inet", "host": "127.0.0.1", "port": "5300"}},
+             "link-up": false, "interfaces": [{"role": "hub", "ifname": "nd0h", "ifindex": 9}]}
+        ]}))
+        .unwrap();
+        // The VMM's tap is kept too, but it is not netdevd's to delete: only the first is marked.
+        assert_eq!(kept_interfaces(&record), HashSet::from([7]));
+    }
+}
