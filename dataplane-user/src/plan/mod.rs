@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use dataplane_common::{
     TunnelConfig, TunnelRxKey,
-    HubMember, MAX_HUB_PORTS, MAX_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP, MEMBER_RX_FILTER,
+    HubMember, MAX_HUB_PORTS, MAX_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP, MEMBER_MONITOR,
+    MEMBER_RX_FILTER,
     PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PORT_FLAG_LINK_UP, PortConfig,
 };
 
@@ -93,6 +94,11 @@ pub struct Port {
     /// Whether a receive filter applies to what the port is delivered: a NIC's, or the one of an
     /// endpoint that must only see its own unicast (a `user` netdev).
     pub filtered: bool,
+    /// `x-monitor=on`: receives every frame of its segment.
+    pub monitor: bool,
+    /// Changes whenever the port is new, changes link state or segment: MACs the kernel learned
+    /// on it before then no longer lead to it.
+    pub generation: u32,
 }
 
 impl Port {
@@ -108,7 +114,13 @@ impl Port {
                 flags |= PORT_FLAG_LEARN_MAC;
             }
         }
-        PortConfig { hub_id: self.segment, flags, slot: self.slot, segment_slot: self.segment_slot }
+        PortConfig {
+            hub_id: self.segment,
+            flags,
+            slot: self.slot,
+            segment_slot: self.segment_slot,
+            generation: self.generation,
+        }
     }
 
     #[must_use]
@@ -126,6 +138,9 @@ impl Port {
         if self.filtered {
             flags |= MEMBER_RX_FILTER;
         }
+        if self.monitor {
+            flags |= MEMBER_MONITOR;
+        }
         HubMember { ifindex, flags, slot: self.slot }
     }
 }
@@ -138,6 +153,11 @@ pub struct Plan {
     pub segments: BTreeMap<i32, Vec<HubMember>>,
     /// Where the kernel keeps each segment's member list.
     pub segment_slots: BTreeMap<i32, u32>,
+    /// Segments that flood every frame, as QEMU's hubs (a port of theirs has `x-learning=off`);
+    /// the others learn where unicast MACs are.
+    pub flooding: BTreeSet<i32>,
+    /// The newest port generation handed out.
+    pub generation: u32,
     pub rx_filters: BTreeMap<u32, RxFilterTables>,
     /// Tunnels by the ifindex of their port device.
     pub tunnels: BTreeMap<u32, TunnelPlan>,
@@ -270,6 +290,20 @@ pub fn plan(
             }
             (None, _) => None,
         };
+        let link_up = entry.link_up && peer_entry.link_up && nic_up;
+        let generation = match previous.ports.get(&device.ifindex) {
+            Some(old) if old.hubport == entry.netdev.id && old.link_up == link_up && old.segment_slot == segment_slot => {
+                old.generation
+            }
+            _ => {
+                plan.generation = plan.generation.max(previous.generation).wrapping_add(1);
+                plan.generation
+            }
+        };
+        let NetdevOptions::Hubport(options) = &entry.netdev.options else { continue };
+        if !options.learning() {
+            plan.flooding.insert(segment);
+        }
         let port = Port {
             hubport: entry.netdev.id.clone(),
             netdev: netdev.to_owned(),
@@ -279,7 +313,7 @@ pub fn plan(
             slot,
             segment_slot,
             // A downed netdev (or NIC) neither sends nor receives; a downed port cuts its segment.
-            link_up: entry.link_up && peer_entry.link_up && nic_up,
+            link_up,
             hook: match device.hub_side {
                 HubSide::Interface => Hook::Ingress,
                 HubSide::Fd => Hook::Egress,
@@ -288,6 +322,8 @@ pub fn plan(
             deliver_peer: device.peer_elsewhere && device.hub_side == HubSide::Interface,
             nic: nic.map(str::to_owned),
             filtered: filter.is_some(),
+            monitor: options.monitor(),
+            generation,
         };
         if let Some(filter) = filter {
             plan.rx_filters.insert(device.ifindex, filter);
@@ -300,6 +336,7 @@ pub fn plan(
         plan.ports.insert(device.ifindex, port);
     }
     plan.segment_slots = segment_slots.assigned;
+    plan.generation = plan.generation.max(previous.generation);
     let mut ids: Vec<&String> = tunnels.keys().filter(|id| registry.get(id).is_some()).collect();
     ids.sort();
     for id in ids {

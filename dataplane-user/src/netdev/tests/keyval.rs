@@ -48,7 +48,7 @@ fn keyval_syntax() {
     // Numbers are strings, read like strtoll(…, 0): decimal, hex, octal, signed.
     for (text, value) in [("0", 0), ("42", 42), ("-1", -1), ("+7", 7), ("0x10", 16), ("0X1f", 31), ("010", 8), ("-0x80000000", i32::MIN)] {
         let netdev = parse_kv(&format!("hubport,id=h,hubid={text}"));
-        assert_eq!(netdev.options, NetdevOptions::Hubport(hubport::HubPortOptions { hubid: value, netdev: None }), "hubid={text}");
+        assert_eq!(netdev.options, NetdevOptions::Hubport(hubport::HubPortOptions { hubid: value, netdev: None, ..Default::default() }), "hubid={text}");
     }
     // Sizes take suffixes.
     for (text, value) in [("0", 0), ("512", 512), ("2k", 2048), ("1M", 1 << 20), ("1G", 1 << 30)] {
