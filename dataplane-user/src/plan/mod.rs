@@ -262,9 +262,17 @@ pub fn plan(
         }
     }
 
+    let mut plan = Plan::default();
+    // A port asking for QEMU's flooding, with an interface or not, makes its whole segment flood.
+    for entry in registry.entries() {
+        if let NetdevOptions::Hubport(options) = &entry.netdev.options
+            && !options.learning()
+        {
+            plan.flooding.insert(segments.find(options.hubid));
+        }
+    }
     let mut port_slots = Slots::new(previous.ports.iter().map(|(ifindex, port)| (*ifindex, port.slot)).collect());
     let mut segment_slots = Slots::new(previous.segment_slots.clone());
-    let mut plan = Plan::default();
     for entry in registry.entries() {
         let Some(hub) = hub_of(&entry.netdev.id) else { continue };
         let Some(netdev) = entry.peer.as_deref() else { continue };
@@ -301,9 +309,6 @@ pub fn plan(
             }
         };
         let NetdevOptions::Hubport(options) = &entry.netdev.options else { continue };
-        if !options.learning() {
-            plan.flooding.insert(segment);
-        }
         let port = Port {
             hubport: entry.netdev.id.clone(),
             netdev: netdev.to_owned(),
@@ -544,6 +549,43 @@ mod tests {
         let third = plan_with(&registry, &second);
         assert_eq!(slots(&third), vec![(1, 0), (3, 2), (4, 3)]);
         assert_eq!(third.segments[&4].iter().map(|m| m.slot).collect::<Vec<_>>(), vec![3, 0]);
+    }
+
+    #[test]
+    fn generations_change_with_link_and_membership_and_flooding_is_per_segment() {
+        let mut registry = registry(&[
+            "af-xdp,id=a,ifname=x",
+            "af-xdp,id=b,ifname=y",
+            "hubport,id=pa,hubid=0,netdev=a",
+            "hubport,id=pb,hubid=0,netdev=b,x-monitor=on",
+        ]);
+        let devices = devices(&[("a", 1, HubSide::Interface), ("b", 2, HubSide::Interface)]);
+        let plan_with = |registry: &Registry, previous: &Plan| {
+            plan(registry, &devices, &HashMap::new(), &HashMap::new(), previous).unwrap()
+        };
+        let first = plan_with(&registry, &Plan::default());
+        assert_ne!(first.ports[&1].generation, first.ports[&2].generation);
+        assert_eq!(first.segments[&0][1].flags, MEMBER_LINK_UP | MEMBER_MONITOR);
+        assert!(first.flooding.is_empty());
+        // Unchanged ports keep their generation; a port whose link went down gets a new one,
+        // and another when it comes back.
+        assert_eq!(plan_with(&registry, &first).ports, first.ports);
+        registry.set_link("pa", false).unwrap();
+        let down = plan_with(&registry, &first);
+        assert!(down.ports[&1].generation > first.generation);
+        assert_eq!(down.ports[&2].generation, first.ports[&2].generation);
+        registry.set_link("pa", true).unwrap();
+        let up = plan_with(&registry, &down);
+        assert!(up.ports[&1].generation > down.ports[&1].generation);
+        // A port deleted and added again is a new port.
+        registry.remove("pb").unwrap();
+        let without = plan_with(&registry, &up);
+        registry.add(Netdev::from_keyval("hubport,id=pb,hubid=0,netdev=b").unwrap()).unwrap();
+        let again = plan_with(&registry, &without);
+        assert!(again.ports[&2].generation > up.ports[&2].generation);
+        // Any port of the segment, with an interface or not, can ask for flooding.
+        registry.add(Netdev::from_keyval("hubport,id=f,hubid=0,x-learning=off").unwrap()).unwrap();
+        assert_eq!(plan_with(&registry, &again).flooding, BTreeSet::from([0]));
     }
 
     #[test]
