@@ -214,6 +214,7 @@ pub struct HubMembers {
     pub flags: u32,
     /// Valid entries at the start of `monitors`.
     pub monitor_count: u32,
+    /// Always zero; the flood reads it as a zero the verifier cannot predict (see `hub_tc`).
     pub _reserved: u32,
     /// The members with `MEMBER_MONITOR`, for learned unicast (a copy of their list entries).
     pub monitors: [HubMember; MAX_HUB_MONITORS],

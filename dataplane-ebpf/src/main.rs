@@ -333,12 +333,17 @@ struct Flood {
 /// the last, which takes the original skb.
 #[inline(always)]
 fn flood(ctx: &TcContext, port: &PortConfig, hub: &HubMembers, source: u32, destination: u64, len: u32) -> i32 {
+    // Linux before 6.8 verifies a `bpf_loop` callback once, from the caller's state: a constant
+    // "nothing pending" or "tag unread" there would be taken as always so, and the branches that
+    // clone, or reuse the tag, cut out as dead code. `_reserved` is zero at run time but unknown
+    // to the verifier, so both branches stay.
+    let unknown_zero = hub._reserved;
     let mut flood = Flood {
         skb: ctx.skb.skb,
         members: hub.members.as_ptr(),
         destination,
-        vlan: VLAN_UNREAD,
-        pending: HubMember::default(),
+        vlan: VLAN_UNREAD | u64::from(unknown_zero),
+        pending: HubMember { ifindex: unknown_zero, flags: 0, slot: 0 },
         source,
         len,
     };

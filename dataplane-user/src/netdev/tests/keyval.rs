@@ -80,3 +80,18 @@ fn keyval_errors() {
     );
     assert!(matches!(Netdev::from_keyval("hubport,id=h,hubid"), Err(NetdevError::Keyval(_))));
 }
+
+/// netdevd's hubport extensions: QEMU-style booleans, and unknown to every other type, as QEMU
+/// would have them.
+#[test]
+fn hubport_extensions() {
+    let NetdevOptions::Hubport(port) = parse_kv("hubport,id=h,hubid=1,x-monitor=on,x-learning=off").options else {
+        panic!("not hubport")
+    };
+    assert_eq!((port.monitor(), port.learning()), (true, false));
+    let NetdevOptions::Hubport(port) = parse_kv("hubport,id=h,hubid=1").options else { panic!("not hubport") };
+    assert_eq!((port.monitor(), port.learning()), (false, true), "QEMU's hubport: no monitor, learning hub");
+    assert_eq!(kv_err("hubport,id=h,hubid=1,x-monitor=maybe"), "Parameter 'x-monitor' expects 'on' or 'off'");
+    assert_eq!(kv_err("tap,id=t,x-monitor=on"), "Invalid parameter 'x-monitor'");
+    assert_eq!(kv_err("user,id=u,x-learning=off"), "Invalid parameter 'x-learning'");
+}
