@@ -92,6 +92,6 @@ fn hubport_extensions() {
     let NetdevOptions::Hubport(port) = parse_kv("hubport,id=h,hubid=1").options else { panic!("not hubport") };
     assert_eq!((port.monitor(), port.learning()), (false, true), "QEMU's hubport: no monitor, learning hub");
     assert_eq!(kv_err("hubport,id=h,hubid=1,x-monitor=maybe"), "Parameter 'x-monitor' expects 'on' or 'off'");
-    assert_eq!(kv_err("tap,id=t,x-monitor=on"), "Invalid parameter 'x-monitor'");
-    assert_eq!(kv_err("user,id=u,x-learning=off"), "Invalid parameter 'x-learning'");
+    assert_eq!(kv_err("tap,id=t,x-monitor=on"), "Parameter 'x-monitor' is unexpected");
+    assert_eq!(kv_err("user,id=u,x-learning=off"), "Parameter 'x-learning' is unexpected");
 }
