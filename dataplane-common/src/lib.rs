@@ -10,7 +10,7 @@ use core::mem::size_of;
 use bytemuck::{Pod, Zeroable};
 
 /// Version of the map layout below; the daemon refuses objects built for another version.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Map names, as declared by the kernel programs.
 pub mod maps {
@@ -19,6 +19,13 @@ pub mod maps {
     pub const PORTS: &str = "PORTS";
     /// `Array<HubMembers>` by segment slot: the ports a frame entering a segment goes to.
     pub const HUBS: &str = "HUBS";
+    /// `HashMap<u32 /* segment slot */, BigHubMembers>`: the member list of a segment with more
+    /// than [`INLINE_HUB_PORTS`](crate::INLINE_HUB_PORTS) ports.
+    pub const BIG_HUBS: &str = "BIG_HUBS";
+    /// `Array<SlotPort>` by port slot: a port as a destination of learned unicast.
+    pub const SLOT_PORTS: &str = "SLOT_PORTS";
+    /// `LruHashMap<HubMacKey, HubMacEntry>`: the port behind each source MAC a learning hub saw.
+    pub const HUB_MACS: &str = "HUB_MACS";
     /// `PerCpuArray<PortCounters>` by port slot.
     pub const PORT_COUNTERS: &str = "PORT_COUNTERS";
     /// `Array<LearnedMac>` by port slot: the source MAC last seen from a port's peer, written by
@@ -89,7 +96,32 @@ pub struct LearnedMac {
 const _: () = assert!(size_of::<LearnedMac>() == 8);
 
 /// Ports in one hub segment at most (a segment is a hub, or hubs joined port to port).
-pub const MAX_HUB_PORTS: usize = 64;
+pub const MAX_HUB_PORTS: usize = 1024;
+
+/// Ports a segment's `HubMembers` holds inline: a bigger segment keeps its list in `BIG_HUBS`,
+/// flooded with `bpf_loop`, so small hubs keep their unrolled loop.
+pub const INLINE_HUB_PORTS: usize = 64;
+
+/// Entries of `BIG_HUBS`: segments of more than [`INLINE_HUB_PORTS`] ports that can exist at once
+/// ([`MAX_PORTS`] ports, and the slots of a plan step's previous segments).
+pub const BIG_HUB_SLOTS: u32 = 2 * MAX_PORTS / (INLINE_HUB_PORTS as u32 + 1) + 1;
+
+/// Entries of `HUB_MACS`: learned MACs on one host at most (least recently used go first).
+pub const HUB_MAC_ENTRIES: u32 = 16 * MAX_PORTS;
+
+/// Monitor ports (`x-monitor=on`) a learning segment lists at most; with more, it floods.
+pub const MAX_HUB_MONITORS: usize = 8;
+
+/// A learned MAC older than this is ignored (and learned again), as the Linux bridge's default
+/// `ageing_time`.
+pub const HUB_MAC_AGE_NS: u64 = 300 * 1_000_000_000;
+
+/// A learned entry is rewritten for a frame of its own MAC only when older than this, so that a
+/// busy sender does not write a shared map entry for every frame.
+pub const HUB_MAC_REFRESH_NS: u64 = 1_000_000_000;
+
+/// `HubMembers::flags`: unicast to a learned MAC goes to its port (and the monitors) only.
+pub const HUB_FLAG_LEARNING: u32 = 1 << 0;
 
 /// `HubMember::flags`: the member's link is up.
 pub const MEMBER_LINK_UP: u32 = 1 << 0;
@@ -106,6 +138,10 @@ pub const MEMBER_DELIVER_PEER: u32 = 1 << 2;
 /// `HubMember::flags`: a guest NIC is behind this port; apply its receive filter (`RX_FILTERS`)
 /// before delivering.
 pub const MEMBER_RX_FILTER: u32 = 1 << 3;
+
+/// `HubMember::flags`: a monitor port (`hubport,x-monitor=on`): it receives every frame of its
+/// segment, learned unicast included.
+pub const MEMBER_MONITOR: u32 = 1 << 4;
 
 /// `RxFilterConfig::flags`, virtio-net's receive modes (`VIRTIO_NET_CTRL_RX_*`) and table state.
 pub mod rx {
@@ -171,12 +207,64 @@ const _: () = assert!(size_of::<HubMember>() == 12);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct HubMembers {
-    /// Valid entries at the start of `members`.
+    /// Ports of the segment. Up to [`INLINE_HUB_PORTS`] they are the start of `members`; above,
+    /// `members` is unused and the list is the segment's `BIG_HUBS` entry.
     pub count: u32,
+    /// `HUB_FLAG_*` bits.
+    pub flags: u32,
+    /// Valid entries at the start of `monitors`.
+    pub monitor_count: u32,
+    /// Always zero; the flood reads it as a zero the verifier cannot predict (see `hub_tc`).
     pub _reserved: u32,
+    /// The members with `MEMBER_MONITOR`, for learned unicast (a copy of their list entries).
+    pub monitors: [HubMember; MAX_HUB_MONITORS],
+    pub members: [HubMember; INLINE_HUB_PORTS],
+}
+const _: () = assert!(size_of::<HubMembers>() == 16 + 12 * (MAX_HUB_MONITORS + INLINE_HUB_PORTS));
+
+/// The member list of a big segment (more than [`INLINE_HUB_PORTS`] ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct BigHubMembers {
     pub members: [HubMember; MAX_HUB_PORTS],
 }
-const _: () = assert!(size_of::<HubMembers>() == 8 + 12 * MAX_HUB_PORTS);
+const _: () = assert!(size_of::<BigHubMembers>() == 12 * MAX_HUB_PORTS);
+
+/// A port as the destination of learned unicast, by port slot: the member entry it has in its
+/// segment's list, and what a learned entry must match to still point at it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SlotPort {
+    pub member: HubMember,
+    pub segment_slot: u32,
+    /// `PortConfig::generation`.
+    pub generation: u32,
+}
+const _: () = assert!(size_of::<SlotPort>() == 20);
+
+/// Key of `HUB_MACS`: a segment and a unicast MAC seen as a source in it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct HubMacKey {
+    pub segment_slot: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<HubMacKey>() == 12);
+
+/// Value of `HUB_MACS`: the port the MAC was last seen on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct HubMacEntry {
+    pub ifindex: u32,
+    pub slot: u32,
+    /// The port's generation when learned: an entry of another generation is stale.
+    pub generation: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) of the last refresh.
+    pub seen_ns: u64,
+}
+const _: () = assert!(size_of::<HubMacEntry>() == 24);
 
 /// Per-port configuration, keyed by ifindex.
 #[repr(C)]
@@ -191,8 +279,11 @@ pub struct PortConfig {
     pub slot: u32,
     /// The segment's slot in `HUBS`.
     pub segment_slot: u32,
+    /// Changes when the port is new, its link goes up or down, or it changes segment: MACs
+    /// learned on it before no longer lead to it.
+    pub generation: u32,
 }
-const _: () = assert!(size_of::<PortConfig>() == 16);
+const _: () = assert!(size_of::<PortConfig>() == 20);
 
 impl PortConfig {
     #[must_use]
@@ -438,6 +529,14 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LearnedMac {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::BigHubMembers {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SlotPort {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::HubMacKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::HubMacEntry {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::RxFilterConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RxVlanTable {}
@@ -467,7 +566,7 @@ mod tests {
 
     #[test]
     fn link_flag() {
-        let config = |flags| PortConfig { hub_id: -1, flags, slot: 0, segment_slot: 0 };
+        let config = |flags| PortConfig { hub_id: -1, flags, slot: 0, segment_slot: 0, generation: 0 };
         assert!(config(PORT_FLAG_LINK_UP).link_up());
         assert!(!config(0).link_up());
     }

@@ -7,24 +7,33 @@
 //! default offloads works through the hub (an XDP redirect would lose both; see the README's
 //! benchmark for the measured trade-off). A frame for the MAC last seen behind a container's veth
 //! goes straight to the veth peer's ingress (`bpf_redirect_peer`), saving a hop.
+//!
+//! A learning segment (more than two ports; the daemon sets `HUB_FLAG_LEARNING`) records the port
+//! behind every unicast source MAC in `HUB_MACS` and sends unicast for a learned MAC to that port
+//! and the monitor ports only; anything else floods. A segment of more than `INLINE_HUB_PORTS`
+//! ports floods with `bpf_loop` over its `BIG_HUBS` list, which the verifier checks once however
+//! long the list is.
 #![no_std]
 #![no_main]
 
 mod tunnel;
 
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_redirect_peer},
+    bindings::{__sk_buff, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
+    cty::c_void,
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_redirect_peer, bpf_loop},
     macros::{classifier, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 // Links in the panic handler.
 use dataplane_ebpf as _;
 use dataplane_common::{
-    DropReason, HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, MAX_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER,
-    MEMBER_LINK_UP, MEMBER_RX_FILTER, PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PortConfig, PortCounters,
-    RX_MAC_MULTICAST, RX_MAC_UNICAST, RxFilterConfig, RxMacKey, RxVlanTable, rx,
+    BIG_HUB_SLOTS, BigHubMembers, DropReason, HUB_FLAG_LEARNING, HUB_MAC_AGE_NS, HUB_MAC_ENTRIES, HUB_MAC_REFRESH_NS,
+    HubMacEntry, HubMacKey, HubMember, HubMembers, INLINE_HUB_PORTS, LearnedMac, MAX_HUB_MONITORS, MAX_HUB_PORTS,
+    MAX_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP, MEMBER_RX_FILTER, PORT_FLAG_AT_INGRESS,
+    PORT_FLAG_LEARN_MAC, PortConfig, PortCounters, RX_MAC_MULTICAST, RX_MAC_UNICAST, RxFilterConfig, RxMacKey,
+    RxVlanTable, SlotPort, rx,
 };
 
 const ETH_HEADER_LEN: usize = 14;
@@ -55,6 +64,15 @@ static PORTS: HashMap<u32, PortConfig> = HashMap::with_max_entries(MAX_PORTS, 0)
 
 #[map(name = "HUBS")]
 static HUBS: Array<HubMembers> = Array::with_max_entries(MAX_PORTS, 0);
+
+#[map(name = "BIG_HUBS")]
+static BIG_HUBS: HashMap<u32, BigHubMembers> = HashMap::with_max_entries(BIG_HUB_SLOTS, 0);
+
+#[map(name = "SLOT_PORTS")]
+static SLOT_PORTS: Array<SlotPort> = Array::with_max_entries(MAX_PORTS, 0);
+
+#[map(name = "HUB_MACS")]
+static HUB_MACS: LruHashMap<HubMacKey, HubMacEntry> = LruHashMap::with_max_entries(HUB_MAC_ENTRIES, 0);
 
 #[map(name = "RX_FILTERS")]
 static RX_FILTERS: HashMap<u32, RxFilterConfig> = HashMap::with_max_entries(MAX_PORTS, 0);
@@ -148,36 +166,56 @@ pub fn hub_tc(ctx: TcContext) -> i32 {
     let Some(hub) = HUBS.get(port.segment_slot) else {
         return tc_drop(port.slot, DropReason::NoDestination);
     };
-    // Read once, and only when a receive filter needs it.
-    let mut vlan: Option<Option<u16>> = None;
-    // Clone to every destination but the last; the last takes the original skb.
-    let mut pending: Option<HubMember> = None;
-    for index in 0..MAX_HUB_PORTS {
-        if index >= hub.count as usize {
-            break;
-        }
-        let Some(member) = hub.members.get(index) else { break };
-        if member.ifindex == source {
-            continue;
-        }
-        if member.flags & MEMBER_LINK_UP == 0 {
-            count_drop(member.slot, DropReason::LinkDown);
-            continue;
-        }
-        if member.flags & MEMBER_RX_FILTER != 0
-            && !rx_filter_accepts(member.ifindex, destination, vlan_key(*vlan.get_or_insert_with(|| vlan_id(&ctx))))
-        {
-            count_drop(member.slot, DropReason::RxFilter);
-            continue;
-        }
-        if let Some(previous) = pending {
-            match ctx.clone_redirect(previous.ifindex, redirect_flags(&previous)) {
-                Ok(()) => count(previous.slot, Direction::Tx, u64::from(len)),
-                Err(_) => count_drop(previous.slot, DropReason::RedirectFailed),
-            }
-        }
-        pending = Some(*member);
+    if hub.flags & HUB_FLAG_LEARNING != 0
+        && let Some(verdict) = learned_unicast(&ctx, port, hub, source, destination, sender, len)
+    {
+        return verdict;
     }
+    if hub.count == 2 {
+        // One possible destination: no loop, no clone.
+        let (Some(first), Some(second)) = (hub.members.first(), hub.members.get(1)) else {
+            return tc_drop(port.slot, DropReason::NoDestination);
+        };
+        let other = if first.ifindex == source { *second } else { *first };
+        let mut vlan = VLAN_UNREAD;
+        let pending = (other.ifindex != source && admits(&ctx, &other, destination, &mut vlan)).then_some(other);
+        return finish(port, pending, destination, len);
+    }
+    flood(&ctx, port, hub, source, destination, len)
+}
+
+/// Whether `member` takes a frame for `destination`: its link is up and its receive filter, if
+/// any, accepts it. Counts the drop if not.
+#[inline(always)]
+fn admits(ctx: &TcContext, member: &HubMember, destination: u64, vlan: &mut u64) -> bool {
+    if member.flags & MEMBER_LINK_UP == 0 {
+        count_drop(member.slot, DropReason::LinkDown);
+        return false;
+    }
+    if member.flags & MEMBER_RX_FILTER != 0 {
+        if *vlan == VLAN_UNREAD {
+            *vlan = vlan_key(vlan_id(ctx));
+        }
+        if !rx_filter_accepts(member.ifindex, destination, *vlan) {
+            count_drop(member.slot, DropReason::RxFilter);
+            return false;
+        }
+    }
+    true
+}
+
+/// Sends a copy of the frame to `member`.
+#[inline(always)]
+fn clone_to(ctx: &TcContext, member: &HubMember, len: u32) {
+    match ctx.clone_redirect(member.ifindex, redirect_flags(member)) {
+        Ok(()) => count(member.slot, Direction::Tx, u64::from(len)),
+        Err(_) => count_drop(member.slot, DropReason::RedirectFailed),
+    }
+}
+
+/// Hands the original skb to the last destination, or drops it when there is none.
+#[inline(always)]
+fn finish(port: &PortConfig, pending: Option<HubMember>, destination: u64, len: u32) -> i32 {
     let Some(last) = pending else {
         return tc_drop(port.slot, DropReason::NoDestination);
     };
@@ -188,6 +226,188 @@ pub fn hub_tc(ctx: TcContext) -> i32 {
     }
     // SAFETY: `bpf_redirect` only records the target in per-CPU state; it takes no pointers.
     unsafe { bpf_redirect(last.ifindex, redirect_flags(&last)) as i32 }
+}
+
+/// A MAC address integer as its six bytes in wire order.
+#[inline(always)]
+fn mac_bytes(mac: u64) -> [u8; 6] {
+    let wire = mac.to_le_bytes();
+    [wire[0], wire[1], wire[2], wire[3], wire[4], wire[5]]
+}
+
+/// A learning segment: records the port behind `sender`, then delivers a frame for a learned
+/// unicast `destination` to its port and the monitors. `None`: flood it.
+#[inline(always)]
+fn learned_unicast(
+    ctx: &TcContext,
+    port: &PortConfig,
+    hub: &HubMembers,
+    source: u32,
+    destination: u64,
+    sender: u64,
+    len: u32,
+) -> Option<i32> {
+    // SAFETY: takes no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if sender & 1 == 0 && sender != 0 {
+        learn_hub_mac(port, source, sender, now);
+    }
+    if destination & 1 != 0 || destination == 0 {
+        return None;
+    }
+    let key = HubMacKey { segment_slot: port.segment_slot, mac: mac_bytes(destination), _pad: [0; 2] };
+    // SAFETY: read-only lookup, as above.
+    let entry = unsafe { HUB_MACS.get(&key) }?;
+    if now.wrapping_sub(entry.seen_ns) > HUB_MAC_AGE_NS {
+        return None;
+    }
+    let target = SLOT_PORTS.get(entry.slot)?;
+    // The port is gone, went down or changed segment since: the entry is stale.
+    if target.generation != entry.generation || target.segment_slot != port.segment_slot || target.member.ifindex != entry.ifindex {
+        return None;
+    }
+    let target = target.member;
+    let mut vlan = VLAN_UNREAD;
+    let mut pending: Option<HubMember> = None;
+    for index in 0..MAX_HUB_MONITORS {
+        if index >= hub.monitor_count as usize {
+            break;
+        }
+        let Some(monitor) = hub.monitors.get(index) else { break };
+        if monitor.ifindex == source || monitor.ifindex == target.ifindex || !admits(ctx, monitor, destination, &mut vlan) {
+            continue;
+        }
+        if let Some(previous) = pending {
+            clone_to(ctx, &previous, len);
+        }
+        pending = Some(*monitor);
+    }
+    // A destination behind the frame's own port gets nothing back, as on a bridge.
+    if target.ifindex != source && admits(ctx, &target, destination, &mut vlan) {
+        if let Some(previous) = pending {
+            clone_to(ctx, &previous, len);
+        }
+        pending = Some(target);
+    }
+    Some(finish(port, pending, destination, len))
+}
+
+/// Records `sender` as behind the port `source` of a learning segment: a new MAC, a move to
+/// another port or generation, or a refresh once the entry is [`HUB_MAC_REFRESH_NS`] old.
+#[inline(always)]
+fn learn_hub_mac(port: &PortConfig, source: u32, sender: u64, now: u64) {
+    let key = HubMacKey { segment_slot: port.segment_slot, mac: mac_bytes(sender), _pad: [0; 2] };
+    // SAFETY: read-only lookup, as above.
+    if let Some(entry) = unsafe { HUB_MACS.get(&key) }
+        && entry.ifindex == source
+        && entry.slot == port.slot
+        && entry.generation == port.generation
+        && now.wrapping_sub(entry.seen_ns) < HUB_MAC_REFRESH_NS
+    {
+        return;
+    }
+    let entry = HubMacEntry { ifindex: source, slot: port.slot, generation: port.generation, _pad: 0, seen_ns: now };
+    let _ = HUB_MACS.insert(&key, &entry, 0);
+}
+
+/// A frame's [`vlan_key`] before the frame's tag was read.
+const VLAN_UNREAD: u64 = 1 << 32;
+
+/// The state a flood carries from one member to the next through `bpf_loop`, which the verifier
+/// checks once however many members there are.
+#[repr(C)]
+struct Flood {
+    skb: *mut __sk_buff,
+    /// The first member of the list (in `HUBS`, or in `BIG_HUBS` for a big segment).
+    members: *const HubMember,
+    destination: u64,
+    /// [`vlan_key`] of the frame, or [`VLAN_UNREAD`].
+    vlan: u64,
+    /// The destination that takes the original skb at the end (`ifindex` 0: none yet).
+    pending: HubMember,
+    source: u32,
+    len: u32,
+}
+
+/// Floods a frame to every member of the segment but its source: clones to all destinations but
+/// the last, which takes the original skb.
+#[inline(always)]
+fn flood(ctx: &TcContext, port: &PortConfig, hub: &HubMembers, source: u32, destination: u64, len: u32) -> i32 {
+    // Linux before 6.8 verifies a `bpf_loop` callback once, from the caller's state: a constant
+    // "nothing pending" or "tag unread" there would be taken as always so, and the branches that
+    // clone, or reuse the tag, cut out as dead code. `_reserved` is zero at run time but unknown
+    // to the verifier, so both branches stay.
+    let unknown_zero = hub._reserved;
+    let mut flood = Flood {
+        skb: ctx.skb.skb,
+        members: hub.members.as_ptr(),
+        destination,
+        vlan: VLAN_UNREAD | u64::from(unknown_zero),
+        pending: HubMember { ifindex: unknown_zero, flags: 0, slot: 0 },
+        source,
+        len,
+    };
+    let count = hub.count;
+    if count as usize > INLINE_HUB_PORTS {
+        // SAFETY: read-only lookup, as above.
+        let Some(big) = (unsafe { BIG_HUBS.get(&port.segment_slot) }) else {
+            return tc_drop(port.slot, DropReason::NoDestination);
+        };
+        flood.members = big.members.as_ptr();
+        let count = if count as usize > MAX_HUB_PORTS { MAX_HUB_PORTS as u32 } else { count };
+        // SAFETY: `flood_big_member` has the callback signature `bpf_loop` expects and takes its
+        // context as the `Flood` passed here, which outlives the call.
+        unsafe {
+            bpf_loop(count, flood_big_member as *mut c_void, (&raw mut flood).cast::<c_void>(), 0);
+        }
+    } else {
+        // SAFETY: as above, with `flood_inline_member`.
+        unsafe {
+            bpf_loop(count, flood_inline_member as *mut c_void, (&raw mut flood).cast::<c_void>(), 0);
+        }
+    }
+    let pending = (flood.pending.ifindex != 0).then_some(flood.pending);
+    finish(port, pending, destination, len)
+}
+
+/// `bpf_loop` callback over the members in `HUBS`.
+extern "C" fn flood_inline_member(index: u64, flood: *mut c_void) -> i64 {
+    if index >= INLINE_HUB_PORTS as u64 {
+        return 1;
+    }
+    flood_member(index as usize, flood)
+}
+
+/// `bpf_loop` callback over the members in `BIG_HUBS`.
+extern "C" fn flood_big_member(index: u64, flood: *mut c_void) -> i64 {
+    if index >= MAX_HUB_PORTS as u64 {
+        return 1;
+    }
+    flood_member(index as usize, flood)
+}
+
+/// One member of a flood: clones to the previous destination that took the frame, and keeps this
+/// one for the next round. `index` is below the list's length, as the callbacks checked.
+#[inline(always)]
+fn flood_member(index: usize, flood: *mut c_void) -> i64 {
+    // SAFETY: `bpf_loop` passes back the `Flood` of `flood`, alive for the whole loop.
+    let flood = unsafe { &mut *flood.cast::<Flood>() };
+    // SAFETY: `members` points into a map value the kernel keeps alive for the program's run, with
+    // more than `index` entries.
+    let member = unsafe { *flood.members.add(index) };
+    if member.ifindex == flood.source {
+        return 0;
+    }
+    let ctx = TcContext::new(flood.skb);
+    if !admits(&ctx, &member, flood.destination, &mut flood.vlan) {
+        return 0;
+    }
+    if flood.pending.ifindex != 0 {
+        let previous = flood.pending;
+        clone_to(&ctx, &previous, flood.len);
+    }
+    flood.pending = member;
+    0
 }
 
 /// Injects the test-run frame into a port as if it came from the port's side (`announce-self`):

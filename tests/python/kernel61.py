@@ -35,7 +35,7 @@ REPO_ROOT = guest.REPO_ROOT
 KERNEL_SUITES = (
     "ebpf_test_run", "ebpf_rx_filter", "hub_taps", "hub_vnet_hdr", "hub_namespaces", "hub_errors",
     "nic_rx_filter", "tunnels", "user_nat", "attach_modes", "ebpf_tunnel_test_run", "tunnel_guest_frames",
-    "foreign_interfaces", "restart",
+    "foreign_interfaces", "restart", "hub_learning",
 )
 #: Modules the suites use; on the host they are built in or auto-loaded, in the guest the
 #: kernel's own request_module would look in the initramfs, so they are loaded up front.

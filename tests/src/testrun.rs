@@ -13,7 +13,7 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use dataplane_common::{
-    DropReason, HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, PortConfig, PortCounters, maps, programs,
+    DropReason, HubMember, HubMembers, INLINE_HUB_PORTS, LearnedMac, MAX_HUB_MONITORS, PortConfig, PortCounters, maps, programs,
 };
 use nix::{net::if_::if_nametoindex, sched::CloneFlags};
 
@@ -84,7 +84,7 @@ impl TestRunObject {
         let segment_slot = self.segment_slot(hub_id);
         let mut ports: HashMap<_, u32, PortConfig> =
             HashMap::try_from(self.ebpf.map_mut(maps::PORTS).expect("PORTS")).expect("PORTS type");
-        ports.insert(ifindex, PortConfig { hub_id, flags, slot, segment_slot }, 0).expect("insert into PORTS");
+        ports.insert(ifindex, PortConfig { hub_id, flags, slot, segment_slot, generation: 1 }, 0).expect("insert into PORTS");
     }
 
     /// The slot of `ifindex` in the per-port arrays (its counters start at zero), given on first use.
@@ -101,7 +101,15 @@ impl TestRunObject {
 
     /// Writes the member list of `hub_id`, each member at its ifindex's slot.
     pub fn set_hub(&mut self, hub_id: i32, members: &[HubMember]) {
-        let mut value = HubMembers { count: 0, _reserved: 0, members: [HubMember::default(); MAX_HUB_PORTS] };
+        // A flooding segment (no `HUB_FLAG_LEARNING`) of at most `INLINE_HUB_PORTS` members.
+        let mut value = HubMembers {
+            count: 0,
+            flags: 0,
+            monitor_count: 0,
+            _reserved: 0,
+            monitors: [HubMember::default(); MAX_HUB_MONITORS],
+            members: [HubMember::default(); INLINE_HUB_PORTS],
+        };
         for (entry, member) in value.members.iter_mut().zip(members) {
             *entry = HubMember { slot: self.watch(member.ifindex), ..*member };
         }

@@ -14,6 +14,11 @@
 //! The variants take turns: each round measures every variant once in every case (and one TCP
 //! transfer each), so a slow minute of the machine hits all of them alike. Figures are medians
 //! over the rounds; ratios are medians of the per-round ratios.
+//!
+//! `--ports 2,4,8,...` measures instead how the hub and the bridge scale with the number of ports:
+//! at each size, s0 (the generator's), s1 (sink c1's) and size − 2 more ports whose far ends sit in
+//! a namespace of their own; unicast from g0 to c1 once c1 has spoken (the hub and the bridge
+//! learned it), and a broadcast flood, pps counted at c1 (per sink).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -30,18 +35,29 @@ const ADDR_DIRECT_SINK: &str = "10.78.0.2";
 struct HubOptions {
     bench: Options,
     tcp_seconds: u32,
+    /// `--ports`: the hub sizes of a scaling run.
+    ports: Option<Vec<usize>>,
 }
 
 fn parse_options() -> Result<HubOptions> {
     let mut tcp_seconds = 3;
-    let bench = Options::parse("hub.json", "(--runs N, --frames N, --tcp-seconds N, --output FILE)", |flag, value| {
-        if flag != "--tcp-seconds" {
-            return Ok(false);
+    let mut ports = None;
+    let usage = "(--runs N, --frames N, --tcp-seconds N, --ports N,N,..., --output FILE)";
+    let bench = Options::parse("hub.json", usage, |flag, value| {
+        match flag {
+            "--tcp-seconds" => tcp_seconds = value()?.parse()?,
+            "--ports" => {
+                let sizes = value()?.split(',').map(str::parse).collect::<Result<Vec<usize>, _>>()?;
+                if sizes.is_empty() || sizes.iter().any(|n| !(2..=1024).contains(n)) {
+                    bail!("--ports takes hub sizes from 2 to 1024");
+                }
+                ports = Some(sizes);
+            }
+            _ => return Ok(false),
         }
-        tcp_seconds = value()?.parse()?;
         Ok(true)
     })?;
-    Ok(HubOptions { bench, tcp_seconds })
+    Ok(HubOptions { bench, tcp_seconds, ports })
 }
 
 /// The ceiling: gen and sink k1 joined directly (gd in the generator, cd in k1).
@@ -193,6 +209,9 @@ fn measure_direct(
 fn main() -> Result<()> {
     require_root();
     let options = parse_options()?;
+    if let Some(sizes) = &options.ports {
+        return sweep(&options.bench, sizes);
+    }
     let topology = Topology::new(3)?;
     add_direct_pair(&topology)?;
     let mut bench = Bench::load()?;
@@ -289,6 +308,10 @@ fn main() -> Result<()> {
 
     let mut report = summarize_rounds(&rounds, &options.bench);
     report["results"][DIRECT_WITH_XDP]["peer_tso"] = json!(peer_tso_with_xdp);
+    // A scaling run's results in the same file stay.
+    if let Some(sweep) = previous_report(&options.bench).and_then(|mut r| r.get_mut(PORTS_SWEEP).map(Value::take)) {
+        report[PORTS_SWEEP] = sweep;
+    }
     options.bench.write(&report)?;
     println!("{}", table(&report));
     eprintln!("results written to {}", options.bench.output.display());
@@ -389,6 +412,165 @@ fn table(report: &Value) -> String {
     out.push_str("\nRatios (medians of per-round ratios):\n");
     for (key, value) in report["ratios"].as_object().into_iter().flatten() {
         out.push_str(&format!("- {key}: {}\n", value.as_f64().map_or("n/a".to_owned(), |v| format!("{v:.2}"))));
+    }
+    out
+}
+
+/// The key of the scaling run's results in the report file.
+const PORTS_SWEEP: &str = "ports_sweep";
+
+/// The report file as it is, if it holds JSON.
+fn previous_report(options: &Options) -> Option<Value> {
+    std::fs::read(&options.output).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok())
+}
+
+/// The interface of port `i` of a scaling run in the switch namespace.
+fn sweep_port(i: usize) -> String {
+    if i < 2 { format!("s{i}") } else { format!("e{i}") }
+}
+
+/// The scaling run (`--ports`): hub and bridge at each size, interleaved round by round.
+fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
+    let topology = Topology::new(1)?;
+    let switch = &topology.switch;
+    let largest = sizes.iter().copied().max().unwrap_or(2);
+    // The far ends of the extra ports: up, no addresses, frames for them end at the stack.
+    let farm = Netns::new("bf");
+    farm.quiet();
+    for i in 2..largest {
+        switch.ip(&["link", "add", &sweep_port(i), "type", "veth", "peer", "name", &format!("f{i}"), "netns", &farm.name]);
+        switch.ip(&["link", "set", &sweep_port(i), "up"]);
+        farm.ip(&["link", "set", &format!("f{i}"), "up"]);
+    }
+    for key in ["iptables", "ip6tables", "arptables"] {
+        let _ = switch.exec("sysctl", &["-q", "-w", &format!("net.bridge.bridge-nf-call-{key}=0")]);
+    }
+    let mut bench = Bench::load()?;
+    let daemon = Daemon::start(switch);
+    let g0 = Topology::mac(&topology.generator, "g0");
+    let c1 = Topology::mac(&topology.sinks[0], "c1");
+    let c1_text = c1.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let mut samples: BTreeMap<(usize, &'static str, &'static str), Vec<Sample>> = BTreeMap::new();
+    for round in 1..=options.runs {
+        eprintln!("round {round} of {}", options.runs);
+        for &size in sizes {
+            for variant in ["hub", "bridge"] {
+                eprintln!("  {variant}: {size} ports");
+                if variant == "hub" {
+                    for i in 0..size {
+                        daemon.add(&format!("af-xdp,id=n{i},ifname={}", sweep_port(i)));
+                        daemon.add(&format!("hubport,id=p{i},hubid=0,netdev=n{i}"));
+                    }
+                } else {
+                    switch.ip(&["link", "add", "br0", "type", "bridge"]);
+                    for i in 0..size {
+                        switch.ip(&["link", "set", &sweep_port(i), "master", "br0"]);
+                    }
+                    switch.ip(&["link", "set", "br0", "up"]);
+                    let out = switch.exec("bridge", &["fdb", "replace", &c1_text, "dev", "s1", "master", "static"]);
+                    if !out.status.success() {
+                        bail!("bridge fdb: {}", String::from_utf8_lossy(&out.stderr));
+                    }
+                }
+                // The sink speaks first, as a live host does: both learn where c1 is.
+                let _ = topology.sinks[0].exec("ping", &["-c", "1", "-W", "1", ADDR_GEN]);
+                let link = bench.attach_sink(&topology.sinks[0], "c1")?;
+                let unicast = sample(&mut bench, options, (&topology.generator, "g0"), &udp_frame(c1, g0));
+                let flood = sample(&mut bench, options, (&topology.generator, "g0"), &udp_frame([0xff; 6], g0));
+                bench.detach_sink(link)?;
+                if variant == "hub" {
+                    for i in 0..size {
+                        daemon.del(&format!("p{i}"));
+                        daemon.del(&format!("n{i}"));
+                    }
+                } else {
+                    switch.ip(&["link", "del", "br0"]);
+                }
+                samples.entry((size, variant, "unicast")).or_default().push(unicast?);
+                samples.entry((size, variant, "flood")).or_default().push(flood?);
+            }
+        }
+    }
+    let exit = daemon.stop();
+    if exit != Some(0) {
+        bail!("netdevd exited with {exit:?}");
+    }
+    let report = sweep_report(&samples, sizes, options);
+    // Into the report file under its own key, beside the default run's results.
+    let mut file = previous_report(options).filter(Value::is_object).unwrap_or_else(|| json!({}));
+    file[PORTS_SWEEP] = report.clone();
+    options.write(&file)?;
+    println!("{}", sweep_table(&report, sizes));
+    eprintln!("results written to {}", options.output.display());
+    Ok(())
+}
+
+/// Per size and variant the medians; ratios hub/bridge per size (medians of per-round ratios), and
+/// the hub's learned unicast at each size against two ports.
+fn sweep_report(samples: &BTreeMap<(usize, &'static str, &'static str), Vec<Sample>>, sizes: &[usize], options: &Options) -> Value {
+    let pps = |size: usize, variant: &str, case: &str| -> Vec<f64> {
+        samples.get(&(size, variant, case)).map(|s| s.iter().map(Sample::delivered_pps).collect()).unwrap_or_default()
+    };
+    let ratio = |a: Vec<f64>, b: Vec<f64>| -> Value {
+        let mut values: Vec<f64> = a.iter().zip(&b).filter(|(_, b)| **b > 0.0).map(|(a, b)| a / b).collect();
+        if values.is_empty() { Value::Null } else { json!(median(&mut values)) }
+    };
+    let mut results = serde_json::Map::new();
+    let mut ratios = serde_json::Map::new();
+    let smallest = sizes.iter().copied().min().unwrap_or(2);
+    for &size in sizes {
+        let mut at_size = serde_json::Map::new();
+        for variant in ["hub", "bridge"] {
+            let mut cases = serde_json::Map::new();
+            for case in ["unicast", "flood"] {
+                if let Some(s) = samples.get(&(size, variant, case)) {
+                    cases.insert(case.to_owned(), summarize(s));
+                }
+            }
+            at_size.insert(variant.to_owned(), Value::Object(cases));
+        }
+        results.insert(size.to_string(), Value::Object(at_size));
+        for case in ["unicast", "flood"] {
+            ratios.insert(format!("hub_vs_bridge_{case}_{size}"), ratio(pps(size, "hub", case), pps(size, "bridge", case)));
+        }
+        ratios.insert(
+            format!("hub_unicast_{size}_vs_{smallest}"),
+            ratio(pps(size, "hub", "unicast"), pps(smallest, "hub", "unicast")),
+        );
+    }
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "kernel": kernel.trim(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "frames_per_run": options.frames,
+        "frame_bytes_on_wire": FRAME_LEN + 4,
+        "rounds": options.runs,
+        "ports": sizes,
+        "method": "hub and bridge interleaved round by round at every size; unicast to a destination both learned (it spoke first); flood pps at one sink; figures are medians over rounds, ratios medians of per-round ratios",
+        "results": results,
+        "ratios": ratios,
+    })
+}
+
+fn sweep_table(report: &Value, sizes: &[usize]) -> String {
+    let results = &report["results"];
+    let ratio = |key: String| report["ratios"][&key].as_f64().map_or("n/a".to_owned(), |v| format!("{v:.2}"));
+    let smallest = sizes.iter().copied().min().unwrap_or(2);
+    let mut out = String::from(
+        "| ports | hub unicast | bridge unicast | hub/bridge | hub flood (per sink) | bridge flood (per sink) | hub/bridge | hub unicast vs smallest |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for size in sizes {
+        let at = &results[size.to_string()];
+        out.push_str(&format!(
+            "| {size} | {} | {} | {} | {} | {} | {} | {} |\n",
+            pps_cell(&at["hub"]["unicast"]),
+            pps_cell(&at["bridge"]["unicast"]),
+            ratio(format!("hub_vs_bridge_unicast_{size}")),
+            pps_cell(&at["hub"]["flood"]),
+            pps_cell(&at["bridge"]["flood"]),
+            ratio(format!("hub_vs_bridge_flood_{size}")),
+            ratio(format!("hub_unicast_{size}_vs_{smallest}")),
+        ));
     }
     out
 }

@@ -143,6 +143,7 @@ fn print_readable(command: &str, result: &Value) {
         "x-query-netdevs" => print_netdevs(result),
         "x-query-netdev-counters" => print_counters(result),
         "x-query-dataplane" => print_dataplane(result),
+        "x-query-hub-macs" => print_hub_macs(result),
         "query-rx-filter" => print_rx_filters(result),
         _ => print!("{}", text(result)),
     }
@@ -255,6 +256,20 @@ fn print_dataplane(result: &Value) {
         println!("  {feature}: {}", if present.as_bool() == Some(true) { "yes" } else { "no" });
     }
     println!("leftover filters removed at start: {}", text("leftovers-removed"));
+}
+
+fn print_hub_macs(result: &Value) {
+    let rows: Vec<Vec<String>> = result
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|row| {
+            let text = |key: &str| row.get(key).and_then(Value::as_str).unwrap_or("-").to_owned();
+            let age = row.get("age-ms").and_then(Value::as_u64).map_or_else(|| "-".to_owned(), |ms| format!("{:.1}", ms as f64 / 1000.0));
+            vec![text("mac"), text("port"), text("netdev"), age]
+        })
+        .collect();
+    print_table(&["MAC", "PORT", "NETDEV", "AGE-S"], &rows);
 }
 
 fn print_counters(result: &Value) {

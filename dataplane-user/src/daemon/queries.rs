@@ -26,7 +26,53 @@ pub struct PortCountersInfo {
     pub drops: serde_json::Map<String, Value>,
 }
 
+/// A row of `x-query-hub-macs`: a MAC a learning hub saw and the port it saw it on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HubMacInfo {
+    pub mac: String,
+    /// The hub port.
+    pub port: String,
+    /// The netdev whose interface carries it.
+    pub netdev: String,
+    /// Since the MAC was last seen (refreshed at most once a second).
+    pub age_ms: u64,
+}
+
 impl Daemon {
+    /// The MACs the hub `hubid` (its segment, if joined to others) learned and still uses: on
+    /// ports that exist in the same state as when learned, seen within the ageing time. A hub
+    /// that floods (two ports, `x-learning=off`) lists none.
+    pub async fn hub_macs(&self, hubid: i32) -> Vec<HubMacInfo> {
+        let state = self.state.lock().await;
+        let Some(host) = state.host.as_ref() else { return Vec::new() };
+        let plan = &state.plan;
+        let Some(segment) = plan.ports.values().find(|port| port.hubid == hubid).map(|port| port.segment) else {
+            return Vec::new();
+        };
+        if plan.flooding.contains(&segment) || plan.segments.get(&segment).is_none_or(|members| members.len() <= 2) {
+            return Vec::new();
+        }
+        let Some(slot) = plan.segment_slots.get(&segment) else { return Vec::new() };
+        let mut rows: Vec<HubMacInfo> = host
+            .dataplane
+            .learned_macs(*slot)
+            .into_iter()
+            .filter(|entry| entry.age_ns <= dataplane_common::HUB_MAC_AGE_NS)
+            .filter_map(|entry| {
+                let port = plan.ports.get(&entry.ifindex)?;
+                (port.slot == entry.slot && port.generation == entry.generation && port.segment == segment).then(|| HubMacInfo {
+                    mac: entry.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
+                    port: port.hubport.clone(),
+                    netdev: port.netdev.clone(),
+                    age_ms: entry.age_ns / 1_000_000,
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| a.mac.cmp(&b.mac));
+        rows
+    }
+
     /// The kernel dataplane's start-up report (`x-query-dataplane`).
     pub async fn dataplane(&self) -> Option<Value> {
         self.state.lock().await.host.as_ref().and_then(|host| host.dataplane.describe())

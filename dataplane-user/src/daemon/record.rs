@@ -115,10 +115,18 @@ impl Record {
                 deliver_peer: false,
                 nic: None,
                 filtered: false,
+                monitor: false,
+                generation: 0,
             };
             plan.ports.insert(*ifindex, port);
         }
         plan.segment_slots = self.segment_slots.iter().map(|s| (s.segment, s.slot)).collect();
+        // The pinned learned-MAC table outlives the run, generations of its entries included:
+        // this run's generations start at a random point, so that no entry of an earlier run
+        // matches a port by chance.
+        plan.generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1 << 31, |since| since.subsec_nanos() | 1 << 31);
         plan
     }
 }

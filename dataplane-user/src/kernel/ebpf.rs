@@ -15,12 +15,13 @@ use aya::{
     util::nr_cpus,
 };
 use dataplane_common::{
-    HubMember, HubMembers, LearnedMac, MAX_HUB_PORTS, PortConfig, PortCounters, RxFilterConfig, RxMacKey, RxVlanTable,
-    TunnelConfig, TunnelCounters, TunnelRxKey, maps, programs,
+    BigHubMembers, HUB_FLAG_LEARNING, HubMacEntry, HubMacKey, HubMember, HubMembers, INLINE_HUB_PORTS, LearnedMac,
+    MAX_HUB_MONITORS, MAX_HUB_PORTS, MEMBER_MONITOR, PortConfig, PortCounters, RxFilterConfig, RxMacKey, RxVlanTable,
+    SlotPort, TunnelConfig, TunnelCounters, TunnelRxKey, maps, programs,
 };
 
 use super::{
-    Dataplane, KernelError,
+    Dataplane, KernelError, LearnedEntry,
     attach::{self, AttachMode, DataplaneInfo},
     pins::{self, PinDir},
 };
@@ -67,6 +68,9 @@ pub struct EbpfDataplane {
     abi: String,
     ports: BpfHashMap<MapData, u32, PortConfig>,
     hubs: Array<MapData, HubMembers>,
+    big_hubs: BpfHashMap<MapData, u32, BigHubMembers>,
+    slot_ports: Array<MapData, SlotPort>,
+    hub_macs: BpfHashMap<MapData, HubMacKey, HubMacEntry>,
     counters: PerCpuArray<MapData, PortCounters>,
     learned: Array<MapData, LearnedMac>,
     rx_filters: BpfHashMap<MapData, u32, RxFilterConfig>,
@@ -168,6 +172,49 @@ fn forward_kernel_logs(ebpf: &mut Ebpf) {
     });
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
+}
+
+/// A segment's `HUBS` value and, for a segment of more than [`INLINE_HUB_PORTS`] ports, its
+/// `BIG_HUBS` list. Learning pays off with three ports or more (with two there is one possible
+/// destination), and needs the monitors listed: with more than the kernel lists, the segment
+/// floods.
+fn segment_value(members: &[HubMember], learning: bool) -> (HubMembers, Option<Box<BigHubMembers>>) {
+    let members = &members[..members.len().min(MAX_HUB_PORTS)];
+    let mut value = HubMembers {
+        count: u32::try_from(members.len()).unwrap_or(0),
+        flags: 0,
+        monitor_count: 0,
+        _reserved: 0,
+        monitors: [HubMember::default(); MAX_HUB_MONITORS],
+        members: [HubMember::default(); INLINE_HUB_PORTS],
+    };
+    let monitors: Vec<&HubMember> = members.iter().filter(|m| m.flags & MEMBER_MONITOR != 0).collect();
+    if learning && members.len() > 2 && monitors.len() <= MAX_HUB_MONITORS {
+        value.flags |= HUB_FLAG_LEARNING;
+        for (entry, monitor) in value.monitors.iter_mut().zip(&monitors) {
+            *entry = **monitor;
+        }
+        value.monitor_count = u32::try_from(monitors.len()).unwrap_or(0);
+    }
+    if members.len() <= INLINE_HUB_PORTS {
+        for (entry, member) in value.members.iter_mut().zip(members) {
+            *entry = *member;
+        }
+        return (value, None);
+    }
+    let mut big = Box::new(BigHubMembers { members: [HubMember::default(); MAX_HUB_PORTS] });
+    for (entry, member) in big.members.iter_mut().zip(members) {
+        *entry = *member;
+    }
+    (value, Some(big))
+}
+
 fn boxed(error: impl std::error::Error + Send + Sync + 'static) -> Box<dyn std::error::Error + Send + Sync> {
     Box::new(error)
 }
@@ -235,6 +282,9 @@ impl EbpfDataplane {
         };
         let ports = BpfHashMap::try_from(take(maps::PORTS)?).map_err(|e| load_error(boxed(e)))?;
         let hubs = Array::try_from(take(maps::HUBS)?).map_err(|e| load_error(boxed(e)))?;
+        let big_hubs = BpfHashMap::try_from(take(maps::BIG_HUBS)?).map_err(|e| load_error(boxed(e)))?;
+        let slot_ports = Array::try_from(take(maps::SLOT_PORTS)?).map_err(|e| load_error(boxed(e)))?;
+        let hub_macs = BpfHashMap::try_from(take(maps::HUB_MACS)?).map_err(|e| load_error(boxed(e)))?;
         let counters = PerCpuArray::try_from(take(maps::PORT_COUNTERS)?).map_err(|e| load_error(boxed(e)))?;
         let learned = Array::try_from(take(maps::LEARNED_MACS)?).map_err(|e| load_error(boxed(e)))?;
         let rx_filters = BpfHashMap::try_from(take(maps::RX_FILTERS)?).map_err(|e| load_error(boxed(e)))?;
@@ -253,6 +303,9 @@ impl EbpfDataplane {
             abi,
             ports,
             hubs,
+            big_hubs,
+            slot_ports,
+            hub_macs,
             counters,
             learned,
             rx_filters,
@@ -428,7 +481,11 @@ impl Dataplane for EbpfDataplane {
         self.forget_clsact(ifindex);
     }
 
-    fn set_port(&mut self, ifindex: u32, config: PortConfig) -> Result<(), KernelError> {
+    fn set_port(&mut self, ifindex: u32, config: PortConfig, member: HubMember) -> Result<(), KernelError> {
+        let slot_port = SlotPort { member, segment_slot: config.segment_slot, generation: config.generation };
+        self.slot_ports
+            .set(config.slot, slot_port, 0)
+            .map_err(|e| KernelError::Map { map: maps::SLOT_PORTS, source: boxed(e) })?;
         self.ports.insert(ifindex, config, 0).map_err(|e| KernelError::Map { map: maps::PORTS, source: boxed(e) })
     }
 
@@ -440,19 +497,41 @@ impl Dataplane for EbpfDataplane {
             let _ = self.counters.set(slot, zeroes, 0);
         }
         let _ = self.learned.set(slot, LearnedMac::default(), 0);
+        // Learned MACs pointing here stop matching: no port has generation 0.
+        let _ = self.slot_ports.set(slot, SlotPort::default(), 0);
     }
 
-    fn set_segment(&mut self, slot: u32, members: &[HubMember]) -> Result<(), KernelError> {
-        let mut value = HubMembers { count: 0, _reserved: 0, members: [HubMember::default(); MAX_HUB_PORTS] };
-        for (entry, member) in value.members.iter_mut().zip(members) {
-            *entry = *member;
+    fn set_segment(&mut self, slot: u32, members: &[HubMember], learning: bool) -> Result<(), KernelError> {
+        let (value, big) = segment_value(members, learning);
+        // A big list before the count that sends frames to it; a small one after it.
+        if let Some(big) = &big {
+            self.big_hubs.insert(slot, **big, 0).map_err(|e| KernelError::Map { map: maps::BIG_HUBS, source: boxed(e) })?;
         }
-        value.count = u32::try_from(members.len().min(MAX_HUB_PORTS)).unwrap_or(0);
-        self.hubs.set(slot, value, 0).map_err(|e| KernelError::Map { map: maps::HUBS, source: boxed(e) })
+        self.hubs.set(slot, value, 0).map_err(|e| KernelError::Map { map: maps::HUBS, source: boxed(e) })?;
+        if big.is_none() {
+            let _ = self.big_hubs.remove(&slot);
+        }
+        Ok(())
     }
 
     fn remove_segment(&mut self, slot: u32) {
-        let _ = self.set_segment(slot, &[]);
+        let _ = self.set_segment(slot, &[], false);
+    }
+
+    fn learned_macs(&self, slot: u32) -> Vec<LearnedEntry> {
+        let now = monotonic_ns();
+        self.hub_macs
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, _)| key.segment_slot == slot)
+            .map(|(key, entry)| LearnedEntry {
+                mac: key.mac,
+                ifindex: entry.ifindex,
+                slot: entry.slot,
+                generation: entry.generation,
+                age_ns: now.saturating_sub(entry.seen_ns),
+            })
+            .collect()
     }
 
     fn set_rx_filter(
@@ -563,5 +642,55 @@ impl Dataplane for EbpfDataplane {
             object.insert("pinned".to_owned(), self.pins.is_some().into());
         }
         Some(described)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dataplane_common::{MEMBER_LINK_UP, MEMBER_MONITOR};
+
+    use super::*;
+
+    fn members(count: u32, monitors: u32) -> Vec<HubMember> {
+        (0..count)
+            .map(|i| HubMember {
+                ifindex: i + 1,
+                flags: MEMBER_LINK_UP | if i < monitors { MEMBER_MONITOR } else { 0 },
+                slot: i,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn two_port_segments_never_learn() {
+        let (value, big) = segment_value(&members(2, 0), true);
+        assert_eq!((value.flags, value.count, big.is_none()), (0, 2, true));
+        let (value, _) = segment_value(&members(3, 0), true);
+        assert_eq!(value.flags, HUB_FLAG_LEARNING);
+        let (value, _) = segment_value(&members(3, 0), false);
+        assert_eq!(value.flags, 0);
+    }
+
+    #[test]
+    fn monitors_are_listed_and_too_many_mean_flooding() {
+        let (value, _) = segment_value(&members(5, 2), true);
+        assert_eq!(value.monitor_count, 2);
+        assert_eq!(value.monitors[1].ifindex, 2);
+        let too_many = u32::try_from(MAX_HUB_MONITORS).unwrap() + 1;
+        let (value, _) = segment_value(&members(too_many + 1, too_many), true);
+        assert_eq!((value.flags, value.monitor_count), (0, 0));
+    }
+
+    #[test]
+    fn big_segments_keep_their_list_apart() {
+        let inline = u32::try_from(INLINE_HUB_PORTS).unwrap();
+        let (value, big) = segment_value(&members(inline, 0), true);
+        assert!(big.is_none());
+        assert_eq!(value.members[INLINE_HUB_PORTS - 1].ifindex, inline);
+        let (value, big) = segment_value(&members(1024, 0), true);
+        let big = big.expect("a big list");
+        assert_eq!(value.count, 1024);
+        assert_eq!(value.members[0], HubMember::default());
+        assert_eq!(big.members[1023].ifindex, 1024);
     }
 }

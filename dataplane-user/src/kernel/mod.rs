@@ -47,11 +47,14 @@ pub trait Dataplane: Send + Sync {
     fn attach(&mut self, ifindex: u32, ifname: &str, hook: Hook) -> Result<(), KernelError>;
     /// Detaches it; a vanished interface is not an error.
     fn detach(&mut self, ifindex: u32);
-    fn set_port(&mut self, ifindex: u32, config: PortConfig) -> Result<(), KernelError>;
+    /// Writes the port `ifindex`: its configuration, and `member`, its entry in its segment's list,
+    /// where learned unicast finds it.
+    fn set_port(&mut self, ifindex: u32, config: PortConfig, member: HubMember) -> Result<(), KernelError>;
     /// Forgets the port `ifindex` and clears what it left at `slot` (counters, learned MAC).
     fn remove_port(&mut self, ifindex: u32, slot: u32);
-    /// Writes the member list at segment slot `slot`.
-    fn set_segment(&mut self, slot: u32, members: &[HubMember]) -> Result<(), KernelError>;
+    /// Writes the member list at segment slot `slot`; `learning`: unicast to a learned MAC goes to
+    /// its port (and the monitors) only.
+    fn set_segment(&mut self, slot: u32, members: &[HubMember], learning: bool) -> Result<(), KernelError>;
     /// Empties segment slot `slot`.
     fn remove_segment(&mut self, slot: u32);
     /// Writes a NIC's receive filter; `old` is what the kernel holds now, so stale MAC entries go.
@@ -74,10 +77,25 @@ pub trait Dataplane: Send + Sync {
     fn detach_tunnel(&mut self, ifindex: u32, program: TunnelProgram);
     /// Counters of the tunnel port `port_ifindex` summed over CPUs.
     fn tunnel_counters(&self, port_ifindex: u32) -> TunnelCounters;
+    /// The MACs learned in segment slot `slot`: address, port slot, port generation, and age in
+    /// nanoseconds. Stale entries (another generation, too old) are the caller's to skip.
+    fn learned_macs(&self, _slot: u32) -> Vec<LearnedEntry> {
+        Vec::new()
+    }
     /// What start-up probed (`x-query-dataplane`): kernel, attach mode, features.
     fn describe(&self) -> Option<serde_json::Value> {
         None
     }
+}
+
+/// A MAC a learning segment saw, as [`Dataplane::learned_macs`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LearnedEntry {
+    pub mac: [u8; 6],
+    pub ifindex: u32,
+    pub slot: u32,
+    pub generation: u32,
+    pub age_ns: u64,
 }
 
 /// Moves the kernel from `old` to `new`. New ports get their map entries before their program, and
@@ -85,8 +103,9 @@ pub trait Dataplane: Send + Sync {
 /// redirected to a port the kernel does not know.
 pub fn apply(kernel: &mut dyn Dataplane, old: &Plan, new: &Plan) -> Result<(), KernelError> {
     for (ifindex, port) in &new.ports {
-        if old.ports.get(ifindex).map(plan::Port::config) != Some(port.config()) {
-            kernel.set_port(*ifindex, port.config())?;
+        let previous = old.ports.get(ifindex);
+        if previous.map(plan::Port::config) != Some(port.config()) || previous.map(|p| p.member(*ifindex)) != Some(port.member(*ifindex)) {
+            kernel.set_port(*ifindex, port.config(), port.member(*ifindex))?;
         }
     }
     // Filters before member lists, so a port never takes frames unfiltered.
@@ -98,8 +117,12 @@ pub fn apply(kernel: &mut dyn Dataplane, old: &Plan, new: &Plan) -> Result<(), K
     }
     for (segment, members) in &new.segments {
         let slot = new.segment_slots[segment];
-        if old.segments.get(segment) != Some(members) || old.segment_slots.get(segment) != Some(&slot) {
-            kernel.set_segment(slot, members)?;
+        let learning = !new.flooding.contains(segment);
+        if old.segments.get(segment) != Some(members)
+            || old.segment_slots.get(segment) != Some(&slot)
+            || old.flooding.contains(segment) == learning
+        {
+            kernel.set_segment(slot, members, learning)?;
         }
     }
     let new_segment_slots: BTreeSet<_> = new.segment_slots.values().collect();
@@ -203,7 +226,7 @@ pub mod fake {
             self.attached.remove(&ifindex);
         }
 
-        fn set_port(&mut self, ifindex: u32, config: PortConfig) -> Result<(), KernelError> {
+        fn set_port(&mut self, ifindex: u32, config: PortConfig, _member: HubMember) -> Result<(), KernelError> {
             self.ports.insert(ifindex, config);
             Ok(())
         }
@@ -212,7 +235,7 @@ pub mod fake {
             self.ports.remove(&ifindex);
         }
 
-        fn set_segment(&mut self, slot: u32, members: &[HubMember]) -> Result<(), KernelError> {
+        fn set_segment(&mut self, slot: u32, members: &[HubMember], _learning: bool) -> Result<(), KernelError> {
             self.segments.insert(slot, members.to_vec());
             Ok(())
         }

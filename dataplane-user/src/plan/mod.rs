@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use dataplane_common::{
     TunnelConfig, TunnelRxKey,
-    HubMember, MAX_HUB_PORTS, MAX_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP, MEMBER_RX_FILTER,
+    HubMember, MAX_HUB_PORTS, MAX_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP, MEMBER_MONITOR,
+    MEMBER_RX_FILTER,
     PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PORT_FLAG_LINK_UP, PortConfig,
 };
 
@@ -93,6 +94,11 @@ pub struct Port {
     /// Whether a receive filter applies to what the port is delivered: a NIC's, or the one of an
     /// endpoint that must only see its own unicast (a `user` netdev).
     pub filtered: bool,
+    /// `x-monitor=on`: receives every frame of its segment.
+    pub monitor: bool,
+    /// Changes whenever the port is new, changes link state or segment: MACs the kernel learned
+    /// on it before then no longer lead to it.
+    pub generation: u32,
 }
 
 impl Port {
@@ -108,7 +114,13 @@ impl Port {
                 flags |= PORT_FLAG_LEARN_MAC;
             }
         }
-        PortConfig { hub_id: self.segment, flags, slot: self.slot, segment_slot: self.segment_slot }
+        PortConfig {
+            hub_id: self.segment,
+            flags,
+            slot: self.slot,
+            segment_slot: self.segment_slot,
+            generation: self.generation,
+        }
     }
 
     #[must_use]
@@ -126,6 +138,9 @@ impl Port {
         if self.filtered {
             flags |= MEMBER_RX_FILTER;
         }
+        if self.monitor {
+            flags |= MEMBER_MONITOR;
+        }
         HubMember { ifindex, flags, slot: self.slot }
     }
 }
@@ -138,6 +153,11 @@ pub struct Plan {
     pub segments: BTreeMap<i32, Vec<HubMember>>,
     /// Where the kernel keeps each segment's member list.
     pub segment_slots: BTreeMap<i32, u32>,
+    /// Segments that flood every frame, as QEMU's hubs (a port of theirs has `x-learning=off`);
+    /// the others learn where unicast MACs are.
+    pub flooding: BTreeSet<i32>,
+    /// The newest port generation handed out.
+    pub generation: u32,
     pub rx_filters: BTreeMap<u32, RxFilterTables>,
     /// Tunnels by the ifindex of their port device.
     pub tunnels: BTreeMap<u32, TunnelPlan>,
@@ -242,9 +262,17 @@ pub fn plan(
         }
     }
 
+    let mut plan = Plan::default();
+    // A port asking for QEMU's flooding, with an interface or not, makes its whole segment flood.
+    for entry in registry.entries() {
+        if let NetdevOptions::Hubport(options) = &entry.netdev.options
+            && !options.learning()
+        {
+            plan.flooding.insert(segments.find(options.hubid));
+        }
+    }
     let mut port_slots = Slots::new(previous.ports.iter().map(|(ifindex, port)| (*ifindex, port.slot)).collect());
     let mut segment_slots = Slots::new(previous.segment_slots.clone());
-    let mut plan = Plan::default();
     for entry in registry.entries() {
         let Some(hub) = hub_of(&entry.netdev.id) else { continue };
         let Some(netdev) = entry.peer.as_deref() else { continue };
@@ -270,6 +298,17 @@ pub fn plan(
             }
             (None, _) => None,
         };
+        let link_up = entry.link_up && peer_entry.link_up && nic_up;
+        let generation = match previous.ports.get(&device.ifindex) {
+            Some(old) if old.hubport == entry.netdev.id && old.link_up == link_up && old.segment_slot == segment_slot => {
+                old.generation
+            }
+            _ => {
+                plan.generation = plan.generation.max(previous.generation).wrapping_add(1);
+                plan.generation
+            }
+        };
+        let NetdevOptions::Hubport(options) = &entry.netdev.options else { continue };
         let port = Port {
             hubport: entry.netdev.id.clone(),
             netdev: netdev.to_owned(),
@@ -279,7 +318,7 @@ pub fn plan(
             slot,
             segment_slot,
             // A downed netdev (or NIC) neither sends nor receives; a downed port cuts its segment.
-            link_up: entry.link_up && peer_entry.link_up && nic_up,
+            link_up,
             hook: match device.hub_side {
                 HubSide::Interface => Hook::Ingress,
                 HubSide::Fd => Hook::Egress,
@@ -288,6 +327,8 @@ pub fn plan(
             deliver_peer: device.peer_elsewhere && device.hub_side == HubSide::Interface,
             nic: nic.map(str::to_owned),
             filtered: filter.is_some(),
+            monitor: options.monitor(),
+            generation,
         };
         if let Some(filter) = filter {
             plan.rx_filters.insert(device.ifindex, filter);
@@ -300,6 +341,7 @@ pub fn plan(
         plan.ports.insert(device.ifindex, port);
     }
     plan.segment_slots = segment_slots.assigned;
+    plan.generation = plan.generation.max(previous.generation);
     let mut ids: Vec<&String> = tunnels.keys().filter(|id| registry.get(id).is_some()).collect();
     ids.sort();
     for id in ids {
@@ -507,6 +549,43 @@ mod tests {
         let third = plan_with(&registry, &second);
         assert_eq!(slots(&third), vec![(1, 0), (3, 2), (4, 3)]);
         assert_eq!(third.segments[&4].iter().map(|m| m.slot).collect::<Vec<_>>(), vec![3, 0]);
+    }
+
+    #[test]
+    fn generations_change_with_link_and_membership_and_flooding_is_per_segment() {
+        let mut registry = registry(&[
+            "af-xdp,id=a,ifname=x",
+            "af-xdp,id=b,ifname=y",
+            "hubport,id=pa,hubid=0,netdev=a",
+            "hubport,id=pb,hubid=0,netdev=b,x-monitor=on",
+        ]);
+        let devices = devices(&[("a", 1, HubSide::Interface), ("b", 2, HubSide::Interface)]);
+        let plan_with = |registry: &Registry, previous: &Plan| {
+            plan(registry, &devices, &HashMap::new(), &HashMap::new(), previous).unwrap()
+        };
+        let first = plan_with(&registry, &Plan::default());
+        assert_ne!(first.ports[&1].generation, first.ports[&2].generation);
+        assert_eq!(first.segments[&0][1].flags, MEMBER_LINK_UP | MEMBER_MONITOR);
+        assert!(first.flooding.is_empty());
+        // Unchanged ports keep their generation; a port whose link went down gets a new one,
+        // and another when it comes back.
+        assert_eq!(plan_with(&registry, &first).ports, first.ports);
+        registry.set_link("pa", false).unwrap();
+        let down = plan_with(&registry, &first);
+        assert!(down.ports[&1].generation > first.generation);
+        assert_eq!(down.ports[&2].generation, first.ports[&2].generation);
+        registry.set_link("pa", true).unwrap();
+        let up = plan_with(&registry, &down);
+        assert!(up.ports[&1].generation > down.ports[&1].generation);
+        // A port deleted and added again is a new port.
+        registry.remove("pb").unwrap();
+        let without = plan_with(&registry, &up);
+        registry.add(Netdev::from_keyval("hubport,id=pb,hubid=0,netdev=b").unwrap()).unwrap();
+        let again = plan_with(&registry, &without);
+        assert!(again.ports[&2].generation > up.ports[&2].generation);
+        // Any port of the segment, with an interface or not, can ask for flooding.
+        registry.add(Netdev::from_keyval("hubport,id=f,hubid=0,x-learning=off").unwrap()).unwrap();
+        assert_eq!(plan_with(&registry, &again).flooding, BTreeSet::from([0]));
     }
 
     #[test]

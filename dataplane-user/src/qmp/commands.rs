@@ -44,6 +44,7 @@ pub const ALL: &[&str] = &[
     "chardev-add",
     "chardev-remove",
     "query-chardev",
+    "x-query-hub-macs",
 ];
 
 #[must_use]
@@ -57,6 +58,7 @@ pub fn implied_key(name: &str) -> Option<&'static str> {
     match name {
         "netdev_add" => Some("type"),
         "netdev_del" | "x-query-netdev-counters" | "x-query-usernet" | "chardev-remove" => Some("id"),
+        "x-query-hub-macs" => Some("hubid"),
         "x-hostfwd-add" | "x-hostfwd-remove" => Some("rule"),
         "set_link" | "query-rx-filter" | "x-set-rx-filter" => Some("name"),
         "getfd" | "closefd" => Some("fdname"),
@@ -75,6 +77,11 @@ pub fn arguments_from_keyval(name: &str, text: &str) -> Result<Value, String> {
             let value = qapi::keyval::parse(text, implied_key(name)).map_err(|e| e.to_string())?;
             let args = SetLinkArgs::deserialize(qapi::Input::root(&value, qapi::Mode::Keyval)).map_err(|e| e.to_string())?;
             Ok(json!({"name": args.name, "up": args.up}))
+        }
+        "x-query-hub-macs" => {
+            let value = qapi::keyval::parse(text, implied_key(name)).map_err(|e| e.to_string())?;
+            let args = HubMacsArgs::deserialize(qapi::Input::root(&value, qapi::Mode::Keyval)).map_err(|e| e.to_string())?;
+            Ok(json!({"hubid": args.hubid}))
         }
         "x-set-rx-filter" => {
             let value = qapi::keyval::parse(text, implied_key(name)).map_err(|e| e.to_string())?;
@@ -148,6 +155,12 @@ struct HostfwdArgs {
 #[derive(Deserialize)]
 struct OptionalIdArgs {
     id: Option<String>,
+}
+
+/// `x-query-hub-macs`'s arguments.
+#[derive(Deserialize)]
+struct HubMacsArgs {
+    hubid: i32,
 }
 
 #[derive(Deserialize)]
@@ -265,6 +278,10 @@ pub async fn execute(daemon: &Daemon, fds: &mut SessionFds, name: &str, argument
         "query-chardev" => {
             qapi::from_json::<NoArgs>(arguments)?;
             serde_json::to_value(daemon.query_chardevs().await).map_err(|e| QmpError::generic(e.to_string()))
+        }
+        "x-query-hub-macs" => {
+            let args: HubMacsArgs = qapi::from_json(arguments)?;
+            serde_json::to_value(daemon.hub_macs(args.hubid).await).map_err(|e| QmpError::generic(e.to_string()))
         }
         "x-query-usernet" => {
             let args: OptionalIdArgs = qapi::from_json(arguments)?;

@@ -48,7 +48,7 @@ fn keyval_syntax() {
     // Numbers are strings, read like strtoll(…, 0): decimal, hex, octal, signed.
     for (text, value) in [("0", 0), ("42", 42), ("-1", -1), ("+7", 7), ("0x10", 16), ("0X1f", 31), ("010", 8), ("-0x80000000", i32::MIN)] {
         let netdev = parse_kv(&format!("hubport,id=h,hubid={text}"));
-        assert_eq!(netdev.options, NetdevOptions::Hubport(hubport::HubPortOptions { hubid: value, netdev: None }), "hubid={text}");
+        assert_eq!(netdev.options, NetdevOptions::Hubport(hubport::HubPortOptions { hubid: value, netdev: None, ..Default::default() }), "hubid={text}");
     }
     // Sizes take suffixes.
     for (text, value) in [("0", 0), ("512", 512), ("2k", 2048), ("1M", 1 << 20), ("1G", 1 << 30)] {
@@ -79,4 +79,19 @@ fn keyval_errors() {
         ],
     );
     assert!(matches!(Netdev::from_keyval("hubport,id=h,hubid"), Err(NetdevError::Keyval(_))));
+}
+
+/// netdevd's hubport extensions: QEMU-style booleans, and unknown to every other type, as QEMU
+/// would have them.
+#[test]
+fn hubport_extensions() {
+    let NetdevOptions::Hubport(port) = parse_kv("hubport,id=h,hubid=1,x-monitor=on,x-learning=off").options else {
+        panic!("not hubport")
+    };
+    assert_eq!((port.monitor(), port.learning()), (true, false));
+    let NetdevOptions::Hubport(port) = parse_kv("hubport,id=h,hubid=1").options else { panic!("not hubport") };
+    assert_eq!((port.monitor(), port.learning()), (false, true), "QEMU's hubport: no monitor, learning hub");
+    assert_eq!(kv_err("hubport,id=h,hubid=1,x-monitor=maybe"), "Parameter 'x-monitor' expects 'on' or 'off'");
+    assert_eq!(kv_err("tap,id=t,x-monitor=on"), "Parameter 'x-monitor' is unexpected");
+    assert_eq!(kv_err("user,id=u,x-learning=off"), "Parameter 'x-learning' is unexpected");
 }

@@ -209,7 +209,7 @@ proptest! {
         prop_assert_eq!(&from_json, &from_kv, "{} vs {}", args, text);
         let netdev = from_json.map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(&netdev.id, &id);
-        prop_assert_eq!(&netdev.options, &NetdevOptions::Hubport(hubport::HubPortOptions { hubid, netdev: peer }));
+        prop_assert_eq!(&netdev.options, &NetdevOptions::Hubport(hubport::HubPortOptions { hubid, netdev: peer, ..Default::default() }));
         prop_assert!(netdev.validate().is_ok());
         check_parsed(&netdev)?;
     }

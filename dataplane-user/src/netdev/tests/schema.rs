@@ -300,7 +300,7 @@ fn vde_hubport_netmap_schema() {
     // Any int32 is a hub, negative ones included.
     for hubid in [i32::MIN, -1, 0, i32::MAX] {
         let netdev = valid(&nd("hubport", json!({"hubid": hubid})));
-        assert_eq!(netdev.options, NetdevOptions::Hubport(hubport::HubPortOptions { hubid, netdev: None }));
+        assert_eq!(netdev.options, NetdevOptions::Hubport(hubport::HubPortOptions { hubid, netdev: None, ..Default::default() }));
     }
 }
 
