@@ -261,6 +261,8 @@ mod tests {
             deliver_peer: false,
             nic: None,
             filtered: false,
+            monitor: false,
+            generation: 0,
         }
     }
 
