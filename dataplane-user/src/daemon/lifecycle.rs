@@ -103,7 +103,7 @@ impl Daemon {
                 }
                 let Some(netlink) = netlink else { return Err(DaemonError::NoDataplane { id: id.clone() }) };
                 let (hub_device, pipe, resolved) =
-                    port::pair::user_space_port(&id, prepared.endpoint(), prepared.tap_vnet_hdr(), netlink).await?;
+                    port::pair::user_space_port(&id, prepared.endpoint(), prepared.tap_flags(), netlink).await?;
                 made.device = Some(hub_device);
                 made.tunnel = resolved;
                 made.backend = Some((prepared, pipe));

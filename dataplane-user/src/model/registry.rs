@@ -116,6 +116,8 @@ fn check_available(netdev: &Netdev) -> Result<(), NetdevError> {
             unavailable("vmnet is Apple's vmnet.framework and exists only on macOS")
         }
         NetdevOptions::Vde(_) => unavailable("netdevd has no VDE switch support"),
+        // Served through the temporary `x-socket` until `chardev=` is wired to chardevs.
+        NetdevOptions::VhostUser(options) if options.has_endpoint() => Ok(()),
         NetdevOptions::VhostUser(_)
         | NetdevOptions::VhostVdpa(_)
         | NetdevOptions::Passt(_) => unavailable("its data path is not implemented in this version of netdevd"),
