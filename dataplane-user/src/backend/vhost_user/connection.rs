@@ -147,7 +147,10 @@ pub fn run(mut side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper:
         let ended = daemon.wait();
         stopper.current.lock().unwrap_or_else(PoisonError::into_inner).take();
         match ended {
-            Ok(()) => tracing::info!(netdev = %ctx.id, "vhost-user frontend disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => tracing::info!(netdev = %ctx.id, "vhost-user frontend disconnected"),
             Err(error) => {
                 // Garbage or a broken protocol from the frontend: the connection is dropped.
                 BackendStats::count(&stats.protocol_errors);
