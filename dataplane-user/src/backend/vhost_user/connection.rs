@@ -4,8 +4,14 @@
 //! deleted. The daemon's events reach tokio through the backend's event channel.
 
 use std::{
-    os::fd::{AsRawFd, BorrowedFd},
-    path::PathBuf,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd},
+        unix::{
+            fs::DirBuilderExt,
+            net::{UnixListener, UnixStream},
+        },
+    },
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -18,13 +24,13 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::{epoll::EventSet, eventfd::EventFd};
 
-use super::{port::TapQueues, worker::NetDevice};
+use super::{port::TapQueues, relay, worker::NetDevice};
 use crate::backend::{BackendContext, BackendEvent, BackendStats};
 
 /// How the backend meets its frontend, once its socket is open.
 pub enum Side {
     /// A listening socket (bound by netdevd, or passed in).
-    Listen(Listener),
+    Listen(UnixListener),
     /// Connect to the frontend's socket; again after the delay if set.
     Connect { path: PathBuf, reconnect: Option<Duration> },
 }
@@ -82,11 +88,87 @@ impl Stopper {
     }
 }
 
+/// The crate's side of the relay: a listener in a directory only root can enter, so that the
+/// connection the crate accepts is the relay's.
+struct Inner {
+    dir: PathBuf,
+    path: PathBuf,
+    listener: Listener,
+}
+
+impl Inner {
+    fn new(id: &str) -> std::io::Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let serial = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("netdevd-vhost-{}-{serial}", std::process::id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let path = dir.join("backend.sock");
+        let listener = match UnixListener::bind(&path) {
+            Ok(listener) => listener,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(error);
+            }
+        };
+        tracing::debug!(netdev = %id, path = %path.display(), "vhost-user relay listener");
+        Ok(Self { dir, path, listener: Listener::from(listener) })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Serves frontends one after another until stopped. Every daemon thread is joined before the
 /// next connection and before this returns.
-pub fn run(mut side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper: &Stopper) {
+pub fn run(side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper: &Stopper) {
     let stats = &ctx.stats;
+    let mut inner = match Inner::new(&ctx.id) {
+        Ok(inner) => inner,
+        Err(error) => {
+            tracing::error!(netdev = %ctx.id, %error, "vhost-user relay not set up");
+            return;
+        }
+    };
     while !stopper.is_stopped() {
+        // The frontend's connection first: nothing is made for a frontend that is not there.
+        let frontend = match &side {
+            Side::Listen(listener) => {
+                ctx.set_info("vhost-user: waiting for a frontend");
+                if !stopper.wait(Some(listener.as_fd()), None) {
+                    break;
+                }
+                listener.accept().map(|(stream, _)| stream)
+            }
+            Side::Connect { path, .. } => {
+                ctx.set_info(format!("vhost-user: connecting to {}", path.display()));
+                UnixStream::connect(path)
+            }
+        };
+        let frontend = match frontend {
+            Ok(stream) => stream,
+            Err(error) => {
+                BackendStats::count(&stats.connect_failures);
+                tracing::warn!(netdev = %ctx.id, %error, "vhost-user connection not established");
+                match &side {
+                    Side::Connect { reconnect: Some(delay), .. } => {
+                        stopper.wait(None, Some(*delay));
+                        continue;
+                    }
+                    Side::Connect { reconnect: None, .. } => {
+                        ctx.set_info("vhost-user: disconnected");
+                        return;
+                    }
+                    Side::Listen(_) => continue,
+                }
+            }
+        };
         let device = Arc::new(NetDevice::new(Arc::clone(taps), ctx.clone()));
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = match VhostUserDaemon::new(format!("vhost-user-{}", ctx.id), Arc::clone(&device), memory) {
@@ -106,37 +188,20 @@ pub fn run(mut side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper:
                 return;
             }
         }
-        let started = match &mut side {
-            Side::Listen(listener) => {
-                ctx.set_info("vhost-user: waiting for a frontend");
-                // SAFETY: the listener outlives this borrow of its descriptor.
-                let fd = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
-                if !stopper.wait(Some(fd), None) {
-                    break;
-                }
-                daemon.start(listener)
-            }
-            Side::Connect { path, .. } => {
-                ctx.set_info(format!("vhost-user: connecting to {}", path.display()));
-                daemon.start_client(&path.to_string_lossy())
+        // The crate accepts the relay's connection, queued before it looks.
+        let started = UnixStream::connect(inner.path())
+            .map_err(|error| error.to_string())
+            .and_then(|backend| daemon.start(&mut inner.listener).map(|()| backend).map_err(|error| error.to_string()));
+        let backend = match started {
+            Ok(backend) => backend,
+            Err(error) => {
+                tracing::error!(netdev = %ctx.id, %error, "vhost-user connection not handed to the backend");
+                return;
             }
         };
-        if let Err(error) = started {
-            BackendStats::count(&stats.connect_failures);
-            tracing::warn!(netdev = %ctx.id, %error, "vhost-user connection not established");
-            drop(daemon);
-            match &side {
-                Side::Connect { reconnect: Some(delay), .. } => {
-                    stopper.wait(None, Some(*delay));
-                    continue;
-                }
-                Side::Connect { reconnect: None, .. } => {
-                    ctx.set_info("vhost-user: disconnected");
-                    return;
-                }
-                Side::Listen(_) => continue,
-            }
-        }
+        let relay = std::thread::Builder::new()
+            .name(format!("vhost-user relay {}", ctx.id))
+            .spawn(move || relay::run(frontend, backend));
         BackendStats::count(&stats.connects);
         ctx.set_info("vhost-user: frontend connected");
         tracing::info!(netdev = %ctx.id, "vhost-user frontend connected");
@@ -146,6 +211,10 @@ pub fn run(mut side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper:
         }
         let ended = daemon.wait();
         stopper.current.lock().unwrap_or_else(PoisonError::into_inner).take();
+        // The crate closed its end: the relay ends and closes the frontend's connection.
+        if let Ok(relay) = relay {
+            let _ = relay.join();
+        }
         match ended {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(

@@ -6,7 +6,9 @@
 //! * [`worker`]: the `VhostUserBackend` of one connection (one worker thread per queue pair);
 //! * [`rings`]: rx and tx between the rings and the tap;
 //! * [`connection`]: listen, connect, reconnect, and stopping;
-//! * [`port`]: the tap's queues and their settings.
+//! * [`port`]: the tap's queues and their settings;
+//! * `relay`: between the frontend's socket and the crate (QEMU enables rings before the crate
+//!   accepts that).
 //!
 //! The endpoint is the backend's own ([`Endpoint`]); `netdev_add vhost-user` reaches it through
 //! the chardev a netdev names.
@@ -14,6 +16,7 @@
 pub mod connection;
 pub mod device;
 pub mod port;
+mod relay;
 pub mod rings;
 pub mod worker;
 
@@ -26,8 +29,6 @@ use std::{
     sync::Arc,
     time::Duration,
 };
-
-use vhost::vhost_user::Listener;
 
 use self::{
     connection::{Side, Stopper},
@@ -188,7 +189,7 @@ impl PreparedVhostUser {
             }
         };
         let (side, bound) = match self.side {
-            PreparedSide::Listen { listener, bound } => (Side::Listen(Listener::from(listener)), bound),
+            PreparedSide::Listen { listener, bound } => (Side::Listen(listener), bound),
             PreparedSide::Connect { path, reconnect } => (Side::Connect { path, reconnect }, None),
         };
         let thread = {
