@@ -12,12 +12,11 @@ Until `chardev=` is wired to netdevd's chardevs, the netdev names its socket wit
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from pathlib import Path
 
-from guest import Guest, guest_mac
+from guest import guest_mac
 from harness import Netns, RawQmp
 from test_guests import (
     COMMAND_TIMEOUT, FORWARD_PORT, REVERSE_PORT, TRANSFER_BYTES, add, add_container_port, add_tap_port,
@@ -31,10 +30,11 @@ RECONNECT_DEADLINE = 120
 def vhost_user_args(socket: Path, mac: str, queues: int = 1, memory_mb: int = 256) -> list[str]:
     """QEMU options for a virtio-net NIC on vhost-user `socket` (QEMU is the client and
     reconnects), with the guest's memory in a shared memfd."""
-    device = f"virtio-net-pci,netdev=vu,mac={mac},id=vnic"
+    # No MSI-X: QEMU 7.2 under TCG (no irqfd) crashes in msix_set_vector_notifiers when it
+    # starts a vhost device with MSI-X vectors; legacy INTx works.
+    device = f"virtio-net-pci,netdev=vu,mac={mac},id=vnic,vectors=0"
     if queues > 1:
-        # One vector per ring and one for config changes.
-        device += f",mq=on,vectors={2 * queues + 2}"
+        device += ",mq=on"
     return [
         "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
         "-machine", "memory-backend=mem",
@@ -128,20 +128,10 @@ def test_vhost_user_guest_reaches_a_guest_and_a_container(netns, start_daemon_in
         container.delete()
 
 
-def interrupts(machine: Guest) -> dict[str, int]:
-    """The guest's interrupt counts per virtio vector name (`virtio0-input.1`, …)."""
-    counts = {}
-    for line in machine.run("cat /proc/interrupts").output.splitlines():
-        match = re.search(r"^\s*\d+:\s+((?:\d+\s+)+).*?(virtio\d+-(?:input|output)\.\d+)", line)
-        if match:
-            counts[match.group(2)] = sum(int(n) for n in match.group(1).split())
-    return counts
-
-
 def test_vhost_user_two_queue_pairs(netns, start_daemon_in, start_guest, short_tmp):
-    """`queues=2` with a two-CPU guest: both queue pairs carry frames (the guest's interrupt
-    counts of both receive queues grow under four parallel TCP streams, and netdevd's tap has two
-    queues attached), and the data arrives."""
+    """`queues=2` with a two-CPU guest: both queue pairs carry frames (netdevd's per-pair counts
+    grow under four parallel TCP streams, and its tap has two queues attached), and the data
+    arrives."""
     container, outer = container_with_address(netns, "10.0.6.3/24")
     try:
         daemon = start_daemon_in(netns)
@@ -158,12 +148,15 @@ def test_vhost_user_two_queue_pairs(netns, start_daemon_in, start_guest, short_t
         channels = machine.run("ls /sys/class/net/eth0/queues").output
         assert "rx-1" in channels, f"the guest has two receive queues: {channels}"
         machine.run("ping -c 3 -W 10 10.0.6.3", timeout=COMMAND_TIMEOUT)
-        before = interrupts(machine)
+        with RawQmp(daemon.socket_path, negotiate=True) as qmp:
+            before = vhost_row(qmp)["backend"]["pair-frames"]
         guest_iperf3_servers(machine)
+        # Four flows: the kernel spreads them over the tap's queues, one per pair.
         container_iperf3(container, "10.0.6.1", ["-p", str(FORWARD_PORT), "-P", "4"])
-        after = interrupts(machine)
-        grown = {name for name in after if after[name] > before.get(name, 0)}
-        assert {"virtio0-input.0", "virtio0-input.1"} <= grown, f"both receive queues used: {before} -> {after}"
+        with RawQmp(daemon.socket_path, negotiate=True) as qmp:
+            after = vhost_row(qmp)["backend"]["pair-frames"]
+        before += [0] * (2 - len(before))
+        assert len(after) == 2 and all(a > b for a, b in zip(after, before)), f"both pairs carried frames: {before} -> {after}"
         queues = subprocess.run(["ip", "netns", "exec", netns.name, "ls", f"/sys/class/net/{ifname}/queues"],
                                 capture_output=True, text=True, check=True).stdout.split()
         assert sum(1 for q in queues if q.startswith("tx-")) == 2, f"the tap has two queues attached: {queues}"

@@ -190,9 +190,11 @@ impl TestFrontend {
         assert_ne!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0, "the backend offers protocol features");
         let features = (features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()) & offered;
         let protocol = frontend.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-        for wanted in [VhostUserProtocolFeatures::MQ, VhostUserProtocolFeatures::REPLY_ACK, VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS] {
+        for wanted in [VhostUserProtocolFeatures::MQ, VhostUserProtocolFeatures::REPLY_ACK] {
             assert!(protocol.contains(wanted), "the backend offers {wanted:?}: {protocol:?}");
         }
+        // QEMU's vhost device per queue pair would add the same regions twice (see device.rs).
+        assert!(!protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS), "CONFIGURE_MEM_SLOTS is not offered");
         assert!(!protocol.contains(VhostUserProtocolFeatures::RARP), "SEND_RARP is not offered");
         assert!(!protocol.contains(VhostUserProtocolFeatures::MTU), "NET_SET_MTU is not offered");
         frontend.set_protocol_features(protocol).expect("SET_PROTOCOL_FEATURES");

@@ -86,11 +86,25 @@ pub struct BackendStats {
     pub guest_drops: AtomicU64,
     /// `vhost-user`: connections ended by a protocol error (garbage, a broken negotiation).
     pub protocol_errors: AtomicU64,
+    /// `vhost-user`: frames moved (both ways) per queue pair.
+    pub pair_frames: std::sync::Mutex<Vec<u64>>,
 }
 
 impl BackendStats {
     pub fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `frames` to queue pair `pair`'s count.
+    pub fn count_pair(&self, pair: usize, frames: u64) {
+        if frames == 0 {
+            return;
+        }
+        let mut counts = self.pair_frames.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if counts.len() <= pair {
+            counts.resize(pair + 1, 0);
+        }
+        counts[pair] += frames;
     }
 
     #[must_use]
@@ -107,6 +121,7 @@ impl BackendStats {
             "ip-fragments": get(&self.ip_fragments),
             "bad-chains": get(&self.bad_chains), "guest-drops": get(&self.guest_drops),
             "protocol-errors": get(&self.protocol_errors),
+            "pair-frames": *self.pair_frames.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
         })
     }
 }

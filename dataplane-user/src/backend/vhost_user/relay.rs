@@ -48,6 +48,7 @@ pub fn run(frontend: UnixStream, backend: UnixStream) {
                 if len == 0 {
                     break;
                 }
+                tracing::debug!(len, fds = fds.len(), "vhost-user reply bytes");
                 let out = front_out.lock().unwrap_or_else(PoisonError::into_inner);
                 if send(&out, &buffer[..len], &fds).is_err() {
                     break;
@@ -89,6 +90,7 @@ fn requests(frontend: &UnixStream, backend: &UnixStream, front_out: &Mutex<UnixS
         if reader.read_exact(&mut message[HEADER_LEN..HEADER_LEN + size]).is_err() {
             return;
         }
+        tracing::debug!(request, flags, size, fds = fds.len(), held = !features_set && request == SET_VRING_ENABLE, "vhost-user request");
         let whole = &message[..HEADER_LEN + size];
         if request == SET_VRING_ENABLE && !features_set && size == 8 {
             held.insert(word(&message, 12), word(&message, 16));

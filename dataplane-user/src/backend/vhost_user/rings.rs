@@ -57,10 +57,11 @@ enum Delivery {
 }
 
 /// Moves every frame the guest queued on `tx` to the tap.
-pub fn process_tx(tap: &OwnedFd, vring: &VringRwLock<Memory>, memory: &Memory, negotiated: Negotiated, state: &mut PairState, stats: &BackendStats, event_idx: bool) {
+pub fn process_tx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memory: &Memory, negotiated: Negotiated, state: &mut PairState, stats: &BackendStats, event_idx: bool) {
     let mem = memory.memory();
     let hdr_len = negotiated.hdr_len();
     let mut used_any = false;
+    let mut moved = 0u64;
     loop {
         if event_idx {
             let _ = vring.disable_notification();
@@ -68,7 +69,7 @@ pub fn process_tx(tap: &OwnedFd, vring: &VringRwLock<Memory>, memory: &Memory, n
         while let Some(chain) = pop_chain(vring, &mem) {
             let head = chain.head_index();
             match Reader::<()>::new(&*mem, chain) {
-                Ok(reader) => transmit(tap, reader, hdr_len, &mut state.tx_buffer, stats),
+                Ok(reader) => moved += u64::from(transmit(tap, reader, hdr_len, &mut state.tx_buffer, stats)),
                 Err(_) => BackendStats::count(&stats.bad_chains),
             }
             if vring.add_used(head, 0).is_err() {
@@ -82,42 +83,46 @@ pub fn process_tx(tap: &OwnedFd, vring: &VringRwLock<Memory>, memory: &Memory, n
             break;
         }
     }
+    stats.count_pair(pair, moved);
     if used_any {
         signal(vring);
     }
 }
 
-fn transmit(tap: &OwnedFd, mut reader: Reader<'_, ()>, hdr_len: usize, buffer: &mut [u8], stats: &BackendStats) {
+/// Writes one chain's frame to the tap; whether it went.
+fn transmit(tap: &OwnedFd, mut reader: Reader<'_, ()>, hdr_len: usize, buffer: &mut [u8], stats: &BackendStats) -> bool {
     let len = reader.available_bytes();
     if len > buffer.len() {
         BackendStats::count(&stats.oversized_frames);
-        return;
+        return false;
     }
     if len < hdr_len + ETH_HEADER_LEN {
         BackendStats::count(&stats.runt_frames);
-        return;
+        return false;
     }
     if reader.read_exact(&mut buffer[..len]).is_err() {
         BackendStats::count(&stats.bad_chains);
-        return;
+        return false;
     }
     // SAFETY: `buffer[..len]` is valid for reads for the duration of the call.
     let written = unsafe { libc::write(tap.as_raw_fd(), buffer.as_ptr().cast(), len) };
     if written < 0 {
         // A tap that is down or a frame the kernel refuses (bad GSO header): the frame is lost.
         BackendStats::count(&stats.hub_drops);
-        return;
+        return false;
     }
     stats.rx_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     stats.rx_bytes.fetch_add((len - hdr_len) as u64, std::sync::atomic::Ordering::Relaxed);
+    true
 }
 
 /// Moves frames from the tap into the guest's rx buffers until the tap is empty or the ring is
 /// full (then the frame in hand waits, and the guest's next rx kick resumes).
-pub fn process_rx(tap: &OwnedFd, vring: &VringRwLock<Memory>, memory: &Memory, negotiated: Negotiated, state: &mut PairState, stats: &BackendStats) {
+pub fn process_rx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memory: &Memory, negotiated: Negotiated, state: &mut PairState, stats: &BackendStats) {
     let mem = memory.memory();
     let hdr_len = negotiated.hdr_len();
     let mut used_any = false;
+    let mut moved = 0u64;
     loop {
         let len = match state.pending.take() {
             Some(len) => len,
@@ -142,6 +147,7 @@ pub fn process_rx(tap: &OwnedFd, vring: &VringRwLock<Memory>, memory: &Memory, n
         };
         match delivery {
             Delivery::Delivered => {
+                moved += 1;
                 stats.tx_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 stats.tx_bytes.fetch_add((len - hdr_len) as u64, std::sync::atomic::Ordering::Relaxed);
             }
@@ -156,6 +162,7 @@ pub fn process_rx(tap: &OwnedFd, vring: &VringRwLock<Memory>, memory: &Memory, n
             }
         }
     }
+    stats.count_pair(pair, moved);
     if used_any {
         signal(vring);
     }

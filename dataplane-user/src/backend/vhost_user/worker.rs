@@ -169,16 +169,16 @@ impl VhostUserBackend for NetDevice {
                     self.ring_started(pair);
                 }
                 if device_event == TX {
-                    rings::process_tx(tap, tx, &memory, negotiated, &mut state, self.stats(), self.event_idx.load(Ordering::Acquire));
+                    rings::process_tx(pair, tap, tx, &memory, negotiated, &mut state, self.stats(), self.event_idx.load(Ordering::Acquire));
                 }
                 // An rx kick means new buffers: frames waiting on the tap can go now.
                 if ready(rx) {
-                    rings::process_rx(tap, rx, &memory, negotiated, &mut state, self.stats());
+                    rings::process_rx(pair, tap, rx, &memory, negotiated, &mut state, self.stats());
                 }
             }
             event if u64::from(event) == self.tap_event() => {
                 if ready(rx) {
-                    rings::process_rx(tap, rx, &memory, negotiated, &mut state, self.stats());
+                    rings::process_rx(pair, tap, rx, &memory, negotiated, &mut state, self.stats());
                 }
             }
             _ => {}
