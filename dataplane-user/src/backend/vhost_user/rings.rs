@@ -57,6 +57,7 @@ enum Delivery {
 }
 
 /// Moves every frame the guest queued on `tx` to the tap.
+#[allow(clippy::too_many_arguments, reason = "one worker's whole context, passed per event without a struct to rebuild")]
 pub fn process_tx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memory: &Memory, negotiated: Negotiated, state: &mut PairState, stats: &BackendStats, event_idx: bool) {
     let mem = memory.memory();
     let hdr_len = negotiated.hdr_len();

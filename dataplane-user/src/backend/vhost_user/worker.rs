@@ -176,10 +176,8 @@ impl VhostUserBackend for NetDevice {
                     rings::process_rx(pair, tap, rx, &memory, negotiated, &mut state, self.stats());
                 }
             }
-            event if u64::from(event) == self.tap_event() => {
-                if ready(rx) {
-                    rings::process_rx(pair, tap, rx, &memory, negotiated, &mut state, self.stats());
-                }
+            event if u64::from(event) == self.tap_event() && ready(rx) => {
+                rings::process_rx(pair, tap, rx, &memory, negotiated, &mut state, self.stats());
             }
             _ => {}
         }
