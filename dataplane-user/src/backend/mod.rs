@@ -14,6 +14,7 @@ pub mod datagram;
 pub mod slirp;
 pub(crate) mod socket;
 pub mod stream;
+pub mod vhost_user;
 #[cfg(test)]
 mod test_support;
 
@@ -78,11 +79,32 @@ pub struct BackendStats {
     pub gso_segments: AtomicU64,
     /// `user`: IPv4 fragments from the guest, dropped before libslirp (see `slirp::engine`).
     pub ip_fragments: AtomicU64,
+    /// `vhost-user`: descriptor chains the guest queued that point outside its memory or cannot
+    /// be read or written (each is given back empty, its frame dropped).
+    pub bad_chains: AtomicU64,
+    /// `vhost-user`: frames for the guest dropped because its buffers could not hold them.
+    pub guest_drops: AtomicU64,
+    /// `vhost-user`: connections ended by a protocol error (garbage, a broken negotiation).
+    pub protocol_errors: AtomicU64,
+    /// `vhost-user`: frames moved (both ways) per queue pair.
+    pub pair_frames: std::sync::Mutex<Vec<u64>>,
 }
 
 impl BackendStats {
     pub fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `frames` to queue pair `pair`'s count.
+    pub fn count_pair(&self, pair: usize, frames: u64) {
+        if frames == 0 {
+            return;
+        }
+        let mut counts = self.pair_frames.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if counts.len() <= pair {
+            counts.resize(pair + 1, 0);
+        }
+        counts[pair] += frames;
     }
 
     #[must_use]
@@ -97,6 +119,9 @@ impl BackendStats {
             "connect-failures": get(&self.connect_failures), "disconnects": get(&self.disconnects),
             "gso-frames": get(&self.gso_frames), "gso-segments": get(&self.gso_segments),
             "ip-fragments": get(&self.ip_fragments),
+            "bad-chains": get(&self.bad_chains), "guest-drops": get(&self.guest_drops),
+            "protocol-errors": get(&self.protocol_errors),
+            "pair-frames": *self.pair_frames.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
         })
     }
 }
@@ -151,6 +176,7 @@ pub enum Prepared {
     Stream(stream::PreparedStream),
     Datagram(datagram::PreparedDatagram),
     User(slirp::PreparedUser),
+    VhostUser(vhost_user::PreparedVhostUser),
 }
 
 /// Opens the sockets of `netdev` if its type has a user-space side; `None` for the others.
@@ -188,15 +214,20 @@ impl Prepared {
     pub fn endpoint(&self) -> Option<TunnelEndpoint> {
         match self {
             Self::Datagram(datagram) => datagram.endpoint(),
-            Self::Stream(_) | Self::User(_) => None,
+            Self::Stream(_) | Self::User(_) | Self::VhostUser(_) => None,
         }
     }
 
-    /// Whether the backend's tap carries virtio-net headers: `user` joins the TCP segments it
-    /// sends to the guest into GSO frames.
+    /// How the backend's tap is opened: `user` joins the TCP segments it sends to the guest into
+    /// GSO frames, and a vhost-user guest's frames carry their virtio-net header (and with more
+    /// than one queue pair the tap has a queue for each).
     #[must_use]
-    pub const fn tap_vnet_hdr(&self) -> bool {
-        matches!(self, Self::User(_))
+    pub const fn tap_flags(&self) -> crate::port::tun::TapFlags {
+        match self {
+            Self::User(_) => crate::port::tun::TapFlags { vnet_hdr: true, multi_queue: false },
+            Self::VhostUser(vhost) => crate::port::tun::TapFlags { vnet_hdr: true, multi_queue: vhost.queue_pairs() > 1 },
+            Self::Stream(_) | Self::Datagram(_) => crate::port::tun::TapFlags { vnet_hdr: false, multi_queue: false },
+        }
     }
 
     /// Whether the port's link is up from the start (a stream's is down until it connects).
@@ -205,6 +236,8 @@ impl Prepared {
         match self {
             Self::Stream(stream) => stream.is_connected(),
             Self::Datagram(_) | Self::User(_) => true,
+            // Down until a frontend starts its rings.
+            Self::VhostUser(_) => false,
         }
     }
 
@@ -215,6 +248,7 @@ impl Prepared {
             Self::Stream(stream) => stream.run(pipe, ctx).await,
             Self::Datagram(datagram) => datagram.run(pipe, ctx).await,
             Self::User(user) => user.run(pipe, ctx).await,
+            Self::VhostUser(vhost) => vhost.run(pipe, ctx).await,
         }
     }
 }

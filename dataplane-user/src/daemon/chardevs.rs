@@ -4,13 +4,14 @@
 //! A chardev is opened (bound or connected) under the state lock: both are quick, non-blocking
 //! steps on unix sockets, and the lock keeps two adds of one id from racing.
 
-use std::sync::Arc;
+use std::{os::fd::OwnedFd, path::PathBuf, sync::Arc};
 
 use super::{Daemon, DaemonError, ReloadOutcome, State};
 use crate::{
-    chardev::{ChardevError, ChardevInfo, ChardevSpec, SocketChardev},
+    backend::vhost_user::Endpoint,
+    chardev::{ChardevAddress, ChardevError, ChardevInfo, ChardevSpec, SocketChardev},
     fd::{FdSource, NoFds},
-    netdev::{Netdev, NetdevError, NetdevOptions, vhost_user::VhostUserOptions},
+    netdev::{Netdev, NetdevError, NetdevOptions},
 };
 
 impl Daemon {
@@ -104,23 +105,25 @@ pub(super) fn vhost_user_chardev(state: &State, netdev: &Netdev) -> Result<Optio
     }
 }
 
-/// The seam where a `vhost-user` netdev's data path starts, given its chardev's socket, already
-/// checked: a server's listener ([`SocketChardev::listener`]), or a client's path and
-/// `reconnect` delay with the connection made at `chardev-add` ([`SocketChardev::take_connection`]).
-/// The backend reports its peer with [`SocketChardev::set_connected`].
-///
-/// There is no vhost-user data path in this build yet: the answer is the one netdevd gave before.
-pub(super) fn serve_vhost_user(
-    netdev: &Netdev,
-    _options: &VhostUserOptions,
-    _chardev: &Arc<SocketChardev>,
-) -> Result<(), DaemonError> {
-    Err(crate::model::registry::RegistryError::from(NetdevError::Unavailable {
-        id: netdev.id.clone(),
-        kind: netdev.kind(),
-        why: "its data path is not implemented in this version of netdevd".to_owned(),
-    })
-    .into())
+/// Where a `vhost-user` netdev's data path meets its chardev (already checked): the backend
+/// accepts from a server's listening socket, shared with the chardev (which keeps the path and
+/// removes it with itself), or connects to a client's path with its `reconnect` delay. A client's
+/// connection made at `chardev-add` is closed: a vhost-user session starts on the backend's own.
+pub(super) fn vhost_user_endpoint(netdev: &Netdev, chardev: &SocketChardev) -> Result<Endpoint, DaemonError> {
+    let unavailable = |why: String| -> DaemonError {
+        crate::model::registry::RegistryError::from(NetdevError::Unavailable { id: netdev.id.clone(), kind: netdev.kind(), why }).into()
+    };
+    if let Some(listener) = chardev.listener() {
+        let shared = listener.try_clone().map_err(|e| unavailable(format!("cannot share chardev '{}': {e}", chardev.id)))?;
+        return Ok(Endpoint::Fd(OwnedFd::from(shared)));
+    }
+    match &chardev.address {
+        ChardevAddress::Unix { path, is_abstract: false } => {
+            drop(chardev.take_connection());
+            Ok(Endpoint::Connect { path: PathBuf::from(path), reconnect: chardev.reconnect })
+        }
+        _ => Err(unavailable(format!("chardev '{}' is a client on an abstract address, which vhost-user cannot reconnect to", chardev.id))),
+    }
 }
 
 #[cfg(test)]

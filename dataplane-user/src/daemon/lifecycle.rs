@@ -14,12 +14,12 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::{
     Daemon, DaemonError, State,
     backends::RunningBackend,
-    chardevs::{serve_vhost_user, vhost_user_chardev},
+    chardevs::{vhost_user_chardev, vhost_user_endpoint},
     follow::Follower,
     nic::default_mac,
 };
 use crate::{
-    backend,
+    backend::{self, vhost_user::Endpoint},
     fd::FdSource,
     model::{registry::RegistryError, rx_filter::RxFilter, tunnel::TunnelFastPath},
     monitor::Monitor,
@@ -71,10 +71,8 @@ impl Daemon {
             let in_flight = self.reserve(&id).ok_or_else(|| RegistryError::from(NetdevError::DuplicateId { id: id.clone() }))?;
             (state.host.as_ref().map(|host| host.netlink.clone()), in_flight, chardev)
         };
-        if let (Some(chardev), NetdevOptions::VhostUser(options)) = (&chardev, &netdev.options) {
-            serve_vhost_user(&netdev, options, chardev)?;
-        }
-        let mut made = self.make(&netdev, netlink.as_ref(), fds).await?;
+        let vhost_user = chardev.as_deref().map(|chardev| vhost_user_endpoint(&netdev, chardev)).transpose()?;
+        let mut made = self.make(&netdev, netlink.as_ref(), fds, vhost_user).await?;
         let mut state = self.state.lock().await;
         let committed = self.commit(&mut state, netdev, &mut made);
         // Released under the lock: a netdev_del right after the commit finds the id free to take.
@@ -94,8 +92,15 @@ impl Daemon {
     }
 
     /// The slow part of `netdev_add`, without the lock: the interface (and its script or helper),
-    /// the backend's sockets and connection, the followed monitor. On failure nothing is left.
-    async fn make(&self, netdev: &Netdev, netlink: Option<&Netlink>, fds: &mut dyn FdSource) -> Result<Made, DaemonError> {
+    /// the backend's sockets and connection (a `vhost-user` netdev's from its chardev), the
+    /// followed monitor. On failure nothing is left.
+    async fn make(
+        &self,
+        netdev: &Netdev,
+        netlink: Option<&Netlink>,
+        fds: &mut dyn FdSource,
+        vhost_user: Option<Endpoint>,
+    ) -> Result<Made, DaemonError> {
         let id = netdev.id.clone();
         let mut made = Made::default();
         match netlink {
@@ -104,7 +109,13 @@ impl Daemon {
             None => {}
         }
         let result = async {
-            if let Some(mut prepared) = backend::prepare(netdev, fds).await? {
+            let prepared = match (vhost_user, &netdev.options) {
+                (Some(endpoint), NetdevOptions::VhostUser(options)) => Some(backend::Prepared::VhostUser(
+                    backend::vhost_user::prepare(&id, endpoint, options.queue_pairs()).map_err(backend::BackendError::from)?,
+                )),
+                _ => backend::prepare(netdev, fds).await?,
+            };
+            if let Some(mut prepared) = prepared {
                 if let Some(path) = self.user_resolv_conf.get() {
                     prepared = match prepared {
                         backend::Prepared::User(user) => backend::Prepared::User(user.with_resolv_conf(path)),
@@ -113,7 +124,7 @@ impl Daemon {
                 }
                 let Some(netlink) = netlink else { return Err(DaemonError::NoDataplane { id: id.clone() }) };
                 let (hub_device, pipe, resolved) =
-                    port::pair::user_space_port(&id, prepared.endpoint(), prepared.tap_vnet_hdr(), netlink).await?;
+                    port::pair::user_space_port(&id, prepared.endpoint(), prepared.tap_flags(), netlink).await?;
                 made.device = Some(hub_device);
                 made.tunnel = resolved;
                 made.backend = Some((prepared, pipe));

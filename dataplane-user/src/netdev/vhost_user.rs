@@ -22,4 +22,10 @@ impl VhostUserOptions {
             _ => Ok(()),
         }
     }
+
+    /// The number of queue pairs (`queues`, default 1).
+    #[must_use]
+    pub fn queue_pairs(&self) -> usize {
+        self.queues.and_then(|q| usize::try_from(q).ok()).unwrap_or(1).max(1)
+    }
 }

@@ -74,10 +74,14 @@ pub fn pair_names() -> (String, String) {
 /// fd (IPv6 off, the largest MTU a tap takes). Without `vnet_hdr` it has no offloads; with it,
 /// frames carry a virtio-net header and the reader takes checksum and TSO offloads. Nothing is
 /// left on failure.
-pub async fn create_tap_port(id: &str, vnet_hdr: bool, netlink: &Netlink) -> Result<(PortDevice, HubPipe), PortError> {
+pub async fn create_tap_port(
+    id: &str,
+    flags: super::tun::TapFlags,
+    netlink: &Netlink,
+) -> Result<(PortDevice, HubPipe), PortError> {
     let requested = format!("{}t", device_stem());
     let tun_error = |source| PortError::Tun { id: id.to_owned(), ifname: requested.clone(), source };
-    let flags = super::tun::TapFlags { vnet_hdr, ..super::tun::TapFlags::default() };
+    let vnet_hdr = flags.vnet_hdr;
     let (fd, ifname) = super::tun::create_tap(Some(&requested), flags).map_err(tun_error)?;
     if vnet_hdr {
         // The backend takes the guest's TCP segments whole, checksum left to it.
@@ -101,15 +105,16 @@ pub async fn create_tap_port(id: &str, vnet_hdr: bool, netlink: &Netlink) -> Res
 
 /// The port device of a user-space backend and the backend's end of it: a tap for streams and
 /// `user`; for tunnels a veth pair whose hub end joins the hub, the slow-path packet socket on its
-/// other end, and the kernel's share. Nothing is left on failure.
+/// other end, and the kernel's share. Nothing is left on failure. `tap` says how a tap is opened
+/// (a vhost-user backend's is multiqueue, one queue per queue pair).
 pub async fn user_space_port(
     id: &str,
     endpoint: Option<TunnelEndpoint>,
-    vnet_hdr: bool,
+    tap: super::tun::TapFlags,
     netlink: &Netlink,
 ) -> Result<(PortDevice, HubPipe, Option<TunnelFastPath>), PortError> {
     let Some(endpoint) = endpoint else {
-        let (device, pipe) = create_tap_port(id, vnet_hdr, netlink).await?;
+        let (device, pipe) = create_tap_port(id, tap, netlink).await?;
         return Ok((device, pipe, None));
     };
     let pair = PortPair::create(id, netlink).await?;

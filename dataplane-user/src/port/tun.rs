@@ -158,3 +158,20 @@ pub fn set_sndbuf(fd: &OwnedFd, bytes: u64) -> io::Result<()> {
     // SAFETY: TUNSETSNDBUF reads one int through the pointer.
     unsafe { ioctl(fd, libc::TUNSETSNDBUF, std::ptr::from_mut(&mut value) as libc::c_ulong) }
 }
+
+/// `TUNSETVNETHDRSZ`: the length of the virtio-net header in front of every frame of a tap
+/// opened with `IFF_VNET_HDR` (10, or 12 with `num_buffers` as a VERSION_1 guest writes it).
+pub fn set_vnet_hdr_len(fd: &OwnedFd, len: usize) -> io::Result<()> {
+    let mut value = libc::c_int::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
+    unsafe { ioctl(fd, libc::TUNSETVNETHDRSZ, std::ptr::from_mut(&mut value) as libc::c_ulong) }
+}
+
+/// `TUNSETQUEUE`: attaches or detaches one queue of a multiqueue tap. The kernel spreads the
+/// frames it sends to the tap over the attached queues only.
+pub fn set_queue_attached(fd: &OwnedFd, attached: bool) -> io::Result<()> {
+    let flags = if attached { libc::IFF_ATTACH_QUEUE } else { libc::IFF_DETACH_QUEUE };
+    let mut request = IfReq::new("", flags)?;
+    // SAFETY: TUNSETQUEUE reads an `ifreq` through the pointer.
+    unsafe { ioctl(fd, libc::TUNSETQUEUE, std::ptr::from_mut(&mut request) as libc::c_ulong) }
+}

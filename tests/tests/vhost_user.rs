@@ -1,0 +1,596 @@
+//! The vhost-user net backend without a VM: the test is the frontend (the `vhost` crate's
+//! `Frontend` over a memfd it shares as guest memory, with split rings it lays out itself), and a
+//! "VM" on a tap on the same hub is the other end. Frames go both ways through the hub, with one
+//! and two queue pairs; garbage, half negotiations, bad descriptors and `netdev_del` while
+//! connected leave the daemon serving. Needs root.
+//!
+//! Each netdev serves the socket chardev `c0` it names, as in QEMU.
+
+use std::{
+    os::{
+        fd::{FromRawFd, OwnedFd},
+        unix::net::UnixStream,
+    },
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use dataplane_tests::{Daemon, Netns, TapVm, TempDir, contains, settle, tap_queue_count, test_frame, unique};
+use serde_json::{Value, json};
+use vhost::{
+    VhostBackend, VhostUserMemoryRegionInfo, VringConfigData,
+    vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures},
+};
+use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+const VERSION_1: u64 = 1 << 32;
+const MRG_RXBUF: u64 = 1 << 15;
+const EVENT_IDX: u64 = 1 << 29;
+const INDIRECT_DESC: u64 = 1 << 28;
+const MQ: u64 = 1 << 22;
+const VRING_DESC_F_NEXT: u16 = 1;
+const VRING_DESC_F_WRITE: u16 = 2;
+const VRING_DESC_F_INDIRECT: u16 = 4;
+
+/// The v1 virtio-net header a VERSION_1 driver puts before every frame.
+const HDR_LEN: usize = 12;
+const QUEUE_SIZE: u16 = 256;
+const MEMORY_SIZE: usize = 8 << 20;
+/// Where the buffers start in guest memory (the rings lie below).
+const BUFFERS_BASE: u64 = 1 << 20;
+const BUFFER_LEN: u32 = 2048;
+
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x76, 0x68, 0x01];
+const PEER_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x76, 0x68, 0x02];
+
+/// Guest memory: a memfd, mapped here and shared with the backend.
+struct GuestMemory {
+    memory: GuestMemoryMmap,
+    region: VhostUserMemoryRegionInfo,
+}
+
+impl GuestMemory {
+    fn new() -> Self {
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let raw = unsafe { libc::memfd_create(c"vhost-user-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: the descriptor was just created and nothing else owns it.
+        let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        file.set_len(MEMORY_SIZE as u64).expect("size the memfd");
+        let mapping = MmapRegion::from_file(FileOffset::new(file, 0), MEMORY_SIZE).expect("map the memfd");
+        let region = GuestRegionMmap::new(mapping, GuestAddress(0)).expect("a guest region");
+        let info = VhostUserMemoryRegionInfo::from_guest_region(&region).expect("region info");
+        let memory = GuestMemoryMmap::from_regions(vec![region]).expect("guest memory");
+        Self { memory, region: info }
+    }
+
+    /// The frontend's address of guest address `gpa` (what SET_VRING_ADDR carries).
+    fn user_addr(&self, gpa: u64) -> u64 {
+        self.region.userspace_addr + gpa
+    }
+}
+
+/// A split virtqueue driven by the test: descriptor table, avail and used rings at fixed places.
+struct TestQueue {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    /// Buffers of this queue: one `BUFFER_LEN` slot per descriptor.
+    buffers: u64,
+    next_avail: u16,
+    last_used: u16,
+    kick: EventFd,
+    call: EventFd,
+}
+
+impl TestQueue {
+    fn new(index: usize) -> Self {
+        let base = (index as u64) * 0x1_0000;
+        let size = u64::from(QUEUE_SIZE);
+        let desc = base;
+        let avail = desc + 16 * size;
+        let used = (avail + 6 + 2 * size + 3) & !3;
+        let buffers = BUFFERS_BASE + (index as u64) * size * u64::from(BUFFER_LEN);
+        Self {
+            desc,
+            avail,
+            used,
+            buffers,
+            next_avail: 0,
+            last_used: 0,
+            kick: EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd"),
+            call: EventFd::new(libc::EFD_NONBLOCK).expect("call eventfd"),
+        }
+    }
+
+    fn slot(&self, index: u16) -> u64 {
+        self.buffers + u64::from(index) * u64::from(BUFFER_LEN)
+    }
+
+    fn write_desc(mem: &GuestMemoryMmap, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(table + u64::from(index) * 16);
+        mem.write_obj(addr.to_le(), at).expect("desc addr");
+        mem.write_obj(len.to_le(), at.unchecked_add(8)).expect("desc len");
+        mem.write_obj(flags.to_le(), at.unchecked_add(12)).expect("desc flags");
+        mem.write_obj(next.to_le(), at.unchecked_add(14)).expect("desc next");
+    }
+
+    /// Publishes descriptor `head` in the avail ring and kicks.
+    fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let slot = self.next_avail % QUEUE_SIZE;
+        mem.write_obj(head.to_le(), GuestAddress(self.avail + 4 + 2 * u64::from(slot))).expect("avail ring");
+        self.next_avail = self.next_avail.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        mem.write_obj(self.next_avail.to_le(), GuestAddress(self.avail + 2)).expect("avail idx");
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.kick.write(1).expect("kick");
+    }
+
+    /// Queues one descriptor `head` (slot-sized) pointing at its slot.
+    fn add_buffer(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32, write: bool) {
+        let flags = if write { VRING_DESC_F_WRITE } else { 0 };
+        Self::write_desc(mem, self.desc, head, self.slot(head), len, flags, 0);
+        self.publish(mem, head);
+    }
+
+    /// Sends `frame` (a header is put in front) from descriptor `head`.
+    fn send(&mut self, mem: &GuestMemoryMmap, head: u16, frame: &[u8]) {
+        let mut data = vec![0u8; HDR_LEN];
+        data.extend_from_slice(frame);
+        mem.write_slice(&data, GuestAddress(self.slot(head))).expect("frame into guest memory");
+        self.add_buffer(mem, head, u32::try_from(data.len()).expect("small frame"), false);
+    }
+
+    /// Sends `frame` as a two-descriptor chain (header, frame) behind an indirect descriptor.
+    fn send_indirect(&mut self, mem: &GuestMemoryMmap, head: u16, frame: &[u8]) {
+        let slot = self.slot(head);
+        let table = slot;
+        let header_at = slot + 64;
+        let frame_at = slot + 128;
+        mem.write_slice(&[0u8; HDR_LEN], GuestAddress(header_at)).expect("header");
+        mem.write_slice(frame, GuestAddress(frame_at)).expect("frame");
+        Self::write_desc(mem, table, 0, header_at, HDR_LEN as u32, VRING_DESC_F_NEXT, 1);
+        Self::write_desc(mem, table, 1, frame_at, u32::try_from(frame.len()).expect("small"), 0, 0);
+        Self::write_desc(mem, self.desc, head, table, 32, VRING_DESC_F_INDIRECT, 0);
+        self.publish(mem, head);
+    }
+
+    /// The used entries the backend added since the last call: (descriptor id, length).
+    fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let idx = u16::from_le(mem.read_obj(GuestAddress(self.used + 2)).expect("used idx"));
+        let mut entries = Vec::new();
+        while self.last_used != idx {
+            let slot = u64::from(self.last_used % QUEUE_SIZE);
+            let at = GuestAddress(self.used + 4 + 8 * slot);
+            let id = u32::from_le(mem.read_obj(at).expect("used id"));
+            let len = u32::from_le(mem.read_obj(at.unchecked_add(4)).expect("used len"));
+            entries.push((u16::try_from(id).expect("a descriptor id"), len));
+            self.last_used = self.last_used.wrapping_add(1);
+        }
+        entries
+    }
+}
+
+/// The test's frontend: a connection, guest memory and `2 * pairs` rings.
+struct TestFrontend {
+    frontend: Frontend,
+    mem: GuestMemory,
+    queues: Vec<TestQueue>,
+    features: u64,
+}
+
+impl TestFrontend {
+    /// Connects and negotiates as QEMU does, offering `features` (masked by the backend's).
+    fn connect(path: &Path, pairs: usize, features: u64) -> Self {
+        let mut frontend = connect_retrying(path, pairs);
+        frontend.set_owner().expect("SET_OWNER");
+        let offered = frontend.get_features().expect("GET_FEATURES");
+        assert_ne!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0, "the backend offers protocol features");
+        let features = (features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()) & offered;
+        let protocol = frontend.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        for wanted in [VhostUserProtocolFeatures::MQ, VhostUserProtocolFeatures::REPLY_ACK] {
+            assert!(protocol.contains(wanted), "the backend offers {wanted:?}: {protocol:?}");
+        }
+        // QEMU's vhost device per queue pair would add the same regions twice (see device.rs).
+        assert!(!protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS), "CONFIGURE_MEM_SLOTS is not offered");
+        assert!(!protocol.contains(VhostUserProtocolFeatures::RARP), "SEND_RARP is not offered");
+        assert!(!protocol.contains(VhostUserProtocolFeatures::MTU), "NET_SET_MTU is not offered");
+        frontend.set_protocol_features(protocol).expect("SET_PROTOCOL_FEATURES");
+        assert_eq!(frontend.get_queue_num().expect("GET_QUEUE_NUM"), 2 * pairs as u64, "two rings per pair");
+        frontend.set_features(features).expect("SET_FEATURES");
+        let mem = GuestMemory::new();
+        frontend.set_mem_table(&[mem.region]).expect("SET_MEM_TABLE");
+        let mut queues = Vec::new();
+        for index in 0..2 * pairs {
+            let queue = TestQueue::new(index);
+            frontend.set_vring_num(index, QUEUE_SIZE).expect("SET_VRING_NUM");
+            let config = VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: mem.user_addr(queue.desc),
+                used_ring_addr: mem.user_addr(queue.used),
+                avail_ring_addr: mem.user_addr(queue.avail),
+                log_addr: None,
+            };
+            frontend.set_vring_addr(index, &config).expect("SET_VRING_ADDR");
+            frontend.set_vring_base(index, 0).expect("SET_VRING_BASE");
+            frontend.set_vring_call(index, &queue.call).expect("SET_VRING_CALL");
+            frontend.set_vring_kick(index, &queue.kick).expect("SET_VRING_KICK");
+            frontend.set_vring_enable(index, true).expect("SET_VRING_ENABLE");
+            queues.push(queue);
+        }
+        Self { frontend, mem, queues, features }
+    }
+
+    fn rx(&mut self, pair: usize) -> &mut TestQueue {
+        &mut self.queues[2 * pair]
+    }
+
+    /// Gives the backend `count` receive buffers on pair `pair`.
+    fn post_rx_buffers(&mut self, pair: usize, count: u16) {
+        let mem = self.mem.memory.clone();
+        for head in 0..count {
+            self.rx(pair).add_buffer(&mem, head, BUFFER_LEN, true);
+        }
+    }
+
+    fn send(&mut self, pair: usize, head: u16, frame: &[u8]) {
+        let mem = self.mem.memory.clone();
+        self.queues[2 * pair + 1].send(&mem, head, frame);
+    }
+
+    fn send_indirect(&mut self, pair: usize, head: u16, frame: &[u8]) {
+        let mem = self.mem.memory.clone();
+        self.queues[2 * pair + 1].send_indirect(&mem, head, frame);
+    }
+
+    /// Buffers received on pair `pair` (header included, as the backend wrote them) until `until`
+    /// holds for one of them (the others filled by then included) or the deadline.
+    fn receive(&mut self, pair: usize, until: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + settle::DEADLINE;
+        let mut buffers = Vec::new();
+        loop {
+            let batch = self.poll(pair);
+            let done = batch.iter().any(|data| until(data));
+            buffers.extend(batch);
+            if done || Instant::now() > deadline {
+                return buffers;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The buffers the backend filled on pair `pair` since the last look, without waiting; each
+    /// is given back to it at once.
+    fn poll(&mut self, pair: usize) -> Vec<Vec<u8>> {
+        let mem = self.mem.memory.clone();
+        let rx = self.rx(pair);
+        let mut buffers = Vec::new();
+        for (head, len) in rx.take_used(&mem) {
+            let mut data = vec![0u8; len as usize];
+            mem.read_slice(&mut data, GuestAddress(rx.slot(head))).expect("read a received buffer");
+            rx.add_buffer(&mem, head, BUFFER_LEN, true);
+            buffers.push(data);
+        }
+        buffers
+    }
+}
+
+/// The frame in a (first) receive buffer, and its header's `num_buffers`.
+fn split(buffer: &[u8]) -> (u16, &[u8]) {
+    assert!(buffer.len() >= HDR_LEN, "a received buffer holds at least the header: {}", buffer.len());
+    (u16::from_le_bytes([buffer[10], buffer[11]]), &buffer[HDR_LEN..])
+}
+
+/// The backend listens from `netdev_add` on, so one attempt suffices; a few more cover a slow start.
+fn connect_retrying(path: &Path, pairs: usize) -> Frontend {
+    let deadline = Instant::now() + settle::DEADLINE;
+    loop {
+        match Frontend::connect(path, 2 * pairs as u64) {
+            Ok(frontend) => return frontend,
+            Err(error) => {
+                assert!(Instant::now() < deadline, "connect to {}: {error}", path.display());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+struct Setup {
+    switch: Netns,
+    daemon: Daemon,
+    peer: TapVm,
+    socket: PathBuf,
+    _dir: TempDir,
+}
+
+/// A daemon, a "VM" on a tap on hub 0, and a vhost-user netdev `vu0` on hub 0 listening on a socket.
+fn setup(pairs: usize) -> Setup {
+    let switch = Netns::new("vu");
+    switch.quiet();
+    let daemon = Daemon::start(&switch);
+    let tap = unique("p");
+    daemon.add(&format!("tap,id={tap},ifname={tap},script=no,downscript=no"));
+    daemon.add(&format!("hubport,id=h{tap},hubid=0,netdev={tap}"));
+    let peer = TapVm::open(&switch, &tap, false);
+    switch.wait_link_ready(&tap, settle::DEADLINE);
+    let dir = TempDir::new();
+    let socket = dir.0.join("vu0.sock");
+    chardev_add(&daemon, &socket, true, None).expect("chardev-add");
+    daemon.add(&format!("vhost-user,id=vu0,chardev=c0,queues={pairs}"));
+    daemon.add("hubport,id=hvu0,hubid=0,netdev=vu0");
+    Setup { switch, daemon, peer, socket, _dir: dir }
+}
+
+fn row(daemon: &Daemon, id: &str) -> Value {
+    daemon.netdevs().into_iter().find(|row| row["id"] == json!(id)).unwrap_or_else(|| panic!("no netdev {id}"))
+}
+
+fn counter(daemon: &Daemon, id: &str, name: &str) -> u64 {
+    row(daemon, id)["backend"][name].as_u64().unwrap_or_else(|| panic!("no counter {name} on {id}"))
+}
+
+fn wait_link(daemon: &Daemon, id: &str, up: bool) {
+    settle::wait_until(&format!("{id}'s link is {}", if up { "up" } else { "down" }), || row(daemon, id)["link-up"] == json!(up));
+}
+
+/// A frame from the guest, to the peer.
+fn guest_frame(tag: &[u8]) -> Vec<u8> {
+    test_frame(PEER_MAC, GUEST_MAC, tag)
+}
+
+#[test]
+fn frames_cross_the_hub_both_ways() {
+    let mut s = setup(1);
+    wait_link(&s.daemon, "vu0", false);
+    let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | MRG_RXBUF | EVENT_IDX | INDIRECT_DESC);
+    assert_eq!(guest.features & (VERSION_1 | MRG_RXBUF | EVENT_IDX | INDIRECT_DESC), VERSION_1 | MRG_RXBUF | EVENT_IDX | INDIRECT_DESC);
+    guest.post_rx_buffers(0, 64);
+    wait_link(&s.daemon, "vu0", true);
+
+    // Guest to peer: a plain chain and one behind an indirect descriptor.
+    let tag = unique("tx").into_bytes();
+    guest.send(0, 0, &guest_frame(&tag));
+    let indirect = unique("ind").into_bytes();
+    guest.send_indirect(0, 1, &guest_frame(&indirect));
+    let got = s.peer.recv_marked_count(&tag, 1, settle::DEADLINE);
+    assert_eq!(got, vec![guest_frame(&tag)], "the peer gets the guest's frame as sent");
+    let got = s.peer.recv_marked_count(&indirect, 1, settle::DEADLINE);
+    assert_eq!(got, vec![guest_frame(&indirect)], "the peer gets the frame of the indirect chain");
+
+    // Peer to guest: a small frame and one larger than a receive buffer (MRG_RXBUF: spread).
+    let small = unique("rx").into_bytes();
+    s.peer.send(&test_frame(GUEST_MAC, PEER_MAC, &small));
+    let mut big_payload = unique("big").into_bytes();
+    big_payload.resize(3000, 0xa5);
+    let big = test_frame(GUEST_MAC, PEER_MAC, &big_payload);
+    s.peer.send(&big);
+    let mut received = guest.receive(0, |b| b.len() > 1500);
+    if received.last().is_some_and(|b| b.len() > 1500) {
+        received.extend(guest.receive(0, |_| true));
+    }
+    let smalls: Vec<_> = received.iter().map(|b| split(b)).filter(|(_, f)| contains(f, &small)).collect();
+    assert_eq!(smalls.len(), 1, "the guest gets the peer's frame once: {received:?}");
+    assert_eq!(smalls[0].1, test_frame(GUEST_MAC, PEER_MAC, &small).as_slice(), "as the peer sent it");
+    assert_eq!(smalls[0].0, 1, "in one buffer (num_buffers)");
+    // The large frame: its first buffer says 2 (3014 bytes and the header take two 2048-byte
+    // buffers); the second holds the rest, no header of its own.
+    let first = received.iter().position(|b| b.len() > 1500).expect("the large frame's first buffer");
+    let (buffers, head) = split(&received[first]);
+    assert_eq!(buffers, 2, "num_buffers of the large frame");
+    let mut joined = head.to_vec();
+    joined.extend_from_slice(received.get(first + 1).expect("the large frame's second buffer"));
+    assert_eq!(joined, big, "the large frame arrives whole across its buffers");
+
+    assert!(counter(&s.daemon, "vu0", "rx-frames") >= 2, "frames from the guest are counted");
+    assert!(counter(&s.daemon, "vu0", "tx-frames") >= 2, "frames to the guest are counted");
+    assert_eq!(counter(&s.daemon, "vu0", "bad-chains"), 0);
+
+    // The link follows the connection: down once the frontend leaves, up again with the next.
+    drop(guest);
+    wait_link(&s.daemon, "vu0", false);
+    let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | MRG_RXBUF | EVENT_IDX);
+    guest.post_rx_buffers(0, 16);
+    wait_link(&s.daemon, "vu0", true);
+    let again = unique("again").into_bytes();
+    s.peer.send(&test_frame(GUEST_MAC, PEER_MAC, &again));
+    let received = guest.receive(0, |b| contains(b, &again));
+    assert!(received.iter().any(|b| contains(b, &again)), "a reconnected frontend receives");
+    drop(s.switch);
+}
+
+#[test]
+fn two_queue_pairs_each_carry_frames() {
+    let mut s = setup(2);
+    let ifname = s.daemon.ifname_of("vu0").expect("vu0's tap");
+    assert_eq!(tap_queue_count(&s.switch, &ifname), 1, "without a frontend only queue 0 is attached");
+    let mut guest = TestFrontend::connect(&s.socket, 2, VERSION_1 | MRG_RXBUF | EVENT_IDX | MQ);
+    assert_ne!(guest.features & MQ, 0, "MQ is negotiated");
+    guest.post_rx_buffers(0, 128);
+    guest.post_rx_buffers(1, 128);
+    wait_link(&s.daemon, "vu0", true);
+    settle::wait_until("both tap queues attached", || tap_queue_count(&s.switch, &ifname) == 2);
+
+    for pair in 0..2 {
+        let tag = unique(&format!("q{pair}")).into_bytes();
+        guest.send(pair, 0, &guest_frame(&tag));
+        assert_eq!(s.peer.recv_marked_count(&tag, 1, settle::DEADLINE).len(), 1, "the frame sent on pair {pair} arrives");
+    }
+
+    // The kernel spreads flows over the tap's queues: 64 UDP flows reach the guest across both.
+    let marker = unique("flow").into_bytes();
+    for port in 0..64u16 {
+        s.peer.send(&udp_frame(GUEST_MAC, PEER_MAC, 10_000 + port, &marker));
+    }
+    let mut per_pair = [0usize; 2];
+    let deadline = Instant::now() + settle::DEADLINE;
+    while per_pair.iter().sum::<usize>() < 64 && Instant::now() < deadline {
+        for (pair, seen) in per_pair.iter_mut().enumerate() {
+            *seen += guest.poll(pair).iter().filter(|b| contains(b, &marker)).count();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(per_pair.iter().sum::<usize>(), 64, "every flow's frame reaches the guest once: {per_pair:?}");
+    assert!(per_pair.iter().all(|n| *n > 0), "both queue pairs carry frames: {per_pair:?}");
+
+    drop(guest);
+    wait_link(&s.daemon, "vu0", false);
+    settle::wait_until("queue 1 detached without a frontend", || tap_queue_count(&s.switch, &ifname) == 1);
+}
+
+/// A UDP/IPv4 frame to `dst` from source port `port`.
+fn udp_frame(dst: [u8; 6], src: [u8; 6], port: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = etherparse::PacketBuilder::ethernet2(src, dst).ipv4([10, 9, 0, 2], [10, 9, 0, 1], 64).udp(port, 7);
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload).expect("build a UDP frame");
+    frame
+}
+
+#[test]
+fn garbage_and_half_negotiations_leave_the_backend_serving() {
+    let mut s = setup(1);
+    // Garbage: a header announcing an unknown request and a huge size, then nonsense.
+    {
+        let mut stream = UnixStream::connect(&s.socket).expect("connect");
+        use std::io::Write;
+        let _ = stream.write_all(&[0xff; 12]);
+        let _ = stream.write_all(&[0x5a; 4096]);
+        // The backend drops the connection: reading sees its end.
+        stream.set_read_timeout(Some(settle::DEADLINE)).expect("timeout");
+        let mut buffer = [0u8; 64];
+        let _ = std::io::Read::read(&mut stream, &mut buffer);
+    }
+    settle::wait_until("the garbage connection is counted", || counter(&s.daemon, "vu0", "disconnects") >= 1);
+    // Half a negotiation: features and memory, then gone.
+    {
+        let frontend = connect_retrying(&s.socket, 1);
+        frontend.set_owner().expect("SET_OWNER");
+        let offered = frontend.get_features().expect("GET_FEATURES");
+        frontend.set_features(offered & (VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())).expect("SET_FEATURES");
+        let mem = GuestMemory::new();
+        frontend.set_mem_table(&[mem.region]).expect("SET_MEM_TABLE");
+        frontend.set_vring_num(0, QUEUE_SIZE).expect("SET_VRING_NUM");
+    }
+    settle::wait_until("the half negotiation is counted", || counter(&s.daemon, "vu0", "disconnects") >= 2);
+    // A frontend that SET_OWNERs twice breaks the protocol: the backend ends that connection.
+    {
+        let frontend = connect_retrying(&s.socket, 1);
+        frontend.set_owner().expect("SET_OWNER");
+        let _ = frontend.set_owner();
+        let _ = frontend.get_features();
+    }
+    settle::wait_until("the broken connection is counted", || counter(&s.daemon, "vu0", "disconnects") >= 3);
+    assert!(counter(&s.daemon, "vu0", "protocol-errors") >= 1, "protocol errors are counted: {}", row(&s.daemon, "vu0"));
+
+    // And a proper frontend is served afterwards.
+    let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | MRG_RXBUF | EVENT_IDX);
+    guest.post_rx_buffers(0, 16);
+    wait_link(&s.daemon, "vu0", true);
+    let tag = unique("ok").into_bytes();
+    guest.send(0, 0, &guest_frame(&tag));
+    assert_eq!(s.peer.recv_marked_count(&tag, 1, settle::DEADLINE).len(), 1, "traffic flows after the garbage");
+}
+
+#[test]
+fn bad_descriptors_are_counted_drops() {
+    let mut s = setup(1);
+    let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | MRG_RXBUF | EVENT_IDX | INDIRECT_DESC);
+    guest.post_rx_buffers(0, 16);
+    wait_link(&s.daemon, "vu0", true);
+    let mem = guest.mem.memory.clone();
+    let tx = &mut guest.queues[1];
+    // A descriptor pointing past the end of guest memory.
+    TestQueue::write_desc(&mem, tx.desc, 5, (MEMORY_SIZE as u64) + 4096, 128, 0, 0);
+    tx.publish(&mem, 5);
+    // An indirect table that lies outside guest memory.
+    TestQueue::write_desc(&mem, tx.desc, 6, (MEMORY_SIZE as u64) * 2, 32, VRING_DESC_F_INDIRECT, 0);
+    tx.publish(&mem, 6);
+    // A chain shorter than a header and an Ethernet header.
+    TestQueue::write_desc(&mem, tx.desc, 7, tx.slot(7), 8, 0, 0);
+    tx.publish(&mem, 7);
+    settle::wait_until("bad chains counted", || counter(&s.daemon, "vu0", "bad-chains") + counter(&s.daemon, "vu0", "runt-frames") >= 3);
+
+    // The backend goes on: a good frame after them arrives.
+    let tag = unique("good").into_bytes();
+    guest.send(0, 8, &guest_frame(&tag));
+    assert_eq!(s.peer.recv_marked_count(&tag, 1, settle::DEADLINE).len(), 1, "a good frame after bad ones arrives");
+    assert!(row(&s.daemon, "vu0")["link-up"] == json!(true), "the connection survived");
+}
+
+#[test]
+fn netdev_del_while_connected_stops_everything() {
+    let s = setup(2);
+    let ifname = s.daemon.ifname_of("vu0").expect("vu0's tap");
+    let mut guest = TestFrontend::connect(&s.socket, 2, VERSION_1 | MRG_RXBUF | EVENT_IDX | MQ);
+    guest.post_rx_buffers(0, 16);
+    wait_link(&s.daemon, "vu0", true);
+    let threads_before = thread_count(s.daemon.pid());
+    s.daemon.del("hvu0");
+    s.daemon.del("vu0");
+    // The connection is closed: the frontend's next request fails.
+    settle::wait_until("the frontend's connection is closed", || guest.frontend.get_features().is_err());
+    assert!(s.socket.exists(), "the socket file stays with its chardev");
+    assert!(!s.switch.links().contains(&ifname), "the tap is removed");
+    settle::wait_until("the connection's threads are gone", || thread_count(s.daemon.pid()) < threads_before);
+    // The id and the chardev are free again: a new netdev serves the same socket, and holds the
+    // chardev (QEMU's refusal to remove it).
+    s.daemon.add("vhost-user,id=vu0,chardev=c0");
+    let _guest = TestFrontend::connect(&s.socket, 1, VERSION_1);
+    let error = s.daemon.execute("chardev-remove", json!({"id": "c0"})).expect_err("the chardev is busy");
+    assert_eq!(error.desc, "Chardev 'c0' is busy");
+}
+
+/// Adds the socket chardev `c0` on `path`: netdevd listens (`server`), or connects to the
+/// frontend, again every `reconnect` seconds when it goes.
+fn chardev_add(daemon: &Daemon, path: &std::path::Path, server: bool, reconnect: Option<u32>) -> Result<Value, String> {
+    let mut data = json!({"addr": {"type": "unix", "data": {"path": path}}, "server": server});
+    if server {
+        data["wait"] = json!(false);
+    }
+    if let Some(seconds) = reconnect {
+        data["reconnect"] = json!(seconds);
+    }
+    daemon.execute("chardev-add", json!({"id": "c0", "backend": {"type": "socket", "data": data}})).map_err(|e| e.desc)
+}
+
+fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map(Iterator::count).unwrap_or(0)
+}
+
+#[test]
+fn a_socket_that_cannot_be_bound_is_refused() {
+    let switch = Netns::new("vu");
+    let daemon = Daemon::start(&switch);
+    // As in QEMU, the chardev binds (or connects) when it is added: that is where it fails.
+    let error = chardev_add(&daemon, std::path::Path::new("/nonexistent-dir/vu0.sock"), true, None).expect_err("no directory");
+    assert!(error.starts_with("Failed to add chardev 'c0': Failed to bind socket to /nonexistent-dir/vu0.sock"), "QEMU's text: {error}");
+    let error = chardev_add(&daemon, std::path::Path::new("/nonexistent-dir/vu0.sock"), false, None).expect_err("no socket");
+    assert!(error.contains("Failed to connect to '/nonexistent-dir/vu0.sock'"), "{error}");
+    let error = daemon.add_err("vhost-user,id=vu0,chardev=c0");
+    assert_eq!(error, "chardev \"c0\" not found");
+    assert!(daemon.netdev_ids().is_empty(), "nothing is left: {:?}", daemon.netdev_ids());
+}
+
+#[test]
+fn the_backend_connects_to_a_listening_frontend_and_reconnects() {
+    let switch = Netns::new("vu");
+    switch.quiet();
+    let daemon = Daemon::start(&switch);
+    let dir = TempDir::new();
+    let socket = dir.0.join("frontend.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind the frontend's socket");
+    chardev_add(&daemon, &socket, false, Some(1)).expect("chardev-add");
+    daemon.add("vhost-user,id=vu0,chardev=c0");
+    for round in 0..2 {
+        let (stream, _) = listener.accept().expect("the backend connects");
+        let frontend = Frontend::from_stream(stream, 2);
+        frontend.set_owner().expect("SET_OWNER");
+        assert_ne!(frontend.get_features().expect("GET_FEATURES") & VERSION_1, 0, "round {round}: features offered");
+        drop(frontend);
+        settle::wait_until("the disconnect is counted", || counter(&daemon, "vu0", "disconnects") > round);
+    }
+    assert!(counter(&daemon, "vu0", "connects") >= 2, "{}", row(&daemon, "vu0"));
+}
