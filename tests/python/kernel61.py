@@ -37,6 +37,9 @@ KERNEL_SUITES = (
     "nic_rx_filter", "tunnels", "user_nat", "attach_modes", "ebpf_tunnel_test_run", "tunnel_guest_frames",
     "foreign_interfaces", "restart", "hub_learning",
 )
+#: Suites run in part unless `--filter` is given: on 6.1 the restart suite's TCX-mode variants
+#: fall back to netlink mode and would repeat the netlink ones.
+SUITE_FILTERS = {"restart": "netlink_mode"}
 #: Modules the suites use; on the host they are built in or auto-loaded, in the guest the
 #: kernel's own request_module would look in the initramfs, so they are loaded up front.
 #: `cls_u32` and `act_mirred` are the other tool's filters in attach_modes.
@@ -129,7 +132,7 @@ def main() -> int:
     commands = [
         "grep -E ' (overlay|9p|bpf) ' /proc/mounts",  # the chroot's mounts are in place
         f"modprobe -a {' '.join(MODULES)}; uname -r; cat /proc/cmdline",
-        *(suite_command(suite, binary, args.filter) for suite, binary in binaries.items()),
+        *(suite_command(suite, binary, args.filter or SUITE_FILTERS.get(suite)) for suite, binary in binaries.items()),
     ]
     machine = guest.Guest(
         workdir, "kernel61", commands=commands, agent=False, hostroot=True,
