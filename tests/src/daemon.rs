@@ -9,7 +9,7 @@ use std::{
 use dataplane::{client::QmpClient, qmp::protocol::QmpError, qmp::server::ListenAddr};
 use serde_json::{Value, json};
 
-use super::{namespaces::Netns, netdevd_bin, unique};
+use super::{namespaces::Netns, netdevd_bin, traffic::wait_child, unique};
 
 /// How long a daemon may take to accept its first connection before the test gives up on it.
 const START_DEADLINE: Duration = Duration::from_secs(120);
@@ -45,6 +45,15 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// A switch namespace, quiet, with a daemon in it.
+#[must_use]
+pub fn switch_with_daemon() -> (Netns, Daemon) {
+    let switch = Netns::new("sw");
+    switch.quiet();
+    let daemon = Daemon::start(&switch);
+    (switch, daemon)
 }
 
 impl Daemon {
@@ -207,16 +216,7 @@ impl Daemon {
     /// Waits up to `timeout` for the daemon to exit by itself (no signal sent): its exit status,
     /// or `None` while it still runs.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_child(&mut self.child, timeout)
     }
 
     /// The daemon's process id (`ip netns exec` execs it, so the child is the daemon).

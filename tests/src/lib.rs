@@ -84,3 +84,18 @@ pub fn test_frame(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
     frame.resize(frame.len().max(60), 0);
     frame
 }
+
+/// A marker unique to the calling test, which its frames carry so that a receiver can tell them
+/// from anything else on the link.
+#[must_use]
+pub fn frame_marker() -> Vec<u8> {
+    format!("<{}>", unique("tag")).into_bytes()
+}
+
+/// A test frame whose payload is `marker` followed by `what`.
+#[must_use]
+pub fn marked_frame(dst: [u8; 6], src: [u8; 6], marker: &[u8], what: &str) -> Vec<u8> {
+    let mut payload = marker.to_vec();
+    payload.extend_from_slice(what.as_bytes());
+    test_frame(dst, src, &payload)
+}

@@ -19,16 +19,7 @@ pub struct Background {
 impl Background {
     /// Waits up to `timeout` for the process to exit; `None` if it is still running.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child(&mut self.child, timeout)
     }
 
     /// Waits up to `timeout` and returns the exit status and stdout (piped); `None` on timeout.
@@ -79,4 +70,18 @@ pub fn iperf3_transfer(server: &Netns, client: &Netns, address: &str, seconds: u
         .unwrap_or_else(|e| panic!("iperf3 -J output is not JSON ({e}): {}", String::from_utf8_lossy(&stdout)));
     assert!(status.success(), "iperf3 client failed ({status}): {}", report["error"]);
     report
+}
+
+/// Waits up to `timeout` for `child` to exit; `None` if it is still running.
+pub(crate) fn wait_child(child: &mut std::process::Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -9,7 +9,7 @@
 
 use std::{collections::BTreeSet, time::Instant};
 
-use dataplane_tests::{Daemon, Netns, TapVm, contains, settle, test_frame, unique};
+use dataplane_tests::{Daemon, Netns, TapVm, contains, frame_marker, marked_frame, settle, switch_with_daemon, unique};
 use serde_json::{Value, json};
 
 const BROADCAST: [u8; 6] = [0xff; 6];
@@ -52,23 +52,6 @@ fn port_on_hub(switch: &Netns, daemon: &Daemon, hubid: i32, extra: &str, with_vm
     Port { port, vm }
 }
 
-fn switch_with_daemon() -> (Netns, Daemon) {
-    let switch = Netns::new("sw");
-    switch.quiet();
-    let daemon = Daemon::start(&switch);
-    (switch, daemon)
-}
-
-fn tag() -> Vec<u8> {
-    format!("<{}>", unique("tag")).into_bytes()
-}
-
-fn tagged(dst: [u8; 6], src: [u8; 6], tag: &[u8], what: &str) -> Vec<u8> {
-    let mut payload = tag.to_vec();
-    payload.extend_from_slice(what.as_bytes());
-    test_frame(dst, src, &payload)
-}
-
 /// Frames the hub sent every port, by hubport id, in one query: transmitted, plus those the port
 /// refused (`redirect-failed`: a tap no VM holds has no carrier and takes nothing).
 fn tx_packets(daemon: &Daemon) -> std::collections::BTreeMap<String, u64> {
@@ -88,7 +71,7 @@ fn tx_packets(daemon: &Daemon) -> std::collections::BTreeMap<String, u64> {
 /// broadcasts after the frames under test reached it (the sender reads nothing).
 fn collect(ports: &mut [Port], sender: usize, tag: &[u8]) -> Vec<Vec<Vec<u8>>> {
     let end = format!("<{}>", unique("end")).into_bytes();
-    ports[sender].vm().send(&tagged(BROADCAST, mac(sender), &end, "end"));
+    ports[sender].vm().send(&marked_frame(BROADCAST, mac(sender), &end, "end"));
     ports
         .iter_mut()
         .enumerate()
@@ -117,8 +100,8 @@ fn collect(ports: &mut [Port], sender: usize, tag: &[u8]) -> Vec<Vec<Vec<u8>>> {
 /// Sends `count` unicast frames from VM `from` to `to_mac` and returns how many each VM got, read
 /// up to `from`'s end marker; asserts every frame arrived unchanged.
 fn unicast(ports: &mut [Port], from: usize, to_mac: [u8; 6], count: usize, what: &str) -> Vec<usize> {
-    let tag = tag();
-    let frames: Vec<Vec<u8>> = (0..count).map(|n| tagged(to_mac, mac(from), &tag, &format!("{what}-{n}"))).collect();
+    let tag = frame_marker();
+    let frames: Vec<Vec<u8>> = (0..count).map(|n| marked_frame(to_mac, mac(from), &tag, &format!("{what}-{n}"))).collect();
     for frame in &frames {
         ports[from].vm().send(frame);
     }
@@ -137,8 +120,8 @@ fn unicast(ports: &mut [Port], from: usize, to_mac: [u8; 6], count: usize, what:
 /// VM `i` announces `source` (a broadcast every other VM gets), so the hub learns it behind VM
 /// `i`'s port.
 fn announce(ports: &mut [Port], i: usize, source: [u8; 6]) {
-    let tag = tag();
-    ports[i].vm().send(&tagged(BROADCAST, source, &tag, "hello"));
+    let tag = frame_marker();
+    ports[i].vm().send(&marked_frame(BROADCAST, source, &tag, "hello"));
     let got = collect(ports, i, &tag);
     for (j, frames) in got.iter().enumerate() {
         if j != i && ports[j].vm.is_some() {
@@ -270,8 +253,8 @@ fn a_hub_of_1024_taps_forwards_and_floods() {
 
     // A broadcast reaches every other port exactly once.
     let before = tx_packets(&daemon);
-    let tag = tag();
-    ports[0].vm().send(&tagged(BROADCAST, mac(0), &tag, "flood"));
+    let tag = frame_marker();
+    ports[0].vm().send(&marked_frame(BROADCAST, mac(0), &tag, "flood"));
     let got = collect(&mut ports, 0, &tag);
     for i in &with_vm[1..] {
         assert_eq!(got[*i].len(), 1, "VM {i} gets the broadcast once");

@@ -14,7 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_tests::{Daemon, Netns, TapVm, contains, settle, tcx_links, test_frame, unique};
+use dataplane_tests::{
+    Daemon, Netns, TapVm, contains, frame_marker, marked_frame, settle, switch_with_daemon, tcx_links, unique,
+};
 use serde_json::{Value, json};
 
 /// How long to wait for a frame that should arrive: generous, as reading stops when it does.
@@ -58,27 +60,7 @@ fn hub_of_taps(switch: &Netns, daemon: &Daemon, hubid: i32, count: usize) -> Vec
     (0..count).map(|_| tap_on_hub(switch, daemon, hubid)).collect()
 }
 
-/// A switch namespace, quiet, with a daemon in it.
-fn switch_with_daemon() -> (Netns, Daemon) {
-    let switch = Netns::new("sw");
-    switch.quiet();
-    let daemon = Daemon::start(&switch);
-    (switch, daemon)
-}
-
-/// A per-test tag that every test frame carries.
-fn tag() -> Vec<u8> {
-    format!("<{}>", unique("tag")).into_bytes()
-}
-
-/// A frame carrying `tag` followed by `what`.
-fn tagged(dst: [u8; 6], src: [u8; 6], tag: &[u8], what: &str) -> Vec<u8> {
-    let mut payload = tag.to_vec();
-    payload.extend_from_slice(what.as_bytes());
-    test_frame(dst, src, &payload)
-}
-
-/// The bytes `tagged(.., tag, what)` carries right after the Ethernet header.
+/// The bytes `marked_frame(.., tag, what)` carries right after the Ethernet header.
 fn marker(tag: &[u8], what: &str) -> Vec<u8> {
     let mut marker = tag.to_vec();
     marker.extend_from_slice(what.as_bytes());
@@ -94,7 +76,7 @@ fn collect(vms: &mut [Vm], tag: &[u8], markers: &[&[usize]]) -> Vec<Vec<Vec<u8>>
     let end = format!("<{}>", unique("end")).into_bytes();
     let senders: BTreeSet<usize> = markers.iter().flat_map(|m| m.iter().copied()).collect();
     for i in senders {
-        vms[i].vm.send(&tagged(BROADCAST, mac(i), &end, &format!("end-from-{i}|")));
+        vms[i].vm.send(&marked_frame(BROADCAST, mac(i), &end, &format!("end-from-{i}|")));
     }
     vms.iter_mut().zip(markers).map(|(vm, expected)| read_until_markers(&mut vm.vm, tag, &end, expected)).collect()
 }
@@ -128,18 +110,18 @@ fn sorted(mut frames: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 fn two_taps_exchange_frames() {
     let (switch, daemon) = switch_with_daemon();
     let mut vms = hub_of_taps(&switch, &daemon, 0, 2);
-    let tag = tag();
+    let tag = frame_marker();
     for size in [0usize, 100, 1486] {
         let filler = "x".repeat(size);
         // A → B, unicast to B's MAC.
         let what = format!("forth-{size}-");
-        let forth = tagged(mac(1), mac(0), &tag, &format!("{what}{filler}"));
+        let forth = marked_frame(mac(1), mac(0), &tag, &format!("{what}{filler}"));
         vms[0].vm.send(&forth);
         let received = vms[1].vm.recv_marked_count(&marker(&tag, &what), 1, WAIT);
         assert_eq!(received, vec![forth.clone()], "B gets A's {}-byte frame unchanged", forth.len());
         // B → A, unicast to A's MAC.
         let what = format!("back-{size}-");
-        let back = tagged(mac(0), mac(1), &tag, &format!("{what}{filler}"));
+        let back = marked_frame(mac(0), mac(1), &tag, &format!("{what}{filler}"));
         vms[1].vm.send(&back);
         let received = vms[0].vm.recv_marked_count(&marker(&tag, &what), 1, WAIT);
         assert_eq!(received, vec![back.clone()], "A gets B's {}-byte frame unchanged", back.len());
@@ -156,18 +138,18 @@ fn three_taps_flood_every_frame_to_the_other_two() {
     let mut vms = hub_of_taps(&switch, &daemon, 0, 3);
     // QEMU's flooding, without learning (a port without interface asks for it for its hub).
     daemon.add("hubport,id=flood,hubid=0,x-learning=off");
-    let tag = tag();
+    let tag = frame_marker();
     let mut sent: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 3];
     for (i, vm) in vms.iter_mut().enumerate() {
         for (kind, dst) in [("broadcast", BROADCAST), ("unknown-unicast", UNKNOWN), ("multicast", MULTICAST)] {
-            let frame = tagged(dst, mac(i), &tag, &format!("{kind}-from-{i}"));
+            let frame = marked_frame(dst, mac(i), &tag, &format!("{kind}-from-{i}"));
             vm.vm.send(&frame);
             sent[i].push(frame);
         }
     }
     // Every VM's MAC has now been seen on its port; a flooding hub still floods frames addressed to one.
     for (i, vm) in vms.iter_mut().enumerate() {
-        let frame = tagged(mac((i + 1) % 3), mac(i), &tag, &format!("known-unicast-from-{i}"));
+        let frame = marked_frame(mac((i + 1) % 3), mac(i), &tag, &format!("known-unicast-from-{i}"));
         vm.vm.send(&frame);
         sent[i].push(frame);
     }
@@ -203,12 +185,12 @@ fn hubs_are_isolated() {
         let ports = hubs.iter().filter(|row| row["type"] == json!("hubport") && row["hubid"] == json!(hubid)).count();
         assert_eq!(ports, 2, "x-query-netdevs lists two ports on hub {hubid}");
     }
-    let tag = tag();
+    let tag = frame_marker();
     let sent: Vec<Vec<u8>> = vms
         .iter_mut()
         .enumerate()
         .map(|(i, vm)| {
-            let frame = tagged(BROADCAST, mac(i), &tag, &format!("from-{i}-hub-{}", hubids[i / 2]));
+            let frame = marked_frame(BROADCAST, mac(i), &tag, &format!("from-{i}-hub-{}", hubids[i / 2]));
             vm.vm.send(&frame);
             frame
         })
@@ -232,12 +214,12 @@ fn hubs_are_isolated() {
 /// `from_peer` and `to_peer` sit on the same hubs as `from` and `to`: their end markers, sent
 /// afterwards, tell when whatever `from` sent has arrived.
 fn crosses(from: &mut Vm, from_peer: &mut Vm, to: &mut Vm, to_peer: &mut Vm, tag: &[u8], what: &str) -> bool {
-    let frame = tagged(BROADCAST, mac(0), tag, what);
+    let frame = marked_frame(BROADCAST, mac(0), tag, what);
     let marker = marker(tag, what);
     from.vm.send(&frame);
     let end = format!("<{}>", unique("end")).into_bytes();
-    to_peer.vm.send(&tagged(BROADCAST, mac(8), &end, "end-from-8|"));
-    from_peer.vm.send(&tagged(BROADCAST, mac(9), &end, "end-from-9|"));
+    to_peer.vm.send(&marked_frame(BROADCAST, mac(8), &end, "end-from-8|"));
+    from_peer.vm.send(&marked_frame(BROADCAST, mac(9), &end, "end-from-9|"));
     let got = read_until_markers(&mut to.vm, &marker, &end, &[8]);
     assert!(got.len() <= 1, "{what}: delivered {} times", got.len());
     if let Some(first) = got.first() {
@@ -252,7 +234,7 @@ fn joined_hubs_forward_until_the_join_goes_down() {
     let (switch, daemon) = switch_with_daemon();
     let (mut a, mut a_peer) = (tap_on_hub(&switch, &daemon, 1), tap_on_hub(&switch, &daemon, 1));
     let (mut b, mut b_peer) = (tap_on_hub(&switch, &daemon, 2), tap_on_hub(&switch, &daemon, 2));
-    let tag = tag();
+    let tag = frame_marker();
     assert!(!crosses(&mut a, &mut a_peer, &mut b, &mut b_peer, &tag, "before-join"), "hubs 1 and 2 are isolated before the join");
 
     // QEMU: -netdev hubport,id=j1,hubid=1 -netdev hubport,id=j2,hubid=2,netdev=j1
@@ -287,7 +269,7 @@ fn who_hears_whom(vms: &mut [Vm], tag: &[u8], phase: &str, should: &[BTreeSet<us
         .iter_mut()
         .enumerate()
         .map(|(i, vm)| {
-            let frame = tagged(BROADCAST, mac(i), tag, &format!("{phase}-from-{i}"));
+            let frame = marked_frame(BROADCAST, mac(i), tag, &format!("{phase}-from-{i}"));
             vm.vm.send(&frame);
             frame
         })
@@ -317,7 +299,7 @@ fn who_hears_whom(vms: &mut [Vm], tag: &[u8], phase: &str, should: &[BTreeSet<us
 fn set_link_down_stops_sending_and_receiving() {
     let (switch, daemon) = switch_with_daemon();
     let mut vms = hub_of_taps(&switch, &daemon, 0, 3);
-    let tag = tag();
+    let tag = frame_marker();
     let set = |s: &[usize]| s.iter().copied().collect::<BTreeSet<usize>>();
     let everyone = vec![set(&[1, 2]), set(&[0, 2]), set(&[0, 1])];
     let without_a = vec![set(&[]), set(&[2]), set(&[1])];
@@ -381,8 +363,8 @@ fn counters_count_exactly() {
     const M: u64 = 7;
     let (switch, daemon) = switch_with_daemon();
     let mut vms = hub_of_taps(&switch, &daemon, 0, 3);
-    let tag = tag();
-    let frame = tagged(BROADCAST, mac(0), &tag, &format!("counted-{}", "c".repeat(60)));
+    let tag = frame_marker();
+    let frame = marked_frame(BROADCAST, mac(0), &tag, &format!("counted-{}", "c".repeat(60)));
     let len = u64::try_from(frame.len()).expect("small frame");
     for vm in &vms {
         assert_counters(&daemon, &vm.port, (0, 0, 0, 0, 0), "before any frame");
@@ -487,8 +469,8 @@ fn netdev_del_under_traffic() {
     assert_eq!(ours(), all, "one tcx link of the daemon's program per port in TCX mode");
 
     // VM A floods the hub from a thread until told to stop.
-    let flood_tag = tag();
-    let flood = tagged(BROADCAST, mac(0), &flood_tag, "flood");
+    let flood_tag = frame_marker();
+    let flood = marked_frame(BROADCAST, mac(0), &flood_tag, "flood");
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let sender = {
@@ -567,11 +549,11 @@ fn netdev_del_under_traffic() {
     for vm in [&mut c, &mut d] {
         let _ = vm.vm.recv_all(Duration::from_millis(100));
     }
-    let after = tag();
-    let to_d = tagged(mac(3), mac(2), &after, "c-to-d");
+    let after = frame_marker();
+    let to_d = marked_frame(mac(3), mac(2), &after, "c-to-d");
     c.vm.send(&to_d);
     assert_eq!(d.vm.recv_marked_count(&after, 1, WAIT), vec![to_d], "D gets C's frame after the deletions");
-    let to_c = tagged(mac(2), mac(3), &after, "d-to-c");
+    let to_c = marked_frame(mac(2), mac(3), &after, "d-to-c");
     d.vm.send(&to_c);
     assert_eq!(c.vm.recv_marked_count(&after, 1, WAIT), vec![to_c], "C gets D's frame after the deletions");
 }
@@ -647,9 +629,9 @@ fn tap_with_two_queues() {
         .map(|i| open_queue(&switch, &tap).unwrap_or_else(|e| panic!("queue {i} of the queues=2 tap {tap}: {e}")))
         .collect();
     switch.wait_link_ready(&tap, dataplane_tests::settle::DEADLINE);
-    let tag = tag();
+    let tag = frame_marker();
     for (i, mut queue) in queues.into_iter().enumerate() {
-        let frame = tagged(BROADCAST, mac(i), &tag, &format!("from-queue-{i}"));
+        let frame = marked_frame(BROADCAST, mac(i), &tag, &format!("from-queue-{i}"));
         queue.send(&frame);
         assert_eq!(b.vm.recv_tagged(&marker(&tag, &format!("from-queue-{i}")), 1), vec![frame], "queue {i}'s frame crosses the hub");
     }

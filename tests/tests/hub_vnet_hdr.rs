@@ -3,9 +3,10 @@
 //! gets what its VM accepts (`TUNSETOFFLOAD`): the metadata as is, or the work done in software.
 //! Needs root.
 
-use dataplane_tests::{Daemon, Netns, TUN_F_CSUM, TUN_F_TSO4, TapVm, VirtioNetHdr, contains, settle, test_frame, unique};
+use dataplane_tests::{
+    Daemon, Netns, TUN_F_CSUM, TUN_F_TSO4, TapVm, VirtioNetHdr, contains, settle, switch_with_daemon, test_frame, unique,
+};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-
 
 const SRC_IP: [u8; 4] = [10, 0, 0, 1];
 const DST_IP: [u8; 4] = [10, 0, 0, 2];
@@ -31,13 +32,6 @@ fn vm_on_hub(switch: &Netns, daemon: &Daemon, vnet_hdr: bool) -> TapVm {
     // Frames sent to the tap before the kernel has activated its qdisc are dropped.
     switch.wait_link_ready(&tap, dataplane_tests::settle::DEADLINE);
     vm
-}
-
-fn switch_with_daemon() -> (Netns, Daemon) {
-    let switch = Netns::new("vh");
-    switch.quiet();
-    let daemon = Daemon::start(&switch);
-    (switch, daemon)
 }
 
 /// A TCP/IPv4 frame from VM 0 to VM 1 with correct checksums, built by etherparse.

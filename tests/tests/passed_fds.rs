@@ -17,7 +17,7 @@ use std::{
 
 use dataplane_tests::{
     Daemon, FdQmp, Netns, TapVm, open_tap_fd, open_tap_queues, settle, tap_queue_count, tap_sndbuf, test_frame,
-    unique, veth,
+    switch_with_daemon, unique, veth,
 };
 use serde_json::{Value, json};
 
@@ -25,14 +25,6 @@ const HELPER: &str = "/usr/lib/qemu/qemu-bridge-helper";
 
 fn mac(n: u8) -> [u8; 6] {
     [0x52, 0x54, 0x00, 0x5d, 0xfd, n]
-}
-
-/// A quiet switch namespace with a daemon in it.
-fn switch_with_daemon() -> (Netns, Daemon) {
-    let switch = Netns::new("sw");
-    switch.quiet();
-    let daemon = Daemon::start(&switch);
-    (switch, daemon)
 }
 
 /// A tap the daemon creates, on hub 0, with a "VM" holding its queue, ready to receive.
