@@ -357,7 +357,8 @@ fn tcp_udp_and_icmp_reach_the_host_through_10_0_2_2() {
 
 /// Bulk data to the guest: libslirp's segments are joined into GSO frames, the guest receives every
 /// byte in order, and a "VM" on the same hub whose tap has no virtio-net header (so no offloads)
-/// reads the same segments cut back to the MTU, with valid TCP checksums.
+/// reads the same segments cut back to the MTU, with valid TCP checksums. The VM's port is a
+/// monitor (`x-monitor=on`): the hub learns the guest's MAC and would send it the stream alone.
 #[test]
 fn bulk_download_is_joined_into_gso_frames_and_cut_back_for_ports_without_offloads() {
     const TOTAL: usize = 16 << 20;
@@ -374,7 +375,7 @@ fn bulk_download_is_joined_into_gso_frames_and_cut_back_for_ports_without_offloa
     user(&daemon, json!({}));
     let vm_tap = unique("vm");
     daemon.add(&format!("tap,id={vm_tap},ifname={vm_tap},script=no,downscript=no"));
-    daemon.add(&format!("hubport,id=p{vm_tap},hubid=0,netdev={vm_tap}"));
+    daemon.add(&format!("hubport,id=p{vm_tap},hubid=0,netdev={vm_tap},x-monitor=on"));
     let mut vm = TapVm::open(&host, &vm_tap, false);
     let g = guest(&host, &daemon, false);
     g.configure_static();
