@@ -362,18 +362,12 @@ fn summarize_rounds(rounds: &Rounds, options: &Options) -> Value {
             (key.clone(), ratio)
         })
         .collect();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    json!({
-        "kernel": kernel.trim(),
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "frames_per_run": options.frames,
-        "frame_bytes_on_wire": FRAME_LEN + 4,
-        "rounds": options.runs,
+    with_run_facts(options, json!({
         "method": "variants interleaved round by round; figures are medians over rounds, ratios medians of per-round ratios",
         "results": results,
         "ratios": ratios,
         "paired_ratios": paired,
-    })
+    }))
 }
 
 /// Median Gbps and every transfer, or the error of the first that moved nothing.
@@ -538,18 +532,29 @@ fn sweep_report(samples: &BTreeMap<(usize, &'static str, &'static str), Vec<Samp
             ratio(pps(size, "hub", "unicast"), pps(smallest, "hub", "unicast")),
         );
     }
+    with_run_facts(options, json!({
+        "ports": sizes,
+        "method": "hub and bridge interleaved round by round at every size; unicast to a destination both learned (it spoke first); flood pps at one sink; figures are medians over rounds, ratios medians of per-round ratios",
+        "results": results,
+        "ratios": ratios,
+    }))
+}
+
+/// The facts of the run every report starts with (kernel, CPUs, frames, rounds), then `rest`'s
+/// entries in their order.
+fn with_run_facts(options: &Options, rest: Value) -> Value {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    json!({
+    let mut report = json!({
         "kernel": kernel.trim(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "frames_per_run": options.frames,
         "frame_bytes_on_wire": FRAME_LEN + 4,
         "rounds": options.runs,
-        "ports": sizes,
-        "method": "hub and bridge interleaved round by round at every size; unicast to a destination both learned (it spoke first); flood pps at one sink; figures are medians over rounds, ratios medians of per-round ratios",
-        "results": results,
-        "ratios": ratios,
-    })
+    });
+    if let (Some(facts), Value::Object(rest)) = (report.as_object_mut(), rest) {
+        facts.extend(rest);
+    }
+    report
 }
 
 fn sweep_table(report: &Value, sizes: &[usize]) -> String {

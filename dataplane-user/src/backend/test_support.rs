@@ -41,19 +41,7 @@ pub async fn stop(ctx: &BackendContext, task: tokio::task::JoinHandle<()>) {
 }
 
 pub fn inet(host: &str, port: u16) -> SocketAddress {
-    SocketAddress::Inet(InetSocketAddress {
-        host: host.to_owned(),
-        port: port.to_string(),
-        numeric: None,
-        to: None,
-        ipv4: None,
-        ipv6: None,
-        keep_alive: None,
-        keep_alive_count: None,
-        keep_alive_idle: None,
-        keep_alive_interval: None,
-        mptcp: None,
-    })
+    SocketAddress::Inet(InetSocketAddress { host: host.to_owned(), port: port.to_string(), ..Default::default() })
 }
 
 pub fn unix(path: &str) -> SocketAddress {

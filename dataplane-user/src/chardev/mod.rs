@@ -189,15 +189,7 @@ impl ChardevSpec {
                 data: crate::netdev::sockaddr::InetSocketAddress {
                     host,
                     port: string("port").unwrap_or_default(),
-                    numeric: None,
-                    to: None,
-                    ipv4: None,
-                    ipv6: None,
-                    keep_alive: None,
-                    keep_alive_count: None,
-                    keep_alive_idle: None,
-                    keep_alive_interval: None,
-                    mptcp: None,
+                    ..Default::default()
                 },
             }),
             // QEMU reads a missing `fd` as an empty number.

@@ -244,26 +244,10 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{Hook, Port};
+    use crate::plan::Port;
 
     fn port(slot: u32) -> Port {
-        Port {
-            hubport: String::new(),
-            netdev: String::new(),
-            ifname: String::new(),
-            hubid: 0,
-            segment: 0,
-            slot,
-            segment_slot: 0,
-            link_up: true,
-            hook: Hook::Ingress,
-            deliver_ingress: false,
-            deliver_peer: false,
-            nic: None,
-            filtered: false,
-            monitor: false,
-            generation: 0,
-        }
+        Port::holding_slot(slot)
     }
 
     #[test]

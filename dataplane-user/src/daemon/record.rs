@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::State;
-use crate::plan::{Hook, Plan, Port};
+use crate::plan::{Plan, Port};
 
 const VERSION: u32 = 1;
 
@@ -100,25 +100,7 @@ impl Record {
     pub fn slots(&self) -> Plan {
         let mut plan = Plan::default();
         for PortSlot { ifindex, slot } in &self.port_slots {
-            // Only the slot counts: the planner reads nothing else of a previous plan's port.
-            let port = Port {
-                hubport: String::new(),
-                netdev: String::new(),
-                ifname: String::new(),
-                hubid: 0,
-                segment: 0,
-                slot: *slot,
-                segment_slot: 0,
-                link_up: false,
-                hook: Hook::Ingress,
-                deliver_ingress: false,
-                deliver_peer: false,
-                nic: None,
-                filtered: false,
-                monitor: false,
-                generation: 0,
-            };
-            plan.ports.insert(*ifindex, port);
+            plan.ports.insert(*ifindex, Port::holding_slot(*slot));
         }
         plan.segment_slots = self.segment_slots.iter().map(|s| (s.segment, s.slot)).collect();
         // The pinned learned-MAC table outlives the run, generations of its entries included:

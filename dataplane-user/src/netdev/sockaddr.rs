@@ -4,7 +4,9 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::qapi;
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+/// `Default` is for building one in code (host and port given, every option absent); the schema
+/// still requires `host` and `port`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct InetSocketAddress {
     pub host: String,

@@ -102,6 +102,29 @@ pub struct Port {
 }
 
 impl Port {
+    /// A port of a previous plan that only keeps `slot` taken (an earlier run's, while it is
+    /// adopted): the planner reads nothing else of a previous plan's port.
+    #[must_use]
+    pub const fn holding_slot(slot: u32) -> Self {
+        Self {
+            hubport: String::new(),
+            netdev: String::new(),
+            ifname: String::new(),
+            hubid: 0,
+            segment: 0,
+            slot,
+            segment_slot: 0,
+            link_up: false,
+            hook: Hook::Ingress,
+            deliver_ingress: false,
+            deliver_peer: false,
+            nic: None,
+            filtered: false,
+            monitor: false,
+            generation: 0,
+        }
+    }
+
     #[must_use]
     pub const fn config(&self) -> PortConfig {
         let mut flags = 0;
