@@ -406,7 +406,8 @@ fn frames_cross_the_hub_both_ways() {
 fn two_queue_pairs_each_carry_frames() {
     let mut s = setup(2);
     let ifname = s.daemon.ifname_of("vu0").expect("vu0's tap");
-    assert_eq!(tap_queue_count(&s.switch, &ifname), 1, "without a frontend only queue 0 is attached");
+    // The backend opens the tap's queues after netdev_add answers, and detaches queue 1 at once.
+    settle::wait_until("without a frontend only queue 0 is attached", || tap_queue_count(&s.switch, &ifname) == 1);
     let mut guest = TestFrontend::connect(&s.socket, 2, VERSION_1 | MRG_RXBUF | EVENT_IDX | MQ);
     assert_ne!(guest.features & MQ, 0, "MQ is negotiated");
     guest.post_rx_buffers(0, 128);
