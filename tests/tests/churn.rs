@@ -163,9 +163,19 @@ fn packet_socket(ns: &Netns, ifname: &str) -> OwnedFd {
 }
 
 fn send_frame(socket: &OwnedFd, frame: &[u8]) {
-    // SAFETY: `frame` is valid for reads of its length.
-    let sent = unsafe { libc::send(socket.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-    assert_eq!(usize::try_from(sent).ok(), Some(frame.len()), "send: {}", std::io::Error::last_os_error());
+    // A full device queue answers ENOBUFS (a loaded machine drains it late): wait and send again.
+    let deadline = std::time::Instant::now() + dataplane_tests::settle::DEADLINE;
+    loop {
+        // SAFETY: `frame` is valid for reads of its length.
+        let sent = unsafe { libc::send(socket.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        let error = std::io::Error::last_os_error();
+        if sent < 0 && error.raw_os_error() == Some(libc::ENOBUFS) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        }
+        assert_eq!(usize::try_from(sent).ok(), Some(frame.len()), "send: {error}");
+        return;
+    }
 }
 
 /// Whether a frame containing `marker` arrives on `socket` before reads stop yielding frames
