@@ -1,7 +1,7 @@
 """`cargo xtask bench vhost`: a guest's NIC on netdevd's vhost-user backend against QEMU's own
 virtio-net on a tap (on netdevd's hub, and on a Linux bridge).
 
-    python bench_vhost.py [--rounds 3] [--seconds 5] [--output bench/results/vhost.json]
+    python bench_vhost.py [--rounds 3] [--seconds 5] [--output bench/results/vhost.json] [--perf DIR]
 
 Two guests (guest.py: Debian's kernel, iperf3; the accelerator guest.py picks) and a container
 namespace, all in one fresh namespace with one netdevd. Each guest has three NICs, one per path:
@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,23 +77,25 @@ def address(path: str, host: int) -> str:
     return f"{SUBNETS[path]}.{host}"
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system time of the processes (all their threads) so far."""
-    total = 0
-    for pid in pids:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system time of each process (all its threads) so far."""
+    times = {}
+    for name, pid in pids.items():
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / CLOCK_TICKS
+        times[name] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15)
+    return times
 
 
-def iperf3(client: guest.Guest, target: str, udp: bool, seconds: int, pids: list[int]) -> dict:
+def iperf3(client: guest.Guest, target: str, udp: bool, seconds: int, pids: dict[str, int]) -> dict:
     """One iperf3 run from `client`; what the receiver got, and the host CPU it took."""
     options = f"-u -l {UDP_PAYLOAD} -b 0" if udp else ""
-    before = cpu_seconds(pids)
+    start_times = cpu_seconds(pids)
     # A transfer that stalls is ended and recorded as such (the run goes on).
     result = client.run(f"timeout {seconds + STALL_SECONDS} iperf3 -c {target} -t {seconds} {options} -J",
                         timeout=seconds + STALL_SECONDS + 180, check=False)
-    cpu = cpu_seconds(pids) - before
+    end_times = cpu_seconds(pids)
+    by_process = {name: round(end_times[name] - start_times[name], 2) for name in pids}
+    cpu = sum(by_process.values())
     start = result.output.find("{")
     data = json.loads(result.output[start:]) if start >= 0 else {"error": f"no JSON (exit {result.rc})"}
     if "error" in data or result.rc != 0:
@@ -101,6 +104,7 @@ def iperf3(client: guest.Guest, target: str, udp: bool, seconds: int, pids: list
     received = data["end"]["sum_received"]
     delivered = received["bytes"]
     figures = {"bytes": delivered, "seconds": received["seconds"], "host_cpu_seconds": round(cpu, 2),
+               "host_cpu_seconds_by_process": by_process,
                "cpu_seconds_per_gb": round(cpu / (delivered / 1e9), 2) if delivered else None}
     if udp:
         figures["pps"] = delivered / UDP_PAYLOAD / received["seconds"]
@@ -109,7 +113,7 @@ def iperf3(client: guest.Guest, target: str, udp: bool, seconds: int, pids: list
     return figures
 
 
-def measure(b: guest.Guest, path: str, seconds: int, pids: list[int]) -> dict[str, dict]:
+def measure(b: guest.Guest, path: str, seconds: int, pids: dict[str, int]) -> dict[str, dict]:
     return {
         "tcp-guest": iperf3(b, address(path, 1), False, seconds, pids),
         "tcp-namespace": iperf3(b, address(path, 3), False, seconds, pids),
@@ -126,7 +130,7 @@ def headline(figures: dict) -> float:
 def summarize(rounds: list[dict]) -> dict:
     """Medians per path and test, and medians of the per-round ratios vhost-user/hub-tap and
     vhost-user/bridge."""
-    summary: dict = {"median": {}, "cpu_seconds_per_gb": {}, "failed_transfers": {},
+    summary: dict = {"median": {}, "cpu_seconds_per_gb": {}, "cpu_seconds_by_process": {}, "failed_transfers": {},
                      "ratio_vhost_user_to": {"hub-tap": {}, "bridge": {}}}
     for test in TESTS:
         unit = "gbps" if test.startswith("tcp") else "pps"
@@ -142,6 +146,11 @@ def summarize(rounds: list[dict]) -> dict:
             for path in PATHS
         }
         summary["failed_transfers"][test] = {path: len(rounds) - len(done(path)) for path in PATHS}
+        summary["cpu_seconds_by_process"][test] = {
+            path: {name: statistics.median(f["host_cpu_seconds_by_process"][name] for f in done(path))
+                   for name in done(path)[0]["host_cpu_seconds_by_process"]} if done(path) else None
+            for path in PATHS
+        }
         for other in ("hub-tap", "bridge"):
             ratios = [headline(r["vhost-user"][test]) / headline(r[other][test]) for r in rounds
                       if headline(r[other][test]) and "failed" not in r["vhost-user"][test]]
@@ -162,6 +171,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--output", type=Path, default=guest.REPO_ROOT / "bench/results/vhost.json")
+    parser.add_argument("--perf", type=Path, help="perf record (call graphs) QEMU and netdevd during each path's "
+                        "transfers of the first round, into PERF/PATH.data")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("the vhost benchmark needs root")
@@ -230,12 +241,23 @@ def main() -> int:
                                   stderr=subprocess.DEVNULL)
         for path in PATHS:  # every path connects (and the hubs learn the MACs) before measuring
             b.run(f"ping -c 2 -W 20 {address(path, 1)} && ping -c 2 -W 20 {address(path, 3)}", timeout=180)
-        pids = [machine.proc.pid for machine in machines] + [daemon.proc.pid]
+        pids = {f"qemu-{machine.name}": machine.proc.pid for machine in machines} | {"netdevd": daemon.proc.pid}
         load_before = os.getloadavg()
         rounds = []
         for number in range(args.rounds):
             order = PATHS[number % len(PATHS):] + PATHS[:number % len(PATHS)]
-            figures = {path: measure(b, path, args.seconds, pids) for path in order}
+            figures = {}
+            for path in order:
+                recorder = None
+                if args.perf is not None and number == 0:
+                    args.perf.mkdir(parents=True, exist_ok=True)
+                    recorder = subprocess.Popen(
+                        ["perf", "record", "-q", "-F", "499", "-g", "-p", ",".join(str(pid) for pid in pids.values()),
+                         "-o", str(args.perf / f"{path}.data")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                figures[path] = measure(b, path, args.seconds, pids)
+                if recorder is not None:
+                    recorder.send_signal(signal.SIGINT)
+                    recorder.wait(60)
             rounds.append(figures)
             line = ", ".join(
                 f"{path} tcp {headline(figures[path]['tcp-guest']):.2f}/{headline(figures[path]['tcp-namespace']):.2f} Gbit/s "
@@ -260,7 +282,8 @@ def main() -> int:
             "load_average_before": [round(v, 2) for v in load_before],
             "load_average_after": [round(v, 2) for v in load_after],
             "seconds_per_transfer": args.seconds,
-            "host_cpu": "utime+stime of both QEMU processes and netdevd during each transfer, per GB received",
+            "host_cpu": ("utime+stime of both QEMU processes and netdevd during each transfer, per GB received; "
+                         "cpu_seconds_by_process: the same per process, seconds per transfer"),
             "vhost_user_counters": {name: rows[name].get("backend") for name in ("vu0", "vu1") if name in rows},
             "rounds": rounds,
             **summarize(rounds),
