@@ -373,7 +373,10 @@ fn guest_frame(tag: &[u8]) -> Vec<u8> {
 fn frames_cross_the_hub_both_ways() {
     let mut s = setup(1);
     wait_link(&s.daemon, "vu0", false);
+    let served = format!("unix:{},server=on", s.socket.display());
+    assert_eq!(chardev_filename(&s.daemon), format!("disconnected:{served}"), "no frontend yet");
     let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | MRG_RXBUF | EVENT_IDX | INDIRECT_DESC);
+    settle::wait_until("query-chardev shows the frontend connected", || chardev_filename(&s.daemon) == served);
     assert_eq!(guest.features & (VERSION_1 | MRG_RXBUF | EVENT_IDX | INDIRECT_DESC), VERSION_1 | MRG_RXBUF | EVENT_IDX | INDIRECT_DESC);
     guest.post_rx_buffers(0, 64);
     wait_link(&s.daemon, "vu0", true);
@@ -419,6 +422,7 @@ fn frames_cross_the_hub_both_ways() {
     // The link follows the connection: down once the frontend leaves, up again with the next.
     drop(guest);
     wait_link(&s.daemon, "vu0", false);
+    settle::wait_until("query-chardev shows the frontend gone", || chardev_filename(&s.daemon) == format!("disconnected:{served}"));
     let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | MRG_RXBUF | EVENT_IDX);
     guest.post_rx_buffers(0, 16);
     wait_link(&s.daemon, "vu0", true);
@@ -627,6 +631,13 @@ fn chardev_add(daemon: &Daemon, path: &std::path::Path, server: bool, reconnect:
         data["reconnect"] = json!(seconds);
     }
     daemon.execute("chardev-add", json!({"id": "c0", "backend": {"type": "socket", "data": data}})).map_err(|e| e.desc)
+}
+
+/// `query-chardev`'s `filename` of `c0`, which says whether a frontend is connected, as QEMU's.
+fn chardev_filename(daemon: &Daemon) -> String {
+    let rows = daemon.execute("query-chardev", json!({})).unwrap_or_else(|e| panic!("query-chardev: {}", e.desc));
+    let row = rows.as_array().and_then(|rows| rows.iter().find(|row| row["label"] == json!("c0"))).cloned();
+    row.and_then(|row| row["filename"].as_str().map(str::to_owned)).unwrap_or_else(|| panic!("no chardev c0: {rows}"))
 }
 
 fn thread_count(pid: u32) -> usize {
