@@ -209,8 +209,15 @@ struct TestFrontend {
 }
 
 impl TestFrontend {
-    /// Connects and negotiates as QEMU does, offering `features` (masked by the backend's).
+    /// Connects and negotiates as QEMU does, offering `features` (masked by the backend's); the
+    /// guest's memory goes in one `SET_MEM_TABLE`.
     fn connect(path: &Path, pairs: usize, features: u64) -> Self {
+        Self::connect_with(path, pairs, features, false)
+    }
+
+    /// As `connect`; with `region_per_pair`, the memory is added as QEMU 7.2 adds it with
+    /// `CONFIGURE_MEM_SLOTS`: each queue pair's vhost device adds the same region (`ADD_MEM_REG`).
+    fn connect_with(path: &Path, pairs: usize, features: u64, region_per_pair: bool) -> Self {
         let mut frontend = connect_retrying(path, pairs);
         frontend.set_owner().expect("SET_OWNER");
         let offered = frontend.get_features().expect("GET_FEATURES");
@@ -220,15 +227,21 @@ impl TestFrontend {
         for wanted in [VhostUserProtocolFeatures::MQ, VhostUserProtocolFeatures::REPLY_ACK] {
             assert!(protocol.contains(wanted), "the backend offers {wanted:?}: {protocol:?}");
         }
-        // QEMU's vhost device per queue pair would add the same regions twice (see device.rs).
-        assert!(!protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS), "CONFIGURE_MEM_SLOTS is not offered");
+        assert!(protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS), "CONFIGURE_MEM_SLOTS is offered");
         assert!(!protocol.contains(VhostUserProtocolFeatures::RARP), "SEND_RARP is not offered");
         assert!(!protocol.contains(VhostUserProtocolFeatures::MTU), "NET_SET_MTU is not offered");
         frontend.set_protocol_features(protocol).expect("SET_PROTOCOL_FEATURES");
         assert_eq!(frontend.get_queue_num().expect("GET_QUEUE_NUM"), 2 * pairs as u64, "two rings per pair");
         frontend.set_features(features).expect("SET_FEATURES");
         let mem = GuestMemory::new();
-        frontend.set_mem_table(&[mem.region]).expect("SET_MEM_TABLE");
+        if region_per_pair {
+            assert!(frontend.get_max_mem_slots().expect("GET_MAX_MEM_SLOTS") >= 8, "memory slots for QEMU's regions");
+            for _ in 0..pairs {
+                frontend.add_mem_region(&mem.region).expect("ADD_MEM_REG");
+            }
+        } else {
+            frontend.set_mem_table(&[mem.region]).expect("SET_MEM_TABLE");
+        }
         let mut queues = Vec::new();
         for index in 0..2 * pairs {
             let queue = TestQueue::new(index);
@@ -516,6 +529,39 @@ fn two_queue_pairs_each_carry_frames() {
     drop(guest);
     wait_link(&s.daemon, "vu0", false);
     settle::wait_until("queue 1 detached without a frontend", || tap_queue_count(&s.switch, &ifname) == 1);
+}
+
+/// `CONFIGURE_MEM_SLOTS` as QEMU 7.2 uses it with two queue pairs: each pair's vhost device adds
+/// the guest's memory region, and one removes it again when it stops while the other goes on.
+/// Frames cross on both pairs throughout, and the connection stays (no protocol error).
+#[test]
+fn memory_regions_added_per_queue_pair_as_qemu_does() {
+    let mut s = setup(2);
+    let mut guest = TestFrontend::connect_with(&s.socket, 2, VERSION_1 | MRG_RXBUF | EVENT_IDX | MQ, true);
+    guest.post_rx_buffers(0, 64);
+    guest.post_rx_buffers(1, 64);
+    wait_link(&s.daemon, "vu0", true);
+    for pair in 0..2 {
+        let tag = unique(&format!("m{pair}")).into_bytes();
+        guest.send(pair, 0, &guest_frame(&tag));
+        assert_eq!(s.peer.recv_marked_count(&tag, 1, settle::DEADLINE).len(), 1, "the frame sent on pair {pair} arrives");
+    }
+    // One device removes its region: the other's still maps the memory.
+    guest.frontend.remove_mem_region(&guest.mem.region).expect("REM_MEM_REG");
+    let tag = unique("after").into_bytes();
+    guest.send(0, 1, &guest_frame(&tag));
+    assert_eq!(s.peer.recv_marked_count(&tag, 1, settle::DEADLINE).len(), 1, "frames still cross after one device removed its region");
+    let back = unique("back").into_bytes();
+    s.peer.send(&test_frame(GUEST_MAC, PEER_MAC, &back));
+    let deadline = Instant::now() + settle::DEADLINE;
+    let mut got = false;
+    while !got && Instant::now() < deadline {
+        got = (0..2).any(|pair| guest.poll(pair).iter().any(|b| contains(b, &back)));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(got, "the guest still receives");
+    assert_eq!(counter(&s.daemon, "vu0", "protocol-errors"), 0, "{}", row(&s.daemon, "vu0"));
+    assert_eq!(counter(&s.daemon, "vu0", "disconnects"), 0, "the connection stays");
 }
 
 /// A UDP/IPv4 frame to `dst` from source port `port`.
