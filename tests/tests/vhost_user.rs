@@ -134,6 +134,33 @@ impl TestQueue {
         self.publish(mem, head);
     }
 
+    /// Queues receive descriptors `heads` and publishes them with one avail index update and one
+    /// kick, as a driver refilling its ring does.
+    fn add_buffers_at_once(&mut self, mem: &GuestMemoryMmap, heads: &[u16]) {
+        for (offset, &head) in heads.iter().enumerate() {
+            Self::write_desc(mem, self.desc, head, self.slot(head), BUFFER_LEN, VRING_DESC_F_WRITE, 0);
+            let slot = self.next_avail.wrapping_add(u16::try_from(offset).expect("few heads")) % QUEUE_SIZE;
+            mem.write_obj(head.to_le(), GuestAddress(self.avail + 4 + 2 * u64::from(slot))).expect("avail ring");
+        }
+        self.next_avail = self.next_avail.wrapping_add(u16::try_from(heads.len()).expect("few heads"));
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        mem.write_obj(self.next_avail.to_le(), GuestAddress(self.avail + 2)).expect("avail idx");
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.kick.write(1).expect("kick");
+    }
+
+    /// Waits until the backend signals this queue's call eventfd; whether it did.
+    fn wait_call(&self) -> bool {
+        let deadline = Instant::now() + settle::DEADLINE;
+        while Instant::now() < deadline {
+            if self.call.read().is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
     /// Sends `frame` (a header is put in front) from descriptor `head`.
     fn send(&mut self, mem: &GuestMemoryMmap, head: u16, frame: &[u8]) {
         let mut data = vec![0u8; HDR_LEN];
@@ -182,8 +209,15 @@ struct TestFrontend {
 }
 
 impl TestFrontend {
-    /// Connects and negotiates as QEMU does, offering `features` (masked by the backend's).
+    /// Connects and negotiates as QEMU does, offering `features` (masked by the backend's); the
+    /// guest's memory goes in one `SET_MEM_TABLE`.
     fn connect(path: &Path, pairs: usize, features: u64) -> Self {
+        Self::connect_with(path, pairs, features, false)
+    }
+
+    /// As `connect`; with `region_per_pair`, the memory is added as QEMU 7.2 adds it with
+    /// `CONFIGURE_MEM_SLOTS`: each queue pair's vhost device adds the same region (`ADD_MEM_REG`).
+    fn connect_with(path: &Path, pairs: usize, features: u64, region_per_pair: bool) -> Self {
         let mut frontend = connect_retrying(path, pairs);
         frontend.set_owner().expect("SET_OWNER");
         let offered = frontend.get_features().expect("GET_FEATURES");
@@ -193,15 +227,21 @@ impl TestFrontend {
         for wanted in [VhostUserProtocolFeatures::MQ, VhostUserProtocolFeatures::REPLY_ACK] {
             assert!(protocol.contains(wanted), "the backend offers {wanted:?}: {protocol:?}");
         }
-        // QEMU's vhost device per queue pair would add the same regions twice (see device.rs).
-        assert!(!protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS), "CONFIGURE_MEM_SLOTS is not offered");
+        assert!(protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS), "CONFIGURE_MEM_SLOTS is offered");
         assert!(!protocol.contains(VhostUserProtocolFeatures::RARP), "SEND_RARP is not offered");
         assert!(!protocol.contains(VhostUserProtocolFeatures::MTU), "NET_SET_MTU is not offered");
         frontend.set_protocol_features(protocol).expect("SET_PROTOCOL_FEATURES");
         assert_eq!(frontend.get_queue_num().expect("GET_QUEUE_NUM"), 2 * pairs as u64, "two rings per pair");
         frontend.set_features(features).expect("SET_FEATURES");
         let mem = GuestMemory::new();
-        frontend.set_mem_table(&[mem.region]).expect("SET_MEM_TABLE");
+        if region_per_pair {
+            assert!(frontend.get_max_mem_slots().expect("GET_MAX_MEM_SLOTS") >= 8, "memory slots for QEMU's regions");
+            for _ in 0..pairs {
+                frontend.add_mem_region(&mem.region).expect("ADD_MEM_REG");
+            }
+        } else {
+            frontend.set_mem_table(&[mem.region]).expect("SET_MEM_TABLE");
+        }
         let mut queues = Vec::new();
         for index in 0..2 * pairs {
             let queue = TestQueue::new(index);
@@ -346,7 +386,10 @@ fn guest_frame(tag: &[u8]) -> Vec<u8> {
 fn frames_cross_the_hub_both_ways() {
     let mut s = setup(1);
     wait_link(&s.daemon, "vu0", false);
+    let served = format!("unix:{},server=on", s.socket.display());
+    assert_eq!(chardev_filename(&s.daemon), format!("disconnected:{served}"), "no frontend yet");
     let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | MRG_RXBUF | EVENT_IDX | INDIRECT_DESC);
+    settle::wait_until("query-chardev shows the frontend connected", || chardev_filename(&s.daemon) == served);
     assert_eq!(guest.features & (VERSION_1 | MRG_RXBUF | EVENT_IDX | INDIRECT_DESC), VERSION_1 | MRG_RXBUF | EVENT_IDX | INDIRECT_DESC);
     guest.post_rx_buffers(0, 64);
     wait_link(&s.daemon, "vu0", true);
@@ -392,6 +435,7 @@ fn frames_cross_the_hub_both_ways() {
     // The link follows the connection: down once the frontend leaves, up again with the next.
     drop(guest);
     wait_link(&s.daemon, "vu0", false);
+    settle::wait_until("query-chardev shows the frontend gone", || chardev_filename(&s.daemon) == format!("disconnected:{served}"));
     let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | MRG_RXBUF | EVENT_IDX);
     guest.post_rx_buffers(0, 16);
     wait_link(&s.daemon, "vu0", true);
@@ -399,6 +443,52 @@ fn frames_cross_the_hub_both_ways() {
     s.peer.send(&test_frame(GUEST_MAC, PEER_MAC, &again));
     let received = guest.receive(0, |b| contains(b, &again));
     assert!(received.iter().any(|b| contains(b, &again)), "a reconnected frontend receives");
+    drop(s.switch);
+}
+
+/// A frame larger than the receive buffers the guest has left waits for more (MRG_RXBUF) without
+/// holding back the frames delivered before it: the guest is interrupted for those, since it
+/// refills its ring only once it sees them used. (A backend that kept retrying the large frame
+/// before signalling stalled real guests: their TCP stopped until they rebooted.)
+#[test]
+fn a_frame_waiting_for_buffers_does_not_hold_back_the_ones_before_it() {
+    let mut s = setup(1);
+    let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | MRG_RXBUF);
+    let mem = guest.mem.memory.clone();
+    // One buffer brings the ring up; a first frame uses it, so the ring is empty.
+    guest.rx(0).add_buffer(&mem, 0, BUFFER_LEN, true);
+    wait_link(&s.daemon, "vu0", true);
+    let first = unique("first").into_bytes();
+    s.peer.send(&test_frame(GUEST_MAC, PEER_MAC, &first));
+    settle::wait_until("the first frame fills the only buffer", || !guest.rx(0).take_used(&mem).is_empty());
+    let _ = guest.rx(0).call.read();
+
+    // A small frame and one needing three buffers wait on the tap while the ring is empty; then
+    // two buffers come at once: the small frame takes one, the large one waits for more.
+    let small = unique("small").into_bytes();
+    s.peer.send(&test_frame(GUEST_MAC, PEER_MAC, &small));
+    let mut big_payload = unique("big").into_bytes();
+    big_payload.resize(5000, 0x5a);
+    let big = test_frame(GUEST_MAC, PEER_MAC, &big_payload);
+    s.peer.send(&big);
+    guest.rx(0).add_buffers_at_once(&mem, &[1, 2]);
+    assert!(guest.rx(0).wait_call(), "the guest is interrupted for the small frame while the large one waits");
+    let used = guest.rx(0).take_used(&mem);
+    assert_eq!(used.len(), 1, "only the small frame is used so far: {used:?}");
+    let mut data = vec![0u8; used[0].1 as usize];
+    mem.read_slice(&mut data, GuestAddress(guest.rx(0).slot(used[0].0))).expect("read the small frame");
+    assert_eq!(split(&data).1, test_frame(GUEST_MAC, PEER_MAC, &small).as_slice(), "the small frame, as sent");
+
+    // The guest refills: the large frame arrives whole over three buffers.
+    guest.rx(0).add_buffers_at_once(&mem, &[3, 4]);
+    let received = guest.receive(0, |b| b.len() > 1500 && split(b).0 == 3);
+    let start = received.iter().position(|b| b.len() > 1500 && split(b).0 == 3).expect("the large frame's first buffer");
+    let mut joined = split(&received[start]).1.to_vec();
+    for rest in received.iter().skip(start + 1).take(2) {
+        joined.extend_from_slice(rest);
+    }
+    assert_eq!(joined, big, "the large frame arrives whole");
+    assert_eq!(counter(&s.daemon, "vu0", "guest-drops"), 0);
     drop(s.switch);
 }
 
@@ -440,6 +530,39 @@ fn two_queue_pairs_each_carry_frames() {
     drop(guest);
     wait_link(&s.daemon, "vu0", false);
     settle::wait_until("queue 1 detached without a frontend", || tap_queue_count(&s.switch, &ifname) == 1);
+}
+
+/// `CONFIGURE_MEM_SLOTS` as QEMU 7.2 uses it with two queue pairs: each pair's vhost device adds
+/// the guest's memory region, and one removes it again when it stops while the other goes on.
+/// Frames cross on both pairs throughout, and the connection stays (no protocol error).
+#[test]
+fn memory_regions_added_per_queue_pair_as_qemu_does() {
+    let mut s = setup(2);
+    let mut guest = TestFrontend::connect_with(&s.socket, 2, VERSION_1 | MRG_RXBUF | EVENT_IDX | MQ, true);
+    guest.post_rx_buffers(0, 64);
+    guest.post_rx_buffers(1, 64);
+    wait_link(&s.daemon, "vu0", true);
+    for pair in 0..2 {
+        let tag = unique(&format!("m{pair}")).into_bytes();
+        guest.send(pair, 0, &guest_frame(&tag));
+        assert_eq!(s.peer.recv_marked_count(&tag, 1, settle::DEADLINE).len(), 1, "the frame sent on pair {pair} arrives");
+    }
+    // One device removes its region: the other's still maps the memory.
+    guest.frontend.remove_mem_region(&guest.mem.region).expect("REM_MEM_REG");
+    let tag = unique("after").into_bytes();
+    guest.send(0, 1, &guest_frame(&tag));
+    assert_eq!(s.peer.recv_marked_count(&tag, 1, settle::DEADLINE).len(), 1, "frames still cross after one device removed its region");
+    let back = unique("back").into_bytes();
+    s.peer.send(&test_frame(GUEST_MAC, PEER_MAC, &back));
+    let deadline = Instant::now() + settle::DEADLINE;
+    let mut got = false;
+    while !got && Instant::now() < deadline {
+        got = (0..2).any(|pair| guest.poll(pair).iter().any(|b| contains(b, &back)));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(got, "the guest still receives");
+    assert_eq!(counter(&s.daemon, "vu0", "protocol-errors"), 0, "{}", row(&s.daemon, "vu0"));
+    assert_eq!(counter(&s.daemon, "vu0", "disconnects"), 0, "the connection stays");
 }
 
 /// A UDP/IPv4 frame to `dst` from source port `port`.
@@ -555,6 +678,13 @@ fn chardev_add(daemon: &Daemon, path: &std::path::Path, server: bool, reconnect:
         data["reconnect"] = json!(seconds);
     }
     daemon.execute("chardev-add", json!({"id": "c0", "backend": {"type": "socket", "data": data}})).map_err(|e| e.desc)
+}
+
+/// `query-chardev`'s `filename` of `c0`, which says whether a frontend is connected, as QEMU's.
+fn chardev_filename(daemon: &Daemon) -> String {
+    let rows = daemon.execute("query-chardev", json!({})).unwrap_or_else(|e| panic!("query-chardev: {}", e.desc));
+    let row = rows.as_array().and_then(|rows| rows.iter().find(|row| row["label"] == json!("c0"))).cloned();
+    row.and_then(|row| row["filename"].as_str().map(str::to_owned)).unwrap_or_else(|| panic!("no chardev c0: {rows}"))
 }
 
 fn thread_count(pid: u32) -> usize {

@@ -52,9 +52,9 @@ enum Command {
         /// Only targets whose name contains this filter.
         filter: Option<String>,
     },
-    /// Build, then run a benchmark (`hub`, `rx-filter`, `tunnels`, `nat`, `guests`); extra arguments go to the benchmark.
+    /// Build, then run a benchmark (`hub`, `rx-filter`, `tunnels`, `nat`, `guests`, `vhost`); extra arguments go to the benchmark.
     Bench {
-        /// Which benchmark: hub, rx-filter, tunnels, nat, guests.
+        /// Which benchmark: hub, rx-filter, tunnels, nat, guests, vhost.
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -120,15 +120,15 @@ fn package(root: &std::path::Path) -> Result<PathBuf> {
 const BENCH_RESULTS: &str = "bench/results";
 
 fn bench(root: &std::path::Path, name: &str, args: &[String]) -> Result<()> {
-    if name == "guests" {
-        return bench_guests(root, args);
+    if name == "guests" || name == "vhost" {
+        return bench_guests(root, name, args);
     }
     let binary = match name {
         "hub" => "bench-hub",
         "rx-filter" => "bench-rx-filter",
         "tunnels" => "bench-tunnels",
         "nat" => "bench-nat",
-        other => anyhow::bail!("unknown benchmark '{other}' (available: hub, rx-filter, tunnels, nat, guests)"),
+        other => anyhow::bail!("unknown benchmark '{other}' (available: hub, rx-filter, tunnels, nat, guests, vhost)"),
     };
     shell::require_root("cargo xtask bench")?;
     build(root)?;
@@ -145,15 +145,15 @@ fn bench(root: &std::path::Path, name: &str, args: &[String]) -> Result<()> {
     shell::run(&mut run)
 }
 
-/// The guest benchmark is Python on the guest harness (tests/python/guest.py).
-fn bench_guests(root: &std::path::Path, args: &[String]) -> Result<()> {
+/// The guest benchmarks (`guests`, `vhost`) are Python on the guest harness (tests/python/guest.py).
+fn bench_guests(root: &std::path::Path, name: &str, args: &[String]) -> Result<()> {
     shell::require_root("cargo xtask bench")?;
     build(root)?;
-    shell::step("running the guests benchmark (boots two guests; several minutes)");
+    shell::step(&format!("running the {name} benchmark (boots two guests; several minutes)"));
     let mut run = std::process::Command::new(setup::venv_python(root));
-    run.arg(root.join("tests/python/bench_guests.py"));
+    run.arg(root.join(format!("tests/python/bench_{name}.py")));
     if !args.iter().any(|a| a == "--output") {
-        run.arg("--output").arg(root.join(BENCH_RESULTS).join("guests.json"));
+        run.arg("--output").arg(root.join(BENCH_RESULTS).join(format!("{name}.json")));
     }
     run.args(args);
     run.env("NETDEVD_BIN", root.join("target/release/netdevd"));

@@ -10,7 +10,7 @@ use std::{
     },
     path::Path,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -45,8 +45,9 @@ pub struct SocketChardev {
     /// A client's connection made when it was added (without `reconnect`), or its `fd`, until a
     /// backend takes it.
     connection: Mutex<Option<OwnedFd>>,
-    /// Whether a backend has a peer on this chardev now (`query-chardev`'s `filename`).
-    connected: AtomicBool,
+    /// Whether a backend has a peer on this chardev now (`query-chardev`'s `filename`); the
+    /// backend serving the chardev holds a clone and sets it.
+    connected: Arc<AtomicBool>,
     /// The path an `fd` server's socket is bound to, which QEMU reports instead of the fd.
     fd_server_path: Option<String>,
     /// The socket file this chardev bound: removed with it (only while it is still that socket).
@@ -65,7 +66,7 @@ impl SocketChardev {
             reconnect: spec.reconnect,
             listener: None,
             connection: Mutex::new(None),
-            connected: AtomicBool::new(false),
+            connected: Arc::new(AtomicBool::new(false)),
             fd_server_path: None,
             _bound: None,
         };
@@ -113,6 +114,12 @@ impl SocketChardev {
     /// The backend serving this chardev reports whether it has a peer now.
     pub fn set_connected(&self, connected: bool) {
         self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// The flag a backend serving this chardev sets while it has a peer.
+    #[must_use]
+    pub fn connected_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.connected)
     }
 
     /// `query-chardev`'s `filename`, in QEMU's form: `disconnected:unix:PATH,server=on` for a

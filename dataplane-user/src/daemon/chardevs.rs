@@ -8,7 +8,7 @@ use std::{os::fd::OwnedFd, path::PathBuf, sync::Arc};
 
 use super::{Daemon, DaemonError, ReloadOutcome, State};
 use crate::{
-    backend::vhost_user::Endpoint,
+    backend::vhost_user::{Endpoint, Peer},
     chardev::{ChardevAddress, ChardevError, ChardevInfo, ChardevSpec, SocketChardev},
     fd::{FdSource, NoFds},
     netdev::{Netdev, NetdevError, NetdevOptions},
@@ -113,14 +113,15 @@ pub(super) fn vhost_user_endpoint(netdev: &Netdev, chardev: &SocketChardev) -> R
     let unavailable = |why: String| -> DaemonError {
         crate::model::registry::RegistryError::from(NetdevError::Unavailable { id: netdev.id.clone(), kind: netdev.kind(), why }).into()
     };
+    let connected = Some(chardev.connected_flag());
     if let Some(listener) = chardev.listener() {
         let shared = listener.try_clone().map_err(|e| unavailable(format!("cannot share chardev '{}': {e}", chardev.id)))?;
-        return Ok(Endpoint::Fd(OwnedFd::from(shared)));
+        return Ok(Endpoint { peer: Peer::Fd(OwnedFd::from(shared)), connected });
     }
     match &chardev.address {
         ChardevAddress::Unix { path, is_abstract: false } => {
             drop(chardev.take_connection());
-            Ok(Endpoint::Connect { path: PathBuf::from(path), reconnect: chardev.reconnect })
+            Ok(Endpoint { peer: Peer::Connect { path: PathBuf::from(path), reconnect: chardev.reconnect }, connected })
         }
         _ => Err(unavailable(format!("chardev '{}' is a client on an abstract address, which vhost-user cannot reconnect to", chardev.id))),
     }

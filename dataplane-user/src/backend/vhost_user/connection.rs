@@ -127,7 +127,15 @@ impl Drop for Inner {
 
 /// Serves frontends one after another until stopped. Every daemon thread is joined before the
 /// next connection and before this returns.
-pub fn run(side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper: &Stopper) {
+/// `connected` is set while a frontend is connected, and cleared when `run` returns.
+pub fn run(side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper: &Stopper, connected: Option<&AtomicBool>) {
+    serve(side, taps, ctx, stopper, connected);
+    if let Some(flag) = connected {
+        flag.store(false, Ordering::Relaxed);
+    }
+}
+
+fn serve(side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper: &Stopper, connected: Option<&AtomicBool>) {
     let stats = &ctx.stats;
     let mut inner = match Inner::new(&ctx.id) {
         Ok(inner) => inner,
@@ -203,6 +211,9 @@ pub fn run(side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper: &St
             .name(format!("vhost-user relay {}", ctx.id))
             .spawn(move || relay::run(frontend, backend));
         BackendStats::count(&stats.connects);
+        if let Some(flag) = connected {
+            flag.store(true, Ordering::Relaxed);
+        }
         ctx.set_info("vhost-user: frontend connected");
         tracing::info!(netdev = %ctx.id, "vhost-user frontend connected");
         *stopper.current.lock().unwrap_or_else(PoisonError::into_inner) = daemon.shutdown_handle();
@@ -227,6 +238,9 @@ pub fn run(side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper: &St
             }
         }
         BackendStats::count(&stats.disconnects);
+        if let Some(flag) = connected {
+            flag.store(false, Ordering::Relaxed);
+        }
         // Joins the worker threads: no thread touches the old guest's memory after this.
         drop(daemon);
         drop(device);

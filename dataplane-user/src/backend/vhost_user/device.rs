@@ -54,13 +54,12 @@ pub fn offered_features(queue_pairs: usize) -> u64 {
 }
 
 /// The protocol features QEMU 7.2 uses that the `vhost` crate implements (not SEND_RARP, not
-/// NET_SET_MTU: the crate has neither). Not CONFIGURE_MEM_SLOTS either: with `queues` > 1 QEMU
-/// runs one vhost device per queue pair on the connection and each adds the same regions
-/// (`ADD_MEM_REGION`), which `vhost-user-backend` 0.24 refuses as overlapping and drops the
-/// connection; `SET_MEM_TABLE` replaces the table and is safe to repeat.
+/// NET_SET_MTU: the crate has neither). CONFIGURE_MEM_SLOTS: with `queues` > 1 QEMU runs one
+/// vhost device per queue pair on the connection and each adds the same regions, which the relay
+/// passes to the crate once (see `relay`).
 #[must_use]
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
 /// What the acked features mean for the data path.

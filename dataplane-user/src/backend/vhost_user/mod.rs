@@ -26,7 +26,7 @@ use std::{
         unix::net::UnixListener,
     },
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
 
@@ -37,9 +37,17 @@ use self::{
 use super::{BackendContext, BackendError, BackendEvent};
 use crate::port::pipe::HubPipe;
 
+/// Where the frontend is, and whom to tell whether it is connected.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub peer: Peer,
+    /// Set while a frontend is connected (the chardev's `query-chardev` row shows it).
+    pub connected: Option<Arc<AtomicBool>>,
+}
+
 /// Where the frontend is.
 #[derive(Debug)]
-pub enum Endpoint {
+pub enum Peer {
     /// netdevd binds and listens on this path (a chardev with `server=on`).
     Listen(PathBuf),
     /// netdevd connects to the frontend's socket; with `reconnect`, again that long after
@@ -89,6 +97,7 @@ pub struct PreparedVhostUser {
     id: String,
     queue_pairs: usize,
     side: PreparedSide,
+    connected: Option<Arc<AtomicBool>>,
 }
 
 enum PreparedSide {
@@ -110,8 +119,8 @@ impl std::fmt::Debug for PreparedSide {
 /// Opens the endpoint: a listener is bound now (so `netdev_add` reports a path that cannot be
 /// bound), a client without reconnect must find the frontend's socket now.
 pub fn prepare(id: &str, endpoint: Endpoint, queue_pairs: usize) -> Result<PreparedVhostUser, VhostUserError> {
-    let side = match endpoint {
-        Endpoint::Listen(path) => {
+    let side = match endpoint.peer {
+        Peer::Listen(path) => {
             // QEMU removes a stale socket file before binding.
             if std::fs::symlink_metadata(&path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
                 let _ = std::fs::remove_file(&path);
@@ -123,13 +132,13 @@ pub fn prepare(id: &str, endpoint: Endpoint, queue_pairs: usize) -> Result<Prepa
             })?;
             PreparedSide::Listen { listener, bound: Some(path) }
         }
-        Endpoint::Fd(fd) => {
+        Peer::Fd(fd) => {
             if !is_listening(&fd) {
                 return Err(VhostUserError::NotListening { id: id.to_owned() });
             }
             PreparedSide::Listen { listener: UnixListener::from(fd), bound: None }
         }
-        Endpoint::Connect { path, reconnect } => {
+        Peer::Connect { path, reconnect } => {
             if reconnect.is_none() {
                 let is_socket = std::fs::metadata(&path)
                     .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
@@ -150,7 +159,7 @@ pub fn prepare(id: &str, endpoint: Endpoint, queue_pairs: usize) -> Result<Prepa
             PreparedSide::Connect { path, reconnect }
         }
     };
-    Ok(PreparedVhostUser { id: id.to_owned(), queue_pairs: queue_pairs.max(1), side })
+    Ok(PreparedVhostUser { id: id.to_owned(), queue_pairs: queue_pairs.max(1), side, connected: endpoint.connected })
 }
 
 fn is_listening(fd: &OwnedFd) -> bool {
@@ -193,10 +202,10 @@ impl PreparedVhostUser {
             PreparedSide::Connect { path, reconnect } => (Side::Connect { path, reconnect }, None),
         };
         let thread = {
-            let (taps, ctx, stopper) = (Arc::clone(&taps), ctx.clone(), stopper.clone());
+            let (taps, ctx, stopper, connected) = (Arc::clone(&taps), ctx.clone(), stopper.clone(), self.connected.clone());
             std::thread::Builder::new()
                 .name(format!("vhost-user {id}"))
-                .spawn(move || connection::run(side, &taps, &ctx, &stopper))
+                .spawn(move || connection::run(side, &taps, &ctx, &stopper, connected.as_deref()))
         };
         let thread = match thread {
             Ok(thread) => thread,

@@ -7,6 +7,12 @@
 //! enables sent before `SET_FEATURES` (acknowledging them if asked) and replays the last state of
 //! each ring right after `SET_FEATURES`. It also lets netdevd own the frontend's socket (accept,
 //! connect, a passed fd) while the crate only ever sees a connection it accepts itself.
+//!
+//! With `CONFIGURE_MEM_SLOTS`, QEMU 7.2 runs one vhost device per queue pair on the connection,
+//! and each adds the guest's memory regions (`ADD_MEM_REG`) and removes them again; the crate
+//! refuses a region that overlaps one it has and drops the connection. The relay counts the
+//! devices holding each region: only the first add and the last removal reach the crate, the others
+//! are acknowledged here. `SET_MEM_TABLE` replaces the whole table and starts the count afresh.
 
 use std::{
     collections::BTreeMap,
@@ -25,7 +31,12 @@ const MAX_PAYLOAD: usize = 0x1000;
 /// Descriptors one message may carry (the crate's `MAX_ATTACHED_FD_ENTRIES`).
 const MAX_FDS: usize = 32;
 const SET_FEATURES: u32 = 2;
+const SET_MEM_TABLE: u32 = 5;
 const SET_VRING_ENABLE: u32 = 18;
+const ADD_MEM_REG: u32 = 37;
+const REM_MEM_REG: u32 = 38;
+/// `ADD_MEM_REG`/`REM_MEM_REG` payload: padding, guest address, size, user address, mmap offset.
+const MEM_REG_LEN: usize = 40;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -70,6 +81,8 @@ fn requests(frontend: &UnixStream, backend: &UnixStream, front_out: &Mutex<UnixS
     let mut features_set = false;
     // Ring index -> enabled, as the frontend last asked before SET_FEATURES.
     let mut held: BTreeMap<u32, u32> = BTreeMap::new();
+    // (guest address, size, user address) of a region -> how many vhost devices added it.
+    let mut regions: BTreeMap<(u64, u64, u64), usize> = BTreeMap::new();
     let mut message = vec![0u8; HEADER_LEN + MAX_PAYLOAD];
     loop {
         let Ok((got, fds)) = receive(frontend, &mut message[..HEADER_LEN]) else { return };
@@ -94,15 +107,18 @@ fn requests(frontend: &UnixStream, backend: &UnixStream, front_out: &Mutex<UnixS
         let whole = &message[..HEADER_LEN + size];
         if request == SET_VRING_ENABLE && !features_set && size == 8 {
             held.insert(word(&message, 12), word(&message, 16));
-            if flags & FLAG_NEED_REPLY != 0 {
-                let mut ack = [0u8; HEADER_LEN + 8];
-                ack[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
-                ack[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
-                ack[8..12].copy_from_slice(&8u32.to_le_bytes());
-                let out = front_out.lock().unwrap_or_else(PoisonError::into_inner);
-                if send(&out, &ack, &[]).is_err() {
-                    return;
-                }
+            if flags & FLAG_NEED_REPLY != 0 && acknowledge(front_out, request).is_err() {
+                return;
+            }
+            continue;
+        }
+        if request == SET_MEM_TABLE {
+            regions.clear();
+        }
+        if (request == ADD_MEM_REG || request == REM_MEM_REG) && size == MEM_REG_LEN && !count_region(&mut regions, request, &message[HEADER_LEN..HEADER_LEN + size]) {
+            // Another vhost device holds the region: the crate's table stays as it is.
+            if flags & FLAG_NEED_REPLY != 0 && acknowledge(front_out, request).is_err() {
+                return;
             }
             continue;
         }
@@ -124,6 +140,35 @@ fn requests(frontend: &UnixStream, backend: &UnixStream, front_out: &Mutex<UnixS
             }
         }
     }
+}
+
+/// Counts one vhost device's `ADD_MEM_REG` or `REM_MEM_REG` of the region in `payload`; whether
+/// the message changes the crate's table (the first add of a region, its last removal, or a
+/// region the relay does not know).
+fn count_region(regions: &mut BTreeMap<(u64, u64, u64), usize>, request: u32, payload: &[u8]) -> bool {
+    let field = |at: usize| payload.get(at..at + 8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+    let key = (field(8), field(16), field(24));
+    let holders = regions.get(&key).copied().unwrap_or(0);
+    if request == ADD_MEM_REG {
+        regions.insert(key, holders + 1);
+        holders == 0
+    } else if holders > 1 {
+        regions.insert(key, holders - 1);
+        false
+    } else {
+        regions.remove(&key);
+        true
+    }
+}
+
+/// The `REPLY_ACK` answer (success) to a request the relay handled itself.
+fn acknowledge(front_out: &Mutex<UnixStream>, request: u32) -> io::Result<()> {
+    let mut ack = [0u8; HEADER_LEN + 8];
+    ack[0..4].copy_from_slice(&request.to_le_bytes());
+    ack[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+    ack[8..12].copy_from_slice(&8u32.to_le_bytes());
+    let out = front_out.lock().unwrap_or_else(PoisonError::into_inner);
+    send(&out, &ack, &[])
 }
 
 /// One `recvmsg`: bytes into `buffer` and the descriptors that came with them.
@@ -211,4 +256,31 @@ fn send(stream: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
         sent += usize::try_from(n).unwrap_or(0);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(guest: u64, size: u64, user: u64) -> Vec<u8> {
+        [0u64, guest, size, user, 0].iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn only_the_first_add_and_the_last_removal_of_a_region_reach_the_crate() {
+        let mut regions = BTreeMap::new();
+        let low = region(0, 0x8000_0000, 0x7f00_0000_0000);
+        let high = region(0x1_0000_0000, 0x1000_0000, 0x7f80_0000_0000);
+        // Two vhost devices (queue pairs) add the same two regions.
+        assert!(count_region(&mut regions, ADD_MEM_REG, &low));
+        assert!(count_region(&mut regions, ADD_MEM_REG, &high));
+        assert!(!count_region(&mut regions, ADD_MEM_REG, &low));
+        assert!(!count_region(&mut regions, ADD_MEM_REG, &high));
+        // One device removes its regions: the other still uses them.
+        assert!(!count_region(&mut regions, REM_MEM_REG, &low));
+        assert!(count_region(&mut regions, REM_MEM_REG, &low));
+        assert!(count_region(&mut regions, ADD_MEM_REG, &low), "added again after its last removal");
+        // A region the relay never saw added goes to the crate, which answers for it.
+        assert!(count_region(&mut regions, REM_MEM_REG, &region(0x2000, 0x1000, 0x1000)));
+    }
 }

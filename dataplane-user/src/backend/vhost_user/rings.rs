@@ -125,6 +125,10 @@ pub fn process_rx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memor
     let mut used_any = false;
     let mut moved = 0u64;
     loop {
+        // A ring the frontend stopped (GET_VRING_BASE) is not touched again.
+        if !vring.get_ref().get_queue().ready() {
+            break;
+        }
         let len = match state.pending.take() {
             Some(len) => len,
             None => match read_frame(tap, &mut state.rx_buffer) {
@@ -141,6 +145,7 @@ pub fn process_rx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memor
             continue;
         }
         let frame = &mut state.rx_buffer[..len];
+        let seen = avail_index(vring, &mem);
         let delivery = if negotiated.mergeable() {
             deliver_mergeable(vring, &mem, frame, &mut used_any)
         } else {
@@ -155,8 +160,14 @@ pub fn process_rx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memor
             Delivery::Dropped => BackendStats::count(&stats.guest_drops),
             Delivery::NoRoom => {
                 state.pending = Some(len);
-                // Ask for a kick when buffers come; if some came meanwhile, go on now.
-                if vring.enable_notification().unwrap_or(false) {
+                // The guest refills its ring once it sees the buffers used so far: tell it now,
+                // not after the wait.
+                if used_any {
+                    signal(vring);
+                    used_any = false;
+                }
+                // Ask for a kick when buffers come; if some came since the attempt, go on now.
+                if seen.is_some_and(|seen| request_kick_beyond(vring, &mem, seen)) {
                     continue;
                 }
                 break;
@@ -250,6 +261,26 @@ fn deliver_mergeable(vring: &VringRwLock<Memory>, mem: &MemoryGuard, frame: &mut
 fn pop_chain(vring: &VringRwLock<Memory>, mem: &MemoryGuard) -> Option<virtio_queue::DescriptorChain<MemoryGuard>> {
     let mut state = vring.get_mut();
     state.get_queue_mut().pop_descriptor_chain(mem.clone())
+}
+
+/// The avail index the guest has published (`None` for a ring outside guest memory).
+fn avail_index(vring: &VringRwLock<Memory>, mem: &MemoryGuard) -> Option<u16> {
+    vring.get_ref().get_queue().avail_idx(&**mem, std::sync::atomic::Ordering::Acquire).ok().map(|index| index.0)
+}
+
+/// Asks the guest to kick once it publishes buffers beyond avail index `seen`; whether it already
+/// has. `enable_notification` places the event index at `next_avail`, which for a mergeable frame
+/// waiting on more buffers than the ring holds is behind what the guest published: its next
+/// buffers would then come without a kick. So the event index goes to `seen` instead (QEMU does the
+/// same: it sets the event index to the avail index it read).
+fn request_kick_beyond(vring: &VringRwLock<Memory>, mem: &MemoryGuard, seen: u16) -> bool {
+    let mut state = vring.get_mut();
+    let queue = state.get_queue_mut();
+    let next = queue.next_avail();
+    queue.set_next_avail(seen);
+    let more = queue.enable_notification(&**mem).unwrap_or(false);
+    queue.set_next_avail(next);
+    more
 }
 
 fn signal(vring: &VringRwLock<Memory>) {
