@@ -307,6 +307,33 @@ fn bpf_object_exists(ns: &Netns, kind: &str, id: u64) -> bool {
     ns.exec("bpftool", &[kind, "show", "id", &id.to_string()]).status.success()
 }
 
+/// netdevd's hooks on the ingress of `ifname` as (attachment, program id): the ids of its TCX
+/// links, or the handles of its TC filters (netlink mode). The attachment staying while the
+/// program changes shows that a restart swapped the program in place.
+fn hooks(ns: &Netns, ifname: &str) -> Vec<(u32, u32)> {
+    let ifindex = ns.ifindex(ifname).unwrap_or_else(|| panic!("{ifname} exists"));
+    let (programs, _) = ns.attached_programs(ifname);
+    // Links are global: this namespace's are the ones running a program attached here.
+    let mut found: Vec<(u32, u32)> = dataplane_tests::tcx_links(ns)
+        .into_iter()
+        .filter(|link| link.ifindex == ifindex && programs.contains(&link.prog_id))
+        .map(|link| (link.id, link.prog_id))
+        .collect();
+    let output = ns.exec("tc", &["filter", "show", "dev", ifname, "ingress"]);
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1)).copied();
+        let handle = after("handle").and_then(|h| u32::from_str_radix(h.strip_prefix("0x")?, 16).ok());
+        let program = after("id").and_then(|id| id.parse().ok());
+        if let (Some(handle), Some(program)) = (handle, program)
+            && handle >> 16 == 0x6e64
+        {
+            found.push((handle, program));
+        }
+    }
+    found
+}
+
 /// In-kernel traffic (iperf3 TCP and a ping flood between two namespaces through one hub, a
 /// frame flood between two taps through another) runs while the daemon stops as `stop` says
 /// and a new one starts on the same state directory: nothing is lost, the counters go on, and
@@ -345,6 +372,8 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
     switch.wait_link_ready(&t1, dataplane_tests::settle::DEADLINE);
     assert!(a.ping("10.78.0.2", 3), "a pings b before the restart");
     let netdevs_before = first.netdevs();
+    let ports = [&va, &vb, &t0, &t1];
+    let hooks_before: Vec<Vec<(u32, u32)>> = ports.iter().map(|ifname| hooks(&switch, ifname)).collect();
     let pins_before = pinned_ids(&switch, &bpffs);
     assert!(pins_before.iter().any(|(kind, _)| kind == "map"), "maps are pinned: {:?}", bpffs.listing());
     assert_eq!(pins_before.iter().any(|(kind, _)| kind == "link"), tcx, "TCX links are pinned: {:?}", bpffs.listing());
@@ -424,20 +453,30 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
     let own: BTreeSet<String> = [t0.clone(), t1.clone()].into();
     assert_eq!(marked(&switch, &mark_of(&state_dir)), own, "netdevd's interfaces are the two taps, kept");
 
-    // One program per port, the new daemon's; the old run's links are gone, its maps reused.
-    for ifname in [&va, &vb, &t0, &t1] {
+    // One program per port, the new daemon's, swapped into the earlier run's TCX link
+    // (bpf_link_update) or TC filter (replaced at its handle): same link id or handle, another
+    // program. A new ABI's TCX links are new (the old run's go with its pins); its filters are
+    // replaced in place as well.
+    let in_place = new_abi.is_none() || !tcx;
+    for (ifname, before) in ports.iter().zip(&hooks_before) {
         let (ingress, egress) = switch.attached_programs(ifname);
         assert_eq!((ingress.len(), egress.len()), (1, 0), "programs on {ifname}: {ingress:?} {egress:?}");
+        let after = hooks(&switch, ifname);
+        assert_eq!((before.len(), after.len()), (1, 1), "hooks on {ifname}: {before:?} then {after:?}");
+        assert_ne!(after[0].1, before[0].1, "the new daemon's program runs on {ifname}");
+        assert_eq!(after[0].0 == before[0].0, in_place, "{ifname}'s attachment before {before:?}, after {after:?}");
     }
+    let dataplane = second.execute("x-query-dataplane", serde_json::json!({})).expect("x-query-dataplane");
+    assert_eq!(dataplane["taken-over"], if in_place { 4 } else { 0 }, "attachments taken over: {dataplane}");
     let pins_after = pinned_ids(&switch, &bpffs);
     for (kind, id) in &pins_before {
-        if kind == "link" || new_abi.is_some() {
+        if new_abi.is_some() {
             // Freed once its last reference goes (after an RCU grace period).
             dataplane_tests::settle::wait_until(&format!("the old run's {kind} {id} is gone"), || {
                 !bpf_object_exists(&switch, kind, *id)
             });
         } else {
-            assert!(pins_after.contains(&(kind.clone(), *id)), "map {id} is reused: {pins_after:?}");
+            assert!(pins_after.contains(&(kind.clone(), *id)), "{kind} {id} is kept: {pins_after:?}");
         }
     }
     if let Some(abi) = new_abi {
