@@ -19,6 +19,7 @@ use super::{Daemon, DaemonError, lifecycle::Made, record::Record, reload::reload
 use crate::{
     fd::FdSource,
     kernel,
+    model::rx_filter::RxFilter,
     plan,
     netdev::{Netdev, NetdevOptions, NetdevError},
     model::registry::RegistryError,
@@ -123,6 +124,18 @@ impl Daemon {
             if recorded.configured {
                 state.configured.insert(id.clone());
             }
+            // The filter the NIC had; the kernel takes it with the rest at the end.
+            if let Some(info) = &recorded.rx_filter
+                && state.rx_filters.contains_key(&id)
+                && !state.followers.contains_key(&id)
+            {
+                match RxFilter::from_info(info) {
+                    Ok(filter) => {
+                        state.rx_filters.insert(id.clone(), filter);
+                    }
+                    Err(reason) => adopted.failed.push(format!("{id}: its receive filter: {reason}")),
+                }
+            }
             // A backend's link follows its connection; any other keeps the state it had.
             let up = state.registry.get(&id).is_some_and(|e| e.link_up);
             if up != recorded.link_up && !state.backends.contains_key(&id) {
@@ -180,7 +193,15 @@ impl Daemon {
             Err(error) => Err(error.into()),
         };
         match applied {
-            Ok(next) => state.plan = next,
+            Ok(next) => {
+                state.plan = next;
+                // The kernel now holds exactly the plan: entries of the earlier run's that it does
+                // not name (interfaces that did not come back) go.
+                if let Some(host) = state.host.as_mut() {
+                    let pruned = host.dataplane.prune(&state.plan);
+                    tracing::info!(pruned, "stale kernel entries of the earlier run removed");
+                }
+            }
             Err(error) => {
                 // What went in stays; the next change plans from an empty kernel view again.
                 adopted.failed.push(format!("the adopted netdevs' kernel state: {error}"));

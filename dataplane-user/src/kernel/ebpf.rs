@@ -768,6 +768,29 @@ impl Dataplane for EbpfDataplane {
         summed(self.tunnel_counters.get(&port_ifindex, 0), TunnelCounters::accumulate)
     }
 
+    fn prune(&mut self, plan: &crate::plan::Plan) -> usize {
+        /// Deletes the keys of `map` that `keep` refuses; keys are read first, since deleting
+        /// while iterating a hash map can skip entries.
+        fn prune_map<K: aya::Pod, V: aya::Pod>(map: &mut BpfHashMap<MapData, K, V>, keep: impl Fn(&K, &V) -> bool) -> usize {
+            let stale: Vec<K> = map.iter().filter_map(Result::ok).filter(|(key, value)| !keep(key, value)).map(|(key, _)| key).collect();
+            stale.iter().filter(|key| map.remove(key).is_ok()).count()
+        }
+        let segment_slots: HashSet<u32> = plan.segment_slots.values().copied().collect();
+        let mut removed = prune_map(&mut self.ports, |ifindex, _| plan.ports.contains_key(ifindex));
+        removed += prune_map(&mut self.big_hubs, |slot, _| segment_slots.contains(slot));
+        removed += prune_map(&mut self.rx_filters, |ifindex, _| plan.rx_filters.contains_key(ifindex));
+        removed += prune_map(&mut self.rx_vlans, |ifindex, _| plan.rx_filters.contains_key(ifindex));
+        removed += prune_map(&mut self.rx_macs, |key, _| {
+            plan.rx_filters.get(&key.ifindex).is_some_and(|filter| filter.macs.contains_key(&key.mac))
+        });
+        removed += prune_map(&mut self.tunnels, |ifindex, _| plan.tunnels.contains_key(ifindex));
+        removed += prune_map(&mut self.tunnel_rx, |key, ifindex| plan.tunnel_rx.get(key) == Some(ifindex));
+        let stale: Vec<u32> =
+            self.tunnel_counters.keys().filter_map(Result::ok).filter(|ifindex| !plan.tunnels.contains_key(ifindex)).collect();
+        removed += stale.iter().filter(|ifindex| self.tunnel_counters.remove(ifindex).is_ok()).count();
+        removed
+    }
+
     fn describe(&self) -> Option<serde_json::Value> {
         let mut described = self.info.as_ref().and_then(|info| serde_json::to_value(info).ok())?;
         if let Some(object) = described.as_object_mut() {
