@@ -8,10 +8,11 @@
 //!   taps only the old process held are gone and made again.
 //! * Hub ports keep the slots the state file names, so the pinned counters go on counting.
 //!
-//! The new programs are attached next to the old ones (TCX appends the new link, a netlink filter
-//! takes the next handle), so a frame always meets one of them; the old links, filters and pins
-//! are removed once everything is adopted (`netdevd`'s start-up), and the stale kernel entries of
-//! the old ports that did not come back are cleared here.
+//! The new programs are swapped into the earlier run's TCX links and netlink filters in place
+//! (`EbpfDataplane::find_earlier`), or attached next to them where that cannot be done, so a
+//! frame always meets one of them; what was not taken over is removed once everything is
+//! adopted (`netdevd`'s start-up). The kernel entries of the old run that the adopted plan does
+//! not name are cleared here, and NICs get back the receive filters the state file recorded.
 
 use std::collections::{BTreeSet, HashSet};
 
