@@ -307,6 +307,33 @@ fn bpf_object_exists(ns: &Netns, kind: &str, id: u64) -> bool {
     ns.exec("bpftool", &[kind, "show", "id", &id.to_string()]).status.success()
 }
 
+/// netdevd's hooks on the ingress of `ifname` as (attachment, program id): the ids of its TCX
+/// links, or the handles of its TC filters (netlink mode). The attachment staying while the
+/// program changes shows that a restart swapped the program in place.
+fn hooks(ns: &Netns, ifname: &str) -> Vec<(u32, u32)> {
+    let ifindex = ns.ifindex(ifname).unwrap_or_else(|| panic!("{ifname} exists"));
+    let (programs, _) = ns.attached_programs(ifname);
+    // Links are global: this namespace's are the ones running a program attached here.
+    let mut found: Vec<(u32, u32)> = dataplane_tests::tcx_links(ns)
+        .into_iter()
+        .filter(|link| link.ifindex == ifindex && programs.contains(&link.prog_id))
+        .map(|link| (link.id, link.prog_id))
+        .collect();
+    let output = ns.exec("tc", &["filter", "show", "dev", ifname, "ingress"]);
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1)).copied();
+        let handle = after("handle").and_then(|h| u32::from_str_radix(h.strip_prefix("0x")?, 16).ok());
+        let program = after("id").and_then(|id| id.parse().ok());
+        if let (Some(handle), Some(program)) = (handle, program)
+            && handle >> 16 == 0x6e64
+        {
+            found.push((handle, program));
+        }
+    }
+    found
+}
+
 /// In-kernel traffic (iperf3 TCP and a ping flood between two namespaces through one hub, a
 /// frame flood between two taps through another) runs while the daemon stops as `stop` says
 /// and a new one starts on the same state directory: nothing is lost, the counters go on, and
@@ -350,6 +377,8 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
     assert!(raised.status.success(), "txqueuelen of {t1}: {}", String::from_utf8_lossy(&raised.stderr));
     assert!(a.ping("10.78.0.2", 3), "a pings b before the restart");
     let netdevs_before = first.netdevs();
+    let ports = [&va, &vb, &t0, &t1];
+    let hooks_before: Vec<Vec<(u32, u32)>> = ports.iter().map(|ifname| hooks(&switch, ifname)).collect();
     let pins_before = pinned_ids(&switch, &bpffs);
     assert!(pins_before.iter().any(|(kind, _)| kind == "map"), "maps are pinned: {:?}", bpffs.listing());
     assert_eq!(pins_before.iter().any(|(kind, _)| kind == "link"), tcx, "TCX links are pinned: {:?}", bpffs.listing());
@@ -438,20 +467,30 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
     let own: BTreeSet<String> = [t0.clone(), t1.clone()].into();
     assert_eq!(marked(&switch, &mark_of(&state_dir)), own, "netdevd's interfaces are the two taps, kept");
 
-    // One program per port, the new daemon's; the old run's links are gone, its maps reused.
-    for ifname in [&va, &vb, &t0, &t1] {
+    // One program per port, the new daemon's, swapped into the earlier run's TCX link
+    // (bpf_link_update) or TC filter (replaced at its handle): same link id or handle, another
+    // program. A new ABI's TCX links are new (the old run's go with its pins); its filters are
+    // replaced in place as well.
+    let in_place = new_abi.is_none() || !tcx;
+    for (ifname, before) in ports.iter().zip(&hooks_before) {
         let (ingress, egress) = switch.attached_programs(ifname);
         assert_eq!((ingress.len(), egress.len()), (1, 0), "programs on {ifname}: {ingress:?} {egress:?}");
+        let after = hooks(&switch, ifname);
+        assert_eq!((before.len(), after.len()), (1, 1), "hooks on {ifname}: {before:?} then {after:?}");
+        assert_ne!(after[0].1, before[0].1, "the new daemon's program runs on {ifname}");
+        assert_eq!(after[0].0 == before[0].0, in_place, "{ifname}'s attachment before {before:?}, after {after:?}");
     }
+    let dataplane = second.execute("x-query-dataplane", serde_json::json!({})).expect("x-query-dataplane");
+    assert_eq!(dataplane["taken-over"], if in_place { 4 } else { 0 }, "attachments taken over: {dataplane}");
     let pins_after = pinned_ids(&switch, &bpffs);
     for (kind, id) in &pins_before {
-        if kind == "link" || new_abi.is_some() {
+        if new_abi.is_some() {
             // Freed once its last reference goes (after an RCU grace period).
             dataplane_tests::settle::wait_until(&format!("the old run's {kind} {id} is gone"), || {
                 !bpf_object_exists(&switch, kind, *id)
             });
         } else {
-            assert!(pins_after.contains(&(kind.clone(), *id)), "map {id} is reused: {pins_after:?}");
+            assert!(pins_after.contains(&(kind.clone(), *id)), "{kind} {id} is kept: {pins_after:?}");
         }
     }
     if let Some(abi) = new_abi {
@@ -582,4 +621,126 @@ fn user_space_backends_start_anew_after_x_exit_preserve() {
     // ... and the user netdev's new NAT state leases the same address to the same MAC.
     guest.ip(&["addr", "flush", "dev", "eth0"]);
     assert_eq!(dhcp_address(&guest, &state.0), lease, "the same DHCP address after the restart");
+}
+
+/// The keys of the hash map `name` the daemon `pid` holds (the pinned one), sorted.
+fn map_keys<K: aya::Pod + Ord, V: aya::Pod>(pid: u32, name: &str) -> Vec<K> {
+    dataplane_tests::maps::hash_map_keys(&dataplane_tests::maps::daemon_hash_map::<K, V>(pid, name))
+}
+
+#[test]
+fn receive_filters_come_back_and_stale_kernel_entries_go() {
+    use dataplane_common::{RxFilterConfig, TunnelConfig};
+    let switch = Netns::new("rsf");
+    switch.quiet();
+    switch.ip(&["link", "set", "lo", "up"]);
+    let bpffs = Bpffs::mount();
+    let state = TempDir::new();
+    let state_dir = state.0.join("state");
+    let extra = ["--bpffs", bpffs.path()];
+    let mut first = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    let (t0, t1) = (dataplane_tests::unique("t"), dataplane_tests::unique("t"));
+    for t in [&t0, &t1] {
+        first.add(&format!("tap,id={t},ifname={t},script=no,downscript=no"));
+        first.add(&format!("hubport,id=p{t},hubid=0,netdev={t}"));
+    }
+    first.add(&format!("nic,id=n0,netdev={t0},macaddr=52:54:00:12:34:10"));
+    first.add(&format!("nic,id=n1,netdev={t1},macaddr=52:54:00:12:34:11"));
+    // A tunnel's port veth is made again by the next daemon: its ifindex changes.
+    first.add("dgram,id=d0,local.type=inet,local.host=127.0.0.1,local.port=5322,remote.type=inet,remote.host=127.0.0.1,remote.port=5323");
+    first.add("hubport,id=pd,hubid=0,netdev=d0");
+    let change = serde_json::json!({"name": "n0", "promiscuous": false, "multicast": "none",
+        "unicast-table": ["52:54:00:aa:bb:cc"], "vlan-table": [5, 7]});
+    first.execute("x-set-rx-filter", change).expect("x-set-rx-filter");
+    let query = serde_json::json!({"name": "n0"});
+    let filter_before = first.execute("query-rx-filter", query.clone()).expect("query-rx-filter");
+    let filters_before: Vec<u32> = map_keys::<u32, RxFilterConfig>(first.pid(), "RX_FILTERS");
+    let tunnels_before: Vec<u32> = map_keys::<u32, TunnelConfig>(first.pid(), "TUNNELS");
+    assert_eq!(filters_before.len(), 2, "both NICs have a filter in the kernel");
+    assert_eq!(tunnels_before.len(), 1, "the tunnel is in the kernel");
+
+    stop_first(&mut first, Stop::Preserve);
+    // n1's VM went away while no daemon ran: its tap is gone, and the NIC with it.
+    let t1_index = switch.ifindex(&t1).expect("the tap outlived the daemon");
+    switch.ip(&["link", "del", &t1]);
+    let second = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    assert_eq!(second.netdev_ids(), [t0.clone(), format!("p{t0}"), "n0".to_owned(), "d0".to_owned(), "pd".to_owned()]);
+
+    // The filter x-set-rx-filter made is the NIC's again, in the daemon and in the kernel ...
+    assert_eq!(second.execute("query-rx-filter", query).expect("query-rx-filter"), filter_before);
+    let t0_index = switch.ifindex(&t0).expect("the kept tap");
+    assert_eq!(map_keys::<u32, RxFilterConfig>(second.pid(), "RX_FILTERS"), [t0_index], "filters after the restart");
+    assert!(filters_before.contains(&t1_index), "{filters_before:?}");
+    // ... and the gone NIC's filter and the old tunnel port's entry are not left behind.
+    let tunnels_after: Vec<u32> = map_keys::<u32, TunnelConfig>(second.pid(), "TUNNELS");
+    assert_eq!(tunnels_after.len(), 1, "one tunnel entry: {tunnels_after:?}");
+    assert_ne!(tunnels_after, tunnels_before, "the tunnel's new port replaced the old one's entry");
+    let ports: Vec<u32> = map_keys::<u32, dataplane_common::PortConfig>(second.pid(), "PORTS");
+    assert!(!ports.contains(&t1_index) && ports.contains(&t0_index), "ports after the restart: {ports:?}");
+}
+
+/// A QEMU QMP monitor as far as a followed NIC uses it: greets, takes `qmp_capabilities` and
+/// `set_link`, and answers `query-rx-filter` with `filter`. Counts the connections it served.
+fn fake_qemu_monitor(path: &std::path::Path, filter: Value) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = UnixListener::bind(path).expect("bind the fake monitor");
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&connections);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let filter = filter.clone();
+            std::thread::spawn(move || {
+                let greeting = serde_json::json!({"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}});
+                if writeln!(stream, "{greeting}").is_err() {
+                    return;
+                }
+                let reader = BufReader::new(stream.try_clone().expect("clone the monitor stream"));
+                for line in reader.lines() {
+                    let Ok(line) = line else { return };
+                    let request: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                    let answer = match request["execute"].as_str() {
+                        Some("query-rx-filter") => serde_json::json!({"return": [filter]}),
+                        _ => serde_json::json!({"return": {}}),
+                    };
+                    if writeln!(stream, "{answer}").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    connections
+}
+
+#[test]
+fn a_followed_nic_follows_its_qemu_again_after_x_exit_preserve() {
+    let switch = Netns::new("rsn");
+    switch.quiet();
+    let bpffs = Bpffs::mount();
+    let state = TempDir::new();
+    let state_dir = state.0.join("state");
+    let monitor = state.0.join("qemu-qmp.sock");
+    let filter = serde_json::json!({"name": "net0", "promiscuous": false, "multicast": "normal", "unicast": "normal",
+        "vlan": "all", "broadcast-allowed": false, "multicast-overflow": false, "unicast-overflow": false,
+        "main-mac": "52:54:00:12:34:20", "vlan-table": [], "unicast-table": [], "multicast-table": ["01:00:5e:00:00:fb"]});
+    let connections = fake_qemu_monitor(&monitor, filter);
+    let extra = ["--bpffs", bpffs.path()];
+    let mut first = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    let tap = dataplane_tests::unique("t");
+    first.add(&format!("tap,id={tap},ifname={tap},script=no,downscript=no"));
+    first.add(&format!("hubport,id=p{tap},hubid=0,netdev={tap}"));
+    first.add(&format!("nic,id=n0,netdev={tap},x-qemu-monitor={},x-qemu-device=net0", monitor.display()));
+    let query = serde_json::json!({"name": "n0"});
+    let followed = first.execute("query-rx-filter", query.clone()).expect("query-rx-filter");
+    assert_eq!(followed[0]["promiscuous"], false, "the NIC took QEMU's filter: {followed}");
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    stop_first(&mut first, Stop::Preserve);
+    let second = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    assert_eq!(second.netdev_ids(), [tap.clone(), format!("p{tap}"), "n0".to_owned()]);
+    // The new daemon connected to QEMU's monitor again and took the filter from it.
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 2, "the monitor was connected again");
+    assert_eq!(second.execute("query-rx-filter", query).expect("query-rx-filter"), followed);
 }

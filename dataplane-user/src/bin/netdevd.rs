@@ -250,6 +250,10 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
         leftovers_removed = info.leftovers_removed, "dataplane attach mode");
     let netlink_mode = info.attach_mode == attach::AttachMode::Netlink;
     dataplane.set_info(info);
+    if record.is_some() {
+        // Adoption swaps the new programs into these in place (bpf_link_update, tc filter replace).
+        dataplane.find_earlier(&earlier_links);
+    }
     let daemon = Daemon::new(Some(Host { dataplane: Box::new(dataplane), netlink }));
     daemon.set_can_preserve(pin_dir.is_some());
     if let Some(path) = settings.user_resolv_conf.clone() {
@@ -299,9 +303,12 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
     daemon.set_configured(configured.iter().map(|n| n.id.clone())).await;
     // From here on the file is this run's.
     daemon.record_state_in(state_file).await;
-    // The new programs are in place: what the earlier run left stops now.
+    // The new programs are in place: what the earlier run left and this one did not take over
+    // (a port that did not come back, a take-over that failed) stops now.
     for link in &earlier_links {
-        if let Err(error) = std::fs::remove_file(link) {
+        if let Err(error) = std::fs::remove_file(link)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
             tracing::warn!(pin = %link.display(), %error, "cannot remove an earlier run's link");
         }
     }

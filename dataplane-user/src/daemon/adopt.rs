@@ -8,10 +8,11 @@
 //!   taps only the old process held are gone and made again.
 //! * Hub ports keep the slots the state file names, so the pinned counters go on counting.
 //!
-//! The new programs are attached next to the old ones (TCX appends the new link, a netlink filter
-//! takes the next handle), so a frame always meets one of them; the old links, filters and pins
-//! are removed once everything is adopted (`netdevd`'s start-up), and the stale kernel entries of
-//! the old ports that did not come back are cleared here.
+//! The new programs are swapped into the earlier run's TCX links and netlink filters in place
+//! (`EbpfDataplane::find_earlier`), or attached next to them where that cannot be done, so a
+//! frame always meets one of them; what was not taken over is removed once everything is
+//! adopted (`netdevd`'s start-up). The kernel entries of the old run that the adopted plan does
+//! not name are cleared here, and NICs get back the receive filters the state file recorded.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -19,6 +20,7 @@ use super::{Daemon, DaemonError, lifecycle::Made, record::Record, reload::reload
 use crate::{
     fd::FdSource,
     kernel,
+    model::rx_filter::RxFilter,
     plan,
     netdev::{Netdev, NetdevOptions, NetdevError},
     model::registry::RegistryError,
@@ -123,6 +125,18 @@ impl Daemon {
             if recorded.configured {
                 state.configured.insert(id.clone());
             }
+            // The filter the NIC had; the kernel takes it with the rest at the end.
+            if let Some(info) = &recorded.rx_filter
+                && state.rx_filters.contains_key(&id)
+                && !state.followers.contains_key(&id)
+            {
+                match RxFilter::from_info(info) {
+                    Ok(filter) => {
+                        state.rx_filters.insert(id.clone(), filter);
+                    }
+                    Err(reason) => adopted.failed.push(format!("{id}: its receive filter: {reason}")),
+                }
+            }
             // A backend's link follows its connection; any other keeps the state it had.
             let up = state.registry.get(&id).is_some_and(|e| e.link_up);
             if up != recorded.link_up && !state.backends.contains_key(&id) {
@@ -180,7 +194,15 @@ impl Daemon {
             Err(error) => Err(error.into()),
         };
         match applied {
-            Ok(next) => state.plan = next,
+            Ok(next) => {
+                state.plan = next;
+                // The kernel now holds exactly the plan: entries of the earlier run's that it does
+                // not name (interfaces that did not come back) go.
+                if let Some(host) = state.host.as_mut() {
+                    let pruned = host.dataplane.prune(&state.plan);
+                    tracing::info!(pruned, "stale kernel entries of the earlier run removed");
+                }
+            }
             Err(error) => {
                 // What went in stays; the next change plans from an empty kernel view again.
                 adopted.failed.push(format!("the adopted netdevs' kernel state: {error}"));

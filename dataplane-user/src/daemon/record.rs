@@ -22,7 +22,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::State;
-use crate::plan::{Plan, Port};
+use crate::{
+    model::rx_filter::RxFilter,
+    plan::{Plan, Port},
+};
 
 const VERSION: u32 = 1;
 
@@ -40,8 +43,16 @@ pub(super) fn describe(state: &State) -> Value {
             if let Some(tunnel) = state.tunnels.get(id) {
                 interfaces.push(json!({"role": "tunnel-port", "ifname": tunnel.port_ifname, "ifindex": tunnel.port_ifindex}));
             }
-            json!({"arguments": entry.netdev.to_json(), "link-up": entry.link_up,
-                "configured": state.configured.contains(id), "interfaces": interfaces})
+            let mut netdev = json!({"arguments": entry.netdev.to_json(), "link-up": entry.link_up,
+                "configured": state.configured.contains(id), "interfaces": interfaces});
+            // A NIC's filter as `x-set-rx-filter` left it (a followed NIC's comes from QEMU again).
+            if let Some(filter) = state.rx_filters.get(id)
+                && !state.followers.contains_key(id)
+                && state.nic_macs.get(id).is_none_or(|mac| *filter != RxFilter::new(*mac))
+            {
+                netdev["rx-filter"] = filter.info(id);
+            }
+            netdev
         })
         .collect();
     let port_slots: Vec<Value> =
@@ -72,6 +83,9 @@ pub struct RecordedNetdev {
     pub configured: bool,
     #[serde(default)]
     pub interfaces: Vec<RecordedInterface>,
+    /// A NIC's receive filter set with `x-set-rx-filter`, as `query-rx-filter` reports it.
+    #[serde(default)]
+    pub rx_filter: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

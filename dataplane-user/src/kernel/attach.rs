@@ -153,13 +153,22 @@ pub fn choose(choice: AttachChoice, trial: Option<bool>, adopting: bool) -> Data
 }
 
 /// Which direction of an interface a filter sits on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
     Ingress,
     Egress,
 }
 
 impl Direction {
+    /// The word link pins use.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+
     const fn parent(self) -> TcHandle {
         TcHandle {
             major: 0xffff,
@@ -182,13 +191,18 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// The program it was attached with (aya names the filter after the program; tc shows it
+    /// with the section appended).
+    #[must_use]
+    pub fn program(&self) -> Option<&str> {
+        self.name.as_deref().and_then(|name| name.split(':').next())
+    }
+
     /// Whether netdevd's mark is on it: its priority for that program, its handle range.
     #[must_use]
     pub fn is_marked(&self) -> bool {
-        let Some(name) = &self.name else { return false };
+        let Some(program) = self.program() else { return false };
         let handle = TcHandle::from(self.handle);
-        // aya gives the filter the program's name; tc shows it with the section appended.
-        let program = name.split(':').next().unwrap_or_default();
         priority(program) == Some(self.priority)
             && handle.major == HANDLE_MAJOR
             && HANDLE_MINORS.contains(&handle.minor)
@@ -367,10 +381,10 @@ fn held_programs() -> std::collections::HashSet<u32> {
     held
 }
 
-/// Removes the marked filters that no live process's program backs: what a daemon killed
-/// without its shutdown left behind. Returns how many went.
-pub fn remove_leftovers() -> usize {
-    let Ok(interfaces) = std::fs::read_dir("/sys/class/net") else { return 0 };
+/// The marked filters that no live process's program backs: what a daemon that exited with
+/// `x-exit-preserve`, or was killed, left attached.
+pub fn orphaned_filters() -> Vec<(u32, Direction, Filter)> {
+    let Ok(interfaces) = std::fs::read_dir("/sys/class/net") else { return Vec::new() };
     let mut candidates = Vec::new();
     for interface in interfaces.flatten() {
         let Some(ifindex) = read_ifindex(&interface.path()) else { continue };
@@ -384,14 +398,19 @@ pub fn remove_leftovers() -> usize {
         }
     }
     if candidates.is_empty() {
-        return 0;
+        return candidates;
     }
     let held = held_programs();
+    candidates.retain(|(_, _, filter)| !filter.program_id.is_some_and(|id| held.contains(&id)));
+    candidates
+}
+
+/// Removes the marked filters that no live process's program backs: what a daemon killed
+/// without its shutdown left behind (or what an adopting daemon did not take over). Returns how
+/// many went.
+pub fn remove_leftovers() -> usize {
     let mut removed = 0;
-    for (ifindex, direction, filter) in candidates {
-        if filter.program_id.is_some_and(|id| held.contains(&id)) {
-            continue;
-        }
+    for (ifindex, direction, filter) in orphaned_filters() {
         match delete_filter(ifindex, direction, &filter) {
             Ok(()) => {
                 removed += 1;

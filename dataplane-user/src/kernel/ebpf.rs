@@ -10,7 +10,7 @@ use aya::{
     programs::{
         LinkOrder, ProgramError,
         links::{FdLink, PinnedLink}, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
-        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError, TcHandle},
+        tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcError, TcHandle},
     },
     util::nr_cpus,
 };
@@ -55,6 +55,26 @@ enum Attachment {
     Pinned(PinnedLink),
 }
 
+/// What an earlier run on this state directory left hooked to an interface, for this run to swap
+/// its program into in place: a TCX link of the same ABI by its pin, or a netlink filter of
+/// netdevd's no live process holds, by priority and handle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Earlier {
+    Link(std::path::PathBuf),
+    Filter { priority: u16, handle: u32 },
+}
+
+/// The key of an earlier attachment: program, interface, direction.
+type EarlierKey = (String, u32, attach::Direction);
+
+const fn direction_of(attach_type: TcAttachType) -> attach::Direction {
+    match attach_type {
+        TcAttachType::Ingress => attach::Direction::Ingress,
+        // Custom parents are never used.
+        _ => attach::Direction::Egress,
+    }
+}
+
 pub struct EbpfDataplane {
     /// Owns the programs and links; dropping it detaches every port.
     ebpf: Ebpf,
@@ -88,6 +108,10 @@ pub struct EbpfDataplane {
     /// Interfaces whose `clsact` qdisc the daemon added (netlink mode): removed again with the
     /// daemon's last filter on them.
     clsact_added: HashSet<u32>,
+    /// An earlier run's attachments not taken over yet ([`Self::find_earlier`]).
+    earlier: HashMap<EarlierKey, Earlier>,
+    /// How many of them this run took over in place.
+    taken_over: usize,
 }
 
 const fn tunnel_program_name(program: TunnelProgram) -> &'static str {
@@ -330,6 +354,8 @@ impl EbpfDataplane {
             mode: AttachMode::Tcx,
             info: None,
             clsact_added: HashSet::new(),
+            earlier: HashMap::new(),
+            taken_over: 0,
         })
     }
 
@@ -354,7 +380,84 @@ impl EbpfDataplane {
         self.info = Some(info);
     }
 
-    /// Attaches `name` at `attach_type` of `ifname` in the chosen mode.
+    /// Notes what an earlier run left attached, for [`Self::attach_program`] to take over in
+    /// place rather than attach beside: in TCX mode the link pins of this ABI (`link_pins`), in
+    /// netlink mode netdevd's filters that no live process holds. Called once, in the chosen
+    /// mode, before adoption; what is not taken over stays for the caller to remove afterwards.
+    pub fn find_earlier(&mut self, link_pins: &[std::path::PathBuf]) {
+        self.earlier.clear();
+        match self.mode {
+            AttachMode::Tcx => {
+                for path in link_pins {
+                    if let Some(key) = pins::parse_link_pin(path) {
+                        self.earlier.entry(key).or_insert_with(|| Earlier::Link(path.clone()));
+                    }
+                }
+            }
+            AttachMode::Netlink => {
+                for (ifindex, direction, filter) in attach::orphaned_filters() {
+                    let Some(program) = filter.program() else { continue };
+                    let key = (program.to_owned(), ifindex, direction);
+                    self.earlier.entry(key).or_insert(Earlier::Filter { priority: filter.priority, handle: filter.handle });
+                }
+            }
+        }
+        tracing::debug!(found = self.earlier.len(), "earlier attachments to take over");
+    }
+
+    /// How many earlier attachments this run took over in place (its program swapped in).
+    #[must_use]
+    pub const fn taken_over(&self) -> usize {
+        self.taken_over
+    }
+
+    /// Swaps program `name` into an earlier run's attachment, atomically: a frame meets the old
+    /// program or the new one, and the attachment (link id, filter handle) stays what it was.
+    /// TCX: `BPF_LINK_UPDATE` on the pinned link, which is then pinned under this run's name
+    /// before the earlier name goes. Netlink: the filter is replaced at its priority and handle
+    /// (a `RTM_NEWTFILTER` without `NLM_F_CREATE`/`NLM_F_EXCL`, `tc filter replace`), which
+    /// `cls_bpf` swaps in with one RCU pointer update.
+    fn take_over(
+        &mut self,
+        name: &'static str,
+        ifindex: u32,
+        ifname: &str,
+        attach_type: TcAttachType,
+        earlier: Earlier,
+    ) -> Result<Attachment, Box<dyn std::error::Error + Send + Sync>> {
+        match earlier {
+            Earlier::Link(path) => {
+                let pinned = PinnedLink::from_pin(&path)?;
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
+                let program = classifier(&mut self.ebpf, name);
+                // aya's `attach_to_link` is `BPF_LINK_UPDATE` with the link's and the program's fds.
+                let id = program.attach_to_link(link)?;
+                let fd_link = FdLink::try_from(program.take_link(id)?)?;
+                self.pinned_count += 1;
+                let pins = self.pins.as_ref().ok_or("nothing is pinned")?;
+                let new_path = pins.links().join(pins::link_pin_name(
+                    name,
+                    ifindex,
+                    direction_of(attach_type),
+                    &self.run_stem,
+                    self.pinned_count,
+                ));
+                // The new pin first: the link always has a pin (or this run's fd) holding it.
+                let pinned = fd_link.pin(&new_path)?;
+                if let Err(error) = std::fs::remove_file(&path) {
+                    tracing::warn!(pin = %path.display(), %error, "cannot remove an earlier run's link pin");
+                }
+                Ok(Attachment::Pinned(pinned))
+            }
+            Earlier::Filter { priority, handle } => {
+                let link = SchedClassifierLink::attached(ifname, attach_type, priority, TcHandle::from(handle), None)?;
+                Ok(Attachment::Program(classifier(&mut self.ebpf, name).attach_to_link(link)?))
+            }
+        }
+    }
+
+    /// Attaches `name` at `attach_type` of `ifname` in the chosen mode: in place of what an
+    /// earlier run left there if it left something, else anew.
     fn attach_program(
         &mut self,
         name: &'static str,
@@ -363,6 +466,18 @@ impl EbpfDataplane {
         attach_type: TcAttachType,
     ) -> Result<Attachment, KernelError> {
         let attach_error = |source| KernelError::Attach { ifname: ifname.to_owned(), source };
+        if let Some(earlier) = self.earlier.remove(&(name.to_owned(), ifindex, direction_of(attach_type))) {
+            match self.take_over(name, ifindex, ifname, attach_type, earlier.clone()) {
+                Ok(attachment) => {
+                    self.taken_over += 1;
+                    tracing::debug!(ifname, program = name, ?earlier, "earlier attachment taken over in place");
+                    return Ok(attachment);
+                }
+                // Attached beside it instead; the earlier one goes after adoption.
+                Err(error) => tracing::warn!(ifname, program = name, ?earlier, %error,
+                    "cannot take over an earlier run's attachment: attaching beside it"),
+            }
+        }
         if self.mode == AttachMode::Tcx {
             // TCX (kernel ≥ 6.6): a link per interface, appended after any there is (an earlier
             // run's, which goes once this one runs), gone with the interface, or with the daemon
@@ -373,8 +488,13 @@ impl EbpfDataplane {
                 .map_err(|e| attach_error(boxed(e)))?;
             let Some(pins) = &self.pins else { return Ok(Attachment::Program(id)) };
             self.pinned_count += 1;
-            let direction = if attach_type == TcAttachType::Ingress { "ingress" } else { "egress" };
-            let path = pins.links().join(format!("{name}-{ifindex}-{direction}-{}-{}", self.run_stem, self.pinned_count));
+            let path = pins.links().join(pins::link_pin_name(
+                name,
+                ifindex,
+                direction_of(attach_type),
+                &self.run_stem,
+                self.pinned_count,
+            ));
             let link = program.take_link(id).map_err(|e| attach_error(boxed(e)))?;
             let fd_link = FdLink::try_from(link).map_err(|e| attach_error(boxed(e)))?;
             // A link that cannot be pinned is detached as it drops here: the attach fails.
@@ -648,11 +768,35 @@ impl Dataplane for EbpfDataplane {
         summed(self.tunnel_counters.get(&port_ifindex, 0), TunnelCounters::accumulate)
     }
 
+    fn prune(&mut self, plan: &crate::plan::Plan) -> usize {
+        /// Deletes the keys of `map` that `keep` refuses; keys are read first, since deleting
+        /// while iterating a hash map can skip entries.
+        fn prune_map<K: aya::Pod, V: aya::Pod>(map: &mut BpfHashMap<MapData, K, V>, keep: impl Fn(&K, &V) -> bool) -> usize {
+            let stale: Vec<K> = map.iter().filter_map(Result::ok).filter(|(key, value)| !keep(key, value)).map(|(key, _)| key).collect();
+            stale.iter().filter(|key| map.remove(key).is_ok()).count()
+        }
+        let segment_slots: HashSet<u32> = plan.segment_slots.values().copied().collect();
+        let mut removed = prune_map(&mut self.ports, |ifindex, _| plan.ports.contains_key(ifindex));
+        removed += prune_map(&mut self.big_hubs, |slot, _| segment_slots.contains(slot));
+        removed += prune_map(&mut self.rx_filters, |ifindex, _| plan.rx_filters.contains_key(ifindex));
+        removed += prune_map(&mut self.rx_vlans, |ifindex, _| plan.rx_filters.contains_key(ifindex));
+        removed += prune_map(&mut self.rx_macs, |key, _| {
+            plan.rx_filters.get(&key.ifindex).is_some_and(|filter| filter.macs.contains_key(&key.mac))
+        });
+        removed += prune_map(&mut self.tunnels, |ifindex, _| plan.tunnels.contains_key(ifindex));
+        removed += prune_map(&mut self.tunnel_rx, |key, ifindex| plan.tunnel_rx.get(key) == Some(ifindex));
+        let stale: Vec<u32> =
+            self.tunnel_counters.keys().filter_map(Result::ok).filter(|ifindex| !plan.tunnels.contains_key(ifindex)).collect();
+        removed += stale.iter().filter(|ifindex| self.tunnel_counters.remove(ifindex).is_ok()).count();
+        removed
+    }
+
     fn describe(&self) -> Option<serde_json::Value> {
         let mut described = self.info.as_ref().and_then(|info| serde_json::to_value(info).ok())?;
         if let Some(object) = described.as_object_mut() {
             object.insert("abi".to_owned(), self.abi.clone().into());
             object.insert("pinned".to_owned(), self.pins.is_some().into());
+            object.insert("taken-over".to_owned(), self.taken_over.into());
         }
         Some(described)
     }

@@ -86,6 +86,13 @@ pub trait Dataplane: Send + Sync {
     fn describe(&self) -> Option<serde_json::Value> {
         None
     }
+    /// Deletes the entries of the tables keyed by interface or address (ports, receive filters,
+    /// tunnels, big member lists) that `plan`, what the kernel now holds, does not name: what an
+    /// earlier run left in pinned maps for interfaces that did not come back. Returns how many
+    /// went.
+    fn prune(&mut self, _plan: &Plan) -> usize {
+        0
+    }
 }
 
 /// A MAC a learning segment saw, as [`Dataplane::learned_macs`] reports it.

@@ -13,6 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::attach::Direction;
 use dataplane_common::{
     HubMembers, LearnedMac, PortConfig, PortCounters, RxFilterConfig, RxMacKey, RxVlanTable, TunnelConfig,
     TunnelCounters, TunnelRxKey,
@@ -78,6 +79,28 @@ pub fn abi_hash(object: &[u8]) -> Result<String, String> {
         hash.number(size as u64);
     }
     Ok(format!("{:016x}", hash.0))
+}
+
+/// The file name of a TCX link pin: program, interface, direction, then the run's stem and a
+/// counter, so runs never collide (`hub_tc-7-ingress-4f09a2-3`).
+#[must_use]
+pub fn link_pin_name(program: &str, ifindex: u32, direction: Direction, run: &str, count: u64) -> String {
+    format!("{program}-{ifindex}-{}-{run}-{count}", direction.name())
+}
+
+/// What a link pin's name says: program, interface, direction (`None` for another name).
+#[must_use]
+pub fn parse_link_pin(path: &Path) -> Option<(String, u32, Direction)> {
+    let name = path.file_name()?.to_str()?;
+    let mut words = name.split('-');
+    let program = words.next()?.to_owned();
+    let ifindex = words.next()?.parse().ok()?;
+    let direction = match words.next()? {
+        "ingress" => Direction::Ingress,
+        "egress" => Direction::Egress,
+        _ => return None,
+    };
+    Some((program, ifindex, direction))
 }
 
 /// Whether `path` is on a bpffs.
@@ -180,6 +203,16 @@ mod tests {
         let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
         hash.write(b"a");
         assert_eq!(hash.0, 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn link_pin_names_read_back() {
+        let name = link_pin_name("hub_tc", 7, Direction::Egress, "4f09a2", 3);
+        assert_eq!(name, "hub_tc-7-egress-4f09a2-3");
+        assert_eq!(parse_link_pin(Path::new(&name)), Some(("hub_tc".to_owned(), 7, Direction::Egress)));
+        assert_eq!(parse_link_pin(Path::new("/x/tunnel_rx-12-ingress-ab-1")), Some(("tunnel_rx".to_owned(), 12, Direction::Ingress)));
+        assert_eq!(parse_link_pin(Path::new("hub_tc-7-sideways-a-1")), None);
+        assert_eq!(parse_link_pin(Path::new("hub_tc-x-ingress-a-1")), None);
     }
 
     #[test]
