@@ -23,7 +23,10 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{Array, DevMapHash};
+use aya::{
+    maps::{Array, DevMapHash},
+    programs::{SchedClassifier, TcAttachType},
+};
 use dataplane_bench::{ADDR_GEN, ADDR_SINK, Bench, FRAME_LEN, Options, Sample, Topology, ethtool, median, pps_cell, summarize, udp_frame};
 use dataplane_tests::{Daemon, Netns, require_root};
 use serde_json::{Value, json};
@@ -112,6 +115,8 @@ const DIRECT: &str = "direct";
 /// The direct pair with an XDP program (`XDP_PASS`) on the sink's side, as an XDP hub would have
 /// on its ports: TCP only, for what the program's mere presence costs.
 const DIRECT_WITH_XDP: &str = "direct_with_xdp";
+/// A scaling run's floor for the hub: `bench_peer_ref`, a TC program that only redirects to c1.
+const PEER_REF: &str = "peer_ref";
 
 /// One TCP transfer: Gbps and retransmits, or why it moved nothing.
 type Transfer = Result<(f64, u64), String>;
@@ -456,6 +461,12 @@ fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
             let direct = sample(&mut bench, options, (&topology.generator, "gd"), &udp_frame(cd, gd));
             bench.detach_sink(link)?;
             samples.entry((size, DIRECT, "unicast")).or_default().push(direct?);
+            // The floor under the hub's learned path: s0 hands every frame to c1, nothing else.
+            eprintln!("  minimal TC peer redirect");
+            let link = bench.attach_sink(&topology.sinks[0], "c1")?;
+            let peer_ref = peer_ref_sample(&mut bench, &topology, options, &udp_frame(c1, g0));
+            bench.detach_sink(link)?;
+            samples.entry((size, PEER_REF, "unicast")).or_default().push(peer_ref?);
             for variant in ["hub", "bridge"] {
                 eprintln!("  {variant}: {size} ports");
                 if variant == "hub" {
@@ -516,6 +527,21 @@ fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// One unicast sample through `bench_peer_ref` on s0's ingress, which delivers to s1's peer c1.
+fn peer_ref_sample(bench: &mut Bench, topology: &Topology, options: &Options, frame: &[u8]) -> Result<Sample> {
+    let s1 = Topology::ifindex(&topology.switch, "s1");
+    Array::try_from(bench.ebpf.map_mut("REF_PEER").context("REF_PEER")?)?.set(0, s1, 0)?;
+    let program: &mut SchedClassifier = bench.ebpf.program_mut("bench_peer_ref").context("bench_peer_ref")?.try_into()?;
+    if program.fd().is_err() {
+        program.load()?;
+    }
+    let link = topology.switch.within(|| program.attach("s0", TcAttachType::Ingress)).context("attach bench_peer_ref to s0")?;
+    let measured = sample(bench, options, (&topology.generator, "g0"), frame);
+    let program: &mut SchedClassifier = bench.ebpf.program_mut("bench_peer_ref").context("bench_peer_ref")?.try_into()?;
+    program.detach(link)?;
+    measured
+}
+
 /// Fails unless a hub of more than two ports learned `mac` (c1's) behind port p1. A two-port hub
 /// learns nothing: it has one destination.
 fn check_hub_learned(daemon: &Daemon, size: usize, mac: &str) -> Result<()> {
@@ -567,7 +593,7 @@ fn sweep_report(samples: &BTreeMap<(usize, &'static str, &'static str), Vec<Samp
     let smallest = sizes.iter().copied().min().unwrap_or(2);
     for &size in sizes {
         let mut at_size = serde_json::Map::new();
-        for variant in ["hub", "bridge", DIRECT] {
+        for variant in ["hub", "bridge", DIRECT, PEER_REF] {
             let mut cases = serde_json::Map::new();
             for case in ["unicast", "flood"] {
                 if let Some(s) = samples.get(&(size, variant, case)) {
@@ -581,6 +607,8 @@ fn sweep_report(samples: &BTreeMap<(usize, &'static str, &'static str), Vec<Samp
             ratios.insert(format!("hub_vs_bridge_{case}_{size}"), ratio(pps(size, "hub", case), pps(size, "bridge", case)));
         }
         ratios.insert(format!("hub_unicast_{size}_vs_direct"), ratio(pps(size, "hub", "unicast"), pps(size, DIRECT, "unicast")));
+        ratios.insert(format!("hub_unicast_{size}_vs_peer_ref"), ratio(pps(size, "hub", "unicast"), pps(size, PEER_REF, "unicast")));
+        ratios.insert(format!("peer_ref_vs_direct_{size}"), ratio(pps(size, PEER_REF, "unicast"), pps(size, DIRECT, "unicast")));
         ratios.insert(
             format!("hub_unicast_{size}_vs_{smallest}"),
             ratio(pps(size, "hub", "unicast"), pps(smallest, "hub", "unicast")),
@@ -616,17 +644,20 @@ fn sweep_table(report: &Value, sizes: &[usize]) -> String {
     let ratio = |key: String| report["ratios"][&key].as_f64().map_or("n/a".to_owned(), |v| format!("{v:.2}"));
     let smallest = sizes.iter().copied().min().unwrap_or(2);
     let mut out = String::from(
-        "| ports | hub unicast | bridge unicast | direct pair | hub/bridge | hub/direct | hub flood (per sink) | bridge flood (per sink) | hub/bridge | hub unicast vs smallest |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| ports | hub unicast | bridge unicast | direct pair | minimal TC peer redirect | hub/bridge | hub/direct | hub/minimal | minimal/direct | hub flood (per sink) | bridge flood (per sink) | hub/bridge | hub unicast vs smallest |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for size in sizes {
         let at = &results[size.to_string()];
         out.push_str(&format!(
-            "| {size} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {size} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             pps_cell(&at["hub"]["unicast"]),
             pps_cell(&at["bridge"]["unicast"]),
             pps_cell(&at[DIRECT]["unicast"]),
+            pps_cell(&at[PEER_REF]["unicast"]),
             ratio(format!("hub_vs_bridge_unicast_{size}")),
             ratio(format!("hub_unicast_{size}_vs_direct")),
+            ratio(format!("hub_unicast_{size}_vs_peer_ref")),
+            ratio(format!("peer_ref_vs_direct_{size}")),
             pps_cell(&at["hub"]["flood"]),
             pps_cell(&at["bridge"]["flood"]),
             ratio(format!("hub_vs_bridge_flood_{size}")),
