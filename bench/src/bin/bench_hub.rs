@@ -18,7 +18,9 @@
 //! `--ports 2,4,8,...` measures instead how the hub and the bridge scale with the number of ports:
 //! at each size, s0 (the generator's), s1 (sink c1's) and size − 2 more ports whose far ends sit in
 //! a namespace of their own; unicast from g0 to c1 once c1 has spoken (the hub and the bridge
-//! learned it), and a broadcast flood, pps counted at c1 (per sink).
+//! learned it, checked), and a broadcast flood, pps counted at c1 (per sink). Beside each size,
+//! the direct pair gd–cd (the ceiling) and `bench_peer_ref` on s0, a TC program that only hands
+//! frames to c1's ingress (the floor under the hub's learned path).
 
 use std::{collections::BTreeMap, time::Duration};
 
