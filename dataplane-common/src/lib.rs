@@ -261,7 +261,7 @@ pub struct HubMacEntry {
     /// The port's generation when learned: an entry of another generation is stale.
     pub generation: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) of the last refresh.
+    /// `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC`, at the granularity of a tick) of the last refresh.
     pub seen_ns: u64,
 }
 const _: () = assert!(size_of::<HubMacEntry>() == 24);

@@ -13,12 +13,15 @@
 //! * `bench_ref` (XDP): the ideal-XDP reference, a minimal devmap redirect: to `REF_UNICAST[ingress]`,
 //!   or, in flood mode, to every entry of `REF_FLOOD` but the ingress.
 //! * `bench_pass` (XDP): lets a veth accept redirected frames.
+//! * `bench_peer_ref` (TC): the ideal TC switch for a learned unicast destination behind a veth:
+//!   hands every frame to the ingress of `REF_PEER[0]`'s peer (`bpf_redirect_peer`), no lookup,
+//!   no counter; the floor under the hub's two-port path.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, TC_ACT_SHOT, xdp_action},
-    helpers::bpf_redirect,
+    helpers::{bpf_redirect, bpf_redirect_peer},
     macros::{classifier, map, xdp},
     maps::{Array, DevMapHash, PerCpuArray},
     programs::{TcContext, XdpContext},
@@ -59,6 +62,10 @@ static REF_UNICAST: DevMapHash = DevMapHash::with_max_entries(16, 0);
 /// Flood mode: every port, keyed by its own ifindex.
 #[map(name = "REF_FLOOD")]
 static REF_FLOOD: DevMapHash = DevMapHash::with_max_entries(16, 0);
+
+/// `[0]`: the veth whose peer `bench_peer_ref` delivers to.
+#[map(name = "REF_PEER")]
+static REF_PEER: Array<u32> = Array::with_max_entries(1, 0);
 
 #[xdp]
 pub fn bench_gen(_ctx: XdpContext) -> u32 {
@@ -119,6 +126,13 @@ pub fn bench_ref(ctx: XdpContext) -> u32 {
     } else {
         REF_UNICAST.redirect(ingress, 0).unwrap_or(xdp_action::XDP_DROP)
     }
+}
+
+#[classifier]
+pub fn bench_peer_ref(_ctx: TcContext) -> i32 {
+    let Some(target) = REF_PEER.get(0) else { return TC_ACT_SHOT };
+    // SAFETY: `bpf_redirect_peer` takes plain integers.
+    unsafe { bpf_redirect_peer(*target, 0) as i32 }
 }
 
 #[xdp]

@@ -21,7 +21,7 @@ mod tunnel;
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
     cty::c_void,
-    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_redirect_peer, bpf_loop},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_peer, bpf_loop},
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
@@ -247,8 +247,10 @@ fn learned_unicast(
     sender: u64,
     len: u32,
 ) -> Option<i32> {
+    // The tick-granular monotonic clock: a read of the time the last tick kept, where the precise
+    // one reads the clock source on every frame, and ageing counts seconds.
     // SAFETY: takes no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if sender & 1 == 0 && sender != 0 {
         learn_hub_mac(port, source, sender, now);
     }

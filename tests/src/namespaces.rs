@@ -123,6 +123,15 @@ impl Netns {
         links.get(0)?.get("ifindex")?.as_u64().and_then(|i| u32::try_from(i).ok())
     }
 
+    /// Packets the kernel counted as transmitted by `ifname` (`ip -s link`): what went through
+    /// the device's own transmit path.
+    #[must_use]
+    pub fn transmitted(&self, ifname: &str) -> u64 {
+        let output = self.exec("ip", &["-j", "-s", "link", "show", "dev", ifname]);
+        let link: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        link[0]["stats64"]["tx"]["packets"].as_u64().unwrap_or_else(|| panic!("no tx statistics of {ifname}: {link}"))
+    }
+
     /// `ip -j link show dev IFNAME` as JSON (`Null` if there is no such interface).
     #[must_use]
     pub fn link_json(&self, ifname: &str) -> Value {

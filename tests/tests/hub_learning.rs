@@ -1,6 +1,7 @@
-//! Learning hubs: unicast for a MAC the hub has seen goes to that MAC's port only; unknown unicast,
-//! broadcast and multicast flood; monitor ports (`x-monitor=on`) get everything; `x-learning=off`
-//! floods as QEMU does; and a hub holds 1024 ports. Taps with test processes playing the VMs, each
+//! Learning hubs: unicast for a MAC the hub has seen goes to that MAC's port only (into a
+//! container's veth without passing its switch side); unknown unicast, broadcast and multicast
+//! flood; monitor ports (`x-monitor=on`) get everything; `x-learning=off` floods as QEMU does; and
+//! a hub holds 1024 ports. Taps with test processes playing the VMs, each
 //! test in its own quiet namespace with its own daemon. Needs root.
 //!
 //! Every check is exact: per-port counters of the kernel program, and what each VM read up to an
@@ -9,7 +10,7 @@
 
 use std::{collections::BTreeSet, time::Instant};
 
-use dataplane_tests::{Daemon, Netns, TapVm, contains, frame_marker, marked_frame, settle, switch_with_daemon, unique};
+use dataplane_tests::{Daemon, Netns, TapVm, contains, frame_marker, marked_frame, settle, switch_with_daemon, unique, veth};
 use serde_json::{Value, json};
 
 const BROADCAST: [u8; 6] = [0xff; 6];
@@ -192,6 +193,46 @@ fn unicast_reaches_only_its_learned_port_and_follows_moves_and_deletions() {
     assert!(!learned(&daemon, 0).iter().any(|(address, _)| *address == mac_text(mac(1))), "the deleted port's MAC is no longer listed");
     let expected: Vec<usize> = (0..8).map(|i| if i == 0 || i == 2 { 0 } else { N }).collect();
     assert_eq!(unicast(&mut ports, 0, mac(1), N, "deleted"), expected, "unicast to a deleted port's MAC floods to the others");
+}
+
+/// Containers behind veths on a learning hub (four ports): unicast for a container's learned MAC
+/// goes straight to the container's ingress (`bpf_redirect_peer`), so the switch-side veth never
+/// transmits it, and the hub counts it on that port only. Ping's requests and replies are the
+/// traffic; the namespaces are quiet (no IPv6), so every frame is accounted for.
+#[test]
+fn learned_unicast_to_a_container_skips_its_switch_side_veth() {
+    let (switch, daemon) = switch_with_daemon();
+    let containers: Vec<(Netns, String)> = (1..=4)
+        .map(|n| {
+            let ns = Netns::new("c");
+            ns.quiet();
+            let outer = unique("v");
+            veth(&switch, &outer, &ns, &format!("10.78.0.{n}/24"));
+            daemon.add(&format!("af-xdp,id={outer},ifname={outer}"));
+            daemon.add(&format!("hubport,id=p{outer},hubid=0,netdev={outer}"));
+            (ns, outer)
+        })
+        .collect();
+    let port = |i: usize| format!("p{}", containers[i].1);
+    // Both learn each other: the ARP request floods, the rest is unicast.
+    assert!(containers[0].0.ping("10.78.0.2", 1), "container 1 pings container 2 across the hub");
+    let rx = |counters: &Value| counters["rx-packets"].as_u64().expect("rx-packets");
+    let tx = |counters: &Value| counters["tx-packets"].as_u64().expect("tx-packets");
+    let snapshot = || -> Vec<(Value, u64)> {
+        (0..4).map(|i| (daemon.counters(&port(i)), switch.transmitted(&containers[i].1))).collect()
+    };
+    let before = snapshot();
+    assert!(containers[0].0.ping("10.78.0.2", 5), "container 1 pings container 2 again");
+    let after = snapshot();
+    let delta = |i: usize, of: &dyn Fn(&Value) -> u64| of(&after[i].0) - of(&before[i].0);
+    assert!(delta(0, &rx) >= 5 && delta(1, &rx) >= 5, "the requests and replies entered the hub: {before:?} → {after:?}");
+    // Every frame one container sent reached the other, and only it.
+    assert_eq!(delta(1, &tx), delta(0, &rx), "container 2's port took exactly what container 1 sent");
+    assert_eq!(delta(0, &tx), delta(1, &rx), "container 1's port took exactly what container 2 sent");
+    assert_eq!((delta(2, &tx), delta(3, &tx)), (0, 0), "the bystanders' ports got nothing");
+    // The shortcut: the hub delivered into the containers, and no switch-side veth transmitted.
+    let transmitted: Vec<u64> = (0..4).map(|i| after[i].1 - before[i].1).collect();
+    assert_eq!(transmitted, [0, 0, 0, 0], "the switch-side veths transmitted nothing themselves");
 }
 
 #[test]

@@ -80,13 +80,13 @@ fn two_namespaces_ping_and_tcp() {
 
     // Default offloads (TSO/GSO, checksum offload on the veths): untouched on purpose.
     // A fixed amount, every byte checked on arrival: no rate.
-    let veths_before = (transmitted(&switch, &a.veth), transmitted(&switch, &b.veth));
+    let veths_before = (switch.transmitted(&a.veth), switch.transmitted(&b.veth));
     // The counter does count the hub's ordinary delivery: a's ARP request, a broadcast, went to
     // b that way (b answered to a's MAC, already learned, and knew a's address from the request).
     assert!(veths_before.1 > 0, "a's ARP broadcast was transmitted on b's switch-side veth: {veths_before:?}");
     let bytes = 32 * MIB;
     settle::tcp_amount(&a.ns, &b.ns, &a.ip, 5201, bytes);
-    let veths_after = (transmitted(&switch, &a.veth), transmitted(&switch, &b.veth));
+    let veths_after = (switch.transmitted(&a.veth), switch.transmitted(&b.veth));
 
     let after = (daemon.counters(&a.port()), daemon.counters(&b.port()));
     for (port, old, new) in [(a.port(), &before.0, &after.0), (b.port(), &before.1, &after.1)] {
@@ -106,14 +106,6 @@ fn two_namespaces_ping_and_tcp() {
         (0, 0),
         "the switch-side veths transmitted nothing themselves: the hub delivered to their peers directly"
     );
-}
-
-/// Packets the kernel counted as transmitted by `ifname` (`ip -s link`): what went through the
-/// device's own transmit path.
-fn transmitted(ns: &Netns, ifname: &str) -> u64 {
-    let output = ns.exec("ip", &["-j", "-s", "link", "show", "dev", ifname]);
-    let link: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
-    link[0]["stats64"]["tx"]["packets"].as_u64().unwrap_or_else(|| panic!("no tx statistics of {ifname}: {link}"))
 }
 
 #[test]

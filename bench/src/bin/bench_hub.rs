@@ -18,12 +18,17 @@
 //! `--ports 2,4,8,...` measures instead how the hub and the bridge scale with the number of ports:
 //! at each size, s0 (the generator's), s1 (sink c1's) and size − 2 more ports whose far ends sit in
 //! a namespace of their own; unicast from g0 to c1 once c1 has spoken (the hub and the bridge
-//! learned it), and a broadcast flood, pps counted at c1 (per sink).
+//! learned it, checked), and a broadcast flood, pps counted at c1 (per sink). Beside each size,
+//! the direct pair gd–cd (the ceiling) and `bench_peer_ref` on s0, a TC program that only hands
+//! frames to c1's ingress (the floor under the hub's learned path).
 
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{Array, DevMapHash};
+use aya::{
+    maps::{Array, DevMapHash},
+    programs::{SchedClassifier, TcAttachType},
+};
 use dataplane_bench::{ADDR_GEN, ADDR_SINK, Bench, FRAME_LEN, Options, Sample, Topology, ethtool, median, pps_cell, summarize, udp_frame};
 use dataplane_tests::{Daemon, Netns, require_root};
 use serde_json::{Value, json};
@@ -112,6 +117,8 @@ const DIRECT: &str = "direct";
 /// The direct pair with an XDP program (`XDP_PASS`) on the sink's side, as an XDP hub would have
 /// on its ports: TCP only, for what the program's mere presence costs.
 const DIRECT_WITH_XDP: &str = "direct_with_xdp";
+/// A scaling run's floor for the hub: `bench_peer_ref`, a TC program that only redirects to c1.
+const PEER_REF: &str = "peer_ref";
 
 /// One TCP transfer: Gbps and retransmits, or why it moved nothing.
 type Transfer = Result<(f64, u64), String>;
@@ -426,6 +433,7 @@ fn sweep_port(i: usize) -> String {
 /// The scaling run (`--ports`): hub and bridge at each size, interleaved round by round.
 fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
     let topology = Topology::new(1)?;
+    add_direct_pair(&topology)?;
     let switch = &topology.switch;
     let largest = sizes.iter().copied().max().unwrap_or(2);
     // The far ends of the extra ports: up, no addresses, frames for them end at the stack.
@@ -444,10 +452,23 @@ fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
     let g0 = Topology::mac(&topology.generator, "g0");
     let c1 = Topology::mac(&topology.sinks[0], "c1");
     let c1_text = c1.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let (gd, cd) = (Topology::mac(&topology.generator, "gd"), Topology::mac(&topology.sinks[0], "cd"));
     let mut samples: BTreeMap<(usize, &'static str, &'static str), Vec<Sample>> = BTreeMap::new();
     for round in 1..=options.runs {
         eprintln!("round {round} of {}", options.runs);
         for &size in sizes {
+            // The ceiling, measured beside each size's hub and bridge: one veth, no switch.
+            eprintln!("  direct veth pair");
+            let link = bench.attach_sink(&topology.sinks[0], "cd")?;
+            let direct = sample(&mut bench, options, (&topology.generator, "gd"), &udp_frame(cd, gd));
+            bench.detach_sink(link)?;
+            samples.entry((size, DIRECT, "unicast")).or_default().push(direct?);
+            // The floor under the hub's learned path: s0 hands every frame to c1, nothing else.
+            eprintln!("  minimal TC peer redirect");
+            let link = bench.attach_sink(&topology.sinks[0], "c1")?;
+            let peer_ref = peer_ref_sample(&mut bench, &topology, options, &udp_frame(c1, g0));
+            bench.detach_sink(link)?;
+            samples.entry((size, PEER_REF, "unicast")).or_default().push(peer_ref?);
             for variant in ["hub", "bridge"] {
                 eprintln!("  {variant}: {size} ports");
                 if variant == "hub" {
@@ -461,15 +482,24 @@ fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
                         switch.ip(&["link", "set", &sweep_port(i), "master", "br0"]);
                     }
                     switch.ip(&["link", "set", "br0", "up"]);
-                    let out = switch.exec("bridge", &["fdb", "replace", &c1_text, "dev", "s1", "master", "static"]);
-                    if !out.status.success() {
-                        bail!("bridge fdb: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                // The sink speaks first, as a live host does: both learn where c1 is, and the
+                // unicast below must not be a flood in disguise.
+                let _ = topology.sinks[0].exec("ping", &["-c", "1", "-W", "1", ADDR_GEN]);
+                if variant == "hub" {
+                    check_hub_learned(&daemon, size, &c1_text)?;
+                } else {
+                    check_bridge_learned(switch, &c1_text)?;
+                }
+                let link = bench.attach_sink(&topology.sinks[0], "c1")?;
+                let before = (variant == "hub").then(|| sent_to_others(&daemon));
+                let unicast = sample(&mut bench, options, (&topology.generator, "g0"), &udp_frame(c1, g0));
+                if let Some(before) = before {
+                    let stray = sent_to_others(&daemon).saturating_sub(before);
+                    if stray > u64::from(options.frames) / 100 {
+                        bail!("the hub of {size} ports sent {stray} frames of the unicast run to ports other than c1's");
                     }
                 }
-                // The sink speaks first, as a live host does: both learn where c1 is.
-                let _ = topology.sinks[0].exec("ping", &["-c", "1", "-W", "1", ADDR_GEN]);
-                let link = bench.attach_sink(&topology.sinks[0], "c1")?;
-                let unicast = sample(&mut bench, options, (&topology.generator, "g0"), &udp_frame(c1, g0));
                 let flood = sample(&mut bench, options, (&topology.generator, "g0"), &udp_frame([0xff; 6], g0));
                 bench.detach_sink(link)?;
                 if variant == "hub" {
@@ -499,8 +529,59 @@ fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// Per size and variant the medians; ratios hub/bridge per size (medians of per-round ratios), and
-/// the hub's learned unicast at each size against two ports.
+/// One unicast sample through `bench_peer_ref` on s0's ingress, which delivers to s1's peer c1.
+fn peer_ref_sample(bench: &mut Bench, topology: &Topology, options: &Options, frame: &[u8]) -> Result<Sample> {
+    let s1 = Topology::ifindex(&topology.switch, "s1");
+    Array::try_from(bench.ebpf.map_mut("REF_PEER").context("REF_PEER")?)?.set(0, s1, 0)?;
+    let program: &mut SchedClassifier = bench.ebpf.program_mut("bench_peer_ref").context("bench_peer_ref")?.try_into()?;
+    if program.fd().is_err() {
+        program.load()?;
+    }
+    let link = topology.switch.within(|| program.attach("s0", TcAttachType::Ingress)).context("attach bench_peer_ref to s0")?;
+    let measured = sample(bench, options, (&topology.generator, "g0"), frame);
+    let program: &mut SchedClassifier = bench.ebpf.program_mut("bench_peer_ref").context("bench_peer_ref")?.try_into()?;
+    program.detach(link)?;
+    measured
+}
+
+/// Fails unless a hub of more than two ports learned `mac` (c1's) behind port p1. A two-port hub
+/// learns nothing: it has one destination.
+fn check_hub_learned(daemon: &Daemon, size: usize, mac: &str) -> Result<()> {
+    if size <= 2 {
+        return Ok(());
+    }
+    let rows = daemon.execute("x-query-hub-macs", json!({ "hubid": 0 })).map_err(|e| anyhow::anyhow!("x-query-hub-macs: {e:?}"))?;
+    let learned = rows.as_array().into_iter().flatten().any(|row| row["mac"] == mac && row["port"] == "p1");
+    if !learned {
+        bail!("the hub of {size} ports did not learn c1's MAC {mac} behind p1: {rows}");
+    }
+    Ok(())
+}
+
+/// Fails unless the bridge learned `mac` (c1's) behind s1.
+fn check_bridge_learned(switch: &Netns, mac: &str) -> Result<()> {
+    let out = switch.exec("bridge", &["-j", "fdb", "show", "br", "br0"]);
+    let entries: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let learned = entries.as_array().into_iter().flatten().any(|entry| entry["mac"] == mac && entry["ifname"] == "s1");
+    if !learned {
+        bail!("the bridge did not learn c1's MAC {mac} behind s1: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(())
+}
+
+/// Frames the hub sent (or tried to send) to its ports other than p0 (the generator's) and p1 (c1's).
+fn sent_to_others(daemon: &Daemon) -> u64 {
+    let rows = daemon.execute("x-query-netdev-counters", json!({})).unwrap_or(Value::Null);
+    rows.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|row| row["id"].as_str().is_some_and(|id| id.starts_with('p') && id != "p0" && id != "p1"))
+        .map(|row| row["tx-packets"].as_u64().unwrap_or(0) + row["drops"]["redirect-failed"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Per size and variant the medians; ratios hub/bridge and hub/direct pair per size (medians of
+/// per-round ratios), and the hub's learned unicast at each size against the smallest size.
 fn sweep_report(samples: &BTreeMap<(usize, &'static str, &'static str), Vec<Sample>>, sizes: &[usize], options: &Options) -> Value {
     let pps = |size: usize, variant: &str, case: &str| -> Vec<f64> {
         samples.get(&(size, variant, case)).map(|s| s.iter().map(Sample::delivered_pps).collect()).unwrap_or_default()
@@ -514,7 +595,7 @@ fn sweep_report(samples: &BTreeMap<(usize, &'static str, &'static str), Vec<Samp
     let smallest = sizes.iter().copied().min().unwrap_or(2);
     for &size in sizes {
         let mut at_size = serde_json::Map::new();
-        for variant in ["hub", "bridge"] {
+        for variant in ["hub", "bridge", DIRECT, PEER_REF] {
             let mut cases = serde_json::Map::new();
             for case in ["unicast", "flood"] {
                 if let Some(s) = samples.get(&(size, variant, case)) {
@@ -527,6 +608,9 @@ fn sweep_report(samples: &BTreeMap<(usize, &'static str, &'static str), Vec<Samp
         for case in ["unicast", "flood"] {
             ratios.insert(format!("hub_vs_bridge_{case}_{size}"), ratio(pps(size, "hub", case), pps(size, "bridge", case)));
         }
+        ratios.insert(format!("hub_unicast_{size}_vs_direct"), ratio(pps(size, "hub", "unicast"), pps(size, DIRECT, "unicast")));
+        ratios.insert(format!("hub_unicast_{size}_vs_peer_ref"), ratio(pps(size, "hub", "unicast"), pps(size, PEER_REF, "unicast")));
+        ratios.insert(format!("peer_ref_vs_direct_{size}"), ratio(pps(size, PEER_REF, "unicast"), pps(size, DIRECT, "unicast")));
         ratios.insert(
             format!("hub_unicast_{size}_vs_{smallest}"),
             ratio(pps(size, "hub", "unicast"), pps(smallest, "hub", "unicast")),
@@ -534,7 +618,7 @@ fn sweep_report(samples: &BTreeMap<(usize, &'static str, &'static str), Vec<Samp
     }
     with_run_facts(options, json!({
         "ports": sizes,
-        "method": "hub and bridge interleaved round by round at every size; unicast to a destination both learned (it spoke first); flood pps at one sink; figures are medians over rounds, ratios medians of per-round ratios",
+        "method": "the direct veth pair, hub and bridge interleaved round by round at every size; unicast to a destination both learned (it spoke first; checked), the hub's other ports sent nothing of it (checked); flood pps at one sink; figures are medians over rounds, ratios medians of per-round ratios",
         "results": results,
         "ratios": ratios,
     }))
@@ -562,15 +646,20 @@ fn sweep_table(report: &Value, sizes: &[usize]) -> String {
     let ratio = |key: String| report["ratios"][&key].as_f64().map_or("n/a".to_owned(), |v| format!("{v:.2}"));
     let smallest = sizes.iter().copied().min().unwrap_or(2);
     let mut out = String::from(
-        "| ports | hub unicast | bridge unicast | hub/bridge | hub flood (per sink) | bridge flood (per sink) | hub/bridge | hub unicast vs smallest |\n|---|---|---|---|---|---|---|---|\n",
+        "| ports | hub unicast | bridge unicast | direct pair | minimal TC peer redirect | hub/bridge | hub/direct | hub/minimal | minimal/direct | hub flood (per sink) | bridge flood (per sink) | hub/bridge | hub unicast vs smallest |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for size in sizes {
         let at = &results[size.to_string()];
         out.push_str(&format!(
-            "| {size} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {size} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             pps_cell(&at["hub"]["unicast"]),
             pps_cell(&at["bridge"]["unicast"]),
+            pps_cell(&at[DIRECT]["unicast"]),
+            pps_cell(&at[PEER_REF]["unicast"]),
             ratio(format!("hub_vs_bridge_unicast_{size}")),
+            ratio(format!("hub_unicast_{size}_vs_direct")),
+            ratio(format!("hub_unicast_{size}_vs_peer_ref")),
+            ratio(format!("peer_ref_vs_direct_{size}")),
             pps_cell(&at["hub"]["flood"]),
             pps_cell(&at["bridge"]["flood"]),
             ratio(format!("hub_vs_bridge_flood_{size}")),
