@@ -19,7 +19,10 @@ use std::{
 use virtio_bindings::{
     virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1},
     virtio_ids::VIRTIO_ID_NET,
-    virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP},
+    virtio_net::{
+        VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+        VIRTIO_NET_F_STATUS, VIRTIO_NET_OK, VIRTIO_NET_S_LINK_UP,
+    },
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -39,6 +42,10 @@ pub const HDR_LEN: usize = 12;
 pub const BUFFER_LEN: u32 = 10 * 1024;
 const ETH_HEADER_LEN: usize = 14;
 const PAGE: u64 = 4096;
+/// Queue pairs the driver uses at most (one tap queue each).
+pub const MAX_PAIRS: usize = 8;
+/// How long the device may take to answer a control-queue command.
+const COMMAND_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often the device's status is looked at when it says nothing.
 const STATUS_POLL_MS: i32 = 1000;
 
@@ -46,9 +53,14 @@ const fn bit(n: u32) -> u64 {
     1 << n
 }
 
-/// The features the driver can use. No offloads: its port hands over whole frames.
-pub const DRIVER_FEATURES: u64 =
-    bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_ACCESS_PLATFORM) | bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS);
+/// The features the driver can use. No offloads: its port hands over whole frames. MQ only with
+/// the control queue, which sets the number of pairs in use.
+pub const DRIVER_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
+    | bit(VIRTIO_F_ACCESS_PLATFORM)
+    | bit(VIRTIO_NET_F_MAC)
+    | bit(VIRTIO_NET_F_STATUS)
+    | bit(VIRTIO_NET_F_MQ)
+    | bit(VIRTIO_NET_F_CTRL_VQ);
 
 /// Why the device could not be brought up; `Display` says what was asked of it.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +79,8 @@ pub enum DriverError {
     QueueSize(u16),
     #[error("the vDPA device failed while starting (status {0:#x})")]
     Failed(u8),
+    #[error("the vDPA device did not take {0} queue pairs (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET)")]
+    PairsRefused(usize),
     #[error("could not allocate the driver's memory: {0}")]
     Memory(String),
 }
@@ -82,6 +96,8 @@ pub struct DeviceInfo {
     pub mac: Option<[u8; 6]>,
     pub link_up: bool,
     pub queue_size: u16,
+    /// Queue pairs the device offers (`max_virtqueue_pairs`, 1 without MQ).
+    pub device_pairs: u16,
     /// Where the driver's memory lies in the device's IOVA space.
     pub iova: u64,
     pub mapped: u64,
@@ -100,9 +116,11 @@ impl Ports for Vec<OwnedFd> {
 
 /// The memory, rings and eventfds of a device that is up.
 struct Active {
+    /// Queue pairs in use (fewer than the port's queues if the device shrank since).
+    pairs: usize,
     memory: GuestMemoryMmap,
     info: DeviceInfo,
-    /// Ring 2i receives, 2i + 1 transmits.
+    /// Ring 2i receives, 2i + 1 transmits; the control queue, if any, comes last.
     rings: Vec<DriverRing>,
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
@@ -113,6 +131,8 @@ pub struct Driver {
     device: Box<dyn VdpaDevice>,
     active: Option<Active>,
     pairs: usize,
+    /// Set by the first bring-up: the port's queues are made for this many pairs.
+    pairs_fixed: bool,
     /// Between the port and the rings.
     scratch: Vec<u8>,
 }
@@ -129,7 +149,7 @@ impl Driver {
         device.set_owner().map_err(step("cannot take the device (VHOST_SET_OWNER)"))?;
         let backend = device.backend_features().map_err(step("cannot read the backend features"))?;
         device.set_backend_features(backend & BACKEND_IOTLB_MSG_V2).map_err(step("cannot set the backend features"))?;
-        let mut driver = Self { device, active: None, pairs: 1, scratch: vec![0; crate::port::pipe::MAX_FRAME + HDR_LEN] };
+        let mut driver = Self { device, active: None, pairs: 1, pairs_fixed: false, scratch: vec![0; crate::port::pipe::MAX_FRAME + HDR_LEN] };
         driver.bring_up()?;
         Ok(driver)
     }
@@ -179,7 +199,10 @@ impl Driver {
         if offered & bit(VIRTIO_F_VERSION_1) == 0 {
             return Err(DriverError::NoVersion1);
         }
-        let features = offered & DRIVER_FEATURES;
+        let mut features = offered & DRIVER_FEATURES;
+        if features & bit(VIRTIO_NET_F_CTRL_VQ) == 0 {
+            features &= !bit(VIRTIO_NET_F_MQ);
+        }
         device.set_features(features).map_err(step("cannot set the features"))?;
         let negotiating = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
         device.set_status(negotiating).map_err(step("cannot set the device status"))?;
@@ -187,16 +210,31 @@ impl Driver {
             return Err(DriverError::FeaturesRefused(features));
         }
         let (mac, link_up) = read_config(device.as_ref(), features)?;
+        let device_pairs = if features & bit(VIRTIO_NET_F_MQ) == 0 {
+            1
+        } else {
+            let mut pairs = [0u8; 2];
+            device.read_config(8, &mut pairs).map_err(step("cannot read the config space"))?;
+            u16::from_le_bytes(pairs).max(1)
+        };
+        if !self.pairs_fixed {
+            self.pairs = usize::from(device_pairs).min(MAX_PAIRS);
+            self.pairs_fixed = true;
+        }
+        let pairs = self.pairs.min(usize::from(device_pairs));
+        let control = features & bit(VIRTIO_NET_F_CTRL_VQ) != 0;
 
         let max = device.max_queue_size().map_err(step("cannot read the largest ring size"))?;
         let queue_size = if max >= QUEUE_SIZE { QUEUE_SIZE } else { prev_power_of_two(max) };
         if queue_size < 2 {
             return Err(DriverError::QueueSize(max));
         }
-        let rings = 2 * self.pairs;
+        let data_rings = 2 * pairs;
+        // The control queue follows every ring the device has, not only those used.
+        let rings = if control { 2 * usize::from(device_pairs) + 1 } else { data_rings };
         let ring_area = align(ring_bytes(queue_size), PAGE);
         let buffers_area = u64::from(queue_size) * u64::from(BUFFER_LEN);
-        let size = align(rings as u64 * (ring_area + buffers_area), PAGE);
+        let size = align((data_rings + usize::from(control)) as u64 * (ring_area + buffers_area), PAGE);
         let (first, last) = device.iova_range().map_err(step("cannot read the IOVA range"))?;
         let iova = align(first, PAGE);
         if iova < first || iova.checked_add(size - 1).is_none_or(|end| end > last) {
@@ -212,9 +250,11 @@ impl Driver {
 
         let mut driver_rings = Vec::with_capacity(rings);
         let (mut kicks, mut calls) = (Vec::with_capacity(rings), Vec::with_capacity(rings));
-        for index in 0..rings {
-            let base = iova + index as u64 * (ring_area + buffers_area);
-            let ring = DriverRing::new(&memory, base, queue_size, base + ring_area, BUFFER_LEN, index % 2 == 0)
+        let laid_out: Vec<usize> = (0..data_rings).chain(control.then_some(rings - 1)).collect();
+        for (slot, &index) in laid_out.iter().enumerate() {
+            let base = iova + slot as u64 * (ring_area + buffers_area);
+            let receives = index < data_rings && index % 2 == 0;
+            let ring = DriverRing::new(&memory, base, queue_size, base + ring_area, BUFFER_LEN, receives)
                 .map_err(|error| DriverError::Memory(error.to_string()))?;
             let kick = EventFd::new(EFD_NONBLOCK).map_err(step("cannot make a kick eventfd"))?;
             let call = EventFd::new(EFD_NONBLOCK).map_err(step("cannot make a call eventfd"))?;
@@ -227,12 +267,12 @@ impl Driver {
         }
         let config_call = EventFd::new(EFD_NONBLOCK).map_err(step("cannot make the config eventfd"))?;
         device.set_config_call(&config_call).map_err(step("cannot set the config eventfd"))?;
-        for ring in driver_rings.iter_mut().step_by(2) {
+        for ring in driver_rings.iter_mut().take(data_rings).step_by(2) {
             while let Some(id) = ring.take_free() {
                 ring.post(&memory, id, BUFFER_LEN).map_err(|error| DriverError::Memory(error.to_string()))?;
             }
         }
-        for index in 0..rings {
+        for &index in &laid_out {
             device.set_vring_enable(index, true).map_err(step("cannot enable a ring"))?;
         }
         device.set_status(negotiating | status::DRIVER_OK).map_err(step("cannot set DRIVER_OK"))?;
@@ -240,13 +280,17 @@ impl Driver {
         if now & (status::FAILED | status::NEEDS_RESET) != 0 || now & status::DRIVER_OK == 0 {
             return Err(DriverError::Failed(now));
         }
-        for (ring, kick) in driver_rings.iter().zip(&kicks).step_by(2) {
+        for (ring, kick) in driver_rings.iter().zip(&kicks).take(data_rings).step_by(2) {
             if ring.needs_kick(&memory) {
                 let _ = kick.write(1);
             }
         }
-        let info = DeviceInfo { features, mac, link_up, queue_size, iova, mapped: size };
-        Ok(Active { memory, info, rings: driver_rings, kicks, calls, config_call })
+        let info = DeviceInfo { features, mac, link_up, queue_size, device_pairs, iova, mapped: size };
+        let mut active = Active { pairs, memory, info, rings: driver_rings, kicks, calls, config_call };
+        if control && pairs > 1 {
+            active.set_pairs(pairs)?;
+        }
+        Ok(active)
     }
 
     /// Resets the device and unmaps the driver's memory (the device touches it no more).
@@ -272,7 +316,7 @@ impl Driver {
                 continue;
             };
             let mut fds = vec![pollfd(stop.as_raw_fd(), true), pollfd(active.config_call.as_raw_fd(), true)];
-            for pair in 0..self.pairs {
+            for pair in 0..active.pairs {
                 let port = ports.port(pair).map_or(-1, |fd| fd.as_raw_fd());
                 fds.push(pollfd(port, active.rings[2 * pair + 1].has_free()));
                 fds.push(pollfd(active.calls[2 * pair].as_raw_fd(), true));
@@ -294,7 +338,7 @@ impl Driver {
                     drain(fd.fd);
                 }
             }
-            for pair in 0..self.pairs {
+            for pair in 0..active.pairs {
                 if let Some(port) = ports.port(pair) {
                     active.move_frames(pair, port, &mut self.scratch, stats);
                 }
@@ -341,6 +385,25 @@ impl Drop for Driver {
 }
 
 impl Active {
+    /// `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` on the control queue (the last ring), answered within
+    /// [`COMMAND_DEADLINE`].
+    fn set_pairs(&mut self, pairs: usize) -> Result<(), DriverError> {
+        let count = u16::try_from(pairs).unwrap_or(u16::MAX).to_le_bytes();
+        let command = [VIRTIO_NET_CTRL_MQ as u8, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8, count[0], count[1]];
+        let (Some(ring), Some(kick)) = (self.rings.last_mut(), self.kicks.last()) else { return Err(DriverError::PairsRefused(pairs)) };
+        ring.post_command(&self.memory, &command).map_err(|error| DriverError::Memory(error.to_string()))?;
+        let _ = kick.write(1);
+        let deadline = std::time::Instant::now() + COMMAND_DEADLINE;
+        while std::time::Instant::now() < deadline {
+            if let Some(used) = ring.take_used(&self.memory) {
+                let ack: u8 = self.memory.read_obj(ring.buffer(1)).unwrap_or(u8::MAX);
+                return if matches!(used, Ok((0, _))) && u32::from(ack) == VIRTIO_NET_OK { Ok(()) } else { Err(DriverError::PairsRefused(pairs)) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Err(DriverError::PairsRefused(pairs))
+    }
+
     /// One round for a queue pair: transmit buffers back, received frames to the port (their
     /// buffers posted again), frames from the port onto the transmit ring.
     fn move_frames(&mut self, pair: usize, port: BorrowedFd<'_>, scratch: &mut [u8], stats: &BackendStats) {

@@ -10,6 +10,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::device::RingAddresses;
 
 const DESC_LEN: u64 = 16;
+const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
 /// `VRING_USED_F_NO_NOTIFY`: the device does not want kicks now.
 const VRING_USED_F_NO_NOTIFY: u16 = 1;
@@ -116,6 +117,25 @@ impl DriverRing {
             *held = true;
         }
         // The entry is visible before the index that publishes it.
+        fence(Ordering::Release);
+        memory.store(self.next_avail, GuestAddress(self.addresses.avail + 2), Ordering::Release)
+    }
+
+    /// A control-queue command: `command` in buffer 0 for the device to read, chained to one
+    /// byte of buffer 1 for its ack (`VIRTIO_NET_OK`). The caller waits for used entry 0.
+    pub fn post_command(&mut self, memory: &GuestMemoryMmap, command: &[u8]) -> vm_memory::GuestMemoryResult<()> {
+        let desc = self.addresses.desc;
+        memory.write_slice(command, self.buffer(0))?;
+        memory.write_obj(1u8, self.buffer(1))?;
+        memory.write_obj(u32::try_from(command.len()).unwrap_or(0), GuestAddress(desc + 8))?;
+        memory.write_obj(VRING_DESC_F_NEXT, GuestAddress(desc + 12))?;
+        memory.write_obj(1u16, GuestAddress(desc + 14))?;
+        memory.write_obj(1u32, GuestAddress(desc + DESC_LEN + 8))?;
+        memory.write_obj(VRING_DESC_F_WRITE, GuestAddress(desc + DESC_LEN + 12))?;
+        let slot = self.addresses.avail + 4 + 2 * u64::from(self.next_avail % self.addresses.size);
+        memory.write_obj(0u16, GuestAddress(slot))?;
+        self.next_avail = self.next_avail.wrapping_add(1);
+        self.held[0] = true;
         fence(Ordering::Release);
         memory.store(self.next_avail, GuestAddress(self.addresses.avail + 2), Ordering::Release)
     }

@@ -23,7 +23,10 @@ use std::{
 use virtio_bindings::{
     virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1},
     virtio_ids::VIRTIO_ID_NET,
-    virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP},
+    virtio_net::{
+        VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC,
+        VIRTIO_NET_F_MQ, VIRTIO_NET_F_STATUS, VIRTIO_NET_OK, VIRTIO_NET_S_LINK_UP,
+    },
 };
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
@@ -40,7 +43,7 @@ const fn bit(n: u32) -> u64 {
     1 << n
 }
 
-/// What the simulated device offers.
+/// What the simulated device offers (with more than one pair also MQ and CTRL_VQ).
 pub const SIM_FEATURES: u64 =
     bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_ACCESS_PLATFORM) | bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS);
 
@@ -50,11 +53,13 @@ pub struct SimOptions {
     /// First and last IOVA the device can map.
     pub iova_range: (u64, u64),
     pub max_queue_size: u16,
+    /// `max_virtqueue_pairs`.
+    pub pairs: u16,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        Self { mac: [0x52, 0x54, 0x00, 0x56, 0x44, 0x50], iova_range: (0, u64::MAX), max_queue_size: 256 }
+        Self { mac: [0x52, 0x54, 0x00, 0x56, 0x44, 0x50], iova_range: (0, u64::MAX), max_queue_size: 256, pairs: 1 }
     }
 }
 
@@ -91,7 +96,8 @@ struct State {
     owned: bool,
     link_up: bool,
     mappings: Vec<Mapping>,
-    vrings: [Vring; 2],
+    /// rx and tx of each pair, then the control queue (with more than one pair).
+    vrings: Vec<Vring>,
     config_call: Option<EventFd>,
     worker: Option<(JoinHandle<()>, EventFd)>,
 }
@@ -105,6 +111,8 @@ struct Shared {
     corruptions: Mutex<VecDeque<Corruption>>,
     /// Frames looped back, frames dropped (filtered or no receive buffer), chains refused.
     looped: AtomicU64,
+    /// Pairs the driver set with VQ_PAIRS_SET (1 until it does).
+    active_pairs: AtomicU64,
     dropped: AtomicU64,
     bad_chains: AtomicU64,
 }
@@ -139,7 +147,7 @@ impl SimulatedNet {
                 owned: false,
                 link_up: true,
                 mappings: Vec::new(),
-                vrings: [Vring::default(), Vring::default()],
+                vrings: Vec::new(),
                 config_call: None,
                 worker: None,
             }),
@@ -147,11 +155,26 @@ impl SimulatedNet {
             refuse_mappings: AtomicBool::new(false),
             corruptions: Mutex::new(VecDeque::new()),
             looped: AtomicU64::new(0),
+            active_pairs: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
             bad_chains: AtomicU64::new(0),
         });
+        shared.state().vrings = empty_vrings(&options);
         (Self { shared: Arc::clone(&shared) }, SimControl { shared })
     }
+
+    fn offered(&self) -> u64 {
+        offered(&self.shared.options)
+    }
+}
+
+fn offered(options: &SimOptions) -> u64 {
+    if options.pairs > 1 { SIM_FEATURES | bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ) } else { SIM_FEATURES }
+}
+
+fn empty_vrings(options: &SimOptions) -> Vec<Vring> {
+    let count = 2 * usize::from(options.pairs.max(1)) + usize::from(options.pairs > 1);
+    (0..count).map(|_| Vring::default()).collect()
 }
 
 impl Drop for SimulatedNet {
@@ -189,11 +212,16 @@ impl SimControl {
         self.shared.state().mappings.iter().map(|m| (m.iova, m.size, m.readonly)).collect()
     }
 
-    /// Where the rings are (rx, tx), as the driver set them.
+    /// Where the rings are (rx and tx of each pair, then the control queue), as the driver set them.
     #[must_use]
-    pub fn rings(&self) -> [Option<RingAddresses>; 2] {
-        let state = self.shared.state();
-        [state.vrings[0].addresses, state.vrings[1].addresses]
+    pub fn rings(&self) -> Vec<Option<RingAddresses>> {
+        self.shared.state().vrings.iter().map(|vring| vring.addresses).collect()
+    }
+
+    /// Queue pairs in use, as the driver set them on the control queue.
+    #[must_use]
+    pub fn active_pairs(&self) -> u64 {
+        self.shared.active_pairs.load(Ordering::Relaxed)
     }
 
     #[must_use]
@@ -275,13 +303,13 @@ impl VdpaDevice for SimulatedNet {
     }
 
     fn features(&self) -> io::Result<u64> {
-        Ok(SIM_FEATURES)
+        Ok(self.offered())
     }
 
     fn set_features(&mut self, features: u64) -> io::Result<()> {
         let mut state = self.shared.state();
         // The kernel refuses features once FEATURES_OK is set, or bits the device lacks.
-        if state.status & status::FEATURES_OK != 0 || features & !SIM_FEATURES != 0 {
+        if state.status & status::FEATURES_OK != 0 || features & !self.offered() != 0 {
             return Err(einval());
         }
         state.features = features;
@@ -298,8 +326,9 @@ impl VdpaDevice for SimulatedNet {
             let worker = state.worker.take();
             state.status = 0;
             state.features = 0;
-            state.vrings = [Vring::default(), Vring::default()];
+            state.vrings = empty_vrings(&self.shared.options);
             state.config_call = None;
+            self.shared.active_pairs.store(1, Ordering::Relaxed);
             drop(state);
             stop_worker(worker);
             return Ok(());
@@ -336,7 +365,7 @@ impl VdpaDevice for SimulatedNet {
         config[..6].copy_from_slice(&self.shared.options.mac);
         let link = if state.link_up { u16::try_from(VIRTIO_NET_S_LINK_UP).unwrap_or(1) } else { 0 };
         config[6..8].copy_from_slice(&link.to_le_bytes());
-        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[8..10].copy_from_slice(&self.shared.options.pairs.max(1).to_le_bytes());
         let start = offset as usize;
         let end = start.checked_add(buffer.len()).filter(|&end| end <= config.len()).ok_or_else(einval)?;
         buffer.copy_from_slice(&config[start..end]);
@@ -413,10 +442,12 @@ struct Worker {
     shared: Arc<Shared>,
     memory: GuestMemoryMmap,
     mappings: Vec<Mapping>,
-    /// rx, tx.
-    queues: [Queue; 2],
-    kicks: [EventFd; 2],
-    calls: [EventFd; 2],
+    /// rx and tx of each pair, then the control queue if there is one.
+    queues: Vec<Queue>,
+    kicks: Vec<EventFd>,
+    calls: Vec<EventFd>,
+    pairs: usize,
+    control: bool,
     buffer: Vec<u8>,
 }
 
@@ -454,23 +485,33 @@ impl Worker {
             }
             Ok((queue, kick.try_clone()?, call.try_clone()?))
         };
-        let (rx, rx_kick, rx_call) = ring(0)?;
-        let (tx, tx_kick, tx_call) = ring(1)?;
-        Ok(Self {
-            shared: Arc::clone(shared),
-            memory,
-            mappings: state.mappings.clone(),
-            queues: [rx, tx],
-            kicks: [rx_kick, tx_kick],
-            calls: [rx_call, tx_call],
-            buffer: vec![0; 1 << 17],
-        })
+        let pairs = usize::from(shared.options.pairs.max(1));
+        let control = shared.options.pairs > 1;
+        let (mut queues, mut kicks, mut calls) = (Vec::new(), Vec::new(), Vec::new());
+        for index in 0..state.vrings.len() {
+            // Rings of pairs beyond the first may be left unset by a driver that uses fewer.
+            let Ok((queue, kick, call)) = ring(index) else {
+                if index < 2 || (control && index == state.vrings.len() - 1) {
+                    return Err(einval());
+                }
+                queues.push(Queue::new(shared.options.max_queue_size).map_err(|error| io::Error::other(error.to_string()))?);
+                kicks.push(EventFd::new(EFD_NONBLOCK)?);
+                calls.push(EventFd::new(EFD_NONBLOCK)?);
+                continue;
+            };
+            queues.push(queue);
+            kicks.push(kick);
+            calls.push(call);
+        }
+        Ok(Self { shared: Arc::clone(shared), memory, mappings: state.mappings.clone(), queues, kicks, calls, pairs, control, buffer: vec![0; 1 << 17] })
     }
 
     fn run(mut self, stop: &EventFd) {
         loop {
-            let mut fds = [stop.as_raw_fd(), self.kicks[0].as_raw_fd(), self.kicks[1].as_raw_fd()]
-                .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            let mut fds: Vec<_> = std::iter::once(stop.as_raw_fd())
+                .chain(self.kicks.iter().map(AsRawFd::as_raw_fd))
+                .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+                .collect();
             // SAFETY: `fds` is a valid array of pollfd of the length given.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
             if fds[0].revents != 0 {
@@ -479,20 +520,52 @@ impl Worker {
             for kick in &self.kicks {
                 let _ = kick.read();
             }
-            let (rx_used, tx_used) = self.loop_back();
-            if rx_used {
-                let _ = self.calls[0].write(1);
+            if self.control && self.command() {
+                let _ = self.calls[2 * self.pairs].write(1);
             }
-            if tx_used {
-                let _ = self.calls[1].write(1);
+            let active = usize::try_from(self.shared.active_pairs.load(Ordering::Relaxed)).unwrap_or(1).min(self.pairs);
+            for pair in 0..active {
+                let (rx_used, tx_used) = self.loop_back(pair);
+                if rx_used {
+                    let _ = self.calls[2 * pair].write(1);
+                }
+                if tx_used {
+                    let _ = self.calls[2 * pair + 1].write(1);
+                }
             }
         }
     }
 
-    /// Every chain on the transmit ring: read, sent back on the receive ring.
-    fn loop_back(&mut self) -> (bool, bool) {
+    /// Control-queue commands: VQ_PAIRS_SET within 1..=pairs is taken, anything else refused.
+    /// Whether a chain was used.
+    fn command(&mut self) -> bool {
+        let index = 2 * self.pairs;
+        let mut used = false;
+        while let Some(chain) = self.queues[index].pop_descriptor_chain(&self.memory) {
+            used = true;
+            let head = chain.head_index();
+            let mut command = [0u8; 4];
+            let read = Reader::<()>::new(&self.memory, chain.clone()).is_ok_and(|mut reader| reader.read_exact(&mut command).is_ok());
+            let pairs = u16::from_le_bytes([command[2], command[3]]);
+            let ok = read
+                && u32::from(command[0]) == VIRTIO_NET_CTRL_MQ
+                && u32::from(command[1]) == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
+                && (1..=self.shared.options.pairs).contains(&pairs);
+            if ok {
+                self.shared.active_pairs.store(u64::from(pairs), Ordering::Relaxed);
+            }
+            let ack = u8::try_from(if ok { VIRTIO_NET_OK } else { VIRTIO_NET_ERR }).unwrap_or(1);
+            let written = Writer::<()>::new(&self.memory, chain).is_ok_and(|mut writer| writer.write_all(&[ack]).is_ok());
+            let _ = self.queues[index].add_used(&self.memory, head, u32::from(written));
+        }
+        used
+    }
+
+    /// Every chain on the transmit ring of `pair`: read, sent back on its receive ring.
+    fn loop_back(&mut self, pair: usize) -> (bool, bool) {
+        let (rx, tx) = (2 * pair, 2 * pair + 1);
         let (mut rx_used, mut tx_used) = (false, false);
-        while let Some(chain) = self.queues[1].pop_descriptor_chain(&self.memory) {
+        while let Some(chain) = self.queues[tx].pop_descriptor_chain(&self.memory) {
             tx_used = true;
             let head = chain.head_index();
             let allowed = chain.clone().all(|d| !d.is_write_only() && self.allowed(d.addr().0, d.len(), false));
@@ -503,7 +576,7 @@ impl Worker {
                 }
                 _ => None,
             };
-            let _ = self.queues[1].add_used(&self.memory, head, 0);
+            let _ = self.queues[tx].add_used(&self.memory, head, 0);
             let Some(len) = len else {
                 self.shared.bad_chains.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -512,7 +585,7 @@ impl Worker {
                 self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            rx_used |= self.receive(len);
+            rx_used |= self.receive(rx, len);
         }
         (rx_used, tx_used)
     }
@@ -524,8 +597,8 @@ impl Worker {
     }
 
     /// The frame in `buffer[..len]` into the next receive chain; whether a chain was used.
-    fn receive(&mut self, len: usize) -> bool {
-        let Some(chain) = self.queues[0].pop_descriptor_chain(&self.memory) else {
+    fn receive(&mut self, rx: usize, len: usize) -> bool {
+        let Some(chain) = self.queues[rx].pop_descriptor_chain(&self.memory) else {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         };
@@ -537,29 +610,30 @@ impl Worker {
         };
         if !written {
             self.shared.bad_chains.fetch_add(1, Ordering::Relaxed);
-            let _ = self.queues[0].add_used(&self.memory, head, 0);
+            let _ = self.queues[rx].add_used(&self.memory, head, 0);
             return true;
         }
         let corruption = self.shared.corruptions.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
         match corruption {
             None => {
-                let _ = self.queues[0].add_used(&self.memory, head, u32::try_from(len).unwrap_or(u32::MAX));
+                // Counted before the driver can see it.
                 self.shared.looped.fetch_add(1, Ordering::Relaxed);
+                let _ = self.queues[rx].add_used(&self.memory, head, u32::try_from(len).unwrap_or(u32::MAX));
             }
             Some(corruption) => {
                 let (id, len) = match corruption {
-                    Corruption::Id => (u32::from(self.queues[0].size()) + 7, u32::try_from(len).unwrap_or(0)),
+                    Corruption::Id => (u32::from(self.queues[rx].size()) + 7, u32::try_from(len).unwrap_or(0)),
                     Corruption::Len => (u32::from(head), 1 << 20),
                 };
-                self.write_used(id, len);
+                self.write_used(rx, id, len);
             }
         }
         true
     }
 
     /// A used entry written as a faulty device would, bypassing the queue's checks.
-    fn write_used(&mut self, id: u32, len: u32) {
-        let queue = &mut self.queues[0];
+    fn write_used(&mut self, rx: usize, id: u32, len: u32) {
+        let queue = &mut self.queues[rx];
         let next = queue.next_used();
         let slot = queue.used_ring() + 4 + 8 * u64::from(next % queue.size());
         let _ = self.memory.write_obj(id, GuestAddress(slot));
