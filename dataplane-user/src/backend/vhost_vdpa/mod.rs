@@ -2,11 +2,11 @@
 //! virtio-net driver, as DPDK's virtio-user does, and joins it to the hub through a tap with a
 //! 12-byte virtio-net header, the same port device as vhost-user's.
 //!
-//! * [`device`]: the [`device::VdpaDevice`] trait and the ioctls of a real node;
-//! * [`driver`]: bring-up (status, features, config, IOVA range, DMA mapping, rings, eventfds)
+//! * [`device`], the [`device::VdpaDevice`] trait and the ioctls of a real node;
+//! * [`driver`], bring-up (status, features, config, IOVA range, DMA mapping, rings, eventfds)
 //!   and the data path between the rings and the tap;
-//! * [`ring`]: the driver's side of a split ring;
-//! * [`sim`]: a loopback device in the process, like the kernel's `vdpa_sim_net`, that the tests
+//! * [`ring`], the driver's side of a split ring;
+//! * [`sim`], a loopback device in the process, like the kernel's `vdpa_sim_net`, that the tests
 //!   drive the driver against (no kernel here builds vDPA).
 //!
 //! Everything is done in `netdev_add`: a node that cannot be opened, a device that refuses the
