@@ -15,6 +15,7 @@ pub mod slirp;
 pub(crate) mod socket;
 pub mod stream;
 pub mod vhost_user;
+pub mod vhost_vdpa;
 #[cfg(test)]
 mod test_support;
 
@@ -86,6 +87,8 @@ pub struct BackendStats {
     pub guest_drops: AtomicU64,
     /// `vhost-user`: connections ended by a protocol error (garbage, a broken negotiation).
     pub protocol_errors: AtomicU64,
+    /// `vhost-vdpa`: times the device asked for a reset (NEEDS_RESET, FAILED) and was started again.
+    pub device_resets: AtomicU64,
     /// `vhost-user`: frames moved (both ways) per queue pair.
     pub pair_frames: std::sync::Mutex<Vec<u64>>,
 }
@@ -120,7 +123,7 @@ impl BackendStats {
             "gso-frames": get(&self.gso_frames), "gso-segments": get(&self.gso_segments),
             "ip-fragments": get(&self.ip_fragments),
             "bad-chains": get(&self.bad_chains), "guest-drops": get(&self.guest_drops),
-            "protocol-errors": get(&self.protocol_errors),
+            "protocol-errors": get(&self.protocol_errors), "device-resets": get(&self.device_resets),
             "pair-frames": *self.pair_frames.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
         })
     }
@@ -177,6 +180,7 @@ pub enum Prepared {
     Datagram(datagram::PreparedDatagram),
     User(slirp::PreparedUser),
     VhostUser(vhost_user::PreparedVhostUser),
+    VhostVdpa(vhost_vdpa::PreparedVhostVdpa),
 }
 
 /// Opens the sockets of `netdev` if its type has a user-space side; `None` for the others.
@@ -192,6 +196,7 @@ pub async fn prepare(netdev: &Netdev, fds: &mut dyn FdSource) -> Result<Option<P
         NetdevOptions::Dgram(options) => Prepared::Datagram(datagram::prepare_dgram(id, options, fds)?),
         NetdevOptions::L2tpv3(options) => Prepared::Datagram(datagram::prepare_l2tpv3(id, options)?),
         NetdevOptions::User(options) => Prepared::User(slirp::prepare(id, options)?),
+        NetdevOptions::VhostVdpa(options) => Prepared::VhostVdpa(vhost_vdpa::prepare(id, options, fds)?),
         _ => return Ok(None),
     }))
 }
@@ -214,7 +219,7 @@ impl Prepared {
     pub fn endpoint(&self) -> Option<TunnelEndpoint> {
         match self {
             Self::Datagram(datagram) => datagram.endpoint(),
-            Self::Stream(_) | Self::User(_) | Self::VhostUser(_) => None,
+            Self::Stream(_) | Self::User(_) | Self::VhostUser(_) | Self::VhostVdpa(_) => None,
         }
     }
 
@@ -226,6 +231,7 @@ impl Prepared {
         match self {
             Self::User(_) => crate::port::tun::TapFlags { vnet_hdr: true, multi_queue: false },
             Self::VhostUser(vhost) => crate::port::tun::TapFlags { vnet_hdr: true, multi_queue: vhost.queue_pairs() > 1 },
+            Self::VhostVdpa(vdpa) => crate::port::tun::TapFlags { vnet_hdr: true, multi_queue: vdpa.queue_pairs() > 1 },
             Self::Stream(_) | Self::Datagram(_) => crate::port::tun::TapFlags { vnet_hdr: false, multi_queue: false },
         }
     }
@@ -238,6 +244,8 @@ impl Prepared {
             Self::Datagram(_) | Self::User(_) => true,
             // Down until a frontend starts its rings.
             Self::VhostUser(_) => false,
+            // As the device's config space says.
+            Self::VhostVdpa(vdpa) => vdpa.link_up(),
         }
     }
 
@@ -249,6 +257,7 @@ impl Prepared {
             Self::Datagram(datagram) => datagram.run(pipe, ctx).await,
             Self::User(user) => user.run(pipe, ctx).await,
             Self::VhostUser(vhost) => vhost.run(pipe, ctx).await,
+            Self::VhostVdpa(vdpa) => vdpa.run(pipe, ctx).await,
         }
     }
 }

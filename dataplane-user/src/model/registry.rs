@@ -107,7 +107,8 @@ fn check_available(netdev: &Netdev) -> Result<(), NetdevError> {
         | NetdevOptions::Dgram(_)
         | NetdevOptions::L2tpv3(_)
         | NetdevOptions::User(_)
-        | NetdevOptions::VhostUser(_) => Ok(()),
+        | NetdevOptions::VhostUser(_)
+        | NetdevOptions::VhostVdpa(_) => Ok(()),
         // QEMU refuses this in netdev_add with exactly this error.
         NetdevOptions::None(_) => Err(NetdevError::NotCompiled { id, kind }),
         NetdevOptions::Netmap(_) => {
@@ -117,8 +118,7 @@ fn check_available(netdev: &Netdev) -> Result<(), NetdevError> {
             unavailable("vmnet is Apple's vmnet.framework and exists only on macOS")
         }
         NetdevOptions::Vde(_) => unavailable("netdevd has no VDE switch support"),
-        NetdevOptions::VhostVdpa(_)
-        | NetdevOptions::Passt(_) => unavailable("its data path is not implemented in this version of netdevd"),
+        NetdevOptions::Passt(_) => unavailable("its data path is not implemented in this version of netdevd"),
     }
 }
 
