@@ -108,29 +108,36 @@ struct State {
     state_file: Option<std::path::PathBuf>,
 }
 
-impl State {
-    fn device_map(&self) -> HashMap<String, Device> {
-        self.devices.iter().map(|(id, port)| (id.clone(), port.device.clone())).collect()
+impl plan::Devices for HashMap<String, PortDevice> {
+    fn device(&self, netdev: &str) -> Option<&Device> {
+        self.get(netdev).map(|port| &port.device)
     }
+}
 
-    /// Plans the current graph and applies it; on failure the kernel is put back as it was.
+impl State {
+    /// Plans what changed in the graph (the hubs it marked, see [`Registry::changed_hubs`]) and
+    /// applies the difference; on failure the kernel is put back as it was and the hubs stay
+    /// marked, to be planned again with the next change.
     fn replan(&mut self) -> Result<(), DaemonError> {
-        let next = plan::plan(&self.registry, &self.device_map(), &self.rx_filters, &self.tunnels, &self.plan)?;
-        if next == self.plan {
+        let changed = self.registry.changed_hubs();
+        let step = plan::step(&self.registry, &self.devices, &self.rx_filters, &self.tunnels, &self.plan, changed)?;
+        if step.is_empty() {
+            self.registry.clear_changed_hubs();
             self.record();
             return Ok(());
         }
         let Some(host) = self.host.as_mut() else {
-            let id = next.ports.values().next().map(|p| p.hubport.clone()).unwrap_or_default();
+            let id = step.after.ports.values().next().map(|p| p.hubport.clone()).unwrap_or_default();
             return Err(DaemonError::NoDataplane { id });
         };
-        if let Err(error) = kernel::apply(host.dataplane.as_mut(), &self.plan, &next) {
-            if let Err(undo) = kernel::apply(host.dataplane.as_mut(), &next, &self.plan) {
+        if let Err(error) = kernel::apply(host.dataplane.as_mut(), &step.before, &step.after) {
+            if let Err(undo) = kernel::apply(host.dataplane.as_mut(), &step.after, &step.before) {
                 tracing::error!(%undo, "could not restore the previous kernel state");
             }
             return Err(error.into());
         }
-        self.plan = next;
+        self.plan.commit(step);
+        self.registry.clear_changed_hubs();
         self.record();
         Ok(())
     }

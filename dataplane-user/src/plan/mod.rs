@@ -144,6 +144,91 @@ pub struct Plan {
     pub tunnel_rx: BTreeMap<TunnelRxKey, u32>,
     /// Devices where tunnel packets arrive, by ifindex.
     pub underlays: BTreeMap<u32, String>,
+    /// What the entries above imply, kept so that a step costs what it changes.
+    index: Index,
+}
+
+/// The ports of each hub and the slots in use, of a whole plan (empty in a [`Step`]'s halves).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Index {
+    hub_ports: BTreeMap<i32, BTreeSet<u32>>,
+    port_slots: SlotSet,
+    segment_slots: SlotSet,
+}
+
+/// What one change does to the kernel state: the entries of the previous plan it replaces
+/// (`before`) and their replacements (`after`), for the changed hubs' segments only, and for the
+/// tunnels if theirs changed. The applier moves the kernel from `before` to `after` (and back, to
+/// roll back); [`Plan::commit`] then makes it part of the plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Step {
+    pub before: Plan,
+    pub after: Plan,
+}
+
+impl Step {
+    /// Whether the step changes nothing in the kernel.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.before == self.after
+    }
+
+    fn has_tunnels(&self) -> bool {
+        [&self.before, &self.after].iter().any(|p| !p.tunnels.is_empty() || !p.tunnel_rx.is_empty() || !p.underlays.is_empty())
+    }
+}
+
+impl Plan {
+    /// Takes `step` (computed from this plan) in: its `before` entries go, its `after` ones come.
+    pub fn commit(&mut self, step: Step) {
+        let tunnels = step.has_tunnels();
+        let Step { before, after } = step;
+        for (ifindex, port) in &before.ports {
+            self.ports.remove(ifindex);
+            self.index.port_slots.remove(port.slot);
+            if let Some(ports) = self.index.hub_ports.get_mut(&port.hubid) {
+                ports.remove(ifindex);
+                if ports.is_empty() {
+                    self.index.hub_ports.remove(&port.hubid);
+                }
+            }
+        }
+        for ifindex in before.rx_filters.keys() {
+            self.rx_filters.remove(ifindex);
+        }
+        for (segment, slot) in &before.segment_slots {
+            self.segments.remove(segment);
+            self.segment_slots.remove(segment);
+            self.index.segment_slots.remove(*slot);
+        }
+        for (ifindex, port) in after.ports {
+            self.index.port_slots.insert(port.slot);
+            self.index.hub_ports.entry(port.hubid).or_default().insert(ifindex);
+            self.ports.insert(ifindex, port);
+        }
+        self.rx_filters.extend(after.rx_filters);
+        self.segments.extend(after.segments);
+        for (segment, slot) in after.segment_slots {
+            self.index.segment_slots.insert(slot);
+            self.segment_slots.insert(segment, slot);
+        }
+        if tunnels {
+            self.tunnels = after.tunnels;
+            self.tunnel_rx = after.tunnel_rx;
+            self.underlays = after.underlays;
+        }
+    }
+}
+
+/// The interface of each netdev that brought one.
+pub trait Devices {
+    fn device(&self, netdev: &str) -> Option<&Device>;
+}
+
+impl Devices for HashMap<String, Device> {
+    fn device(&self, netdev: &str) -> Option<&Device> {
+        self.get(netdev)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -158,35 +243,62 @@ pub enum PlanError {
     TooManyPorts { id: String },
 }
 
-/// Hands out array slots: a key keeps the slot it had in the previous plan, and no slot the
-/// previous plan used goes to another key in the same step (frames in flight may still use it).
-struct Slots<K> {
-    previous: BTreeMap<K, u32>,
-    assigned: BTreeMap<K, u32>,
-    taken: BTreeSet<u32>,
-    next_free: u32,
-}
+/// A set of slots as a bitmap: the lowest free slot is found a word at a time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct SlotSet(Vec<u64>);
 
-impl<K: Ord + Copy> Slots<K> {
-    fn new(previous: BTreeMap<K, u32>) -> Self {
-        let taken = previous.values().copied().collect();
-        Self { previous, assigned: BTreeMap::new(), taken, next_free: 0 }
+impl SlotSet {
+    fn insert(&mut self, slot: u32) {
+        let word = slot as usize / 64;
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        self.0[word] |= 1 << (slot % 64);
     }
 
-    /// The slot of `key`, or `None` when every slot is taken.
-    fn slot(&mut self, key: K) -> Option<u32> {
+    fn remove(&mut self, slot: u32) {
+        if let Some(word) = self.0.get_mut(slot as usize / 64) {
+            *word &= !(1 << (slot % 64));
+        }
+        // Trailing empty words go, so equal sets compare equal.
+        while self.0.last() == Some(&0) {
+            self.0.pop();
+        }
+    }
+
+    /// The lowest slot in neither `self` nor `other`.
+    fn first_free(&self, other: &Self) -> u32 {
+        let words = self.0.len().max(other.0.len());
+        for index in 0..=words {
+            let used = self.0.get(index).copied().unwrap_or(0) | other.0.get(index).copied().unwrap_or(0);
+            if used != u64::MAX {
+                return u32::try_from(index * 64).unwrap_or(u32::MAX).saturating_add(used.trailing_ones());
+            }
+        }
+        u32::MAX
+    }
+}
+
+/// Hands out array slots: a key keeps the slot it had in the previous plan, and no slot the
+/// previous plan used goes to another key in the same step (frames in flight may still use it).
+struct Slots<'p, K> {
+    /// The previous plan's slots.
+    used: &'p SlotSet,
+    assigned: BTreeMap<K, u32>,
+    taken: SlotSet,
+}
+
+impl<'p, K: Ord + Copy> Slots<'p, K> {
+    const fn new(used: &'p SlotSet) -> Self {
+        Self { used, assigned: BTreeMap::new(), taken: SlotSet(Vec::new()) }
+    }
+
+    /// The slot of `key`, which had `kept` in the previous plan; `None` when every slot is taken.
+    fn slot(&mut self, key: K, kept: Option<u32>) -> Option<u32> {
         if let Some(slot) = self.assigned.get(&key) {
             return Some(*slot);
         }
-        let slot = match self.previous.get(&key) {
-            Some(slot) => *slot,
-            None => {
-                while self.taken.contains(&self.next_free) {
-                    self.next_free += 1;
-                }
-                self.next_free
-            }
-        };
+        let slot = kept.unwrap_or_else(|| self.used.first_free(&self.taken));
         if slot >= MAX_PORTS {
             return None;
         }
@@ -196,31 +308,27 @@ impl<K: Ord + Copy> Slots<K> {
     }
 }
 
-/// Union-find over hub ids, smallest id as representative.
-#[derive(Default)]
-struct Segments(HashMap<i32, i32>);
-
-impl Segments {
-    fn find(&mut self, hub: i32) -> i32 {
-        let parent = *self.0.entry(hub).or_insert(hub);
-        if parent == hub {
-            return hub;
+/// The hubs joined to `hub` port to port (through up ports at both ends), `hub` included: one
+/// segment.
+fn segment_of(registry: &Registry, hub: i32) -> BTreeSet<i32> {
+    let mut hubs = BTreeSet::from([hub]);
+    let mut pending = vec![hub];
+    while let Some(hub) = pending.pop() {
+        for (_, entry) in registry.hub_ports(hub) {
+            // A downed port cuts the hub-to-hub segment, as in QEMU.
+            let Some(peer) = entry.peer.as_deref().filter(|_| entry.link_up) else { continue };
+            let (Some(peer_hub), Some(peer_entry)) = (registry.hub_of(peer), registry.get(peer)) else { continue };
+            if peer_entry.link_up && hubs.insert(peer_hub) {
+                pending.push(peer_hub);
+            }
         }
-        let root = self.find(parent);
-        self.0.insert(hub, root);
-        root
     }
-
-    fn join(&mut self, a: i32, b: i32) {
-        let (ra, rb) = (self.find(a), self.find(b));
-        let (low, high) = if ra < rb { (ra, rb) } else { (rb, ra) };
-        self.0.insert(high, low);
-    }
+    hubs
 }
 
 /// Computes the kernel state for `registry`, given the interfaces of the netdevs that have one, the
 /// receive filters of the NICs, the tunnels, and the plan the kernel holds now (whose slots are
-/// kept).
+/// kept): every hub planned afresh.
 pub fn plan(
     registry: &Registry,
     devices: &HashMap<String, Device>,
@@ -228,28 +336,72 @@ pub fn plan(
     tunnels: &HashMap<String, TunnelFastPath>,
     previous: &Plan,
 ) -> Result<Plan, PlanError> {
-    let hub_of = |id: &str| match registry.get(id).map(|e| &e.netdev.options) {
-        Some(NetdevOptions::Hubport(port)) => Some(port.hubid),
-        _ => None,
-    };
-    let mut segments = Segments::default();
-    for entry in registry.entries() {
-        let (Some(hub), Some(peer)) = (hub_of(&entry.netdev.id), entry.peer.as_deref()) else { continue };
-        let (Some(peer_hub), Some(peer_entry)) = (hub_of(peer), registry.get(peer)) else { continue };
-        // A downed port cuts the hub-to-hub segment, as in QEMU.
-        if entry.link_up && peer_entry.link_up {
-            segments.join(hub, peer_hub);
+    let every_hub = registry.hubs().chain(previous.index.hub_ports.keys().copied()).collect();
+    let step = step(registry, devices, filters, tunnels, previous, &every_hub)?;
+    let mut next = previous.clone();
+    next.commit(step);
+    Ok(next)
+}
+
+/// What the kernel state for `registry` changes from `previous` when only the hubs in `changed`
+/// changed (their ports, links, peers, NICs or filters): their segments, as they were and as they
+/// are now, are planned again, and the tunnels; nothing else is looked at.
+///
+/// `changed` must name both ends of every hub-to-hub join that came, went or changed link, and
+/// the hub of every port whose netdev, interface, NIC or filter changed.
+pub fn step(
+    registry: &Registry,
+    devices: &impl Devices,
+    filters: &HashMap<String, RxFilter>,
+    tunnels: &HashMap<String, TunnelFastPath>,
+    previous: &Plan,
+    changed: &BTreeSet<i32>,
+) -> Result<Step, PlanError> {
+    // The segments of the changed hubs as they are now. They cover the segments those hubs were
+    // in: a join that went had both its hubs changed.
+    let mut segment_of_hub: BTreeMap<i32, i32> = BTreeMap::new();
+    for hub in changed {
+        if segment_of_hub.contains_key(hub) {
+            continue;
+        }
+        let hubs = segment_of(registry, *hub);
+        // The smallest hub id names the segment.
+        let segment = hubs.first().copied().unwrap_or(*hub);
+        segment_of_hub.extend(hubs.into_iter().map(|h| (h, segment)));
+    }
+
+    let mut step = Step::default();
+    for hub in segment_of_hub.keys() {
+        for ifindex in previous.index.hub_ports.get(hub).into_iter().flatten() {
+            let Some(port) = previous.ports.get(ifindex) else { continue };
+            step.before.ports.insert(*ifindex, port.clone());
+            if let Some(filter) = previous.rx_filters.get(ifindex) {
+                step.before.rx_filters.insert(*ifindex, filter.clone());
+            }
+            if let (Some(members), Some(slot)) =
+                (previous.segments.get(&port.segment), previous.segment_slots.get(&port.segment))
+            {
+                step.before.segments.insert(port.segment, members.clone());
+                step.before.segment_slots.insert(port.segment, *slot);
+            }
         }
     }
 
-    let mut port_slots = Slots::new(previous.ports.iter().map(|(ifindex, port)| (*ifindex, port.slot)).collect());
-    let mut segment_slots = Slots::new(previous.segment_slots.clone());
-    let mut plan = Plan::default();
-    for entry in registry.entries() {
-        let Some(hub) = hub_of(&entry.netdev.id) else { continue };
+    // The ports of those segments, in creation order.
+    let mut entries: Vec<_> =
+        segment_of_hub.keys().flat_map(|hub| registry.hub_ports(*hub).map(move |(seq, entry)| (seq, *hub, entry))).collect();
+    entries.sort_unstable_by_key(|(seq, _, _)| *seq);
+    let mut port_slots = Slots::new(&previous.index.port_slots);
+    let mut segment_slots = Slots::new(&previous.index.segment_slots);
+    let plan = &mut step.after;
+    for (_, hub, entry) in entries {
         let Some(netdev) = entry.peer.as_deref() else { continue };
-        let (Some(device), Some(peer_entry)) = (devices.get(netdev), registry.get(netdev)) else { continue };
-        if let Some(other) = plan.ports.get(&device.ifindex) {
+        let (Some(device), Some(peer_entry)) = (devices.device(netdev), registry.get(netdev)) else { continue };
+        // A port this step plans, or one of a segment it leaves alone.
+        let other = plan.ports.get(&device.ifindex).or_else(|| {
+            previous.ports.get(&device.ifindex).filter(|port| !segment_of_hub.contains_key(&port.hubid))
+        });
+        if let Some(other) = other {
             return Err(PlanError::InterfaceTwice {
                 ifname: device.ifname.clone(),
                 hubid: other.hubid,
@@ -259,10 +411,13 @@ pub fn plan(
         // A NIC behind the interface's netdev or behind the hub port.
         let nic = registry.nic_of(netdev).or_else(|| registry.nic_of(&entry.netdev.id));
         let nic_up = nic.and_then(|id| registry.get(id)).is_none_or(|n| n.link_up);
-        let segment = segments.find(hub);
+        let segment = segment_of_hub.get(&hub).copied().unwrap_or(hub);
         let too_many = || PlanError::TooManyPorts { id: entry.netdev.id.clone() };
-        let slot = port_slots.slot(device.ifindex).ok_or_else(too_many)?;
-        let segment_slot = segment_slots.slot(segment).ok_or_else(too_many)?;
+        let slot = port_slots
+            .slot(device.ifindex, previous.ports.get(&device.ifindex).map(|p| p.slot))
+            .ok_or_else(too_many)?;
+        let segment_slot =
+            segment_slots.slot(segment, previous.segment_slots.get(&segment).copied()).ok_or_else(too_many)?;
         let filter = match (nic.and_then(|id| filters.get(id)), &peer_entry.netdev.options) {
             (Some(filter), _) => Some(RxFilterTables::from(filter)),
             (None, NetdevOptions::User(user)) => {
@@ -300,6 +455,39 @@ pub fn plan(
         plan.ports.insert(device.ifindex, port);
     }
     plan.segment_slots = segment_slots.assigned;
+
+    // The tunnels, all of them (they are few), against the ports as they will be.
+    let mut tunnel_part = Plan::default();
+    plan_tunnels(&mut tunnel_part, registry, tunnels)?;
+    let port_at = |ifindex: &u32| {
+        step.after.ports.get(ifindex).or_else(|| previous.ports.get(ifindex).filter(|_| !step.before.ports.contains_key(ifindex)))
+    };
+    let members_of = |segment: &i32| {
+        step.after
+            .segments
+            .get(segment)
+            .or_else(|| previous.segments.get(segment).filter(|_| !step.before.segments.contains_key(segment)))
+    };
+    plan_relays(&mut tunnel_part.tunnels, port_at, members_of);
+    if (&tunnel_part.tunnels, &tunnel_part.tunnel_rx, &tunnel_part.underlays)
+        != (&previous.tunnels, &previous.tunnel_rx, &previous.underlays)
+    {
+        step.before.tunnels.clone_from(&previous.tunnels);
+        step.before.tunnel_rx.clone_from(&previous.tunnel_rx);
+        step.before.underlays.clone_from(&previous.underlays);
+        step.after.tunnels = tunnel_part.tunnels;
+        step.after.tunnel_rx = tunnel_part.tunnel_rx;
+        step.after.underlays = tunnel_part.underlays;
+    }
+    Ok(step)
+}
+
+/// The tunnels of the netdevs in `registry`, their receive keys and underlays, into `plan`.
+fn plan_tunnels(
+    plan: &mut Plan,
+    registry: &Registry,
+    tunnels: &HashMap<String, TunnelFastPath>,
+) -> Result<(), PlanError> {
     let mut ids: Vec<&String> = tunnels.keys().filter(|id| registry.get(id).is_some()).collect();
     ids.sort();
     for id in ids {
@@ -316,24 +504,26 @@ pub fn plan(
         }
         plan.underlays.extend(tunnel.underlays.iter().map(|(i, n)| (*i, n.clone())));
     }
-    plan_relays(&mut plan);
-    Ok(plan)
+    Ok(())
 }
 
 /// A hub segment of exactly two up ports that are both tunnels (a relay between two tunnels):
 /// each tunnel's program encapsulates what it receives for the other one directly, which is all
 /// the hub would do with the frame. Anything else on the segment — a third port, a port down, a
-/// NIC's receive filter — leaves the frame to the hub.
-fn plan_relays(plan: &mut Plan) {
+/// NIC's receive filter — leaves the frame to the hub. `port` and `members` look up the plan's
+/// ports and member lists.
+fn plan_relays<'p>(
+    tunnels: &mut BTreeMap<u32, TunnelPlan>,
+    port: impl Fn(&u32) -> Option<&'p Port>,
+    members: impl Fn(&i32) -> Option<&'p Vec<HubMember>>,
+) {
     let port_of_hub_end: BTreeMap<u32, u32> =
-        plan.tunnels.iter().map(|(port_ifindex, tunnel)| (tunnel.config.hub_ifindex, *port_ifindex)).collect();
-    for tunnel in plan.tunnels.values_mut() {
+        tunnels.iter().map(|(port_ifindex, tunnel)| (tunnel.config.hub_ifindex, *port_ifindex)).collect();
+    for tunnel in tunnels.values_mut() {
         let hub_end = tunnel.config.hub_ifindex;
-        let other = plan
-            .ports
-            .get(&hub_end)
+        let other = port(&hub_end)
             .filter(|port| port.link_up)
-            .and_then(|port| plan.segments.get(&port.segment))
+            .and_then(|port| members(&port.segment))
             .filter(|members| {
                 members.len() == 2
                     && members.iter().all(|m| m.flags & MEMBER_LINK_UP != 0 && m.flags & MEMBER_RX_FILTER == 0)
