@@ -104,8 +104,9 @@ struct State {
     /// What the kernel holds now.
     plan: Plan,
     host: Option<Host>,
-    /// The state file, rewritten after every change (`record`).
+    /// The state file, rewritten after every change (`record`), and its lines as last written.
     state_file: Option<std::path::PathBuf>,
+    recorded: record::Lines,
 }
 
 impl plan::Devices for HashMap<String, PortDevice> {
@@ -143,9 +144,15 @@ impl State {
     }
 
     /// Rewrites the state file, if there is one; a failure is logged, never the change's.
-    fn record(&self) {
+    fn record(&mut self) {
+        if self.state_file.is_none() {
+            return;
+        }
+        let mut lines = std::mem::take(&mut self.recorded);
+        let text = record::text(self, &mut lines);
+        self.recorded = lines;
         if let Some(path) = &self.state_file
-            && let Err(error) = record::write_atomically(path, &record::describe(self))
+            && let Err(error) = record::write_atomically(path, &text)
         {
             tracing::warn!(path = %path.display(), %error, "cannot write the state file");
         }
@@ -188,6 +195,7 @@ impl Daemon {
             plan: Plan::default(),
             host,
             state_file: None,
+            recorded: record::Lines::default(),
         };
         Self {
             me,

@@ -3,13 +3,17 @@
 //! every change the kernel took. Nothing reads it back yet; it is what a later daemon will need
 //! to adopt a previous run's netdevs, and it tells an operator what a crashed run had.
 //!
+//! One netdev a line, each line kept from one write to the next while its netdev and link state
+//! stay, so a rewrite costs a copy of the file, not a serialization of every netdev:
+//!
 //! ```json
-//! {"version": 1, "netdevs": [{"arguments": {"id": "d0", "type": "dgram", …}, "link-up": true,
-//!   "interfaces": [{"role": "hub", "ifname": "nd1a2b3cx0h", "ifindex": 7},
-//!                  {"role": "tunnel-port", "ifname": "nd1a2b3cx0p", "ifindex": 6}]}]}
+//! {"version": 1, "netdevs": [
+//! {"arguments": {"id": "d0", "type": "dgram", …}, "link-up": true, "interfaces": [{"role": "hub", "ifname": "nd1a2b3cx0h", "ifindex": 7}, {"role": "tunnel-port", "ifname": "nd1a2b3cx0p", "ifindex": 6}]}
+//! ]}
 //! ```
 
 use std::{
+    collections::BTreeMap,
     io::{self, Write},
     os::unix::fs::OpenOptionsExt,
     path::Path,
@@ -18,32 +22,63 @@ use std::{
 use serde_json::{Value, json};
 
 use super::State;
+use crate::model::registry::Entry;
 
 const VERSION: u32 = 1;
 
+/// The state file's line of one netdev.
+fn describe_netdev(state: &State, entry: &Entry) -> Value {
+    let id = &entry.netdev.id;
+    let mut interfaces = Vec::new();
+    if let Some(port) = state.devices.get(id) {
+        interfaces.push(json!({"role": "hub", "ifname": port.device.ifname, "ifindex": port.device.ifindex}));
+    }
+    if let Some(tunnel) = state.tunnels.get(id) {
+        interfaces.push(json!({"role": "tunnel-port", "ifname": tunnel.port_ifname, "ifindex": tunnel.port_ifindex}));
+    }
+    json!({"arguments": entry.netdev.to_json(), "link-up": entry.link_up, "interfaces": interfaces})
+}
+
 /// The state file's content for `state`, netdevs in creation order.
+#[cfg(test)]
 pub(super) fn describe(state: &State) -> Value {
-    let netdevs: Vec<Value> = state
-        .registry
-        .entries()
-        .map(|entry| {
-            let id = &entry.netdev.id;
-            let mut interfaces = Vec::new();
-            if let Some(port) = state.devices.get(id) {
-                interfaces.push(json!({"role": "hub", "ifname": port.device.ifname, "ifindex": port.device.ifindex}));
-            }
-            if let Some(tunnel) = state.tunnels.get(id) {
-                interfaces.push(json!({"role": "tunnel-port", "ifname": tunnel.port_ifname, "ifindex": tunnel.port_ifindex}));
-            }
-            json!({"arguments": entry.netdev.to_json(), "link-up": entry.link_up, "interfaces": interfaces})
-        })
-        .collect();
+    let netdevs: Vec<Value> = state.registry.entries().map(|entry| describe_netdev(state, entry)).collect();
     json!({"version": VERSION, "netdevs": netdevs})
 }
 
-/// Replaces `path` with `content` so that a reader (or a crash) sees the old file or the new
-/// one, never a part: written beside it, synced, renamed over it.
-pub(super) fn write_atomically(path: &Path, content: &Value) -> io::Result<()> {
+/// Each netdev's line as last written, by the netdev's creation sequence number (an id added
+/// again is another netdev), with the link state it was written with. A netdev's interfaces are
+/// set before its first write and stay until it is gone, so nothing else can make a line stale.
+#[derive(Debug, Default)]
+pub(super) struct Lines(BTreeMap<u64, (bool, String)>);
+
+/// The state file's text for `state`: the lines of netdevs unchanged since the last write are
+/// reused, those of new or changed netdevs made.
+pub(super) fn text(state: &State, lines: &mut Lines) -> Vec<u8> {
+    // Both in creation order: the lines of netdevs that are gone go in one walk.
+    let mut present = state.registry.entries_by_seq().map(|(seq, _)| seq).peekable();
+    lines.0.retain(|seq, _| {
+        while present.next_if(|p| p < seq).is_some() {}
+        present.peek() == Some(seq)
+    });
+    let mut text = format!("{{\"version\": {VERSION}, \"netdevs\": [").into_bytes();
+    for (index, (seq, entry)) in state.registry.entries_by_seq().enumerate() {
+        let line = lines.0.entry(seq).or_insert_with(|| (!entry.link_up, String::new()));
+        if line.0 != entry.link_up || line.1.is_empty() {
+            *line = (entry.link_up, describe_netdev(state, entry).to_string());
+        }
+        text.extend_from_slice(if index == 0 { b"\n" } else { b",\n" });
+        text.extend_from_slice(line.1.as_bytes());
+    }
+    text.extend_from_slice(b"\n]}\n");
+    text
+}
+
+/// Replaces `path` with `content` so that a reader (or a crashed daemon's successor) sees the old
+/// file or the new one, never a part: written beside it and renamed over it. Not synced: what it
+/// describes (interfaces, programs, the daemon's run directory on tmpfs) does not outlive a
+/// reboot either, and a rename is atomic for every process without it.
+pub(super) fn write_atomically(path: &Path, content: &[u8]) -> io::Result<()> {
     let partial = path.with_extension("json.new");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -52,10 +87,8 @@ pub(super) fn write_atomically(path: &Path, content: &Value) -> io::Result<()> {
         .mode(0o600)
         .custom_flags(libc::O_CLOEXEC)
         .open(&partial)?;
-    let mut text = serde_json::to_vec_pretty(content).map_err(io::Error::other)?;
-    text.push(b'\n');
-    file.write_all(&text)?;
-    file.sync_data()?;
+    file.write_all(content)?;
+    drop(file);
     std::fs::rename(&partial, path)
 }
 
@@ -67,11 +100,41 @@ mod tests {
     fn a_rewrite_leaves_one_whole_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("netdevs.json");
-        write_atomically(&path, &json!({"version": 1, "netdevs": [1, 2]})).unwrap();
-        write_atomically(&path, &json!({"version": 1, "netdevs": []})).unwrap();
+        write_atomically(&path, b"{\"version\": 1, \"netdevs\": [1, 2]}").unwrap();
+        write_atomically(&path, b"{\"version\": 1, \"netdevs\": []}").unwrap();
         let read: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(read, json!({"version": 1, "netdevs": []}));
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["netdevs.json"]);
+    }
+
+    #[tokio::test]
+    async fn kept_lines_make_the_file_a_fresh_description_would() {
+        use crate::{daemon::Daemon, fd::NoFds, netdev::Netdev};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("netdevs.json");
+        let daemon = Daemon::new(None);
+        daemon.record_state_in(path.clone()).await;
+        let check = |daemon: &std::sync::Arc<Daemon>| {
+            let state = daemon.state.try_lock().unwrap();
+            let read: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            assert_eq!(read, describe(&state));
+            read["netdevs"].as_array().unwrap().len()
+        };
+        assert_eq!(check(&daemon), 0);
+        for spec in ["hubport,id=a,hubid=0", "hubport,id=b,hubid=1", "hubport,id=c,hubid=2,netdev=a"] {
+            daemon.add_netdev(Netdev::from_keyval(spec).unwrap(), &mut NoFds).await.unwrap();
+        }
+        assert_eq!(check(&daemon), 3);
+        daemon.set_link("a", false).await.unwrap();
+        assert_eq!(check(&daemon), 3);
+        // The same id again is another netdev: its line is made afresh, after the others.
+        daemon.remove_netdev("b").await.unwrap();
+        assert_eq!(check(&daemon), 2);
+        daemon.add_netdev(Netdev::from_keyval("hubport,id=b,hubid=7").unwrap(), &mut NoFds).await.unwrap();
+        assert_eq!(check(&daemon), 3);
+        daemon.remove_netdev("a").await.unwrap();
+        daemon.remove_netdev("c").await.unwrap();
+        assert_eq!(check(&daemon), 1);
     }
 }

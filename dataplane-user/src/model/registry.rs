@@ -155,6 +155,12 @@ impl Registry {
         self.entries.values()
     }
 
+    /// The entries with their creation sequence numbers (unique for the life of the graph: an id
+    /// added again gets a new one), in creation order.
+    pub fn entries_by_seq(&self) -> impl Iterator<Item = (u64, &Entry)> {
+        self.entries.iter().map(|(seq, entry)| (*seq, entry))
+    }
+
     #[must_use]
     pub fn len(&self) -> usize {
         self.entries.len()

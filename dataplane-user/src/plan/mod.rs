@@ -700,6 +700,75 @@ mod tests {
     }
 
     #[test]
+    fn steps_over_the_changed_hubs_reach_the_plan_of_the_whole_graph() {
+        // Ports come, go, change link and join hubs; after each change the step over the hubs
+        // the registry marked, committed, equals planning every hub again.
+        let mut registry = Registry::default();
+        let mut devices = HashMap::new();
+        let mut filters = HashMap::new();
+        let mut current = Plan::default();
+        let mut state = 0x2545_f491_u32;
+        let mut random = |n: u32| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state % n
+        };
+        for round in 0..400_u32 {
+            let (k, hub) = (random(40), i32::try_from(random(6)).unwrap());
+            let (backend, port, nic) = (format!("x{k}"), format!("p{k}"), format!("n{k}"));
+            match random(7) {
+                0 | 1 if registry.get(&backend).is_none() => {
+                    registry.add(Netdev::from_keyval(&format!("af-xdp,id={backend},ifname=v{k}")).unwrap()).unwrap();
+                    let side = if k % 3 == 0 { HubSide::Fd } else { HubSide::Interface };
+                    devices.insert(backend.clone(), device(100 + k, side));
+                }
+                0 | 1 if registry.get(&port).is_none() && registry.get(&backend).is_some_and(|e| e.peer.is_none()) => {
+                    registry.add(Netdev::from_keyval(&format!("hubport,id={port},hubid={hub},netdev={backend}")).unwrap()).unwrap();
+                }
+                2 if registry.get(&nic).is_none() && registry.get(&backend).is_some() && registry.nic_of(&backend).is_none() => {
+                    registry.add(Netdev::from_keyval(&format!("nic,id={nic},netdev={backend}")).unwrap()).unwrap();
+                    filters.insert(nic.clone(), RxFilter::new([0x52, 0x54, 0, 0, 0, u8::try_from(k).unwrap()]));
+                }
+                3 => {
+                    // A join between two hubs, through a pair of ports without interfaces.
+                    let (a, b) = (format!("j{round}a"), format!("j{round}b"));
+                    let other = i32::try_from(random(6)).unwrap();
+                    registry.add(Netdev::from_keyval(&format!("hubport,id={a},hubid={hub}")).unwrap()).unwrap();
+                    registry.add(Netdev::from_keyval(&format!("hubport,id={b},hubid={other},netdev={a}")).unwrap()).unwrap();
+                }
+                4 => {
+                    let ids: Vec<String> = registry.entries().map(|e| e.netdev.id.clone()).collect();
+                    if let Some(id) = ids.get(random(u32::try_from(ids.len()).unwrap().max(1)) as usize) {
+                        let up = registry.get(id).is_some_and(|e| !e.link_up);
+                        registry.set_link(id, up).unwrap();
+                    }
+                }
+                _ => {
+                    let ids: Vec<String> = registry.entries().map(|e| e.netdev.id.clone()).collect();
+                    if let Some(id) = ids.get(random(u32::try_from(ids.len()).unwrap().max(1)) as usize) {
+                        registry.remove(id).unwrap();
+                        devices.remove(id);
+                        filters.remove(id);
+                    }
+                }
+            }
+            let whole = plan(&registry, &devices, &filters, &HashMap::new(), &current);
+            let step = step(&registry, &devices, &filters, &HashMap::new(), &current, registry.changed_hubs());
+            match (whole, step) {
+                (Ok(whole), Ok(step)) => {
+                    current.commit(step);
+                    assert_eq!(current, whole, "round {round}");
+                    registry.clear_changed_hubs();
+                }
+                (Err(whole), Err(step)) => assert_eq!(whole, step, "round {round}"),
+                (whole, step) => panic!("round {round}: the whole graph gives {whole:?}, the step {step:?}"),
+            }
+        }
+        assert!(current.ports.len() > 5, "the graph ends with ports: {}", current.ports.len());
+    }
+
+    #[test]
     fn netdevs_without_interface_or_port_plan_nothing() {
         let registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=p,hubid=0"]);
         let plan = plan(&registry, &devices(&[("a", 3, HubSide::Interface)]), &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
