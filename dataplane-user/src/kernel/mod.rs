@@ -79,9 +79,11 @@ pub trait Dataplane: Send + Sync {
     }
 }
 
-/// Moves the kernel from `old` to `new`. New ports get their map entries before their program, and
-/// leaving ports drop out of every member list before their program goes, so no frame is ever
-/// redirected to a port the kernel does not know.
+/// Moves the kernel from `old` to `new`: whole plans, or the two halves of a [`plan::Step`] (the
+/// entries one change replaces and their replacements), so the work is that of the difference. New
+/// ports get their map entries before their program, and leaving ports drop out of every member
+/// list before their program goes, so no frame is ever redirected to a port the kernel does not
+/// know.
 pub fn apply(kernel: &mut dyn Dataplane, old: &Plan, new: &Plan) -> Result<(), KernelError> {
     for (ifindex, port) in &new.ports {
         if old.ports.get(ifindex).map(plan::Port::config) != Some(port.config()) {
