@@ -52,9 +52,9 @@ enum Command {
         /// Only targets whose name contains this filter.
         filter: Option<String>,
     },
-    /// Build, then run a benchmark (`hub`, `rx-filter`, `tunnels`, `nat`, `guests`, `vhost`); extra arguments go to the benchmark.
+    /// Build, then run a benchmark (`hub`, `rx-filter`, `tunnels`, `nat`, `control-plane`, `guests`, `vhost`); extra arguments go to the benchmark.
     Bench {
-        /// Which benchmark: hub, rx-filter, tunnels, nat, guests, vhost.
+        /// Which benchmark: hub, rx-filter, tunnels, nat, control-plane, guests, vhost.
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -128,7 +128,10 @@ fn bench(root: &std::path::Path, name: &str, args: &[String]) -> Result<()> {
         "rx-filter" => "bench-rx-filter",
         "tunnels" => "bench-tunnels",
         "nat" => "bench-nat",
-        other => anyhow::bail!("unknown benchmark '{other}' (available: hub, rx-filter, tunnels, nat, guests, vhost)"),
+        "control-plane" => "bench-control-plane",
+        other => {
+            anyhow::bail!("unknown benchmark '{other}' (available: hub, rx-filter, tunnels, nat, control-plane, guests, vhost)")
+        }
     };
     shell::require_root("cargo xtask bench")?;
     build(root)?;

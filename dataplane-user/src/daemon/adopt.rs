@@ -24,7 +24,7 @@ use crate::{
     plan,
     netdev::{Netdev, NetdevOptions, NetdevError},
     model::registry::RegistryError,
-    plan::{Device, HubSide, Plan},
+    plan::{Device, HubSide, KeptSlots, Plan},
     port::PortDevice,
 };
 
@@ -78,24 +78,23 @@ pub fn kept_interfaces(record: &Record) -> HashSet<u32> {
         .collect()
 }
 
-/// `current` for the planner's slots, with the slots of `hint` that `current` does not hold
-/// (ports and segments of the earlier run that are not back yet).
-#[must_use]
-pub(super) fn with_hint(current: &Plan, hint: &Plan) -> Plan {
-    let mut merged = current.clone();
-    let used: BTreeSet<u32> = current.ports.values().map(|p| p.slot).collect();
-    for (ifindex, port) in &hint.ports {
-        if !merged.ports.contains_key(ifindex) && !used.contains(&port.slot) {
-            merged.ports.insert(*ifindex, port.clone());
-        }
+/// An adoption in progress: the slots of the earlier run, and the plan of the netdevs back so far
+/// (planned step by step as they come, applied at the end).
+pub(super) struct Adoption {
+    pub kept: KeptSlots,
+    pub plan: Plan,
+}
+
+impl Adoption {
+    fn new(record: &Record) -> Self {
+        // The pinned learned-MAC table outlives the run, generations of its entries included:
+        // this run's generations start at a random point, so that no entry of an earlier run
+        // matches a port by chance.
+        let generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1 << 31, |since| since.subsec_nanos() | 1 << 31);
+        Self { kept: record.slots(), plan: Plan::after_generation(generation) }
     }
-    let used: BTreeSet<u32> = current.segment_slots.values().copied().collect();
-    for (segment, slot) in &hint.segment_slots {
-        if !merged.segment_slots.contains_key(segment) && !used.contains(slot) {
-            merged.segment_slots.insert(*segment, *slot);
-        }
-    }
-    merged
 }
 
 impl Daemon {
@@ -103,7 +102,7 @@ impl Daemon {
     /// that cannot come back is reported and what it left is removed.
     pub async fn adopt(&self, record: &Record, fds: &mut dyn FdSource) -> Adopted {
         let mut adopted = Adopted::default();
-        self.state.lock().await.slot_hint = Some(record.slots());
+        self.state.lock().await.adoption = Some(Adoption::new(record));
         for recorded in &record.netdevs {
             let netdev = match Netdev::from_json(&recorded.arguments) {
                 Ok(netdev) => netdev,
@@ -181,21 +180,36 @@ impl Daemon {
     async fn finish_adoption(&self, adopted: &mut Adopted) {
         let mut guard = self.state.lock().await;
         let state = &mut *guard;
-        let Some(hint) = state.slot_hint.clone() else { return };
-        // Planned with the hint's slots, applied for real.
-        let merged = with_hint(&state.plan, &hint);
-        let next = plan::plan(&state.registry, &state.device_map(), &state.rx_filters, &state.tunnels, &merged);
-        state.slot_hint = None;
-        let applied = match next {
-            Ok(next) => match state.host.as_mut() {
-                Some(host) => kernel::apply(host.dataplane.as_mut(), &state.plan, &next).map(|()| next).map_err(DaemonError::from),
-                None => Ok(next),
-            },
+        let Some(mut adoption) = state.adoption.take() else { return };
+        // What a failed change left marked, then the whole plan at once.
+        let rest = plan::step(
+            &state.registry,
+            &state.devices,
+            &state.rx_filters,
+            &state.tunnels,
+            &adoption.plan,
+            state.registry.changed_hubs(),
+            &adoption.kept,
+        );
+        let applied = match rest {
+            Ok(rest) => {
+                adoption.plan.commit(rest);
+                match state.host.as_mut() {
+                    Some(host) => kernel::apply(host.dataplane.as_mut(), &state.plan, &adoption.plan).map_err(|error| {
+                        if let Err(undo) = kernel::apply(host.dataplane.as_mut(), &adoption.plan, &state.plan) {
+                            tracing::error!(%undo, "could not take the adopted netdevs' kernel state back");
+                        }
+                        DaemonError::from(error)
+                    }),
+                    None => Ok(()),
+                }
+            }
             Err(error) => Err(error.into()),
         };
         match applied {
-            Ok(next) => {
-                state.plan = next;
+            Ok(()) => {
+                state.plan = adoption.plan;
+                state.registry.clear_changed_hubs();
                 // The kernel now holds exactly the plan: entries of the earlier run's that it does
                 // not name (interfaces that did not come back) go.
                 if let Some(host) = state.host.as_mut() {
@@ -204,22 +218,24 @@ impl Daemon {
                 }
             }
             Err(error) => {
-                // What went in stays; the next change plans from an empty kernel view again.
+                // The kernel holds what it held; the next change plans every hub against it.
                 adopted.failed.push(format!("the adopted netdevs' kernel state: {error}"));
+                state.registry.mark_every_hub_changed();
+                state.plan.generation = adoption.plan.generation;
             }
         }
         let plan = state.plan.clone();
         let Some(host) = state.host.as_mut() else { return };
         let used: BTreeSet<u32> = plan.ports.values().map(|p| p.slot).collect();
-        for (ifindex, port) in &hint.ports {
+        for (ifindex, slot) in adoption.kept.ports() {
             if !plan.ports.contains_key(ifindex) {
                 // The entry keyed by the old interface goes; the slot is cleared if unused.
-                let slot = if used.contains(&port.slot) { u32::MAX } else { port.slot };
+                let slot = if used.contains(slot) { u32::MAX } else { *slot };
                 host.dataplane.remove_port(*ifindex, slot);
             }
         }
         let used: BTreeSet<u32> = plan.segment_slots.values().copied().collect();
-        for slot in hint.segment_slots.values() {
+        for slot in adoption.kept.segments().values() {
             if !used.contains(slot) {
                 host.dataplane.remove_segment(*slot);
             }
@@ -266,29 +282,6 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Port;
-
-    fn port(slot: u32) -> Port {
-        Port::holding_slot(slot)
-    }
-
-    #[test]
-    fn the_hint_fills_in_only_what_the_current_plan_lacks() {
-        let mut current = Plan::default();
-        current.ports.insert(10, port(0));
-        current.segment_slots.insert(0, 0);
-        let mut hint = Plan::default();
-        hint.ports.insert(10, port(5));
-        hint.ports.insert(11, port(1));
-        hint.ports.insert(12, port(0));
-        hint.segment_slots.insert(0, 3);
-        hint.segment_slots.insert(4, 2);
-        let merged = with_hint(&current, &hint);
-        let slots: Vec<(u32, u32)> = merged.ports.iter().map(|(i, p)| (*i, p.slot)).collect();
-        // 10 keeps its current slot; 12's old slot is taken by 10, so it is left out.
-        assert_eq!(slots, [(10, 0), (11, 1)]);
-        assert_eq!(merged.segment_slots, [(0, 0), (4, 2)].into());
-    }
 
     #[test]
     fn only_taps_netdevd_made_are_kept_at_start_up() {

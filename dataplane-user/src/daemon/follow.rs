@@ -131,6 +131,7 @@ impl Daemon {
             return;
         }
         state.rx_filters.insert(id.to_owned(), filter);
+        state.registry.mark_changed(id);
         if let Err(error) = state.replan() {
             state.rx_filters.insert(id.to_owned(), current);
             tracing::error!(nic = %id, %error, "receive filter of QEMU's NIC not applied");

@@ -51,7 +51,7 @@ use crate::{
         rx_filter::RxFilter,
         tunnel::TunnelFastPath,
     },
-    plan::{self, Device, Plan, PlanError},
+    plan::{self, Device, KeptSlots, Plan, PlanError},
     port::{PortDevice, PortError, link::Netlink},
 };
 
@@ -114,58 +114,67 @@ struct State {
     /// What the kernel holds now.
     plan: Plan,
     host: Option<Host>,
-    /// The state file, rewritten after every change (`record`).
+    /// The state file, rewritten after every change (`record`), and its lines as last written.
     state_file: Option<std::path::PathBuf>,
     /// Netdevs the configuration file made (recorded, so a restart can reconcile them).
     configured: HashSet<String>,
-    /// While an earlier run is adopted: the slots it used, kept for its ports and given to no
-    /// other (`adopt`). Plans are then checked but not applied: the kernel keeps the earlier
-    /// run's state until every netdev is back, and takes the whole plan at once.
-    slot_hint: Option<Plan>,
+    /// While an earlier run is adopted (`adopt`): the slots it used, and the plan of what is back
+    /// so far. Plans are then made but not applied: the kernel keeps the earlier run's state until
+    /// every netdev is back, and takes the whole plan at once.
+    adoption: Option<adopt::Adoption>,
+    recorded: record::Lines,
+}
+
+impl plan::Devices for HashMap<String, PortDevice> {
+    fn device(&self, netdev: &str) -> Option<&Device> {
+        self.get(netdev).map(|port| &port.device)
+    }
 }
 
 impl State {
-    fn device_map(&self) -> HashMap<String, Device> {
-        self.devices.iter().map(|(id, port)| (id.clone(), port.device.clone())).collect()
-    }
-
-    /// Plans the current graph and applies it; on failure the kernel is put back as it was.
+    /// Plans what changed in the graph (the hubs it marked, see [`Registry::changed_hubs`]) and
+    /// applies the difference; on failure the kernel is put back as it was and the hubs stay
+    /// marked, to be planned again with the next change.
     fn replan(&mut self) -> Result<(), DaemonError> {
-        let merged;
-        let previous = match &self.slot_hint {
-            Some(hint) => {
-                merged = adopt::with_hint(&self.plan, hint);
-                &merged
-            }
-            None => &self.plan,
-        };
-        let next = plan::plan(&self.registry, &self.device_map(), &self.rx_filters, &self.tunnels, previous)?;
-        if self.slot_hint.is_some() {
+        let changed = self.registry.changed_hubs();
+        if let Some(adoption) = &mut self.adoption {
+            let step = plan::step(&self.registry, &self.devices, &self.rx_filters, &self.tunnels, &adoption.plan, changed, &adoption.kept)?;
+            adoption.plan.commit(step);
+            self.registry.clear_changed_hubs();
             return Ok(());
         }
-        if next == self.plan {
+        let step = plan::step(&self.registry, &self.devices, &self.rx_filters, &self.tunnels, &self.plan, changed, &KeptSlots::default())?;
+        if step.is_empty() {
+            self.registry.clear_changed_hubs();
             self.record();
             return Ok(());
         }
         let Some(host) = self.host.as_mut() else {
-            let id = next.ports.values().next().map(|p| p.hubport.clone()).unwrap_or_default();
+            let id = step.after.ports.values().next().map(|p| p.hubport.clone()).unwrap_or_default();
             return Err(DaemonError::NoDataplane { id });
         };
-        if let Err(error) = kernel::apply(host.dataplane.as_mut(), &self.plan, &next) {
-            if let Err(undo) = kernel::apply(host.dataplane.as_mut(), &next, &self.plan) {
+        if let Err(error) = kernel::apply(host.dataplane.as_mut(), &step.before, &step.after) {
+            if let Err(undo) = kernel::apply(host.dataplane.as_mut(), &step.after, &step.before) {
                 tracing::error!(%undo, "could not restore the previous kernel state");
             }
             return Err(error.into());
         }
-        self.plan = next;
+        self.plan.commit(step);
+        self.registry.clear_changed_hubs();
         self.record();
         Ok(())
     }
 
     /// Rewrites the state file, if there is one; a failure is logged, never the change's.
-    fn record(&self) {
+    fn record(&mut self) {
+        if self.state_file.is_none() {
+            return;
+        }
+        let mut lines = std::mem::take(&mut self.recorded);
+        let text = record::text(self, &mut lines);
+        self.recorded = lines;
         if let Some(path) = &self.state_file
-            && let Err(error) = record::write_atomically(path, &record::describe(self))
+            && let Err(error) = record::write_atomically(path, &text)
         {
             tracing::warn!(path = %path.display(), %error, "cannot write the state file");
         }
@@ -214,7 +223,8 @@ impl Daemon {
             host,
             state_file: None,
             configured: HashSet::new(),
-            slot_hint: None,
+            adoption: None,
+            recorded: record::Lines::default(),
         };
         Self {
             me,

@@ -80,6 +80,7 @@ impl Daemon {
         let current = nic_filter(&state, name)?.clone();
         let next = current.changed(change).map_err(DaemonError::Rejected)?;
         state.rx_filters.insert(name.to_owned(), next);
+        state.registry.mark_changed(name);
         if let Err(error) = state.replan() {
             state.rx_filters.insert(name.to_owned(), current);
             return Err(error);

@@ -4,15 +4,20 @@
 //! change the kernel took. A daemon starting on the same state directory reads it back to adopt
 //! the run's netdevs (`adopt`), and it tells an operator what a crashed run had.
 //!
+//! One netdev a line, each line kept from one write to the next while its netdev, link state and
+//! configured mark stay, so a rewrite costs a copy of the file, not a serialization of every
+//! netdev (the slots, two numbers each, are written out):
+//!
 //! ```json
-//! {"version": 1, "netdevs": [{"arguments": {"id": "d0", "type": "dgram", …}, "link-up": true,
-//!   "configured": false,
-//!   "interfaces": [{"role": "hub", "ifname": "nd1a2b3cx0h", "ifindex": 7},
-//!                  {"role": "tunnel-port", "ifname": "nd1a2b3cx0p", "ifindex": 6}]}],
-//!  "port-slots": [{"ifindex": 7, "slot": 0}], "segment-slots": [{"segment": 0, "slot": 0}]}
+//! {"version": 1, "netdevs": [
+//! {"arguments": {"id": "d0", "type": "dgram", …}, "link-up": true, "configured": false, "interfaces": [{"role": "hub", "ifname": "nd1a2b3cx0h", "ifindex": 7}, {"role": "tunnel-port", "ifname": "nd1a2b3cx0p", "ifindex": 6}]}
+//! ],
+//! "port-slots": [{"ifindex": 7, "slot": 0}],
+//! "segment-slots": [{"segment": 0, "slot": 0}]}
 //! ```
 
 use std::{
+    collections::BTreeMap,
     io::{self, Write},
     os::unix::fs::OpenOptionsExt,
     path::Path,
@@ -23,38 +28,42 @@ use serde_json::{Value, json};
 
 use super::State;
 use crate::{
-    model::rx_filter::RxFilter,
-    plan::{Plan, Port},
+    model::{registry::Entry, rx_filter::RxFilter},
+    plan::KeptSlots,
 };
 
 const VERSION: u32 = 1;
 
+/// The state file's line of one netdev.
+fn describe_netdev(state: &State, entry: &Entry) -> Value {
+    let id = &entry.netdev.id;
+    let mut interfaces = Vec::new();
+    if let Some(port) = state.devices.get(id) {
+        interfaces.push(json!({"role": "hub", "ifname": port.device.ifname, "ifindex": port.device.ifindex}));
+    }
+    if let Some(tunnel) = state.tunnels.get(id) {
+        interfaces.push(json!({"role": "tunnel-port", "ifname": tunnel.port_ifname, "ifindex": tunnel.port_ifindex}));
+    }
+    let mut netdev = json!({"arguments": entry.netdev.to_json(), "link-up": entry.link_up,
+        "configured": state.configured.contains(id), "interfaces": interfaces});
+    if let Some(filter) = recorded_rx_filter(state, id) {
+        netdev["rx-filter"] = filter;
+    }
+    netdev
+}
+
+/// A NIC's filter as `x-set-rx-filter` left it, when it differs from a new NIC's (a followed
+/// NIC's comes from QEMU again).
+fn recorded_rx_filter(state: &State, id: &str) -> Option<Value> {
+    let filter = state.rx_filters.get(id)?;
+    let default = state.nic_macs.get(id).is_some_and(|mac| *filter == RxFilter::new(*mac));
+    (!state.followers.contains_key(id) && !default).then(|| filter.info(id))
+}
+
 /// The state file's content for `state`, netdevs in creation order.
+#[cfg(test)]
 pub(super) fn describe(state: &State) -> Value {
-    let netdevs: Vec<Value> = state
-        .registry
-        .entries()
-        .map(|entry| {
-            let id = &entry.netdev.id;
-            let mut interfaces = Vec::new();
-            if let Some(port) = state.devices.get(id) {
-                interfaces.push(json!({"role": "hub", "ifname": port.device.ifname, "ifindex": port.device.ifindex}));
-            }
-            if let Some(tunnel) = state.tunnels.get(id) {
-                interfaces.push(json!({"role": "tunnel-port", "ifname": tunnel.port_ifname, "ifindex": tunnel.port_ifindex}));
-            }
-            let mut netdev = json!({"arguments": entry.netdev.to_json(), "link-up": entry.link_up,
-                "configured": state.configured.contains(id), "interfaces": interfaces});
-            // A NIC's filter as `x-set-rx-filter` left it (a followed NIC's comes from QEMU again).
-            if let Some(filter) = state.rx_filters.get(id)
-                && !state.followers.contains_key(id)
-                && state.nic_macs.get(id).is_none_or(|mac| *filter != RxFilter::new(*mac))
-            {
-                netdev["rx-filter"] = filter.info(id);
-            }
-            netdev
-        })
-        .collect();
+    let netdevs: Vec<Value> = state.registry.entries().map(|entry| describe_netdev(state, entry)).collect();
     let port_slots: Vec<Value> =
         state.plan.ports.iter().map(|(ifindex, port)| json!({"ifindex": ifindex, "slot": port.slot})).collect();
     let segment_slots: Vec<Value> =
@@ -108,22 +117,14 @@ pub struct SegmentSlot {
 }
 
 impl Record {
-    /// The slots the recorded run used, as a plan the planner takes its slots from: a port whose
-    /// interface is adopted keeps its counters, and no slot of the old run goes to another port.
+    /// The slots the recorded run used, for the planner to keep: a port whose interface is
+    /// adopted keeps its counters, and no slot of the old run goes to another port.
     #[must_use]
-    pub fn slots(&self) -> Plan {
-        let mut plan = Plan::default();
-        for PortSlot { ifindex, slot } in &self.port_slots {
-            plan.ports.insert(*ifindex, Port::holding_slot(*slot));
-        }
-        plan.segment_slots = self.segment_slots.iter().map(|s| (s.segment, s.slot)).collect();
-        // The pinned learned-MAC table outlives the run, generations of its entries included:
-        // this run's generations start at a random point, so that no entry of an earlier run
-        // matches a port by chance.
-        plan.generation = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1 << 31, |since| since.subsec_nanos() | 1 << 31);
-        plan
+    pub fn slots(&self) -> KeptSlots {
+        KeptSlots::new(
+            self.port_slots.iter().map(|s| (s.ifindex, s.slot)).collect(),
+            self.segment_slots.iter().map(|s| (s.segment, s.slot)).collect(),
+        )
     }
 }
 
@@ -141,9 +142,55 @@ pub fn read(path: &Path) -> io::Result<Option<Record>> {
     Ok(Some(record))
 }
 
-/// Replaces `path` with `content` so that a reader (or a crash) sees the old file or the new
-/// one, never a part: written beside it, synced, renamed over it.
-pub(super) fn write_atomically(path: &Path, content: &Value) -> io::Result<()> {
+/// Each netdev's line as last written, by the netdev's creation sequence number (an id added
+/// again is another netdev), with the link state, configured mark and recorded receive filter
+/// it was written with. A netdev's interfaces are set before its first write and stay until it
+/// is gone, so nothing else can make a line stale.
+#[derive(Debug, Default)]
+pub(super) struct Lines(BTreeMap<u64, (Marks, String)>);
+
+type Marks = (bool, bool, Option<Value>);
+
+/// The state file's text for `state`: the lines of netdevs unchanged since the last write are
+/// reused, those of new or changed netdevs made.
+pub(super) fn text(state: &State, lines: &mut Lines) -> Vec<u8> {
+    // Both in creation order: the lines of netdevs that are gone go in one walk.
+    let mut present = state.registry.entries_by_seq().map(|(seq, _)| seq).peekable();
+    lines.0.retain(|seq, _| {
+        while present.next_if(|p| p < seq).is_some() {}
+        present.peek() == Some(seq)
+    });
+    let mut text = format!("{{\"version\": {VERSION}, \"netdevs\": [").into_bytes();
+    for (index, (seq, entry)) in state.registry.entries_by_seq().enumerate() {
+        let id = &entry.netdev.id;
+        let marks = (entry.link_up, state.configured.contains(id), recorded_rx_filter(state, id));
+        let line = lines.0.entry(seq).or_default();
+        if line.0 != marks || line.1.is_empty() {
+            *line = (marks, describe_netdev(state, entry).to_string());
+        }
+        text.extend_from_slice(if index == 0 { b"\n" } else { b",\n" });
+        text.extend_from_slice(line.1.as_bytes());
+    }
+    text.extend_from_slice(b"\n],\n\"port-slots\": [");
+    for (index, (ifindex, port)) in state.plan.ports.iter().enumerate() {
+        let comma = if index == 0 { "" } else { ", " };
+        // Writing to a Vec cannot fail.
+        let _ = write!(text, "{comma}{{\"ifindex\": {ifindex}, \"slot\": {}}}", port.slot);
+    }
+    text.extend_from_slice(b"],\n\"segment-slots\": [");
+    for (index, (segment, slot)) in state.plan.segment_slots.iter().enumerate() {
+        let comma = if index == 0 { "" } else { ", " };
+        let _ = write!(text, "{comma}{{\"segment\": {segment}, \"slot\": {slot}}}");
+    }
+    text.extend_from_slice(b"]}\n");
+    text
+}
+
+/// Replaces `path` with `content` so that a reader (or a crashed daemon's successor) sees the old
+/// file or the new one, never a part: written beside it and renamed over it. Not synced: what it
+/// describes (interfaces, programs, the daemon's run directory on tmpfs) does not outlive a
+/// reboot either, and a rename is atomic for every process without it.
+pub(super) fn write_atomically(path: &Path, content: &[u8]) -> io::Result<()> {
     let partial = path.with_extension("json.new");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -152,10 +199,8 @@ pub(super) fn write_atomically(path: &Path, content: &Value) -> io::Result<()> {
         .mode(0o600)
         .custom_flags(libc::O_CLOEXEC)
         .open(&partial)?;
-    let mut text = serde_json::to_vec_pretty(content).map_err(io::Error::other)?;
-    text.push(b'\n');
-    file.write_all(&text)?;
-    file.sync_data()?;
+    file.write_all(content)?;
+    drop(file);
     std::fs::rename(&partial, path)
 }
 
@@ -167,8 +212,8 @@ mod tests {
     fn a_rewrite_leaves_one_whole_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("netdevs.json");
-        write_atomically(&path, &json!({"version": 1, "netdevs": [1, 2]})).unwrap();
-        write_atomically(&path, &json!({"version": 1, "netdevs": []})).unwrap();
+        write_atomically(&path, b"{\"version\": 1, \"netdevs\": [1, 2]}").unwrap();
+        write_atomically(&path, b"{\"version\": 1, \"netdevs\": []}").unwrap();
         let read: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(read, json!({"version": 1, "netdevs": []}));
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -183,14 +228,47 @@ mod tests {
         let content = json!({"version": 1, "netdevs": [{"arguments": {"id": "t0", "type": "tap"}, "link-up": false,
             "configured": true, "interfaces": [{"role": "hub", "ifname": "tap0", "ifindex": 7}]}],
             "port-slots": [{"ifindex": 7, "slot": 3}], "segment-slots": [{"segment": 0, "slot": 1}]});
-        write_atomically(&path, &content).unwrap();
+        write_atomically(&path, content.to_string().as_bytes()).unwrap();
         let record = read(&path).unwrap().unwrap();
         assert!(record.netdevs[0].configured && !record.netdevs[0].link_up);
         assert_eq!(record.netdevs[0].interfaces[0].ifindex, 7);
         let slots = record.slots();
-        assert_eq!(slots.ports[&7].slot, 3);
-        assert_eq!(slots.segment_slots[&0], 1);
-        write_atomically(&path, &json!({"version": 9, "netdevs": []})).unwrap();
+        assert_eq!(slots.ports()[&7], 3);
+        assert_eq!(slots.segments()[&0], 1);
+        write_atomically(&path, br#"{"version": 9, "netdevs": []}"#).unwrap();
         assert!(read(&path).is_err());
+    }
+
+    #[tokio::test]
+    async fn kept_lines_make_the_file_a_fresh_description_would() {
+        use crate::{daemon::Daemon, fd::NoFds, netdev::Netdev};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("netdevs.json");
+        let daemon = Daemon::new(None);
+        daemon.record_state_in(path.clone()).await;
+        let check = |daemon: &std::sync::Arc<Daemon>| {
+            let state = daemon.state.try_lock().unwrap();
+            let read: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            assert_eq!(read, describe(&state));
+            read["netdevs"].as_array().unwrap().len()
+        };
+        assert_eq!(check(&daemon), 0);
+        for spec in ["hubport,id=a,hubid=0", "hubport,id=b,hubid=1", "hubport,id=c,hubid=2,netdev=a"] {
+            daemon.add_netdev(Netdev::from_keyval(spec).unwrap(), &mut NoFds).await.unwrap();
+        }
+        assert_eq!(check(&daemon), 3);
+        daemon.set_link("a", false).await.unwrap();
+        assert_eq!(check(&daemon), 3);
+        // The same id again is another netdev: its line is made afresh, after the others.
+        daemon.remove_netdev("b").await.unwrap();
+        assert_eq!(check(&daemon), 2);
+        daemon.add_netdev(Netdev::from_keyval("hubport,id=b,hubid=7").unwrap(), &mut NoFds).await.unwrap();
+        assert_eq!(check(&daemon), 3);
+        // The configured mark changes a line too.
+        daemon.set_configured(["b".to_owned()]).await;
+        assert_eq!(check(&daemon), 3);
+        daemon.remove_netdev("a").await.unwrap();
+        daemon.remove_netdev("c").await.unwrap();
+        assert_eq!(check(&daemon), 1);
     }
 }

@@ -105,9 +105,11 @@ pub struct LearnedEntry {
     pub age_ns: u64,
 }
 
-/// Moves the kernel from `old` to `new`. New ports get their map entries before their program, and
-/// leaving ports drop out of every member list before their program goes, so no frame is ever
-/// redirected to a port the kernel does not know.
+/// Moves the kernel from `old` to `new`: whole plans, or the two halves of a [`plan::Step`] (the
+/// entries one change replaces and their replacements), so the work is that of the difference. New
+/// ports get their map entries before their program, and leaving ports drop out of every member
+/// list before their program goes, so no frame is ever redirected to a port the kernel does not
+/// know.
 pub fn apply(kernel: &mut dyn Dataplane, old: &Plan, new: &Plan) -> Result<(), KernelError> {
     for (ifindex, port) in &new.ports {
         let previous = old.ports.get(ifindex);
@@ -362,14 +364,14 @@ mod tests {
                     Device { ifindex: *ifindex, ifname: format!("if{ifindex}"), hub_side: *side, peer_elsewhere: false },
                 );
             }
-            let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &current).unwrap();
+            let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &current, &crate::plan::KeptSlots::default()).unwrap();
             apply(&mut kernel, &current, &next).unwrap();
             assert!(kernel.holds(&next));
             current = next;
         }
         assert_eq!(kernel.attached[&5], Hook::Egress);
         registry.set_link("pb", false).unwrap();
-        let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &current).unwrap();
+        let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &current, &crate::plan::KeptSlots::default()).unwrap();
         apply(&mut kernel, &current, &next).unwrap();
         assert!(kernel.holds(&next));
         let empty = Plan::default();
@@ -401,21 +403,21 @@ mod tests {
         add(&mut registry, "dgram,id=t2,local.type=inet,local.host=127.0.0.1,local.port=5003,remote.type=inet,remote.host=127.0.0.1,remote.port=5004");
         let mut tunnels = HashMap::from([("t1".to_owned(), tunnel(11, 5001, 1))]);
         let mut kernel = FakeDataplane::default();
-        let one = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels, &Plan::default()).unwrap();
+        let one = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels, &Plan::default(), &crate::plan::KeptSlots::default()).unwrap();
         apply(&mut kernel, &Plan::default(), &one).unwrap();
         assert!(kernel.holds(&one));
         assert!(kernel.tunnel_programs.contains(&(1, TunnelProgram::Rx)));
 
         // A second tunnel on the same underlay shares its program.
         tunnels.insert("t2".to_owned(), tunnel(13, 5003, 1));
-        let two = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels, &Plan::default()).unwrap();
+        let two = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels, &Plan::default(), &crate::plan::KeptSlots::default()).unwrap();
         assert_eq!(two.underlays.len(), 1);
         apply(&mut kernel, &one, &two).unwrap();
         assert!(kernel.holds(&two));
 
         // Two tunnels may not claim the same packets.
         tunnels.insert("t2".to_owned(), tunnel(13, 5001, 1));
-        let clash = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels, &Plan::default()).unwrap_err();
+        let clash = plan(&registry, &HashMap::new(), &HashMap::new(), &tunnels, &Plan::default(), &crate::plan::KeptSlots::default()).unwrap_err();
         assert_eq!(clash, PlanError::TunnelTwice { id: "t2".into(), other: "t1".into() });
 
         apply(&mut kernel, &two, &Plan::default()).unwrap();
@@ -440,7 +442,7 @@ mod tests {
             .collect();
         let tunnels = HashMap::from([("t1".to_owned(), tunnel(11, 5001, 1)), ("t2".to_owned(), tunnel(13, 5003, 1))]);
         let relays = |registry: &Registry| {
-            let plan = plan(registry, &devices, &HashMap::new(), &tunnels, &Plan::default()).unwrap();
+            let plan = plan(registry, &devices, &HashMap::new(), &tunnels, &Plan::default(), &crate::plan::KeptSlots::default()).unwrap();
             (plan.tunnels[&11].config.relay_port, plan.tunnels[&13].config.relay_port)
         };
         assert_eq!(relays(&registry), (13, 11));
@@ -459,7 +461,7 @@ mod tests {
         add(&mut registry, "hubport,id=pa,hubid=3,netdev=a");
         let devices = HashMap::from([("a".to_owned(), Device { ifindex: 9, ifname: "x".into(), hub_side: HubSide::Interface, peer_elsewhere: false })]);
         let mut kernel = FakeDataplane { broken: BTreeSet::from([9]), ..FakeDataplane::default() };
-        let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
+        let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default(), &crate::plan::KeptSlots::default()).unwrap();
         assert!(apply(&mut kernel, &Plan::default(), &next).is_err());
         apply(&mut kernel, &next, &Plan::default()).unwrap();
         assert_eq!(kernel, FakeDataplane { broken: BTreeSet::from([9]), ..FakeDataplane::default() });

@@ -69,7 +69,8 @@ pub struct NetdevInfo {
     pub options: Value,
 }
 
-/// The graph, indexed so that every lookup the planner makes per entry is O(1).
+/// The graph, indexed so that every lookup the planner makes per entry is O(1) and a hub's ports
+/// are found without a scan.
 #[derive(Debug)]
 pub struct Registry {
     /// By creation sequence number: iteration is creation order, as QEMU lists clients.
@@ -79,8 +80,12 @@ pub struct Registry {
     /// The NIC of each backend that has one, by backend id.
     nics: HashMap<String, String>,
     next: u64,
-    /// Hubs exist from their first port on and never go away (QEMU).
-    hubs: BTreeSet<i32>,
+    /// Hubs exist from their first port on and never go away (QEMU); each with the sequence
+    /// numbers of its ports, in creation order.
+    hubs: BTreeMap<i32, BTreeSet<u64>>,
+    /// Hubs whose ports, links or peers changed since the planner last took them
+    /// ([`Registry::clear_changed_hubs`]).
+    changed_hubs: BTreeSet<i32>,
     /// Netdevs at most (`max-netdevs`).
     limit: usize,
 }
@@ -131,7 +136,8 @@ impl Registry {
             index: HashMap::new(),
             nics: HashMap::new(),
             next: 0,
-            hubs: BTreeSet::new(),
+            hubs: BTreeMap::new(),
+            changed_hubs: BTreeSet::new(),
             limit,
         }
     }
@@ -147,6 +153,12 @@ impl Registry {
 
     pub fn entries(&self) -> impl DoubleEndedIterator<Item = &Entry> {
         self.entries.values()
+    }
+
+    /// The entries with their creation sequence numbers (unique for the life of the graph: an id
+    /// added again gets a new one), in creation order.
+    pub fn entries_by_seq(&self) -> impl Iterator<Item = (u64, &Entry)> {
+        self.entries.iter().map(|(seq, entry)| (*seq, entry))
     }
 
     #[must_use]
@@ -171,7 +183,62 @@ impl Registry {
 
     /// Every hub id ever used, ascending.
     pub fn hubs(&self) -> impl Iterator<Item = i32> + '_ {
-        self.hubs.iter().copied()
+        self.hubs.keys().copied()
+    }
+
+    /// The hub ports of `hub`, in creation order.
+    pub fn hub_ports(&self, hub: i32) -> impl Iterator<Item = (u64, &Entry)> + '_ {
+        self.hubs.get(&hub).into_iter().flatten().filter_map(|seq| self.entries.get(seq).map(|entry| (*seq, entry)))
+    }
+
+    /// The hub of `id`, if it is a hub port.
+    #[must_use]
+    pub fn hub_of(&self, id: &str) -> Option<i32> {
+        match self.get(id).map(|entry| &entry.netdev.options) {
+            Some(NetdevOptions::Hubport(port)) => Some(port.hubid),
+            _ => None,
+        }
+    }
+
+    /// The hubs whose kernel state depends on netdev `id`: its own (a hub port), that of the
+    /// hub port it is joined to or that carries it, and, for a NIC, that of its backend's port.
+    fn hubs_depending_on(&self, id: &str) -> Vec<i32> {
+        let Some(entry) = self.get(id) else { return Vec::new() };
+        let mut hubs = Vec::new();
+        hubs.extend(self.hub_of(id));
+        if let Some(peer) = &entry.peer {
+            hubs.extend(self.hub_of(peer));
+            if let NetdevOptions::Nic(_) = entry.netdev.options
+                && let Some(backend) = self.get(peer)
+                && let Some(port) = &backend.peer
+            {
+                hubs.extend(self.hub_of(port));
+            }
+        }
+        hubs
+    }
+
+    /// Marks the hubs that depend on `id` as changed: for what the graph does not hold itself
+    /// (a NIC's receive filter, the interface a netdev brought).
+    pub fn mark_changed(&mut self, id: &str) {
+        let hubs = self.hubs_depending_on(id);
+        self.changed_hubs.extend(hubs);
+    }
+
+    /// The hubs changed since [`Registry::clear_changed_hubs`]: only their segments need planning.
+    #[must_use]
+    pub const fn changed_hubs(&self) -> &BTreeSet<i32> {
+        &self.changed_hubs
+    }
+
+    /// Marks every hub as changed: for when the kernel's state is not known to match the plan.
+    pub fn mark_every_hub_changed(&mut self) {
+        self.changed_hubs.extend(self.hubs.keys().copied());
+    }
+
+    /// Called once the kernel holds the plan of every changed hub.
+    pub fn clear_changed_hubs(&mut self) {
+        self.changed_hubs.clear();
     }
 
     /// Checks everything `add` would check, without changing the graph.
@@ -231,8 +298,9 @@ impl Registry {
                 self.nics.insert(backend.clone(), netdev.id.clone());
             }
         }
+        let seq = self.next;
         if let NetdevOptions::Hubport(port) = &netdev.options {
-            self.hubs.insert(port.hubid);
+            self.hubs.entry(port.hubid).or_default().insert(seq);
             if let Some(target) = &port.netdev {
                 if let Some(entry) = self.get_mut(target) {
                     entry.peer = Some(netdev.id.clone());
@@ -240,17 +308,24 @@ impl Registry {
                 peer = Some(target.clone());
             }
         }
-        let seq = self.next;
         self.next += 1;
+        let id = netdev.id.clone();
         self.index.insert(netdev.id.clone(), seq);
         self.entries.insert(seq, Entry { netdev, link_up: true, peer });
+        self.mark_changed(&id);
         Ok(())
     }
 
     /// Removes a netdev; its peer survives unpeered (QEMU `qemu_del_net_client`).
     pub fn remove(&mut self, id: &str) -> Result<Entry, RegistryError> {
+        self.mark_changed(id);
         let seq = self.index.remove(id).ok_or_else(|| RegistryError::DeviceNotFound { id: id.to_owned() })?;
         let entry = self.entries.remove(&seq).ok_or_else(|| RegistryError::DeviceNotFound { id: id.to_owned() })?;
+        if let NetdevOptions::Hubport(port) = &entry.netdev.options
+            && let Some(ports) = self.hubs.get_mut(&port.hubid)
+        {
+            ports.remove(&seq);
+        }
         if let NetdevOptions::Nic(nic) = &entry.netdev.options
             && let Some(backend) = &nic.netdev
             && self.nics.get(backend).is_some_and(|n| n == id)
@@ -273,6 +348,7 @@ impl Registry {
     pub fn set_link(&mut self, id: &str, up: bool) -> Result<(), RegistryError> {
         let entry = self.get_mut(id).ok_or_else(|| RegistryError::DeviceNotFound { id: id.to_owned() })?;
         entry.link_up = up;
+        self.mark_changed(id);
         Ok(())
     }
 

@@ -102,29 +102,6 @@ pub struct Port {
 }
 
 impl Port {
-    /// A port of a previous plan that only keeps `slot` taken (an earlier run's, while it is
-    /// adopted): the planner reads nothing else of a previous plan's port.
-    #[must_use]
-    pub const fn holding_slot(slot: u32) -> Self {
-        Self {
-            hubport: String::new(),
-            netdev: String::new(),
-            ifname: String::new(),
-            hubid: 0,
-            segment: 0,
-            slot,
-            segment_slot: 0,
-            link_up: false,
-            hook: Hook::Ingress,
-            deliver_ingress: false,
-            deliver_peer: false,
-            nic: None,
-            filtered: false,
-            monitor: false,
-            generation: 0,
-        }
-    }
-
     #[must_use]
     pub const fn config(&self) -> PortConfig {
         let mut flags = 0;
@@ -187,6 +164,102 @@ pub struct Plan {
     pub tunnel_rx: BTreeMap<TunnelRxKey, u32>,
     /// Devices where tunnel packets arrive, by ifindex.
     pub underlays: BTreeMap<u32, String>,
+    /// What the entries above imply, kept so that a step costs what it changes.
+    index: Index,
+}
+
+/// The ports of each hub and the slots in use, of a whole plan (empty in a [`Step`]'s halves).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Index {
+    hub_ports: BTreeMap<i32, BTreeSet<u32>>,
+    port_slots: SlotSet,
+    segment_slots: SlotSet,
+}
+
+/// What one change does to the kernel state: the entries of the previous plan it replaces
+/// (`before`) and their replacements (`after`), for the changed hubs' segments only, and for the
+/// tunnels if theirs changed. The applier moves the kernel from `before` to `after` (and back, to
+/// roll back); [`Plan::commit`] then makes it part of the plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Step {
+    pub before: Plan,
+    pub after: Plan,
+}
+
+impl Step {
+    /// Whether the step changes nothing in the kernel.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.before == self.after
+    }
+
+    fn has_tunnels(&self) -> bool {
+        [&self.before, &self.after].iter().any(|p| !p.tunnels.is_empty() || !p.tunnel_rx.is_empty() || !p.underlays.is_empty())
+    }
+}
+
+impl Plan {
+    /// An empty plan whose port generations start after `generation`.
+    #[must_use]
+    pub fn after_generation(generation: u32) -> Self {
+        Self { generation, ..Self::default() }
+    }
+
+    /// Takes `step` (computed from this plan) in: its `before` entries go, its `after` ones come.
+    pub fn commit(&mut self, step: Step) {
+        let tunnels = step.has_tunnels();
+        let Step { before, after } = step;
+        for (ifindex, port) in &before.ports {
+            self.ports.remove(ifindex);
+            self.index.port_slots.remove(port.slot);
+            if let Some(ports) = self.index.hub_ports.get_mut(&port.hubid) {
+                ports.remove(ifindex);
+                if ports.is_empty() {
+                    self.index.hub_ports.remove(&port.hubid);
+                }
+            }
+        }
+        for ifindex in before.rx_filters.keys() {
+            self.rx_filters.remove(ifindex);
+        }
+        for (segment, slot) in &before.segment_slots {
+            self.segments.remove(segment);
+            self.segment_slots.remove(segment);
+            self.index.segment_slots.remove(*slot);
+        }
+        for segment in &before.flooding {
+            self.flooding.remove(segment);
+        }
+        self.flooding.extend(after.flooding);
+        self.generation = after.generation;
+        for (ifindex, port) in after.ports {
+            self.index.port_slots.insert(port.slot);
+            self.index.hub_ports.entry(port.hubid).or_default().insert(ifindex);
+            self.ports.insert(ifindex, port);
+        }
+        self.rx_filters.extend(after.rx_filters);
+        self.segments.extend(after.segments);
+        for (segment, slot) in after.segment_slots {
+            self.index.segment_slots.insert(slot);
+            self.segment_slots.insert(segment, slot);
+        }
+        if tunnels {
+            self.tunnels = after.tunnels;
+            self.tunnel_rx = after.tunnel_rx;
+            self.underlays = after.underlays;
+        }
+    }
+}
+
+/// The interface of each netdev that brought one.
+pub trait Devices {
+    fn device(&self, netdev: &str) -> Option<&Device>;
+}
+
+impl Devices for HashMap<String, Device> {
+    fn device(&self, netdev: &str) -> Option<&Device> {
+        self.get(netdev)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -201,35 +274,104 @@ pub enum PlanError {
     TooManyPorts { id: String },
 }
 
-/// Hands out array slots: a key keeps the slot it had in the previous plan, and no slot the
-/// previous plan used goes to another key in the same step (frames in flight may still use it).
-struct Slots<K> {
-    previous: BTreeMap<K, u32>,
-    assigned: BTreeMap<K, u32>,
-    taken: BTreeSet<u32>,
-    next_free: u32,
+/// Slots an earlier run's ports (by ifindex) and segments had, while it is adopted: each goes
+/// back to its interface or segment when that is planned again, and to nothing else meanwhile.
+#[derive(Debug, Clone, Default)]
+pub struct KeptSlots {
+    ports: BTreeMap<u32, u32>,
+    segments: BTreeMap<i32, u32>,
+    reserved_ports: SlotSet,
+    reserved_segments: SlotSet,
 }
 
-impl<K: Ord + Copy> Slots<K> {
-    fn new(previous: BTreeMap<K, u32>) -> Self {
-        let taken = previous.values().copied().collect();
-        Self { previous, assigned: BTreeMap::new(), taken, next_free: 0 }
+impl KeptSlots {
+    #[must_use]
+    pub fn new(ports: BTreeMap<u32, u32>, segments: BTreeMap<i32, u32>) -> Self {
+        let mut reserved_ports = SlotSet::default();
+        ports.values().for_each(|slot| reserved_ports.insert(*slot));
+        let mut reserved_segments = SlotSet::default();
+        segments.values().for_each(|slot| reserved_segments.insert(*slot));
+        Self { ports, segments, reserved_ports, reserved_segments }
     }
 
-    /// The slot of `key`, or `None` when every slot is taken.
-    fn slot(&mut self, key: K) -> Option<u32> {
+    /// The kept port slots, by ifindex.
+    #[must_use]
+    pub const fn ports(&self) -> &BTreeMap<u32, u32> {
+        &self.ports
+    }
+
+    /// The kept segment slots, by segment.
+    #[must_use]
+    pub const fn segments(&self) -> &BTreeMap<i32, u32> {
+        &self.segments
+    }
+}
+
+/// A set of slots as a bitmap: the lowest free slot is found a word at a time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct SlotSet(Vec<u64>);
+
+impl SlotSet {
+    fn insert(&mut self, slot: u32) {
+        let word = slot as usize / 64;
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        self.0[word] |= 1 << (slot % 64);
+    }
+
+    fn remove(&mut self, slot: u32) {
+        if let Some(word) = self.0.get_mut(slot as usize / 64) {
+            *word &= !(1 << (slot % 64));
+        }
+        // Trailing empty words go, so equal sets compare equal.
+        while self.0.last() == Some(&0) {
+            self.0.pop();
+        }
+    }
+
+    fn contains(&self, slot: u32) -> bool {
+        self.0.get(slot as usize / 64).is_some_and(|word| word & 1 << (slot % 64) != 0)
+    }
+
+    /// The lowest slot in none of `sets`.
+    fn first_free(sets: &[&Self]) -> u32 {
+        let words = sets.iter().map(|set| set.0.len()).max().unwrap_or(0);
+        for index in 0..=words {
+            let used = sets.iter().fold(0, |used, set| used | set.0.get(index).copied().unwrap_or(0));
+            if used != u64::MAX {
+                return u32::try_from(index * 64).unwrap_or(u32::MAX).saturating_add(used.trailing_ones());
+            }
+        }
+        u32::MAX
+    }
+}
+
+/// Hands out array slots: a key keeps the slot it had in the previous plan (or the one an earlier
+/// run kept for it), and no slot the previous plan used goes to another key in the same step
+/// (frames in flight may still use it), nor one kept for another key.
+struct Slots<'p, K> {
+    /// The previous plan's slots.
+    used: &'p SlotSet,
+    /// Slots kept for keys of an earlier run.
+    reserved: &'p SlotSet,
+    assigned: BTreeMap<K, u32>,
+    taken: SlotSet,
+}
+
+impl<'p, K: Ord + Copy> Slots<'p, K> {
+    const fn new(used: &'p SlotSet, reserved: &'p SlotSet) -> Self {
+        Self { used, reserved, assigned: BTreeMap::new(), taken: SlotSet(Vec::new()) }
+    }
+
+    /// The slot of `key`, which had `previous` in the previous plan and was kept `kept`; `None`
+    /// when every slot is taken.
+    fn slot(&mut self, key: K, previous: Option<u32>, kept: Option<&u32>) -> Option<u32> {
         if let Some(slot) = self.assigned.get(&key) {
             return Some(*slot);
         }
-        let slot = match self.previous.get(&key) {
-            Some(slot) => *slot,
-            None => {
-                while self.taken.contains(&self.next_free) {
-                    self.next_free += 1;
-                }
-                self.next_free
-            }
-        };
+        let kept = kept.copied().filter(|slot| !self.used.contains(*slot) && !self.taken.contains(*slot));
+        let slot = previous.or(kept).unwrap_or_else(|| SlotSet::first_free(&[self.used, &self.taken, self.reserved]));
         if slot >= MAX_PORTS {
             return None;
         }
@@ -239,68 +381,113 @@ impl<K: Ord + Copy> Slots<K> {
     }
 }
 
-/// Union-find over hub ids, smallest id as representative.
-#[derive(Default)]
-struct Segments(HashMap<i32, i32>);
-
-impl Segments {
-    fn find(&mut self, hub: i32) -> i32 {
-        let parent = *self.0.entry(hub).or_insert(hub);
-        if parent == hub {
-            return hub;
+/// The hubs joined to `hub` port to port (through up ports at both ends), `hub` included: one
+/// segment.
+fn segment_of(registry: &Registry, hub: i32) -> BTreeSet<i32> {
+    let mut hubs = BTreeSet::from([hub]);
+    let mut pending = vec![hub];
+    while let Some(hub) = pending.pop() {
+        for (_, entry) in registry.hub_ports(hub) {
+            // A downed port cuts the hub-to-hub segment, as in QEMU.
+            let Some(peer) = entry.peer.as_deref().filter(|_| entry.link_up) else { continue };
+            let (Some(peer_hub), Some(peer_entry)) = (registry.hub_of(peer), registry.get(peer)) else { continue };
+            if peer_entry.link_up && hubs.insert(peer_hub) {
+                pending.push(peer_hub);
+            }
         }
-        let root = self.find(parent);
-        self.0.insert(hub, root);
-        root
     }
-
-    fn join(&mut self, a: i32, b: i32) {
-        let (ra, rb) = (self.find(a), self.find(b));
-        let (low, high) = if ra < rb { (ra, rb) } else { (rb, ra) };
-        self.0.insert(high, low);
-    }
+    hubs
 }
 
 /// Computes the kernel state for `registry`, given the interfaces of the netdevs that have one, the
 /// receive filters of the NICs, the tunnels, and the plan the kernel holds now (whose slots are
-/// kept).
+/// kept): every hub planned afresh.
 pub fn plan(
     registry: &Registry,
     devices: &HashMap<String, Device>,
     filters: &HashMap<String, RxFilter>,
     tunnels: &HashMap<String, TunnelFastPath>,
     previous: &Plan,
+    kept: &KeptSlots,
 ) -> Result<Plan, PlanError> {
-    let hub_of = |id: &str| match registry.get(id).map(|e| &e.netdev.options) {
-        Some(NetdevOptions::Hubport(port)) => Some(port.hubid),
-        _ => None,
-    };
-    let mut segments = Segments::default();
-    for entry in registry.entries() {
-        let (Some(hub), Some(peer)) = (hub_of(&entry.netdev.id), entry.peer.as_deref()) else { continue };
-        let (Some(peer_hub), Some(peer_entry)) = (hub_of(peer), registry.get(peer)) else { continue };
-        // A downed port cuts the hub-to-hub segment, as in QEMU.
-        if entry.link_up && peer_entry.link_up {
-            segments.join(hub, peer_hub);
+    let every_hub = registry.hubs().chain(previous.index.hub_ports.keys().copied()).collect();
+    let step = step(registry, devices, filters, tunnels, previous, &every_hub, kept)?;
+    let mut next = previous.clone();
+    next.commit(step);
+    Ok(next)
+}
+
+/// What the kernel state for `registry` changes from `previous` when only the hubs in `changed`
+/// changed (their ports, links, peers, NICs or filters): their segments, as they were and as they
+/// are now, are planned again, and the tunnels; nothing else is looked at.
+///
+/// `changed` must name both ends of every hub-to-hub join that came, went or changed link, and
+/// the hub of every port whose netdev, interface, NIC or filter changed.
+pub fn step(
+    registry: &Registry,
+    devices: &impl Devices,
+    filters: &HashMap<String, RxFilter>,
+    tunnels: &HashMap<String, TunnelFastPath>,
+    previous: &Plan,
+    changed: &BTreeSet<i32>,
+    kept: &KeptSlots,
+) -> Result<Step, PlanError> {
+    // The segments of the changed hubs as they are now. They cover the segments those hubs were
+    // in: a join that went had both its hubs changed.
+    let mut segment_of_hub: BTreeMap<i32, i32> = BTreeMap::new();
+    for hub in changed {
+        if segment_of_hub.contains_key(hub) {
+            continue;
+        }
+        let hubs = segment_of(registry, *hub);
+        // The smallest hub id names the segment.
+        let segment = hubs.first().copied().unwrap_or(*hub);
+        segment_of_hub.extend(hubs.into_iter().map(|h| (h, segment)));
+    }
+
+    let mut step = Step::default();
+    step.before.generation = previous.generation;
+    step.before.flooding = previous.flooding.iter().filter(|s| segment_of_hub.contains_key(s)).copied().collect();
+    for hub in segment_of_hub.keys() {
+        for ifindex in previous.index.hub_ports.get(hub).into_iter().flatten() {
+            let Some(port) = previous.ports.get(ifindex) else { continue };
+            step.before.ports.insert(*ifindex, port.clone());
+            if let Some(filter) = previous.rx_filters.get(ifindex) {
+                step.before.rx_filters.insert(*ifindex, filter.clone());
+            }
+            if let (Some(members), Some(slot)) =
+                (previous.segments.get(&port.segment), previous.segment_slots.get(&port.segment))
+            {
+                step.before.segments.insert(port.segment, members.clone());
+                step.before.segment_slots.insert(port.segment, *slot);
+            }
         }
     }
 
-    let mut plan = Plan::default();
+    // The ports of those segments, in creation order.
+    let mut entries: Vec<_> =
+        segment_of_hub.keys().flat_map(|hub| registry.hub_ports(*hub).map(move |(seq, entry)| (seq, *hub, entry))).collect();
+    entries.sort_unstable_by_key(|(seq, _, _)| *seq);
+    let mut port_slots = Slots::new(&previous.index.port_slots, &kept.reserved_ports);
+    let mut segment_slots = Slots::new(&previous.index.segment_slots, &kept.reserved_segments);
+    let plan = &mut step.after;
+    plan.generation = previous.generation;
     // A port asking for QEMU's flooding, with an interface or not, makes its whole segment flood.
-    for entry in registry.entries() {
+    for (_, hub, entry) in &entries {
         if let NetdevOptions::Hubport(options) = &entry.netdev.options
             && !options.learning()
         {
-            plan.flooding.insert(segments.find(options.hubid));
+            plan.flooding.insert(segment_of_hub.get(hub).copied().unwrap_or(*hub));
         }
     }
-    let mut port_slots = Slots::new(previous.ports.iter().map(|(ifindex, port)| (*ifindex, port.slot)).collect());
-    let mut segment_slots = Slots::new(previous.segment_slots.clone());
-    for entry in registry.entries() {
-        let Some(hub) = hub_of(&entry.netdev.id) else { continue };
+    for (_, hub, entry) in entries {
         let Some(netdev) = entry.peer.as_deref() else { continue };
-        let (Some(device), Some(peer_entry)) = (devices.get(netdev), registry.get(netdev)) else { continue };
-        if let Some(other) = plan.ports.get(&device.ifindex) {
+        let (Some(device), Some(peer_entry)) = (devices.device(netdev), registry.get(netdev)) else { continue };
+        // A port this step plans, or one of a segment it leaves alone.
+        let other = plan.ports.get(&device.ifindex).or_else(|| {
+            previous.ports.get(&device.ifindex).filter(|port| !segment_of_hub.contains_key(&port.hubid))
+        });
+        if let Some(other) = other {
             return Err(PlanError::InterfaceTwice {
                 ifname: device.ifname.clone(),
                 hubid: other.hubid,
@@ -310,10 +497,14 @@ pub fn plan(
         // A NIC behind the interface's netdev or behind the hub port.
         let nic = registry.nic_of(netdev).or_else(|| registry.nic_of(&entry.netdev.id));
         let nic_up = nic.and_then(|id| registry.get(id)).is_none_or(|n| n.link_up);
-        let segment = segments.find(hub);
+        let segment = segment_of_hub.get(&hub).copied().unwrap_or(hub);
         let too_many = || PlanError::TooManyPorts { id: entry.netdev.id.clone() };
-        let slot = port_slots.slot(device.ifindex).ok_or_else(too_many)?;
-        let segment_slot = segment_slots.slot(segment).ok_or_else(too_many)?;
+        let slot = port_slots
+            .slot(device.ifindex, previous.ports.get(&device.ifindex).map(|p| p.slot), kept.ports.get(&device.ifindex))
+            .ok_or_else(too_many)?;
+        let segment_slot = segment_slots
+            .slot(segment, previous.segment_slots.get(&segment).copied(), kept.segments.get(&segment))
+            .ok_or_else(too_many)?;
         let filter = match (nic.and_then(|id| filters.get(id)), &peer_entry.netdev.options) {
             (Some(filter), _) => Some(RxFilterTables::from(filter)),
             (None, NetdevOptions::User(user)) => {
@@ -327,7 +518,8 @@ pub fn plan(
                 old.generation
             }
             _ => {
-                plan.generation = plan.generation.max(previous.generation).wrapping_add(1);
+                // Never 0: the kernel's mark of a slot without a port.
+                plan.generation = plan.generation.wrapping_add(1).max(1);
                 plan.generation
             }
         };
@@ -364,7 +556,39 @@ pub fn plan(
         plan.ports.insert(device.ifindex, port);
     }
     plan.segment_slots = segment_slots.assigned;
-    plan.generation = plan.generation.max(previous.generation);
+
+    // The tunnels, all of them (they are few), against the ports as they will be.
+    let mut tunnel_part = Plan::default();
+    plan_tunnels(&mut tunnel_part, registry, tunnels)?;
+    let port_at = |ifindex: &u32| {
+        step.after.ports.get(ifindex).or_else(|| previous.ports.get(ifindex).filter(|_| !step.before.ports.contains_key(ifindex)))
+    };
+    let members_of = |segment: &i32| {
+        step.after
+            .segments
+            .get(segment)
+            .or_else(|| previous.segments.get(segment).filter(|_| !step.before.segments.contains_key(segment)))
+    };
+    plan_relays(&mut tunnel_part.tunnels, port_at, members_of);
+    if (&tunnel_part.tunnels, &tunnel_part.tunnel_rx, &tunnel_part.underlays)
+        != (&previous.tunnels, &previous.tunnel_rx, &previous.underlays)
+    {
+        step.before.tunnels.clone_from(&previous.tunnels);
+        step.before.tunnel_rx.clone_from(&previous.tunnel_rx);
+        step.before.underlays.clone_from(&previous.underlays);
+        step.after.tunnels = tunnel_part.tunnels;
+        step.after.tunnel_rx = tunnel_part.tunnel_rx;
+        step.after.underlays = tunnel_part.underlays;
+    }
+    Ok(step)
+}
+
+/// The tunnels of the netdevs in `registry`, their receive keys and underlays, into `plan`.
+fn plan_tunnels(
+    plan: &mut Plan,
+    registry: &Registry,
+    tunnels: &HashMap<String, TunnelFastPath>,
+) -> Result<(), PlanError> {
     let mut ids: Vec<&String> = tunnels.keys().filter(|id| registry.get(id).is_some()).collect();
     ids.sort();
     for id in ids {
@@ -381,24 +605,26 @@ pub fn plan(
         }
         plan.underlays.extend(tunnel.underlays.iter().map(|(i, n)| (*i, n.clone())));
     }
-    plan_relays(&mut plan);
-    Ok(plan)
+    Ok(())
 }
 
 /// A hub segment of exactly two up ports that are both tunnels (a relay between two tunnels):
 /// each tunnel's program encapsulates what it receives for the other one directly, which is all
 /// the hub would do with the frame. Anything else on the segment — a third port, a port down, a
-/// NIC's receive filter — leaves the frame to the hub.
-fn plan_relays(plan: &mut Plan) {
+/// NIC's receive filter — leaves the frame to the hub. `port` and `members` look up the plan's
+/// ports and member lists.
+fn plan_relays<'p>(
+    tunnels: &mut BTreeMap<u32, TunnelPlan>,
+    port: impl Fn(&u32) -> Option<&'p Port>,
+    members: impl Fn(&i32) -> Option<&'p Vec<HubMember>>,
+) {
     let port_of_hub_end: BTreeMap<u32, u32> =
-        plan.tunnels.iter().map(|(port_ifindex, tunnel)| (tunnel.config.hub_ifindex, *port_ifindex)).collect();
-    for tunnel in plan.tunnels.values_mut() {
+        tunnels.iter().map(|(port_ifindex, tunnel)| (tunnel.config.hub_ifindex, *port_ifindex)).collect();
+    for tunnel in tunnels.values_mut() {
         let hub_end = tunnel.config.hub_ifindex;
-        let other = plan
-            .ports
-            .get(&hub_end)
+        let other = port(&hub_end)
             .filter(|port| port.link_up)
-            .and_then(|port| plan.segments.get(&port.segment))
+            .and_then(|port| members(&port.segment))
             .filter(|members| {
                 members.len() == 2
                     && members.iter().all(|m| m.flags & MEMBER_LINK_UP != 0 && m.flags & MEMBER_RX_FILTER == 0)
@@ -444,7 +670,7 @@ mod tests {
         ]);
         let devices =
             devices(&[("a", 10, HubSide::Interface), ("b", 11, HubSide::Interface), ("c", 12, HubSide::Fd)]);
-        let plan = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
+        let plan = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default(), &KeptSlots::default()).unwrap();
         assert_eq!(plan.ports.len(), 3);
         assert_eq!(plan.ports[&12].hook, Hook::Egress);
         assert!(plan.ports[&12].deliver_ingress);
@@ -463,20 +689,20 @@ mod tests {
             "hubport,id=pb,hubid=7,netdev=b",
         ]);
         let devices = devices(&[("a", 1, HubSide::Interface), ("b", 2, HubSide::Interface)]);
-        let isolated = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
+        let isolated = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default(), &KeptSlots::default()).unwrap();
         assert_eq!(isolated.segments.len(), 2);
 
         // Join hub 7 to hub 5 through a pair of hub ports.
         for spec in ["hubport,id=j5,hubid=5", "hubport,id=j7,hubid=7,netdev=j5"] {
             registry.add(Netdev::from_keyval(spec).unwrap()).unwrap();
         }
-        let joined = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
+        let joined = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default(), &KeptSlots::default()).unwrap();
         assert_eq!(joined.segments.len(), 1);
         assert_eq!(joined.ports[&2].segment, 5);
 
         // A downed joining port cuts the segment again.
         registry.set_link("j7", false).unwrap();
-        assert_eq!(plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap(), isolated);
+        assert_eq!(plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default(), &KeptSlots::default()).unwrap(), isolated);
     }
 
     #[test]
@@ -484,13 +710,13 @@ mod tests {
         let mut registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=pa,hubid=0,netdev=a"]);
         let devices = devices(&[("a", 3, HubSide::Interface)]);
         registry.set_link("a", false).unwrap();
-        let plan_down = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
+        let plan_down = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default(), &KeptSlots::default()).unwrap();
         assert!(!plan_down.ports[&3].link_up);
         assert_eq!(plan_down.ports[&3].config().flags, PORT_FLAG_AT_INGRESS);
         assert_eq!(plan_down.segments[&0][0].flags, 0);
         registry.set_link("a", true).unwrap();
         registry.set_link("pa", false).unwrap();
-        assert!(!plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap().ports[&3].link_up);
+        assert!(!plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default(), &KeptSlots::default()).unwrap().ports[&3].link_up);
     }
 
     #[test]
@@ -498,7 +724,7 @@ mod tests {
         let registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=pa,hubid=0,netdev=a"]);
         let mut devices = devices(&[("a", 3, HubSide::Interface)]);
         devices.get_mut("a").unwrap().peer_elsewhere = true;
-        let plan = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
+        let plan = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default(), &KeptSlots::default()).unwrap();
         assert_eq!(plan.ports[&3].config().flags, PORT_FLAG_LINK_UP | PORT_FLAG_AT_INGRESS | PORT_FLAG_LEARN_MAC);
         assert_eq!(plan.segments[&0][0].flags, MEMBER_LINK_UP | MEMBER_DELIVER_PEER);
     }
@@ -509,20 +735,20 @@ mod tests {
         let devices = devices(&[("a", 3, HubSide::Interface)]);
         let filter = RxFilter::new([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
         let filters = HashMap::from([("n0".to_owned(), filter.clone())]);
-        let with_nic = plan(&registry, &devices, &filters, &HashMap::new(), &Plan::default()).unwrap();
+        let with_nic = plan(&registry, &devices, &filters, &HashMap::new(), &Plan::default(), &KeptSlots::default()).unwrap();
         assert_eq!(with_nic.ports[&3].nic.as_deref(), Some("n0"));
         assert_eq!(with_nic.segments[&0][0].flags, MEMBER_LINK_UP | MEMBER_RX_FILTER);
         assert_eq!(with_nic.rx_filters[&3], RxFilterTables::from(&filter));
         // The NIC's link is the port's too.
         registry.set_link("n0", false).unwrap();
-        assert!(!plan(&registry, &devices, &filters, &HashMap::new(), &Plan::default()).unwrap().ports[&3].link_up);
+        assert!(!plan(&registry, &devices, &filters, &HashMap::new(), &Plan::default(), &KeptSlots::default()).unwrap().ports[&3].link_up);
     }
 
     #[test]
     fn a_user_netdev_only_receives_its_own_unicast() {
         let registry = registry(&["user,id=u", "hubport,id=pu,hubid=0,netdev=u"]);
         let devices = devices(&[("u", 4, HubSide::Interface)]);
-        let plan = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
+        let plan = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default(), &KeptSlots::default()).unwrap();
         assert_eq!(plan.segments[&0][0].flags & MEMBER_RX_FILTER, MEMBER_RX_FILTER);
         let filter = &plan.rx_filters[&4];
         assert_eq!(filter.config.main_mac, [0x52, 0x55, 10, 0, 2, 2]);
@@ -548,7 +774,7 @@ mod tests {
             ("d", 4, HubSide::Interface),
         ]);
         let plan_with = |registry: &Registry, previous: &Plan| {
-            plan(registry, &devices, &HashMap::new(), &HashMap::new(), previous).unwrap()
+            plan(registry, &devices, &HashMap::new(), &HashMap::new(), previous, &KeptSlots::default()).unwrap()
         };
         let slots = |plan: &Plan| plan.ports.iter().map(|(ifindex, port)| (*ifindex, port.slot)).collect::<Vec<_>>();
         let add = |registry: &mut Registry, spec: &str| registry.add(Netdev::from_keyval(spec).unwrap()).unwrap();
@@ -584,7 +810,7 @@ mod tests {
         ]);
         let devices = devices(&[("a", 1, HubSide::Interface), ("b", 2, HubSide::Interface)]);
         let plan_with = |registry: &Registry, previous: &Plan| {
-            plan(registry, &devices, &HashMap::new(), &HashMap::new(), previous).unwrap()
+            plan(registry, &devices, &HashMap::new(), &HashMap::new(), previous, &KeptSlots::default()).unwrap()
         };
         let first = plan_with(&registry, &Plan::default());
         assert_ne!(first.ports[&1].generation, first.ports[&2].generation);
@@ -612,9 +838,95 @@ mod tests {
     }
 
     #[test]
+    fn steps_over_the_changed_hubs_reach_the_plan_of_the_whole_graph() {
+        // Ports come, go, change link, monitor, ask for flooding and join hubs; after each change
+        // the step over the hubs the registry marked, committed, equals planning every hub again,
+        // generations included (starting near the top, as an adopting daemon's may, to wrap).
+        // For the first half an earlier run's slots are kept, as while it is adopted.
+        let mut registry = Registry::default();
+        let mut devices = HashMap::new();
+        let mut filters = HashMap::new();
+        let mut current = Plan { generation: u32::MAX - 40, ..Plan::default() };
+        let adopting = KeptSlots::new((0..10).map(|k| (100 + k, 3 * k + 2)).collect(), [(0, 4), (2, 1)].into());
+        let (mut flooded, mut monitored, mut kept_taken) = (false, false, false);
+        let mut state = 0x2545_f491_u32;
+        let mut random = |n: u32| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state % n
+        };
+        for round in 0..400_u32 {
+            let kept = if round < 200 { adopting.clone() } else { KeptSlots::default() };
+            let (k, hub) = (random(40), i32::try_from(random(6)).unwrap());
+            let setting = ["", "", ",x-monitor=on", ",x-learning=off"][random(4) as usize];
+            let (backend, port, nic) = (format!("x{k}"), format!("p{k}"), format!("n{k}"));
+            match random(7) {
+                0 | 1 if registry.get(&backend).is_none() => {
+                    registry.add(Netdev::from_keyval(&format!("af-xdp,id={backend},ifname=v{k}")).unwrap()).unwrap();
+                    let side = if k % 3 == 0 { HubSide::Fd } else { HubSide::Interface };
+                    devices.insert(backend.clone(), device(100 + k, side));
+                }
+                0 | 1 if registry.get(&port).is_none() && registry.get(&backend).is_some_and(|e| e.peer.is_none()) => {
+                    registry.add(Netdev::from_keyval(&format!("hubport,id={port},hubid={hub},netdev={backend}{setting}")).unwrap()).unwrap();
+                }
+                2 if registry.get(&nic).is_none() && registry.get(&backend).is_some() && registry.nic_of(&backend).is_none() => {
+                    registry.add(Netdev::from_keyval(&format!("nic,id={nic},netdev={backend}")).unwrap()).unwrap();
+                    filters.insert(nic.clone(), RxFilter::new([0x52, 0x54, 0, 0, 0, u8::try_from(k).unwrap()]));
+                }
+                3 => {
+                    // A join between two hubs, through a pair of ports without interfaces.
+                    let (a, b) = (format!("j{round}a"), format!("j{round}b"));
+                    let other = i32::try_from(random(6)).unwrap();
+                    registry.add(Netdev::from_keyval(&format!("hubport,id={a},hubid={hub}{setting}")).unwrap()).unwrap();
+                    registry.add(Netdev::from_keyval(&format!("hubport,id={b},hubid={other},netdev={a}")).unwrap()).unwrap();
+                }
+                4 => {
+                    let ids: Vec<String> = registry.entries().map(|e| e.netdev.id.clone()).collect();
+                    if let Some(id) = ids.get(random(u32::try_from(ids.len()).unwrap().max(1)) as usize) {
+                        let up = registry.get(id).is_some_and(|e| !e.link_up);
+                        registry.set_link(id, up).unwrap();
+                    }
+                }
+                _ => {
+                    let ids: Vec<String> = registry.entries().map(|e| e.netdev.id.clone()).collect();
+                    if let Some(id) = ids.get(random(u32::try_from(ids.len()).unwrap().max(1)) as usize) {
+                        registry.remove(id).unwrap();
+                        devices.remove(id);
+                        filters.remove(id);
+                    }
+                }
+            }
+            let whole = plan(&registry, &devices, &filters, &HashMap::new(), &current, &kept);
+            let step = step(&registry, &devices, &filters, &HashMap::new(), &current, registry.changed_hubs(), &kept);
+            match (whole, step) {
+                (Ok(whole), Ok(step)) => {
+                    current.commit(step);
+                    assert_eq!(current, whole, "round {round}");
+                    registry.clear_changed_hubs();
+                    // A kept slot goes to its own interface or stays free.
+                    for (ifindex, port) in &current.ports {
+                        let owner = kept.ports().iter().find(|(_, slot)| **slot == port.slot).map(|(i, _)| *i);
+                        assert!(owner.is_none_or(|owner| owner == *ifindex), "round {round}: slot {} leaked", port.slot);
+                        kept_taken |= owner.is_some();
+                        monitored |= port.monitor;
+                    }
+                    flooded |= !current.flooding.is_empty();
+                    assert!(current.ports.values().all(|p| p.generation != 0));
+                }
+                (Err(whole), Err(step)) => assert_eq!(whole, step, "round {round}"),
+                (whole, step) => panic!("round {round}: the whole graph gives {whole:?}, the step {step:?}"),
+            }
+        }
+        assert!(current.ports.len() > 5, "the graph ends with ports: {}", current.ports.len());
+        assert!(flooded && monitored && kept_taken, "flooded {flooded}, monitored {monitored}, kept slots taken {kept_taken}");
+        assert!(current.generation < u32::MAX - 40, "generations wrapped: {}", current.generation);
+    }
+
+    #[test]
     fn netdevs_without_interface_or_port_plan_nothing() {
         let registry = registry(&["af-xdp,id=a,ifname=x", "hubport,id=p,hubid=0"]);
-        let plan = plan(&registry, &devices(&[("a", 3, HubSide::Interface)]), &HashMap::new(), &HashMap::new(), &Plan::default()).unwrap();
+        let plan = plan(&registry, &devices(&[("a", 3, HubSide::Interface)]), &HashMap::new(), &HashMap::new(), &Plan::default(), &KeptSlots::default()).unwrap();
         assert_eq!(plan, Plan::default());
     }
 }
