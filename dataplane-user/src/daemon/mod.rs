@@ -118,6 +118,8 @@ struct State {
     state_file: Option<std::path::PathBuf>,
     /// Netdevs the configuration file made (recorded, so a restart can reconcile them).
     configured: HashSet<String>,
+    /// Chardevs the configuration file (or `--chardev`) made, likewise.
+    configured_chardevs: HashSet<String>,
     /// While an earlier run is adopted: the slots it used, kept for its ports and given to no
     /// other (`adopt`). Plans are then checked but not applied: the kernel keeps the earlier
     /// run's state until every netdev is back, and takes the whole plan at once.
@@ -214,6 +216,7 @@ impl Daemon {
             host,
             state_file: None,
             configured: HashSet::new(),
+            configured_chardevs: HashSet::new(),
             slot_hint: None,
         };
         Self {
@@ -255,6 +258,13 @@ impl Daemon {
     pub async fn set_configured(&self, ids: impl IntoIterator<Item = String>) {
         let mut state = self.state.lock().await;
         state.configured = ids.into_iter().collect();
+        state.record();
+    }
+
+    /// The chardevs the configuration file made are `ids` (recorded in the state file).
+    pub async fn set_configured_chardevs(&self, ids: impl IntoIterator<Item = String>) {
+        let mut state = self.state.lock().await;
+        state.configured_chardevs = ids.into_iter().collect();
         state.record();
     }
 

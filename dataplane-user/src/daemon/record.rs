@@ -4,6 +4,9 @@
 //! change the kernel took. A daemon starting on the same state directory reads it back to adopt
 //! the run's netdevs (`adopt`), and it tells an operator what a crashed run had.
 //!
+//! Chardevs (`chardev-add` arguments, and whether the configuration made them) are recorded
+//! too: a `vhost-user` netdev needs its chardev back before it can come back itself.
+//!
 //! ```json
 //! {"version": 1, "netdevs": [{"arguments": {"id": "d0", "type": "dgram", …}, "link-up": true,
 //!   "configured": false,
@@ -59,7 +62,13 @@ pub(super) fn describe(state: &State) -> Value {
         state.plan.ports.iter().map(|(ifindex, port)| json!({"ifindex": ifindex, "slot": port.slot})).collect();
     let segment_slots: Vec<Value> =
         state.plan.segment_slots.iter().map(|(segment, slot)| json!({"segment": segment, "slot": slot})).collect();
-    json!({"version": VERSION, "netdevs": netdevs, "port-slots": port_slots, "segment-slots": segment_slots})
+    let chardevs: Vec<Value> = state
+        .chardevs
+        .specs()
+        .map(|spec| json!({"arguments": spec.to_json(), "configured": state.configured_chardevs.contains(&spec.id)}))
+        .collect();
+    json!({"version": VERSION, "netdevs": netdevs, "port-slots": port_slots, "segment-slots": segment_slots,
+        "chardevs": chardevs})
 }
 
 /// A state file as read back.
@@ -72,6 +81,18 @@ pub struct Record {
     pub port_slots: Vec<PortSlot>,
     #[serde(default)]
     pub segment_slots: Vec<SegmentSlot>,
+    /// In creation order; absent in files of runs before chardevs were recorded.
+    #[serde(default)]
+    pub chardevs: Vec<RecordedChardev>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RecordedChardev {
+    /// Its `chardev-add` arguments.
+    pub arguments: Value,
+    /// Made by the configuration file (or `--chardev`), not over QMP.
+    #[serde(default)]
+    pub configured: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -192,5 +213,16 @@ mod tests {
         assert_eq!(slots.segment_slots[&0], 1);
         write_atomically(&path, &json!({"version": 9, "netdevs": []})).unwrap();
         assert!(read(&path).is_err());
+    }
+    #[test]
+    fn chardevs_read_back_and_older_files_have_none() {
+        let record: Record = serde_json::from_value(json!({"version": 1, "netdevs": [], "chardevs": [
+            {"arguments": {"id": "c0", "backend": {"type": "socket", "data": {"addr": {"type": "unix",
+              "data": {"path": "/run/vu0.sock"}}, "server": true, "wait": false}}}, "configured": true}]}))
+        .unwrap();
+        assert_eq!(record.chardevs[0].arguments["id"], "c0");
+        assert!(record.chardevs[0].configured);
+        let older: Record = serde_json::from_value(json!({"version": 1, "netdevs": []})).unwrap();
+        assert!(older.chardevs.is_empty());
     }
 }
