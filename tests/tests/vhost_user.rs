@@ -812,3 +812,43 @@ fn after_kill_9_a_client_chardev_connects_again() {
     assert_ne!(frontend.get_features().expect("GET_FEATURES") & VERSION_1, 0, "the adopted backend serves");
     settle::wait_until("the connection is counted", || counter(&next, "vu0", "connects") >= 1);
 }
+
+/// A chardev and netdev from the command line (`--chardev`, `--netdev`) are recorded as the
+/// configuration's: after `kill -9` the next daemon, given the same options, adopts them and
+/// finds its configuration already in place (no duplicate), and one given a changed path serves
+/// the new path instead.
+#[test]
+fn after_kill_9_configured_chardevs_are_reconciled() {
+    let switch = Netns::new("vu");
+    switch.quiet();
+    let dir = TempDir::new();
+    let options = |socket: &Path| {
+        [
+            "--chardev".to_owned(),
+            format!("socket,id=c0,path={},server=on,wait=off", socket.display()),
+            "--netdev".to_owned(),
+            "vhost-user,id=vu0,chardev=c0".to_owned(),
+        ]
+    };
+    let first = dir.0.join("first.sock");
+    let args = options(&first);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut killed = Daemon::start_on(&switch, None, &args);
+    assert_eq!(state_file(&killed)["chardevs"][0]["configured"], json!(true), "{}", state_file(&killed));
+    kill_9(&mut killed);
+    let mut next = Daemon::start_on(&switch, Some(&killed.state_dir), &args);
+    assert_eq!(next.netdev_ids(), ["vu0"]);
+    assert_eq!(chardev_filename(&next), format!("disconnected:unix:{},server=on", first.display()));
+    let _guest = TestFrontend::connect(&first, 1, VERSION_1);
+    wait_link(&next, "vu0", true);
+    kill_9(&mut next);
+
+    let second = dir.0.join("second.sock");
+    let args = options(&second);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let last = Daemon::start_on(&switch, Some(&killed.state_dir), &args);
+    assert_eq!(last.netdev_ids(), ["vu0"]);
+    assert_eq!(chardev_filename(&last), format!("disconnected:unix:{},server=on", second.display()), "the changed path");
+    let _guest = TestFrontend::connect(&second, 1, VERSION_1);
+    wait_link(&last, "vu0", true);
+}
