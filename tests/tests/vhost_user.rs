@@ -9,7 +9,7 @@
 use std::{
     os::{
         fd::{FromRawFd, OwnedFd},
-        unix::net::UnixStream,
+        unix::{fs::FileTypeExt, net::UnixStream},
     },
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -724,4 +724,131 @@ fn the_backend_connects_to_a_listening_frontend_and_reconnects() {
         settle::wait_until("the disconnect is counted", || counter(&daemon, "vu0", "disconnects") > round);
     }
     assert!(counter(&daemon, "vu0", "connects") >= 2, "{}", row(&daemon, "vu0"));
+}
+
+/// The state file as a JSON value.
+fn state_file(daemon: &Daemon) -> Value {
+    let text = std::fs::read(daemon.state_dir.join("netdevs.json")).expect("the state file exists");
+    serde_json::from_slice(&text).expect("the state file is JSON")
+}
+
+fn kill_9(daemon: &mut Daemon) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.pid()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill -9");
+    assert_eq!(daemon.terminate(), None, "netdevd was killed, it did not exit");
+}
+
+/// Frames both ways between a connected frontend and the peer on the hub.
+fn frames_pass_both_ways(guest: &mut TestFrontend, peer: &mut TapVm, what: &str) {
+    let tag = unique("tx").into_bytes();
+    guest.send(0, 0, &guest_frame(&tag));
+    assert_eq!(peer.recv_marked_count(&tag, 1, settle::DEADLINE), vec![guest_frame(&tag)], "{what}: guest to peer");
+    let back = unique("rx").into_bytes();
+    peer.send(&test_frame(GUEST_MAC, PEER_MAC, &back));
+    let received = guest.receive(0, |b| contains(b, &back));
+    let frames: Vec<_> = received.iter().map(|b| split(b).1).filter(|f| contains(f, &back)).collect();
+    assert_eq!(frames, [test_frame(GUEST_MAC, PEER_MAC, &back).as_slice()], "{what}: peer to guest, once");
+}
+
+/// `kill -9` leaves the chardev and the vhost-user netdev in the state file and the server's socket
+/// file on disk: the next daemon on the state directory binds the same path again (removing the
+/// dead socket file first) before it makes the netdev again, and a frontend that reconnects passes
+/// frames both ways, through the same hub, without anything added again by hand.
+#[test]
+fn after_kill_9_the_next_daemon_serves_the_same_socket() {
+    let mut s = setup(1);
+    let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | MRG_RXBUF | EVENT_IDX);
+    guest.post_rx_buffers(0, 64);
+    wait_link(&s.daemon, "vu0", true);
+    frames_pass_both_ways(&mut guest, &mut s.peer, "before the kill");
+    let recorded = state_file(&s.daemon);
+    assert_eq!(recorded["chardevs"][0]["arguments"]["id"], json!("c0"), "the chardev is recorded: {recorded}");
+    assert_eq!(recorded["chardevs"][0]["configured"], json!(false), "added over QMP: {recorded}");
+    let ids_before = s.daemon.netdev_ids();
+
+    kill_9(&mut s.daemon);
+    drop(guest);
+    assert!(std::fs::symlink_metadata(&s.socket).is_ok_and(|m| m.file_type().is_socket()), "kill -9 left the socket file");
+    let next = Daemon::start_on(&s.switch, Some(&s.daemon.state_dir), &[]);
+    assert_eq!(next.netdev_ids(), ids_before, "the netdevs are back, vu0 with them");
+    let served = format!("unix:{},server=on", s.socket.display());
+    assert_eq!(chardev_filename(&next), format!("disconnected:{served}"), "c0 is back, listening on the same path");
+    assert_eq!(
+        next.execute("chardev-remove", json!({"id": "c0"})).expect_err("vu0 holds c0 again").desc,
+        "Chardev 'c0' is busy"
+    );
+    let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | MRG_RXBUF | EVENT_IDX);
+    guest.post_rx_buffers(0, 64);
+    wait_link(&next, "vu0", true);
+    settle::wait_until("query-chardev shows the frontend connected", || chardev_filename(&next) == served);
+    frames_pass_both_ways(&mut guest, &mut s.peer, "after the restart");
+    drop(guest);
+    let mut next = next;
+    assert_eq!(next.terminate(), Some(0));
+    assert!(std::fs::symlink_metadata(&s.socket).is_err(), "a clean stop removes the socket file");
+    assert_eq!(state_file(&next)["chardevs"], json!([]), "a clean stop records no chardev");
+}
+
+/// A client chardev (netdevd connects to a listening frontend, `reconnect=1`) comes back after
+/// `kill -9` too: the next daemon connects to the same frontend socket again.
+#[test]
+fn after_kill_9_a_client_chardev_connects_again() {
+    let switch = Netns::new("vu");
+    switch.quiet();
+    let mut daemon = Daemon::start(&switch);
+    let dir = TempDir::new();
+    let socket = dir.0.join("frontend.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind the frontend's socket");
+    chardev_add(&daemon, &socket, false, Some(1)).expect("chardev-add");
+    daemon.add("vhost-user,id=vu0,chardev=c0");
+    let (first, _) = listener.accept().expect("the backend connects");
+    kill_9(&mut daemon);
+    drop(first);
+    let next = Daemon::start_on(&switch, Some(&daemon.state_dir), &[]);
+    assert_eq!(next.netdev_ids(), ["vu0"]);
+    let (stream, _) = listener.accept().expect("the next daemon's backend connects");
+    let frontend = Frontend::from_stream(stream, 2);
+    frontend.set_owner().expect("SET_OWNER");
+    assert_ne!(frontend.get_features().expect("GET_FEATURES") & VERSION_1, 0, "the adopted backend serves");
+    settle::wait_until("the connection is counted", || counter(&next, "vu0", "connects") >= 1);
+}
+
+/// A chardev and netdev from the command line (`--chardev`, `--netdev`) are recorded as the
+/// configuration's: after `kill -9` the next daemon, given the same options, adopts them and
+/// finds its configuration already in place (no duplicate), and one given a changed path serves
+/// the new path instead.
+#[test]
+fn after_kill_9_configured_chardevs_are_reconciled() {
+    let switch = Netns::new("vu");
+    switch.quiet();
+    let dir = TempDir::new();
+    let options = |socket: &Path| {
+        [
+            "--chardev".to_owned(),
+            format!("socket,id=c0,path={},server=on,wait=off", socket.display()),
+            "--netdev".to_owned(),
+            "vhost-user,id=vu0,chardev=c0".to_owned(),
+        ]
+    };
+    let first = dir.0.join("first.sock");
+    let args = options(&first);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut killed = Daemon::start_on(&switch, None, &args);
+    assert_eq!(state_file(&killed)["chardevs"][0]["configured"], json!(true), "{}", state_file(&killed));
+    kill_9(&mut killed);
+    let mut next = Daemon::start_on(&switch, Some(&killed.state_dir), &args);
+    assert_eq!(next.netdev_ids(), ["vu0"]);
+    assert_eq!(chardev_filename(&next), format!("disconnected:unix:{},server=on", first.display()));
+    let _guest = TestFrontend::connect(&first, 1, VERSION_1);
+    wait_link(&next, "vu0", true);
+    kill_9(&mut next);
+
+    let second = dir.0.join("second.sock");
+    let args = options(&second);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let last = Daemon::start_on(&switch, Some(&killed.state_dir), &args);
+    assert_eq!(last.netdev_ids(), ["vu0"]);
+    assert_eq!(chardev_filename(&last), format!("disconnected:unix:{},server=on", second.display()), "the changed path");
+    let _guest = TestFrontend::connect(&second, 1, VERSION_1);
+    wait_link(&last, "vu0", true);
 }

@@ -208,6 +208,8 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
         tracing::warn!(path = %state_file.display(), %error, "the state file cannot be read: nothing is adopted");
         None
     });
+    // Chardevs come back even without netdevs: a frontend may reconnect to a server's socket.
+    let chardev_record = record.clone().filter(|r| !r.chardevs.is_empty());
     let record = record.filter(|r| !r.netdevs.is_empty());
     let kept = record.as_ref().map(adopt::kept_interfaces).unwrap_or_default();
     let leftovers = instance::remove_leftovers(&netlink, &instance.mark(), &kept).await;
@@ -262,13 +264,31 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
     daemon.set_max_netdevs(settings.max_netdevs).await;
     dataplane::port::set_program_timeout(std::time::Duration::from_secs(settings.setup_timeout));
     let mut configured_chardevs = settings.chardevs.clone();
-    for chardev in settings.chardevs {
-        let id = chardev.id.clone();
-        if let Err(error) = daemon.add_chardev(chardev, &mut inherited).await {
-            daemon.tear_down().await;
-            bail!("-chardev {id}: {error}");
+    match &chardev_record {
+        // The earlier run's chardevs come back first (its vhost-user netdevs name them), then the
+        // configuration's are brought in line with them as a reload does.
+        Some(earlier) => {
+            for failure in daemon.adopt_chardevs(earlier, &mut inherited).await {
+                tracing::warn!(%failure, "a chardev of the earlier run could not be adopted");
+            }
+            let previous = Daemon::recorded_chardev_configuration(earlier);
+            let outcome = daemon.reload_chardevs(&previous, &settings.chardevs, &mut inherited).await;
+            if let Some(failure) = outcome.failed.first() {
+                daemon.tear_down().await;
+                bail!("-chardev: {failure}");
+            }
+        }
+        None => {
+            for chardev in settings.chardevs {
+                let id = chardev.id.clone();
+                if let Err(error) = daemon.add_chardev(chardev, &mut inherited).await {
+                    daemon.tear_down().await;
+                    bail!("-chardev {id}: {error}");
+                }
+            }
         }
     }
+    daemon.set_configured_chardevs(configured_chardevs.iter().map(|c| c.id.clone())).await;
     let mut configured: Vec<Netdev> = settings.netdevs.clone();
     let started = match &record {
         Some(record) => {
@@ -404,11 +424,12 @@ async fn reload(daemon: &Daemon, overrides: &Overrides, chardevs: &mut Vec<Chard
     match Settings::load(overrides) {
         Ok(next) => {
             // Chardevs first: a new vhost-user netdev names one.
-            let outcome = daemon.reload_chardevs(chardevs, &next.chardevs).await;
+            let outcome = daemon.reload_chardevs(chardevs, &next.chardevs, &mut dataplane::fd::NoFds).await;
             for failure in &outcome.failed {
                 tracing::error!(%failure, "reload: a configured chardev could not be changed");
             }
             *chardevs = next.chardevs;
+            daemon.set_configured_chardevs(chardevs.iter().map(|c| c.id.clone())).await;
             let outcome = daemon.reload_netdevs(configured, &next.netdevs).await;
             for failure in &outcome.failed {
                 tracing::error!(%failure, "reload: a configured netdev could not be changed");

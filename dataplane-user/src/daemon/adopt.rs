@@ -7,6 +7,10 @@
 //!   user-space backends start anew (a stream reconnects, a `user` netdev gets new NAT state),
 //!   taps only the old process held are gone and made again.
 //! * Hub ports keep the slots the state file names, so the pinned counters go on counting.
+//! * Chardevs come back first (`adopt_chardevs`), so a `vhost-user` netdev finds its own: a
+//!   server binds its path again (the socket file a killed run left is removed first, as QEMU
+//!   does), a client connects again. One on an inherited descriptor (`fd=`) cannot: that
+//!   descriptor died with the earlier run.
 //!
 //! The new programs are swapped into the earlier run's TCX links and netlink filters in place
 //! (`EbpfDataplane::find_earlier`), or attached next to them where that cannot be done, so a
@@ -18,6 +22,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use super::{Daemon, DaemonError, lifecycle::Made, record::Record, reload::reload_steps};
 use crate::{
+    chardev::{ChardevAddress, ChardevSpec},
     fd::FdSource,
     kernel,
     model::rx_filter::RxFilter,
@@ -98,6 +103,41 @@ impl Adoption {
 }
 
 impl Daemon {
+    /// Opens again the chardevs of `record` in their order, before any netdev is adopted; returns
+    /// what could not come back, with the reason (the netdevs using those then fail in turn).
+    pub async fn adopt_chardevs(&self, record: &Record, fds: &mut dyn FdSource) -> Vec<String> {
+        let mut failed = Vec::new();
+        for recorded in &record.chardevs {
+            let spec = match ChardevSpec::from_json(&recorded.arguments) {
+                Ok(spec) => spec,
+                Err(error) => {
+                    failed.push(format!("chardev {}: {}", recorded.arguments["id"], error.qmp_text()));
+                    continue;
+                }
+            };
+            if let ChardevAddress::Fd { name } = &spec.address {
+                failed.push(format!("chardev {}: its descriptor '{name}' did not outlive the earlier run", spec.id));
+                continue;
+            }
+            let id = spec.id.clone();
+            if let Err(error) = self.add_chardev(spec, fds).await {
+                failed.push(format!("chardev {id}: {}", error.qmp_text()));
+            }
+        }
+        failed
+    }
+
+    /// The chardevs the earlier run's configuration made (a reload's `previous` for chardevs).
+    #[must_use]
+    pub fn recorded_chardev_configuration(record: &Record) -> Vec<ChardevSpec> {
+        record
+            .chardevs
+            .iter()
+            .filter(|c| c.configured)
+            .filter_map(|c| ChardevSpec::from_json(&c.arguments).ok())
+            .collect()
+    }
+
     /// Brings back the netdevs of `record` (see the module). Never fails as a whole: a netdev
     /// that cannot come back is reported and what it left is removed.
     pub async fn adopt(&self, record: &Record, fds: &mut dyn FdSource) -> Adopted {
@@ -297,5 +337,27 @@ mod tests {
         .unwrap();
         // The VMM's tap is kept too, but it is not netdevd's to delete: only the first is marked.
         assert_eq!(kept_interfaces(&record), HashSet::from([7]));
+    }
+    #[tokio::test]
+    async fn chardevs_come_back_before_netdevs_and_fd_ones_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vu0.sock");
+        // What `kill -9` leaves: the earlier run's socket file, nobody listening on it.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let server = ChardevSpec::from_opts(&format!("socket,id=c0,path={},server=on,wait=off", path.display())).unwrap();
+        let record: Record = serde_json::from_value(serde_json::json!({"version": 1, "netdevs": [
+            {"arguments": {"id": "vu0", "type": "vhost-user", "chardev": "c0"}, "link-up": false}],
+            "chardevs": [{"arguments": server.to_json(), "configured": true},
+                         {"arguments": {"id": "c1", "backend": {"type": "socket", "data": {
+                           "addr": {"type": "fd", "data": {"str": "7"}}, "server": false}}}}]}))
+        .unwrap();
+        let daemon = Daemon::new(None);
+        let failed = daemon.adopt_chardevs(&record, &mut crate::fd::NoFds).await;
+        assert_eq!(failed, ["chardev c1: its descriptor '7' did not outlive the earlier run"]);
+        let rows = daemon.query_chardevs().await;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].filename, format!("disconnected:unix:{},server=on", path.display()));
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok(), "c0 listens on its path again");
+        assert_eq!(Daemon::recorded_chardev_configuration(&record), [server]);
     }
 }

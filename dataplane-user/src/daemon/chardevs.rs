@@ -10,7 +10,7 @@ use super::{Daemon, DaemonError, ReloadOutcome, State};
 use crate::{
     backend::vhost_user::{Endpoint, Peer},
     chardev::{ChardevAddress, ChardevError, ChardevInfo, ChardevSpec, SocketChardev},
-    fd::{FdSource, NoFds},
+    fd::FdSource,
     netdev::{Netdev, NetdevError, NetdevOptions},
 };
 
@@ -23,6 +23,7 @@ impl Daemon {
         let chardev = SocketChardev::open(&spec, fds).await?;
         let filename = chardev.filename();
         state.chardevs.insert(spec, chardev)?;
+        state.record();
         drop(state);
         tracing::info!(%filename, "chardev added");
         Ok(())
@@ -30,7 +31,10 @@ impl Daemon {
 
     /// `chardev-remove`: refused while a netdev uses the chardev; a server's socket file goes.
     pub async fn remove_chardev(&self, id: &str) -> Result<(), ChardevError> {
-        let removed = self.state.lock().await.chardevs.remove(id)?;
+        let mut state = self.state.lock().await;
+        let removed = state.chardevs.remove(id)?;
+        state.record();
+        drop(state);
         drop(removed);
         tracing::info!(chardev = %id, "chardev removed");
         Ok(())
@@ -44,7 +48,8 @@ impl Daemon {
     /// A reload's part for chardevs, before the netdevs': one gone from the configuration is
     /// removed (unless a netdev uses it: then it stays and the failure is reported), one changed
     /// is made again, one new is made; chardevs added over QMP are left alone.
-    pub async fn reload_chardevs(&self, previous: &[ChardevSpec], next: &[ChardevSpec]) -> ReloadOutcome {
+    /// Descriptors (`fd=` addresses) come from `fds`.
+    pub async fn reload_chardevs(&self, previous: &[ChardevSpec], next: &[ChardevSpec], fds: &mut dyn FdSource) -> ReloadOutcome {
         let current: Vec<ChardevSpec> = self.state.lock().await.chardevs.specs().cloned().collect();
         let (remove, add) = chardev_reload_steps(previous, &current, next);
         let mut outcome = ReloadOutcome::default();
@@ -56,7 +61,7 @@ impl Daemon {
         }
         for spec in add {
             let id = spec.id.clone();
-            match self.add_chardev(spec, &mut NoFds).await {
+            match self.add_chardev(spec, fds).await {
                 Ok(()) => outcome.added += 1,
                 Err(error) => outcome.failed.push(format!("chardev-add {id}: {error}")),
             }
@@ -66,7 +71,10 @@ impl Daemon {
 
     /// Closes every chardev (at shutdown, after the netdevs): servers' socket files go.
     pub(super) async fn close_chardevs(&self) {
-        let closed = std::mem::take(&mut self.state.lock().await.chardevs);
+        let mut state = self.state.lock().await;
+        let closed = std::mem::take(&mut state.chardevs);
+        state.record();
+        drop(state);
         drop(closed);
     }
 }

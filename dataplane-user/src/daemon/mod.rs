@@ -118,6 +118,8 @@ struct State {
     state_file: Option<std::path::PathBuf>,
     /// Netdevs the configuration file made (recorded, so a restart can reconcile them).
     configured: HashSet<String>,
+    /// Chardevs the configuration file (or `--chardev`) made, likewise.
+    configured_chardevs: HashSet<String>,
     /// While an earlier run is adopted (`adopt`): the slots it used, and the plan of what is back
     /// so far. Plans are then made but not applied: the kernel keeps the earlier run's state until
     /// every netdev is back, and takes the whole plan at once.
@@ -223,6 +225,7 @@ impl Daemon {
             host,
             state_file: None,
             configured: HashSet::new(),
+            configured_chardevs: HashSet::new(),
             adoption: None,
             recorded: record::Lines::default(),
         };
@@ -265,6 +268,13 @@ impl Daemon {
     pub async fn set_configured(&self, ids: impl IntoIterator<Item = String>) {
         let mut state = self.state.lock().await;
         state.configured = ids.into_iter().collect();
+        state.record();
+    }
+
+    /// The chardevs the configuration file made are `ids` (recorded in the state file).
+    pub async fn set_configured_chardevs(&self, ids: impl IntoIterator<Item = String>) {
+        let mut state = self.state.lock().await;
+        state.configured_chardevs = ids.into_iter().collect();
         state.record();
     }
 

@@ -6,7 +6,9 @@
 //!
 //! One netdev a line, each line kept from one write to the next while its netdev, link state and
 //! configured mark stay, so a rewrite costs a copy of the file, not a serialization of every
-//! netdev (the slots, two numbers each, are written out):
+//! netdev (the slots, two numbers each, are written out). Chardevs (`chardev-add` arguments, and
+//! whether the configuration made them) are recorded too, one a line: a `vhost-user` netdev needs
+//! its chardev back before it can come back itself.
 //!
 //! ```json
 //! {"version": 1, "netdevs": [
@@ -28,6 +30,7 @@ use serde_json::{Value, json};
 
 use super::State;
 use crate::{
+    chardev::ChardevSpec,
     model::{registry::Entry, rx_filter::RxFilter},
     plan::KeptSlots,
 };
@@ -60,6 +63,11 @@ fn recorded_rx_filter(state: &State, id: &str) -> Option<Value> {
     (!state.followers.contains_key(id) && !default).then(|| filter.info(id))
 }
 
+/// The state file's line of one chardev.
+fn describe_chardev(state: &State, spec: &ChardevSpec) -> Value {
+    json!({"arguments": spec.to_json(), "configured": state.configured_chardevs.contains(&spec.id)})
+}
+
 /// The state file's content for `state`, netdevs in creation order.
 #[cfg(test)]
 pub(super) fn describe(state: &State) -> Value {
@@ -68,7 +76,9 @@ pub(super) fn describe(state: &State) -> Value {
         state.plan.ports.iter().map(|(ifindex, port)| json!({"ifindex": ifindex, "slot": port.slot})).collect();
     let segment_slots: Vec<Value> =
         state.plan.segment_slots.iter().map(|(segment, slot)| json!({"segment": segment, "slot": slot})).collect();
-    json!({"version": VERSION, "netdevs": netdevs, "port-slots": port_slots, "segment-slots": segment_slots})
+    let chardevs: Vec<Value> = state.chardevs.specs().map(|spec| describe_chardev(state, spec)).collect();
+    json!({"version": VERSION, "netdevs": netdevs, "port-slots": port_slots, "segment-slots": segment_slots,
+        "chardevs": chardevs})
 }
 
 /// A state file as read back.
@@ -81,6 +91,18 @@ pub struct Record {
     pub port_slots: Vec<PortSlot>,
     #[serde(default)]
     pub segment_slots: Vec<SegmentSlot>,
+    /// In creation order; absent in files of runs before chardevs were recorded.
+    #[serde(default)]
+    pub chardevs: Vec<RecordedChardev>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RecordedChardev {
+    /// Its `chardev-add` arguments.
+    pub arguments: Value,
+    /// Made by the configuration file (or `--chardev`), not over QMP.
+    #[serde(default)]
+    pub configured: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -182,7 +204,13 @@ pub(super) fn text(state: &State, lines: &mut Lines) -> Vec<u8> {
         let comma = if index == 0 { "" } else { ", " };
         let _ = write!(text, "{comma}{{\"segment\": {segment}, \"slot\": {slot}}}");
     }
-    text.extend_from_slice(b"]}\n");
+    text.extend_from_slice(b"],\n\"chardevs\": [");
+    // Few, and written whole: a chardev is added by hand, not by the thousand.
+    for (index, spec) in state.chardevs.specs().enumerate() {
+        text.extend_from_slice(if index == 0 { b"\n" } else { b",\n" });
+        text.extend_from_slice(describe_chardev(state, spec).to_string().as_bytes());
+    }
+    text.extend_from_slice(b"\n]}\n");
     text
 }
 
@@ -270,5 +298,17 @@ mod tests {
         daemon.remove_netdev("a").await.unwrap();
         daemon.remove_netdev("c").await.unwrap();
         assert_eq!(check(&daemon), 1);
+    }
+
+    #[test]
+    fn chardevs_read_back_and_older_files_have_none() {
+        let record: Record = serde_json::from_value(json!({"version": 1, "netdevs": [], "chardevs": [
+            {"arguments": {"id": "c0", "backend": {"type": "socket", "data": {"addr": {"type": "unix",
+              "data": {"path": "/run/vu0.sock"}}, "server": true, "wait": false}}}, "configured": true}]}))
+        .unwrap();
+        assert_eq!(record.chardevs[0].arguments["id"], "c0");
+        assert!(record.chardevs[0].configured);
+        let older: Record = serde_json::from_value(json!({"version": 1, "netdevs": []})).unwrap();
+        assert!(older.chardevs.is_empty());
     }
 }
