@@ -25,7 +25,7 @@ use crate::{
     netdev::{Netdev, NetdevOptions, NetdevError},
     model::registry::RegistryError,
     plan::{Device, HubSide, Plan},
-    port::PortDevice,
+    port::{PortDevice, pair::PortPair},
 };
 
 /// What adoption did, for the log.
@@ -64,18 +64,27 @@ fn survivor(netdev: &Netdev, recorded: &super::record::RecordedNetdev) -> Option
     })
 }
 
+/// A kernel tunnel's veth pair as recorded: hub end and port end (name, ifindex).
+fn recorded_pair(recorded: &super::record::RecordedNetdev) -> Option<((&str, u32), (&str, u32))> {
+    let end = |role| recorded.interfaces.iter().find(|i| i.role == role).map(|i| (i.ifname.as_str(), i.ifindex));
+    Some((end("hub")?, end("tunnel-port")?))
+}
+
 /// The ifindexes of the marked interfaces `record` names that the next daemon keeps: start-up
-/// deletes every other interface with the mark.
+/// deletes every other interface with the mark. Kept are taps netdevd made and kernel tunnels'
+/// veth pairs, whose in-kernel path goes on while no daemon runs.
 #[must_use]
 pub fn kept_interfaces(record: &Record) -> HashSet<u32> {
-    record
-        .netdevs
-        .iter()
-        .filter_map(|recorded| {
-            let netdev = Netdev::from_json(&recorded.arguments).ok()?;
-            survivor(&netdev, recorded).filter(|s| s.owned).map(|s| s.ifindex)
-        })
-        .collect()
+    let mut kept = HashSet::new();
+    for recorded in &record.netdevs {
+        if let Some((hub, port)) = recorded_pair(recorded) {
+            kept.extend([hub.1, port.1]);
+            continue;
+        }
+        let Ok(netdev) = Netdev::from_json(&recorded.arguments) else { continue };
+        kept.extend(survivor(&netdev, recorded).filter(|s| s.owned).map(|s| s.ifindex));
+    }
+    kept
 }
 
 /// `current` for the planner's slots, with the slots of `hint` that `current` does not hold
@@ -115,7 +124,7 @@ impl Daemon {
             let id = netdev.id.clone();
             let result = match survivor(&netdev, recorded) {
                 Some(survivor) => self.adopt_interface(netdev, survivor).await.map(|()| adopted.kept.push(id.clone())),
-                None => self.add_netdev(netdev, fds).await.map(|()| adopted.recreated.push(id.clone())),
+                None => self.recreate(netdev, recorded, fds).await.map(|()| adopted.recreated.push(id.clone())),
             };
             if let Err(error) = result {
                 adopted.failed.push(format!("{id}: {error}"));
@@ -148,6 +157,36 @@ impl Daemon {
         }
         self.finish_adoption(&mut adopted).await;
         adopted
+    }
+
+    /// Creates a netdev again from its arguments; a kernel tunnel takes its veth pair back (its
+    /// in-kernel path never stopped), which is deleted if the netdev cannot come back.
+    async fn recreate(
+        &self,
+        netdev: Netdev,
+        recorded: &super::record::RecordedNetdev,
+        fds: &mut dyn FdSource,
+    ) -> Result<(), DaemonError> {
+        let Some((hub, port)) = recorded_pair(recorded) else { return self.add_netdev(netdev, fds).await };
+        let netlink = self.state.lock().await.host.as_ref().map(|h| h.netlink.clone());
+        let Some(netlink) = netlink else { return self.add_netdev(netdev, fds).await };
+        let kept = PortPair::find_kept(hub, port, &netlink).await;
+        if kept.is_none() {
+            // One end renamed or gone: whatever is left of the pair under its ifindex goes.
+            for (ifname, ifindex) in [hub, port] {
+                if netlink.find(ifname).await.ok().flatten().is_some_and(|l| l.ifindex == ifindex) {
+                    let _ = netlink.delete(ifindex).await;
+                }
+            }
+        }
+        let result = self.add_netdev_keeping(netdev, fds, kept).await;
+        if result.is_err()
+            && let Some(pair) = PortPair::find_kept(hub, port, &netlink).await
+        {
+            // Failed before the pair was taken: nothing of the earlier run stays unowned.
+            pair.destroy(&netlink).await;
+        }
+        result
     }
 
     /// Takes over a netdev whose interface outlived the earlier run, if the interface is still
