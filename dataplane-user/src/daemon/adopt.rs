@@ -3,6 +3,8 @@
 //!
 //! * A `tap` netdevd created (persistent, marked) or one a VMM's fd keeps alive is kept as it is:
 //!   same name and ifindex, no script run again; the VMM sees nothing.
+//! * A kernel tunnel takes back its veth pair (same names and ifindexes), so its kernel entries
+//!   and counters go on and frames never stop; its sockets are opened again.
 //! * Every other netdev is created again from its arguments: `af-xdp` takes its interface again,
 //!   user-space backends start anew (a stream reconnects, a `user` netdev gets new NAT state),
 //!   taps only the old process held are gone and made again.
@@ -327,6 +329,25 @@ mod tests {
         // 10 keeps its current slot; 12's old slot is taken by 10, so it is left out.
         assert_eq!(slots, [(10, 0), (11, 1)]);
         assert_eq!(merged.segment_slots, [(0, 0), (4, 2)].into());
+    }
+
+    #[test]
+    fn a_kernel_tunnels_pair_is_kept_at_start_up() {
+        let record: Record = serde_json::from_value(serde_json::json!({"version": 1, "netdevs": [
+            {"arguments": {"id": "d0", "type": "dgram",
+              "local": {"type": "inet", "host": "127.0.0.1", "port": "5300"},
+              "remote": {"type": "inet", "host": "127.0.0.1", "port": "5301"}},
+             "link-up": true, "interfaces": [{"role": "hub", "ifname": "nd1x0h", "ifindex": 11},
+                                             {"role": "tunnel-port", "ifname": "nd1x0p", "ifindex": 10}]},
+            {"arguments": {"id": "d1", "type": "dgram", "local": {"type": "unix", "path": "/tmp/d1"}},
+             "link-up": true, "interfaces": [{"role": "hub", "ifname": "nd1x1t", "ifindex": 12}]}
+        ]}))
+        .unwrap();
+        // Both ends of the kernel tunnel's pair; a user-space dgram's tap lived on the daemon's fd.
+        assert_eq!(kept_interfaces(&record), HashSet::from([10, 11]));
+        let pair = recorded_pair(&record.netdevs[0]).unwrap();
+        assert_eq!(pair, (("nd1x0h", 11), ("nd1x0p", 10)));
+        assert!(recorded_pair(&record.netdevs[1]).is_none());
     }
 
     #[test]
