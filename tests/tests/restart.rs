@@ -175,6 +175,9 @@ fn kill_9_leftovers_are_adopted_or_removed_by_the_next_daemon_and_nobody_elses_t
     // The next daemon on the same state directory adopts the run: the persistent tap is kept as
     // it is, the other netdevs are made again and what the killed run made for them goes...
     let tap_index = ns.ifindex("ndrestart0").expect("the persistent tap outlived the kill");
+    // The tap and the dgram's veth pair (its in-kernel path goes on) are kept.
+    let kept: BTreeSet<String> = record[3].1.iter().cloned().chain(["ndrestart0".to_owned()]).collect();
+    assert!(left.is_superset(&kept), "kill -9 left {left:?}");
     let mut next = Daemon::start_on(&ns, Some(&crashed.state_dir), &extra);
     assert_eq!(mark_of(&next.state_dir), mark);
     assert_eq!(next.netdev_ids(), ["t0", "s0", "d0", "u0"], "the killed run's netdevs are back");
@@ -182,8 +185,8 @@ fn kill_9_leftovers_are_adopted_or_removed_by_the_next_daemon_and_nobody_elses_t
     assert_eq!(ns.ifindex("ndrestart0"), Some(tap_index), "the very same tap");
     let now = marked(&ns, &mark);
     assert_eq!(now.len(), 5, "one set of interfaces: {now:?}");
-    for old in left.iter().filter(|name| *name != "ndrestart0") {
-        assert!(!now.contains(old), "{old} of the killed run outlived the restart: {now:?}");
+    for old in &left {
+        assert_eq!(now.contains(old), kept.contains(old), "{old} of the killed run: {now:?}");
     }
     assert_eq!(recorded(&next.state_dir).len(), 4);
     // ... and nobody else's.
@@ -275,6 +278,15 @@ fn flood_frame(sequence: u32) -> Vec<u8> {
     let mut payload = FLOOD_TAG.to_vec();
     payload.extend_from_slice(&sequence.to_be_bytes());
     dataplane_tests::test_frame([0x52, 0x54, 0, 0, 0, 2], [0x52, 0x54, 0, 0, 0, 1], &payload)
+}
+
+/// The test's "VM" may not be scheduled for a while on a loaded machine (the new daemon loads
+/// its programs meanwhile): a tap queue of 1000 frames would then overflow before the collector
+/// reads, a loss of the test's reader, not of the datapath. So the longest queue the kernel
+/// takes (Linux 6.1 refuses 50000 with ERANGE).
+fn lengthen_tap_queue(ns: &Netns, tap: &str) {
+    let raised = ["50000", "10000", "4000"].into_iter().find(|len| ns.ip(&["link", "set", tap, "txqueuelen", len]).status.success());
+    assert!(raised.is_some(), "txqueuelen of {tap} cannot be raised");
 }
 
 /// The sequence number of a flood frame, if `frame` is one.
@@ -370,11 +382,7 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
     let mut receiver = dataplane_tests::TapVm::open(&switch, &t1, false);
     switch.wait_link_ready(&t0, dataplane_tests::settle::DEADLINE);
     switch.wait_link_ready(&t1, dataplane_tests::settle::DEADLINE);
-    // The test's "VM" may not be scheduled for a while on a loaded machine (the new daemon
-    // loads its programs meanwhile): a tap queue of 1000 frames would then overflow before the
-    // collector reads, a loss of the test's reader, not of the datapath.
-    let raised = switch.ip(&["link", "set", &t1, "txqueuelen", "50000"]);
-    assert!(raised.status.success(), "txqueuelen of {t1}: {}", String::from_utf8_lossy(&raised.stderr));
+    lengthen_tap_queue(&switch, &t1);
     assert!(a.ping("10.78.0.2", 3), "a pings b before the restart");
     let netdevs_before = first.netdevs();
     let ports = [&va, &vb, &t0, &t1];
@@ -549,6 +557,165 @@ fn netlink_mode_new_abi_after_kill_9_rebuilds_and_nothing_old_remains() {
     restart_under_traffic(Stop::Kill, &["--x-attach", "netlink"], Some("changedabi"));
 }
 
+/// A flood frame as an IPv4 packet (protocol 253, for experiments): a tunnel to a peer on this
+/// host encapsulates frames of the outer header's family in the kernel (others take its socket).
+fn ipv4_flood_frame(sequence: u32) -> Vec<u8> {
+    let mut payload = FLOOD_TAG.to_vec();
+    payload.extend_from_slice(&sequence.to_be_bytes());
+    let total = u16::try_from(20 + payload.len()).expect("a short packet").to_be_bytes();
+    let mut header = [0x45, 0, total[0], total[1], 0, 0, 0x40, 0, 64, 253, 0, 0, 10, 79, 0, 1, 10, 79, 0, 2];
+    let sum = header.chunks(2).fold(0u32, |sum, word| sum + u32::from(u16::from_be_bytes([word[0], word[1]])));
+    let folded = (sum & 0xffff) + (sum >> 16);
+    header[10..12].copy_from_slice(&(!(folded as u16)).to_be_bytes());
+    let mut frame = dataplane_tests::test_frame([0x52, 0x54, 0, 0, 0, 2], [0x52, 0x54, 0, 0, 0, 1], &[header.as_slice(), &payload].concat());
+    frame[12..14].copy_from_slice(&[0x08, 0x00]);
+    frame
+}
+
+/// `x-query-netdevs` without the backends' counters (a user-space backend's start anew).
+fn netdevs_without_counters(daemon: &Daemon) -> Vec<Value> {
+    let mut rows = daemon.netdevs();
+    for row in &mut rows {
+        if let Some(object) = row.as_object_mut() {
+            object.remove("backend");
+        }
+    }
+    rows
+}
+
+/// The kernel fast path's counter `name` of tunnel `id` (`x-query-netdevs`).
+fn tunnel_counter(daemon: &Daemon, id: &str, name: &str) -> u64 {
+    let rows = daemon.netdevs();
+    let row = rows.iter().find(|row| row["id"] == id).unwrap_or_else(|| panic!("{id} listed"));
+    counter(&row["backend"]["kernel"], name)
+}
+
+/// Numbered frames from one tap "VM" to another through two `dgram` tunnels over loopback (tap
+/// → hub 0 → tunnel d0 → UDP → tunnel d1 → hub 1 → tap), encapsulated and received in the
+/// kernel, while the daemon stops as `stop` says and a new one starts: the tunnels' veth pairs
+/// and kernel entries are kept, every frame arrives exactly once, the tunnels' kernel counters
+/// go on, the new daemon's programs are swapped in place and its sockets are bound again.
+fn tunnels_keep_traffic_across_a_restart(stop: Stop, attach: &[&str]) {
+    let switch = Netns::new("rtn");
+    switch.quiet();
+    switch.ip(&["link", "set", "lo", "up"]);
+    let bpffs = Bpffs::mount();
+    let state = TempDir::new();
+    let state_dir = state.0.join("state");
+    let mut extra = vec!["--bpffs", bpffs.path()];
+    extra.extend_from_slice(attach);
+    let mut first = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    let (t0, t1) = (dataplane_tests::unique("t"), dataplane_tests::unique("t"));
+    first.add(&format!("tap,id={t0},ifname={t0},script=no,downscript=no"));
+    first.add(&format!("hubport,id=p{t0},hubid=0,netdev={t0}"));
+    first.add("dgram,id=d0,local.type=inet,local.host=127.0.0.1,local.port=5410,remote.type=inet,remote.host=127.0.0.1,remote.port=5411");
+    first.add("hubport,id=pd0,hubid=0,netdev=d0");
+    first.add("dgram,id=d1,local.type=inet,local.host=127.0.0.1,local.port=5411,remote.type=inet,remote.host=127.0.0.1,remote.port=5410");
+    first.add("hubport,id=pd1,hubid=1,netdev=d1");
+    first.add(&format!("tap,id={t1},ifname={t1},script=no,downscript=no"));
+    first.add(&format!("hubport,id=p{t1},hubid=1,netdev={t1}"));
+    let mut sender = dataplane_tests::TapVm::open(&switch, &t0, false);
+    let mut receiver = dataplane_tests::TapVm::open(&switch, &t1, false);
+    switch.wait_link_ready(&t0, dataplane_tests::settle::DEADLINE);
+    switch.wait_link_ready(&t1, dataplane_tests::settle::DEADLINE);
+    lengthen_tap_queue(&switch, &t1);
+    let netdevs_before = netdevs_without_counters(&first);
+    let record_before = recorded(&state_dir);
+    let pairs: Vec<String> =
+        record_before.iter().filter(|(id, _)| id.starts_with('d')).flat_map(|(_, names)| names.clone()).collect();
+    assert_eq!(pairs.len(), 4, "two veth pairs recorded: {record_before:?}");
+    let indexes_before: Vec<Option<u32>> = pairs.iter().map(|name| switch.ifindex(name)).collect();
+    // The tunnel programs: `tunnel_port` on each pair's port end, `tunnel_rx` on loopback.
+    let tunnel_hooks = [pairs[1].clone(), pairs[3].clone(), "lo".to_owned()];
+    let hooks_before: Vec<Vec<(u32, u32)>> = tunnel_hooks.iter().map(|ifname| hooks(&switch, ifname)).collect();
+
+    const FRAMES: u32 = 40_000;
+    let flood = std::thread::spawn(move || {
+        for sequence in 0..FRAMES {
+            sender.send(&ipv4_flood_frame(sequence));
+            std::thread::sleep(Duration::from_micros(250));
+        }
+        sender
+    });
+    let collector = std::thread::spawn(move || {
+        let mut seen = vec![0u32; FRAMES as usize];
+        while let Some(frame) = receiver.recv_raw(Duration::from_secs(10)) {
+            if let Some(sequence) = flood_sequence(&frame).filter(|s| *s < FRAMES) {
+                seen[sequence as usize] += 1;
+                if sequence == FRAMES - 1 {
+                    break;
+                }
+            }
+        }
+        while let Some(frame) = receiver.recv_raw(Duration::from_millis(500)) {
+            if let Some(sequence) = flood_sequence(&frame).filter(|s| *s < FRAMES) {
+                seen[sequence as usize] += 1;
+            }
+        }
+        seen
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stop_first(&mut first, stop);
+    let second = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    assert!(!collector.is_finished() && !flood.is_finished(), "the restart happened while the frames flowed");
+    let seen = collector.join().expect("the collector");
+    let _sender = flood.join().expect("the sender");
+    let missing = seen.iter().filter(|count| **count == 0).count();
+    let doubled = seen.iter().filter(|count| **count > 1).count();
+    let first_missing = seen.iter().position(|count| *count == 0);
+    let last_missing = seen.iter().rposition(|count| *count == 0);
+    assert_eq!(
+        (missing, doubled),
+        (0, 0),
+        "frames through the tunnels lost or doubled across the restart ({FRAMES} sent; missing from {first_missing:?} \
+         to {last_missing:?})"
+    );
+
+    // The same netdevs on the very same pairs, the kernel's tunnel counters went on.
+    assert_eq!(netdevs_without_counters(&second), netdevs_before, "x-query-netdevs after the restart");
+    assert_eq!(recorded(&state_dir), record_before, "the state file names the same interfaces");
+    let indexes_after: Vec<Option<u32>> = pairs.iter().map(|name| switch.ifindex(name)).collect();
+    assert_eq!(indexes_after, indexes_before, "the tunnels' veth pairs were kept: {pairs:?}");
+    let own: BTreeSet<String> = pairs.iter().cloned().chain([t0.clone(), t1.clone()]).collect();
+    assert_eq!(marked(&switch, &mark_of(&state_dir)), own, "netdevd's interfaces: the taps and the kept pairs");
+    assert_eq!(tunnel_counter(&second, "d0", "encap-packets"), u64::from(FRAMES), "d0 encapsulated every frame");
+    assert_eq!(tunnel_counter(&second, "d1", "decap-packets"), u64::from(FRAMES), "d1 received every frame");
+    assert_eq!(tunnel_counter(&second, "d0", "to-user-space"), 0, "no frame took d0's socket");
+    assert_eq!(counter(&second.counters(&format!("p{t1}")), "tx-packets"), u64::from(FRAMES), "{t1}'s port");
+    // One program per hook, the new daemon's, in the earlier attachment.
+    for (ifname, before) in tunnel_hooks.iter().zip(&hooks_before) {
+        let after = hooks(&switch, ifname);
+        assert_eq!((before.len(), after.len()), (1, 1), "hooks on {ifname}: {before:?} then {after:?}");
+        assert_eq!(after[0].0, before[0].0, "{ifname}'s attachment is the same");
+        assert_ne!(after[0].1, before[0].1, "the new daemon's program runs on {ifname}");
+    }
+    // The new daemon bound the tunnels' sockets again.
+    for port in ["5410", "5411"] {
+        let output = switch.exec("ss", &["-Hnul", &format!("sport = :{port}")]);
+        assert!(String::from_utf8_lossy(&output.stdout).contains(&format!("127.0.0.1:{port}")), "socket on {port}");
+    }
+
+    // A clean stop takes the kept pairs with everything else.
+    let mut second = second;
+    assert_eq!(second.terminate(), Some(0));
+    assert_eq!(marked(&switch, &mark_of(&state_dir)), BTreeSet::new(), "after SIGTERM");
+}
+
+#[test]
+fn tunnels_keep_in_kernel_traffic_across_x_exit_preserve() {
+    tunnels_keep_traffic_across_a_restart(Stop::Preserve, &[]);
+}
+
+#[test]
+fn tunnels_keep_in_kernel_traffic_across_kill_9() {
+    tunnels_keep_traffic_across_a_restart(Stop::Kill, &[]);
+}
+
+#[test]
+fn netlink_mode_tunnels_keep_in_kernel_traffic_across_kill_9() {
+    tunnels_keep_traffic_across_a_restart(Stop::Kill, &["--x-attach", "netlink"]);
+}
+
 /// Runs busybox `udhcpc` once on `eth0` of `ns` and returns the address it was offered.
 fn dhcp_address(ns: &Netns, dir: &std::path::Path) -> String {
     let out = dir.join("lease.txt");
@@ -646,7 +813,7 @@ fn receive_filters_come_back_and_stale_kernel_entries_go() {
     }
     first.add(&format!("nic,id=n0,netdev={t0},macaddr=52:54:00:12:34:10"));
     first.add(&format!("nic,id=n1,netdev={t1},macaddr=52:54:00:12:34:11"));
-    // A tunnel's port veth is made again by the next daemon: its ifindex changes.
+    // A tunnel whose veth pair goes while no daemon runs is made again: its port's ifindex changes.
     first.add("dgram,id=d0,local.type=inet,local.host=127.0.0.1,local.port=5322,remote.type=inet,remote.host=127.0.0.1,remote.port=5323");
     first.add("hubport,id=pd,hubid=0,netdev=d0");
     let change = serde_json::json!({"name": "n0", "promiscuous": false, "multicast": "none",
@@ -663,6 +830,8 @@ fn receive_filters_come_back_and_stale_kernel_entries_go() {
     // n1's VM went away while no daemon ran: its tap is gone, and the NIC with it.
     let t1_index = switch.ifindex(&t1).expect("the tap outlived the daemon");
     switch.ip(&["link", "del", &t1]);
+    let tunnel_pair = recorded(&state_dir).into_iter().find(|(id, _)| id == "d0").expect("d0 recorded").1;
+    switch.ip(&["link", "del", &tunnel_pair[0]]);
     let second = Daemon::start_on(&switch, Some(&state_dir), &extra);
     assert_eq!(second.netdev_ids(), [t0.clone(), format!("p{t0}"), "n0".to_owned(), "d0".to_owned(), "pd".to_owned()]);
 

@@ -3,6 +3,8 @@
 //!
 //! * A `tap` netdevd created (persistent, marked) or one a VMM's fd keeps alive is kept as it is:
 //!   same name and ifindex, no script run again; the VMM sees nothing.
+//! * A kernel tunnel takes back its veth pair (same names and ifindexes), so its kernel entries
+//!   and counters go on and frames never stop; its sockets are opened again.
 //! * Every other netdev is created again from its arguments: `af-xdp` takes its interface again,
 //!   user-space backends start anew (a stream reconnects, a `user` netdev gets new NAT state),
 //!   taps only the old process held are gone and made again.
@@ -30,7 +32,7 @@ use crate::{
     netdev::{Netdev, NetdevOptions, NetdevError},
     model::registry::RegistryError,
     plan::{Device, HubSide, KeptSlots, Plan},
-    port::PortDevice,
+    port::{PortDevice, pair::PortPair},
 };
 
 /// What adoption did, for the log.
@@ -69,18 +71,27 @@ fn survivor(netdev: &Netdev, recorded: &super::record::RecordedNetdev) -> Option
     })
 }
 
+/// A kernel tunnel's veth pair as recorded: hub end and port end (name, ifindex).
+fn recorded_pair(recorded: &super::record::RecordedNetdev) -> Option<((&str, u32), (&str, u32))> {
+    let end = |role| recorded.interfaces.iter().find(|i| i.role == role).map(|i| (i.ifname.as_str(), i.ifindex));
+    Some((end("hub")?, end("tunnel-port")?))
+}
+
 /// The ifindexes of the marked interfaces `record` names that the next daemon keeps: start-up
-/// deletes every other interface with the mark.
+/// deletes every other interface with the mark. Kept are taps netdevd made and kernel tunnels'
+/// veth pairs, whose in-kernel path goes on while no daemon runs.
 #[must_use]
 pub fn kept_interfaces(record: &Record) -> HashSet<u32> {
-    record
-        .netdevs
-        .iter()
-        .filter_map(|recorded| {
-            let netdev = Netdev::from_json(&recorded.arguments).ok()?;
-            survivor(&netdev, recorded).filter(|s| s.owned).map(|s| s.ifindex)
-        })
-        .collect()
+    let mut kept = HashSet::new();
+    for recorded in &record.netdevs {
+        if let Some((hub, port)) = recorded_pair(recorded) {
+            kept.extend([hub.1, port.1]);
+            continue;
+        }
+        let Ok(netdev) = Netdev::from_json(&recorded.arguments) else { continue };
+        kept.extend(survivor(&netdev, recorded).filter(|s| s.owned).map(|s| s.ifindex));
+    }
+    kept
 }
 
 /// An adoption in progress: the slots of the earlier run, and the plan of the netdevs back so far
@@ -154,7 +165,7 @@ impl Daemon {
             let id = netdev.id.clone();
             let result = match survivor(&netdev, recorded) {
                 Some(survivor) => self.adopt_interface(netdev, survivor).await.map(|()| adopted.kept.push(id.clone())),
-                None => self.add_netdev(netdev, fds).await.map(|()| adopted.recreated.push(id.clone())),
+                None => self.recreate(netdev, recorded, fds).await.map(|()| adopted.recreated.push(id.clone())),
             };
             if let Err(error) = result {
                 adopted.failed.push(format!("{id}: {error}"));
@@ -187,6 +198,36 @@ impl Daemon {
         }
         self.finish_adoption(&mut adopted).await;
         adopted
+    }
+
+    /// Creates a netdev again from its arguments; a kernel tunnel takes its veth pair back (its
+    /// in-kernel path never stopped), which is deleted if the netdev cannot come back.
+    async fn recreate(
+        &self,
+        netdev: Netdev,
+        recorded: &super::record::RecordedNetdev,
+        fds: &mut dyn FdSource,
+    ) -> Result<(), DaemonError> {
+        let Some((hub, port)) = recorded_pair(recorded) else { return self.add_netdev(netdev, fds).await };
+        let netlink = self.state.lock().await.host.as_ref().map(|h| h.netlink.clone());
+        let Some(netlink) = netlink else { return self.add_netdev(netdev, fds).await };
+        let kept = PortPair::find_kept(hub, port, &netlink).await;
+        if kept.is_none() {
+            // One end renamed or gone: whatever is left of the pair under its ifindex goes.
+            for (ifname, ifindex) in [hub, port] {
+                if netlink.find(ifname).await.ok().flatten().is_some_and(|l| l.ifindex == ifindex) {
+                    let _ = netlink.delete(ifindex).await;
+                }
+            }
+        }
+        let result = self.add_netdev_keeping(netdev, fds, kept).await;
+        if result.is_err()
+            && let Some(pair) = PortPair::find_kept(hub, port, &netlink).await
+        {
+            // Failed before the pair was taken: nothing of the earlier run stays unowned.
+            pair.destroy(&netlink).await;
+        }
+        result
     }
 
     /// Takes over a netdev whose interface outlived the earlier run, if the interface is still
@@ -322,6 +363,25 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kernel_tunnels_pair_is_kept_at_start_up() {
+        let record: Record = serde_json::from_value(serde_json::json!({"version": 1, "netdevs": [
+            {"arguments": {"id": "d0", "type": "dgram",
+              "local": {"type": "inet", "host": "127.0.0.1", "port": "5300"},
+              "remote": {"type": "inet", "host": "127.0.0.1", "port": "5301"}},
+             "link-up": true, "interfaces": [{"role": "hub", "ifname": "nd1x0h", "ifindex": 11},
+                                             {"role": "tunnel-port", "ifname": "nd1x0p", "ifindex": 10}]},
+            {"arguments": {"id": "d1", "type": "dgram", "local": {"type": "unix", "path": "/tmp/d1"}},
+             "link-up": true, "interfaces": [{"role": "hub", "ifname": "nd1x1t", "ifindex": 12}]}
+        ]}))
+        .unwrap();
+        // Both ends of the kernel tunnel's pair; a user-space dgram's tap lived on the daemon's fd.
+        assert_eq!(kept_interfaces(&record), HashSet::from([10, 11]));
+        let pair = recorded_pair(&record.netdevs[0]).unwrap();
+        assert_eq!(pair, (("nd1x0h", 11), ("nd1x0p", 10)));
+        assert!(recorded_pair(&record.netdevs[1]).is_none());
+    }
 
     #[test]
     fn only_taps_netdevd_made_are_kept_at_start_up() {

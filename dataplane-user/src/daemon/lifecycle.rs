@@ -58,6 +58,17 @@ impl Daemon {
     /// `netdev_add`: check, create the interface and open the sockets, join the kernel hub — or
     /// change nothing.
     pub async fn add_netdev(&self, netdev: Netdev, fds: &mut dyn FdSource) -> Result<(), DaemonError> {
+        self.add_netdev_keeping(netdev, fds, None).await
+    }
+
+    /// `add_netdev`, a tunnel taking `kept`, its port pair an earlier run left (adoption); a
+    /// pair not used is deleted.
+    pub(super) async fn add_netdev_keeping(
+        &self,
+        netdev: Netdev,
+        fds: &mut dyn FdSource,
+        kept: Option<port::pair::PortPair>,
+    ) -> Result<(), DaemonError> {
         let id = netdev.id.clone();
         let kind = netdev.kind();
         let (netlink, in_flight, chardev) = {
@@ -72,7 +83,7 @@ impl Daemon {
             (state.host.as_ref().map(|host| host.netlink.clone()), in_flight, chardev)
         };
         let vhost_user = chardev.as_deref().map(|chardev| vhost_user_endpoint(&netdev, chardev)).transpose()?;
-        let mut made = self.make(&netdev, netlink.as_ref(), fds, vhost_user).await?;
+        let mut made = self.make(&netdev, netlink.as_ref(), fds, vhost_user, kept).await?;
         let mut state = self.state.lock().await;
         let committed = self.commit(&mut state, netdev, &mut made);
         // Released under the lock: a netdev_del right after the commit finds the id free to take.
@@ -100,6 +111,7 @@ impl Daemon {
         netlink: Option<&Netlink>,
         fds: &mut dyn FdSource,
         vhost_user: Option<Endpoint>,
+        mut kept: Option<port::pair::PortPair>,
     ) -> Result<Made, DaemonError> {
         let id = netdev.id.clone();
         let mut made = Made::default();
@@ -124,7 +136,7 @@ impl Daemon {
                 }
                 let Some(netlink) = netlink else { return Err(DaemonError::NoDataplane { id: id.clone() }) };
                 let (hub_device, pipe, resolved) =
-                    port::pair::user_space_port(&id, prepared.endpoint(), prepared.tap_flags(), netlink).await?;
+                    port::pair::user_space_port(&id, prepared.endpoint(), prepared.tap_flags(), netlink, kept.take()).await?;
                 made.device = Some(hub_device);
                 made.tunnel = resolved;
                 made.backend = Some((prepared, pipe));
@@ -142,6 +154,10 @@ impl Daemon {
             Ok(())
         }
         .await;
+        if let (Some(pair), Some(netlink)) = (kept, netlink) {
+            // Not taken: this netdev is no longer a tunnel, or failed before it got there.
+            pair.destroy(netlink).await;
+        }
         match result {
             Ok(()) => Ok(made),
             Err(error) => {

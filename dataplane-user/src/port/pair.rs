@@ -106,18 +106,27 @@ pub async fn create_tap_port(
 /// The port device of a user-space backend and the backend's end of it: a tap for streams and
 /// `user`; for tunnels a veth pair whose hub end joins the hub, the slow-path packet socket on its
 /// other end, and the kernel's share. Nothing is left on failure. `tap` says how a tap is opened
-/// (a vhost-user backend's is multiqueue, one queue per queue pair).
+/// (a vhost-user backend's is multiqueue, one queue per queue pair). A tunnel takes `kept`, the
+/// pair an earlier run left, instead of a new one: the kernel path through it never stops. A
+/// pair that is not used is deleted.
 pub async fn user_space_port(
     id: &str,
     endpoint: Option<TunnelEndpoint>,
     tap: super::tun::TapFlags,
     netlink: &Netlink,
+    kept: Option<PortPair>,
 ) -> Result<(PortDevice, HubPipe, Option<TunnelFastPath>), PortError> {
     let Some(endpoint) = endpoint else {
+        if let Some(pair) = kept {
+            pair.destroy(netlink).await;
+        }
         let (device, pipe) = create_tap_port(id, tap, netlink).await?;
         return Ok((device, pipe, None));
     };
-    let pair = PortPair::create(id, netlink).await?;
+    let pair = match kept {
+        Some(pair) => pair,
+        None => PortPair::create(id, netlink).await?,
+    };
     let opened = async {
         let pipe = pair.open_slow_path(id)?;
         let tunnel =
@@ -135,6 +144,22 @@ pub async fn user_space_port(
 }
 
 impl PortPair {
+    /// The pair an earlier run made for a tunnel, as its state file recorded it, if both ends are
+    /// still there with the same names and ifindexes.
+    pub async fn find_kept(hub: (&str, u32), port: (&str, u32), netlink: &Netlink) -> Option<Self> {
+        for (name, ifindex) in [hub, port] {
+            let found = netlink.find(name).await.ok().flatten()?;
+            if found.ifindex != ifindex {
+                return None;
+            }
+        }
+        Some(Self {
+            hub: Device { ifindex: hub.1, ifname: hub.0.to_owned(), hub_side: HubSide::Interface, peer_elsewhere: false },
+            port_ifindex: port.1,
+            port_ifname: port.0.to_owned(),
+        })
+    }
+
     /// Creates the pair, configures both ends and brings them up; on failure nothing is left.
     pub async fn create(id: &str, netlink: &Netlink) -> Result<Self, PortError> {
         let (hub_name, port_name) = pair_names();
