@@ -289,6 +289,69 @@ fn lengthen_tap_queue(ns: &Netns, tap: &str) {
     assert!(raised.is_some(), "txqueuelen of {tap} cannot be raised");
 }
 
+/// Numbered frames from one tap "VM" to another, one every 250 µs, counted by number where
+/// they arrive: long enough to span a restart.
+struct NumberedFlood {
+    sender: std::thread::JoinHandle<dataplane_tests::TapVm>,
+    collector: std::thread::JoinHandle<Vec<u32>>,
+}
+
+impl NumberedFlood {
+    const FRAMES: u32 = 40_000;
+
+    fn start(mut sender: dataplane_tests::TapVm, mut receiver: dataplane_tests::TapVm, frame: fn(u32) -> Vec<u8>) -> Self {
+        let sender = std::thread::spawn(move || {
+            for sequence in 0..Self::FRAMES {
+                sender.send(&frame(sequence));
+                std::thread::sleep(Duration::from_micros(250));
+            }
+            sender
+        });
+        let collector = std::thread::spawn(move || {
+            let mut seen = vec![0u32; Self::FRAMES as usize];
+            let mut count = |frame: &[u8]| {
+                let sequence = flood_sequence(frame).filter(|s| *s < Self::FRAMES)?;
+                seen[sequence as usize] += 1;
+                Some(sequence)
+            };
+            while let Some(frame) = receiver.recv_raw(Duration::from_secs(10)) {
+                if count(&frame) == Some(Self::FRAMES - 1) {
+                    break;
+                }
+            }
+            // Stragglers of the last instant.
+            while let Some(frame) = receiver.recv_raw(Duration::from_millis(500)) {
+                count(&frame);
+            }
+            seen
+        });
+        Self { sender, collector }
+    }
+
+    fn is_running(&self) -> bool {
+        !self.sender.is_finished() && !self.collector.is_finished()
+    }
+
+    /// Waits for the last frame: each must have arrived exactly once on `tap` (in `ns`).
+    fn assert_each_arrived_once(self, what: &str, ns: &Netns, tap: &str) {
+        let seen = self.collector.join().expect("the collector");
+        let _sender = self.sender.join().expect("the sender");
+        let missing = seen.iter().filter(|count| **count == 0).count();
+        let doubled = seen.iter().filter(|count| **count > 1).count();
+        let first_missing = seen.iter().position(|count| *count == 0);
+        let last_missing = seen.iter().rposition(|count| *count == 0);
+        let tap_dropped = ns.exec("cat", &[&format!("/sys/class/net/{tap}/statistics/tx_dropped")]);
+        assert_eq!(
+            (missing, doubled),
+            (0, 0),
+            "{what} lost or doubled across the restart ({} sent; missing from {first_missing:?} to {last_missing:?}; \
+             the receiving tap dropped {} for a full queue)",
+            Self::FRAMES,
+            String::from_utf8_lossy(&tap_dropped.stdout).trim()
+        );
+    }
+}
+
 /// The sequence number of a flood frame, if `frame` is one.
 fn flood_sequence(frame: &[u8]) -> Option<u32> {
     let at = frame.windows(FLOOD_TAG.len()).position(|w| w == FLOOD_TAG)? + FLOOD_TAG.len();
@@ -378,8 +441,8 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
         first.add(&format!("tap,id={t},ifname={t},script=no,downscript=no"));
         first.add(&format!("hubport,id=p{t},hubid=1,netdev={t}"));
     }
-    let mut sender = dataplane_tests::TapVm::open(&switch, &t0, false);
-    let mut receiver = dataplane_tests::TapVm::open(&switch, &t1, false);
+    let sender = dataplane_tests::TapVm::open(&switch, &t0, false);
+    let receiver = dataplane_tests::TapVm::open(&switch, &t1, false);
     switch.wait_link_ready(&t0, dataplane_tests::settle::DEADLINE);
     switch.wait_link_ready(&t1, dataplane_tests::settle::DEADLINE);
     lengthen_tap_queue(&switch, &t1);
@@ -393,36 +456,11 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
 
     // The traffic: iperf3 moves a fixed amount at a bounded rate, ping floods at a fixed
     // interval, the tap "VM" sends numbered frames; all of it spans the restart.
-    const FRAMES: u32 = 40_000;
     const PINGS: u32 = 20_000;
     let _server = dataplane_tests::iperf3_server(&a);
     let mut iperf = b.spawn("iperf3", &["-c", "10.78.0.1", "-n", "400M", "-b", "300M", "-J"]);
     let mut ping = b.spawn("ping", &["-q", "-n", "-i", "0.0005", "-c", &PINGS.to_string(), "10.78.0.1"]);
-    let flood = std::thread::spawn(move || {
-        for sequence in 0..FRAMES {
-            sender.send(&flood_frame(sequence));
-            std::thread::sleep(Duration::from_micros(250));
-        }
-        sender
-    });
-    let collector = std::thread::spawn(move || {
-        let mut seen = vec![0u32; FRAMES as usize];
-        while let Some(frame) = receiver.recv_raw(Duration::from_secs(10)) {
-            if let Some(sequence) = flood_sequence(&frame).filter(|s| *s < FRAMES) {
-                seen[sequence as usize] += 1;
-                if sequence == FRAMES - 1 {
-                    break;
-                }
-            }
-        }
-        // Stragglers of the last instant.
-        while let Some(frame) = receiver.recv_raw(Duration::from_millis(500)) {
-            if let Some(sequence) = flood_sequence(&frame).filter(|s| *s < FRAMES) {
-                seen[sequence as usize] += 1;
-            }
-        }
-        seen
-    });
+    let flood = NumberedFlood::start(sender, receiver, flood_frame);
     std::thread::sleep(Duration::from_secs(1));
     stop_first(&mut first, stop);
     let mut second_extra = extra.clone();
@@ -430,22 +468,8 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
         second_extra.extend_from_slice(&["--x-abi-hash", abi]);
     }
     let second = Daemon::start_on(&switch, Some(&state_dir), &second_extra);
-    assert!(!collector.is_finished() && !flood.is_finished(), "the restart happened while the taps' frames flowed");
-
-    let seen = collector.join().expect("the collector");
-    let _sender = flood.join().expect("the sender");
-    let missing = seen.iter().filter(|count| **count == 0).count();
-    let doubled = seen.iter().filter(|count| **count > 1).count();
-    let first_missing = seen.iter().position(|count| *count == 0);
-    let last_missing = seen.iter().rposition(|count| *count == 0);
-    let tap_dropped = switch.exec("cat", &[&format!("/sys/class/net/{t1}/statistics/tx_dropped")]);
-    assert_eq!(
-        (missing, doubled),
-        (0, 0),
-        "tap frames lost or doubled across the restart ({FRAMES} sent; missing from {first_missing:?} to {last_missing:?}; \
-         the receiving tap dropped {} for a full queue)",
-        String::from_utf8_lossy(&tap_dropped.stdout).trim()
-    );
+    assert!(flood.is_running(), "the restart happened while the taps' frames flowed");
+    flood.assert_each_arrived_once("tap frames", &switch, &t1);
     let (status, output) = ping.output_within(Duration::from_secs(120)).expect("ping ends");
     let text = String::from_utf8_lossy(&output);
     assert!(
@@ -467,9 +491,9 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
     let sent = counter(&second.counters(&format!("p{t0}")), "rx-packets");
     let delivered = counter(&second.counters(&format!("p{t1}")), "tx-packets");
     if new_abi.is_none() {
-        assert_eq!((sent, delivered), (u64::from(FRAMES), u64::from(FRAMES)), "the tap ports counted every frame");
+        assert_eq!((sent, delivered), (u64::from(NumberedFlood::FRAMES), u64::from(NumberedFlood::FRAMES)), "the tap ports counted every frame");
     } else {
-        assert!(sent > 0 && sent < u64::from(FRAMES), "the new maps counted from the restart on: {sent}");
+        assert!(sent > 0 && sent < u64::from(NumberedFlood::FRAMES), "the new maps counted from the restart on: {sent}");
     }
     assert!(second.netdev_ids().len() == 8, "{:?}", second.netdev_ids());
     let own: BTreeSet<String> = [t0.clone(), t1.clone()].into();
@@ -614,8 +638,8 @@ fn tunnels_keep_traffic_across_a_restart(stop: Stop, attach: &[&str]) {
     first.add("hubport,id=pd1,hubid=1,netdev=d1");
     first.add(&format!("tap,id={t1},ifname={t1},script=no,downscript=no"));
     first.add(&format!("hubport,id=p{t1},hubid=1,netdev={t1}"));
-    let mut sender = dataplane_tests::TapVm::open(&switch, &t0, false);
-    let mut receiver = dataplane_tests::TapVm::open(&switch, &t1, false);
+    let sender = dataplane_tests::TapVm::open(&switch, &t0, false);
+    let receiver = dataplane_tests::TapVm::open(&switch, &t1, false);
     switch.wait_link_ready(&t0, dataplane_tests::settle::DEADLINE);
     switch.wait_link_ready(&t1, dataplane_tests::settle::DEADLINE);
     lengthen_tap_queue(&switch, &t1);
@@ -629,47 +653,12 @@ fn tunnels_keep_traffic_across_a_restart(stop: Stop, attach: &[&str]) {
     let tunnel_hooks = [pairs[1].clone(), pairs[3].clone(), "lo".to_owned()];
     let hooks_before: Vec<Vec<(u32, u32)>> = tunnel_hooks.iter().map(|ifname| hooks(&switch, ifname)).collect();
 
-    const FRAMES: u32 = 40_000;
-    let flood = std::thread::spawn(move || {
-        for sequence in 0..FRAMES {
-            sender.send(&ipv4_flood_frame(sequence));
-            std::thread::sleep(Duration::from_micros(250));
-        }
-        sender
-    });
-    let collector = std::thread::spawn(move || {
-        let mut seen = vec![0u32; FRAMES as usize];
-        while let Some(frame) = receiver.recv_raw(Duration::from_secs(10)) {
-            if let Some(sequence) = flood_sequence(&frame).filter(|s| *s < FRAMES) {
-                seen[sequence as usize] += 1;
-                if sequence == FRAMES - 1 {
-                    break;
-                }
-            }
-        }
-        while let Some(frame) = receiver.recv_raw(Duration::from_millis(500)) {
-            if let Some(sequence) = flood_sequence(&frame).filter(|s| *s < FRAMES) {
-                seen[sequence as usize] += 1;
-            }
-        }
-        seen
-    });
+    let flood = NumberedFlood::start(sender, receiver, ipv4_flood_frame);
     std::thread::sleep(Duration::from_secs(1));
     stop_first(&mut first, stop);
     let second = Daemon::start_on(&switch, Some(&state_dir), &extra);
-    assert!(!collector.is_finished() && !flood.is_finished(), "the restart happened while the frames flowed");
-    let seen = collector.join().expect("the collector");
-    let _sender = flood.join().expect("the sender");
-    let missing = seen.iter().filter(|count| **count == 0).count();
-    let doubled = seen.iter().filter(|count| **count > 1).count();
-    let first_missing = seen.iter().position(|count| *count == 0);
-    let last_missing = seen.iter().rposition(|count| *count == 0);
-    assert_eq!(
-        (missing, doubled),
-        (0, 0),
-        "frames through the tunnels lost or doubled across the restart ({FRAMES} sent; missing from {first_missing:?} \
-         to {last_missing:?})"
-    );
+    assert!(flood.is_running(), "the restart happened while the frames flowed");
+    flood.assert_each_arrived_once("frames through the tunnels", &switch, &t1);
 
     // The same netdevs on the very same pairs, the kernel's tunnel counters went on.
     assert_eq!(netdevs_without_counters(&second), netdevs_before, "x-query-netdevs after the restart");
@@ -678,10 +667,10 @@ fn tunnels_keep_traffic_across_a_restart(stop: Stop, attach: &[&str]) {
     assert_eq!(indexes_after, indexes_before, "the tunnels' veth pairs were kept: {pairs:?}");
     let own: BTreeSet<String> = pairs.iter().cloned().chain([t0.clone(), t1.clone()]).collect();
     assert_eq!(marked(&switch, &mark_of(&state_dir)), own, "netdevd's interfaces: the taps and the kept pairs");
-    assert_eq!(tunnel_counter(&second, "d0", "encap-packets"), u64::from(FRAMES), "d0 encapsulated every frame");
-    assert_eq!(tunnel_counter(&second, "d1", "decap-packets"), u64::from(FRAMES), "d1 received every frame");
+    assert_eq!(tunnel_counter(&second, "d0", "encap-packets"), u64::from(NumberedFlood::FRAMES), "d0 encapsulated every frame");
+    assert_eq!(tunnel_counter(&second, "d1", "decap-packets"), u64::from(NumberedFlood::FRAMES), "d1 received every frame");
     assert_eq!(tunnel_counter(&second, "d0", "to-user-space"), 0, "no frame took d0's socket");
-    assert_eq!(counter(&second.counters(&format!("p{t1}")), "tx-packets"), u64::from(FRAMES), "{t1}'s port");
+    assert_eq!(counter(&second.counters(&format!("p{t1}")), "tx-packets"), u64::from(NumberedFlood::FRAMES), "{t1}'s port");
     // One program per hook, the new daemon's, in the earlier attachment.
     for (ifname, before) in tunnel_hooks.iter().zip(&hooks_before) {
         let after = hooks(&switch, ifname);
