@@ -285,7 +285,7 @@ fn flood_frame(sequence: u32) -> Vec<u8> {
 /// reads, a loss of the test's reader, not of the datapath. So the longest queue the kernel
 /// takes (Linux 6.1 refuses 50000 with ERANGE).
 fn lengthen_tap_queue(ns: &Netns, tap: &str) {
-    let raised = ["50000", "10000", "4000"].into_iter().find(|len| ns.ip(&["link", "set", tap, "txqueuelen", len]).status.success());
+    let raised = ["50000", "10000", "4000"].into_iter().find(|len| ns.exec("ip", &["link", "set", tap, "txqueuelen", len]).status.success());
     assert!(raised.is_some(), "txqueuelen of {tap} cannot be raised");
 }
 
