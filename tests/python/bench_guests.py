@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -136,12 +135,7 @@ def main() -> int:
         for machine in machines:
             machine.stop()
         if daemon is not None:
-            daemon.terminate()
-            try:
-                daemon.wait(10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-            daemon.close_log()
+            daemon.shut_down()
         netns.delete()
 
 

@@ -308,12 +308,7 @@ def main() -> int:
         for machine in machines:
             machine.stop()
         if daemon is not None:
-            daemon.terminate()
-            try:
-                daemon.wait(10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-            daemon.close_log()
+            daemon.shut_down()
         container.delete()
         netns.delete()
 

@@ -137,6 +137,16 @@ class Daemon:
         finally:
             self.close_log()
 
+    def shut_down(self, timeout: float = 10) -> None:
+        """Ends the daemon without judging its exit (a benchmark's teardown): SIGTERM, then
+        SIGKILL if it is still there after `timeout`; closes its log."""
+        self.terminate()
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.close_log()
+
     def close_log(self) -> None:
         self._log.close()
 
