@@ -606,7 +606,7 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
     let abi_args = new_abi.map(|abi| vec!["--x-abi-hash", abi]).unwrap_or_default();
     let second = fx.restart(&mut first, stop, &abi_args);
     assert!(flood.is_running(), "the restart happened while the taps' frames flowed");
-    flood.assert_each_arrived_once("tap frames", &switch, &t1);
+    flood.assert_each_arrived_once("tap frames", switch, &t1);
     let (status, output) = ping.output_within(Duration::from_secs(120)).expect("ping ends");
     let text = String::from_utf8_lossy(&output);
     assert!(
