@@ -127,48 +127,44 @@ fn a_socket_another_server_took_over_is_not_removed_at_exit() {
 
 #[test]
 fn kill_9_leftovers_are_adopted_or_removed_by_the_next_daemon_and_nobody_elses_touched() {
-    let ns = Netns::new("rsk");
-    ns.quiet();
+    let fx = Restart::new("rsk").with_user_resolver();
+    let ns = &fx.switch;
     // Interfaces that are not this state directory's, named as netdevd names its own: one
     // unmarked veth pair and tap, one veth marked by another instance.
     ns.ip(&["link", "add", "ndforeignxh", "type", "veth", "peer", "name", "ndforeignxp"]);
     ns.ip(&["tuntap", "add", "dev", "ndforeignxt", "mode", "tap"]);
     ns.ip(&["link", "add", "ndotherx0h", "type", "veth", "peer", "name", "ndotherx0p"]);
     ns.ip(&["link", "set", "ndotherx0h", "alias", "netdevd:0123456789abcdef"]);
-    let foreign = aliases(&ns);
+    let foreign = aliases(ns);
     assert_eq!(foreign.len(), 6, "lo and five test interfaces: {foreign:?}");
 
-    let dir = TempDir::new();
-    let resolv = dir.0.join("resolv.conf");
-    // The `user` netdev carries no traffic here; its resolver is the namespace's loopback anyway.
-    std::fs::write(&resolv, "nameserver 127.0.0.1\n").expect("write resolv.conf");
-    let extra = ["--user-resolv-conf", resolv.to_str().expect("utf-8 path")];
+    // The `user` netdev carries no traffic here.
     let netdevs = [
         "tap,id=t0,ifname=ndrestart0,script=no,downscript=no",
         "user,id=u0",
         "stream,id=s0,server=on,addr.type=inet,addr.host=127.0.0.1,addr.port=5300",
         "dgram,id=d0,local.type=inet,local.host=127.0.0.1,local.port=5302,remote.type=inet,remote.host=127.0.0.1,remote.port=5303",
     ];
-    let mut crashed = Daemon::start_on(&ns, None, &extra);
-    let mark = mark_of(&crashed.state_dir);
+    let mut crashed = fx.start();
+    let mark = fx.mark();
     for netdev in netdevs {
         crashed.add(netdev);
     }
-    let created = marked(&ns, &mark);
+    let created = fx.marked();
     // The tap, the stream's and the user netdev's taps, the dgram's veth pair.
     assert_eq!(created.len(), 5, "marked interfaces: {created:?}");
     assert!(created.contains("ndrestart0"), "{created:?}");
     // The state file names every netdev and exactly the interfaces made for them.
-    let record = recorded(&crashed.state_dir);
+    let record = fx.recorded();
     assert_eq!(record.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["t0", "u0", "s0", "d0"]);
     assert_eq!(record.iter().flat_map(|(_, names)| names.iter().cloned()).collect::<BTreeSet<_>>(), created);
     assert_eq!(record[0].1, ["ndrestart0"]);
     crashed.del("u0");
-    assert_eq!(recorded(&crashed.state_dir).len(), 3, "netdev_del is recorded");
+    assert_eq!(fx.recorded().len(), 3, "netdev_del is recorded");
     crashed.add(netdevs[1]);
     signal::kill(Pid::from_raw(i32::try_from(crashed.pid()).expect("pid")), signal::Signal::SIGKILL).expect("kill -9");
     assert_eq!(crashed.terminate(), None, "netdevd was killed, it did not exit");
-    let left = marked(&ns, &mark);
+    let left = marked(ns, &mark);
     // The persistent tap and the veth pair outlive the process; taps held by fd do not.
     assert!(left.contains("ndrestart0") && left.len() >= 3, "kill -9 left {left:?}");
 
@@ -178,12 +174,12 @@ fn kill_9_leftovers_are_adopted_or_removed_by_the_next_daemon_and_nobody_elses_t
     // The tap and the dgram's veth pair (its in-kernel path goes on) are kept.
     let kept: BTreeSet<String> = record[3].1.iter().cloned().chain(["ndrestart0".to_owned()]).collect();
     assert!(left.is_superset(&kept), "kill -9 left {left:?}");
-    let mut next = Daemon::start_on(&ns, Some(&crashed.state_dir), &extra);
+    let mut next = fx.start();
     assert_eq!(mark_of(&next.state_dir), mark);
     assert_eq!(next.netdev_ids(), ["t0", "s0", "d0", "u0"], "the killed run's netdevs are back");
     assert_eq!(next.ifname_of("t0").as_deref(), Some("ndrestart0"));
     assert_eq!(ns.ifindex("ndrestart0"), Some(tap_index), "the very same tap");
-    let now = marked(&ns, &mark);
+    let now = marked(ns, &mark);
     assert_eq!(now.len(), 5, "one set of interfaces: {now:?}");
     for old in &left {
         assert_eq!(now.contains(old), kept.contains(old), "{old} of the killed run: {now:?}");
@@ -191,10 +187,10 @@ fn kill_9_leftovers_are_adopted_or_removed_by_the_next_daemon_and_nobody_elses_t
     assert_eq!(recorded(&next.state_dir).len(), 4);
     // ... and nobody else's.
     for interface in &foreign {
-        assert!(aliases(&ns).contains(interface), "{interface:?} was touched: {:?}", aliases(&ns));
+        assert!(aliases(ns).contains(interface), "{interface:?} was touched: {:?}", aliases(ns));
     }
     assert_eq!(next.terminate(), Some(0));
-    assert_eq!(aliases(&ns), foreign, "after a clean stop only the test's own interfaces remain");
+    assert_eq!(aliases(ns), foreign, "after a clean stop only the test's own interfaces remain");
     assert_eq!(recorded(&next.state_dir), [], "a clean stop records no netdev");
 }
 
@@ -235,11 +231,100 @@ impl Bpffs {
         walk(&self.0.0.join("netdevd"), &self.0.0, &mut out);
         out
     }
+
+    /// The directories under the mount's `netdevd/`, two levels deep (`<instance>` and
+    /// `<instance>/<abi>`), relative to `netdevd/`: what pins and records remain, empty or not.
+    fn instances(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let root = self.0.0.join("netdevd");
+        for instance in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let name = instance.file_name().to_string_lossy().into_owned();
+            for dir in std::fs::read_dir(instance.path()).into_iter().flatten().flatten() {
+                out.insert(format!("{name}/{}", dir.file_name().to_string_lossy()));
+            }
+            out.insert(name);
+        }
+        out
+    }
 }
 
 impl Drop for Bpffs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg("-l").arg(&self.0.0).status();
+    }
+}
+
+/// What every restart scenario starts from: a namespace of its own (loopback up), a bpffs of
+/// its own, a state directory that the daemons one after another share, and their common
+/// arguments. Daemons a test starts are dropped (killed) before it, so before the namespace.
+struct Restart {
+    switch: Netns,
+    bpffs: Bpffs,
+    /// Holds the state directory and files the daemons are pointed to.
+    files: TempDir,
+    state_dir: std::path::PathBuf,
+    args: Vec<String>,
+}
+
+impl Restart {
+    /// Daemons in a new namespace named from `prefix`, pinning in a bpffs of their own.
+    fn new(prefix: &str) -> Self {
+        let switch = Netns::new(prefix);
+        switch.quiet();
+        switch.ip(&["link", "set", "lo", "up"]);
+        let bpffs = Bpffs::mount();
+        let files = TempDir::new();
+        let state_dir = files.0.join("state");
+        let args = vec!["--bpffs".to_owned(), bpffs.path().to_owned()];
+        Self { switch, bpffs, files, state_dir, args }
+    }
+
+    /// Every daemon also gets `args` (`--x-attach netlink`).
+    fn with_args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|arg| (*arg).to_owned()));
+        self
+    }
+
+    /// `user` netdevs resolve through the namespace's loopback (they carry no DNS here), never
+    /// the machine's resolver.
+    fn with_user_resolver(self) -> Self {
+        let resolv = self.files.0.join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 127.0.0.1\n").expect("write resolv.conf");
+        let resolv = resolv.to_str().expect("utf-8 path").to_owned();
+        self.with_args(&["--user-resolv-conf", &resolv])
+    }
+
+    /// A daemon on the state directory with the common arguments.
+    fn start(&self) -> Daemon {
+        self.start_with(&[])
+    }
+
+    /// A daemon on the state directory with the common arguments and `more`.
+    fn start_with(&self, more: &[&str]) -> Daemon {
+        let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        args.extend_from_slice(more);
+        Daemon::start_on(&self.switch, Some(&self.state_dir), &args)
+    }
+
+    /// Stops `first` as `stop` says and starts the next daemon (with `more` arguments).
+    fn restart(&self, first: &mut Daemon, stop: Stop, more: &[&str]) -> Daemon {
+        stop_first(first, stop);
+        self.start_with(more)
+    }
+
+    /// The daemons' mark on their interfaces.
+    fn mark(&self) -> String {
+        mark_of(&self.state_dir)
+    }
+
+    /// The interfaces of the namespace that carry the daemons' mark.
+    fn marked(&self) -> BTreeSet<String> {
+        marked(&self.switch, &self.mark())
+    }
+
+    /// The state file's netdevs (see [`recorded`]).
+    fn recorded(&self) -> Vec<(String, Vec<String>)> {
+        recorded(&self.state_dir)
     }
 }
 
@@ -292,30 +377,41 @@ fn lengthen_tap_queue(ns: &Netns, tap: &str) {
 /// Numbered frames from one tap "VM" to another, one every 250 µs, counted by number where
 /// they arrive: long enough to span a restart.
 struct NumberedFlood {
+    frames: u32,
     sender: std::thread::JoinHandle<dataplane_tests::TapVm>,
-    collector: std::thread::JoinHandle<Vec<u32>>,
+    collector: std::thread::JoinHandle<(Vec<u32>, dataplane_tests::TapVm)>,
 }
 
 impl NumberedFlood {
     const FRAMES: u32 = 40_000;
 
-    fn start(mut sender: dataplane_tests::TapVm, mut receiver: dataplane_tests::TapVm, frame: fn(u32) -> Vec<u8>) -> Self {
+    fn start(sender: dataplane_tests::TapVm, receiver: dataplane_tests::TapVm, frame: fn(u32) -> Vec<u8>) -> Self {
+        Self::start_counted(Self::FRAMES, sender, receiver, frame)
+    }
+
+    /// `frames` numbered frames.
+    fn start_counted(
+        frames: u32,
+        mut sender: dataplane_tests::TapVm,
+        mut receiver: dataplane_tests::TapVm,
+        frame: fn(u32) -> Vec<u8>,
+    ) -> Self {
         let sender = std::thread::spawn(move || {
-            for sequence in 0..Self::FRAMES {
+            for sequence in 0..frames {
                 sender.send(&frame(sequence));
                 std::thread::sleep(Duration::from_micros(250));
             }
             sender
         });
         let collector = std::thread::spawn(move || {
-            let mut seen = vec![0u32; Self::FRAMES as usize];
+            let mut seen = vec![0u32; frames as usize];
             let mut count = |frame: &[u8]| {
-                let sequence = flood_sequence(frame).filter(|s| *s < Self::FRAMES)?;
+                let sequence = flood_sequence(frame).filter(|s| *s < frames)?;
                 seen[sequence as usize] += 1;
                 Some(sequence)
             };
             while let Some(frame) = receiver.recv_raw(Duration::from_secs(10)) {
-                if count(&frame) == Some(Self::FRAMES - 1) {
+                if count(&frame) == Some(frames - 1) {
                     break;
                 }
             }
@@ -323,19 +419,26 @@ impl NumberedFlood {
             while let Some(frame) = receiver.recv_raw(Duration::from_millis(500)) {
                 count(&frame);
             }
-            seen
+            (seen, receiver)
         });
-        Self { sender, collector }
+        Self { frames, sender, collector }
     }
 
     fn is_running(&self) -> bool {
         !self.sender.is_finished() && !self.collector.is_finished()
     }
 
+    /// Waits for the last frame: how often each arrived, and the two "VMs" back (sender, receiver).
+    fn finish(self) -> (Vec<u32>, dataplane_tests::TapVm, dataplane_tests::TapVm) {
+        let (seen, receiver) = self.collector.join().expect("the collector");
+        let sender = self.sender.join().expect("the sender");
+        (seen, sender, receiver)
+    }
+
     /// Waits for the last frame: each must have arrived exactly once on `tap` (in `ns`).
     fn assert_each_arrived_once(self, what: &str, ns: &Netns, tap: &str) {
-        let seen = self.collector.join().expect("the collector");
-        let _sender = self.sender.join().expect("the sender");
+        let frames = self.frames;
+        let (seen, _sender, _receiver) = self.finish();
         let missing = seen.iter().filter(|count| **count == 0).count();
         let doubled = seen.iter().filter(|count| **count > 1).count();
         let first_missing = seen.iter().position(|count| *count == 0);
@@ -344,9 +447,8 @@ impl NumberedFlood {
         assert_eq!(
             (missing, doubled),
             (0, 0),
-            "{what} lost or doubled across the restart ({} sent; missing from {first_missing:?} to {last_missing:?}; \
+            "{what} lost or doubled across the restart ({frames} sent; missing from {first_missing:?} to {last_missing:?}; \
              the receiving tap dropped {} for a full queue)",
-            Self::FRAMES,
             String::from_utf8_lossy(&tap_dropped.stdout).trim()
         );
     }
@@ -409,29 +511,68 @@ fn hooks(ns: &Netns, ifname: &str) -> Vec<(u32, u32)> {
     found
 }
 
+/// The veths and taps of `ns` (not the fallback devices a namespace may get, `sit0` and such).
+fn veths_and_taps(ns: &Netns) -> BTreeSet<String> {
+    let output = ns.ip(&["-j", "-d", "link", "show"]);
+    let links: Value = serde_json::from_slice(&output.stdout).expect("ip -j -d link show");
+    links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|link| matches!(link["linkinfo"]["info_kind"].as_str(), Some("veth" | "tun")))
+        .filter_map(|link| Some(link["ifname"].as_str()?.to_owned()))
+        .collect()
+}
+
+/// Runs `tc args` in `ns`, which must succeed.
+fn tc(ns: &Netns, args: &[&str]) {
+    let output = ns.exec("tc", args);
+    assert!(output.status.success(), "tc {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// Whether `ifname` in `ns` has a `clsact` qdisc.
+fn has_clsact(ns: &Netns, ifname: &str) -> bool {
+    let output = ns.exec("tc", &["qdisc", "show", "dev", ifname]);
+    String::from_utf8_lossy(&output.stdout).contains("qdisc clsact")
+}
+
+/// After a clean stop `ifname`, an interface netdevd did not create, is as netdevd found it:
+/// no program of netdevd's (TCX link or TC filter) and no filter at all, and a `clsact` qdisc
+/// only if it had one before.
+fn assert_left_as_found(ns: &Netns, ifname: &str, had_clsact: bool) {
+    let (ingress, egress) = ns.attached_programs(ifname);
+    assert_eq!((ingress.len(), egress.len()), (0, 0), "programs left on {ifname}: {ingress:?} {egress:?}");
+    for direction in ["ingress", "egress"] {
+        let output = ns.exec("tc", &["filter", "show", "dev", ifname, direction]);
+        let shown = String::from_utf8_lossy(&output.stdout);
+        assert!(shown.trim().is_empty(), "TC filters left on {ifname} {direction}: {shown}");
+    }
+    let qdiscs = ns.exec("tc", &["qdisc", "show", "dev", ifname]);
+    assert_eq!(has_clsact(ns, ifname), had_clsact, "{ifname}'s qdiscs: {}", String::from_utf8_lossy(&qdiscs.stdout));
+}
+
 /// In-kernel traffic (iperf3 TCP and a ping flood between two namespaces through one hub, a
 /// frame flood between two taps through another) runs while the daemon stops as `stop` says
 /// and a new one starts on the same state directory: nothing is lost, the counters go on, and
 /// `x-query-netdevs` answers as before. With `new_abi`, the second daemon's object counts as
-/// another ABI: it makes new maps, and the first run's maps, links and pins all go.
+/// another ABI: it makes new maps, and the first run's maps, links and pins all go. After the
+/// second daemon's clean stop the test's veths are as they were found: `vb` keeps the `clsact`
+/// qdisc it had before netdevd came, `va` has none left (netlink mode adds one).
 fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
-    let switch = Netns::new("rst");
-    switch.quiet();
-    let bpffs = Bpffs::mount();
-    let state = TempDir::new();
-    let state_dir = state.0.join("state");
-    let mut extra = vec!["--bpffs", bpffs.path()];
-    extra.extend_from_slice(attach);
-    let mut first = Daemon::start_on(&switch, Some(&state_dir), &extra);
-    let tcx = first.attaches_with_tcx();
-
+    let fx = Restart::new("rst").with_args(attach);
+    let switch = &fx.switch;
+    let bpffs = &fx.bpffs;
     let a = Netns::new("rsta");
     let b = Netns::new("rstb");
     a.quiet();
     b.quiet();
     let (va, vb) = (dataplane_tests::unique("v"), dataplane_tests::unique("v"));
-    dataplane_tests::veth(&switch, &va, &a, "10.78.0.1/24");
-    dataplane_tests::veth(&switch, &vb, &b, "10.78.0.2/24");
+    dataplane_tests::veth(switch, &va, &a, "10.78.0.1/24");
+    dataplane_tests::veth(switch, &vb, &b, "10.78.0.2/24");
+    // Another tool's qdisc, there before netdevd.
+    tc(switch, &["qdisc", "add", "dev", &vb, "clsact"]);
+    let mut first = fx.start();
+    let tcx = first.attaches_with_tcx();
     for v in [&va, &vb] {
         first.add(&format!("af-xdp,id={v},ifname={v}"));
         first.add(&format!("hubport,id=p{v},hubid=0,netdev={v}"));
@@ -441,16 +582,16 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
         first.add(&format!("tap,id={t},ifname={t},script=no,downscript=no"));
         first.add(&format!("hubport,id=p{t},hubid=1,netdev={t}"));
     }
-    let sender = dataplane_tests::TapVm::open(&switch, &t0, false);
-    let receiver = dataplane_tests::TapVm::open(&switch, &t1, false);
+    let sender = dataplane_tests::TapVm::open(switch, &t0, false);
+    let receiver = dataplane_tests::TapVm::open(switch, &t1, false);
     switch.wait_link_ready(&t0, dataplane_tests::settle::DEADLINE);
     switch.wait_link_ready(&t1, dataplane_tests::settle::DEADLINE);
-    lengthen_tap_queue(&switch, &t1);
+    lengthen_tap_queue(switch, &t1);
     assert!(a.ping("10.78.0.2", 3), "a pings b before the restart");
     let netdevs_before = first.netdevs();
     let ports = [&va, &vb, &t0, &t1];
-    let hooks_before: Vec<Vec<(u32, u32)>> = ports.iter().map(|ifname| hooks(&switch, ifname)).collect();
-    let pins_before = pinned_ids(&switch, &bpffs);
+    let hooks_before: Vec<Vec<(u32, u32)>> = ports.iter().map(|ifname| hooks(switch, ifname)).collect();
+    let pins_before = pinned_ids(switch, bpffs);
     assert!(pins_before.iter().any(|(kind, _)| kind == "map"), "maps are pinned: {:?}", bpffs.listing());
     assert_eq!(pins_before.iter().any(|(kind, _)| kind == "link"), tcx, "TCX links are pinned: {:?}", bpffs.listing());
 
@@ -462,14 +603,10 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
     let mut ping = b.spawn("ping", &["-q", "-n", "-i", "0.0005", "-c", &PINGS.to_string(), "10.78.0.1"]);
     let flood = NumberedFlood::start(sender, receiver, flood_frame);
     std::thread::sleep(Duration::from_secs(1));
-    stop_first(&mut first, stop);
-    let mut second_extra = extra.clone();
-    if let Some(abi) = new_abi {
-        second_extra.extend_from_slice(&["--x-abi-hash", abi]);
-    }
-    let second = Daemon::start_on(&switch, Some(&state_dir), &second_extra);
+    let abi_args = new_abi.map(|abi| vec!["--x-abi-hash", abi]).unwrap_or_default();
+    let second = fx.restart(&mut first, stop, &abi_args);
     assert!(flood.is_running(), "the restart happened while the taps' frames flowed");
-    flood.assert_each_arrived_once("tap frames", &switch, &t1);
+    flood.assert_each_arrived_once("tap frames", switch, &t1);
     let (status, output) = ping.output_within(Duration::from_secs(120)).expect("ping ends");
     let text = String::from_utf8_lossy(&output);
     assert!(
@@ -497,7 +634,7 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
     }
     assert!(second.netdev_ids().len() == 8, "{:?}", second.netdev_ids());
     let own: BTreeSet<String> = [t0.clone(), t1.clone()].into();
-    assert_eq!(marked(&switch, &mark_of(&state_dir)), own, "netdevd's interfaces are the two taps, kept");
+    assert_eq!(fx.marked(), own, "netdevd's interfaces are the two taps, kept");
 
     // One program per port, the new daemon's, swapped into the earlier run's TCX link
     // (bpf_link_update) or TC filter (replaced at its handle): same link id or handle, another
@@ -507,19 +644,19 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
     for (ifname, before) in ports.iter().zip(&hooks_before) {
         let (ingress, egress) = switch.attached_programs(ifname);
         assert_eq!((ingress.len(), egress.len()), (1, 0), "programs on {ifname}: {ingress:?} {egress:?}");
-        let after = hooks(&switch, ifname);
+        let after = hooks(switch, ifname);
         assert_eq!((before.len(), after.len()), (1, 1), "hooks on {ifname}: {before:?} then {after:?}");
         assert_ne!(after[0].1, before[0].1, "the new daemon's program runs on {ifname}");
         assert_eq!(after[0].0 == before[0].0, in_place, "{ifname}'s attachment before {before:?}, after {after:?}");
     }
     let dataplane = second.execute("x-query-dataplane", serde_json::json!({})).expect("x-query-dataplane");
     assert_eq!(dataplane["taken-over"], if in_place { 4 } else { 0 }, "attachments taken over: {dataplane}");
-    let pins_after = pinned_ids(&switch, &bpffs);
+    let pins_after = pinned_ids(switch, bpffs);
     for (kind, id) in &pins_before {
         if new_abi.is_some() {
             // Freed once its last reference goes (after an RCU grace period).
             dataplane_tests::settle::wait_until(&format!("the old run's {kind} {id} is gone"), || {
-                !bpf_object_exists(&switch, kind, *id)
+                !bpf_object_exists(switch, kind, *id)
             });
         } else {
             assert!(pins_after.contains(&(kind.clone(), *id)), "{kind} {id} is kept: {pins_after:?}");
@@ -538,10 +675,13 @@ fn restart_under_traffic(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
     let mut second = second;
     assert_eq!(second.terminate(), Some(0));
     assert_eq!(bpffs.listing(), BTreeSet::new(), "pins after SIGTERM");
+    assert_eq!(bpffs.instances(), BTreeSet::new(), "pin directories after SIGTERM");
     assert!(!switch.links().contains(&t0), "the taps go with a clean stop");
+    assert_left_as_found(switch, &va, false);
+    assert_left_as_found(switch, &vb, true);
     for (kind, id) in pins_after {
         dataplane_tests::settle::wait_until(&format!("{kind} {id} goes with a clean stop"), || {
-            !bpf_object_exists(&switch, &kind, id)
+            !bpf_object_exists(switch, &kind, id)
         });
     }
 }
@@ -579,6 +719,64 @@ fn a_new_abi_rebuilds_from_the_state_file_and_nothing_old_remains() {
 #[test]
 fn netlink_mode_new_abi_after_kill_9_rebuilds_and_nothing_old_remains() {
     restart_under_traffic(Stop::Kill, &["--x-attach", "netlink"], Some("changedabi"));
+}
+
+/// The hubs' and the tunnels' programs on interfaces netdevd did not create (two veths and
+/// loopback), through two restarts (`x-exit-preserve`, then `kill -9`), then a clean stop: the
+/// interfaces are left as netdevd found them. In netlink mode the `clsact` qdiscs the first run
+/// added go with the last daemon's stop, while one another tool added before is kept; in TCX
+/// mode no link is left.
+fn a_clean_stop_after_restarts_leaves_interfaces_as_found(attach: &[&str]) {
+    let fx = Restart::new("rsq").with_args(attach);
+    let switch = &fx.switch;
+    let (va, vb) = (dataplane_tests::unique("v"), dataplane_tests::unique("v"));
+    for v in [&va, &vb] {
+        let peer = format!("{v}p");
+        switch.ip(&["link", "add", v, "type", "veth", "peer", "name", &peer]);
+        switch.ip(&["link", "set", v, "up"]);
+        switch.ip(&["link", "set", &peer, "up"]);
+    }
+    // Another tool's qdisc, there before netdevd.
+    tc(switch, &["qdisc", "add", "dev", &vb, "clsact"]);
+    let mut daemon = fx.start();
+    let tcx = daemon.attaches_with_tcx();
+    for v in [&va, &vb] {
+        daemon.add(&format!("af-xdp,id={v},ifname={v}"));
+        daemon.add(&format!("hubport,id=p{v},hubid=0,netdev={v}"));
+    }
+    // Kernel tunnels: `tunnel_rx` on loopback.
+    daemon.add("dgram,id=d0,local.type=inet,local.host=127.0.0.1,local.port=5420,remote.type=inet,remote.host=127.0.0.1,remote.port=5421");
+    daemon.add("dgram,id=d1,local.type=inet,local.host=127.0.0.1,local.port=5421,remote.type=inet,remote.host=127.0.0.1,remote.port=5420");
+    daemon.add("hubport,id=pd0,hubid=0,netdev=d0");
+    let ids = daemon.netdev_ids();
+    let found = [(va.as_str(), false), (vb.as_str(), true), ("lo", false)];
+    for (ifname, _) in found {
+        assert_eq!(switch.attached_programs(ifname).0.len(), 1, "a program on {ifname}");
+    }
+    assert_eq!(has_clsact(switch, &va), !tcx, "netlink mode adds a clsact qdisc to {va}");
+
+    for stop in [Stop::Preserve, Stop::Kill] {
+        daemon = fx.restart(&mut daemon, stop, &[]);
+        assert_eq!(daemon.netdev_ids(), ids, "after {stop:?}");
+        for (ifname, _) in found {
+            assert_eq!(switch.attached_programs(ifname).0.len(), 1, "one program on {ifname} after {stop:?}");
+        }
+    }
+    assert_eq!(daemon.terminate(), Some(0));
+    for (ifname, had_clsact) in found {
+        assert_left_as_found(switch, ifname, had_clsact);
+    }
+    assert_eq!(fx.bpffs.instances(), BTreeSet::new(), "pin directories after SIGTERM");
+}
+
+#[test]
+fn a_clean_stop_after_restarts_leaves_no_program_on_interfaces_it_found() {
+    a_clean_stop_after_restarts_leaves_interfaces_as_found(&[]);
+}
+
+#[test]
+fn netlink_mode_a_clean_stop_after_restarts_removes_only_the_clsact_it_added() {
+    a_clean_stop_after_restarts_leaves_interfaces_as_found(&["--x-attach", "netlink"]);
 }
 
 /// A flood frame as an IPv4 packet (protocol 253, for experiments): a tunnel to a peer on this
@@ -619,16 +817,16 @@ fn tunnel_counter(daemon: &Daemon, id: &str, name: &str) -> u64 {
 /// kernel, while the daemon stops as `stop` says and a new one starts: the tunnels' veth pairs
 /// and kernel entries are kept, every frame arrives exactly once, the tunnels' kernel counters
 /// go on, the new daemon's programs are swapped in place and its sockets are bound again.
-fn tunnels_keep_traffic_across_a_restart(stop: Stop, attach: &[&str]) {
-    let switch = Netns::new("rtn");
-    switch.quiet();
-    switch.ip(&["link", "set", "lo", "up"]);
-    let bpffs = Bpffs::mount();
-    let state = TempDir::new();
-    let state_dir = state.0.join("state");
-    let mut extra = vec!["--bpffs", bpffs.path()];
-    extra.extend_from_slice(attach);
-    let mut first = Daemon::start_on(&switch, Some(&state_dir), &extra);
+///
+/// With `new_abi` the new daemon's object counts as another ABI: it rebuilds the tunnels from the
+/// state file into new maps (frames may be lost meanwhile), after which they carry every frame
+/// of a second flood; nothing of the old run remains (its pins, maps and links, a veth pair
+/// nobody owns).
+fn tunnels_keep_traffic_across_a_restart(stop: Stop, attach: &[&str], new_abi: Option<&str>) {
+    let fx = Restart::new("rtn").with_args(attach);
+    let switch = &fx.switch;
+    let mut first = fx.start();
+    let tcx = first.attaches_with_tcx();
     let (t0, t1) = (dataplane_tests::unique("t"), dataplane_tests::unique("t"));
     first.add(&format!("tap,id={t0},ifname={t0},script=no,downscript=no"));
     first.add(&format!("hubport,id=p{t0},hubid=0,netdev={t0}"));
@@ -638,45 +836,77 @@ fn tunnels_keep_traffic_across_a_restart(stop: Stop, attach: &[&str]) {
     first.add("hubport,id=pd1,hubid=1,netdev=d1");
     first.add(&format!("tap,id={t1},ifname={t1},script=no,downscript=no"));
     first.add(&format!("hubport,id=p{t1},hubid=1,netdev={t1}"));
-    let sender = dataplane_tests::TapVm::open(&switch, &t0, false);
-    let receiver = dataplane_tests::TapVm::open(&switch, &t1, false);
+    let sender = dataplane_tests::TapVm::open(switch, &t0, false);
+    let receiver = dataplane_tests::TapVm::open(switch, &t1, false);
     switch.wait_link_ready(&t0, dataplane_tests::settle::DEADLINE);
     switch.wait_link_ready(&t1, dataplane_tests::settle::DEADLINE);
-    lengthen_tap_queue(&switch, &t1);
+    lengthen_tap_queue(switch, &t1);
     let netdevs_before = netdevs_without_counters(&first);
-    let record_before = recorded(&state_dir);
+    let record_before = fx.recorded();
     let pairs: Vec<String> =
         record_before.iter().filter(|(id, _)| id.starts_with('d')).flat_map(|(_, names)| names.clone()).collect();
     assert_eq!(pairs.len(), 4, "two veth pairs recorded: {record_before:?}");
     let indexes_before: Vec<Option<u32>> = pairs.iter().map(|name| switch.ifindex(name)).collect();
     // The tunnel programs: `tunnel_port` on each pair's port end, `tunnel_rx` on loopback.
     let tunnel_hooks = [pairs[1].clone(), pairs[3].clone(), "lo".to_owned()];
-    let hooks_before: Vec<Vec<(u32, u32)>> = tunnel_hooks.iter().map(|ifname| hooks(&switch, ifname)).collect();
+    let hooks_before: Vec<Vec<(u32, u32)>> = tunnel_hooks.iter().map(|ifname| hooks(switch, ifname)).collect();
+    let pins_before = pinned_ids(switch, &fx.bpffs);
 
     let flood = NumberedFlood::start(sender, receiver, ipv4_flood_frame);
     std::thread::sleep(Duration::from_secs(1));
-    stop_first(&mut first, stop);
-    let second = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    let abi_args = new_abi.map(|abi| vec!["--x-abi-hash", abi]).unwrap_or_default();
+    let second = fx.restart(&mut first, stop, &abi_args);
     assert!(flood.is_running(), "the restart happened while the frames flowed");
-    flood.assert_each_arrived_once("frames through the tunnels", &switch, &t1);
+    if new_abi.is_none() {
+        flood.assert_each_arrived_once("frames through the tunnels", switch, &t1);
+    } else {
+        // Frames may be lost while the tunnels move to the new maps; afterwards none is.
+        let (seen, sender, receiver) = flood.finish();
+        eprintln!("frames lost across the ABI change: {}", seen.iter().filter(|count| **count == 0).count());
+        NumberedFlood::start_counted(4_000, sender, receiver, ipv4_flood_frame)
+            .assert_each_arrived_once("frames through the rebuilt tunnels", switch, &t1);
+    }
 
-    // The same netdevs on the very same pairs, the kernel's tunnel counters went on.
+    // The same netdevs on the very same pairs.
     assert_eq!(netdevs_without_counters(&second), netdevs_before, "x-query-netdevs after the restart");
-    assert_eq!(recorded(&state_dir), record_before, "the state file names the same interfaces");
+    assert_eq!(fx.recorded(), record_before, "the state file names the same interfaces");
     let indexes_after: Vec<Option<u32>> = pairs.iter().map(|name| switch.ifindex(name)).collect();
     assert_eq!(indexes_after, indexes_before, "the tunnels' veth pairs were kept: {pairs:?}");
     let own: BTreeSet<String> = pairs.iter().cloned().chain([t0.clone(), t1.clone()]).collect();
-    assert_eq!(marked(&switch, &mark_of(&state_dir)), own, "netdevd's interfaces: the taps and the kept pairs");
-    assert_eq!(tunnel_counter(&second, "d0", "encap-packets"), u64::from(NumberedFlood::FRAMES), "d0 encapsulated every frame");
-    assert_eq!(tunnel_counter(&second, "d1", "decap-packets"), u64::from(NumberedFlood::FRAMES), "d1 received every frame");
-    assert_eq!(tunnel_counter(&second, "d0", "to-user-space"), 0, "no frame took d0's socket");
-    assert_eq!(counter(&second.counters(&format!("p{t1}")), "tx-packets"), u64::from(NumberedFlood::FRAMES), "{t1}'s port");
-    // One program per hook, the new daemon's, in the earlier attachment.
+    assert_eq!(fx.marked(), own, "netdevd's interfaces: the taps and the kept pairs");
+    assert_eq!(veths_and_taps(switch), own, "no interface of the old run is left over");
+    if new_abi.is_none() {
+        // The kernel's tunnel counters went on.
+        assert_eq!(tunnel_counter(&second, "d0", "encap-packets"), u64::from(NumberedFlood::FRAMES), "d0 encapsulated every frame");
+        assert_eq!(tunnel_counter(&second, "d1", "decap-packets"), u64::from(NumberedFlood::FRAMES), "d1 received every frame");
+        assert_eq!(tunnel_counter(&second, "d0", "to-user-space"), 0, "no frame took d0's socket");
+        assert_eq!(counter(&second.counters(&format!("p{t1}")), "tx-packets"), u64::from(NumberedFlood::FRAMES), "{t1}'s port");
+    } else {
+        // New maps count from the restart on: at least the second flood, in the kernel.
+        assert!(tunnel_counter(&second, "d0", "encap-packets") >= 4_000, "d0 encapsulates in the kernel");
+        assert!(tunnel_counter(&second, "d1", "decap-packets") >= 4_000, "d1 receives in the kernel");
+    }
+    // One program per hook, the new daemon's, in the earlier attachment (a new ABI's TCX links
+    // are new: the old run's went with its pins).
+    let in_place = new_abi.is_none() || !tcx;
     for (ifname, before) in tunnel_hooks.iter().zip(&hooks_before) {
-        let after = hooks(&switch, ifname);
+        let after = hooks(switch, ifname);
         assert_eq!((before.len(), after.len()), (1, 1), "hooks on {ifname}: {before:?} then {after:?}");
-        assert_eq!(after[0].0, before[0].0, "{ifname}'s attachment is the same");
+        assert_eq!(after[0].0 == before[0].0, in_place, "{ifname}'s attachment before {before:?}, after {after:?}");
         assert_ne!(after[0].1, before[0].1, "the new daemon's program runs on {ifname}");
+    }
+    if let Some(abi) = new_abi {
+        // The old run's maps and links are gone, and its pin directory.
+        for (kind, id) in &pins_before {
+            dataplane_tests::settle::wait_until(&format!("the old run's {kind} {id} is gone"), || {
+                !bpf_object_exists(switch, kind, *id)
+            });
+        }
+        let dirs = fx.bpffs.instances();
+        assert!(
+            dirs.iter().all(|dir| dir.split('/').nth(1).is_none_or(|sub| sub == abi || sub == "clsact-added")),
+            "only the new ABI's pin directory remains: {dirs:?}"
+        );
     }
     // The new daemon bound the tunnels' sockets again.
     for port in ["5410", "5411"] {
@@ -684,25 +914,43 @@ fn tunnels_keep_traffic_across_a_restart(stop: Stop, attach: &[&str]) {
         assert!(String::from_utf8_lossy(&output.stdout).contains(&format!("127.0.0.1:{port}")), "socket on {port}");
     }
 
-    // A clean stop takes the kept pairs with everything else.
+    // A clean stop takes the kept pairs with everything else, and leaves loopback as it was.
     let mut second = second;
+    let pins_after = pinned_ids(switch, &fx.bpffs);
     assert_eq!(second.terminate(), Some(0));
-    assert_eq!(marked(&switch, &mark_of(&state_dir)), BTreeSet::new(), "after SIGTERM");
+    assert_eq!(fx.marked(), BTreeSet::new(), "after SIGTERM");
+    assert_eq!(fx.bpffs.instances(), BTreeSet::new(), "pin directories after SIGTERM");
+    for (kind, id) in pins_after {
+        dataplane_tests::settle::wait_until(&format!("{kind} {id} goes with a clean stop"), || {
+            !bpf_object_exists(switch, &kind, id)
+        });
+    }
+    assert_left_as_found(switch, "lo", false);
 }
 
 #[test]
 fn tunnels_keep_in_kernel_traffic_across_x_exit_preserve() {
-    tunnels_keep_traffic_across_a_restart(Stop::Preserve, &[]);
+    tunnels_keep_traffic_across_a_restart(Stop::Preserve, &[], None);
 }
 
 #[test]
 fn tunnels_keep_in_kernel_traffic_across_kill_9() {
-    tunnels_keep_traffic_across_a_restart(Stop::Kill, &[]);
+    tunnels_keep_traffic_across_a_restart(Stop::Kill, &[], None);
 }
 
 #[test]
 fn netlink_mode_tunnels_keep_in_kernel_traffic_across_kill_9() {
-    tunnels_keep_traffic_across_a_restart(Stop::Kill, &["--x-attach", "netlink"]);
+    tunnels_keep_traffic_across_a_restart(Stop::Kill, &["--x-attach", "netlink"], None);
+}
+
+#[test]
+fn a_new_abi_rebuilds_kept_tunnels_from_the_state_file_and_nothing_old_remains() {
+    tunnels_keep_traffic_across_a_restart(Stop::Preserve, &[], Some("changedabi"));
+}
+
+#[test]
+fn netlink_mode_new_abi_after_kill_9_rebuilds_kept_tunnels_and_nothing_old_remains() {
+    tunnels_keep_traffic_across_a_restart(Stop::Kill, &["--x-attach", "netlink"], Some("changedabi"));
 }
 
 /// Runs busybox `udhcpc` once on `eth0` of `ns` and returns the address it was offered.
@@ -737,16 +985,9 @@ fn accepted(listener: &std::net::TcpListener, timeout: Duration) -> Option<std::
 
 #[test]
 fn user_space_backends_start_anew_after_x_exit_preserve() {
-    let switch = Netns::new("rsb");
-    switch.quiet();
-    switch.ip(&["link", "set", "lo", "up"]);
-    let bpffs = Bpffs::mount();
-    let state = TempDir::new();
-    let state_dir = state.0.join("state");
-    let resolv = state.0.join("resolv.conf");
-    std::fs::write(&resolv, "nameserver 127.0.0.1\n").expect("write resolv.conf");
-    let extra = ["--bpffs", bpffs.path(), "--user-resolv-conf", resolv.to_str().expect("utf-8 path")];
-    let mut first = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    let fx = Restart::new("rsb").with_user_resolver();
+    let switch = &fx.switch;
+    let mut first = fx.start();
 
     // A stream client with reconnect, to a server the test holds in the namespace.
     let listener = switch.within(|| std::net::TcpListener::bind("127.0.0.1:5310").expect("bind the stream server"));
@@ -765,18 +1006,17 @@ fn user_space_backends_start_anew_after_x_exit_preserve() {
     first.add(&format!("hubport,id=pg,hubid=0,netdev={veth}"));
     first.add("user,id=u0");
     first.add("hubport,id=pu,hubid=0,netdev=u0");
-    let lease = dhcp_address(&guest, &state.0);
+    let lease = dhcp_address(&guest, &fx.files.0);
     let ids = first.netdev_ids();
 
-    stop_first(&mut first, Stop::Preserve);
-    let second = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    let second = fx.restart(&mut first, Stop::Preserve, &[]);
     assert_eq!(second.netdev_ids(), ids, "the netdevs are back");
     // The stream connects again (a new connection: the old one closed with its process) ...
     let after = accepted(&listener, Duration::from_secs(20)).expect("the stream reconnects after the restart");
     drop((before, after));
     // ... and the user netdev's new NAT state leases the same address to the same MAC.
     guest.ip(&["addr", "flush", "dev", "eth0"]);
-    assert_eq!(dhcp_address(&guest, &state.0), lease, "the same DHCP address after the restart");
+    assert_eq!(dhcp_address(&guest, &fx.files.0), lease, "the same DHCP address after the restart");
 }
 
 /// The keys of the hash map `name` the daemon `pid` holds (the pinned one), sorted.
@@ -787,14 +1027,9 @@ fn map_keys<K: aya::Pod + Ord, V: aya::Pod>(pid: u32, name: &str) -> Vec<K> {
 #[test]
 fn receive_filters_come_back_and_stale_kernel_entries_go() {
     use dataplane_common::{RxFilterConfig, TunnelConfig};
-    let switch = Netns::new("rsf");
-    switch.quiet();
-    switch.ip(&["link", "set", "lo", "up"]);
-    let bpffs = Bpffs::mount();
-    let state = TempDir::new();
-    let state_dir = state.0.join("state");
-    let extra = ["--bpffs", bpffs.path()];
-    let mut first = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    let fx = Restart::new("rsf");
+    let switch = &fx.switch;
+    let mut first = fx.start();
     let (t0, t1) = (dataplane_tests::unique("t"), dataplane_tests::unique("t"));
     for t in [&t0, &t1] {
         first.add(&format!("tap,id={t},ifname={t},script=no,downscript=no"));
@@ -819,9 +1054,9 @@ fn receive_filters_come_back_and_stale_kernel_entries_go() {
     // n1's VM went away while no daemon ran: its tap is gone, and the NIC with it.
     let t1_index = switch.ifindex(&t1).expect("the tap outlived the daemon");
     switch.ip(&["link", "del", &t1]);
-    let tunnel_pair = recorded(&state_dir).into_iter().find(|(id, _)| id == "d0").expect("d0 recorded").1;
+    let tunnel_pair = fx.recorded().into_iter().find(|(id, _)| id == "d0").expect("d0 recorded").1;
     switch.ip(&["link", "del", &tunnel_pair[0]]);
-    let second = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    let second = fx.start();
     assert_eq!(second.netdev_ids(), [t0.clone(), format!("p{t0}"), "n0".to_owned(), "d0".to_owned(), "pd".to_owned()]);
 
     // The filter x-set-rx-filter made is the NIC's again, in the daemon and in the kernel ...
@@ -874,18 +1109,13 @@ fn fake_qemu_monitor(path: &std::path::Path, filter: Value) -> std::sync::Arc<st
 
 #[test]
 fn a_followed_nic_follows_its_qemu_again_after_x_exit_preserve() {
-    let switch = Netns::new("rsn");
-    switch.quiet();
-    let bpffs = Bpffs::mount();
-    let state = TempDir::new();
-    let state_dir = state.0.join("state");
-    let monitor = state.0.join("qemu-qmp.sock");
+    let fx = Restart::new("rsn");
+    let monitor = fx.files.0.join("qemu-qmp.sock");
     let filter = serde_json::json!({"name": "net0", "promiscuous": false, "multicast": "normal", "unicast": "normal",
         "vlan": "all", "broadcast-allowed": false, "multicast-overflow": false, "unicast-overflow": false,
         "main-mac": "52:54:00:12:34:20", "vlan-table": [], "unicast-table": [], "multicast-table": ["01:00:5e:00:00:fb"]});
     let connections = fake_qemu_monitor(&monitor, filter);
-    let extra = ["--bpffs", bpffs.path()];
-    let mut first = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    let mut first = fx.start();
     let tap = dataplane_tests::unique("t");
     first.add(&format!("tap,id={tap},ifname={tap},script=no,downscript=no"));
     first.add(&format!("hubport,id=p{tap},hubid=0,netdev={tap}"));
@@ -895,8 +1125,7 @@ fn a_followed_nic_follows_its_qemu_again_after_x_exit_preserve() {
     assert_eq!(followed[0]["promiscuous"], false, "the NIC took QEMU's filter: {followed}");
     assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
 
-    stop_first(&mut first, Stop::Preserve);
-    let second = Daemon::start_on(&switch, Some(&state_dir), &extra);
+    let second = fx.restart(&mut first, Stop::Preserve, &[]);
     assert_eq!(second.netdev_ids(), [tap.clone(), format!("p{tap}"), "n0".to_owned()]);
     // The new daemon connected to QEMU's monitor again and took the filter from it.
     assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 2, "the monitor was connected again");

@@ -229,8 +229,8 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
         && let Some(stale) = pin_dir.take()
     {
         // Nothing to adopt: pins of an earlier run (a crash before anything was recorded) go,
-        // and the maps start empty.
-        stale.remove_all();
+        // and the maps start empty; its record of the clsact qdiscs it added stays until they go.
+        stale.remove_abis();
         pin_dir = PinDir::prepare(&startup.bpffs, instance.id(), &abi);
     }
     // An earlier run's pins: its links go once the new programs are attached; maps of the
@@ -250,7 +250,6 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
     }
     tracing::info!(kernel = %info.kernel, mode = ?info.attach_mode, forced = info.forced,
         leftovers_removed = info.leftovers_removed, "dataplane attach mode");
-    let netlink_mode = info.attach_mode == attach::AttachMode::Netlink;
     dataplane.set_info(info);
     if record.is_some() {
         // Adoption swaps the new programs into these in place (bpf_link_update, tc filter replace).
@@ -315,6 +314,7 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
     };
     if let Err((id, error)) = started {
         daemon.tear_down().await;
+        daemon.remove_earlier_attachments().await;
         if let Some(pins) = &pin_dir {
             pins.remove_all();
         }
@@ -335,8 +335,8 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
     for dir in &other_abis {
         pins::remove_tree(dir);
     }
-    if netlink_mode && record.is_some() {
-        let removed = attach::remove_leftovers();
+    {
+        let removed = daemon.remove_earlier_attachments().await;
         tracing::info!(removed, "earlier run's TC filters removed");
     }
     let mut listeners = Vec::new();

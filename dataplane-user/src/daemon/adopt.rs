@@ -323,6 +323,14 @@ impl Daemon {
         }
     }
 
+    /// After adoption and the configuration's netdevs: what the earlier run attached and this
+    /// one did not take over goes, with the `clsact` qdiscs netdevd added that nothing uses now
+    /// (see [`kernel::Dataplane::remove_earlier_attachments`]). Returns how many filters went.
+    pub async fn remove_earlier_attachments(&self) -> usize {
+        let mut state = self.state.lock().await;
+        state.host.as_mut().map_or(0, |host| host.dataplane.remove_earlier_attachments())
+    }
+
     /// Brings the configured netdevs in line with the configuration after an adoption:
     /// `previous` are the ones the earlier run's configuration made. Same arguments: kept;
     /// different: replaced; gone from the file: deleted; new: created. The first failure is

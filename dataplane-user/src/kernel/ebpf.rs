@@ -105,8 +105,8 @@ pub struct EbpfDataplane {
     mode: AttachMode,
     /// What start-up probed, once the mode is chosen.
     info: Option<DataplaneInfo>,
-    /// Interfaces whose `clsact` qdisc the daemon added (netlink mode): removed again with the
-    /// daemon's last filter on them.
+    /// Interfaces whose `clsact` qdisc netdevd added (netlink mode), in this run or an earlier
+    /// one of the instance (recorded with the pins): removed again with the last filter on them.
     clsact_added: HashSet<u32>,
     /// An earlier run's attachments not taken over yet ([`Self::find_earlier`]).
     earlier: HashMap<EarlierKey, Earlier>,
@@ -329,6 +329,7 @@ impl EbpfDataplane {
         let tunnel_counters =
             PerCpuHashMap::try_from(take(maps::TUNNEL_COUNTERS)?).map_err(|e| load_error(boxed(e)))?;
         let cpus = nr_cpus().map_err(|(_, e)| load_error(boxed(e)))?;
+        let clsact_added = pins.as_ref().map(PinDir::clsact_added).unwrap_or_default().into_iter().collect();
         Ok(Self {
             ebpf,
             pins,
@@ -353,7 +354,7 @@ impl EbpfDataplane {
             cpus,
             mode: AttachMode::Tcx,
             info: None,
-            clsact_added: HashSet::new(),
+            clsact_added,
             earlier: HashMap::new(),
             taken_over: 0,
         })
@@ -503,6 +504,9 @@ impl EbpfDataplane {
         match aya::programs::tc::qdisc_add_clsact(ifname) {
             Ok(()) => {
                 self.clsact_added.insert(ifindex);
+                if let Some(pins) = &self.pins {
+                    pins.record_clsact(ifindex);
+                }
             }
             Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(attach_error(boxed(e))),
@@ -527,14 +531,18 @@ impl EbpfDataplane {
         Err(attach_error(last_error.map_or_else(|| "no free filter handle".into(), boxed)))
     }
 
-    /// Removes the `clsact` qdisc of `ifindex` if the daemon added it and no filter is left.
+    /// Removes the `clsact` qdisc of `ifindex` if netdevd added it and no filter is left. Not
+    /// only in netlink mode: an earlier run in netlink mode may have added it.
     fn forget_clsact(&mut self, ifindex: u32) {
-        if self.mode != AttachMode::Netlink || !self.clsact_added.contains(&ifindex) {
+        if !self.clsact_added.contains(&ifindex) {
             return;
         }
         match attach::remove_clsact_if_empty(ifindex) {
             Ok(true) => {
                 self.clsact_added.remove(&ifindex);
+                if let Some(pins) = &self.pins {
+                    pins.forget_clsact(ifindex);
+                }
             }
             // Another filter still uses it (a program of ours in the other direction, or
             // another tool's added since): it stays.
@@ -788,6 +796,16 @@ impl Dataplane for EbpfDataplane {
         let stale: Vec<u32> =
             self.tunnel_counters.keys().filter_map(Result::ok).filter(|ifindex| !plan.tunnels.contains_key(ifindex)).collect();
         removed += stale.iter().filter(|ifindex| self.tunnel_counters.remove(ifindex).is_ok()).count();
+        removed
+    }
+
+    fn remove_earlier_attachments(&mut self) -> usize {
+        // In either mode: an earlier run may have attached in netlink mode.
+        let removed = attach::remove_leftovers();
+        let added: Vec<u32> = self.clsact_added.iter().copied().collect();
+        for ifindex in added {
+            self.forget_clsact(ifindex);
+        }
         removed
     }
 

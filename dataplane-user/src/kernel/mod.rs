@@ -93,6 +93,12 @@ pub trait Dataplane: Send + Sync {
     fn prune(&mut self, _plan: &Plan) -> usize {
         0
     }
+    /// Once a restart's adoption is done: removes the attachments an earlier run left that this
+    /// one did not take over (netlink filters no live process holds), and the `clsact` qdiscs
+    /// netdevd added that no filter uses any more. Returns how many filters went.
+    fn remove_earlier_attachments(&mut self) -> usize {
+        0
+    }
 }
 
 /// A MAC a learning segment saw, as [`Dataplane::learned_macs`] reports it.

@@ -7,6 +7,12 @@
 //! and the old ones share every table and counter; a daemon with another hash makes new maps, and
 //! the old directory goes once nothing uses it. aya re-opens a pinned map without comparing its
 //! layout, which is why the layout is in the path.
+//!
+//! Beside the ABI directories, `<instance>/clsact-added/` names (one empty directory per
+//! ifindex) the interfaces whose `clsact` qdisc a daemon of this instance added in netlink mode:
+//! the qdisc outlives the daemon with its filters, and the run that ends the last filter on it
+//! (possibly a later one, after a restart) removes it. An interface whose `clsact` was there
+//! before netdevd is never named, so it keeps its qdisc.
 
 use std::{
     io,
@@ -23,6 +29,9 @@ use dataplane_common::{
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 /// Raised by hand when a map's meaning changes while its sizes stay.
 const LAYOUT_REVISION: u32 = 1;
+/// The instance's record of the `clsact` qdiscs it added; not a valid ABI name (see
+/// `--x-abi-hash`), so never taken for an ABI directory.
+const CLSACT_ADDED: &str = "clsact-added";
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: libc::__fsword_t = 0xcafe_4a11;
 
@@ -168,7 +177,53 @@ impl PinDir {
     /// The directories of other ABIs of this instance: an earlier run's with another layout.
     #[must_use]
     pub fn other_abis(&self) -> Vec<PathBuf> {
-        entries(&self.instance).unwrap_or_default().into_iter().filter(|dir| *dir != self.abi).collect()
+        let clsact = self.clsact_added_dir();
+        entries(&self.instance).unwrap_or_default().into_iter().filter(|dir| *dir != self.abi && *dir != clsact).collect()
+    }
+
+    fn clsact_added_dir(&self) -> PathBuf {
+        self.instance.join(CLSACT_ADDED)
+    }
+
+    /// The interfaces whose `clsact` qdisc this instance added and has not removed yet, by any
+    /// run and in any ABI.
+    #[must_use]
+    pub fn clsact_added(&self) -> Vec<u32> {
+        let found = entries(&self.clsact_added_dir()).unwrap_or_default();
+        let mut added: Vec<u32> = found.iter().filter_map(|dir| dir.file_name()?.to_str()?.parse().ok()).collect();
+        added.sort_unstable();
+        added
+    }
+
+    /// Records that this instance added the `clsact` qdisc of `ifindex`.
+    pub fn record_clsact(&self, ifindex: u32) {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = self.clsact_added_dir().join(ifindex.to_string());
+        if let Err(error) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir) {
+            tracing::warn!(dir = %dir.display(), %error,
+                "cannot record an added clsact qdisc: a later run will not remove it");
+        }
+    }
+
+    /// Forgets the `clsact` qdisc of `ifindex`: it is gone.
+    pub fn forget_clsact(&self, ifindex: u32) {
+        let dir = self.clsact_added_dir().join(ifindex.to_string());
+        if let Err(error) = std::fs::remove_dir(&dir)
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), %error, "cannot forget a removed clsact qdisc");
+        }
+    }
+
+    /// Unpins the maps and links of every ABI of this instance, keeping the record of the
+    /// `clsact` qdiscs it added: what a start with nothing to adopt does (the filters on those
+    /// qdiscs are removed as leftovers, then the qdiscs with [`Self::clsact_added`]).
+    pub fn remove_abis(&self) {
+        for dir in entries(&self.instance).unwrap_or_default() {
+            if dir != self.clsact_added_dir() {
+                remove_tree(&dir);
+            }
+        }
     }
 
     /// Unpins everything of this instance, every ABI: what a clean stop does last.
@@ -213,6 +268,28 @@ mod tests {
         assert_eq!(parse_link_pin(Path::new("/x/tunnel_rx-12-ingress-ab-1")), Some(("tunnel_rx".to_owned(), 12, Direction::Ingress)));
         assert_eq!(parse_link_pin(Path::new("hub_tc-7-sideways-a-1")), None);
         assert_eq!(parse_link_pin(Path::new("hub_tc-x-ingress-a-1")), None);
+    }
+
+    #[test]
+    fn the_clsact_record_outlives_abis_and_is_no_abi() {
+        let root = tempfile::tempdir().unwrap();
+        let instance = root.path().join("0123456789abcdef");
+        let dirs = PinDir { instance: instance.clone(), abi: instance.join("newabi") };
+        for dir in [dirs.maps(), instance.join("oldabi/links")] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        dirs.record_clsact(12);
+        dirs.record_clsact(7);
+        dirs.record_clsact(7);
+        assert_eq!(dirs.clsact_added(), [7, 12]);
+        assert_eq!(dirs.other_abis(), [instance.join("oldabi")]);
+        dirs.remove_abis();
+        assert_eq!(entries(&instance).unwrap(), [instance.join(CLSACT_ADDED)]);
+        dirs.forget_clsact(12);
+        dirs.forget_clsact(12);
+        assert_eq!(dirs.clsact_added(), [7]);
+        dirs.remove_all();
+        assert!(!instance.exists());
     }
 
     #[test]
