@@ -1,7 +1,7 @@
 //! vhost-vdpa through the daemon. This host's kernel has no vDPA (neither does Debian's 6.1), so
 //! `netdev_add` of a real node must answer QEMU's error and change nothing; the data path is
 //! checked end to end on the simulated loopback device, which the daemon offers only with
-//! `NETDEVD_X_SIMULATED_VDPA=1` in its environment: a frame from a "VM" on a tap crosses the
+//! `NETDEVD_X_SIMULATED_VDPA` in its environment: a frame from a "VM" on a tap crosses the
 //! hub into the device's transmit ring and comes back on its receive ring to the tap. The value of
 //! that variable picks what the simulated device offers beyond `vdpa_sim_net`'s features
 //! (`offloads`, `ctrl-rx`) and whether it refuses receive-mode commands (`refuse-rx`): a TSO

@@ -29,8 +29,8 @@ use virtio_bindings::{
         VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_PROMISC,
         VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ,
         VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4,
-        VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_NEEDS_CSUM,
-        VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_OK,
+        VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID,
+        VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_OK,
         VIRTIO_NET_S_LINK_UP,
     },
 };
@@ -192,7 +192,7 @@ impl Command {
     /// `struct virtio_net_ctrl_hdr` (class, command) and the command's data, little-endian.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
-        #[allow(clippy::cast_possible_truncation)] // the spec's class and command numbers are u8
+        // The spec's class and command numbers are all below 256.
         let head = |class: u32, command: u32| vec![class as u8, command as u8];
         match self {
             Self::Pairs(pairs) => [head(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET), pairs.to_le_bytes().to_vec()].concat(),
@@ -686,6 +686,10 @@ impl Active {
                 BackendStats::count(&stats.oversized_frames);
                 continue;
             }
+            // The tap leaves `num_buffers` as it was and may say DATA_VALID; a driver sends
+            // neither (virtio 1.x, 5.1.6.2).
+            scratch[0] &= !(VIRTIO_NET_HDR_F_DATA_VALID as u8);
+            scratch[HDR_LEN - 2..HDR_LEN].fill(0);
             // Only what the device took (the port is set so; a header asking more is a bug).
             if !device_takes(self.info.features, &scratch[..HDR_LEN]) {
                 BackendStats::count(&stats.bad_headers);

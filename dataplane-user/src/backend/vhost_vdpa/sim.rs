@@ -51,7 +51,7 @@ use super::{
 };
 
 /// The name `vhostdev=` gives the simulated device, honoured only when the daemon's environment
-/// has [`SIM_ENV`]`=1` (tests); anywhere else it is a path like any other.
+/// has [`SIM_ENV`] (tests, see [`from_environment`]); anywhere else it is a path like any other.
 pub const SIM_DEVICE: &str = "x-netdevd-simulated-vdpa";
 pub const SIM_ENV: &str = "NETDEVD_X_SIMULATED_VDPA";
 
