@@ -63,7 +63,8 @@ pub struct BackendStats {
     pub runt_frames: AtomicU64,
     /// Stream frames over 69632 bytes (the connection is closed, as QEMU does).
     pub oversized_frames: AtomicU64,
-    /// Datagrams whose L2TPv3 session or cookie did not match.
+    /// Datagrams whose L2TPv3 session or cookie did not match; `vhost-vdpa`: frames whose
+    /// virtio-net header asks an offload the device did not negotiate.
     pub bad_headers: AtomicU64,
     /// Our own multicast frames looped back and not re-injected.
     pub own_frames: AtomicU64,
@@ -75,7 +76,8 @@ pub struct BackendStats {
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
     pub disconnects: AtomicU64,
-    /// `user`: frames to the hub that join several TCP segments (GSO), and the segments in them.
+    /// `user`: frames to the hub that join several TCP segments (GSO), and the segments in them;
+    /// `vhost-vdpa`: GSO frames to and from the device.
     pub gso_frames: AtomicU64,
     pub gso_segments: AtomicU64,
     /// `user`: IPv4 fragments from the guest, dropped before libslirp (see `slirp::engine`).

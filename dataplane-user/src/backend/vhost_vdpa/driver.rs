@@ -4,7 +4,12 @@
 //! device a kick and a call eventfd per ring, and sets DRIVER_OK. Then it moves frames between
 //! the rings and its port (the tap that is its hub port): frames read from the port go on the
 //! transmit ring, frames the device puts on the receive ring go to the port, the 12-byte
-//! virtio-net header passed through unchanged both ways.
+//! virtio-net header passed through unchanged both ways: checksum and TSO metadata the device
+//! negotiated travel with the frame (the port is told which offloads the device takes).
+//!
+//! On the control queue it sets the queue pairs in use and, where the device filters by
+//! `VIRTIO_NET_F_CTRL_RX`, promiscuous and all-multicast mode: a device under a hub receives for
+//! every MAC behind the hub, and those are not known (see [`Command`]).
 //!
 //! The device is not trusted: a used entry naming no buffer, or a length longer than the
 //! buffer, is a counted drop. A device that sets NEEDS_RESET (or FAILED) is reset and brought up
@@ -20,8 +25,13 @@ use virtio_bindings::{
     virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1},
     virtio_ids::VIRTIO_ID_NET,
     virtio_net::{
-        VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
-        VIRTIO_NET_F_STATUS, VIRTIO_NET_OK, VIRTIO_NET_S_LINK_UP,
+        VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MQ,
+        VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_PROMISC,
+        VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ,
+        VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID,
+        VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_OK,
+        VIRTIO_NET_S_LINK_UP,
     },
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -31,15 +41,21 @@ use super::{
     device::{BACKEND_IOTLB_MSG_V2, VdpaDevice, status},
     ring::{BadUsed, DriverRing, ring_bytes},
 };
-use crate::backend::{BackendContext, BackendEvent, BackendStats};
+use crate::{
+    backend::{BackendContext, BackendEvent, BackendStats},
+    port::tun::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6},
+};
 
 /// Entries per ring (or fewer if the device takes fewer).
 pub const QUEUE_SIZE: u16 = 256;
 /// `struct virtio_net_hdr_v1`: before every frame in the rings and on the port.
 pub const HDR_LEN: usize = 12;
-/// One buffer: the header and a frame of up to 9 KiB and more (the port's offloads are off, so
-/// the kernel hands no GSO frames).
+/// One buffer: the header and a frame of up to 9 KiB and more, in a direction without TSO.
 pub const BUFFER_LEN: u32 = 10 * 1024;
+/// One buffer in a direction with TSO: the header and the largest frame the port hands over (a
+/// 64 KiB GSO frame). Without MRG_RXBUF the virtio spec asks receive buffers this large.
+pub const GSO_BUFFER_LEN: u32 = 70 * 1024;
+const _: () = assert!(GSO_BUFFER_LEN as usize >= HDR_LEN + crate::port::pipe::MAX_FRAME);
 const ETH_HEADER_LEN: usize = 14;
 const PAGE: u64 = 4096;
 /// Queue pairs the driver uses at most (one tap queue each).
@@ -53,14 +69,147 @@ const fn bit(n: u32) -> u64 {
     1 << n
 }
 
-/// The features the driver can use. No offloads: its port hands over whole frames. MQ only with
-/// the control queue, which sets the number of pairs in use.
+/// The features the driver can use (see [`negotiate`] for what depends on what). Checksum and
+/// TSO both ways: the header goes between the rings and the port unchanged. Not MRG_RXBUF: a
+/// direction with TSO gets buffers that hold a whole GSO frame instead.
 pub const DRIVER_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_F_ACCESS_PLATFORM)
     | bit(VIRTIO_NET_F_MAC)
     | bit(VIRTIO_NET_F_STATUS)
     | bit(VIRTIO_NET_F_MQ)
-    | bit(VIRTIO_NET_F_CTRL_VQ);
+    | bit(VIRTIO_NET_F_CTRL_VQ)
+    | bit(VIRTIO_NET_F_CTRL_RX)
+    | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
+    | OFFLOADS;
+
+/// Checksum and TSO offloads: `CSUM`/`HOST_TSO*` the device takes from the driver (frames from the
+/// hub), `GUEST_*` the device hands to the driver (frames to the hub).
+pub const OFFLOADS: u64 = bit(VIRTIO_NET_F_CSUM)
+    | bit(VIRTIO_NET_F_HOST_TSO4)
+    | bit(VIRTIO_NET_F_HOST_TSO6)
+    | bit(VIRTIO_NET_F_GUEST_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_TSO4)
+    | bit(VIRTIO_NET_F_GUEST_TSO6);
+
+/// What the driver asks of a device that offers `offered`: [`DRIVER_FEATURES`], less what the
+/// spec forbids without another feature (MQ and the control-queue commands without CTRL_VQ, TSO
+/// without its checksum offload; the kernel's tap refuses TSO without checksum offload too).
+#[must_use]
+pub const fn negotiate(offered: u64) -> u64 {
+    let mut features = offered & DRIVER_FEATURES;
+    if features & bit(VIRTIO_NET_F_CTRL_VQ) == 0 {
+        features &= !(bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_RX) | bit(VIRTIO_NET_F_CTRL_MAC_ADDR));
+    }
+    if features & bit(VIRTIO_NET_F_CSUM) == 0 {
+        features &= !(bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO6));
+    }
+    if features & bit(VIRTIO_NET_F_GUEST_CSUM) == 0 {
+        features &= !(bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6));
+    }
+    features
+}
+
+/// `TUNSETOFFLOAD` for the port: it may hand the driver what the device takes (partial checksums
+/// with CSUM, TSO super-frames with HOST_TSO4/6); anything else the kernel completes or segments
+/// before the port.
+#[must_use]
+pub const fn port_offloads(features: u64) -> u32 {
+    let mut flags = 0;
+    if features & bit(VIRTIO_NET_F_CSUM) != 0 {
+        flags |= TUN_F_CSUM;
+        if features & bit(VIRTIO_NET_F_HOST_TSO4) != 0 {
+            flags |= TUN_F_TSO4;
+        }
+        if features & bit(VIRTIO_NET_F_HOST_TSO6) != 0 {
+            flags |= TUN_F_TSO6;
+        }
+    }
+    flags
+}
+
+/// Whether a frame from the port with this header may go to a device with `features`: its
+/// checksum and GSO requests must be ones the device took.
+fn device_takes(features: u64, header: &[u8]) -> bool {
+    let (flags, gso) = (header[0], header[1]);
+    let csum_ok = u32::from(flags) & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 || features & bit(VIRTIO_NET_F_CSUM) != 0;
+    let gso_ok = match u32::from(gso) {
+        VIRTIO_NET_HDR_GSO_NONE => true,
+        VIRTIO_NET_HDR_GSO_TCPV4 => features & bit(VIRTIO_NET_F_HOST_TSO4) != 0,
+        VIRTIO_NET_HDR_GSO_TCPV6 => features & bit(VIRTIO_NET_F_HOST_TSO6) != 0,
+        _ => false,
+    };
+    csum_ok && gso_ok
+}
+
+/// A command on the control queue (virtio 1.x, 5.1.6.5), each answered by the device with an ack.
+///
+/// The netdev sends `Pairs` (with MQ) and, with CTRL_RX, `Promiscuous(true)` and
+/// `AllMulticast(true)`: the device sits under a hub and must pass frames for every MAC behind
+/// it, which netdevd does not know (taps, tunnels and bridges carry MACs it only learns from
+/// traffic, and they change while the netdev lives), so a MAC table would drop frames for
+/// addresses not yet seen, as a bridge port that is not promiscuous would. `MacTable` and
+/// `MacAddress` are the driver's for completeness of the class; the netdev does not send them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`.
+    Pairs(u16),
+    /// `VIRTIO_NET_CTRL_RX_PROMISC`.
+    Promiscuous(bool),
+    /// `VIRTIO_NET_CTRL_RX_ALLMULTI`.
+    AllMulticast(bool),
+    /// `VIRTIO_NET_CTRL_MAC_TABLE_SET`: the unicast and multicast addresses passed besides the
+    /// device's own.
+    MacTable { unicast: Vec<[u8; 6]>, multicast: Vec<[u8; 6]> },
+    /// `VIRTIO_NET_CTRL_MAC_ADDR_SET`: the device's own address.
+    MacAddress([u8; 6]),
+}
+
+impl Command {
+    /// The spec's name, for errors.
+    #[must_use]
+    pub fn name(&self) -> String {
+        match self {
+            Self::Pairs(pairs) => format!("VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET {pairs}"),
+            Self::Promiscuous(on) => format!("VIRTIO_NET_CTRL_RX_PROMISC {}", u8::from(*on)),
+            Self::AllMulticast(on) => format!("VIRTIO_NET_CTRL_RX_ALLMULTI {}", u8::from(*on)),
+            Self::MacTable { unicast, multicast } => {
+                format!("VIRTIO_NET_CTRL_MAC_TABLE_SET ({} unicast, {} multicast)", unicast.len(), multicast.len())
+            }
+            Self::MacAddress(_) => "VIRTIO_NET_CTRL_MAC_ADDR_SET".to_owned(),
+        }
+    }
+
+    /// The feature the device must have negotiated for the command.
+    #[must_use]
+    pub const fn feature(&self) -> u32 {
+        match self {
+            Self::Pairs(_) => VIRTIO_NET_F_MQ,
+            Self::Promiscuous(_) | Self::AllMulticast(_) | Self::MacTable { .. } => VIRTIO_NET_F_CTRL_RX,
+            Self::MacAddress(_) => VIRTIO_NET_F_CTRL_MAC_ADDR,
+        }
+    }
+
+    /// `struct virtio_net_ctrl_hdr` (class, command) and the command's data, little-endian.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        // The spec's class and command numbers are all below 256.
+        let head = |class: u32, command: u32| vec![class as u8, command as u8];
+        match self {
+            Self::Pairs(pairs) => [head(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET), pairs.to_le_bytes().to_vec()].concat(),
+            Self::Promiscuous(on) => [head(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC), vec![u8::from(*on)]].concat(),
+            Self::AllMulticast(on) => [head(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI), vec![u8::from(*on)]].concat(),
+            Self::MacTable { unicast, multicast } => {
+                let mut out = head(VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET);
+                for table in [unicast, multicast] {
+                    out.extend_from_slice(&u32::try_from(table.len()).unwrap_or(u32::MAX).to_le_bytes());
+                    table.iter().for_each(|mac| out.extend_from_slice(mac));
+                }
+                out
+            }
+            Self::MacAddress(mac) => [head(VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET), mac.to_vec()].concat(),
+        }
+    }
+}
 
 /// Why the device could not be brought up; `Display` says what was asked of it.
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +228,12 @@ pub enum DriverError {
     QueueSize(u16),
     #[error("the vDPA device failed while starting (status {0:#x})")]
     Failed(u8),
-    #[error("the vDPA device did not take {0} queue pairs (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET)")]
-    PairsRefused(usize),
+    #[error("the vDPA device refused {0} on its control queue")]
+    CommandRefused(String),
+    #[error("the vDPA device did not answer {0} on its control queue")]
+    CommandTimeout(String),
+    #[error("the vDPA device has not negotiated what {0} needs")]
+    CommandUnsupported(String),
     #[error("could not allocate the driver's memory: {0}")]
     Memory(String),
 }
@@ -133,6 +286,8 @@ pub struct Driver {
     pairs: usize,
     /// Set by the first bring-up: the port's queues are made for this many pairs.
     pairs_fixed: bool,
+    /// The offloads of the first bring-up, which the port is set for.
+    offloads: Option<u64>,
     /// Between the port and the rings.
     scratch: Vec<u8>,
 }
@@ -149,7 +304,7 @@ impl Driver {
         device.set_owner().map_err(step("cannot take the device (VHOST_SET_OWNER)"))?;
         let backend = device.backend_features().map_err(step("cannot read the backend features"))?;
         device.set_backend_features(backend & BACKEND_IOTLB_MSG_V2).map_err(step("cannot set the backend features"))?;
-        let mut driver = Self { device, active: None, pairs: 1, pairs_fixed: false, scratch: vec![0; crate::port::pipe::MAX_FRAME + HDR_LEN] };
+        let mut driver = Self { device, active: None, pairs: 1, pairs_fixed: false, offloads: None, scratch: vec![0; crate::port::pipe::MAX_FRAME + HDR_LEN] };
         driver.bring_up()?;
         Ok(driver)
     }
@@ -165,14 +320,54 @@ impl Driver {
         self.active.as_ref().map(|active| active.info)
     }
 
+    /// `TUNSETOFFLOAD` for the port, from the features of the first bring-up.
+    #[must_use]
+    pub fn port_offloads(&self) -> u32 {
+        self.offloads.map_or(0, port_offloads)
+    }
+
+    /// What `x-query-netdevs` shows: the link, the offloads and the receive mode.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        self.describe_link(self.info().is_some_and(|info| info.link_up))
+    }
+
+    fn describe_link(&self, up: bool) -> String {
+        let Some(info) = self.info() else { return "vhost-vdpa: link down (device not running)".to_owned() };
+        let names = [
+            (VIRTIO_NET_F_CSUM, "csum"),
+            (VIRTIO_NET_F_HOST_TSO4, "tso4"),
+            (VIRTIO_NET_F_HOST_TSO6, "tso6"),
+            (VIRTIO_NET_F_GUEST_CSUM, "guest-csum"),
+            (VIRTIO_NET_F_GUEST_TSO4, "guest-tso4"),
+            (VIRTIO_NET_F_GUEST_TSO6, "guest-tso6"),
+        ];
+        let offloads: Vec<&str> = names.iter().filter(|(f, _)| info.features & bit(*f) != 0).map(|(_, name)| *name).collect();
+        format!(
+            "vhost-vdpa: link {}, offloads {}, {}",
+            if up { "up" } else { "down" },
+            if offloads.is_empty() { "none".to_owned() } else { offloads.join(" ") },
+            if info.features & bit(VIRTIO_NET_F_CTRL_RX) != 0 { "promiscuous" } else { "the device's own receive filter" }
+        )
+    }
+
+    /// Sends `command` on the control queue and waits for the device's ack. Only while the driver
+    /// does not [`Driver::run`].
+    pub fn command(&mut self, command: &Command) -> Result<(), DriverError> {
+        let Some(active) = self.active.as_mut() else { return Err(DriverError::CommandUnsupported(command.name())) };
+        active.command(command)
+    }
+
     /// Resets the device and starts it from scratch. On failure the device is reset again and
     /// nothing stays mapped.
     pub fn bring_up(&mut self) -> Result<(), DriverError> {
         self.shut_down();
         let mut mapped = None;
-        match self.try_bring_up(&mut mapped) {
-            Ok(active) => {
-                self.active = Some(active);
+        let mut started = None;
+        let result = self.try_bring_up(&mut mapped).and_then(|active| started.insert(active).configure());
+        match result {
+            Ok(()) => {
+                self.active = started;
                 Ok(())
             }
             Err(error) => {
@@ -181,6 +376,8 @@ impl Driver {
                     let _ = self.device.dma_unmap(iova, size);
                 }
                 let _ = self.device.set_status(0);
+                // Only now that the device reaches it no more.
+                drop(started);
                 Err(error)
             }
         }
@@ -199,9 +396,10 @@ impl Driver {
         if offered & bit(VIRTIO_F_VERSION_1) == 0 {
             return Err(DriverError::NoVersion1);
         }
-        let mut features = offered & DRIVER_FEATURES;
-        if features & bit(VIRTIO_NET_F_CTRL_VQ) == 0 {
-            features &= !bit(VIRTIO_NET_F_MQ);
+        let mut features = negotiate(offered);
+        // The port's offloads and buffers were made for the first bring-up's: never more.
+        if let Some(first) = self.offloads {
+            features &= !OFFLOADS | first;
         }
         device.set_features(features).map_err(step("cannot set the features"))?;
         let negotiating = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
@@ -233,8 +431,17 @@ impl Driver {
         // The control queue follows every ring the device has, not only those used.
         let rings = if control { 2 * usize::from(device_pairs) + 1 } else { data_rings };
         let ring_area = align(ring_bytes(queue_size), PAGE);
-        let buffers_area = u64::from(queue_size) * u64::from(BUFFER_LEN);
-        let size = align((data_rings + usize::from(control)) as u64 * (ring_area + buffers_area), PAGE);
+        let tso = |v4: u32, v6: u32| features & (bit(v4) | bit(v6)) != 0;
+        let rx_len = if tso(VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6) { GSO_BUFFER_LEN } else { BUFFER_LEN };
+        let tx_len = if tso(VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6) { GSO_BUFFER_LEN } else { BUFFER_LEN };
+        let buffer_len = |index: usize| match index {
+            i if i >= data_rings => BUFFER_LEN,
+            i if i % 2 == 0 => rx_len,
+            _ => tx_len,
+        };
+        let slot_bytes = |index: usize| ring_area + u64::from(queue_size) * u64::from(buffer_len(index));
+        let laid_out: Vec<usize> = (0..data_rings).chain(control.then_some(rings - 1)).collect();
+        let size = align(laid_out.iter().map(|&index| slot_bytes(index)).sum(), PAGE);
         let (first, last) = device.iova_range().map_err(step("cannot read the IOVA range"))?;
         let iova = align(first, PAGE);
         if iova < first || iova.checked_add(size - 1).is_none_or(|end| end > last) {
@@ -250,11 +457,10 @@ impl Driver {
 
         let mut driver_rings = Vec::with_capacity(rings);
         let (mut kicks, mut calls) = (Vec::with_capacity(rings), Vec::with_capacity(rings));
-        let laid_out: Vec<usize> = (0..data_rings).chain(control.then_some(rings - 1)).collect();
-        for (slot, &index) in laid_out.iter().enumerate() {
-            let base = iova + slot as u64 * (ring_area + buffers_area);
+        let mut base = iova;
+        for &index in &laid_out {
             let receives = index < data_rings && index % 2 == 0;
-            let ring = DriverRing::new(&memory, base, queue_size, base + ring_area, BUFFER_LEN, receives)
+            let ring = DriverRing::new(&memory, base, queue_size, base + ring_area, buffer_len(index), receives)
                 .map_err(|error| DriverError::Memory(error.to_string()))?;
             let kick = EventFd::new(EFD_NONBLOCK).map_err(step("cannot make a kick eventfd"))?;
             let call = EventFd::new(EFD_NONBLOCK).map_err(step("cannot make a call eventfd"))?;
@@ -264,12 +470,13 @@ impl Driver {
             driver_rings.push(ring);
             kicks.push(kick);
             calls.push(call);
+            base += slot_bytes(index);
         }
         let config_call = EventFd::new(EFD_NONBLOCK).map_err(step("cannot make the config eventfd"))?;
         device.set_config_call(&config_call).map_err(step("cannot set the config eventfd"))?;
         for ring in driver_rings.iter_mut().take(data_rings).step_by(2) {
             while let Some(id) = ring.take_free() {
-                ring.post(&memory, id, BUFFER_LEN).map_err(|error| DriverError::Memory(error.to_string()))?;
+                ring.post(&memory, id, ring.buffer_len()).map_err(|error| DriverError::Memory(error.to_string()))?;
             }
         }
         for &index in &laid_out {
@@ -285,12 +492,9 @@ impl Driver {
                 let _ = kick.write(1);
             }
         }
+        self.offloads.get_or_insert(features & OFFLOADS);
         let info = DeviceInfo { features, mac, link_up, queue_size, device_pairs, iova, mapped: size };
-        let mut active = Active { pairs, memory, info, rings: driver_rings, kicks, calls, config_call };
-        if control && pairs > 1 {
-            active.set_pairs(pairs)?;
-        }
-        Ok(active)
+        Ok(Active { pairs, memory, info, rings: driver_rings, kicks, calls, config_call })
     }
 
     /// Resets the device and unmaps the driver's memory (the device touches it no more).
@@ -355,7 +559,7 @@ impl Driver {
         if now & (status::NEEDS_RESET | status::FAILED) != 0 || now & status::DRIVER_OK == 0 {
             tracing::warn!(netdev = %ctx.id, status = format_args!("{now:#x}"), "the vDPA device needs a reset");
             BackendStats::count(&ctx.stats.device_resets);
-            set_link(ctx, link, false);
+            set_link(ctx, link, false, self.describe_link(false));
             self.shut_down();
             self.retry(ctx, link);
             return;
@@ -363,7 +567,7 @@ impl Driver {
         let Some(active) = self.active.as_mut() else { return };
         if let Ok((_, up)) = read_config(self.device.as_ref(), active.info.features) {
             active.info.link_up = up;
-            set_link(ctx, link, up);
+            set_link(ctx, link, up, self.describe_link(up));
         }
     }
 
@@ -371,7 +575,7 @@ impl Driver {
         match self.bring_up() {
             Ok(()) => {
                 let up = self.info().is_some_and(|info| info.link_up);
-                set_link(ctx, link, up);
+                set_link(ctx, link, up, self.describe_link(up));
             }
             Err(error) => tracing::warn!(netdev = %ctx.id, %error, "the vDPA device did not come up again"),
         }
@@ -385,23 +589,47 @@ impl Drop for Driver {
 }
 
 impl Active {
-    /// `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` on the control queue (the last ring), answered within
-    /// [`COMMAND_DEADLINE`].
-    fn set_pairs(&mut self, pairs: usize) -> Result<(), DriverError> {
-        let count = u16::try_from(pairs).unwrap_or(u16::MAX).to_le_bytes();
-        let command = [VIRTIO_NET_CTRL_MQ as u8, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8, count[0], count[1]];
-        let (Some(ring), Some(kick)) = (self.rings.last_mut(), self.kicks.last()) else { return Err(DriverError::PairsRefused(pairs)) };
-        ring.post_command(&self.memory, &command).map_err(|error| DriverError::Memory(error.to_string()))?;
+    /// The commands every bring-up sends once the device runs (it forgot them at its reset): the
+    /// pairs in use, and promiscuous, all-multicast receive where the device filters.
+    fn configure(&mut self) -> Result<(), DriverError> {
+        let features = self.info.features;
+        if features & bit(VIRTIO_NET_F_MQ) != 0 && self.pairs > 1 {
+            self.command(&Command::Pairs(u16::try_from(self.pairs).unwrap_or(u16::MAX)))?;
+        }
+        if features & bit(VIRTIO_NET_F_CTRL_RX) != 0 {
+            self.command(&Command::Promiscuous(true))?;
+            self.command(&Command::AllMulticast(true))?;
+        }
+        Ok(())
+    }
+
+    /// `command` on the control queue (the last ring), answered within [`COMMAND_DEADLINE`].
+    fn command(&mut self, command: &Command) -> Result<(), DriverError> {
+        if self.info.features & bit(VIRTIO_NET_F_CTRL_VQ) == 0 || self.info.features & bit(command.feature()) == 0 {
+            return Err(DriverError::CommandUnsupported(command.name()));
+        }
+        let bytes = command.encode();
+        let (Some(ring), Some(kick)) = (self.rings.last_mut(), self.kicks.last()) else {
+            return Err(DriverError::CommandUnsupported(command.name()));
+        };
+        if bytes.len() > ring.buffer_len() as usize {
+            return Err(DriverError::CommandUnsupported(command.name()));
+        }
+        ring.post_command(&self.memory, &bytes).map_err(|error| DriverError::Memory(error.to_string()))?;
         let _ = kick.write(1);
         let deadline = std::time::Instant::now() + COMMAND_DEADLINE;
         while std::time::Instant::now() < deadline {
             if let Some(used) = ring.take_used(&self.memory) {
                 let ack: u8 = self.memory.read_obj(ring.buffer(1)).unwrap_or(u8::MAX);
-                return if matches!(used, Ok((0, _))) && u32::from(ack) == VIRTIO_NET_OK { Ok(()) } else { Err(DriverError::PairsRefused(pairs)) };
+                return if matches!(used, Ok((0, _))) && u32::from(ack) == VIRTIO_NET_OK {
+                    Ok(())
+                } else {
+                    Err(DriverError::CommandRefused(command.name()))
+                };
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        Err(DriverError::PairsRefused(pairs))
+        Err(DriverError::CommandTimeout(command.name()))
     }
 
     /// One round for a queue pair: transmit buffers back, received frames to the port (their
@@ -436,7 +664,7 @@ impl Active {
                         continue;
                     }
                 };
-                if rx.post(&self.memory, id, BUFFER_LEN).is_ok() {
+                if rx.post(&self.memory, id, rx.buffer_len()).is_ok() {
                     reposted = true;
                 }
             }
@@ -454,9 +682,21 @@ impl Active {
                 BackendStats::count(&stats.runt_frames);
                 continue;
             }
-            if len > BUFFER_LEN as usize {
+            if len > tx.buffer_len() as usize {
                 BackendStats::count(&stats.oversized_frames);
                 continue;
+            }
+            // The tap leaves `num_buffers` as it was and may say DATA_VALID; a driver sends
+            // neither (virtio 1.x, 5.1.6.2).
+            scratch[0] &= !(VIRTIO_NET_HDR_F_DATA_VALID as u8);
+            scratch[HDR_LEN - 2..HDR_LEN].fill(0);
+            // Only what the device took (the port is set so; a header asking more is a bug).
+            if !device_takes(self.info.features, &scratch[..HDR_LEN]) {
+                BackendStats::count(&stats.bad_headers);
+                continue;
+            }
+            if u32::from(scratch[1]) != VIRTIO_NET_HDR_GSO_NONE {
+                BackendStats::count(&stats.gso_frames);
             }
             let Some(id) = tx.take_free() else { break };
             if self.memory.write_slice(&scratch[..len], tx.buffer(id)).is_err() || tx.post(&self.memory, id, len as u32).is_err() {
@@ -485,6 +725,11 @@ fn deliver(memory: &GuestMemoryMmap, buffer: GuestAddress, len: usize, port: Bor
         BackendStats::count(&stats.bad_chains);
         return;
     }
+    // `num_buffers` is the ring's business; the port's header has none.
+    scratch[HDR_LEN - 2..HDR_LEN].fill(0);
+    if u32::from(scratch[1]) != VIRTIO_NET_HDR_GSO_NONE {
+        BackendStats::count(&stats.gso_frames);
+    }
     // SAFETY: `scratch[..len]` is valid for reads for the duration of the call.
     let written = unsafe { libc::write(port.as_raw_fd(), scratch.as_ptr().cast(), len) };
     if written < 0 {
@@ -505,10 +750,10 @@ fn read_config(device: &dyn VdpaDevice, features: u64) -> Result<(Option<[u8; 6]
     Ok((mac, link_up))
 }
 
-fn set_link(ctx: &BackendContext, link: &mut bool, up: bool) {
+fn set_link(ctx: &BackendContext, link: &mut bool, up: bool, text: String) {
     if *link != up {
         *link = up;
-        ctx.set_info(if up { "vhost-vdpa: link up" } else { "vhost-vdpa: link down" });
+        ctx.set_info(text);
         ctx.emit(BackendEvent::Link { up });
     }
 }

@@ -33,7 +33,7 @@ use crate::{
     backend::vhost_user::port::TapQueues,
     fd::{FdSource, take_owned},
     netdev::vhost_vdpa::VhostVdpaOptions,
-    port::pipe::HubPipe,
+    port::{pipe::HubPipe, tun},
 };
 
 /// An error of a vhost-vdpa netdev; `Display` is QEMU's text where QEMU has one.
@@ -71,11 +71,11 @@ pub struct PreparedVhostVdpa {
 
 /// Opens the device (`vhostdev=` or the `vhostfd=` passed with `getfd`) and brings it up.
 pub fn prepare(id: &str, options: &VhostVdpaOptions, fds: &mut dyn FdSource) -> Result<PreparedVhostVdpa, VhostVdpaError> {
+    if let Some(device) = options.vhostdev.as_deref().and_then(sim::from_environment) {
+        tracing::warn!(netdev = %id, "vhost-vdpa on the simulated loopback device (test only)");
+        return prepare_device(id, Box::new(device));
+    }
     let device: Box<dyn VdpaDevice> = match (&options.vhostdev, &options.vhostfd) {
-        (Some(path), _) if path == sim::SIM_DEVICE && std::env::var_os(sim::SIM_ENV).is_some_and(|v| v == "1") => {
-            tracing::warn!(netdev = %id, "vhost-vdpa on the simulated loopback device (test only)");
-            Box::new(sim::SimulatedNet::new(sim::SimOptions::default()).0)
-        }
         (Some(path), _) => Box::new(KernelDevice::open(Path::new(path)).map_err(|source| VhostVdpaError::Open {
             id: id.to_owned(),
             path: path.clone(),
@@ -130,6 +130,14 @@ impl PreparedVhostVdpa {
         for pair in 1..taps.len() {
             taps.attach(pair, &id);
         }
+        // The tap may hand over what the device takes (partial checksums, TSO super-frames).
+        let offloads = self.driver.port_offloads();
+        if let Some(first) = taps.queue(0)
+            && let Err(error) = tun::set_offload(first, offloads)
+        {
+            tracing::error!(netdev = %id, %error, offloads, "vhost-vdpa: could not set the tap's offloads");
+            return;
+        }
         let (stop, stop_thread) = match EventFd::new(EFD_NONBLOCK).and_then(|stop| Ok((stop.try_clone()?, stop))) {
             Ok(pair) => pair,
             Err(error) => {
@@ -138,7 +146,7 @@ impl PreparedVhostVdpa {
             }
         };
         let mut driver = self.driver;
-        ctx.set_info(if driver.info().is_some_and(|info| info.link_up) { "vhost-vdpa: link up" } else { "vhost-vdpa: link down" });
+        ctx.set_info(driver.describe());
         let thread = {
             let (taps, ctx) = (Arc::clone(&taps), ctx.clone());
             std::thread::Builder::new().name(format!("vhost-vdpa {id}")).spawn(move || {

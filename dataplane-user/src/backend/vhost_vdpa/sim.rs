@@ -1,6 +1,13 @@
 //! An in-process vDPA network device that loops back what it is given, like the kernel's
 //! `vdpa_sim_net`: a frame the driver puts on the transmit ring comes back on the receive ring of
-//! the same pair, if it is for the device's MAC, broadcast or multicast. It keeps the vhost-vdpa
+//! the same pair, if its receive filter passes it (as `vdpa_sim_net`'s: the device's MAC,
+//! broadcast, multicast). By default it offers what `vdpa_sim_net` offers
+//! ([`VDPA_SIM_NET_FEATURES`]: no offloads, no MQ, no CTRL_RX; the control queue takes only
+//! `MAC_ADDR_SET`). A test may offer more, which `vdpa_sim_net` has not: checksum and TSO offloads
+//! ([`SIM_OFFLOADS`], the header passed from the transmit to the receive ring as a loopback
+//! would, or the checksum completed and a GSO frame dropped where the driver did not take them),
+//! CTRL_RX (promiscuous and all-multicast mode, the MAC table, filtering by them), more queue
+//! pairs. It keeps the vhost-vdpa
 //! rules the driver must follow: status and feature negotiation, rings set only before
 //! DRIVER_OK, and every ring and buffer address an IOVA that must lie in a mapping made with
 //! [`VdpaDevice::dma_map`] with the right permission; it reaches the driver's memory only
@@ -23,19 +30,28 @@ use std::{
 use virtio_bindings::{
     virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1},
     virtio_ids::VIRTIO_ID_NET,
+    virtio_config::VIRTIO_F_ANY_LAYOUT,
     virtio_net::{
-        VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC,
-        VIRTIO_NET_F_MQ, VIRTIO_NET_F_STATUS, VIRTIO_NET_OK, VIRTIO_NET_S_LINK_UP,
+        VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MQ,
+        VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_PROMISC,
+        VIRTIO_NET_ERR, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ,
+        VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+        VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+        VIRTIO_NET_OK, VIRTIO_NET_S_LINK_UP,
     },
 };
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::device::{BACKEND_IOTLB_MSG_V2, RingAddresses, VdpaDevice, status};
+use super::{
+    device::{BACKEND_IOTLB_MSG_V2, RingAddresses, VdpaDevice, status},
+    driver::HDR_LEN,
+};
 
 /// The name `vhostdev=` gives the simulated device, honoured only when the daemon's environment
-/// has [`SIM_ENV`]`=1` (tests); anywhere else it is a path like any other.
+/// has [`SIM_ENV`] (tests, see [`from_environment`]); anywhere else it is a path like any other.
 pub const SIM_DEVICE: &str = "x-netdevd-simulated-vdpa";
 pub const SIM_ENV: &str = "NETDEVD_X_SIMULATED_VDPA";
 
@@ -43,9 +59,27 @@ const fn bit(n: u32) -> u64 {
     1 << n
 }
 
-/// What the simulated device offers (with more than one pair also MQ and CTRL_VQ).
-pub const SIM_FEATURES: u64 =
-    bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_ACCESS_PLATFORM) | bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS);
+/// What the kernel's `vdpa_sim_net` offers (`VDPASIM_FEATURES` and `VDPASIM_NET_FEATURES` in
+/// `drivers/vdpa/vdpa_sim/`): no checksum or TSO offload, no MQ, no CTRL_RX.
+pub const VDPA_SIM_NET_FEATURES: u64 = bit(VIRTIO_F_ANY_LAYOUT)
+    | bit(VIRTIO_F_VERSION_1)
+    | bit(VIRTIO_F_ACCESS_PLATFORM)
+    | bit(VIRTIO_NET_F_MAC)
+    | bit(VIRTIO_NET_F_STATUS)
+    | bit(VIRTIO_NET_F_MTU)
+    | bit(VIRTIO_NET_F_CTRL_VQ)
+    | bit(VIRTIO_NET_F_CTRL_MAC_ADDR);
+
+/// Offloads a test may add to [`SimOptions::features`] (`vdpa_sim_net` has none).
+pub const SIM_OFFLOADS: u64 = bit(VIRTIO_NET_F_CSUM)
+    | bit(VIRTIO_NET_F_HOST_TSO4)
+    | bit(VIRTIO_NET_F_HOST_TSO6)
+    | bit(VIRTIO_NET_F_GUEST_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_TSO4)
+    | bit(VIRTIO_NET_F_GUEST_TSO6);
+
+/// Receive-filter commands a test may add (`vdpa_sim_net` has none).
+pub const SIM_CTRL_RX: u64 = bit(VIRTIO_NET_F_CTRL_RX);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SimOptions {
@@ -55,11 +89,79 @@ pub struct SimOptions {
     pub max_queue_size: u16,
     /// `max_virtqueue_pairs`.
     pub pairs: u16,
+    /// What the device offers (with more than one pair also MQ and CTRL_VQ).
+    pub features: u64,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        Self { mac: [0x52, 0x54, 0x00, 0x56, 0x44, 0x50], iova_range: (0, u64::MAX), max_queue_size: 256, pairs: 1 }
+        Self {
+            mac: [0x52, 0x54, 0x00, 0x56, 0x44, 0x50],
+            iova_range: (0, u64::MAX),
+            max_queue_size: 256,
+            pairs: 1,
+            features: VDPA_SIM_NET_FEATURES,
+        }
+    }
+}
+
+/// The device the daemon takes for `vhostdev=`[`SIM_DEVICE`] when its environment has
+/// [`SIM_ENV`] set: `1` for one like `vdpa_sim_net`, or words separated by commas that add to it:
+/// `offloads` ([`SIM_OFFLOADS`]), `ctrl-rx` ([`SIM_CTRL_RX`]), `refuse-rx` (every receive-filter
+/// command answered `VIRTIO_NET_ERR`). `None` for any other path or value.
+#[must_use]
+pub fn from_environment(path: &str) -> Option<SimulatedNet> {
+    if path != SIM_DEVICE {
+        return None;
+    }
+    let value = std::env::var(SIM_ENV).ok()?;
+    let mut options = SimOptions::default();
+    let mut refuse_rx = false;
+    for word in value.split(',') {
+        match word {
+            "1" => {}
+            "offloads" => options.features |= SIM_OFFLOADS,
+            "ctrl-rx" => options.features |= SIM_CTRL_RX,
+            "refuse-rx" => refuse_rx = true,
+            _ => return None,
+        }
+    }
+    let (device, control) = SimulatedNet::new(options);
+    if refuse_rx {
+        for command in [VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_CTRL_RX_ALLMULTI] {
+            control.refuse_command(VIRTIO_NET_CTRL_RX, command);
+        }
+        control.refuse_command(VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET);
+    }
+    Some(device)
+}
+
+/// The receive filter the control queue sets (virtio 1.x, 5.1.6.5.1), kept as QEMU's virtio-net
+/// applies it. A reset gives `vdpa_sim_net`'s fixed filter: the device's MAC, broadcast, every
+/// multicast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RxFilter {
+    pub promiscuous: bool,
+    pub all_multicast: bool,
+    pub unicast: Vec<[u8; 6]>,
+    pub multicast: Vec<[u8; 6]>,
+}
+
+impl RxFilter {
+    const fn initial() -> Self {
+        Self { promiscuous: false, all_multicast: true, unicast: Vec::new(), multicast: Vec::new() }
+    }
+
+    /// Whether a frame for `dst` passes, on a device whose address is `mac`.
+    #[must_use]
+    pub fn passes(&self, dst: &[u8; 6], mac: &[u8; 6]) -> bool {
+        if self.promiscuous || dst == &[0xff; 6] {
+            return true;
+        }
+        if dst[0] & 1 != 0 {
+            return self.all_multicast || self.multicast.contains(dst);
+        }
+        dst == mac || self.unicast.contains(dst)
     }
 }
 
@@ -115,6 +217,19 @@ struct Shared {
     active_pairs: AtomicU64,
     dropped: AtomicU64,
     bad_chains: AtomicU64,
+    /// Frames whose checksum the device completed (the driver took no GUEST_CSUM), GSO frames
+    /// dropped (the driver took no GUEST_TSO; a real device would segment them), frames whose
+    /// header asks what the driver did not negotiate.
+    checksums: AtomicU64,
+    gso_drops: AtomicU64,
+    bad_headers: AtomicU64,
+    /// The MAC in the config space (`MAC_ADDR_SET` changes it, a reset does not).
+    mac: Mutex<[u8; 6]>,
+    filter: Mutex<RxFilter>,
+    /// (class, command) the device answers `VIRTIO_NET_ERR`.
+    refused: Mutex<Vec<(u8, u8)>>,
+    /// Every control-queue command (its bytes) and whether it was acked.
+    commands: Mutex<Vec<(Vec<u8>, bool)>>,
 }
 
 impl Shared {
@@ -158,6 +273,13 @@ impl SimulatedNet {
             active_pairs: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
             bad_chains: AtomicU64::new(0),
+            checksums: AtomicU64::new(0),
+            gso_drops: AtomicU64::new(0),
+            bad_headers: AtomicU64::new(0),
+            mac: Mutex::new(options.mac),
+            filter: Mutex::new(RxFilter::initial()),
+            refused: Mutex::new(Vec::new()),
+            commands: Mutex::new(Vec::new()),
         });
         shared.state().vrings = empty_vrings(&options);
         (Self { shared: Arc::clone(&shared) }, SimControl { shared })
@@ -169,11 +291,12 @@ impl SimulatedNet {
 }
 
 fn offered(options: &SimOptions) -> u64 {
-    if options.pairs > 1 { SIM_FEATURES | bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ) } else { SIM_FEATURES }
+    if options.pairs > 1 { options.features | bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ) } else { options.features }
 }
 
 fn empty_vrings(options: &SimOptions) -> Vec<Vring> {
-    let count = 2 * usize::from(options.pairs.max(1)) + usize::from(options.pairs > 1);
+    let control = offered(options) & bit(VIRTIO_NET_F_CTRL_VQ) != 0;
+    let count = 2 * usize::from(options.pairs.max(1)) + usize::from(control);
     (0..count).map(|_| Vring::default()).collect()
 }
 
@@ -237,6 +360,45 @@ impl SimControl {
     #[must_use]
     pub fn bad_chains(&self) -> u64 {
         self.shared.bad_chains.load(Ordering::Relaxed)
+    }
+
+    #[must_use]
+    pub fn checksums(&self) -> u64 {
+        self.shared.checksums.load(Ordering::Relaxed)
+    }
+
+    #[must_use]
+    pub fn gso_drops(&self) -> u64 {
+        self.shared.gso_drops.load(Ordering::Relaxed)
+    }
+
+    #[must_use]
+    pub fn bad_headers(&self) -> u64 {
+        self.shared.bad_headers.load(Ordering::Relaxed)
+    }
+
+    /// The receive filter as the driver's commands left it.
+    #[must_use]
+    pub fn filter(&self) -> RxFilter {
+        self.shared.filter.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The MAC in the config space.
+    #[must_use]
+    pub fn mac(&self) -> [u8; 6] {
+        *self.shared.mac.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every control-queue command so far (class, command and data) and whether it was acked.
+    #[must_use]
+    pub fn commands(&self) -> Vec<(Vec<u8>, bool)> {
+        self.shared.commands.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The device answers `VIRTIO_NET_ERR` to this class and command from now on.
+    pub fn refuse_command(&self, class: u32, command: u32) {
+        let (Ok(class), Ok(command)) = (u8::try_from(class), u8::try_from(command)) else { return };
+        self.shared.refused.lock().unwrap_or_else(PoisonError::into_inner).push((class, command));
     }
 
     /// The link status in the config space; the driver is told by the config interrupt.
@@ -329,6 +491,7 @@ impl VdpaDevice for SimulatedNet {
             state.vrings = empty_vrings(&self.shared.options);
             state.config_call = None;
             self.shared.active_pairs.store(1, Ordering::Relaxed);
+            *self.shared.filter.lock().unwrap_or_else(PoisonError::into_inner) = RxFilter::initial();
             drop(state);
             stop_worker(worker);
             return Ok(());
@@ -361,11 +524,13 @@ impl VdpaDevice for SimulatedNet {
 
     fn read_config(&self, offset: u32, buffer: &mut [u8]) -> io::Result<()> {
         let state = self.shared.state();
-        let mut config = [0u8; 10];
-        config[..6].copy_from_slice(&self.shared.options.mac);
+        // mac, status, max_virtqueue_pairs, mtu (1500, as vdpa_sim_net's default).
+        let mut config = [0u8; 12];
+        config[..6].copy_from_slice(&*self.shared.mac.lock().unwrap_or_else(PoisonError::into_inner));
         let link = if state.link_up { u16::try_from(VIRTIO_NET_S_LINK_UP).unwrap_or(1) } else { 0 };
         config[6..8].copy_from_slice(&link.to_le_bytes());
         config[8..10].copy_from_slice(&self.shared.options.pairs.max(1).to_le_bytes());
+        config[10..12].copy_from_slice(&1500u16.to_le_bytes());
         let start = offset as usize;
         let end = start.checked_add(buffer.len()).filter(|&end| end <= config.len()).ok_or_else(einval)?;
         buffer.copy_from_slice(&config[start..end]);
@@ -448,6 +613,8 @@ struct Worker {
     calls: Vec<EventFd>,
     pairs: usize,
     control: bool,
+    /// What the driver negotiated.
+    features: u64,
     buffer: Vec<u8>,
 }
 
@@ -486,7 +653,7 @@ impl Worker {
             Ok((queue, kick.try_clone()?, call.try_clone()?))
         };
         let pairs = usize::from(shared.options.pairs.max(1));
-        let control = shared.options.pairs > 1;
+        let control = state.features & bit(VIRTIO_NET_F_CTRL_VQ) != 0;
         let (mut queues, mut kicks, mut calls) = (Vec::new(), Vec::new(), Vec::new());
         for index in 0..state.vrings.len() {
             // Rings of pairs beyond the first may be left unset by a driver that uses fewer.
@@ -503,7 +670,19 @@ impl Worker {
             kicks.push(kick);
             calls.push(call);
         }
-        Ok(Self { shared: Arc::clone(shared), memory, mappings: state.mappings.clone(), queues, kicks, calls, pairs, control, buffer: vec![0; 1 << 17] })
+        let features = state.features;
+        Ok(Self {
+            shared: Arc::clone(shared),
+            memory,
+            mappings: state.mappings.clone(),
+            queues,
+            kicks,
+            calls,
+            pairs,
+            control,
+            features,
+            buffer: vec![0; 1 << 17],
+        })
     }
 
     fn run(mut self, stop: &EventFd) {
@@ -536,29 +715,70 @@ impl Worker {
         }
     }
 
-    /// Control-queue commands: VQ_PAIRS_SET within 1..=pairs is taken, anything else refused.
-    /// Whether a chain was used.
+    /// Control-queue commands, answered as the spec says a device does: VQ_PAIRS_SET within
+    /// 1..=pairs (with MQ), PROMISC, ALLMULTI and MAC_TABLE_SET (with CTRL_RX), MAC_ADDR_SET (with
+    /// CTRL_MAC_ADDR); anything else, malformed or refused is `VIRTIO_NET_ERR`. Whether a chain
+    /// was used.
     fn command(&mut self) -> bool {
         let index = 2 * self.pairs;
         let mut used = false;
         while let Some(chain) = self.queues[index].pop_descriptor_chain(&self.memory) {
             used = true;
             let head = chain.head_index();
-            let mut command = [0u8; 4];
-            let read = Reader::<()>::new(&self.memory, chain.clone()).is_ok_and(|mut reader| reader.read_exact(&mut command).is_ok());
-            let pairs = u16::from_le_bytes([command[2], command[3]]);
-            let ok = read
-                && u32::from(command[0]) == VIRTIO_NET_CTRL_MQ
-                && u32::from(command[1]) == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
-                && (1..=self.shared.options.pairs).contains(&pairs);
-            if ok {
-                self.shared.active_pairs.store(u64::from(pairs), Ordering::Relaxed);
+            let allowed = chain.clone().all(|d| self.allowed(d.addr().0, d.len(), d.is_write_only()));
+            let command = Reader::<()>::new(&self.memory, chain.clone()).ok().and_then(|mut reader| {
+                let mut bytes = vec![0u8; reader.available_bytes().min(4096)];
+                reader.read_exact(&mut bytes).ok().map(|()| bytes)
+            });
+            let ok = allowed && command.as_deref().is_some_and(|bytes| self.answer(bytes));
+            if let Some(bytes) = command {
+                self.shared.commands.lock().unwrap_or_else(PoisonError::into_inner).push((bytes, ok));
             }
             let ack = u8::try_from(if ok { VIRTIO_NET_OK } else { VIRTIO_NET_ERR }).unwrap_or(1);
-            let written = Writer::<()>::new(&self.memory, chain).is_ok_and(|mut writer| writer.write_all(&[ack]).is_ok());
+            let written = allowed && Writer::<()>::new(&self.memory, chain).is_ok_and(|mut writer| writer.write_all(&[ack]).is_ok());
             let _ = self.queues[index].add_used(&self.memory, head, u32::from(written));
         }
         used
+    }
+
+    /// Carries out one command (`class`, `command`, data); whether it is acked.
+    fn answer(&self, bytes: &[u8]) -> bool {
+        let [class, command, data @ ..] = bytes else { return false };
+        if self.shared.refused.lock().unwrap_or_else(PoisonError::into_inner).contains(&(*class, *command)) {
+            return false;
+        }
+        let has = |feature: u32| self.features & bit(feature) != 0;
+        let mut filter = self.shared.filter.lock().unwrap_or_else(PoisonError::into_inner);
+        match (u32::from(*class), u32::from(*command), data) {
+            (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, &[low, high]) if has(VIRTIO_NET_F_MQ) => {
+                let pairs = u16::from_le_bytes([low, high]);
+                let ok = (1..=self.shared.options.pairs).contains(&pairs);
+                if ok {
+                    self.shared.active_pairs.store(u64::from(pairs), Ordering::Relaxed);
+                }
+                ok
+            }
+            (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, &[on @ (0 | 1)]) if has(VIRTIO_NET_F_CTRL_RX) => {
+                filter.promiscuous = on == 1;
+                true
+            }
+            (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI, &[on @ (0 | 1)]) if has(VIRTIO_NET_F_CTRL_RX) => {
+                filter.all_multicast = on == 1;
+                true
+            }
+            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET, tables) if has(VIRTIO_NET_F_CTRL_RX) => {
+                let Some((unicast, rest)) = mac_table(tables) else { return false };
+                let Some((multicast, [])) = mac_table(rest) else { return false };
+                filter.unicast = unicast;
+                filter.multicast = multicast;
+                true
+            }
+            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, &[a, b, c, d, e, f]) if has(VIRTIO_NET_F_CTRL_MAC_ADDR) => {
+                *self.shared.mac.lock().unwrap_or_else(PoisonError::into_inner) = [a, b, c, d, e, f];
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Every chain on the transmit ring of `pair`: read, sent back on its receive ring.
@@ -581,6 +801,9 @@ impl Worker {
                 self.shared.bad_chains.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            if !self.offload(len) {
+                continue;
+            }
             if !self.accepts(&self.buffer[..len]) {
                 self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -590,10 +813,53 @@ impl Worker {
         (rx_used, tx_used)
     }
 
-    /// `vdpa_sim_net`'s filter: frames for the device's MAC, broadcast and multicast.
+    /// The receive filter: `vdpa_sim_net`'s (the device's MAC, broadcast and multicast) until
+    /// the driver changes it on the control queue.
     fn accepts(&self, frame: &[u8]) -> bool {
-        let Some(dst) = frame.get(super::driver::HDR_LEN..super::driver::HDR_LEN + 6) else { return false };
-        dst[0] & 1 != 0 || dst == self.shared.options.mac
+        let Some(dst) = frame.get(HDR_LEN..HDR_LEN + 6).and_then(|dst| <[u8; 6]>::try_from(dst).ok()) else { return false };
+        let mac = *self.shared.mac.lock().unwrap_or_else(PoisonError::into_inner);
+        self.shared.filter.lock().unwrap_or_else(PoisonError::into_inner).passes(&dst, &mac)
+    }
+
+    /// The header of the frame in `buffer[..len]` from the transmit to the receive side: what it
+    /// asks must have been negotiated (CSUM, HOST_TSO*); the receive side keeps it where the
+    /// driver takes it (GUEST_CSUM, GUEST_TSO*), else the checksum is completed here and a GSO
+    /// frame dropped (a device would segment it; this one does not). `num_buffers` is 1 (no
+    /// MRG_RXBUF). Whether the frame goes on.
+    fn offload(&mut self, len: usize) -> bool {
+        let has = |feature: u32| self.features & bit(feature) != 0;
+        let Some(header) = self.buffer.get(..HDR_LEN) else { return false };
+        let (needs_csum, gso) = (u32::from(header[0]) & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0, u32::from(header[1]));
+        let (tx_tso, rx_tso) = match gso {
+            VIRTIO_NET_HDR_GSO_NONE => (true, true),
+            VIRTIO_NET_HDR_GSO_TCPV4 => (has(VIRTIO_NET_F_HOST_TSO4), has(VIRTIO_NET_F_GUEST_TSO4)),
+            VIRTIO_NET_HDR_GSO_TCPV6 => (has(VIRTIO_NET_F_HOST_TSO6), has(VIRTIO_NET_F_GUEST_TSO6)),
+            _ => (false, false),
+        };
+        if !tx_tso || (needs_csum && !has(VIRTIO_NET_F_CSUM)) {
+            self.shared.bad_headers.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if !rx_tso {
+            self.shared.gso_drops.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if needs_csum && !has(VIRTIO_NET_F_GUEST_CSUM) {
+            let start = HDR_LEN + usize::from(u16::from_le_bytes([header[6], header[7]]));
+            let field = start + usize::from(u16::from_le_bytes([header[8], header[9]]));
+            if field + 2 > len {
+                self.shared.bad_headers.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            // The field holds the pseudo-header sum the sender left; the sum over everything from
+            // `start` is then the checksum's complement.
+            let sum = !ones_complement_sum(&self.buffer[start..len]);
+            self.buffer[field..field + 2].copy_from_slice(&sum.to_be_bytes());
+            self.buffer[..HDR_LEN - 2].fill(0);
+            self.shared.checksums.fetch_add(1, Ordering::Relaxed);
+        }
+        self.buffer[HDR_LEN - 2..HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
+        true
     }
 
     /// The frame in `buffer[..len]` into the next receive chain; whether a chain was used.
@@ -650,4 +916,23 @@ impl Worker {
             iova >= m.iova && iova.checked_add(u64::from(len)).is_some_and(|end| end <= m.iova + m.size) && !(write && m.readonly)
         })
     }
+}
+
+/// One `struct virtio_net_ctrl_mac` (a little-endian count, then that many MACs) from the front
+/// of `bytes`, and what follows it.
+fn mac_table(bytes: &[u8]) -> Option<(Vec<[u8; 6]>, &[u8])> {
+    let (count, rest) = bytes.split_first_chunk::<4>()?;
+    let count = usize::try_from(u32::from_le_bytes(*count)).ok()?;
+    let len = count.checked_mul(6).filter(|&len| len <= rest.len())?;
+    let (macs, rest) = rest.split_at(len);
+    Some((macs.chunks_exact(6).filter_map(|mac| <[u8; 6]>::try_from(mac).ok()).collect(), rest))
+}
+
+/// The Internet checksum's ones'-complement sum of `bytes` (big-endian words, an odd tail padded).
+fn ones_complement_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u64 = bytes.chunks(2).map(|pair| u64::from(u16::from_be_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    u16::try_from(sum).unwrap_or(u16::MAX)
 }
