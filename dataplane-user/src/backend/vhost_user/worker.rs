@@ -169,7 +169,7 @@ impl VhostUserBackend for NetDevice {
                     self.ring_started(pair);
                 }
                 if device_event == TX && ready(tx) {
-                    rings::process_tx(pair, tap, tx, &memory, negotiated, &mut state, self.stats(), self.event_idx.load(Ordering::Acquire));
+                    rings::process_tx(pair, tap, tx, &memory, negotiated, self.stats(), self.event_idx.load(Ordering::Acquire));
                 }
                 // An rx kick means new buffers: frames waiting on the tap can go now.
                 if ready(rx) {
