@@ -57,12 +57,21 @@ pub struct PairState {
     /// memory, and small frames do not take more buffers than they need (each buffer taken is
     /// translated, and given back if unused).
     expected: usize,
+    /// Whether the tap may hold frames: false once a read found it empty, true again with its
+    /// next (edge-triggered) readiness event. Kicks then look at the tap only when there may be
+    /// something to read, instead of taking buffers for a read that finds nothing.
+    tap_readable: bool,
 }
 
 impl PairState {
     #[must_use]
     pub fn new() -> Self {
-        Self { spill: vec![0; BUFFER_LEN], pending: None, expected: USUAL_FRAME }
+        Self { spill: vec![0; BUFFER_LEN], pending: None, expected: USUAL_FRAME, tap_readable: true }
+    }
+
+    /// The tap queue became readable.
+    pub fn tap_event(&mut self) {
+        self.tap_readable = true;
     }
 
     /// Learns from a frame of `len` bytes (header included) for the next ones.
@@ -173,7 +182,7 @@ pub fn process_rx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memor
     let mut moved = 0u64;
     loop {
         // A ring the frontend stopped (GET_VRING_BASE) is not touched again.
-        if !vring.get_ref().get_queue().ready() {
+        if !vring.get_ref().get_queue().ready() || (state.pending.is_none() && !state.tap_readable) {
             break;
         }
         let seen = avail_index(vring, &mem);
@@ -191,7 +200,10 @@ pub fn process_rx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memor
             }
             Received::Dropped => BackendStats::count(&stats.guest_drops),
             Received::Skipped => {}
-            Received::Empty => break,
+            Received::Empty => {
+                state.tap_readable = false;
+                break;
+            }
             Received::Failed => {
                 BackendStats::count(&stats.send_errors);
                 break;

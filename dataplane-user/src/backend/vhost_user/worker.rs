@@ -158,6 +158,9 @@ impl VhostUserBackend for NetDevice {
         let Some(memory) = self.memory.lock().unwrap_or_else(PoisonError::into_inner).clone() else { return Ok(()) };
         let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
         let negotiated = self.negotiated();
+        if u64::from(device_event) == self.tap_event() {
+            state.tap_event();
+        }
         let ready = |vring: &Self::Vring| {
             let guard = vring.get_ref();
             guard.get_queue().ready() && guard.is_enabled()
