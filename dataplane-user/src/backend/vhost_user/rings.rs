@@ -231,16 +231,11 @@ pub fn process_rx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memor
 
 /// The receive chains taken from the ring for one frame: each chain's head and bytes, and all
 /// their buffers in ring order.
+#[derive(Default)]
 struct Taken<'m> {
     chains: Vec<(u16, usize)>,
     slices: Vec<Slice<'m>>,
     capacity: usize,
-}
-
-impl Default for Taken<'_> {
-    fn default() -> Self {
-        Self { chains: Vec::new(), slices: Vec::new(), capacity: 0 }
-    }
 }
 
 impl Taken<'_> {
