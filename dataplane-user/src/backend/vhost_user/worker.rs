@@ -147,6 +147,17 @@ impl VhostUserBackend for NetDevice {
         }
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE reports the ring's next avail index once this returns, and the ring is
+        // no longer ready: wait for the pair's worker to finish the event in hand (it holds the
+        // pair's state meanwhile), so that buffers it took for a frame are used or given back
+        // by then, not counted as consumed.
+        if let Some(state) = usize::try_from(queue_index / 2).ok().and_then(|pair| self.states.get(pair)) {
+            drop(state.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+        Ok(())
+    }
+
     fn handle_event(&self, device_event: u16, _evset: EventSet, vrings: &[Self::Vring], thread_id: usize) -> io::Result<()> {
         // Errors returned here end the worker thread: every problem is counted instead.
         let pair = thread_id;
