@@ -714,3 +714,69 @@ fn signal(vring: &VringRwLock<Memory>) {
         let _ = vring.signal_used_queue();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    /// Two adjacent regions of a page each: a buffer across 0x1000 is two slices.
+    fn memory() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)]).expect("guest memory")
+    }
+
+    fn descriptor(addr: u64, len: u32) -> Descriptor {
+        Descriptor::new(addr, len, 0, 0)
+    }
+
+    #[test]
+    fn translation_splits_buffers_at_regions_and_refuses_what_it_cannot_hand_over() {
+        let mem = memory();
+        let mut slices = Vec::new();
+        let chain = [descriptor(0x10, 16), descriptor(0xff0, 0x20)];
+        assert_eq!(translate(&mem, chain.into_iter(), Permissions::Read, 100, 8, &mut slices), Ok(48));
+        assert_eq!(slices.iter().map(VolatileSlice::len).collect::<Vec<_>>(), [16, 16, 16], "the second crosses regions");
+
+        let outside = [descriptor(0x10, 16), descriptor(0x1ff0, 0x20)];
+        assert_eq!(translate(&mem, outside.into_iter(), Permissions::Read, 100, 8, &mut slices), Err(Untranslatable::Outside));
+        assert_eq!(slices.len(), 3, "a refused chain leaves the slices as they were");
+        let long = [descriptor(0, 64), descriptor(0x100, 64)];
+        assert_eq!(translate(&mem, long.into_iter(), Permissions::Read, 100, 8, &mut slices), Err(Untranslatable::TooLong));
+        let many = (0..5u64).map(|i| descriptor(i * 0x10, 1));
+        assert_eq!(translate(&mem, many, Permissions::Read, 100, 4, &mut slices), Err(Untranslatable::TooManyBuffers));
+        assert_eq!(slices.len(), 3);
+    }
+
+    #[test]
+    fn num_buffers_is_written_across_slices_and_into_the_spill_buffer() {
+        let mem = memory();
+        // Guest buffers of 7 and 4 bytes: num_buffers (offset 10 and 11) straddles the second
+        // buffer and the spill buffer.
+        let mut slices = Vec::new();
+        let chain = [descriptor(0x100, 7), descriptor(0x200, 4)];
+        assert_eq!(translate(&mem, chain.into_iter(), Permissions::Write, usize::MAX, 8, &mut slices), Ok(11));
+        let mut spill = [0u8; 4];
+        patch(&slices, &mut spill, NUM_BUFFERS_OFFSET, &0x0302u16.to_le_bytes());
+        let mut second = [0u8; 4];
+        mem.read_slice(&mut second, GuestAddress(0x200)).expect("read guest memory");
+        assert_eq!(second, [0, 0, 0, 0x02]);
+        assert_eq!(spill, [0x03, 0, 0, 0]);
+    }
+
+    #[test]
+    fn the_expected_frame_follows_large_frames_and_decays_to_the_usual_size() {
+        let mut state = PairState::new();
+        assert_eq!(state.expected, USUAL_FRAME);
+        state.saw(60_000);
+        assert_eq!(state.expected, 60_000);
+        state.saw(100);
+        assert_eq!(state.expected, 60_000 - 60_000 / 8);
+        for _ in 0..100 {
+            state.saw(100);
+        }
+        assert_eq!(state.expected, USUAL_FRAME, "never below a frame of the usual MTU");
+        state.saw(usize::MAX);
+        assert_eq!(state.expected, BUFFER_LEN, "never above the largest frame");
+    }
+}
