@@ -183,6 +183,55 @@ impl TestQueue {
         self.publish(mem, head);
     }
 
+    /// Publishes one chain of descriptors `first..first + lens.len()`, descriptor i pointing at
+    /// the start of its own slot with `lens[i]` bytes (device-writable with `write`).
+    fn add_chain(&mut self, mem: &GuestMemoryMmap, first: u16, lens: &[u32], write: bool) {
+        let last = first + u16::try_from(lens.len()).expect("a short chain") - 1;
+        for (index, &len) in (first..=last).zip(lens) {
+            let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
+            if index < last {
+                flags |= VRING_DESC_F_NEXT;
+            }
+            Self::write_desc(mem, self.desc, index, self.slot(index), len, flags, index + 1);
+        }
+        self.publish(mem, first);
+    }
+
+    /// Sends `frame` (a header is put in front) as a chain `first..`, cut into pieces of `lens`.
+    fn send_chain(&mut self, mem: &GuestMemoryMmap, first: u16, lens: &[u32], frame: &[u8]) {
+        let mut data = vec![0u8; HDR_LEN];
+        data.extend_from_slice(frame);
+        assert_eq!(lens.iter().sum::<u32>() as usize, data.len(), "the pieces make the frame");
+        let mut offset = 0;
+        for (index, &len) in (first..).zip(lens) {
+            let piece = &data[offset..offset + len as usize];
+            mem.write_slice(piece, GuestAddress(self.slot(index))).expect("a piece into guest memory");
+            offset += len as usize;
+        }
+        self.add_chain(mem, first, lens, false);
+    }
+
+    /// What the backend wrote into the chain `first..` of `lens` (`len` bytes in all), joined.
+    fn read_chain(&self, mem: &GuestMemoryMmap, first: u16, lens: &[u32], len: u32) -> Vec<u8> {
+        let mut data = Vec::new();
+        let mut rest = len;
+        for (index, &piece) in (first..).zip(lens) {
+            let take = piece.min(rest);
+            let mut part = vec![0u8; take as usize];
+            mem.read_slice(&mut part, GuestAddress(self.slot(index))).expect("read a piece");
+            data.extend_from_slice(&part);
+            rest -= take;
+        }
+        data
+    }
+
+    /// Whether the backend added no used entries since the last `take_used`.
+    fn used_is_empty(&self, mem: &GuestMemoryMmap) -> bool {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let idx = u16::from_le(mem.read_obj(GuestAddress(self.used + 2)).expect("used idx"));
+        idx == self.last_used
+    }
+
     /// The used entries the backend added since the last call: (descriptor id, length).
     fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
@@ -323,6 +372,41 @@ impl TestFrontend {
 fn split(buffer: &[u8]) -> (u16, &[u8]) {
     assert!(buffer.len() >= HDR_LEN, "a received buffer holds at least the header: {}", buffer.len());
     (u16::from_le_bytes([buffer[10], buffer[11]]), &buffer[HDR_LEN..])
+}
+
+/// Received buffers (in used order, header in the first of each frame) joined into frames as
+/// their `num_buffers` say, with each frame's `num_buffers`; empty buffers (given back unused)
+/// are skipped, and a frame whose further buffers have not come yet is left out.
+fn frames_of(buffers: &[Vec<u8>]) -> Vec<(u16, Vec<u8>)> {
+    let mut frames = Vec::new();
+    let mut buffers = buffers.iter().filter(|b| !b.is_empty());
+    while let Some(first) = buffers.next() {
+        let (count, head) = split(first);
+        let mut frame = head.to_vec();
+        for _ in 1..count {
+            let Some(more) = buffers.next() else { return frames };
+            frame.extend_from_slice(more);
+        }
+        frames.push((count, frame));
+    }
+    frames
+}
+
+impl TestFrontend {
+    /// The frames received on pair `pair` until one whole frame contains `mark` (or the
+    /// deadline): the backend adds a frame's buffers to the used ring one by one.
+    fn receive_frames(&mut self, pair: usize, mark: &[u8]) -> Vec<(u16, Vec<u8>)> {
+        let deadline = Instant::now() + settle::DEADLINE;
+        let mut buffers = Vec::new();
+        loop {
+            buffers.extend(self.poll(pair));
+            let frames = frames_of(&buffers);
+            if frames.iter().any(|(_, frame)| contains(frame, mark)) || Instant::now() > deadline {
+                return frames;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 /// The backend listens from `netdev_add` on, so one attempt suffices; a few more cover a slow start.
@@ -492,6 +576,109 @@ fn a_frame_waiting_for_buffers_does_not_hold_back_the_ones_before_it() {
     drop(s.switch);
 }
 
+/// Chains cut into many descriptors, header included (`num_buffers` straddles two of them on
+/// receive), cross whole both ways: the backend hands each piece of guest memory to the kernel.
+#[test]
+fn chains_split_over_many_descriptors_cross_whole() {
+    let mut s = setup(1);
+    let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | EVENT_IDX);
+    assert_eq!(guest.features & MRG_RXBUF, 0, "one chain per received frame");
+    let mem = guest.mem.memory.clone();
+    // One receive chain of 20 descriptors: 11 bytes (the header up to half of num_buffers), then
+    // 19 pieces of 10 to 190 bytes; 1911 bytes in all.
+    let rx_lens: Vec<u32> = std::iter::once(11).chain((1..20).map(|i| i * 10)).collect();
+    let rx_total: u32 = rx_lens.iter().sum();
+    guest.rx(0).add_chain(&mem, 100, &rx_lens, true);
+    wait_link(&s.daemon, "vu0", true);
+
+    // Guest to peer: the header in three pieces, the frame in 40 pieces of 1 to 40 bytes.
+    let mut payload = unique("split").into_bytes();
+    payload.resize(900, 0);
+    for (i, byte) in payload.iter_mut().enumerate().skip(40) {
+        *byte = u8::try_from(i % 251).expect("below 251");
+    }
+    let frame = guest_frame(&payload);
+    let mut tx_lens: Vec<u32> = vec![3, 4, 5];
+    let mut rest = u32::try_from(frame.len()).expect("small");
+    let mut piece = 1;
+    while rest > 0 {
+        let take = if tx_lens.len() >= 42 { rest } else { piece.min(rest) };
+        tx_lens.push(take);
+        rest -= take;
+        piece += 1;
+    }
+    assert!(tx_lens.len() > 40, "many descriptors: {}", tx_lens.len());
+    let tx = &mut guest.queues[1];
+    tx.send_chain(&mem, 10, &tx_lens, &frame);
+    let got = s.peer.recv_marked_count(&payload[..20], 1, settle::DEADLINE);
+    assert_eq!(got, vec![frame.clone()], "the peer gets the frame of the split chain as sent");
+
+    // Peer to guest: a frame into the split receive chain.
+    let mut back = unique("back").into_bytes();
+    back.resize(1500, 0x3c);
+    let sent = test_frame(GUEST_MAC, PEER_MAC, &back);
+    assert!(sent.len() + HDR_LEN <= rx_total as usize, "the frame fits the chain");
+    s.peer.send(&sent);
+    settle::wait_until("the split chain is used", || !guest.rx(0).used_is_empty(&mem));
+    let used = guest.rx(0).take_used(&mem);
+    assert_eq!(used, vec![(100, u32::try_from(sent.len() + HDR_LEN).expect("small"))], "one chain, the frame's length");
+    let data = guest.rx(0).read_chain(&mem, 100, &rx_lens, used[0].1);
+    let (buffers, received) = split(&data);
+    assert_eq!(buffers, 1, "num_buffers, written across two descriptors");
+    assert_eq!(received, sent.as_slice(), "the frame arrives whole across the descriptors");
+    assert_eq!(counter(&s.daemon, "vu0", "bad-chains"), 0);
+    assert_eq!(counter(&s.daemon, "vu0", "guest-drops"), 0);
+}
+
+/// Without MRG_RXBUF a frame larger than the guest's receive chain cannot be delivered: a counted
+/// drop (the buffer comes back unused), and the frames after it arrive as usual.
+#[test]
+fn a_frame_larger_than_a_chain_is_a_counted_drop_without_mergeable_buffers() {
+    let mut s = setup(1);
+    let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | EVENT_IDX);
+    assert_eq!(guest.features & MRG_RXBUF, 0, "one chain per received frame");
+    guest.post_rx_buffers(0, 16);
+    wait_link(&s.daemon, "vu0", true);
+    let mut large = unique("large").into_bytes();
+    large.resize(3000, 0x11);
+    s.peer.send(&test_frame(GUEST_MAC, PEER_MAC, &large));
+    let small = unique("small").into_bytes();
+    s.peer.send(&test_frame(GUEST_MAC, PEER_MAC, &small));
+    let frames = guest.receive_frames(0, &small);
+    assert_eq!(frames, vec![(1, test_frame(GUEST_MAC, PEER_MAC, &small))], "only the small frame arrives, whole");
+    assert_eq!(counter(&s.daemon, "vu0", "guest-drops"), 1, "the large frame is a counted drop");
+    let after = unique("after").into_bytes();
+    s.peer.send(&test_frame(GUEST_MAC, PEER_MAC, &after));
+    let frames = guest.receive_frames(0, &after);
+    assert_eq!(frames, vec![(1, test_frame(GUEST_MAC, PEER_MAC, &after))], "the next frame arrives too");
+}
+
+/// With MRG_RXBUF frames larger than a buffer spread over as many as they need, data intact:
+/// the first goes partly through the spill buffer, the next ones straight into buffers taken
+/// ahead for them, and a small frame after them gives the buffers it does not need back.
+#[test]
+fn frames_spread_over_several_mergeable_buffers_arrive_whole() {
+    let mut s = setup(1);
+    let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | MRG_RXBUF | EVENT_IDX);
+    guest.post_rx_buffers(0, 64);
+    wait_link(&s.daemon, "vu0", true);
+    let mut sent = Vec::new();
+    for (round, size) in [9000usize, 9000, 7000, 100, 9000, 60].into_iter().enumerate() {
+        let mut payload = unique(&format!("m{round}-")).into_bytes();
+        let mark = payload.clone();
+        payload.extend((0..size).map(|i| u8::try_from((i * 7 + round) % 256).expect("a byte")));
+        let frame = test_frame(GUEST_MAC, PEER_MAC, &payload);
+        s.peer.send(&frame);
+        let frames = guest.receive_frames(0, &mark);
+        let wanted = u16::try_from((frame.len() + HDR_LEN).div_ceil(BUFFER_LEN as usize)).expect("few");
+        assert_eq!(frames, vec![(wanted, frame.clone())], "frame {round} ({size} bytes) arrives whole in {wanted} buffers");
+        sent.push(frame);
+    }
+    assert_eq!(counter(&s.daemon, "vu0", "guest-drops"), 0);
+    assert_eq!(counter(&s.daemon, "vu0", "bad-chains"), 0);
+    assert!(counter(&s.daemon, "vu0", "tx-frames") >= sent.len() as u64);
+}
+
 #[test]
 fn two_queue_pairs_each_carry_frames() {
     let mut s = setup(2);
@@ -622,9 +809,13 @@ fn garbage_and_half_negotiations_leave_the_backend_serving() {
 fn bad_descriptors_are_counted_drops() {
     let mut s = setup(1);
     let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1 | MRG_RXBUF | EVENT_IDX | INDIRECT_DESC);
+    let mem = guest.mem.memory.clone();
+    // A receive buffer outside guest memory comes first; good ones after it.
+    let rx = guest.rx(0);
+    TestQueue::write_desc(&mem, rx.desc, 20, (MEMORY_SIZE as u64) + 8192, BUFFER_LEN, VRING_DESC_F_WRITE, 0);
+    rx.publish(&mem, 20);
     guest.post_rx_buffers(0, 16);
     wait_link(&s.daemon, "vu0", true);
-    let mem = guest.mem.memory.clone();
     let tx = &mut guest.queues[1];
     // A descriptor pointing past the end of guest memory.
     TestQueue::write_desc(&mem, tx.desc, 5, (MEMORY_SIZE as u64) + 4096, 128, 0, 0);
@@ -636,12 +827,33 @@ fn bad_descriptors_are_counted_drops() {
     TestQueue::write_desc(&mem, tx.desc, 7, tx.slot(7), 8, 0, 0);
     tx.publish(&mem, 7);
     settle::wait_until("bad chains counted", || counter(&s.daemon, "vu0", "bad-chains") + counter(&s.daemon, "vu0", "runt-frames") >= 3);
+    // A frame in more pieces than one writev takes (IOV_MAX, 1024): 1100 one-byte descriptors
+    // behind an indirect table.
+    let bad_before = counter(&s.daemon, "vu0", "bad-chains");
+    let table = 6u64 << 20;
+    let pieces = table + 0x1_0000;
+    for index in 0..1100u16 {
+        let flags = if index < 1099 { VRING_DESC_F_NEXT } else { 0 };
+        TestQueue::write_desc(&mem, table, index, pieces + u64::from(index), 1, flags, index + 1);
+    }
+    TestQueue::write_desc(&mem, tx.desc, 9, table, 1100 * 16, VRING_DESC_F_INDIRECT, 0);
+    tx.publish(&mem, 9);
+    settle::wait_until("the chain of 1100 pieces is a bad chain", || counter(&s.daemon, "vu0", "bad-chains") > bad_before);
 
     // The backend goes on: a good frame after them arrives.
     let tag = unique("good").into_bytes();
-    guest.send(0, 8, &guest_frame(&tag));
+    guest.send(0, 10, &guest_frame(&tag));
     assert_eq!(s.peer.recv_marked_count(&tag, 1, settle::DEADLINE).len(), 1, "a good frame after bad ones arrives");
-    assert!(row(&s.daemon, "vu0")["link-up"] == json!(true), "the connection survived");
+    // The peer's frame skips the bad receive buffer (counted) and arrives whole.
+    let back = unique("back").into_bytes();
+    s.peer.send(&test_frame(GUEST_MAC, PEER_MAC, &back));
+    let frames = guest.receive_frames(0, &back);
+    assert_eq!(frames, vec![(1, test_frame(GUEST_MAC, PEER_MAC, &back))], "the frame arrives in a good buffer");
+    // Bad: the chain outside memory, the one of 1100 pieces, the receive buffer; runts: the
+    // indirect table outside memory (no descriptor read from it) and the short chain.
+    let row = row(&s.daemon, "vu0");
+    assert_eq!((row["backend"]["bad-chains"].as_u64(), row["backend"]["runt-frames"].as_u64()), (Some(3), Some(2)), "{row}");
+    assert!(row["link-up"] == json!(true), "the connection survived");
 }
 
 #[test]

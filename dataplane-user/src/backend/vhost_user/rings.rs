@@ -6,39 +6,77 @@
 //! (`TUNSETVNETHDRSZ`), so checksum and GSO metadata reach the kernel and the hub as the guest
 //! wrote them, and the guest receives the kernel's. Whatever the guest puts in its rings ends in
 //! a counted drop, never a panic or an error that would stop the worker.
+//!
+//! Frames are not copied in user space: a chain's buffers are translated to host memory through
+//! vm-memory's checked API and handed to `writev`/`readv` on the tap, so the kernel's copy between
+//! the tap and guest memory is the only one. The exceptions: with MRG_RXBUF, the part of a frame
+//! beyond the buffers taken before reading it (its length is only known once read) lands in a
+//! spill buffer and is copied into further buffers; and a frame read while the guest has too few
+//! buffers is kept (copied) until it gives more.
 
 use std::{
-    io::{self, Read, Write},
+    io,
     os::fd::{AsRawFd, OwnedFd},
+    sync::atomic::Ordering,
 };
 
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Writer, desc::split::Descriptor};
+use vm_memory::{
+    Bytes, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Permissions,
+    VolatileSlice,
+    volatile_memory::{PtrGuard, PtrGuardMut},
+};
 
-use super::device::{Negotiated, NUM_BUFFERS_OFFSET};
+use super::device::{HDR_LEN_V1, Negotiated, NUM_BUFFERS_OFFSET};
 use crate::{backend::BackendStats, port::pipe::MAX_FRAME};
 
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 type MemoryGuard = GuestMemoryLoadGuard<GuestMemoryMmap<()>>;
+/// A stretch of guest memory, checked against the memory map.
+type Slice<'m> = VolatileSlice<'m, ()>;
 
 /// The largest header plus the largest frame a tap hands over with TSO on.
-const BUFFER_LEN: usize = super::device::HDR_LEN_V1 + MAX_FRAME;
+const BUFFER_LEN: usize = HDR_LEN_V1 + MAX_FRAME;
 /// A frame must hold at least an Ethernet header.
 const ETH_HEADER_LEN: usize = 14;
+/// The most buffers one `readv`/`writev` takes (Linux's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+/// What MRG_RXBUF receive expects before it has seen frames: one of the usual MTU of 1500.
+const USUAL_FRAME: usize = HDR_LEN_V1 + 1514;
 
-/// One queue pair's buffers and the frame that did not fit the guest's rx ring yet.
+/// One queue pair's receive state.
 pub struct PairState {
-    rx_buffer: Vec<u8>,
-    tx_buffer: Vec<u8>,
-    /// Length of a frame read from the tap and waiting in `rx_buffer` for rx buffers.
+    /// With MRG_RXBUF, takes what of a frame goes beyond the buffers taken for it; and holds a
+    /// frame that waits for the guest's buffers (`pending`).
+    spill: Vec<u8>,
+    /// Length of a frame read from the tap and waiting in `spill` for rx buffers.
     pending: Option<usize>,
+    /// With MRG_RXBUF, how many bytes of buffers to take before reading a frame: the largest
+    /// recent frame, decaying. A stream of large (GSO) frames then goes straight into guest
+    /// memory, and small frames do not take more buffers than they need (each buffer taken is
+    /// translated, and given back if unused).
+    expected: usize,
+    /// Whether the tap may hold frames: false once a read found it empty, true again with its
+    /// next (edge-triggered) readiness event. Kicks then look at the tap only when there may be
+    /// something to read, instead of taking buffers for a read that finds nothing.
+    tap_readable: bool,
 }
 
 impl PairState {
     #[must_use]
     pub fn new() -> Self {
-        Self { rx_buffer: vec![0; BUFFER_LEN], tx_buffer: vec![0; BUFFER_LEN], pending: None }
+        Self { spill: vec![0; BUFFER_LEN], pending: None, expected: USUAL_FRAME, tap_readable: true }
+    }
+
+    /// The tap queue became readable.
+    pub fn tap_event(&mut self) {
+        self.tap_readable = true;
+    }
+
+    /// Learns from a frame of `len` bytes (header included) for the next ones.
+    fn saw(&mut self, len: usize) {
+        self.expected = len.max(self.expected - self.expected / 8).clamp(USUAL_FRAME, BUFFER_LEN);
     }
 }
 
@@ -48,19 +86,13 @@ impl Default for PairState {
     }
 }
 
-/// What became of a frame offered to the rx ring.
-enum Delivery {
-    Delivered,
-    /// The ring has not enough buffers now; the frame waits for the guest to add some.
-    NoRoom,
-    Dropped,
-}
-
 /// Moves every frame the guest queued on `tx` to the tap.
 #[allow(clippy::too_many_arguments, reason = "one worker's whole context, passed per event without a struct to rebuild")]
-pub fn process_tx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memory: &Memory, negotiated: Negotiated, state: &mut PairState, stats: &BackendStats, event_idx: bool) {
+pub fn process_tx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memory: &Memory, negotiated: Negotiated, stats: &BackendStats, event_idx: bool) {
     let mem = memory.memory();
     let hdr_len = negotiated.hdr_len();
+    let mut slices = Vec::new();
+    let mut io = IoVecs::default();
     let mut used_any = false;
     let mut moved = 0u64;
     loop {
@@ -69,10 +101,8 @@ pub fn process_tx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memor
         }
         while let Some(chain) = pop_chain(vring, &mem) {
             let head = chain.head_index();
-            match Reader::<()>::new(&*mem, chain) {
-                Ok(reader) => moved += u64::from(transmit(tap, reader, hdr_len, &mut state.tx_buffer, stats)),
-                Err(_) => BackendStats::count(&stats.bad_chains),
-            }
+            slices.clear();
+            moved += u64::from(transmit(tap, &mem, chain, hdr_len, &mut slices, &mut io, stats));
             if vring.add_used(head, 0).is_err() {
                 BackendStats::count(&stats.bad_chains);
             }
@@ -90,31 +120,55 @@ pub fn process_tx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memor
     }
 }
 
-/// Writes one chain's frame to the tap; whether it went.
-fn transmit(tap: &OwnedFd, mut reader: Reader<'_, ()>, hdr_len: usize, buffer: &mut [u8], stats: &BackendStats) -> bool {
-    let len = reader.available_bytes();
-    if len > buffer.len() {
-        BackendStats::count(&stats.oversized_frames);
-        return false;
-    }
+/// Writes one chain's frame to the tap, straight from guest memory; whether it went.
+fn transmit<'m>(
+    tap: &OwnedFd,
+    mem: &'m GuestMemoryMmap<()>,
+    chain: DescriptorChain<MemoryGuard>,
+    hdr_len: usize,
+    slices: &mut Vec<Slice<'m>>,
+    io: &mut IoVecs,
+    stats: &BackendStats,
+) -> bool {
+    let len = match translate(mem, chain.readable(), Permissions::Read, BUFFER_LEN, IOV_MAX, slices) {
+        Ok(len) => len,
+        Err(Untranslatable::TooLong) => {
+            BackendStats::count(&stats.oversized_frames);
+            return false;
+        }
+        Err(Untranslatable::Outside | Untranslatable::TooManyBuffers) => {
+            BackendStats::count(&stats.bad_chains);
+            return false;
+        }
+    };
     if len < hdr_len + ETH_HEADER_LEN {
         BackendStats::count(&stats.runt_frames);
         return false;
     }
-    if reader.read_exact(&mut buffer[..len]).is_err() {
-        BackendStats::count(&stats.bad_chains);
-        return false;
-    }
-    // SAFETY: `buffer[..len]` is valid for reads for the duration of the call.
-    let written = unsafe { libc::write(tap.as_raw_fd(), buffer.as_ptr().cast(), len) };
-    if written < 0 {
+    if io.write(tap, slices).is_err() {
         // A tap that is down or a frame the kernel refuses (bad GSO header): the frame is lost.
         BackendStats::count(&stats.hub_drops);
         return false;
     }
-    stats.rx_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    stats.rx_bytes.fetch_add((len - hdr_len) as u64, std::sync::atomic::Ordering::Relaxed);
+    stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+    stats.rx_bytes.fetch_add((len - hdr_len) as u64, Ordering::Relaxed);
     true
+}
+
+/// What became of one attempt to move a frame from the tap to the guest.
+enum Received {
+    /// A frame of this length (header included) is in the guest's buffers.
+    Delivered(usize),
+    /// The frame is lost; counted as a guest drop.
+    Dropped,
+    /// Nothing for the guest, counted already (a runt, a read fault); go on.
+    Skipped,
+    /// The guest has no buffers, or too few for the frame read (which then waits in `pending`).
+    NoRoom,
+    /// The tap has no frame.
+    Empty,
+    /// Reading the tap failed.
+    Failed,
 }
 
 /// Moves frames from the tap into the guest's rx buffers until the tap is empty or the ring is
@@ -122,44 +176,39 @@ fn transmit(tap: &OwnedFd, mut reader: Reader<'_, ()>, hdr_len: usize, buffer: &
 pub fn process_rx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memory: &Memory, negotiated: Negotiated, state: &mut PairState, stats: &BackendStats) {
     let mem = memory.memory();
     let hdr_len = negotiated.hdr_len();
+    let mut taken = Taken::default();
+    let mut io = IoVecs::default();
     let mut used_any = false;
     let mut moved = 0u64;
     loop {
         // A ring the frontend stopped (GET_VRING_BASE) is not touched again.
-        if !vring.get_ref().get_queue().ready() {
+        if !vring.get_ref().get_queue().ready() || (state.pending.is_none() && !state.tap_readable) {
             break;
         }
-        let len = match state.pending.take() {
-            Some(len) => len,
-            None => match read_frame(tap, &mut state.rx_buffer) {
-                Ok(Some(len)) => len,
-                Ok(None) => break,
-                Err(_) => {
-                    BackendStats::count(&stats.send_errors);
-                    break;
-                }
-            },
-        };
-        if len < hdr_len + ETH_HEADER_LEN {
-            BackendStats::count(&stats.runt_frames);
-            continue;
-        }
-        let frame = &mut state.rx_buffer[..len];
         let seen = avail_index(vring, &mem);
-        let delivery = if negotiated.mergeable() {
-            deliver_mergeable(vring, &mem, frame, &mut used_any)
-        } else {
-            deliver_single(vring, &mem, frame, hdr_len, &mut used_any)
+        let mut rx = Rx { tap, vring, mem: &mem, stats, io: &mut io, used_any: &mut used_any };
+        let received = match state.pending {
+            Some(len) => rx.deliver_pending(state, len, negotiated),
+            None if negotiated.mergeable() => rx.receive_mergeable(state, &mut taken),
+            None => rx.receive_single(&mut state.spill, &mut taken, hdr_len),
         };
-        match delivery {
-            Delivery::Delivered => {
+        match received {
+            Received::Delivered(len) => {
                 moved += 1;
-                stats.tx_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                stats.tx_bytes.fetch_add((len - hdr_len) as u64, std::sync::atomic::Ordering::Relaxed);
+                stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                stats.tx_bytes.fetch_add(len.saturating_sub(hdr_len) as u64, Ordering::Relaxed);
             }
-            Delivery::Dropped => BackendStats::count(&stats.guest_drops),
-            Delivery::NoRoom => {
-                state.pending = Some(len);
+            Received::Dropped => BackendStats::count(&stats.guest_drops),
+            Received::Skipped => {}
+            Received::Empty => {
+                state.tap_readable = false;
+                break;
+            }
+            Received::Failed => {
+                BackendStats::count(&stats.send_errors);
+                break;
+            }
+            Received::NoRoom => {
                 // The guest refills its ring once it sees the buffers used so far: tell it now,
                 // not after the wait.
                 if used_any {
@@ -180,46 +229,280 @@ pub fn process_rx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memor
     }
 }
 
-/// Without MRG_RXBUF every frame takes one chain that must hold it whole.
-fn deliver_single(vring: &VringRwLock<Memory>, mem: &MemoryGuard, frame: &mut [u8], hdr_len: usize, used_any: &mut bool) -> Delivery {
-    loop {
-        let Some(chain) = pop_chain(vring, mem) else { return Delivery::NoRoom };
-        let head = chain.head_index();
-        let Ok(mut writer) = Writer::<()>::new(&**mem, chain) else {
-            // A chain pointing outside guest memory: given back empty, the frame tries the next.
-            let _ = vring.add_used(head, 0);
-            *used_any = true;
-            continue;
-        };
-        if writer.available_bytes() < frame.len() {
-            // The guest's buffers are smaller than the frame (it did not take the offload that
-            // made it large): the frame is dropped, the buffer given back unused.
-            let _ = vring.add_used(head, 0);
-            *used_any = true;
-            return Delivery::Dropped;
-        }
-        if hdr_len > NUM_BUFFERS_OFFSET {
-            frame[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2].copy_from_slice(&1u16.to_le_bytes());
-        }
-        let written = if writer.write_all(frame).is_ok() { frame.len() } else { 0 };
-        let _ = vring.add_used(head, u32::try_from(written).unwrap_or(0));
-        *used_any = true;
-        return if written > 0 { Delivery::Delivered } else { Delivery::Dropped };
+/// The receive chains taken from the ring for one frame: each chain's head and bytes, and all
+/// their buffers in ring order.
+#[derive(Default)]
+struct Taken<'m> {
+    chains: Vec<(u16, usize)>,
+    slices: Vec<Slice<'m>>,
+    capacity: usize,
+}
+
+impl Taken<'_> {
+    fn clear(&mut self) {
+        self.chains.clear();
+        self.slices.clear();
+        self.capacity = 0;
     }
 }
 
-/// With MRG_RXBUF a frame spreads over as many chains as it needs; the first chain's header
-/// says how many (`num_buffers`). Chains are only taken once enough are there for the frame.
-fn deliver_mergeable(vring: &VringRwLock<Memory>, mem: &MemoryGuard, frame: &mut [u8], used_any: &mut bool) -> Delivery {
+/// The context of one receive attempt.
+struct Rx<'a, 'm> {
+    tap: &'a OwnedFd,
+    vring: &'a VringRwLock<Memory>,
+    mem: &'m MemoryGuard,
+    stats: &'a BackendStats,
+    io: &'a mut IoVecs,
+    used_any: &'a mut bool,
+}
+
+impl<'m> Rx<'_, 'm> {
+    /// Without MRG_RXBUF every frame takes one chain that must hold it whole: the frame is read
+    /// into the chain's buffers, with a spill buffer behind them that tells a frame too large.
+    fn receive_single(&mut self, spill: &mut [u8], taken: &mut Taken<'m>, hdr_len: usize) -> Received {
+        loop {
+            taken.clear();
+            let Some(chain) = pop_chain(self.vring, self.mem) else { return Received::NoRoom };
+            let head = chain.head_index();
+            let Ok(capacity) = translate(self.mem, chain.writable(), Permissions::Write, usize::MAX, IOV_MAX - 1, &mut taken.slices)
+            else {
+                // A chain pointing outside guest memory: given back empty, the next is tried.
+                BackendStats::count(&self.stats.bad_chains);
+                self.used(head, 0);
+                continue;
+            };
+            let len = match self.io.read(self.tap, &taken.slices, spill) {
+                Ok(len) => len,
+                Err(error) => return self.read_failed(&error, &[(head, capacity)]),
+            };
+            if len < hdr_len + ETH_HEADER_LEN {
+                give_back(self.vring, 1);
+                BackendStats::count(&self.stats.runt_frames);
+                return Received::Skipped;
+            }
+            if len > capacity {
+                // The guest's buffers are smaller than the frame (it did not take the offload
+                // that made it large): the frame is dropped, the buffer given back unused.
+                self.used(head, 0);
+                return Received::Dropped;
+            }
+            if hdr_len > NUM_BUFFERS_OFFSET {
+                patch(&taken.slices, spill, NUM_BUFFERS_OFFSET, &1u16.to_le_bytes());
+            }
+            self.used(head, len);
+            return Received::Delivered(len);
+        }
+    }
+
+    /// With MRG_RXBUF a frame spreads over as many chains as it needs; the first chain's header
+    /// says how many (`num_buffers`). Chains for the expected frame are taken before reading;
+    /// what goes beyond them is copied from the spill buffer into further chains. A frame that
+    /// finds too few waits, copied into the spill buffer, and all its chains are given back.
+    fn receive_mergeable(&mut self, state: &mut PairState, taken: &mut Taken<'m>) -> Received {
+        if !self.take_chains(taken, state.expected) {
+            return Received::NoRoom;
+        }
+        let count = taken.chains.len();
+        let len = match self.io.read(self.tap, &taken.slices, &mut state.spill) {
+            Ok(len) => len,
+            Err(error) => return self.read_failed(&error, &taken.chains),
+        };
+        if len < HDR_LEN_V1 + ETH_HEADER_LEN {
+            give_back(self.vring, count);
+            BackendStats::count(&self.stats.runt_frames);
+            return Received::Skipped;
+        }
+        if len > taken.capacity + state.spill.len() {
+            // Larger than any frame the tap should hand over: it was cut short.
+            give_back(self.vring, count);
+            return Received::Dropped;
+        }
+        state.saw(len);
+        if len <= taken.capacity {
+            // The frame fits the chains taken: the ones it does not reach go back.
+            let mut rest = len;
+            let reached = taken.chains.iter().take_while(|(_, bytes)| {
+                let reaches = rest > 0;
+                rest = rest.saturating_sub(*bytes);
+                reaches
+            });
+            let reached = reached.count();
+            give_back(self.vring, count - reached);
+            let buffers = u16::try_from(reached).unwrap_or(u16::MAX);
+            patch(&taken.slices, &mut state.spill, NUM_BUFFERS_OFFSET, &buffers.to_le_bytes());
+            let mut rest = len;
+            for &(head, bytes) in &taken.chains[..reached] {
+                self.used(head, bytes.min(rest));
+                rest -= bytes.min(rest);
+            }
+            return Received::Delivered(len);
+        }
+        self.spread_spill(state, taken, len)
+    }
+
+    /// Takes chains from the ring until they hold `wanted` bytes, the ring is empty, or one more
+    /// would pass `IOV_MAX`; whether any were taken. A bad chain is given back empty with the
+    /// ones taken before it (chains go back untouched only from the end), and taking starts over.
+    fn take_chains(&mut self, taken: &mut Taken<'m>, wanted: usize) -> bool {
+        taken.clear();
+        while taken.capacity < wanted {
+            let Some(chain) = pop_chain(self.vring, self.mem) else { break };
+            let head = chain.head_index();
+            let room = IOV_MAX - 1 - taken.slices.len();
+            match translate(self.mem, chain.writable(), Permissions::Write, usize::MAX, room, &mut taken.slices) {
+                Ok(bytes) if bytes > 0 => {
+                    taken.chains.push((head, bytes));
+                    taken.capacity += bytes;
+                }
+                Err(Untranslatable::TooManyBuffers) if !taken.chains.is_empty() => {
+                    // This chain goes into the next frame's readv.
+                    give_back(self.vring, 1);
+                    break;
+                }
+                _ => {
+                    BackendStats::count(&self.stats.bad_chains);
+                    for &(taken_head, _) in &taken.chains {
+                        self.used(taken_head, 0);
+                    }
+                    self.used(head, 0);
+                    taken.clear();
+                }
+            }
+        }
+        !taken.chains.is_empty()
+    }
+
+    /// A frame read into all of `taken` and `spill[..len - capacity]`: the spilled part is
+    /// copied into further chains; if the ring has too few, the frame waits in `spill`.
+    fn spread_spill(&mut self, state: &mut PairState, taken: &Taken<'m>, len: usize) -> Received {
+        let spilled = len - taken.capacity;
+        let mut writers: Vec<(u16, Writer<'m, ()>)> = Vec::new();
+        let mut room = 0usize;
+        while room < spilled {
+            let Some(chain) = pop_chain(self.vring, self.mem) else {
+                give_back(self.vring, taken.chains.len() + writers.len());
+                return self.keep_waiting(state, taken, len);
+            };
+            let head = chain.head_index();
+            match Writer::<()>::new(&**self.mem, chain) {
+                Ok(writer) if writer.available_bytes() > 0 => {
+                    room += writer.available_bytes();
+                    writers.push((head, writer));
+                }
+                _ => {
+                    // A bad chain: every chain taken for this frame goes back empty, the frame is lost.
+                    BackendStats::count(&self.stats.bad_chains);
+                    for &(taken_head, _) in &taken.chains {
+                        self.used(taken_head, 0);
+                    }
+                    for (taken_head, _) in &writers {
+                        self.used(*taken_head, 0);
+                    }
+                    self.used(head, 0);
+                    return Received::Dropped;
+                }
+            }
+        }
+        let buffers = u16::try_from(taken.chains.len() + writers.len()).unwrap_or(u16::MAX);
+        patch(&taken.slices, &mut state.spill, NUM_BUFFERS_OFFSET, &buffers.to_le_bytes());
+        for &(head, bytes) in &taken.chains {
+            self.used(head, bytes);
+        }
+        let mut offset = 0;
+        let mut complete = true;
+        for (head, mut writer) in writers {
+            let take = writer.available_bytes().min(spilled - offset);
+            let written = if std::io::Write::write_all(&mut writer, &state.spill[offset..offset + take]).is_ok() {
+                take
+            } else {
+                complete = false;
+                0
+            };
+            offset += take;
+            self.used(head, written);
+        }
+        if complete { Received::Delivered(len) } else { Received::Dropped }
+    }
+
+    /// The guest's buffers ran out under a frame already read (given back, they still hold its
+    /// start): the frame is put together in `spill` to wait for more.
+    fn keep_waiting(&mut self, state: &mut PairState, taken: &Taken<'m>, len: usize) -> Received {
+        if len > state.spill.len() {
+            return Received::Dropped;
+        }
+        let spilled = len - taken.capacity;
+        state.spill.copy_within(..spilled, taken.capacity);
+        let mut offset = 0;
+        for slice in &taken.slices {
+            let end = offset + slice.len();
+            if slice.read_slice(&mut state.spill[offset..end], 0).is_err() {
+                return Received::Dropped;
+            }
+            offset = end;
+        }
+        state.pending = Some(len);
+        Received::NoRoom
+    }
+
+    /// A frame read earlier, waiting in `spill` for buffers, copied into them.
+    fn deliver_pending(&mut self, state: &mut PairState, len: usize, negotiated: Negotiated) -> Received {
+        if !negotiated.mergeable() {
+            // The frontend renegotiated without MRG_RXBUF meanwhile.
+            state.pending = None;
+            return Received::Dropped;
+        }
+        let frame = &mut state.spill[..len];
+        match deliver_copy(self.vring, self.mem, frame, self.used_any) {
+            Delivery::NoRoom => Received::NoRoom,
+            Delivery::Delivered => {
+                state.pending = None;
+                Received::Delivered(len)
+            }
+            Delivery::Dropped => {
+                state.pending = None;
+                Received::Dropped
+            }
+        }
+    }
+
+    /// `readv` into the `chains` just taken failed: they go back. A fault (a buffer the kernel
+    /// could not write; the frame is lost) gives them back empty, so that the next frame takes
+    /// other buffers.
+    fn read_failed(&mut self, error: &io::Error, chains: &[(u16, usize)]) -> Received {
+        if error.raw_os_error() == Some(libc::EFAULT) {
+            BackendStats::count(&self.stats.bad_chains);
+            for &(head, _) in chains {
+                self.used(head, 0);
+            }
+            return Received::Skipped;
+        }
+        give_back(self.vring, chains.len());
+        if error.kind() == io::ErrorKind::WouldBlock { Received::Empty } else { Received::Failed }
+    }
+
+    fn used(&mut self, head: u16, len: usize) {
+        let _ = self.vring.add_used(head, u32::try_from(len).unwrap_or(0));
+        *self.used_any = true;
+    }
+}
+
+/// What became of a waiting frame offered to the rx ring.
+enum Delivery {
+    Delivered,
+    /// The ring has not enough buffers now; the frame goes on waiting.
+    NoRoom,
+    Dropped,
+}
+
+/// Copies a waiting frame over as many chains as it needs (MRG_RXBUF). Chains are only taken
+/// once enough are there for the frame.
+fn deliver_copy(vring: &VringRwLock<Memory>, mem: &MemoryGuard, frame: &mut [u8], used_any: &mut bool) -> Delivery {
     let mut writers: Vec<(u16, Writer<'_, ()>)> = Vec::new();
     let mut room = 0usize;
     while room < frame.len() {
         let Some(chain) = pop_chain(vring, mem) else {
             // Not enough buffers: give the taken chains back untouched.
-            let mut state = vring.get_mut();
-            for _ in 0..writers.len() {
-                state.get_queue_mut().go_to_previous_position();
-            }
+            give_back(vring, writers.len());
             return Delivery::NoRoom;
         };
         let head = chain.head_index();
@@ -245,7 +528,7 @@ fn deliver_mergeable(vring: &VringRwLock<Memory>, mem: &MemoryGuard, frame: &mut
     let mut complete = true;
     for (head, mut writer) in writers {
         let take = writer.available_bytes().min(frame.len() - offset);
-        let written = if writer.write_all(&frame[offset..offset + take]).is_ok() {
+        let written = if std::io::Write::write_all(&mut writer, &frame[offset..offset + take]).is_ok() {
             take
         } else {
             complete = false;
@@ -258,14 +541,156 @@ fn deliver_mergeable(vring: &VringRwLock<Memory>, mem: &MemoryGuard, frame: &mut
     if complete { Delivery::Delivered } else { Delivery::Dropped }
 }
 
-fn pop_chain(vring: &VringRwLock<Memory>, mem: &MemoryGuard) -> Option<virtio_queue::DescriptorChain<MemoryGuard>> {
+/// Why a chain's buffers could not be handed to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Untranslatable {
+    /// A buffer lies (partly) outside guest memory.
+    Outside,
+    /// More bytes than allowed.
+    TooLong,
+    /// More buffers than one `readv`/`writev` takes.
+    TooManyBuffers,
+}
+
+/// Appends the guest memory of `descriptors` to `slices`, each buffer checked against the memory
+/// map by vm-memory (a buffer crossing regions becomes several slices); the bytes they hold. On
+/// refusal `slices` is left as it was.
+fn translate<'m>(
+    mem: &'m GuestMemoryMmap<()>,
+    descriptors: impl Iterator<Item = Descriptor>,
+    access: Permissions,
+    max_len: usize,
+    max_slices: usize,
+    slices: &mut Vec<Slice<'m>>,
+) -> Result<usize, Untranslatable> {
+    let start = slices.len();
+    let result = append_slices(mem, descriptors, access, max_len, start + max_slices, slices);
+    if result.is_err() {
+        slices.truncate(start);
+    }
+    result
+}
+
+fn append_slices<'m>(
+    mem: &'m GuestMemoryMmap<()>,
+    descriptors: impl Iterator<Item = Descriptor>,
+    access: Permissions,
+    max_len: usize,
+    slice_limit: usize,
+    slices: &mut Vec<Slice<'m>>,
+) -> Result<usize, Untranslatable> {
+    let mut len = 0usize;
+    for descriptor in descriptors {
+        let bytes = descriptor.len() as usize;
+        len = len.checked_add(bytes).filter(|len| *len <= max_len).ok_or(Untranslatable::TooLong)?;
+        let parts = GuestMemory::get_slices(mem, descriptor.addr(), bytes, access).map_err(|_| Untranslatable::Outside)?;
+        for part in parts {
+            if slices.len() >= slice_limit {
+                return Err(Untranslatable::TooManyBuffers);
+            }
+            slices.push(part.map_err(|_| Untranslatable::Outside)?);
+        }
+    }
+    Ok(len)
+}
+
+/// Writes `bytes` at `offset` of a frame that lies in `slices` and then in `spill` (the header's
+/// `num_buffers`, which the tap leaves alone).
+fn patch(slices: &[Slice<'_>], spill: &mut [u8], offset: usize, bytes: &[u8]) {
+    let mut at = offset;
+    let mut rest = bytes;
+    for slice in slices {
+        if rest.is_empty() {
+            return;
+        }
+        if at >= slice.len() {
+            at -= slice.len();
+            continue;
+        }
+        let take = (slice.len() - at).min(rest.len());
+        // Within the slice by construction; vm-memory checks it again.
+        let _ = slice.write_slice(&rest[..take], at);
+        rest = &rest[take..];
+        at = 0;
+    }
+    if let Some(target) = spill.get_mut(at..at + rest.len()) {
+        target.copy_from_slice(rest);
+    }
+}
+
+/// Room for the iovecs of one call's frames, reused frame after frame, and the guards that keep
+/// the slices' pointers valid while the kernel uses them (vm-memory's rule for raw access).
+#[derive(Default)]
+struct IoVecs {
+    iovecs: Vec<libc::iovec>,
+    read_guards: Vec<PtrGuard>,
+    write_guards: Vec<PtrGuardMut>,
+}
+
+impl IoVecs {
+    /// One frame to the tap: `writev` of `slices`.
+    fn write(&mut self, fd: &OwnedFd, slices: &[Slice<'_>]) -> io::Result<usize> {
+        self.clear();
+        for slice in slices {
+            let guard = slice.ptr_guard();
+            self.iovecs.push(libc::iovec { iov_base: guard.as_ptr().cast_mut().cast(), iov_len: guard.len() });
+            self.read_guards.push(guard);
+        }
+        let count = libc::c_int::try_from(self.iovecs.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: each iovec is one slice of guest memory that vm-memory checked against the
+        // memory map; the map stays mapped while the caller holds the memory guard the slices
+        // borrow, and their pointer guards are held in `self` until after the call. The kernel
+        // only reads through them (a guest changing its buffers meanwhile only changes its frame).
+        let written = unsafe { libc::writev(fd.as_raw_fd(), self.iovecs.as_ptr(), count) };
+        let result = usize::try_from(written).map_err(|_| io::Error::last_os_error());
+        self.clear();
+        result
+    }
+
+    /// One frame from the tap: `readv` into `slices` and then `spill`.
+    fn read(&mut self, fd: &OwnedFd, slices: &[Slice<'_>], spill: &mut [u8]) -> io::Result<usize> {
+        self.clear();
+        for slice in slices {
+            let guard = slice.ptr_guard_mut();
+            self.iovecs.push(libc::iovec { iov_base: guard.as_ptr().cast(), iov_len: guard.len() });
+            self.write_guards.push(guard);
+        }
+        self.iovecs.push(libc::iovec { iov_base: spill.as_mut_ptr().cast(), iov_len: spill.len() });
+        let count = libc::c_int::try_from(self.iovecs.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: each iovec but the last is one slice of guest memory that vm-memory checked
+        // against the memory map, writable (rx buffers are device-writable and the mapping is
+        // shared read-write); the map stays mapped while the caller holds the memory guard the
+        // slices borrow, and their pointer guards are held in `self` until after the call. The
+        // last is `spill`, borrowed mutably for the call.
+        let read = unsafe { libc::readv(fd.as_raw_fd(), self.iovecs.as_ptr(), count) };
+        let result = usize::try_from(read).map_err(|_| io::Error::last_os_error());
+        self.clear();
+        result
+    }
+
+    fn clear(&mut self) {
+        self.iovecs.clear();
+        self.read_guards.clear();
+        self.write_guards.clear();
+    }
+}
+
+fn pop_chain(vring: &VringRwLock<Memory>, mem: &MemoryGuard) -> Option<DescriptorChain<MemoryGuard>> {
     let mut state = vring.get_mut();
     state.get_queue_mut().pop_descriptor_chain(mem.clone())
 }
 
+/// Puts the last `count` chains taken back in the ring, untouched, for the next frame.
+fn give_back(vring: &VringRwLock<Memory>, count: usize) {
+    let mut state = vring.get_mut();
+    for _ in 0..count {
+        state.get_queue_mut().go_to_previous_position();
+    }
+}
+
 /// The avail index the guest has published (`None` for a ring outside guest memory).
 fn avail_index(vring: &VringRwLock<Memory>, mem: &MemoryGuard) -> Option<u16> {
-    vring.get_ref().get_queue().avail_idx(&**mem, std::sync::atomic::Ordering::Acquire).ok().map(|index| index.0)
+    vring.get_ref().get_queue().avail_idx(&**mem, Ordering::Acquire).ok().map(|index| index.0)
 }
 
 /// Asks the guest to kick once it publishes buffers beyond avail index `seen`; whether it already
@@ -290,15 +715,68 @@ fn signal(vring: &VringRwLock<Memory>) {
     }
 }
 
-/// One frame (with its header) from the tap; `None` when the queue is empty.
-fn read_frame(tap: &OwnedFd, buffer: &mut [u8]) -> io::Result<Option<usize>> {
-    // SAFETY: `buffer` is valid for writes of its length for the duration of the call.
-    let n = unsafe { libc::read(tap.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len()) };
-    match usize::try_from(n) {
-        Ok(n) => Ok(Some(n)),
-        Err(_) => {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(error) }
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    /// Two adjacent regions of a page each: a buffer across 0x1000 is two slices.
+    fn memory() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)]).expect("guest memory")
+    }
+
+    fn descriptor(addr: u64, len: u32) -> Descriptor {
+        Descriptor::new(addr, len, 0, 0)
+    }
+
+    #[test]
+    fn translation_splits_buffers_at_regions_and_refuses_what_it_cannot_hand_over() {
+        let mem = memory();
+        let mut slices = Vec::new();
+        let chain = [descriptor(0x10, 16), descriptor(0xff0, 0x20)];
+        assert_eq!(translate(&mem, chain.into_iter(), Permissions::Read, 100, 8, &mut slices), Ok(48));
+        assert_eq!(slices.iter().map(VolatileSlice::len).collect::<Vec<_>>(), [16, 16, 16], "the second crosses regions");
+
+        let outside = [descriptor(0x10, 16), descriptor(0x1ff0, 0x20)];
+        assert_eq!(translate(&mem, outside.into_iter(), Permissions::Read, 100, 8, &mut slices), Err(Untranslatable::Outside));
+        assert_eq!(slices.len(), 3, "a refused chain leaves the slices as they were");
+        let long = [descriptor(0, 64), descriptor(0x100, 64)];
+        assert_eq!(translate(&mem, long.into_iter(), Permissions::Read, 100, 8, &mut slices), Err(Untranslatable::TooLong));
+        let many = (0..5u64).map(|i| descriptor(i * 0x10, 1));
+        assert_eq!(translate(&mem, many, Permissions::Read, 100, 4, &mut slices), Err(Untranslatable::TooManyBuffers));
+        assert_eq!(slices.len(), 3);
+    }
+
+    #[test]
+    fn num_buffers_is_written_across_slices_and_into_the_spill_buffer() {
+        let mem = memory();
+        // Guest buffers of 7 and 4 bytes: num_buffers (offset 10 and 11) straddles the second
+        // buffer and the spill buffer.
+        let mut slices = Vec::new();
+        let chain = [descriptor(0x100, 7), descriptor(0x200, 4)];
+        assert_eq!(translate(&mem, chain.into_iter(), Permissions::Write, usize::MAX, 8, &mut slices), Ok(11));
+        let mut spill = [0u8; 4];
+        patch(&slices, &mut spill, NUM_BUFFERS_OFFSET, &0x0302u16.to_le_bytes());
+        let mut second = [0u8; 4];
+        mem.read_slice(&mut second, GuestAddress(0x200)).expect("read guest memory");
+        assert_eq!(second, [0, 0, 0, 0x02]);
+        assert_eq!(spill, [0x03, 0, 0, 0]);
+    }
+
+    #[test]
+    fn the_expected_frame_follows_large_frames_and_decays_to_the_usual_size() {
+        let mut state = PairState::new();
+        assert_eq!(state.expected, USUAL_FRAME);
+        state.saw(60_000);
+        assert_eq!(state.expected, 60_000);
+        state.saw(100);
+        assert_eq!(state.expected, 60_000 - 60_000 / 8);
+        for _ in 0..100 {
+            state.saw(100);
         }
+        assert_eq!(state.expected, USUAL_FRAME, "never below a frame of the usual MTU");
+        state.saw(usize::MAX);
+        assert_eq!(state.expected, BUFFER_LEN, "never above the largest frame");
     }
 }

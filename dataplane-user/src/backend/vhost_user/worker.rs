@@ -147,6 +147,17 @@ impl VhostUserBackend for NetDevice {
         }
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE reports the ring's next avail index once this returns, and the ring is
+        // no longer ready: wait for the pair's worker to finish the event in hand (it holds the
+        // pair's state meanwhile), so that buffers it took for a frame are used or given back
+        // by then, not counted as consumed.
+        if let Some(state) = usize::try_from(queue_index / 2).ok().and_then(|pair| self.states.get(pair)) {
+            drop(state.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+        Ok(())
+    }
+
     fn handle_event(&self, device_event: u16, _evset: EventSet, vrings: &[Self::Vring], thread_id: usize) -> io::Result<()> {
         // Errors returned here end the worker thread: every problem is counted instead.
         let pair = thread_id;
@@ -158,6 +169,9 @@ impl VhostUserBackend for NetDevice {
         let Some(memory) = self.memory.lock().unwrap_or_else(PoisonError::into_inner).clone() else { return Ok(()) };
         let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
         let negotiated = self.negotiated();
+        if u64::from(device_event) == self.tap_event() {
+            state.tap_event();
+        }
         let ready = |vring: &Self::Vring| {
             let guard = vring.get_ref();
             guard.get_queue().ready() && guard.is_enabled()
@@ -169,7 +183,7 @@ impl VhostUserBackend for NetDevice {
                     self.ring_started(pair);
                 }
                 if device_event == TX && ready(tx) {
-                    rings::process_tx(pair, tap, tx, &memory, negotiated, &mut state, self.stats(), self.event_idx.load(Ordering::Acquire));
+                    rings::process_tx(pair, tap, tx, &memory, negotiated, self.stats(), self.event_idx.load(Ordering::Acquire));
                 }
                 // An rx kick means new buffers: frames waiting on the tap can go now.
                 if ready(rx) {
