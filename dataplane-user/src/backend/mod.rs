@@ -20,6 +20,9 @@ pub mod vhost_vdpa;
 mod test_support;
 
 use std::{
+    io,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -36,6 +39,21 @@ use crate::{
     netdev::{Netdev, NetdevOptions, socket::SocketOptions},
     fd::{FdSource, take_owned},
 };
+
+/// Creates a new directory `<prefix>XXXXXX` (mode 0700, a fresh random suffix) and returns its
+/// path. The name never depends on the PID: a process killed before it removed its directory
+/// cannot block a later one that happens to get the same PID.
+pub(crate) fn make_temp_dir(prefix: &Path) -> io::Result<PathBuf> {
+    let mut template = prefix.as_os_str().as_bytes().to_vec();
+    template.extend_from_slice(b"XXXXXX\0");
+    // SAFETY: a writable NUL-terminated template; mkdtemp only replaces the X's.
+    let ptr = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
+    if ptr.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    template.pop();
+    Ok(PathBuf::from(std::ffi::OsStr::from_bytes(&template)))
+}
 
 /// What a running backend tells the daemon.
 #[derive(Debug, Clone, PartialEq)]

@@ -192,7 +192,7 @@ fn add_smb(engine: &mut Engine, dir: &str, server: Ipv4Addr) -> Result<(), Strin
         return Err(format!("Could not find '{SMBD_COMMAND}', please install it"));
     }
     check_smb_dir(dir, &account).map_err(|err| format!("Error accessing shared directory '{dir}': {}", strerror(&err)))?;
-    let smb_dir = make_temp_dir().map_err(|_| "Could not create samba server dir".to_owned())?;
+    let smb_dir = super::make_temp_dir(Path::new("/tmp/qemu-smb.")).map_err(|_| "Could not create samba server dir".to_owned())?;
     // From here the engine removes the directory when it goes.
     engine.own_dir(smb_dir.clone());
     let conf = smb_dir.join("smb.conf");
@@ -246,17 +246,6 @@ fn check_smb_dir(dir: &str, account: &privileges::Account) -> io::Result<()> {
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
-}
-
-fn make_temp_dir() -> io::Result<PathBuf> {
-    let mut template = b"/tmp/qemu-smb.XXXXXX\0".to_vec();
-    // SAFETY: a writable NUL-terminated template; mkdtemp fills in the X's.
-    let ptr = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
-    if ptr.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    template.pop();
-    Ok(PathBuf::from(std::ffi::OsStr::from_bytes(&template)))
 }
 
 /// The C library's text for an errno, as QEMU prints it.

@@ -6,10 +6,7 @@
 use std::{
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd},
-        unix::{
-            fs::DirBuilderExt,
-            net::{UnixListener, UnixStream},
-        },
+        unix::net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
     sync::{
@@ -98,10 +95,9 @@ struct Inner {
 
 impl Inner {
     fn new(id: &str) -> std::io::Result<Self> {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let serial = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("netdevd-vhost-{}-{serial}", std::process::id()));
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        // A fresh random name: a name from the PID collided with the directory a process of
+        // the same PID left when it was killed, and the backend then served nobody.
+        let dir = crate::backend::make_temp_dir(&std::env::temp_dir().join("netdevd-vhost-"))?;
         let path = dir.join("backend.sock");
         let listener = match UnixListener::bind(&path) {
             Ok(listener) => listener,
@@ -141,6 +137,7 @@ fn serve(side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper: &Stop
         Ok(inner) => inner,
         Err(error) => {
             tracing::error!(netdev = %ctx.id, %error, "vhost-user relay not set up");
+            ctx.set_info(format!("vhost-user: relay not set up: {error}"));
             return;
         }
     };
@@ -257,5 +254,28 @@ fn serve(side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper: &Stop
             Side::Connect { reconnect: None, .. } => return,
             Side::Listen(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::Inner;
+
+    /// Each relay gets a directory of its own that only root enters, whatever directories
+    /// earlier processes (of any PID) left behind, and takes it away when it goes.
+    #[test]
+    fn every_relay_has_a_fresh_private_directory() {
+        let (first, second) = (Inner::new("a").expect("first relay"), Inner::new("b").expect("second relay"));
+        assert_ne!(first.dir, second.dir);
+        for inner in [&first, &second] {
+            let mode = std::fs::metadata(&inner.dir).expect("relay directory").permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", inner.dir.display());
+            assert!(inner.path().starts_with(&inner.dir));
+        }
+        let dirs = [first.dir.clone(), second.dir.clone()];
+        drop((first, second));
+        assert!(dirs.iter().all(|dir| !dir.exists()), "{dirs:?}");
     }
 }
