@@ -251,6 +251,8 @@ pub mod fake {
         pub tunnel_programs: BTreeSet<(u32, TunnelProgram)>,
         /// Interfaces whose attach fails.
         pub broken: BTreeSet<u32>,
+        /// Every `forget_learned` pass, with what it was given.
+        pub forgotten: Vec<RemovedSlots>,
     }
 
     impl Dataplane for FakeDataplane {
@@ -282,6 +284,10 @@ pub mod fake {
 
         fn remove_segment(&mut self, slot: u32) {
             self.segments.remove(&slot);
+        }
+
+        fn forget_learned(&mut self, removed: &RemovedSlots) {
+            self.forgotten.push(removed.clone());
         }
 
         fn set_rx_filter(
@@ -406,7 +412,16 @@ mod tests {
         apply(&mut kernel, &current, &next).unwrap();
         assert!(kernel.holds(&next));
         let empty = Plan::default();
+        let passes = kernel.forgotten.len();
         apply(&mut kernel, &next, &empty).unwrap();
+        // Both ports and their segment leave in one change: one pass over the learned MACs.
+        let everything = RemovedSlots {
+            ports: next.ports.values().map(|p| p.slot).collect(),
+            segments: next.segment_slots.values().copied().collect(),
+        };
+        assert_eq!(everything.ports.len(), 2);
+        assert_eq!(kernel.forgotten[passes..], [everything]);
+        kernel.forgotten.clear();
         assert_eq!(kernel, FakeDataplane::default());
     }
 
@@ -452,6 +467,7 @@ mod tests {
         assert_eq!(clash, PlanError::TunnelTwice { id: "t2".into(), other: "t1".into() });
 
         apply(&mut kernel, &two, &Plan::default()).unwrap();
+        assert!(kernel.forgotten.is_empty(), "tunnels leave no learned MACs to forget");
         assert_eq!(kernel, FakeDataplane::default());
     }
 
@@ -495,6 +511,7 @@ mod tests {
         let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default(), &crate::plan::KeptSlots::default()).unwrap();
         assert!(apply(&mut kernel, &Plan::default(), &next).is_err());
         apply(&mut kernel, &next, &Plan::default()).unwrap();
+        kernel.forgotten.clear();
         assert_eq!(kernel, FakeDataplane { broken: BTreeSet::from([9]), ..FakeDataplane::default() });
     }
 }
