@@ -73,10 +73,23 @@ pub mod programs {
     pub const TUNNEL_PORT: &str = "tunnel_port";
 }
 
+/// `BPF_F_NO_PREALLOC`, the flags of the hash maps only user space writes (`PORTS`, `BIG_HUBS`,
+/// `RX_*`, `TUNNELS`, `TUNNEL_RX`, `TUNNEL_COUNTERS`): the kernel allocates an entry when the
+/// daemon inserts it and frees it when the daemon deletes it, so these maps cost their bucket
+/// arrays (16 bytes per possible entry) plus the entries in use. Lookups, the per-frame part, are
+/// the same code as in a preallocated map. Maps the programs write per frame (`HUB_MACS`,
+/// `TUNNEL_OWN_MACS`: LRU maps, which cannot do without preallocation) and arrays keep every
+/// entry allocated.
+pub const NO_PREALLOC: u32 = 1;
+
 /// Hub ports on one host at most, and the number of port slots and segment slots. The planner
 /// gives a slot a port or segment had in the previous plan to nothing else, so a plan step can
-/// need up to twice the ports it keeps. 8192 (thousands of VMs' taps on one host) costs the maps
-/// 76 MiB of kernel memory per daemon (12 MiB at 1024), 44 MiB of it `RX_MACS` (64 per port).
+/// need up to twice the ports it keeps. At 8192 (thousands of VMs' taps on one host) an idle
+/// daemon's maps take about 31 MiB of kernel memory: what every slot needs up front (`HUBS`
+/// 7 MiB, `HUB_MACS` 13 MiB, the per-CPU `PORT_COUNTERS` 0.6 MiB a CPU) and the hash maps'
+/// bucket arrays (`RX_MACS`, 64 addresses per port: 8 MiB); entries come on top as ports, NICs
+/// and tables are added (a NIC with a full 64-address table: about 5 KiB of `RX_MACS`, 0.6 KiB of
+/// `RX_VLANS`; 1000 such NICs on their taps: 37 MiB in all, where every map preallocated took 76).
 pub const MAX_PORTS: u32 = 8192;
 
 /// `PortConfig::flags`: the port's link is up (QEMU `set_link ... up=true`).

@@ -31,8 +31,8 @@ use dataplane_ebpf as _;
 use dataplane_common::{
     BIG_HUB_SLOTS, BigHubMembers, DropReason, HUB_FLAG_LEARNING, HUB_MAC_AGE_NS, HUB_MAC_ENTRIES, HUB_MAC_REFRESH_NS,
     HubMacEntry, HubMacKey, HubMember, HubMembers, INLINE_HUB_PORTS, LearnedMac, MAX_HUB_MONITORS, MAX_HUB_PORTS,
-    MAX_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP, MEMBER_RX_FILTER, PORT_FLAG_AT_INGRESS,
-    PORT_FLAG_LEARN_MAC, PortConfig, PortCounters, RX_MAC_MULTICAST, RX_MAC_UNICAST, RxFilterConfig, RxMacKey,
+    MAX_PORTS, MEMBER_DELIVER_INGRESS, MEMBER_DELIVER_PEER, MEMBER_LINK_UP, MEMBER_RX_FILTER, NO_PREALLOC,
+    PORT_FLAG_AT_INGRESS, PORT_FLAG_LEARN_MAC, PortConfig, PortCounters, RX_MAC_MULTICAST, RX_MAC_UNICAST, RxFilterConfig, RxMacKey,
     RxVlanTable, SlotPort, rx,
 };
 
@@ -58,15 +58,20 @@ pub(crate) fn peek<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
 
 // Per frame, one hash lookup (`PORTS`, by the ifindex the frame came in on); the rest is arrays
 // at slots the daemon assigned, whose lookups the verifier inlines.
+//
+// Hash maps only user space writes take `NO_PREALLOC`: their entries are allocated when the
+// daemon adds them, so kernel memory follows the ports, NICs and tunnels there are, not the
+// maximum. A lookup costs the same either way; only `HUB_MACS`, written per frame (and an LRU
+// map, which must preallocate), keeps its entries allocated up front.
 
 #[map(name = "PORTS")]
-static PORTS: HashMap<u32, PortConfig> = HashMap::with_max_entries(MAX_PORTS, 0);
+static PORTS: HashMap<u32, PortConfig> = HashMap::with_max_entries(MAX_PORTS, NO_PREALLOC);
 
 #[map(name = "HUBS")]
 static HUBS: Array<HubMembers> = Array::with_max_entries(MAX_PORTS, 0);
 
 #[map(name = "BIG_HUBS")]
-static BIG_HUBS: HashMap<u32, BigHubMembers> = HashMap::with_max_entries(BIG_HUB_SLOTS, 0);
+static BIG_HUBS: HashMap<u32, BigHubMembers> = HashMap::with_max_entries(BIG_HUB_SLOTS, NO_PREALLOC);
 
 #[map(name = "SLOT_PORTS")]
 static SLOT_PORTS: Array<SlotPort> = Array::with_max_entries(MAX_PORTS, 0);
@@ -75,14 +80,14 @@ static SLOT_PORTS: Array<SlotPort> = Array::with_max_entries(MAX_PORTS, 0);
 static HUB_MACS: LruHashMap<HubMacKey, HubMacEntry> = LruHashMap::with_max_entries(HUB_MAC_ENTRIES, 0);
 
 #[map(name = "RX_FILTERS")]
-static RX_FILTERS: HashMap<u32, RxFilterConfig> = HashMap::with_max_entries(MAX_PORTS, 0);
+static RX_FILTERS: HashMap<u32, RxFilterConfig> = HashMap::with_max_entries(MAX_PORTS, NO_PREALLOC);
 
 #[map(name = "RX_VLANS")]
-static RX_VLANS: HashMap<u32, RxVlanTable> = HashMap::with_max_entries(MAX_PORTS, 0);
+static RX_VLANS: HashMap<u32, RxVlanTable> = HashMap::with_max_entries(MAX_PORTS, NO_PREALLOC);
 
 /// 64 addresses per NIC, as virtio-net's MAC table.
 #[map(name = "RX_MACS")]
-static RX_MACS: HashMap<RxMacKey, u32> = HashMap::with_max_entries(MAX_PORTS * 64, 0);
+static RX_MACS: HashMap<RxMacKey, u32> = HashMap::with_max_entries(MAX_PORTS * 64, NO_PREALLOC);
 
 #[map(name = "LEARNED_MACS")]
 static LEARNED_MACS: Array<LearnedMac> = Array::with_max_entries(MAX_PORTS, 0);

@@ -25,7 +25,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::{debug, warn};
-use dataplane_common::{TunnelConfig, TunnelCounters, TunnelMacKey, TunnelRxKey, marks, tunnel};
+use dataplane_common::{NO_PREALLOC, TunnelConfig, TunnelCounters, TunnelMacKey, TunnelRxKey, marks, tunnel};
 use crate::peek;
 
 /// Upper bound on tunnels on one host.
@@ -48,10 +48,10 @@ const MAX_VLAN_TAGS: usize = 2;
 const TCX_NEXT: i32 = -1;
 
 #[map(name = "TUNNELS")]
-static TUNNELS: HashMap<u32, TunnelConfig> = HashMap::with_max_entries(MAX_TUNNELS, 0);
+static TUNNELS: HashMap<u32, TunnelConfig> = HashMap::with_max_entries(MAX_TUNNELS, NO_PREALLOC);
 
 #[map(name = "TUNNEL_RX")]
-static TUNNEL_RX: HashMap<TunnelRxKey, u32> = HashMap::with_max_entries(MAX_TUNNELS, 0);
+static TUNNEL_RX: HashMap<TunnelRxKey, u32> = HashMap::with_max_entries(MAX_TUNNELS, NO_PREALLOC);
 
 /// Every member of a multicast group on one host binds the group's port and sends from the same
 /// address, so looped-back packets are told apart by the frame's source MAC: one this tunnel sent.
@@ -59,7 +59,7 @@ static TUNNEL_RX: HashMap<TunnelRxKey, u32> = HashMap::with_max_entries(MAX_TUNN
 static TUNNEL_OWN_MACS: LruHashMap<TunnelMacKey, u8> = LruHashMap::with_max_entries(MAX_TUNNELS * 16, 0);
 
 #[map(name = "TUNNEL_COUNTERS")]
-static TUNNEL_COUNTERS: PerCpuHashMap<u32, TunnelCounters> = PerCpuHashMap::with_max_entries(MAX_TUNNELS, 0);
+static TUNNEL_COUNTERS: PerCpuHashMap<u32, TunnelCounters> = PerCpuHashMap::with_max_entries(MAX_TUNNELS, NO_PREALLOC);
 
 #[inline(always)]
 fn counters(port: u32) -> Option<&'static mut TunnelCounters> {

@@ -24,6 +24,31 @@ pub fn map_ids_of(pid: u32) -> Vec<u32> {
     ids
 }
 
+/// The kernel memory of each BPF map process `pid` holds open: name and `memlock` bytes (its
+/// fdinfo's, what `bpftool map show` prints), sorted by name. Linux 6.4 and later report what a
+/// map holds; older kernels a size computed from its dimensions.
+#[must_use]
+pub fn map_memlock_of(pid: u32) -> Vec<(String, u64)> {
+    let fdinfo = Path::new("/proc").join(pid.to_string()).join("fdinfo");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut maps: Vec<(String, u64)> = map_ids_of(pid)
+        .into_iter()
+        .filter_map(|id| {
+            // Any descriptor of the map gives its memlock; the first one that names `id`.
+            let entries = std::fs::read_dir(&fdinfo).ok()?;
+            let memlock = entries.filter_map(Result::ok).find_map(|entry| {
+                let text = std::fs::read_to_string(entry.path()).ok()?;
+                let field = |name: &str| text.lines().find_map(|line| line.strip_prefix(name)?.trim().parse::<u64>().ok());
+                (field("map_id:") == Some(u64::from(id))).then(|| field("memlock:")).flatten()
+            })?;
+            let name = MapInfo::from_id(id).ok()?.name_as_str()?.to_owned();
+            seen.insert(id).then_some((name, memlock))
+        })
+        .collect();
+    maps.sort();
+    maps
+}
+
 /// The hash map `name` of the daemon `pid` (its own copy: every daemon loads its own object).
 #[must_use]
 pub fn daemon_hash_map<K: aya::Pod, V: aya::Pod>(pid: u32, name: &str) -> HashMap<MapData, K, V> {

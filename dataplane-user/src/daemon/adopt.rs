@@ -307,19 +307,27 @@ impl Daemon {
         }
         let plan = state.plan.clone();
         let Some(host) = state.host.as_mut() else { return };
+        let mut removed = kernel::RemovedSlots::default();
         let used: BTreeSet<u32> = plan.ports.values().map(|p| p.slot).collect();
         for (ifindex, slot) in adoption.kept.ports() {
             if !plan.ports.contains_key(ifindex) {
                 // The entry keyed by the old interface goes; the slot is cleared if unused.
                 let slot = if used.contains(slot) { u32::MAX } else { *slot };
                 host.dataplane.remove_port(*ifindex, slot);
+                if slot != u32::MAX {
+                    removed.ports.insert(slot);
+                }
             }
         }
         let used: BTreeSet<u32> = plan.segment_slots.values().copied().collect();
         for slot in adoption.kept.segments().values() {
             if !used.contains(slot) {
                 host.dataplane.remove_segment(*slot);
+                removed.segments.insert(*slot);
             }
+        }
+        if !removed.is_empty() {
+            host.dataplane.forget_learned(&removed);
         }
     }
 

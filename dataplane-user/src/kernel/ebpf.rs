@@ -21,7 +21,7 @@ use dataplane_common::{
 };
 
 use super::{
-    Dataplane, KernelError, LearnedEntry,
+    Dataplane, KernelError, LearnedEntry, RemovedSlots,
     attach::{self, AttachMode, DataplaneInfo},
     pins::{self, PinDir},
 };
@@ -269,16 +269,6 @@ fn random_stem() -> String {
 }
 
 impl EbpfDataplane {
-    /// Deletes the learned MACs `stale` picks: the kernel only ignores stale entries (and the LRU
-    /// evicts them under pressure), so a removed port or segment would leave its entries behind.
-    fn forget_macs(&mut self, stale: impl Fn(&HubMacKey, &HubMacEntry) -> bool) {
-        let keys: Vec<HubMacKey> =
-            self.hub_macs.iter().filter_map(Result::ok).filter(|(key, entry)| stale(key, entry)).map(|(key, _)| key).collect();
-        for key in keys {
-            let _ = self.hub_macs.remove(&key);
-        }
-    }
-
     /// Loads the object; with `pins` (the directory of ABI `abi`), every map is re-opened from its
     /// pin there if an earlier run left one, else created and pinned.
     pub fn load(source: &ObjectSource, pins: Option<PinDir>, abi: &str) -> Result<Self, KernelError> {
@@ -635,10 +625,9 @@ impl Dataplane for EbpfDataplane {
             let _ = self.counters.set(slot, zeroes, 0);
         }
         let _ = self.learned.set(slot, LearnedMac::default(), 0);
-        // Learned MACs pointing here stop matching: no port has generation 0. They are deleted
-        // too, rather than left for the LRU to evict, so a removed port leaves no entry behind.
+        // Learned MACs pointing here stop matching: no port has generation 0. `forget_learned`
+        // deletes them afterwards.
         let _ = self.slot_ports.set(slot, SlotPort::default(), 0);
-        self.forget_macs(|_, entry| entry.slot == slot);
     }
 
     fn set_segment(&mut self, slot: u32, members: &[HubMember], learning: bool) -> Result<(), KernelError> {
@@ -656,7 +645,20 @@ impl Dataplane for EbpfDataplane {
 
     fn remove_segment(&mut self, slot: u32) {
         let _ = self.set_segment(slot, &[], false);
-        self.forget_macs(|key, _| key.segment_slot == slot);
+    }
+
+    fn forget_learned(&mut self, removed: &RemovedSlots) {
+        // Keys first: deleting while iterating a hash map can skip entries.
+        let stale: Vec<HubMacKey> = self
+            .hub_macs
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, entry)| removed.ports.contains(&entry.slot) || removed.segments.contains(&key.segment_slot))
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            let _ = self.hub_macs.remove(&key);
+        }
     }
 
     fn learned_macs(&self, slot: u32) -> Vec<LearnedEntry> {

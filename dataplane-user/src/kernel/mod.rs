@@ -50,13 +50,18 @@ pub trait Dataplane: Send + Sync {
     /// Writes the port `ifindex`: its configuration, and `member`, its entry in its segment's list,
     /// where learned unicast finds it.
     fn set_port(&mut self, ifindex: u32, config: PortConfig, member: HubMember) -> Result<(), KernelError>;
-    /// Forgets the port `ifindex` and clears what it left at `slot` (counters, learned MAC).
+    /// Forgets the port `ifindex` and clears what it left at `slot` (counters, learned MAC). The
+    /// MACs learned behind it go with [`Dataplane::forget_learned`].
     fn remove_port(&mut self, ifindex: u32, slot: u32);
     /// Writes the member list at segment slot `slot`; `learning`: unicast to a learned MAC goes to
     /// its port (and the monitors) only.
     fn set_segment(&mut self, slot: u32, members: &[HubMember], learning: bool) -> Result<(), KernelError>;
-    /// Empties segment slot `slot`.
+    /// Empties segment slot `slot`. The MACs learned in it go with [`Dataplane::forget_learned`].
     fn remove_segment(&mut self, slot: u32);
+    /// Deletes the learned MACs behind the removed port slots and in the removed segment slots of
+    /// `removed`, all in one pass over the table: the kernel only ignores such entries (another
+    /// generation), so they would stay until the LRU evicts them.
+    fn forget_learned(&mut self, _removed: &RemovedSlots) {}
     /// Writes a NIC's receive filter; `old` is what the kernel holds now, so stale MAC entries go.
     fn set_rx_filter(&mut self, ifindex: u32, filter: &RxFilterTables, old: Option<&RxFilterTables>)
     -> Result<(), KernelError>;
@@ -111,12 +116,36 @@ pub struct LearnedEntry {
     pub age_ns: u64,
 }
 
+/// Port and segment slots a change removed, whose learned MACs go together
+/// ([`Dataplane::forget_learned`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemovedSlots {
+    pub ports: BTreeSet<u32>,
+    pub segments: BTreeSet<u32>,
+}
+
+impl RemovedSlots {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty() && self.segments.is_empty()
+    }
+}
+
 /// Moves the kernel from `old` to `new`: whole plans, or the two halves of a [`plan::Step`] (the
 /// entries one change replaces and their replacements), so the work is that of the difference. New
 /// ports get their map entries before their program, and leaving ports drop out of every member
 /// list before their program goes, so no frame is ever redirected to a port the kernel does not
-/// know.
+/// know. The MACs learned behind what was removed go at the end, failed or not, in one pass.
 pub fn apply(kernel: &mut dyn Dataplane, old: &Plan, new: &Plan) -> Result<(), KernelError> {
+    let mut removed = RemovedSlots::default();
+    let applied = apply_changes(kernel, old, new, &mut removed);
+    if !removed.is_empty() {
+        kernel.forget_learned(&removed);
+    }
+    applied
+}
+
+fn apply_changes(kernel: &mut dyn Dataplane, old: &Plan, new: &Plan, removed: &mut RemovedSlots) -> Result<(), KernelError> {
     for (ifindex, port) in &new.ports {
         let previous = old.ports.get(ifindex);
         if previous.map(plan::Port::config) != Some(port.config()) || previous.map(|p| p.member(*ifindex)) != Some(port.member(*ifindex)) {
@@ -144,6 +173,7 @@ pub fn apply(kernel: &mut dyn Dataplane, old: &Plan, new: &Plan) -> Result<(), K
     for slot in old.segment_slots.values() {
         if !new_segment_slots.contains(slot) {
             kernel.remove_segment(*slot);
+            removed.segments.insert(*slot);
         }
     }
     // Tunnels: configuration, then the keys pointing at it, then the programs that read both.
@@ -195,6 +225,7 @@ pub fn apply(kernel: &mut dyn Dataplane, old: &Plan, new: &Plan) -> Result<(), K
         if !new.ports.contains_key(ifindex) {
             kernel.detach(*ifindex);
             kernel.remove_port(*ifindex, port.slot);
+            removed.ports.insert(port.slot);
         }
     }
     for (ifindex, filter) in &old.rx_filters {
@@ -226,6 +257,8 @@ pub mod fake {
         pub tunnel_programs: BTreeSet<(u32, TunnelProgram)>,
         /// Interfaces whose attach fails.
         pub broken: BTreeSet<u32>,
+        /// Every `forget_learned` pass, with what it was given.
+        pub forgotten: Vec<RemovedSlots>,
     }
 
     impl Dataplane for FakeDataplane {
@@ -257,6 +290,10 @@ pub mod fake {
 
         fn remove_segment(&mut self, slot: u32) {
             self.segments.remove(&slot);
+        }
+
+        fn forget_learned(&mut self, removed: &RemovedSlots) {
+            self.forgotten.push(removed.clone());
         }
 
         fn set_rx_filter(
@@ -381,7 +418,16 @@ mod tests {
         apply(&mut kernel, &current, &next).unwrap();
         assert!(kernel.holds(&next));
         let empty = Plan::default();
+        let passes = kernel.forgotten.len();
         apply(&mut kernel, &next, &empty).unwrap();
+        // Both ports and their segment leave in one change: one pass over the learned MACs.
+        let everything = RemovedSlots {
+            ports: next.ports.values().map(|p| p.slot).collect(),
+            segments: next.segment_slots.values().copied().collect(),
+        };
+        assert_eq!(everything.ports.len(), 2);
+        assert_eq!(kernel.forgotten[passes..], [everything]);
+        kernel.forgotten.clear();
         assert_eq!(kernel, FakeDataplane::default());
     }
 
@@ -427,6 +473,7 @@ mod tests {
         assert_eq!(clash, PlanError::TunnelTwice { id: "t2".into(), other: "t1".into() });
 
         apply(&mut kernel, &two, &Plan::default()).unwrap();
+        assert!(kernel.forgotten.is_empty(), "tunnels leave no learned MACs to forget");
         assert_eq!(kernel, FakeDataplane::default());
     }
 
@@ -470,6 +517,7 @@ mod tests {
         let next = plan(&registry, &devices, &HashMap::new(), &HashMap::new(), &Plan::default(), &crate::plan::KeptSlots::default()).unwrap();
         assert!(apply(&mut kernel, &Plan::default(), &next).is_err());
         apply(&mut kernel, &next, &Plan::default()).unwrap();
+        kernel.forgotten.clear();
         assert_eq!(kernel, FakeDataplane { broken: BTreeSet::from([9]), ..FakeDataplane::default() });
     }
 }
