@@ -85,8 +85,8 @@ impl Stopper {
     }
 }
 
-/// The crate's side of the relay: a listener in a directory only root can enter, so that the
-/// connection the crate accepts is the relay's.
+/// The crate's side of the relay, one per connection: a listener in a directory only root can
+/// enter, so that the connection the crate accepts is the relay's.
 struct Inner {
     dir: PathBuf,
     path: PathBuf,
@@ -133,14 +133,6 @@ pub fn run(side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper: &St
 
 fn serve(side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper: &Stopper, connected: Option<&AtomicBool>) {
     let stats = &ctx.stats;
-    let mut inner = match Inner::new(&ctx.id) {
-        Ok(inner) => inner,
-        Err(error) => {
-            tracing::error!(netdev = %ctx.id, %error, "vhost-user relay not set up");
-            ctx.set_info(format!("vhost-user: relay not set up: {error}"));
-            return;
-        }
-    };
     while !stopper.is_stopped() {
         // The frontend's connection first: nothing is made for a frontend that is not there.
         let frontend = match &side {
@@ -193,10 +185,20 @@ fn serve(side: Side, taps: &Arc<TapQueues>, ctx: &BackendContext, stopper: &Stop
                 return;
             }
         }
+        let mut inner = match Inner::new(&ctx.id) {
+            Ok(inner) => inner,
+            Err(error) => {
+                tracing::error!(netdev = %ctx.id, %error, "vhost-user relay not set up");
+                ctx.set_info(format!("vhost-user: relay not set up: {error}"));
+                return;
+            }
+        };
         // The crate accepts the relay's connection, queued before it looks.
         let started = UnixStream::connect(inner.path())
             .map_err(|error| error.to_string())
             .and_then(|backend| daemon.start(&mut inner.listener).map(|()| backend).map_err(|error| error.to_string()));
+        // Accepted: the directory goes now, so a daemon killed while serving leaves none behind.
+        drop(inner);
         let backend = match started {
             Ok(backend) => backend,
             Err(error) => {
