@@ -12,7 +12,9 @@
 //! are taken at the sinks.
 
 use std::{
-    path::PathBuf,
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -27,7 +29,8 @@ use aya::{
 };
 use serde_json::{Value, json};
 
-use dataplane_tests::Netns;
+use dataplane::{client::QmpClient, qmp::server::ListenAddr};
+use dataplane_tests::{Netns, TempDir};
 
 /// The generator's address on g0.
 pub const ADDR_GEN: &str = "10.77.1.1";
@@ -417,4 +420,70 @@ pub fn machine() -> Value {
         "kernel": kernel.trim(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     })
+}
+
+/// A netdevd under test, started in `ns` with an empty configuration, a private state directory
+/// and a QMP client on its socket; killed on drop (its netdevs, programs and taps go with the
+/// process and the namespace).
+pub struct DaemonUnderTest {
+    pub child: Child,
+    pub client: QmpClient,
+    _dir: TempDir,
+}
+
+impl DaemonUnderTest {
+    /// Starts `binary` with `extra` arguments before the common ones. With `unpinned`, its
+    /// `--bpffs` is its temporary directory (no bpffs there: nothing is pinned, the maps go with
+    /// the process).
+    pub fn start(ns: &Netns, binary: &Path, extra: &[&OsStr], max_netdevs: usize, unpinned: bool) -> Result<Self> {
+        let dir = TempDir::new();
+        let (socket, config, state) = (dir.0.join("qmp.sock"), dir.0.join("netdevd.toml"), dir.0.join("state"));
+        std::fs::write(&config, "netdevs = []\n")?;
+        let mut command = ns.command(binary.to_str().context("utf-8 path")?);
+        command.args(extra);
+        if unpinned {
+            command.arg("--bpffs").arg(&dir.0);
+        }
+        let child = command
+            .arg("--config")
+            .arg(&config)
+            .arg("--qmp")
+            .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--max-netdevs")
+            .arg(max_netdevs.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {}", binary.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let client = loop {
+            if let Ok(client) = QmpClient::connect_negotiated(&ListenAddr::Unix(socket.clone())) {
+                break client;
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not listen on {}", binary.display(), socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        client.set_timeout(Some(Duration::from_secs(60)))?;
+        Ok(Self { child, client, _dir: dir })
+    }
+
+    /// Runs `name`; its answer, or QEMU's error text.
+    pub fn execute(&mut self, name: &str, arguments: Value) -> Result<Value> {
+        match self.client.execute(name, arguments)? {
+            Ok(value) => Ok(value),
+            Err(error) => bail!("{name}: {}", error.desc),
+        }
+    }
+}
+
+impl Drop for DaemonUnderTest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

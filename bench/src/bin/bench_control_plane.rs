@@ -20,14 +20,12 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use dataplane::{client::QmpClient, qmp::server::ListenAddr};
-use dataplane_bench::{machine, median};
-use dataplane_tests::{Netns, TempDir, require_root};
+use dataplane_bench::{DaemonUnderTest, machine, median};
+use dataplane_tests::{Netns, require_root};
 use serde_json::{Value, json};
 
 struct ControlPlaneOptions {
@@ -89,47 +87,14 @@ fn parse_options() -> Result<ControlPlaneOptions> {
     Ok(options)
 }
 
-/// A netdevd under test, in its own namespace and temporary directory, killed on drop.
-struct DaemonUnderTest {
-    child: Child,
-    client: QmpClient,
-    _dir: TempDir,
+/// The daemon under test, with the measurements this benchmark takes of it.
+trait Measured {
+    fn timed(&mut self, name: &str, arguments: Value) -> Result<(Duration, Value)>;
+    fn add(&mut self, arguments: Value) -> Result<Duration>;
+    fn rss_kib(&self) -> u64;
 }
 
-impl DaemonUnderTest {
-    fn start(ns: &Netns, binary: &Path, max_netdevs: usize) -> Result<Self> {
-        let dir = TempDir::new();
-        let (socket, config, state) = (dir.0.join("qmp.sock"), dir.0.join("netdevd.toml"), dir.0.join("state"));
-        std::fs::write(&config, "netdevs = []\n")?;
-        let child = ns
-            .command(binary.to_str().context("utf-8 path")?)
-            .arg("--config")
-            .arg(&config)
-            .arg("--qmp")
-            .arg(format!("unix:{},server=on,wait=off", socket.display()))
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--max-netdevs")
-            .arg(max_netdevs.to_string())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("start {}", binary.display()))?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let client = loop {
-            if let Ok(client) = QmpClient::connect_negotiated(&ListenAddr::Unix(socket.clone())) {
-                break client;
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not listen on {}", binary.display(), socket.display());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        client.set_timeout(Some(Duration::from_secs(60)))?;
-        Ok(Self { child, client, _dir: dir })
-    }
-
+impl Measured for DaemonUnderTest {
     /// Runs `name`; the QMP round trip, or QEMU's error text.
     fn timed(&mut self, name: &str, arguments: Value) -> Result<(Duration, Value)> {
         let started = Instant::now();
@@ -154,14 +119,6 @@ impl DaemonUnderTest {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|kib| kib.parse().ok())
             .unwrap_or(0)
-    }
-}
-
-impl Drop for DaemonUnderTest {
-    fn drop(&mut self) {
-        // Its netdevs, programs and taps go with the process and the namespace.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -214,7 +171,7 @@ impl Series {
 fn run_series(options: &ControlPlaneOptions, binary: &Path, taps: bool) -> Result<Series> {
     let ns = Netns::new("bcp");
     let largest = *options.sizes.last().context("no sizes")?;
-    let mut daemon = DaemonUnderTest::start(&ns, binary, 4 * largest + 16)?;
+    let mut daemon = DaemonUnderTest::start(&ns, binary, &[], 4 * largest + 16, false)?;
     let rss_start_kib = daemon.rss_kib();
     let measured = |k: usize| options.sizes.iter().any(|size| k + options.window > *size && k <= *size);
     let (mut port_ms, mut tap_ms, mut points) = (Vec::new(), Vec::new(), Vec::new());

@@ -10,15 +10,14 @@
 //! computed from its dimensions whatever it holds.
 
 use std::{
+    ffi::OsStr,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
-use dataplane::{client::QmpClient, qmp::server::ListenAddr};
-use dataplane_bench::machine;
-use dataplane_tests::{Netns, TempDir, maps::map_memlock_of, require_root};
+use dataplane_bench::{DaemonUnderTest, machine};
+use dataplane_tests::{Netns, maps::map_memlock_of, require_root};
 use serde_json::{Value, json};
 
 const USAGE: &str = "(--daemon LABEL=PATH (repeatable), --bpf-object LABEL=FILE (repeatable), --nics N, --output FILE)";
@@ -70,70 +69,22 @@ fn parse_options() -> Result<Options> {
     Ok(options)
 }
 
-/// A netdevd in its own temporary directory, killed on drop.
-struct Running {
-    child: Child,
-    client: QmpClient,
-    _dir: TempDir,
-}
+/// A netdevd under test with its maps unpinned, so they go with the process.
+struct Running(DaemonUnderTest);
 
 impl Running {
     fn start(ns: &Netns, binary: &Path, object: Option<&Path>, max_netdevs: usize) -> Result<Self> {
-        let dir = TempDir::new();
-        let (socket, config, state) = (dir.0.join("qmp.sock"), dir.0.join("netdevd.toml"), dir.0.join("state"));
-        std::fs::write(&config, "netdevs = []\n")?;
-        let mut command = ns.command(binary.to_str().context("utf-8 path")?);
-        if let Some(object) = object {
-            command.arg("--bpf-object").arg(object);
-        }
-        let child = command
-            .arg("--config")
-            .arg(&config)
-            .arg("--qmp")
-            .arg(format!("unix:{},server=on,wait=off", socket.display()))
-            .arg("--state-dir")
-            .arg(&state)
-            // Nothing pinned: the maps go with the process.
-            .arg("--bpffs")
-            .arg(&dir.0)
-            .arg("--max-netdevs")
-            .arg(max_netdevs.to_string())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("start {}", binary.display()))?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let client = loop {
-            if let Ok(client) = QmpClient::connect_negotiated(&ListenAddr::Unix(socket.clone())) {
-                break client;
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not listen on {}", binary.display(), socket.display());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        client.set_timeout(Some(Duration::from_secs(60)))?;
-        Ok(Self { child, client, _dir: dir })
+        let extra: Vec<&OsStr> = object.map(|object| [OsStr::new("--bpf-object"), object.as_os_str()]).into_iter().flatten().collect();
+        Ok(Self(DaemonUnderTest::start(ns, binary, &extra, max_netdevs, true)?))
     }
 
     fn execute(&mut self, name: &str, arguments: Value) -> Result<Value> {
-        match self.client.execute(name, arguments)? {
-            Ok(value) => Ok(value),
-            Err(error) => bail!("{name}: {}", error.desc),
-        }
+        self.0.execute(name, arguments)
     }
 
     /// Map name → memlock bytes.
     fn maps(&self) -> serde_json::Map<String, Value> {
-        map_memlock_of(self.child.id()).into_iter().map(|(name, bytes)| (name, json!(bytes))).collect()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        map_memlock_of(self.0.child.id()).into_iter().map(|(name, bytes)| (name, json!(bytes))).collect()
     }
 }
 
