@@ -74,11 +74,19 @@ impl Daemon {
     /// daemon's) instead of a private one.
     #[must_use]
     pub fn start_on(ns: &Netns, state_dir: Option<&std::path::Path>, extra: &[&str]) -> Self {
+        Self::start_configured(ns, state_dir, &[], extra)
+    }
+
+    /// As [`Daemon::start_on`], with `netdevs` (QEMU's `-netdev` syntax) in its configuration
+    /// file.
+    #[must_use]
+    pub fn start_configured(ns: &Netns, state_dir: Option<&std::path::Path>, netdevs: &[&str], extra: &[&str]) -> Self {
         let dir = TempDir::new();
         let state_dir = state_dir.map_or_else(|| dir.0.join("state"), std::path::Path::to_path_buf);
         let socket = dir.0.join("qmp.sock");
         let config = dir.0.join("netdevd.toml");
-        std::fs::write(&config, "netdevs = []\n").expect("write config");
+        let listed: Vec<String> = netdevs.iter().map(|netdev| format!("{netdev:?}")).collect();
+        std::fs::write(&config, format!("netdevs = [{}]\n", listed.join(", "))).expect("write config");
         let child = Self::command(ns, &config, &socket, &state_dir)
             .args(extra)
             .env("RUST_LOG", std::env::var("NETDEVD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()))

@@ -14,7 +14,7 @@ use std::{
 
 use dataplane_tests::{Daemon, Netns, TempDir};
 use nix::{sys::signal, unistd::Pid};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Every interface of `ns` with its alias ("" for none).
 fn aliases(ns: &Netns) -> Vec<(String, String)> {
@@ -304,6 +304,13 @@ impl Restart {
         let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         args.extend_from_slice(more);
         Daemon::start_on(&self.switch, Some(&self.state_dir), &args)
+    }
+
+    /// A daemon on the state directory with the common arguments and `netdevs` in its
+    /// configuration file.
+    fn start_configured(&self, netdevs: &[&str]) -> Daemon {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        Daemon::start_configured(&self.switch, Some(&self.state_dir), netdevs, &args)
     }
 
     /// Stops `first` as `stop` says and starts the next daemon (with `more` arguments).
@@ -781,6 +788,33 @@ fn netlink_mode_a_clean_stop_after_restarts_removes_only_the_clsact_it_added() {
 
 /// A flood frame as an IPv4 packet (protocol 253, for experiments): a tunnel to a peer on this
 /// host encapsulates frames of the outer header's family in the kernel (others take its socket).
+/// The configuration file's netdevs are reconciled with the ones adopted after `x-exit-preserve`,
+/// as a reload does: the same arguments are kept (a configured tap keeps its very interface),
+/// changed ones are made again, ones gone from the file are deleted, new ones created; a netdev
+/// added over QMP is adopted and left alone.
+#[test]
+fn configured_netdevs_are_reconciled_with_the_adopted_ones() {
+    let fx = Restart::new("rsc");
+    let tap = dataplane_tests::unique("t");
+    let kept_tap = format!("tap,id=kt,ifname={tap},script=no,downscript=no");
+    let (kept_port, changed, gone) = ("hubport,id=kh,hubid=1,netdev=kt", "hubport,id=kc,hubid=2", "hubport,id=kg,hubid=3");
+    let mut first = fx.start_configured(&[&kept_tap, kept_port, changed, gone]);
+    first.add("hubport,id=q0,hubid=4");
+    let ifindex = fx.switch.ifindex(&tap).expect("the configured tap");
+    let row_of = |daemon: &Daemon, id: &str| daemon.netdevs().into_iter().find(|row| row["id"] == id);
+    let kept_before = row_of(&first, "kh").expect("kh");
+
+    stop_first(&mut first, Stop::Preserve);
+    let second = fx.start_configured(&[&kept_tap, kept_port, "hubport,id=kc,hubid=5", "hubport,id=kn,hubid=6"]);
+    let mut ids = second.netdev_ids();
+    ids.sort();
+    assert_eq!(ids, ["kc", "kh", "kn", "kt", "q0"], "kg gone from the file is deleted, kn created, q0 left alone");
+    assert_eq!(fx.switch.ifindex(&tap), Some(ifindex), "the unchanged tap kept its interface");
+    assert_eq!(row_of(&second, "kh"), Some(kept_before), "the unchanged hub port is as it was");
+    assert_eq!(row_of(&second, "kc").expect("kc")["hubid"], json!(5), "the changed hub port was made again as the file says");
+    assert_eq!(row_of(&second, "q0").expect("q0")["hubid"], json!(4));
+}
+
 fn ipv4_flood_frame(sequence: u32) -> Vec<u8> {
     let mut payload = FLOOD_TAG.to_vec();
     payload.extend_from_slice(&sequence.to_be_bytes());
