@@ -165,7 +165,13 @@ def run(coro, timeout: float = 120.0):
 async def qmp_client(path: str, name: str = "test") -> AsyncIterator[QMPClient]:
     """A negotiated qemu.qmp client; a server hang-up at the end is not an error."""
     client = QMPClient(name)
-    await asyncio.wait_for(client.connect(path), TIMEOUT)
+    try:
+        await asyncio.wait_for(client.connect(path), TIMEOUT)
+    except Exception as error:
+        # Say which socket refused and what the kernel shows of it: once, a QMP socket that had
+        # just accepted a probe refused the next connection.
+        listening = subprocess.run(["ss", "-xlnp", "src", path], capture_output=True, text=True, check=False).stdout
+        raise AssertionError(f"QMP connect to {path} failed (file exists: {os.path.exists(path)}; ss: {listening!r}): {error}") from error
     try:
         yield client
     finally:
