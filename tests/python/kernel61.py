@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -175,6 +176,9 @@ def main() -> int:
         print("kernel61: no test ran (does the filter match any?)")
         failed = True
     print(f"kernel61: {'FAILED' if failed else 'ok'} in {elapsed:.0f} s")
+    if not failed and args.workdir is None:
+        # Everything worth keeping was printed; a failed run keeps its serial log.
+        shutil.rmtree(workdir, ignore_errors=True)
     return 1 if failed else 0
 
 
