@@ -422,6 +422,13 @@ pub fn machine() -> Value {
     })
 }
 
+/// `LABEL=PATH`, the value of an option that names one of several builds under test (`option`
+/// and `what` only word the error).
+pub fn labelled_path(option: &str, what: &str, text: &str) -> Result<(String, PathBuf)> {
+    let (label, path) = text.split_once('=').with_context(|| format!("{option} {text}: LABEL={what}"))?;
+    Ok((label.to_owned(), PathBuf::from(path)))
+}
+
 /// A netdevd under test, started in `ns` with an empty configuration, a private state directory
 /// and a QMP client on its socket; killed on drop (its netdevs, programs and taps go with the
 /// process and the namespace).

@@ -24,7 +24,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use dataplane_bench::{DaemonUnderTest, machine, median};
+use dataplane_bench::{DaemonUnderTest, labelled_path, machine, median};
 use dataplane_tests::{Netns, require_root};
 use serde_json::{Value, json};
 
@@ -56,9 +56,7 @@ fn parse_options() -> Result<ControlPlaneOptions> {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--daemon" => {
-                let text = value()?;
-                let (label, path) = text.split_once('=').with_context(|| format!("--daemon {text}: LABEL=PATH"))?;
-                options.daemons.push((label.to_owned(), PathBuf::from(path)));
+                options.daemons.push(labelled_path("--daemon", "PATH", &value()?)?);
             }
             "--sizes" => options.sizes = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--window" => options.window = value()?.parse()?,

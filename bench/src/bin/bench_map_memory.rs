@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use dataplane_bench::{DaemonUnderTest, machine};
+use dataplane_bench::{DaemonUnderTest, labelled_path, machine};
 use dataplane_tests::{Netns, maps::map_memlock_of, require_root};
 use serde_json::{Value, json};
 
@@ -45,14 +45,11 @@ fn parse_options() -> Result<Options> {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--daemon" => {
-                let text = value()?;
-                let (label, path) = text.split_once('=').with_context(|| format!("--daemon {text}: LABEL=PATH"))?;
-                options.daemons.push((label.to_owned(), PathBuf::from(path)));
+                options.daemons.push(labelled_path("--daemon", "PATH", &value()?)?);
             }
             "--bpf-object" => {
-                let text = value()?;
-                let (label, path) = text.split_once('=').with_context(|| format!("--bpf-object {text}: LABEL=FILE"))?;
-                options.objects.insert(label.to_owned(), PathBuf::from(path));
+                let (label, path) = labelled_path("--bpf-object", "FILE", &value()?)?;
+                options.objects.insert(label, path);
             }
             "--nics" => options.nics = value()?.parse()?,
             "--output" => options.output = value()?.into(),
