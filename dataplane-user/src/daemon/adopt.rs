@@ -71,8 +71,11 @@ fn survivor(netdev: &Netdev, recorded: &super::record::RecordedNetdev) -> Option
     })
 }
 
-/// A kernel tunnel's veth pair as recorded: hub end and port end (name, ifindex).
-fn recorded_pair(recorded: &super::record::RecordedNetdev) -> Option<((&str, u32), (&str, u32))> {
+/// One recorded interface: name and ifindex.
+type RecordedEnd<'a> = (&'a str, u32);
+
+/// A kernel tunnel's veth pair as recorded: hub end and port end.
+fn recorded_pair(recorded: &super::record::RecordedNetdev) -> Option<(RecordedEnd<'_>, RecordedEnd<'_>)> {
     let end = |role| recorded.interfaces.iter().find(|i| i.role == role).map(|i| (i.ifname.as_str(), i.ifindex));
     Some((end("hub")?, end("tunnel-port")?))
 }
