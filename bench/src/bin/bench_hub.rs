@@ -145,9 +145,22 @@ impl Rounds {
 
 /// A warm-up of a tenth of the frames, then one measured run.
 fn sample(bench: &mut Bench, options: &Options, from: (&Netns, &str), frame: &[u8]) -> Result<Sample> {
-    bench.generate(from.0, from.1, frame, options.frames / 10)?;
+    sample_of(bench, options.frames, from, frame)
+}
+
+/// [`sample`] of `frames` frames.
+fn sample_of(bench: &mut Bench, frames: u32, from: (&Netns, &str), frame: &[u8]) -> Result<Sample> {
+    bench.generate(from.0, from.1, frame, frames / 10)?;
     std::thread::sleep(Duration::from_millis(100));
-    bench.sample(from, frame, options.frames)
+    bench.sample(from, frame, frames)
+}
+
+/// The frames of a flood sample at a hub of `size` ports: `frames` split over the size − 1 copies
+/// each frame becomes, so that every size moves about as many copies (a broadcast to 255 ports
+/// of the full count would take minutes and say no more), and never under 20 000.
+fn flood_frames(frames: u32, size: usize) -> u32 {
+    let copies = u32::try_from(size.saturating_sub(1).max(1)).unwrap_or(u32::MAX);
+    (frames / copies).max(20_000).min(frames)
 }
 
 /// One round of a switch variant: every case, and a TCP transfer while the unicast layout is up.
@@ -500,7 +513,8 @@ fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
                         bail!("the hub of {size} ports sent {stray} frames of the unicast run to ports other than c1's");
                     }
                 }
-                let flood = sample(&mut bench, options, (&topology.generator, "g0"), &udp_frame([0xff; 6], g0));
+                let flood =
+                    sample_of(&mut bench, flood_frames(options.frames, size), (&topology.generator, "g0"), &udp_frame([0xff; 6], g0));
                 bench.detach_sink(link)?;
                 if variant == "hub" {
                     for i in 0..size {
@@ -618,7 +632,7 @@ fn sweep_report(samples: &BTreeMap<(usize, &'static str, &'static str), Vec<Samp
     }
     with_run_facts(options, json!({
         "ports": sizes,
-        "method": "the direct veth pair, hub and bridge interleaved round by round at every size; unicast to a destination both learned (it spoke first; checked), the hub's other ports sent nothing of it (checked); flood pps at one sink; figures are medians over rounds, ratios medians of per-round ratios",
+        "method": "the direct veth pair, hub and bridge interleaved round by round at every size; unicast to a destination both learned (it spoke first; checked), the hub's other ports sent nothing of it (checked); flood pps at one sink, from frames_per_run / (ports - 1) frames (at least 20000) so that every size moves about as many copies; figures are medians over rounds, ratios medians of per-round ratios",
         "results": results,
         "ratios": ratios,
     }))
