@@ -105,9 +105,10 @@ fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// The virtio-net header of a frame from a tap: the checksum request is completed in place, as
-/// the engine does before `slirp_input`. `Err` for a header the engine drops.
-pub fn complete_checksum(header: &[u8], frame: &mut [u8]) -> Result<(), ()> {
-    offload::complete_checksum(header, frame)
+/// the engine does before `slirp_input`. Whether the engine keeps the frame (false: it drops it
+/// for its header).
+pub fn complete_checksum(header: &[u8], frame: &mut [u8]) -> bool {
+    offload::complete_checksum(header, frame).is_ok()
 }
 
 /// Joins libslirp's frames towards a tap with virtio-net headers; returns each written frame's
