@@ -8,8 +8,11 @@
 
 use std::{
     os::{
-        fd::{FromRawFd, OwnedFd},
-        unix::{fs::FileTypeExt, net::UnixStream},
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::{
+            fs::{FileExt, FileTypeExt},
+            net::UnixStream,
+        },
     },
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -18,7 +21,7 @@ use std::{
 use dataplane_tests::{Daemon, Netns, TapVm, TempDir, contains, settle, tap_queue_count, test_frame, unique};
 use serde_json::{Value, json};
 use vhost::{
-    VhostBackend, VhostUserMemoryRegionInfo, VringConfigData,
+    VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData,
     vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures},
 };
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
@@ -803,6 +806,111 @@ fn garbage_and_half_negotiations_leave_the_backend_serving() {
     let tag = unique("ok").into_bytes();
     guest.send(0, 0, &guest_frame(&tag));
     assert_eq!(s.peer.recv_marked_count(&tag, 1, settle::DEADLINE).len(), 1, "traffic flows after the garbage");
+}
+
+/// The dirty-page log of a live migration: one bit per 4 KiB page of guest memory, in shared
+/// memory the frontend passes with `SET_LOG_BASE` (QEMU's `LOG_SHMFD` way).
+struct DirtyLog {
+    file: std::fs::File,
+}
+
+impl DirtyLog {
+    const LEN: u64 = 4096;
+
+    fn new() -> Self {
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let raw = unsafe { libc::memfd_create(c"vhost-user-log".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: the descriptor was just created and nothing else owns it.
+        let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        assert!(MEMORY_SIZE as u64 / 4096 / 8 <= Self::LEN, "a bit for every page of guest memory");
+        file.set_len(Self::LEN).expect("size the log");
+        Self { file }
+    }
+
+    fn region(&self) -> VhostUserDirtyLogRegion {
+        VhostUserDirtyLogRegion { mmap_size: Self::LEN, mmap_offset: 0, mmap_handle: self.file.as_raw_fd() }
+    }
+
+    /// The guest pages the backend marked (what QEMU would send again).
+    fn dirty_pages(&self) -> Vec<u64> {
+        let mut bits = vec![0u8; Self::LEN as usize];
+        self.file.read_exact_at(&mut bits, 0).expect("read the log");
+        (0..Self::LEN * 8).filter(|page| bits[(page / 8) as usize] & (1 << (page % 8)) != 0).collect()
+    }
+}
+
+fn page(gpa: u64) -> u64 {
+    gpa / 4096
+}
+
+/// Live migration: the backend offers `LOG_ALL` and `LOG_SHMFD` (QEMU refuses to migrate a guest
+/// whose vhost-user backend lacks them), and once the frontend set the log and acked `LOG_ALL`
+/// every guest page the backend writes is marked: the receive chain's pages the kernel fills
+/// through `readv` (behind vm-memory's back), the header, the used rings. The pages it only reads
+/// (the guest's transmit buffer, the descriptor table) stay clear, as does what it wrote before
+/// the log was set.
+#[test]
+fn a_migration_log_marks_every_guest_page_the_backend_writes() {
+    let mut s = setup(1);
+    let mut guest = TestFrontend::connect(&s.socket, 1, VERSION_1);
+    assert_eq!(guest.features & MRG_RXBUF, 0, "one chain per received frame");
+    let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+    assert_ne!(guest.frontend.get_features().expect("GET_FEATURES") & log_all, 0, "LOG_ALL is offered");
+    let protocol = guest.frontend.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+    assert!(protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD), "LOG_SHMFD is offered: {protocol:?}");
+    let mem = guest.mem.memory.clone();
+    // Receive chains of four 2048-byte slots, two slots a page: a 5000-byte frame fills the first
+    // three, and the third slot's page holds nothing but frame bytes the kernel's readv put there.
+    let lens = [BUFFER_LEN; 4];
+    let receive = |guest: &mut TestFrontend, peer: &mut TapVm, first: u16, tag: &str| {
+        let mut payload = unique(tag).into_bytes();
+        payload.resize(5000 - 14, 0x5a);
+        let sent = test_frame(GUEST_MAC, PEER_MAC, &payload);
+        guest.rx(0).add_chain(&mem, first, &lens, true);
+        peer.send(&sent);
+        settle::wait_until("the receive chain is used", || !guest.rx(0).used_is_empty(&mem));
+        let used = guest.rx(0).take_used(&mem);
+        assert_eq!(used, vec![(first, u32::try_from(sent.len() + HDR_LEN).expect("small"))], "one chain, the frame's length");
+        let data = guest.rx(0).read_chain(&mem, first, &lens, used[0].1);
+        assert_eq!(split(&data).1, sent.as_slice(), "the frame arrives whole across the chain");
+    };
+    wait_link(&s.daemon, "vu0", true);
+    // Before any log: traffic, nothing to mark.
+    receive(&mut guest, &mut s.peer, 0, "early");
+
+    let log = DirtyLog::new();
+    guest.frontend.set_log_base(0, Some(log.region())).expect("SET_LOG_BASE");
+    guest.frontend.set_features(guest.features | log_all).expect("SET_FEATURES with LOG_ALL");
+    assert_eq!(log.dirty_pages(), Vec::<u64>::new(), "nothing is marked before the backend writes");
+
+    // The guest sends: the backend reads its buffer and writes the tx used ring.
+    let tag = unique("tx").into_bytes();
+    guest.send(0, 0, &guest_frame(&tag));
+    assert_eq!(s.peer.recv_marked_count(&tag, 1, settle::DEADLINE), vec![guest_frame(&tag)], "the peer gets the guest's frame");
+    // The guest receives into the chain of slots 8..12 (pages 0x104 and 0x105).
+    receive(&mut guest, &mut s.peer, 8, "logged");
+
+    let dirty = log.dirty_pages();
+    let (rx, tx) = (&guest.queues[0], &guest.queues[1]);
+    for (what, gpa) in [
+        ("the rx used ring", rx.used),
+        ("the tx used ring", tx.used),
+        ("the page of the header and the frame's start", rx.slot(8)),
+        ("the page only readv wrote", rx.slot(10)),
+    ] {
+        assert!(dirty.contains(&page(gpa)), "{what} (page {:#x}) is marked: {dirty:x?}", page(gpa));
+    }
+    for (what, gpa) in [
+        ("the transmit buffer, only read", tx.slot(0)),
+        ("the descriptor table, only read", rx.desc),
+        ("the chain filled before the log", rx.slot(2)),
+    ] {
+        assert!(!dirty.contains(&page(gpa)), "{what} (page {:#x}) is not marked: {dirty:x?}", page(gpa));
+    }
+    assert!(dirty.iter().all(|p| *p < MEMORY_SIZE as u64 / 4096), "only guest pages: {dirty:x?}");
+    assert_eq!(counter(&s.daemon, "vu0", "bad-chains"), 0);
+    drop(s.switch);
 }
 
 #[test]

@@ -31,7 +31,8 @@ const fn bit(n: u32) -> u64 {
 /// Every feature the backend offers. The checksum and TSO bits pass through: the guest's header
 /// goes to the tap unchanged (host side), and the tap is told which offloads the guest takes
 /// (guest side). STATUS and MQ are QEMU's to handle; they are offered so that a frontend that
-/// asks the backend sees them.
+/// asks the backend sees them. LOG_ALL: the backend logs the guest pages it writes while QEMU
+/// migrates the guest (QEMU refuses to migrate a guest whose backend lacks it).
 #[must_use]
 pub fn offered_features(queue_pairs: usize) -> u64 {
     let mut features = bit(VIRTIO_F_VERSION_1)
@@ -46,6 +47,7 @@ pub fn offered_features(queue_pairs: usize) -> u64 {
         | bit(VIRTIO_NET_F_GUEST_TSO6)
         | bit(VIRTIO_NET_F_MRG_RXBUF)
         | bit(VIRTIO_NET_F_STATUS)
+        | VhostUserVirtioFeatures::LOG_ALL.bits()
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     if queue_pairs > 1 {
         features |= bit(VIRTIO_NET_F_MQ);
@@ -56,10 +58,14 @@ pub fn offered_features(queue_pairs: usize) -> u64 {
 /// The protocol features QEMU 7.2 uses that the `vhost` crate implements (not SEND_RARP, not
 /// NET_SET_MTU: the crate has neither). CONFIGURE_MEM_SLOTS: with `queues` > 1 QEMU runs one
 /// vhost device per queue pair on the connection and each adds the same regions, which the relay
-/// passes to the crate once (see `relay`).
+/// passes to the crate once (see `relay`). LOG_SHMFD: the dirty-page log of a migration is shared
+/// memory QEMU passes (`SET_LOG_BASE`), which the guest memory's bitmap writes into.
 #[must_use]
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// What the acked features mean for the data path.

@@ -20,21 +20,25 @@ use std::{
     sync::atomic::Ordering,
 };
 
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringT, bitmap::BitmapMmapRegion};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Writer, desc::split::Descriptor};
 use vm_memory::{
     Bytes, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Permissions,
     VolatileSlice,
+    bitmap::Bitmap,
     volatile_memory::{PtrGuard, PtrGuardMut},
 };
 
 use super::device::{HDR_LEN_V1, Negotiated, NUM_BUFFERS_OFFSET};
 use crate::{backend::BackendStats, port::pipe::MAX_FRAME};
 
-pub type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
-type MemoryGuard = GuestMemoryLoadGuard<GuestMemoryMmap<()>>;
+/// Guest memory whose regions carry the dirty-page log QEMU hands over for live migration
+/// (`SET_LOG_BASE`): every write through vm-memory marks its pages there while the log is set.
+pub type GuestRam = GuestMemoryMmap<BitmapMmapRegion>;
+pub type Memory = GuestMemoryAtomic<GuestRam>;
+type MemoryGuard = GuestMemoryLoadGuard<GuestRam>;
 /// A stretch of guest memory, checked against the memory map.
-type Slice<'m> = VolatileSlice<'m, ()>;
+type Slice<'m> = VolatileSlice<'m, BitmapMmapRegion>;
 
 /// The largest header plus the largest frame a tap hands over with TSO on.
 const BUFFER_LEN: usize = HDR_LEN_V1 + MAX_FRAME;
@@ -123,7 +127,7 @@ pub fn process_tx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memor
 /// Writes one chain's frame to the tap, straight from guest memory; whether it went.
 fn transmit<'m>(
     tap: &OwnedFd,
-    mem: &'m GuestMemoryMmap<()>,
+    mem: &'m GuestRam,
     chain: DescriptorChain<MemoryGuard>,
     hdr_len: usize,
     slices: &mut Vec<Slice<'m>>,
@@ -376,7 +380,7 @@ impl<'m> Rx<'_, 'm> {
     /// copied into further chains; if the ring has too few, the frame waits in `spill`.
     fn spread_spill(&mut self, state: &mut PairState, taken: &Taken<'m>, len: usize) -> Received {
         let spilled = len - taken.capacity;
-        let mut writers: Vec<(u16, Writer<'m, ()>)> = Vec::new();
+        let mut writers: Vec<(u16, Writer<'m, BitmapMmapRegion>)> = Vec::new();
         let mut room = 0usize;
         while room < spilled {
             let Some(chain) = pop_chain(self.vring, self.mem) else {
@@ -384,7 +388,7 @@ impl<'m> Rx<'_, 'm> {
                 return self.keep_waiting(state, taken, len);
             };
             let head = chain.head_index();
-            match Writer::<()>::new(&**self.mem, chain) {
+            match Writer::<BitmapMmapRegion>::new(&**self.mem, chain) {
                 Ok(writer) if writer.available_bytes() > 0 => {
                     room += writer.available_bytes();
                     writers.push((head, writer));
@@ -497,7 +501,7 @@ enum Delivery {
 /// Copies a waiting frame over as many chains as it needs (MRG_RXBUF). Chains are only taken
 /// once enough are there for the frame.
 fn deliver_copy(vring: &VringRwLock<Memory>, mem: &MemoryGuard, frame: &mut [u8], used_any: &mut bool) -> Delivery {
-    let mut writers: Vec<(u16, Writer<'_, ()>)> = Vec::new();
+    let mut writers: Vec<(u16, Writer<'_, BitmapMmapRegion>)> = Vec::new();
     let mut room = 0usize;
     while room < frame.len() {
         let Some(chain) = pop_chain(vring, mem) else {
@@ -506,7 +510,7 @@ fn deliver_copy(vring: &VringRwLock<Memory>, mem: &MemoryGuard, frame: &mut [u8]
             return Delivery::NoRoom;
         };
         let head = chain.head_index();
-        match Writer::<()>::new(&**mem, chain) {
+        match Writer::<BitmapMmapRegion>::new(&**mem, chain) {
             Ok(writer) if writer.available_bytes() > 0 => {
                 room += writer.available_bytes();
                 writers.push((head, writer));
@@ -556,7 +560,7 @@ enum Untranslatable {
 /// map by vm-memory (a buffer crossing regions becomes several slices); the bytes they hold. On
 /// refusal `slices` is left as it was.
 fn translate<'m>(
-    mem: &'m GuestMemoryMmap<()>,
+    mem: &'m GuestRam,
     descriptors: impl Iterator<Item = Descriptor>,
     access: Permissions,
     max_len: usize,
@@ -572,7 +576,7 @@ fn translate<'m>(
 }
 
 fn append_slices<'m>(
-    mem: &'m GuestMemoryMmap<()>,
+    mem: &'m GuestRam,
     descriptors: impl Iterator<Item = Descriptor>,
     access: Permissions,
     max_len: usize,
@@ -665,6 +669,9 @@ impl IoVecs {
         let read = unsafe { libc::readv(fd.as_raw_fd(), self.iovecs.as_ptr(), count) };
         let result = usize::try_from(read).map_err(|_| io::Error::last_os_error());
         self.clear();
+        if let Ok(len) = result {
+            mark_written(slices, len);
+        }
         result
     }
 
@@ -672,6 +679,20 @@ impl IoVecs {
         self.iovecs.clear();
         self.read_guards.clear();
         self.write_guards.clear();
+    }
+}
+
+/// Marks the first `len` bytes of `slices` dirty in the migration log (a no-op while no log is
+/// set): the kernel wrote them behind vm-memory's back, through raw pointers.
+fn mark_written(slices: &[Slice<'_>], len: usize) {
+    let mut left = len;
+    for slice in slices {
+        if left == 0 {
+            return;
+        }
+        let written = slice.len().min(left);
+        slice.bitmap().mark_dirty(0, written);
+        left -= written;
     }
 }
 
@@ -722,8 +743,8 @@ mod tests {
     use super::*;
 
     /// Two adjacent regions of a page each: a buffer across 0x1000 is two slices.
-    fn memory() -> GuestMemoryMmap<()> {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)]).expect("guest memory")
+    fn memory() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)]).expect("guest memory")
     }
 
     fn descriptor(addr: u64, len: u32) -> Descriptor {

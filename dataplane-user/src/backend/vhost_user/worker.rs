@@ -11,7 +11,7 @@ use std::{
 };
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT, bitmap::BitmapMmapRegion};
 use virtio_queue::QueueT;
 use vmm_sys_util::{
     epoll::EventSet,
@@ -87,7 +87,7 @@ impl NetDevice {
 }
 
 impl VhostUserBackend for NetDevice {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = VringRwLock<Memory>;
 
     fn num_queues(&self) -> usize {
