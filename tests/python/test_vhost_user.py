@@ -53,26 +53,28 @@ def wait_eth0(address: str) -> str:
     )
 
 
-def add_vhost_user(qmp: RawQmp, socket: Path, queues: int = 1, hub: int = 0) -> None:
+def add_vhost_user(qmp: RawQmp, socket: Path, queues: int = 1, hub: int = 0, name: str = "0") -> None:
+    """A server chardev `c<name>` on `socket`, `vhost-user` netdev `vu<name>` on it and its hub
+    port `pvu<name>`."""
     chardev = {"addr": {"type": "unix", "data": {"path": str(socket)}}, "server": True, "wait": False}
-    reply = qmp.cmd("chardev-add", {"id": "c0", "backend": {"type": "socket", "data": chardev}})
+    reply = qmp.cmd("chardev-add", {"id": f"c{name}", "backend": {"type": "socket", "data": chardev}})
     assert "return" in reply, reply
-    add(qmp, type="vhost-user", id="vu0", chardev="c0", queues=queues)
-    add(qmp, type="hubport", id="pvu0", hubid=hub, netdev="vu0")
+    add(qmp, type="vhost-user", id=f"vu{name}", chardev=f"c{name}", queues=queues)
+    add(qmp, type="hubport", id=f"pvu{name}", hubid=hub, netdev=f"vu{name}")
 
 
-def vhost_row(qmp: RawQmp) -> dict:
+def vhost_row(qmp: RawQmp, netdev: str = "vu0") -> dict:
     rows = qmp.cmd("x-query-netdevs", {})["return"]
-    return next(row for row in rows if row["id"] == "vu0")
+    return next(row for row in rows if row["id"] == netdev)
 
 
-def wait_vhost_link(qmp: RawQmp, up: bool = True) -> dict:
+def wait_vhost_link(qmp: RawQmp, up: bool = True, netdev: str = "vu0") -> dict:
     deadline = time.monotonic() + RECONNECT_DEADLINE
     while True:
-        row = vhost_row(qmp)
+        row = vhost_row(qmp, netdev)
         if row["link-up"] == up:
             return row
-        assert time.monotonic() < deadline, f"vu0's link is not {'up' if up else 'down'}: {row}"
+        assert time.monotonic() < deadline, f"{netdev}'s link is not {'up' if up else 'down'}: {row}"
         time.sleep(0.2)
 
 

@@ -5,7 +5,7 @@ use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::{
     virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1},
     virtio_net::{
-        VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
         VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
         VIRTIO_NET_S_LINK_UP,
     },
@@ -32,7 +32,11 @@ const fn bit(n: u32) -> u64 {
 /// goes to the tap unchanged (host side), and the tap is told which offloads the guest takes
 /// (guest side). STATUS and MQ are QEMU's to handle; they are offered so that a frontend that
 /// asks the backend sees them. LOG_ALL: the backend logs the guest pages it writes while QEMU
-/// migrates the guest (QEMU refuses to migrate a guest whose backend lacks it).
+/// migrates the guest (QEMU refuses to migrate a guest whose backend lacks it). GUEST_ANNOUNCE:
+/// QEMU passes it to the guest only when the backend offers it; after a migration the guest then
+/// announces its MAC itself (gratuitous ARP through the new port, where the hub learns it), over
+/// the control queue QEMU keeps. Without it QEMU would ask the backend for SEND_RARP, which the
+/// crate lacks, and the hub would send the guest's frames to its old port until it spoke.
 #[must_use]
 pub fn offered_features(queue_pairs: usize) -> u64 {
     let mut features = bit(VIRTIO_F_VERSION_1)
@@ -47,6 +51,7 @@ pub fn offered_features(queue_pairs: usize) -> u64 {
         | bit(VIRTIO_NET_F_GUEST_TSO6)
         | bit(VIRTIO_NET_F_MRG_RXBUF)
         | bit(VIRTIO_NET_F_STATUS)
+        | bit(VIRTIO_NET_F_GUEST_ANNOUNCE)
         | VhostUserVirtioFeatures::LOG_ALL.bits()
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     if queue_pairs > 1 {
