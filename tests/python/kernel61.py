@@ -31,12 +31,13 @@ import guest  # noqa: E402
 
 REPO_ROOT = guest.REPO_ROOT
 #: The suites that touch the kernel (issue 14): hubs, vnet_hdr, tunnels, receive filters, user
-#: NAT, BPF test-run, hub errors, both attach modes next to another tool's filters, and restarts
-#: that adopt pinned maps and netlink filters.
+#: NAT, BPF test-run, hub errors, both attach modes next to another tool's filters, restarts
+#: that adopt pinned maps and netlink filters, and vhost-user rings joined to the hub through a
+#: tap (with the migration log).
 KERNEL_SUITES = (
     "ebpf_test_run", "ebpf_rx_filter", "hub_taps", "hub_vnet_hdr", "hub_namespaces", "hub_errors",
     "nic_rx_filter", "tunnels", "user_nat", "attach_modes", "ebpf_tunnel_test_run", "tunnel_guest_frames",
-    "foreign_interfaces", "restart", "hub_learning",
+    "foreign_interfaces", "restart", "hub_learning", "vhost_user",
 )
 #: Suites run in part unless `--filter` is given: on 6.1 the restart suite's TCX-mode variants
 #: fall back to netlink mode and would repeat the netlink ones.
