@@ -14,6 +14,7 @@ Nothing here measures time.
 from __future__ import annotations
 
 import subprocess
+import time
 
 from guest import guest_mac
 from harness import RawQmp
@@ -46,6 +47,15 @@ for line in sys.stdin:
 
 #: Generous bounds for a TCG guest on a loaded machine; behaviour is checked, never durations.
 MIGRATION_DEADLINE_POLLS = 3000
+
+
+def wait_listening_socket(machine, path) -> None:
+    """Waits until QEMU (`machine`, started with `-incoming unix:PATH`) listens on `path`."""
+    deadline = time.monotonic() + COMMAND_TIMEOUT
+    while not path.exists():
+        machine._check_running()
+        assert time.monotonic() < deadline, f"QEMU did not listen on {path}"
+        time.sleep(0.1)
 
 
 def qemu_cmd(path: str, command: str, arguments: dict | None = None) -> dict:
@@ -110,10 +120,7 @@ def test_vhost_user_guest_migrates_live_with_its_traffic(netns, start_daemon_in,
         incoming = short_tmp / "migrate.sock"
         destination = start_guest("migdst", commands=commands, netns=netns.name,
                                   extra_args=[*vhost_user_args(sockets["B"], guest_mac(0)), "-incoming", f"unix:{incoming}"])
-        for _ in range(MIGRATION_DEADLINE_POLLS):
-            if incoming.exists():
-                break
-            source.run("true")
+        wait_listening_socket(destination, incoming)
         sender = Sender(container, "10.0.6.1")
         assert sender.send(16) == 16 << 16, "a first MiB before the migration"
 
