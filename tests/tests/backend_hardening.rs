@@ -93,7 +93,7 @@ impl Dgram {
         let daemon = Daemon::start(&ns);
         let dir = TempDir::new();
         let (local, remote) = (dir.0.join("local.sock"), dir.0.join("remote.sock"));
-        let peer = UnixDatagram::bind(&remote).unwrap();
+        let peer = UnixDatagram::bind(&remote).expect("bind the peer socket");
         daemon.add(&format!(
             "dgram,id=d,local.type=unix,local.path={},remote.type=unix,remote.path={}",
             local.display(),
@@ -104,7 +104,7 @@ impl Dgram {
 
     fn send(&self) {
         let frame = dataplane_tests::test_frame([0xff; 6], [0x52, 0x54, 0, 0, 0, 1], b"backend-hardening");
-        self.peer.send_to(&frame, &self.local).unwrap();
+        self.peer.send_to(&frame, &self.local).expect("send to the backend");
     }
 
     fn port_tap(&self) -> String {

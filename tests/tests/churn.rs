@@ -29,8 +29,8 @@ struct Batch {
 impl Batch {
     fn connect(daemon: &Daemon) -> Self {
         let writer = UnixStream::connect(&daemon.socket).expect("connect");
-        writer.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut batch = Self { reader: BufReader::new(writer.try_clone().unwrap()), writer };
+        writer.set_read_timeout(Some(Duration::from_secs(60))).expect("set the read timeout");
+        let mut batch = Self { reader: BufReader::new(writer.try_clone().expect("clone the QMP stream")), writer };
         batch.read_reply(); // the greeting
         batch.run(&[json!({"execute": "qmp_capabilities"})]);
         batch
@@ -140,10 +140,10 @@ fn packet_socket(ns: &Netns, ifname: &str) -> OwnedFd {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: an all-zero sockaddr_ll is valid; it is filled before bind reads it.
         let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        address.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+        address.sll_family = u16::try_from(libc::AF_PACKET).expect("AF_PACKET fits");
         address.sll_protocol = 0x0003_u16.to_be();
-        address.sll_ifindex = i32::try_from(index).unwrap();
-        let len = u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap();
+        address.sll_ifindex = i32::try_from(index).expect("an ifindex");
+        let len = u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).expect("sockaddr_ll size");
         // SAFETY: `address` is a valid sockaddr_ll of `len` bytes for the duration of the call.
         let rc = unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&address).cast(), len) };
         assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
@@ -155,7 +155,7 @@ fn packet_socket(ns: &Netns, ifname: &str) -> OwnedFd {
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 std::ptr::from_ref(&timeout).cast(),
-                u32::try_from(std::mem::size_of::<libc::timeval>()).unwrap(),
+                u32::try_from(std::mem::size_of::<libc::timeval>()).expect("timeval size"),
             );
         }
         fd
@@ -215,7 +215,7 @@ impl Worker {
         ns.ip(&["link", "set", &probe, "up"]);
         let stream_path = dir.join(format!("stream{index}.sock"));
         let (dgram_local, dgram_remote) = (dir.join(format!("dgram{index}.sock")), dir.join(format!("peer{index}.sock")));
-        let dgram_peer = std::os::unix::net::UnixDatagram::bind(&dgram_remote).unwrap();
+        let dgram_peer = std::os::unix::net::UnixDatagram::bind(&dgram_remote).expect("bind the dgram peer");
         let udp = 7000 + 10 * index;
         let netdevs = [
             ("t", format!("tap,ifname={},script=no,downscript=no", unique("ct"))),
@@ -279,14 +279,14 @@ impl Worker {
         }
         let marker = format!("churn-stream-{}-{number}", self.index);
         let frame = dataplane_tests::test_frame([0xff; 6], [0x52, 0x54, 0, 0xc0, 0, 2], marker.as_bytes());
-        let mut framed = u32::try_from(frame.len()).unwrap().to_be_bytes().to_vec();
+        let mut framed = u32::try_from(frame.len()).expect("a short frame").to_be_bytes().to_vec();
         framed.extend_from_slice(&frame);
-        client.write_all(&framed).unwrap();
+        client.write_all(&framed).expect("write the framed frame");
         if check {
             assert!(receives(&self.probe, marker.as_bytes()), "cycle {number}: the stream's frame crosses the hub to the veth");
         }
         self.batch.run(&self.dels);
-        client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(20))).expect("set the read timeout");
         let mut rest = Vec::new();
         let _ = client.read_to_end(&mut rest);
     }

@@ -162,7 +162,7 @@ async fn registry_busy_and_vhost_user_checks() {
     assert_eq!(chardevs.for_vhost_user("nochr").unwrap_err().to_string(), "chardev \"nochr\" not found");
     assert_eq!(chardevs.claim("c0", "v0").unwrap().id, "c0");
     assert_eq!(chardevs.claim("c0", "v1").unwrap_err().to_string(), "Device 'c0' is in use");
-    assert_eq!(chardevs.query()[0].frontend_open, true);
+    assert!(chardevs.query()[0].frontend_open);
     assert_eq!(chardevs.remove("c0").unwrap_err().to_string(), "Chardev 'c0' is busy");
     chardevs.release("v0");
     assert_eq!(chardevs.user("c0"), None);
