@@ -16,6 +16,8 @@ from __future__ import annotations
 import subprocess
 import time
 
+import pytest
+
 from guest import guest_mac
 from harness import RawQmp
 from test_guests import COMMAND_TIMEOUT, add_container_port
@@ -96,7 +98,10 @@ class Sender:
             self.proc.wait()
 
 
-def test_vhost_user_guest_migrates_live_with_its_traffic(netns, start_daemon_in, start_guest, short_tmp):
+@pytest.mark.parametrize("queues", [1, 2])
+def test_vhost_user_guest_migrates_live_with_its_traffic(netns, start_daemon_in, start_guest, short_tmp, queues):
+    """With `queues=2` (a two-CPU guest) QEMU runs one vhost device per queue pair, and each
+    sets the log on the same connection."""
     container, outer = container_with_address(netns, "10.0.6.3/24")
     sender = None
     try:
@@ -104,11 +109,11 @@ def test_vhost_user_guest_migrates_live_with_its_traffic(netns, start_daemon_in,
         sockets = {name: short_tmp / f"vu{name}.sock" for name in ("A", "B")}
         with RawQmp(daemon.socket_path, negotiate=True) as qmp:
             for name, path in sockets.items():
-                add_vhost_user(qmp, path, name=name)
+                add_vhost_user(qmp, path, queues=queues, name=name)
             add_container_port(qmp, outer)
         commands = [wait_eth0("10.0.6.1/24")]
-        source = start_guest("migsrc", commands=commands, netns=netns.name,
-                             extra_args=vhost_user_args(sockets["A"], guest_mac(0)))
+        source = start_guest("migsrc", commands=commands, netns=netns.name, cpus=queues,
+                             extra_args=vhost_user_args(sockets["A"], guest_mac(0), queues=queues))
         source.check_results()
         with RawQmp(daemon.socket_path, negotiate=True) as qmp:
             wait_vhost_link(qmp, netdev="vuA")
@@ -118,8 +123,9 @@ def test_vhost_user_guest_migrates_live_with_its_traffic(netns, start_daemon_in,
         source.run("(nc -l -p 5000 | sha256sum > /tmp/stream.sum) </dev/null >/dev/null 2>&1 &")
 
         incoming = short_tmp / "migrate.sock"
-        destination = start_guest("migdst", commands=commands, netns=netns.name,
-                                  extra_args=[*vhost_user_args(sockets["B"], guest_mac(0)), "-incoming", f"unix:{incoming}"])
+        destination = start_guest("migdst", commands=commands, netns=netns.name, cpus=queues,
+                                  extra_args=[*vhost_user_args(sockets["B"], guest_mac(0), queues=queues),
+                                              "-incoming", f"unix:{incoming}"])
         wait_listening_socket(destination, incoming)
         sender = Sender(container, "10.0.6.1")
         assert sender.send(16) == 16 << 16, "a first MiB before the migration"
