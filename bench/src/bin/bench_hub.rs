@@ -27,7 +27,8 @@ use std::{collections::BTreeMap, time::Duration};
 use anyhow::{Context, Result, bail};
 use aya::{
     maps::{Array, DevMapHash},
-    programs::{SchedClassifier, TcAttachType},
+    programs::{SchedClassifier, TcAttachType, loaded_programs},
+    sys::{Stats, enable_stats},
 };
 use dataplane_bench::{ADDR_GEN, ADDR_SINK, Bench, FRAME_LEN, Options, Sample, Topology, ethtool, median, pps_cell, summarize, udp_frame};
 use dataplane_tests::{Daemon, Netns, require_root};
@@ -443,6 +444,25 @@ fn sweep_port(i: usize) -> String {
     if i < 2 { format!("s{i}") } else { format!("e{i}") }
 }
 
+/// Run time and runs the kernel counted for every loaded program named `name` (with the run-time
+/// statistics on, `enable_stats`).
+fn program_runs(name: &str) -> (u64, u64) {
+    loaded_programs()
+        .flatten()
+        .filter(|info| info.name_as_str() == Some(name))
+        .fold((0, 0), |(ns, runs), info| (ns + u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX), runs + info.run_count()))
+}
+
+/// The nanoseconds a run of program `name` took on average while `measure` ran: the program's own
+/// cost per frame, which a busy machine inflates far less than it does a packet rate.
+fn program_ns_per_run<T>(name: &str, measure: impl FnOnce() -> T) -> (T, Option<f64>) {
+    let (ns, runs) = program_runs(name);
+    let result = measure();
+    let (ns_after, runs_after) = program_runs(name);
+    let runs = runs_after.saturating_sub(runs);
+    (result, (runs > 0).then(|| ns_after.saturating_sub(ns) as f64 / runs as f64))
+}
+
 /// The scaling run (`--ports`): hub and bridge at each size, interleaved round by round.
 fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
     let topology = Topology::new(1)?;
@@ -467,6 +487,9 @@ fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
     let c1_text = c1.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
     let (gd, cd) = (Topology::mac(&topology.generator, "gd"), Topology::mac(&topology.sinks[0], "cd"));
     let mut samples: BTreeMap<(usize, &'static str, &'static str), Vec<Sample>> = BTreeMap::new();
+    // The kernel's per-program run time, on while the file descriptor lives.
+    let _stats = enable_stats(Stats::RunTime).context("BPF run-time statistics (BPF_ENABLE_STATS)")?;
+    let mut program_ns: BTreeMap<(usize, &'static str), Vec<f64>> = BTreeMap::new();
     for round in 1..=options.runs {
         eprintln!("round {round} of {}", options.runs);
         for &size in sizes {
@@ -479,8 +502,9 @@ fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
             // The floor under the hub's learned path: s0 hands every frame to c1, nothing else.
             eprintln!("  minimal TC peer redirect");
             let link = bench.attach_sink(&topology.sinks[0], "c1")?;
-            let peer_ref = peer_ref_sample(&mut bench, &topology, options, &udp_frame(c1, g0));
+            let (peer_ref, ns) = program_ns_per_run("bench_peer_ref", || peer_ref_sample(&mut bench, &topology, options, &udp_frame(c1, g0)));
             bench.detach_sink(link)?;
+            program_ns.entry((size, PEER_REF)).or_default().extend(ns);
             samples.entry((size, PEER_REF, "unicast")).or_default().push(peer_ref?);
             for variant in ["hub", "bridge"] {
                 eprintln!("  {variant}: {size} ports");
@@ -506,7 +530,10 @@ fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
                 }
                 let link = bench.attach_sink(&topology.sinks[0], "c1")?;
                 let before = (variant == "hub").then(|| sent_to_others(&daemon));
-                let unicast = sample(&mut bench, options, (&topology.generator, "g0"), &udp_frame(c1, g0));
+                let (unicast, ns) = program_ns_per_run("hub_tc", || sample(&mut bench, options, (&topology.generator, "g0"), &udp_frame(c1, g0)));
+                if variant == "hub" {
+                    program_ns.entry((size, "hub")).or_default().extend(ns);
+                }
                 if let Some(before) = before {
                     let stray = sent_to_others(&daemon).saturating_sub(before);
                     if stray > u64::from(options.frames) / 100 {
@@ -533,7 +560,7 @@ fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
     if exit != Some(0) {
         bail!("netdevd exited with {exit:?}");
     }
-    let report = sweep_report(&samples, sizes, options);
+    let report = sweep_report(&samples, &program_ns, sizes, options);
     // Into the report file under its own key, beside the default run's results.
     let mut file = previous_report(options).filter(Value::is_object).unwrap_or_else(|| json!({}));
     file[PORTS_SWEEP] = report.clone();
@@ -596,7 +623,12 @@ fn sent_to_others(daemon: &Daemon) -> u64 {
 
 /// Per size and variant the medians; ratios hub/bridge and hub/direct pair per size (medians of
 /// per-round ratios), and the hub's learned unicast at each size against the smallest size.
-fn sweep_report(samples: &BTreeMap<(usize, &'static str, &'static str), Vec<Sample>>, sizes: &[usize], options: &Options) -> Value {
+fn sweep_report(
+    samples: &BTreeMap<(usize, &'static str, &'static str), Vec<Sample>>,
+    program_ns: &BTreeMap<(usize, &'static str), Vec<f64>>,
+    sizes: &[usize],
+    options: &Options,
+) -> Value {
     let pps = |size: usize, variant: &str, case: &str| -> Vec<f64> {
         samples.get(&(size, variant, case)).map(|s| s.iter().map(Sample::delivered_pps).collect()).unwrap_or_default()
     };
@@ -618,6 +650,11 @@ fn sweep_report(samples: &BTreeMap<(usize, &'static str, &'static str), Vec<Samp
             }
             at_size.insert(variant.to_owned(), Value::Object(cases));
         }
+        for (variant, program) in [("hub", "hub_tc"), (PEER_REF, "bench_peer_ref")] {
+            if let Some(mut ns) = program_ns.get(&(size, variant)).filter(|ns| !ns.is_empty()).cloned() {
+                at_size.insert(format!("{program}_ns_per_frame"), json!(median(&mut ns)));
+            }
+        }
         results.insert(size.to_string(), Value::Object(at_size));
         for case in ["unicast", "flood"] {
             ratios.insert(format!("hub_vs_bridge_{case}_{size}"), ratio(pps(size, "hub", case), pps(size, "bridge", case)));
@@ -632,7 +669,7 @@ fn sweep_report(samples: &BTreeMap<(usize, &'static str, &'static str), Vec<Samp
     }
     with_run_facts(options, json!({
         "ports": sizes,
-        "method": "the direct veth pair, hub and bridge interleaved round by round at every size; unicast to a destination both learned (it spoke first; checked), the hub's other ports sent nothing of it (checked); flood pps at one sink, from frames_per_run / (ports - 1) frames (at least 20000) so that every size moves about as many copies; figures are medians over rounds, ratios medians of per-round ratios",
+        "method": "the direct veth pair, hub and bridge interleaved round by round at every size; hub_tc_ns_per_frame and bench_peer_ref_ns_per_frame: the programs' own run time per run during the unicast samples (BPF run-time statistics), medians over rounds; unicast to a destination both learned (it spoke first; checked), the hub's other ports sent nothing of it (checked); flood pps at one sink, from frames_per_run / (ports - 1) frames (at least 20000) so that every size moves about as many copies; figures are medians over rounds, ratios medians of per-round ratios",
         "results": results,
         "ratios": ratios,
     }))
@@ -655,17 +692,21 @@ fn with_run_facts(options: &Options, rest: Value) -> Value {
     report
 }
 
+fn ns_cell(value: &Value) -> String {
+    value.as_f64().map_or("n/a".to_owned(), |ns| format!("{ns:.0} ns"))
+}
+
 fn sweep_table(report: &Value, sizes: &[usize]) -> String {
     let results = &report["results"];
     let ratio = |key: String| report["ratios"][&key].as_f64().map_or("n/a".to_owned(), |v| format!("{v:.2}"));
     let smallest = sizes.iter().copied().min().unwrap_or(2);
     let mut out = String::from(
-        "| ports | hub unicast | bridge unicast | direct pair | minimal TC peer redirect | hub/bridge | hub/direct | hub/minimal | minimal/direct | hub flood (per sink) | bridge flood (per sink) | hub/bridge | hub unicast vs smallest |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| ports | hub unicast | bridge unicast | direct pair | minimal TC peer redirect | hub/bridge | hub/direct | hub/minimal | minimal/direct | hub flood (per sink) | bridge flood (per sink) | hub/bridge | hub unicast vs smallest | hub_tc ns/frame | bench_peer_ref ns/frame |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for size in sizes {
         let at = &results[size.to_string()];
         out.push_str(&format!(
-            "| {size} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {size} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             pps_cell(&at["hub"]["unicast"]),
             pps_cell(&at["bridge"]["unicast"]),
             pps_cell(&at[DIRECT]["unicast"]),
@@ -678,6 +719,8 @@ fn sweep_table(report: &Value, sizes: &[usize]) -> String {
             pps_cell(&at["bridge"]["flood"]),
             ratio(format!("hub_vs_bridge_flood_{size}")),
             ratio(format!("hub_unicast_{size}_vs_{smallest}")),
+            ns_cell(&at["hub_tc_ns_per_frame"]),
+            ns_cell(&at["bench_peer_ref_ns_per_frame"]),
         ));
     }
     out
