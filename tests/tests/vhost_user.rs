@@ -47,6 +47,17 @@ const BUFFER_LEN: u32 = 2048;
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x76, 0x68, 0x01];
 const PEER_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x76, 0x68, 0x02];
 
+/// A memfd of `len` bytes: memory the test shares with the backend by descriptor.
+fn memfd(name: &std::ffi::CStr, len: u64) -> std::fs::File {
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(raw >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: the descriptor was just created and nothing else owns it.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    file.set_len(len).expect("size the memfd");
+    file
+}
+
 /// Guest memory: a memfd, mapped here and shared with the backend.
 struct GuestMemory {
     memory: GuestMemoryMmap,
@@ -55,12 +66,7 @@ struct GuestMemory {
 
 impl GuestMemory {
     fn new() -> Self {
-        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-        let raw = unsafe { libc::memfd_create(c"vhost-user-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: the descriptor was just created and nothing else owns it.
-        let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
-        file.set_len(MEMORY_SIZE as u64).expect("size the memfd");
+        let file = memfd(c"vhost-user-test", MEMORY_SIZE as u64);
         let mapping = MmapRegion::from_file(FileOffset::new(file, 0), MEMORY_SIZE).expect("map the memfd");
         let region = GuestRegionMmap::new(mapping, GuestAddress(0)).expect("a guest region");
         let info = VhostUserMemoryRegionInfo::from_guest_region(&region).expect("region info");
@@ -818,14 +824,8 @@ impl DirtyLog {
     const LEN: u64 = 4096;
 
     fn new() -> Self {
-        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-        let raw = unsafe { libc::memfd_create(c"vhost-user-log".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: the descriptor was just created and nothing else owns it.
-        let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
         assert!(MEMORY_SIZE as u64 / 4096 / 8 <= Self::LEN, "a bit for every page of guest memory");
-        file.set_len(Self::LEN).expect("size the log");
-        Self { file }
+        Self { file: memfd(c"vhost-user-log", Self::LEN) }
     }
 
     fn region(&self) -> VhostUserDirtyLogRegion {
