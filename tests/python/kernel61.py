@@ -1,17 +1,18 @@
 """Runs the kernel-facing Rust test binaries inside a guest booting Debian's 6.1 kernel.
 
-    python kernel61.py [--filter SUBSTRING] [--suites hub_taps,ebpf_test_run,...] [--cpus 2]
+    python kernel61.py [--filter SUBSTRING] [--suites hub_taps,ebpf_test_run,...] [--cpus 2] [--lanes 2]
 
 The guest (guest.py, `hostroot` mode) sees the host's root read-only over 9p with a tmpfs
 overlay, loads the modules the suites need, mounts bpffs, and runs each test binary chrooted into
 that root with the same NETDEVD_* variables `cargo xtask test` sets: the binaries, the daemon and
-the eBPF object are the host's own build, so only the kernel differs. Each binary's libtest
-output is printed, then a summary (per suite: passed, failed, ignored, seconds); the exit status
-is 1 when any suite failed or did not report, 0 otherwise.
+the eBPF object are the host's own build, so only the kernel differs. Suites run on `--lanes`
+lanes at once (one per vCPU by default), each suite one test at a time, as the host runs suites
+beside each other. Each binary's libtest output is printed, then a summary (per suite: passed,
+failed, ignored, seconds); the exit status is 1 when any suite failed or did not report, 0
+otherwise.
 
 The binaries come from `cargo test --release --no-run -p dataplane-tests` (cargo builds nothing
-when the host suites already built them).
-"""
+when the host suites already built them)."""
 
 from __future__ import annotations
 
@@ -33,11 +34,13 @@ REPO_ROOT = guest.REPO_ROOT
 #: The suites that touch the kernel (issue 14): hubs, vnet_hdr, tunnels, receive filters, user
 #: NAT, BPF test-run, hub errors, both attach modes next to another tool's filters, restarts
 #: that adopt pinned maps and netlink filters, and vhost-user rings joined to the hub through a
-#: tap (with the migration log).
+#: tap (with the migration log). Longest first (seconds on an idle machine beside the host
+#: suites, session 11: 446 360 194 128 126 121 112 76 75 69 33 14 11 10 8 2), so that the lanes
+#: end together.
 KERNEL_SUITES = (
-    "ebpf_test_run", "ebpf_rx_filter", "hub_taps", "hub_vnet_hdr", "hub_namespaces", "hub_errors",
-    "nic_rx_filter", "tunnels", "user_nat", "attach_modes", "ebpf_tunnel_test_run", "tunnel_guest_frames",
-    "foreign_interfaces", "restart", "hub_learning", "vhost_user",
+    "restart", "hub_errors", "tunnels", "attach_modes", "hub_namespaces", "nic_rx_filter", "hub_learning",
+    "vhost_user", "user_nat", "hub_taps", "tunnel_guest_frames", "ebpf_rx_filter", "hub_vnet_hdr",
+    "ebpf_test_run", "foreign_interfaces", "ebpf_tunnel_test_run",
 )
 #: Suites run in part unless `--filter` is given: on 6.1 the restart suite's TCX-mode variants
 #: fall back to netlink mode and would repeat the netlink ones.
@@ -80,8 +83,8 @@ def test_binaries(suites: list[str]) -> dict[str, str]:
 
 
 def suite_command(suite: str, binary: str, filter_: str | None) -> str:
-    """The guest's shell command for one suite: libtest's output, then its wall time. One test at
-    a time: under TCG a daemon's start-up alone takes seconds, and parallel tests starve each other."""
+    """The guest's shell command for one suite. One test at a time within a suite: under TCG a
+    daemon's start-up alone takes seconds, and parallel tests starve each other."""
     env = {
         "NETDEVD_BIN": REPO_ROOT / "target/release/netdevd",
         "NETDEVCTL_BIN": REPO_ROOT / "target/release/netdevctl",
@@ -90,11 +93,55 @@ def suite_command(suite: str, binary: str, filter_: str | None) -> str:
     }
     assignments = " ".join(f"{key}={guest.shell_quote(str(value))}" for key, value in env.items())
     arguments = guest.shell_quote(filter_) if filter_ else ""
-    return (
-        f"cd {guest.shell_quote(str(REPO_ROOT / 'tests'))} && start=$(cut -d' ' -f1 /proc/uptime) && "
-        f"{assignments} RUST_BACKTRACE=1 {guest.shell_quote(binary)} --color never --test-threads=1 {arguments}; rc=$?; "
-        f"echo \"@@suite {suite} seconds $(awk -v s=$start '{{print $1 - s}}' /proc/uptime)\"; exit $rc"
-    )
+    return f"{assignments} RUST_BACKTRACE=1 {guest.shell_quote(binary)} --color never --test-threads=1 {arguments}"
+
+
+def lanes_command(commands: dict[str, str], lanes: int) -> str:
+    """One guest command that runs the suites on `lanes` lanes at once, one suite per lane at a
+    time: each lane takes the next suite nobody has claimed (`mkdir` is the atomic claim), so a
+    long suite does not hold the others back. Every suite's output goes to a file and is printed
+    whole when all are done, between `@@suite begin NAME` and `@@suite end NAME rc=N seconds=S`;
+    the console shows each suite's start and end as they happen."""
+    cases = "\n".join(f"    {suite}) {command} ;;" for suite, command in commands.items())
+    names = " ".join(commands)
+    return f"""cd {guest.shell_quote(str(REPO_ROOT / 'tests'))} || exit 1
+out=$(mktemp -d /tmp/netdevd-k61-XXXXXX)
+run_suite() {{
+  case $1 in
+{cases}
+  esac
+}}
+lane() {{
+  for suite in {names}; do
+    mkdir "$out/$suite.claim" 2>/dev/null || continue
+    echo "@@suite start $suite (lane $1)"
+    start=$(cut -d' ' -f1 /proc/uptime)
+    run_suite "$suite" > "$out/$suite.log" 2>&1
+    echo $? > "$out/$suite.rc"
+    awk -v s="$start" '{{print $1 - s}}' /proc/uptime > "$out/$suite.seconds"
+    echo "@@suite done $suite rc=$(cat "$out/$suite.rc") seconds=$(cat "$out/$suite.seconds")"
+  done
+}}
+lane=0
+while [ "$lane" -lt {lanes} ]; do lane "$lane" & lane=$((lane + 1)); done
+wait
+failed=0
+for suite in {names}; do
+  echo "@@suite begin $suite"
+  cat "$out/$suite.log" 2>/dev/null
+  rc=$(cat "$out/$suite.rc" 2>/dev/null || echo 255)
+  [ "$rc" = 0 ] || failed=1
+  echo "@@suite end $suite rc=$rc seconds=$(cat "$out/$suite.seconds" 2>/dev/null || echo -1)"
+done
+exit $failed"""
+
+
+def split_suites(output: str) -> dict[str, guest.Result]:
+    """suite name → its exit code and libtest output, from `lanes_command`'s printout."""
+    return {
+        match.group(1): guest.Result(int(match.group(3)), match.group(2) + f"@@suite {match.group(1)} seconds {match.group(4)}\n")
+        for match in re.finditer(r"^@@suite begin (\S+)\n(.*?)^@@suite end \1 rc=(\d+) seconds=(-?[\d.]+)\n", output, re.S | re.M)
+    }
 
 
 def parse(output: str) -> dict:
@@ -121,6 +168,8 @@ def main() -> int:
     parser.add_argument("--suites", default=",".join(KERNEL_SUITES),
                         help=f"comma-separated test binaries of dataplane-tests, or `{UNIT}` for the library's unit tests")
     parser.add_argument("--cpus", type=int, default=2, help="guest vCPUs (multi-threaded TCG)")
+    parser.add_argument("--lanes", type=int, default=2,
+                        help="suites run at once (each one test at a time); default one per vCPU")
     parser.add_argument("--memory", type=int, default=2048, help="guest memory in MiB")
     parser.add_argument("--workdir", type=Path, help="keep the guest's files (serial log) here")
     args = parser.parse_args()
@@ -134,13 +183,15 @@ def main() -> int:
     commands = [
         "grep -E ' (overlay|9p|bpf) ' /proc/mounts",  # the chroot's mounts are in place
         f"modprobe -a {' '.join(MODULES)}; uname -r; cat /proc/cmdline",
-        *(suite_command(suite, binary, args.filter or SUITE_FILTERS.get(suite)) for suite, binary in binaries.items()),
+        lanes_command({suite: suite_command(suite, binary, args.filter or SUITE_FILTERS.get(suite))
+                       for suite, binary in binaries.items()}, max(1, args.lanes)),
     ]
     machine = guest.Guest(
         workdir, "kernel61", commands=commands, agent=False, hostroot=True,
         memory_mb=args.memory, cpus=args.cpus,
     )
-    print(f"kernel61: booting {kernel.image.name} ({len(suites)} suites, {args.cpus} vCPUs), log {machine.serial_path}",
+    print(f"kernel61: booting {kernel.image.name} ({len(suites)} suites on {args.lanes} lanes, {args.cpus} vCPUs), "
+          f"log {machine.serial_path}",
           flush=True)
     started = time.monotonic()
     machine.start()
@@ -160,19 +211,23 @@ def main() -> int:
             failed = True
     print(f"\n==> kernel61 summary (kernel {kernel.release}, accelerator {machine.accel}, "
           f"boot {machine.boot_seconds:.1f} s, total {elapsed:.0f} s)")
-    for suite, result in zip(binaries, results[2:]):
-        print(f"\n--- {suite} (exit {result.rc}) ---\n{result.output}")
-    for suite, result in zip(binaries, results[2:]):
+    by_suite = split_suites(results[2].output) if len(results) > 2 else {}
+    for suite in binaries:
+        if suite in by_suite:
+            print(f"\n--- {suite} (exit {by_suite[suite].rc}) ---\n{by_suite[suite].output}")
+    ran = 0
+    for suite in binaries:
+        result = by_suite.get(suite, guest.Result(255, ""))
         tally = parse(result.output)
+        ran += tally["passed"] + tally["failed"]
         ok = result.rc == 0 and tally["reported"] and tally["failed"] == 0
         failed |= not ok
         seconds = f"{tally['seconds']:.0f} s" if tally["seconds"] is not None else "?"
         status = "ok" if ok else ("FAILED" if tally["reported"] else f"NO RESULT (exit {result.rc})")
-        print(f"{suite:16} {status:10} passed {tally['passed']:3}  failed {tally['failed']:3}  "
+        print(f"{suite:20} {status:10} passed {tally['passed']:3}  failed {tally['failed']:3}  "
               f"ignored {tally['ignored']:3}  {seconds}")
         for name in tally["failures"]:
             print(f"    failed: {name}")
-    ran = sum(parse(result.output)["passed"] + parse(result.output)["failed"] for result in results[2:])
     if ran == 0:
         print("kernel61: no test ran (does the filter match any?)")
         failed = True

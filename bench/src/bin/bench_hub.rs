@@ -530,10 +530,14 @@ fn sweep(options: &Options, sizes: &[usize]) -> Result<()> {
                 }
                 let link = bench.attach_sink(&topology.sinks[0], "c1")?;
                 let before = (variant == "hub").then(|| sent_to_others(&daemon));
-                let (unicast, ns) = program_ns_per_run("hub_tc", || sample(&mut bench, options, (&topology.generator, "g0"), &udp_frame(c1, g0)));
-                if variant == "hub" {
+                let unicast_frame = udp_frame(c1, g0);
+                let unicast = if variant == "hub" {
+                    let (unicast, ns) = program_ns_per_run("hub_tc", || sample(&mut bench, options, (&topology.generator, "g0"), &unicast_frame));
                     program_ns.entry((size, "hub")).or_default().extend(ns);
-                }
+                    unicast
+                } else {
+                    sample(&mut bench, options, (&topology.generator, "g0"), &unicast_frame)
+                };
                 if let Some(before) = before {
                     let stray = sent_to_others(&daemon).saturating_sub(before);
                     if stray > u64::from(options.frames) / 100 {
