@@ -8,8 +8,8 @@ that root with the same NETDEVD_* variables `cargo xtask test` sets: the binarie
 the eBPF object are the host's own build, so only the kernel differs. Suites run on `--lanes`
 lanes at once (one per vCPU by default), each suite one test at a time, as the host runs suites
 beside each other. Each binary's libtest output is printed, then a summary (per suite: passed,
-failed, ignored, seconds); the exit status is 1 when any suite failed or did not report, 0
-otherwise.
+failed, ignored, seconds); the exit status is 1 when any suite failed or did not report, 5
+when `--filter` matched no test in any suite, 0 otherwise.
 
 The binaries come from `cargo test --release --no-run -p dataplane-tests` (cargo builds nothing
 when the host suites already built them)."""
@@ -56,6 +56,8 @@ SUITE_FILTERS = {
 #: kernel's own request_module would look in the initramfs, so they are loaded up front.
 #: `cls_u32` and `act_mirred` are the other tool's filters in attach_modes.
 MODULES = ("tun", "veth", "sch_ingress", "cls_bpf", "act_bpf", "cls_u32", "act_mirred", "bridge", "8021q", "dummy")
+#: The exit status when `--filter` matched no test in any suite (pytest's).
+NOTHING_SELECTED = 5
 #: The whole run inside TCG on a shared machine: generous.
 RUN_TIMEOUT = 4 * 3600
 
@@ -235,13 +237,18 @@ def main() -> int:
               f"ignored {tally['ignored']:3}  {seconds}")
         for name in tally["failures"]:
             print(f"    failed: {name}")
-    if ran == 0:
-        print("kernel61: no test ran (does the filter match any?)")
+    nothing_selected = ran == 0 and not failed and args.filter is not None
+    if ran == 0 and not nothing_selected:
+        print("kernel61: no test ran")
         failed = True
     print(f"kernel61: {'FAILED' if failed else 'ok'} in {elapsed:.0f} s")
     if not failed and args.workdir is None:
         # Everything worth keeping was printed; a failed run keeps its serial log.
         shutil.rmtree(workdir, ignore_errors=True)
+    if nothing_selected:
+        # As pytest's exit status 5: `cargo xtask test FILTER` takes it as "nothing here".
+        print(f"kernel61: no test matches {args.filter!r}")
+        return NOTHING_SELECTED
     return 1 if failed else 0
 
 

@@ -5,6 +5,7 @@ mod ebpf;
 mod fuzz;
 mod setup;
 mod shell;
+mod soak;
 
 use std::path::PathBuf;
 
@@ -44,6 +45,18 @@ enum Command {
     },
     /// Build, then the Debian package (cargo-deb): target/debian/netdevd_VERSION_ARCH.deb.
     Package,
+    /// Run `cargo xtask test` again and again beside a CPU-heavy neighbour (a release build of the
+    /// workspace from nothing, repeated); stops at the first failed run. Output in target/soak/.
+    Soak {
+        /// Runs in a row.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Jobs of the neighbour's build.
+        #[arg(long, default_value_t = 1)]
+        jobs: u32,
+        /// Only run tests whose name contains this filter.
+        filter: Option<String>,
+    },
     /// Build the libFuzzer targets (fuzz/) and run each for a bounded time; fails on a crash.
     Fuzz {
         /// Seconds per target.
@@ -90,6 +103,7 @@ fn main() -> Result<()> {
             setup::run(&root)?;
             fuzz::run(&root, seconds, filter.as_deref())
         }
+        Command::Soak { runs, jobs, filter } => soak::run(&root, runs, jobs, filter.as_deref()),
         Command::Bench { name, args } => bench(&root, &name, &args),
         Command::Package => package(&root).map(|deb| eprintln!("    {}", deb.display())),
     }
@@ -166,6 +180,8 @@ fn bench_guests(root: &std::path::Path, name: &str, args: &[String]) -> Result<(
 
 /// Set to 0 to leave the kernel-6.1 step out of `cargo xtask test` (it is on by default).
 const KERNEL61_ENV: &str = "NETDEVD_TEST_KERNEL61";
+/// kernel61.py's exit status when its filter matched no test (pytest's, as for the Python suite).
+const KERNEL61_NOTHING_SELECTED: i32 = 5;
 
 /// The kernel-6.1 step running beside the host suites; killed if `test` returns early.
 struct Background {
@@ -286,6 +302,7 @@ fn test(root: &std::path::Path, filter: Option<&str>) -> Result<()> {
         shell::step(kernel61_name);
         match background.finish()? {
             0 => {}
+            KERNEL61_NOTHING_SELECTED if let Some(filter) = filter => eprintln!("    no test matches '{filter}' here"),
             code => failed.push(format!("{kernel61_name}: exit code {code}")),
         }
     }
