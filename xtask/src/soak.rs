@@ -20,15 +20,18 @@ use nix::{
 use crate::shell;
 
 /// The neighbour: a release build of the whole workspace from nothing, with `jobs` jobs, again
-/// and again in a target directory of its own, until dropped. It runs in a process group of its
-/// own, so stopping it stops its cargo and every rustc too.
+/// and again in a target directory of its own, until dropped or the soak ends. It runs in a
+/// process group of its own, so stopping it stops its cargo and every rustc too.
 struct Neighbour {
     child: Child,
 }
 
 impl Neighbour {
     fn start(root: &Path, jobs: u32, target: &Path, log: &Path) -> Result<Self> {
-        let script = r#"while :; do
+        // The watchdog ends the whole group within a second of the soak's end, however the soak
+        // ended (a signal runs no destructor).
+        let script = r#"( while kill -0 "$SOAK_PID" 2>/dev/null; do sleep 1; done; kill -KILL 0 ) &
+while :; do
   rm -rf "$SOAK_TARGET"
   started=$(date +%s)
   "$SOAK_CARGO" build --release --workspace --jobs "$SOAK_JOBS" --target-dir "$SOAK_TARGET" > "$SOAK_TARGET.log" 2>&1
@@ -42,6 +45,7 @@ done"#;
             .env("SOAK_JOBS", jobs.to_string())
             .env("SOAK_TARGET", target)
             .env("SOAK_LOG", log)
+            .env("SOAK_PID", std::process::id().to_string())
             .stdin(Stdio::null())
             .process_group(0)
             .spawn()
