@@ -230,6 +230,14 @@ class RawQmp:
         self.send(json.dumps(request) + "\n")
         return self.recv()
 
+    def reply(self, execute: str, arguments: Optional[dict] = None) -> dict:
+        """`cmd`, reading past the events the server sends before the reply (QEMU's monitor
+        emits its own, such as STOP when a migration completes)."""
+        reply = self.cmd(execute, arguments)
+        while "event" in reply:
+            reply = self.recv()
+        return reply
+
     def read_until_eof(self) -> list[bytes]:
         """Every remaining line until the daemon closes the connection."""
         lines = []

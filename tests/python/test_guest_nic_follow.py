@@ -10,7 +10,6 @@ per-port counters and the guest's own interface statistics. Nothing here measure
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 
@@ -46,13 +45,7 @@ for _ in range(int(sys.argv[2])):
 def command(qmp: RawQmp, execute: str, arguments: dict | None = None) -> dict:
     """One command; the events that come before its answer are skipped (netdevd mirrors
     `NIC_RX_FILTER_CHANGED`, QEMU's monitor emits its own)."""
-    request: dict = {"execute": execute}
-    if arguments is not None:
-        request["arguments"] = arguments
-    qmp.send(json.dumps(request) + "\n")
-    while "event" in (reply := qmp.recv()):
-        pass
-    return reply
+    return qmp.reply(execute, arguments)
 
 
 def monitor_command(path: str, execute: str, arguments: dict | None = None) -> dict:

@@ -64,9 +64,7 @@ def qemu_cmd(path: str, command: str, arguments: dict | None = None) -> dict:
     """A command on QEMU's monitor; its reply, past the events QEMU sends meanwhile (STOP, when
     the migration completes between the request and the reply)."""
     with RawQmp(path, negotiate=True) as qmp:
-        reply = qmp.cmd(command, arguments or {})
-        while "event" in reply:
-            reply = qmp.recv()
+        reply = qmp.reply(command, arguments or {})
     assert "return" in reply, f"{command}: {reply}"
     return reply["return"]
 
