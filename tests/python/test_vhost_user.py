@@ -101,6 +101,13 @@ def check_network_resumed(machine, before: str, container: Netns, guest_address:
     container_iperf3(container, guest_address, ["-R", "-p", str(REVERSE_PORT)])
 
 
+def assert_frames_came_whole(machine) -> None:
+    """The guest's virtio-net driver counts a received frame whose buffers it did not all find
+    used at once (`num_buffers` says how many) as a length error, and drops it."""
+    errors = machine.run("cat /sys/class/net/eth0/statistics/rx_length_errors").output.strip()
+    assert errors == "0", f"the guest dropped {errors} frames it saw only part of"
+
+
 def container_with_address(netns: Netns, address: str) -> tuple[Netns, str]:
     container = Netns("ndv")
     outer = container_veth(netns, container)
@@ -136,6 +143,7 @@ def test_vhost_user_guest_reaches_a_guest_and_a_container(netns, start_daemon_in
         guest_iperf3_servers(a)
         container_iperf3(container, "10.0.7.1", ["-p", str(FORWARD_PORT)])
         container_iperf3(container, "10.0.7.1", ["-R", "-p", str(REVERSE_PORT)])
+        assert_frames_came_whole(a)
 
         with RawQmp(daemon.socket_path, negotiate=True) as qmp:
             counters = vhost_row(qmp)["backend"]
@@ -172,6 +180,7 @@ def test_vhost_user_two_queue_pairs(netns, start_daemon_in, start_guest, short_t
         guest_iperf3_servers(machine)
         # Four flows: the kernel spreads them over the tap's queues, one per pair.
         container_iperf3(container, "10.0.6.1", ["-p", str(FORWARD_PORT), "-P", "4"])
+        assert_frames_came_whole(machine)
         with RawQmp(daemon.socket_path, negotiate=True) as qmp:
             after = vhost_row(qmp)["backend"]["pair-frames"]
         before += [0] * (2 - len(before))

@@ -362,7 +362,8 @@ impl TestFrontend {
     }
 
     /// The buffers the backend filled on pair `pair` since the last look, without waiting; each
-    /// is given back to it at once.
+    /// is given back to it at once. With MRG_RXBUF they must hold whole frames, as a guest
+    /// expects (`assert_whole_frames`).
     fn poll(&mut self, pair: usize) -> Vec<Vec<u8>> {
         let mem = self.mem.memory.clone();
         let rx = self.rx(pair);
@@ -372,6 +373,9 @@ impl TestFrontend {
             mem.read_slice(&mut data, GuestAddress(rx.slot(head))).expect("read a received buffer");
             rx.add_buffer(&mem, head, BUFFER_LEN, true);
             buffers.push(data);
+        }
+        if self.features & MRG_RXBUF != 0 {
+            assert_whole_frames(&buffers);
         }
         buffers
     }
@@ -383,9 +387,29 @@ fn split(buffer: &[u8]) -> (u16, &[u8]) {
     (u16::from_le_bytes([buffer[10], buffer[11]]), &buffer[HDR_LEN..])
 }
 
+/// Checks that the buffers of one look at the used ring hold whole frames (MRG_RXBUF): a
+/// frame's first buffer says in `num_buffers` how many it fills, and a guest takes them all as
+/// soon as it sees the first (Linux drops the frame, "buffers missing", if some are not used yet).
+/// An empty buffer outside a frame is one given back unused.
+fn assert_whole_frames(buffers: &[Vec<u8>]) {
+    let mut missing = 0u16;
+    for buffer in buffers {
+        if missing == 0 {
+            if buffer.is_empty() {
+                continue;
+            }
+            missing = split(buffer).0;
+            assert_ne!(missing, 0, "num_buffers of a frame's first buffer");
+        }
+        missing -= 1;
+    }
+    let lens: Vec<usize> = buffers.iter().map(Vec::len).collect();
+    assert_eq!(missing, 0, "the guest sees a frame's first buffer without the {missing} others; buffers used: {lens:?}");
+}
+
 /// Received buffers (in used order, header in the first of each frame) joined into frames as
 /// their `num_buffers` say, with each frame's `num_buffers`; empty buffers (given back unused)
-/// are skipped, and a frame whose further buffers have not come yet is left out.
+/// are skipped.
 fn frames_of(buffers: &[Vec<u8>]) -> Vec<(u16, Vec<u8>)> {
     let mut frames = Vec::new();
     let mut buffers = buffers.iter().filter(|b| !b.is_empty());
@@ -393,8 +417,7 @@ fn frames_of(buffers: &[Vec<u8>]) -> Vec<(u16, Vec<u8>)> {
         let (count, head) = split(first);
         let mut frame = head.to_vec();
         for _ in 1..count {
-            let Some(more) = buffers.next() else { return frames };
-            frame.extend_from_slice(more);
+            frame.extend_from_slice(buffers.next().expect("each look at the ring holds whole frames (poll checks)"));
         }
         frames.push((count, frame));
     }
@@ -402,8 +425,7 @@ fn frames_of(buffers: &[Vec<u8>]) -> Vec<(u16, Vec<u8>)> {
 }
 
 impl TestFrontend {
-    /// The frames received on pair `pair` until one whole frame contains `mark` (or the
-    /// deadline): the backend adds a frame's buffers to the used ring one by one.
+    /// The frames received on pair `pair` until one contains `mark` (or the deadline).
     fn receive_frames(&mut self, pair: usize, mark: &[u8]) -> Vec<(u16, Vec<u8>)> {
         let deadline = Instant::now() + settle::DEADLINE;
         let mut buffers = Vec::new();

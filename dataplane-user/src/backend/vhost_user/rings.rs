@@ -21,9 +21,9 @@ use std::{
 };
 
 use vhost_user_backend::{VringRwLock, VringT, bitmap::BitmapMmapRegion};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Writer, desc::split::Descriptor};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Writer, desc::split::Descriptor};
 use vm_memory::{
-    Bytes, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Permissions,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Permissions,
     VolatileSlice,
     bitmap::Bitmap,
     volatile_memory::{PtrGuard, PtrGuardMut},
@@ -183,6 +183,8 @@ pub fn process_rx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memor
     let mut taken = Taken::default();
     let mut io = IoVecs::default();
     let mut used_any = false;
+    // The used index when the guest was last told (or not, as it asked) of used entries.
+    let mut told = vring.get_ref().get_queue().next_used();
     let mut moved = 0u64;
     loop {
         // A ring the frontend stopped (GET_VRING_BASE) is not touched again.
@@ -216,7 +218,7 @@ pub fn process_rx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memor
                 // The guest refills its ring once it sees the buffers used so far: tell it now,
                 // not after the wait.
                 if used_any {
-                    signal(vring);
+                    told = signal_rx(vring, &mem, told);
                     used_any = false;
                 }
                 // Ask for a kick when buffers come; if some came since the attempt, go on now.
@@ -229,7 +231,7 @@ pub fn process_rx(pair: usize, tap: &OwnedFd, vring: &VringRwLock<Memory>, memor
     }
     stats.count_pair(pair, moved);
     if used_any {
-        signal(vring);
+        signal_rx(vring, &mem, told);
     }
 }
 
@@ -335,10 +337,11 @@ impl<'m> Rx<'_, 'm> {
             let buffers = u16::try_from(reached).unwrap_or(u16::MAX);
             patch(&taken.slices, &mut state.spill, NUM_BUFFERS_OFFSET, &buffers.to_le_bytes());
             let mut rest = len;
-            for &(head, bytes) in &taken.chains[..reached] {
-                self.used(head, bytes.min(rest));
-                rest -= bytes.min(rest);
+            for (_, bytes) in &mut taken.chains[..reached] {
+                *bytes = (*bytes).min(rest);
+                rest -= *bytes;
             }
+            self.publish(&taken.chains[..reached]);
             return Received::Delivered(len);
         }
         self.spread_spill(state, taken, len)
@@ -378,7 +381,7 @@ impl<'m> Rx<'_, 'm> {
 
     /// A frame read into all of `taken` and `spill[..len - capacity]`: the spilled part is
     /// copied into further chains; if the ring has too few, the frame waits in `spill`.
-    fn spread_spill(&mut self, state: &mut PairState, taken: &Taken<'m>, len: usize) -> Received {
+    fn spread_spill(&mut self, state: &mut PairState, taken: &mut Taken<'m>, len: usize) -> Received {
         let spilled = len - taken.capacity;
         let mut writers: Vec<(u16, Writer<'m, BitmapMmapRegion>)> = Vec::new();
         let mut room = 0usize;
@@ -409,9 +412,6 @@ impl<'m> Rx<'_, 'm> {
         }
         let buffers = u16::try_from(taken.chains.len() + writers.len()).unwrap_or(u16::MAX);
         patch(&taken.slices, &mut state.spill, NUM_BUFFERS_OFFSET, &buffers.to_le_bytes());
-        for &(head, bytes) in &taken.chains {
-            self.used(head, bytes);
-        }
         let mut offset = 0;
         let mut complete = true;
         for (head, mut writer) in writers {
@@ -423,8 +423,9 @@ impl<'m> Rx<'_, 'm> {
                 0
             };
             offset += take;
-            self.used(head, written);
+            taken.chains.push((head, written));
         }
+        self.publish(&taken.chains);
         if complete { Received::Delivered(len) } else { Received::Dropped }
     }
 
@@ -488,6 +489,54 @@ impl<'m> Rx<'_, 'm> {
         let _ = self.vring.add_used(head, u32::try_from(len).unwrap_or(0));
         *self.used_any = true;
     }
+
+    /// Hands the guest the chains of one received frame, all at once (see `publish`).
+    fn publish(&mut self, chains: &[(u16, usize)]) {
+        publish(self.vring, self.mem, chains);
+        *self.used_any = true;
+    }
+}
+
+/// Puts the chains `(head, bytes written)` of one received frame in the used ring and moves the
+/// used index past all of them in one store. The guest reads `num_buffers` in the first chain
+/// and takes that many at once: Linux drops the frame ("buffers missing") if the rest are not
+/// there yet, and the virtio spec asks the device to use a frame's buffers together (5.1.6.4.2).
+/// virtio-queue's `add_used` publishes each entry as it adds it, so all but the last entry are
+/// written here and the last goes through `add_used`, whose release store of the index covers them.
+/// `add_used` counts one entry for the event-index check; `signal_rx` does not rely on that count.
+fn publish(vring: &VringRwLock<Memory>, mem: &MemoryGuard, chains: &[(u16, usize)]) {
+    let Some((&(last, last_len), before)) = chains.split_last() else { return };
+    let mut state = vring.get_mut();
+    let queue = state.get_queue_mut();
+    let first = queue.next_used();
+    let mut next = first;
+    for &(head, len) in before {
+        if write_used_entry(mem, queue.used_ring(), queue.size(), next, head, len).is_none() {
+            // A used ring outside guest memory: the guest broke its own ring, nothing is published.
+            queue.set_next_used(first);
+            return;
+        }
+        next = next.wrapping_add(1);
+    }
+    queue.set_next_used(next);
+    if queue.add_used(&**mem, last, u32::try_from(last_len).unwrap_or(0)).is_err() {
+        queue.set_next_used(first);
+    }
+}
+
+/// Writes used entry `(head, len)` into slot `index` of the used ring at `ring`, without moving
+/// the used index; `None` when the slot is not in guest memory or `head` is not a descriptor.
+fn write_used_entry(mem: &GuestRam, ring: u64, size: u16, index: u16, head: u16, len: usize) -> Option<()> {
+    if head >= size {
+        return None;
+    }
+    // A used ring: flags and index (2 bytes each), then `size` entries of id and length (4 bytes each).
+    let slot = u64::from(index % size);
+    let at = GuestAddress(ring).checked_add(4 + 8 * slot)?;
+    let mut entry = [0u8; 8];
+    entry[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+    entry[4..].copy_from_slice(&u32::try_from(len).unwrap_or(0).to_le_bytes());
+    mem.write_slice(&entry, at).ok()
 }
 
 /// What became of a waiting frame offered to the rx ring.
@@ -530,6 +579,7 @@ fn deliver_copy(vring: &VringRwLock<Memory>, mem: &MemoryGuard, frame: &mut [u8]
     frame[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2].copy_from_slice(&count.to_le_bytes());
     let mut offset = 0;
     let mut complete = true;
+    let mut chains = Vec::with_capacity(writers.len());
     for (head, mut writer) in writers {
         let take = writer.available_bytes().min(frame.len() - offset);
         let written = if std::io::Write::write_all(&mut writer, &frame[offset..offset + take]).is_ok() {
@@ -539,8 +589,9 @@ fn deliver_copy(vring: &VringRwLock<Memory>, mem: &MemoryGuard, frame: &mut [u8]
             0
         };
         offset += take;
-        let _ = vring.add_used(head, u32::try_from(written).unwrap_or(0));
+        chains.push((head, written));
     }
+    publish(vring, mem, &chains);
     *used_any = true;
     if complete { Delivery::Delivered } else { Delivery::Dropped }
 }
@@ -736,10 +787,41 @@ fn signal(vring: &VringRwLock<Memory>) {
     }
 }
 
+/// Interrupts the guest for the rx used entries from index `told` on, unless it asked to wait:
+/// with EVENT_IDX only when its `used_event` is among them (the rule of Linux's
+/// `vring_need_event`). virtio-queue's own check counts `add_used` calls, which `publish` does
+/// not make one per chain. Returns the used index the guest has now been told of.
+fn signal_rx(vring: &VringRwLock<Memory>, mem: &MemoryGuard, told: u16) -> u16 {
+    let (wanted, now) = {
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        let now = queue.next_used();
+        let wanted = !queue.event_idx_enabled() || used_event(queue, mem).is_none_or(|event| passed(event, told, now));
+        (wanted, now)
+    };
+    if wanted {
+        // The frontend may be gone already; it resets the ring when it comes back.
+        let _ = vring.signal_used_queue();
+    }
+    now
+}
+
+/// Whether the used index, moved from `told` to `now`, went past `event` (wrapping at 2^16).
+const fn passed(event: u16, told: u16, now: u16) -> bool {
+    now.wrapping_sub(event).wrapping_sub(1) < now.wrapping_sub(told)
+}
+
+/// The used index after which the guest wants an interrupt (EVENT_IDX): the field after the
+/// avail ring's flags, index and `size` entries (2 bytes each).
+fn used_event(queue: &Queue, mem: &MemoryGuard) -> Option<u16> {
+    // The used index stored before must be visible before the guest's wish is read.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let at = GuestAddress(queue.avail_ring()).checked_add(4 + 2 * u64::from(queue.size()))?;
+    mem.load::<u16>(at, Ordering::Relaxed).ok().map(u16::from_le)
+}
+
 #[cfg(test)]
 mod tests {
-    use vm_memory::GuestAddress;
-
     use super::*;
 
     /// Two adjacent regions of a page each: a buffer across 0x1000 is two slices.
@@ -799,5 +881,67 @@ mod tests {
         assert_eq!(state.expected, USUAL_FRAME, "never below a frame of the usual MTU");
         state.saw(usize::MAX);
         assert_eq!(state.expected, BUFFER_LEN, "never above the largest frame");
+    }
+
+    /// A ring of 8 in `memory()` whose used ring starts at `used`.
+    fn ring(memory: &Memory, used: u64) -> VringRwLock<Memory> {
+        let vring = VringRwLock::new(memory.clone(), 8).expect("a vring");
+        vring.set_queue_size(8);
+        vring.set_queue_info(0, 0x100, used).expect("ring addresses");
+        vring.set_queue_ready(true);
+        vring
+    }
+
+    /// The used index and entries `(id, len)` of a used ring of 8 at `used`.
+    fn used_ring(mem: &GuestRam, used: u64, count: u64) -> (u16, Vec<(u32, u32)>) {
+        let index: u16 = mem.read_obj(GuestAddress(used + 2)).expect("used index");
+        let entries = (0..count)
+            .map(|slot| {
+                let at = GuestAddress(used + 4 + 8 * slot);
+                let id: u32 = mem.read_obj(at).expect("id");
+                let len: u32 = mem.read_obj(at.unchecked_add(4)).expect("len");
+                (u32::from_le(id), u32::from_le(len))
+            })
+            .collect();
+        (u16::from_le(index), entries)
+    }
+
+    #[test]
+    fn a_frame_over_several_chains_is_published_whole_or_not_at_all() {
+        let memory = Memory::new(memory());
+        let vring = ring(&memory, 0x200);
+        publish(&vring, &memory.memory(), &[(3, 100), (7, 200), (1, 50)]);
+        let (index, entries) = used_ring(&memory.memory(), 0x200, 3);
+        assert_eq!(index, 3, "the used index moved past the three chains");
+        assert_eq!(entries, [(3, 100), (7, 200), (1, 50)]);
+        assert_eq!(vring.get_ref().get_queue().next_used(), 3);
+        publish(&vring, &memory.memory(), &[(2, 60)]);
+        assert_eq!(used_ring(&memory.memory(), 0x200, 4), (4, vec![(3, 100), (7, 200), (1, 50), (2, 60)]));
+
+        // A used ring whose third slot lies beyond guest memory (it ends at 0x2000): the first
+        // two entries are written but the index does not move, so the guest sees none of them.
+        let edge = 0x2000 - 4 - 2 * 8;
+        let vring = ring(&memory, edge);
+        publish(&vring, &memory.memory(), &[(3, 100), (7, 200), (1, 50)]);
+        let index: u16 = memory.memory().read_obj(GuestAddress(edge + 2)).expect("used index");
+        assert_eq!(index, 0, "nothing is published");
+        assert_eq!(vring.get_ref().get_queue().next_used(), 0, "the next frame starts at the same slot");
+        // A chain that is not a descriptor of the ring: nothing either.
+        publish(&vring, &memory.memory(), &[(8, 10), (1, 10)]);
+        assert_eq!(vring.get_ref().get_queue().next_used(), 0);
+    }
+
+    #[test]
+    fn the_guest_is_interrupted_when_the_used_index_passes_its_event() {
+        // Entries 5, 6 and 7 were published since the guest was last told.
+        assert!(passed(5, 5, 8));
+        assert!(passed(7, 5, 8));
+        assert!(!passed(8, 5, 8), "it wants to hear after entry 8");
+        assert!(!passed(4, 5, 8), "entry 4 was told of before");
+        assert!(!passed(6, 8, 8), "nothing new");
+        // Across the wrap of the 16-bit index.
+        assert!(passed(u16::MAX, u16::MAX - 1, 2));
+        assert!(passed(1, u16::MAX - 1, 2));
+        assert!(!passed(2, u16::MAX - 1, 2));
     }
 }
