@@ -934,6 +934,23 @@ const CAP_NET_RAW: u64 = 1 << 13;
 const CAP_SYS_MODULE: u64 = 1 << 16;
 const CAP_DAC_OVERRIDE: u64 = 1 << 1;
 
+/// The logs smbd wrote in the private directory of the stack that shares `share`.
+fn smbd_logs(share: &Path) -> String {
+    let mut logs = String::new();
+    for dir in std::fs::read_dir("/tmp").into_iter().flatten().flatten().map(|entry| entry.path()) {
+        let conf = std::fs::read_to_string(dir.join("smb.conf")).unwrap_or_default();
+        if !dir.to_string_lossy().starts_with("/tmp/qemu-smb.") || !conf.contains(&format!("path={}\n", share.display())) {
+            continue;
+        }
+        for log in std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|entry| entry.path()) {
+            if log.file_name().is_some_and(|name| name.to_string_lossy().starts_with("log.")) {
+                logs += &format!("--- {}\n{}", log.display(), std::fs::read_to_string(&log).unwrap_or_default());
+            }
+        }
+    }
+    logs
+}
+
 /// `smb=DIR`: a guest's smbclient, through libslirp's SMB address 10.0.2.4, reads a file of the
 /// shared directory and writes one; smbd was started by the user stack as `nobody`, so the
 /// written file belongs to nobody. The engine thread itself runs as nobody with CAP_NET_RAW alone,
@@ -960,7 +977,7 @@ fn smb_serves_the_directory_as_nobody() {
     // starts a second smbd on the same private state (as QEMU does), and the two raced once on
     // a loaded machine ("tree connect failed: NT_STATUS_NO_MEMORY").
     let output = g.ns.exec("timeout", &["60", "smbclient", "//10.0.2.4/qemu", "-p", "445", "-N", "-c", &commands]);
-    assert!(output.status.success(), "smbclient failed: {}", stdout_and_stderr(&output));
+    assert!(output.status.success(), "smbclient failed: {}\nsmbd's logs:\n{}", stdout_and_stderr(&output), smbd_logs(&share));
     assert_eq!(std::fs::read(&got).expect("downloaded file"), b"served by smbd\n");
     let uploaded = share.join("upload.txt");
     assert_eq!(std::fs::read(&uploaded).expect("uploaded file"), b"written by the guest\n");
