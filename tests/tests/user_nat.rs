@@ -934,24 +934,35 @@ const CAP_NET_RAW: u64 = 1 << 13;
 const CAP_SYS_MODULE: u64 = 1 << 16;
 const CAP_DAC_OVERRIDE: u64 = 1 << 1;
 
+/// The private directory (`/tmp/qemu-smb.*`) of the stack that shares `share`.
+fn smb_state_dir(share: &Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir("/tmp").into_iter().flatten().flatten().map(|entry| entry.path()).find(|dir| {
+        dir.to_string_lossy().starts_with("/tmp/qemu-smb.")
+            && std::fs::read_to_string(dir.join("smb.conf")).is_ok_and(|conf| conf.contains(&format!("path={}\n", share.display())))
+    })
+}
+
 /// The logs smbd wrote in the private directory of the stack that shares `share`.
 fn smbd_logs(share: &Path) -> String {
     let mut logs = String::new();
-    for dir in std::fs::read_dir("/tmp").into_iter().flatten().flatten().map(|entry| entry.path()) {
-        if !dir.to_string_lossy().starts_with("/tmp/qemu-smb.") {
-            continue;
-        }
-        let conf = std::fs::read_to_string(dir.join("smb.conf")).unwrap_or_default();
-        if !conf.contains(&format!("path={}\n", share.display())) {
-            continue;
-        }
-        for log in std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|entry| entry.path()) {
-            if log.file_name().is_some_and(|name| name.to_string_lossy().starts_with("log.")) {
-                logs += &format!("--- {}\n{}", log.display(), std::fs::read_to_string(&log).unwrap_or_default());
-            }
+    for log in smb_state_dir(share).and_then(|dir| std::fs::read_dir(dir).ok()).into_iter().flatten().flatten().map(|entry| entry.path()) {
+        if log.file_name().is_some_and(|name| name.to_string_lossy().starts_with("log.")) {
+            logs += &format!("--- {}\n{}", log.display(), std::fs::read_to_string(&log).unwrap_or_default());
         }
     }
     logs
+}
+
+/// A share directory writable by nobody, with one file in it, inside a fresh temporary directory.
+fn smb_share() -> (TempDir, std::path::PathBuf) {
+    let dir = TempDir::new();
+    let share = dir.0.join("share");
+    std::fs::create_dir(&share).expect("mkdir share");
+    // Writable for nobody, as the share's files must be.
+    std::fs::set_permissions(&share, std::fs::Permissions::from_mode(0o777)).expect("chmod share");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+    std::fs::write(share.join("hello.txt"), b"served by smbd\n").expect("write shared file");
+    (dir, share)
 }
 
 /// `smb=DIR`: a guest's smbclient, through libslirp's SMB address 10.0.2.4, reads a file of the
@@ -962,13 +973,7 @@ fn smbd_logs(share: &Path) -> String {
 fn smb_serves_the_directory_as_nobody() {
     let (host, daemon) = host(&[]);
     assert!(Path::new("/usr/bin/smbclient").exists(), "smbclient missing: run cargo xtask setup (samba, smbclient)");
-    let dir = TempDir::new();
-    let share = dir.0.join("share");
-    std::fs::create_dir(&share).expect("mkdir share");
-    // Writable for nobody, as the share's files must be.
-    std::fs::set_permissions(&share, std::fs::Permissions::from_mode(0o777)).expect("chmod share");
-    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
-    std::fs::write(share.join("hello.txt"), b"served by smbd\n").expect("write shared file");
+    let (dir, share) = smb_share();
     std::fs::write(dir.0.join("upload.txt"), b"written by the guest\n").expect("write upload source");
     user(&daemon, json!({"smb": share.to_str().expect("utf-8")}));
     let g = guest(&host, &daemon, false);
@@ -976,10 +981,8 @@ fn smb_serves_the_directory_as_nobody() {
 
     let got = dir.0.join("got.txt");
     let commands = format!("get hello.txt {}; put {} upload.txt", got.display(), dir.0.join("upload.txt").display());
-    // One port: smbclient otherwise also tries 139 when 445 is slow to answer, libslirp then
-    // starts a second smbd on the same private state (as QEMU does). A tree connect failed
-    // under load ("NT_STATUS_NO_MEMORY") first with both ports, then once with 445 alone: that
-    // race is not the whole cause, hence smbd's logs in the message.
+    // One port: smbclient otherwise also tries 139 when 445 is slow to answer, and libslirp
+    // then starts a second smbd on the same private state (as QEMU does).
     let output = g.ns.exec("timeout", &["60", "smbclient", "//10.0.2.4/qemu", "-p", "445", "-N", "-c", &commands]);
     assert!(output.status.success(), "smbclient failed: {}\nsmbd's logs:\n{}", stdout_and_stderr(&output), smbd_logs(&share));
     assert_eq!(std::fs::read(&got).expect("downloaded file"), b"served by smbd\n");
@@ -1008,6 +1011,60 @@ fn smb_serves_the_directory_as_nobody() {
         assert_ne!(capeff & CAP_NET_ADMIN, 0, "CAP_NET_ADMIN kept");
         assert_eq!(capeff & (CAP_SYS_MODULE | CAP_DAC_OVERRIDE), 0, "capabilities the daemon does not need are dropped");
     }
+}
+
+/// smbd, started per connection as libslirp starts it (the socket on its standard input and
+/// output), forks a notify daemon and answers the client at once. A tree connect that came
+/// before that child had registered failed with `NT_STATUS_NO_MEMORY` ("No notify daemon
+/// around"); the stack's smb.conf turns change notify off so none waits for it. Here strace
+/// holds the notify daemon for 3 s (its first open of Samba's libgpfs probe, a path no other
+/// child of smbd opens), and smbd run on the stack's own smb.conf must still let smbclient in.
+/// Without `change notify = no` this fails every time.
+#[test]
+fn smb_tree_connect_does_not_wait_for_the_notify_daemon() {
+    const HELD_PATH: &str = "/usr/lib/x86_64-linux-gnu/samba/libgpfs.so";
+    let (host, daemon) = host(&[]);
+    assert!(Path::new("/usr/bin/strace").exists(), "strace missing: run cargo xtask setup");
+    let (dir, share) = smb_share();
+    user(&daemon, json!({"smb": share.to_str().expect("utf-8")}));
+    let state = smb_state_dir(&share).expect("the stack's smb directory");
+    let listener = host.within(|| TcpListener::bind("127.0.0.1:0").expect("bind on the namespace's loopback"));
+    let port = listener.local_addr().expect("local address").port();
+    let trace = dir.0.join("strace.out");
+
+    let server = {
+        let (host_name, state, trace) = (host.name.clone(), state.clone(), trace.clone());
+        std::thread::spawn(move || {
+            let (socket, _) = listener.accept().expect("smbclient's connection");
+            let stdio = |s: &TcpStream| std::process::Stdio::from(std::os::fd::OwnedFd::from(s.try_clone().expect("dup socket")));
+            let conf = state.join("smb.conf");
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &host_name, "strace", "-u", "nobody", "-f", "-o"])
+                .arg(&trace)
+                .args(["-P", HELD_PATH, "-e", "trace=openat", "-e", "inject=openat:delay_exit=3000000:when=1", "/usr/sbin/smbd", "-l"])
+                .arg(&state)
+                .arg("-s")
+                .arg(&conf)
+                .stdin(stdio(&socket))
+                .stdout(stdio(&socket))
+                .stderr(stdio(&socket))
+                .status()
+                .expect("run smbd under strace")
+        })
+    };
+    let output = host.exec("timeout", &["60", "smbclient", "//127.0.0.1/qemu", "-p", &port.to_string(), "-N", "-c", "ls"]);
+    let _ = server.join();
+    assert!(output.status.success(), "smbclient failed: {}\nsmbd's logs:\n{}", stdout_and_stderr(&output), smbd_logs(&share));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("hello.txt"), "the share is listed: {}", stdout_and_stderr(&output));
+
+    // The hold took: a child of smbd (not smbd itself, the trace's first process) was delayed.
+    let traced = std::fs::read_to_string(&trace).expect("strace's output");
+    let pid = |line: &str| line.split_whitespace().next().unwrap_or_default().to_owned();
+    let smbd = traced.lines().next().map(pid).expect("a traced open");
+    assert!(
+        traced.lines().any(|line| line.contains("(DELAYED)") && pid(line) != smbd),
+        "strace held no child of smbd (did Samba stop probing {HELD_PATH}?):\n{traced}"
+    );
 }
 
 /// A directory whose text would rewrite smb.conf (a line end starting a share of `/`) is refused

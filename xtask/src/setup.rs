@@ -38,6 +38,8 @@ const APT_PACKAGES: &[&str] = &[
     // `user,smb=DIR`: libslirp starts smbd per connection; smbclient is the test's client.
     "samba",
     "smbclient",
+    // Holds smbd's notify daemon in the smb test (fault injection).
+    "strace",
     // The guests' kernel (bookworm's 6.1, with its modules) for the real-guest tests and the
     // kernel-6.1 run.
     "linux-image-amd64",

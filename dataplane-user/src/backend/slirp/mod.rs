@@ -210,7 +210,13 @@ fn add_smb(engine: &mut Engine, dir: &str, server: Ipv4Addr) -> Result<(), Strin
     Ok(())
 }
 
-/// QEMU's smb.conf, with the stack's account as the one user.
+/// QEMU's smb.conf, with the stack's account as the one user, and change notify off.
+///
+/// smbd started per connection forks its notify daemon and serves the client at once; a tree
+/// connect that comes before that child has registered fails with `NT_STATUS_NO_MEMORY`
+/// (Samba 4.17: `notify_init` finds "No notify daemon around"), now and then under load.
+/// Without change notify the tree connect does not look for the child; the guest only loses
+/// notifications of changes to the share (`NOTIFY` answers `NT_STATUS_NOT_IMPLEMENTED`).
 fn smb_conf(smb_dir: &Path, share: &str, user: &str) -> String {
     let d = smb_dir.display();
     format!(
@@ -218,6 +224,7 @@ fn smb_conf(smb_dir: &Path, share: &str, user: &str) -> String {
          lock directory={d}\nstate directory={d}\ncache directory={d}\nncalrpc dir={d}/ncalrpc\n\
          log file={d}/log.smbd\nsmb passwd file={d}/smbpasswd\nsecurity = user\nmap to guest = Bad User\n\
          load printers = no\nprinting = bsd\ndisable spoolss = yes\nusershare max shares = 0\n\
+         change notify = no\n\
          [qemu]\npath={share}\nread only=no\nguest ok=yes\nforce user={user}\n"
     )
 }
