@@ -53,6 +53,37 @@ def netdev_ids(path: str) -> list[str]:
         return [n["id"] for n in qmp.cmd("x-query-netdevs")["return"]]
 
 
+def caught_signals(pid: int) -> int:
+    """The mask of signals `pid` has a handler for (SigCgt in /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+
+
+def test_sigterm_is_caught_once_the_socket_accepts(short_tmp):
+    """A client that finds the QMP socket accepting may signal the daemon at once; the daemon
+    must already catch SIGTERM then (it once bound the socket first, and a SIGTERM in between
+    killed it without its cleanup). strace holds netdevd for 3 s on leaving its first listen(),
+    when the socket already accepts: its SIGTERM handler must be in place, and a SIGTERM sent
+    then stops it cleanly (exit 0, socket file removed)."""
+    hold = ["strace", "-f", "-o", "/dev/null", "-e", "trace=listen", "-e", "inject=listen:delay_exit=3000000:when=1"]
+    daemon = Daemon(short_tmp, "netdevs = []\n", ["--netdev", "hubport,id=p0,hubid=0"], prefix=hold,
+                    env=operator_environment(None))
+    try:
+        daemon.wait_ready()
+        children = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text().split()
+        assert len(children) == 1, f"strace runs one netdevd: {children}"
+        netdevd = int(children[0])
+        assert caught_signals(netdevd) & (1 << (signal.SIGTERM - 1)), \
+            f"netdevd accepts on its socket but does not catch SIGTERM yet:\n{daemon.log()}"
+        os.kill(netdevd, signal.SIGTERM)
+        daemon.expect_exit()
+    except BaseException:
+        daemon.kill()
+        raise
+    daemon.stop()
+    assert b"signal received, shutting down" in daemon.log_bytes(), daemon.log()
+
+
 # --------------------------------------------------------------------------------------------
 # Logs
 # --------------------------------------------------------------------------------------------

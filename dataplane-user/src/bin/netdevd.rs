@@ -339,6 +339,12 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
         let removed = daemon.remove_earlier_attachments().await;
         tracing::info!(removed, "earlier run's TC filters removed");
     }
+    // Caught before the socket exists: a client that sees it may signal at once (the handler
+    // task below takes a signal that came in between).
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut preserve = signal(SignalKind::user_defined2())?;
     let mut listeners = Vec::new();
     for listener in startup.activated {
         listeners.push(Listener::inherited(listener).context("socket activation")?);
@@ -368,10 +374,6 @@ async fn run(settings: Settings, attach: AttachChoice, mut inherited: InheritedF
         }
     }
 
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut preserve = signal(SignalKind::user_defined2())?;
     let signals = {
         let daemon = daemon.clone();
         let overrides = startup.overrides;
