@@ -1033,13 +1033,14 @@ fn smb_tree_connect_does_not_wait_for_the_notify_daemon() {
     let trace = dir.0.join("strace.out");
 
     let server = {
-        let (host_name, state, trace) = (host.name.clone(), state.clone(), trace.clone());
+        let mut strace = host.command("strace");
+        let (state, trace) = (state.clone(), trace.clone());
         std::thread::spawn(move || {
             let (socket, _) = listener.accept().expect("smbclient's connection");
             let stdio = |s: &TcpStream| std::process::Stdio::from(std::os::fd::OwnedFd::from(s.try_clone().expect("dup socket")));
             let conf = state.join("smb.conf");
-            std::process::Command::new("ip")
-                .args(["netns", "exec", &host_name, "strace", "-u", "nobody", "-f", "-o"])
+            strace
+                .args(["-u", "nobody", "-f", "-o"])
                 .arg(&trace)
                 .args(["-P", HELD_PATH, "-e", "trace=openat", "-e", "inject=openat:delay_exit=3000000:when=1", "/usr/sbin/smbd", "-l"])
                 .arg(&state)
